@@ -2,7 +2,6 @@
 
 import setuptools
 
-_TF_X86_LINUX = 'platform_system == "Linux" and platform_machine == "x86_64"'
 
 setuptools.setup(
     name='bigssl_med',
@@ -30,8 +29,8 @@ setuptools.setup(
         'matplotlib>=3.8',
         'absl-py>=2.0',
         # TensorBoard events through clu's writer; imported lazily (see ARCHITECTURE.md).
-        f'tensorflow-cpu>=2.16; {_TF_X86_LINUX}',
-        f'tensorflow>=2.16; not ({_TF_X86_LINUX})',
+        'tensorflow-cpu>=2.16; platform_system == "Linux" and platform_machine == "x86_64"',
+        'tensorflow>=2.16; platform_system != "Linux" or platform_machine != "x86_64"',
     ],
     extras_require={
         'test': ['pytest>=8.0'],
