@@ -1,0 +1,69 @@
+"""SimCLRv2 projection head and the contrastive model (encoder + head).
+
+Faithful to SimCLR's public TF2 `model.py` (`proj_head_mode='nonlinear'`): hidden
+layers are Dense without bias (kernel ~ N(0, 0.01)) + BN (with beta) + ReLU at the
+input width; the last layer is Dense without bias to `out_dim` + BN without beta,
+and no ReLU. The head returns every intermediate output, so fine-tuning can start
+from any head layer (SimCLRv2 fine-tunes from the first).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigssl_med.models.resnet import BN_EPSILON, BN_MOMENTUM, ResNet
+
+dense_init = nn.initializers.normal(stddev=0.01)
+
+
+class ProjectionHead(nn.Module):
+  """`num_layers` Dense+BN layers; returns `(input, layer_1, ..., layer_num_layers)`.
+
+  `hidden_dim=0` keeps the input width in the hidden layers (SimCLR's choice);
+  `num_layers=0` is no head at all (the encoder's features are used directly).
+  """
+  num_layers: int = 3
+  out_dim: int = 128
+  hidden_dim: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, train: bool = True):
+    hiddens = [h]
+    for j in range(self.num_layers):
+      last = j == self.num_layers - 1
+      width = self.out_dim if last else (self.hidden_dim or h.shape[-1])
+      x = nn.Dense(width, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
+                   name=f'dense{j}')(hiddens[-1])
+      x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                       epsilon=BN_EPSILON, use_bias=not last, dtype=self.dtype,
+                       name=f'bn{j}')(x)
+      hiddens.append(x if last else nn.relu(x))
+    return tuple(jnp.asarray(x, jnp.float32) for x in hiddens)
+
+
+class ContrastiveModel(nn.Module):
+  """Encoder + projection head, with SimCLR's optional linear probe.
+
+  Returns `(features, projections, probe_logits)`: pooled encoder features, the head's
+  last output (the vectors the contrastive loss compares) and, when
+  `probe_classes > 0`, logits of a linear classifier on the stop-gradient features
+  (SimCLR's `lineareval_while_pretraining`: it measures the representation during
+  pretraining and never changes it). `probe_logits` is None otherwise.
+  Parameters live under `encoder`, `head` and `probe`.
+  """
+  encoder: ResNet
+  head: ProjectionHead
+  probe_classes: int = 0
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    features = self.encoder(x, train)
+    projections = self.head(features, train)[-1]
+    logits = None
+    if self.probe_classes:
+      logits = nn.Dense(self.probe_classes, kernel_init=dense_init, name='probe')(
+          jax.lax.stop_gradient(features))
+    return features, projections, logits

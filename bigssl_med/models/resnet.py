@@ -1,0 +1,240 @@
+"""ResNet v1.5 encoder as in SimCLR (v1 and v2), in Flax Linen.
+
+Faithful to SimCLR's public TF2 `resnet.py`:
+- convolutions without bias, TF "fixed padding" for strided convolutions
+  (pad (k-1)//2 before and the rest after, then VALID) and SAME otherwise;
+  kernels initialised with variance scaling (scale 1, fan-in, truncated normal);
+- BatchNorm momentum 0.9, epsilon 1e-5; the last BN of every residual block has its
+  scale initialised to zero;
+- v1.5: in bottleneck blocks the stride sits on the 3x3 convolution;
+- the first block of every group has a projection shortcut (1x1 conv + BN);
+- `width_multiplier` scales every layer, the stem included;
+- `sk_ratio > 0` (SimCLRv2) switches on selective kernels in the bottleneck, a
+  ResNet-D stem (three 3x3 convolutions) and ResNet-D average-pool shortcuts;
+- features are the spatial mean of the last block group: 2048 * width for depth >= 50.
+
+`ResNet(depth=50)` has 23,508,032 convolution and BatchNorm parameters, exactly
+torchvision's ResNet-50 without its classifier.
+
+Under `jax.jit` with the batch sharded over a mesh, BatchNorm statistics are
+computed over the whole global batch (SimCLR's global BN) with no axis names.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# depth -> (residual block kind, blocks per group)
+_LAYOUTS = {
+    18: ('basic', (2, 2, 2, 2)),
+    34: ('basic', (3, 4, 6, 3)),
+    50: ('bottleneck', (3, 4, 6, 3)),
+    101: ('bottleneck', (3, 4, 23, 3)),
+    152: ('bottleneck', (3, 8, 36, 3)),
+    200: ('bottleneck', (3, 24, 36, 3)),
+}
+DEPTHS = tuple(sorted(_LAYOUTS))
+
+conv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+
+
+def feature_dim(depth: int, width_multiplier: float = 1) -> int:
+  """Size of the pooled features of `ResNet(depth, width_multiplier)`."""
+  kind, _ = _layout(depth)
+  expansion = 4 if kind == 'bottleneck' else 1
+  return _channels(512, width_multiplier) * expansion
+
+
+def _layout(depth):
+  if depth not in _LAYOUTS:
+    raise ValueError(f'ResNet depth {depth} is not one of {DEPTHS}')
+  return _LAYOUTS[depth]
+
+
+def _channels(base: int, width_multiplier: float) -> int:
+  return max(1, int(round(base * width_multiplier)))
+
+
+class ConvFixedPadding(nn.Module):
+  """Bias-free convolution with TF's fixed padding when strided (SAME otherwise)."""
+  features: int
+  kernel_size: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.strides > 1:
+      total = self.kernel_size - 1
+      padding = [(total // 2, total - total // 2)] * 2
+    else:
+      padding = 'SAME'
+    return nn.Conv(self.features, (self.kernel_size, self.kernel_size),
+                   strides=(self.strides, self.strides), padding=padding,
+                   use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                   name='conv')(x)
+
+
+class BatchNormRelu(nn.Module):
+  """BatchNorm (momentum 0.9, eps 1e-5), optional zero-initialised scale, optional ReLU."""
+  relu: bool = True
+  init_zero: bool = False
+  center: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.BatchNorm(
+        use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+        use_bias=self.center, dtype=self.dtype,
+        scale_init=nn.initializers.zeros if self.init_zero else nn.initializers.ones,
+        name='bn')(x)
+    return nn.relu(x) if self.relu else x
+
+
+class SelectiveKernel(nn.Module):
+  """SimCLRv2's selective-kernel convolution: two 3x3 streams mixed by a softmax."""
+  features: int
+  strides: int
+  sk_ratio: float
+  min_dim: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = ConvFixedPadding(2 * self.features, 3, self.strides, self.dtype, name='conv')(x)
+    x = BatchNormRelu(dtype=self.dtype, name='bn')(x, train)
+    streams = jnp.stack(jnp.split(x, 2, axis=-1))  # [2, N, H, W, C]
+    pooled = jnp.mean(streams.sum(axis=0), axis=(1, 2), keepdims=True)
+    mid = max(int(self.features * self.sk_ratio), self.min_dim)
+    g = nn.Conv(mid, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                name='fc_reduce')(pooled)
+    g = BatchNormRelu(dtype=self.dtype, name='bn_reduce')(g, train)
+    mixing = nn.Conv(2 * self.features, (1, 1), use_bias=False, kernel_init=conv_init,
+                     dtype=self.dtype, name='fc_mix')(g)
+    mixing = nn.softmax(jnp.stack(jnp.split(mixing, 2, axis=-1)), axis=0)
+    return jnp.sum(streams * mixing, axis=0)
+
+
+class Shortcut(nn.Module):
+  """Projection shortcut: 1x1 conv + BN, with ResNet-D average pooling when `resnet_d`."""
+  features: int
+  strides: int
+  resnet_d: bool
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.resnet_d:
+      if self.strides > 1:
+        x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        x = nn.avg_pool(x, (2, 2), strides=(self.strides, self.strides), padding='VALID')
+      else:
+        # TF average pooling with SAME padding averages over the valid pixels only.
+        x = nn.avg_pool(x, (2, 2), strides=(1, 1), padding='SAME', count_include_pad=False)
+      x = ConvFixedPadding(self.features, 1, 1, self.dtype, name='proj')(x)
+    else:
+      x = ConvFixedPadding(self.features, 1, self.strides, self.dtype, name='proj')(x)
+    return BatchNormRelu(relu=False, dtype=self.dtype, name='proj_bn')(x, train)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 -> 3x3 (strided; selective kernel when sk_ratio > 0) -> 1x1 (x4), v1.5."""
+  features: int
+  strides: int
+  projection: bool
+  sk_ratio: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    shortcut = x
+    if self.projection:
+      shortcut = Shortcut(4 * self.features, self.strides, self.sk_ratio > 0, self.dtype,
+                          name='shortcut')(x, train)
+    y = ConvFixedPadding(self.features, 1, 1, self.dtype, name='conv1')(x)
+    y = BatchNormRelu(dtype=self.dtype, name='bn1')(y, train)
+    if self.sk_ratio > 0:
+      y = SelectiveKernel(self.features, self.strides, self.sk_ratio, dtype=self.dtype,
+                          name='sk')(y, train)
+    else:
+      y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, name='conv2')(y)
+      y = BatchNormRelu(dtype=self.dtype, name='bn2')(y, train)
+    y = ConvFixedPadding(4 * self.features, 1, 1, self.dtype, name='conv3')(y)
+    y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, name='bn3')(y, train)
+    return nn.relu(y + shortcut)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34)."""
+  features: int
+  strides: int
+  projection: bool
+  sk_ratio: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    shortcut = x
+    if self.projection:
+      shortcut = Shortcut(self.features, self.strides, self.sk_ratio > 0, self.dtype,
+                          name='shortcut')(x, train)
+    y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, name='conv1')(x)
+    y = BatchNormRelu(dtype=self.dtype, name='bn1')(y, train)
+    y = ConvFixedPadding(self.features, 3, 1, self.dtype, name='conv2')(y)
+    y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, name='bn2')(y, train)
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """SimCLR's ResNet encoder; returns pooled float32 features `[N, feature_dim]`.
+
+  Attributes:
+    depth: 18, 34, 50, 101, 152 or 200.
+    width_multiplier: scales every layer's channels (SimCLR uses 1, 2, 3 and 4;
+      fractions make tiny test models).
+    sk_ratio: selective-kernel ratio (SimCLRv2 uses 0.0625); 0 turns SK off.
+    cifar_stem: a 3x3 stride-1 stem without max-pooling, as SimCLR uses for
+      images of 32 pixels or less.
+    dtype: computation dtype (e.g. bfloat16); parameters stay float32.
+  """
+  depth: int = 50
+  width_multiplier: float = 1
+  sk_ratio: float = 0.0
+  cifar_stem: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    kind, blocks_per_group = _layout(self.depth)
+    block = BottleneckBlock if kind == 'bottleneck' else BasicBlock
+    width = _channels(64, self.width_multiplier)
+    x = jnp.asarray(x, self.dtype)
+
+    if self.cifar_stem:
+      x = ConvFixedPadding(width, 3, 1, self.dtype, name='stem_conv')(x)
+      x = BatchNormRelu(dtype=self.dtype, name='stem_bn')(x, train)
+    else:
+      if self.sk_ratio > 0:  # ResNet-D stem
+        x = ConvFixedPadding(width // 2, 3, 2, self.dtype, name='stem_conv1')(x)
+        x = BatchNormRelu(dtype=self.dtype, name='stem_bn1')(x, train)
+        x = ConvFixedPadding(width // 2, 3, 1, self.dtype, name='stem_conv2')(x)
+        x = BatchNormRelu(dtype=self.dtype, name='stem_bn2')(x, train)
+        x = ConvFixedPadding(width, 3, 1, self.dtype, name='stem_conv')(x)
+      else:
+        x = ConvFixedPadding(width, 7, 2, self.dtype, name='stem_conv')(x)
+      x = BatchNormRelu(dtype=self.dtype, name='stem_bn')(x, train)
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+
+    for g, num_blocks in enumerate(blocks_per_group):
+      features = _channels(64 * 2**g, self.width_multiplier)
+      for b in range(num_blocks):
+        x = block(features, strides=(2 if g > 0 and b == 0 else 1), projection=(b == 0),
+                  sk_ratio=self.sk_ratio, dtype=self.dtype,
+                  name=f'group{g + 1}_block{b}')(x, train)
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+

@@ -1,0 +1,165 @@
+"""ResNet and projection head: parameter counts, feature sizes, SimCLR's details."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigssl_med import models
+from bigssl_med.models import resnet
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _abstract_variables(model, size=224):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)),
+                                           train=False))
+
+
+@pytest.mark.parametrize('depth,width,sk,expected', [
+    # torchvision's ResNet-50 (25,557,032) without its fc layer (2,049,000).
+    (50, 1, 0.0, 23_508_032),
+    # SimCLRv2's published sizes: R50 (1x+SK) 35M, R152 (3x+SK) 795M.
+    (50, 1, 0.0625, 35_215_584),
+    (152, 3, 0.0625, 794_704_160),
+])
+def test_parameter_counts(depth, width, sk, expected):
+  variables = _abstract_variables(models.ResNet(depth=depth, width_multiplier=width, sk_ratio=sk))
+  assert _count(variables['params']) == expected
+
+
+@pytest.mark.parametrize('depth', models.DEPTHS)
+def test_feature_size_for_every_depth(depth):
+  model = models.ResNet(depth=depth, width_multiplier=2)
+  variables = _abstract_variables(model, 64)
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros((3, 64, 64, 3)), train=False), variables)
+  assert out.shape == (3, models.feature_dim(depth, 2))
+  assert out.shape[1] == (4096 if depth >= 50 else 1024)
+
+
+def test_width_multiplier_scales_the_stem_too():
+  p = _abstract_variables(models.ResNet(depth=50, width_multiplier=2))['params']
+  assert p['stem_conv']['conv']['kernel'].shape == (7, 7, 3, 128)
+  p = _abstract_variables(models.ResNet(depth=50, width_multiplier=2, sk_ratio=0.0625))['params']
+  assert p['stem_conv1']['conv']['kernel'].shape == (3, 3, 3, 64)  # ResNet-D stem
+  assert p['stem_conv']['conv']['kernel'].shape == (3, 3, 64, 128)
+
+
+def test_last_bn_scale_of_each_block_is_zero_and_others_one():
+  model = models.ResNet(depth=50, width_multiplier=0.25)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  params = variables['params']
+  blocks = [k for k in params if k.startswith('group')]
+  assert len(blocks) == 16
+  for name in blocks:
+    assert not np.any(params[name]['bn3']['bn']['scale'])
+    assert np.all(params[name]['bn1']['bn']['scale'] == 1)
+  basic = models.ResNet(depth=18, width_multiplier=0.25).init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  assert not np.any(basic['group2_block1']['bn2']['bn']['scale'])
+
+
+def test_batchnorm_momentum_and_epsilon():
+  found = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, nn.BatchNorm):
+      found.append((context.module.momentum, context.module.epsilon))
+    return next_fun(*args, **kwargs)
+
+  model = models.contrastive_model(_model_config(), dtype=jnp.float32)
+  with nn.intercept_methods(interceptor):
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  assert found and set(found) == {(0.9, 1e-5)}
+
+
+def _model_config(**kw):
+  import ml_collections
+  c = dict(depth=18, width_multiplier=0.25, sk_ratio=0.0, cifar_stem=False, head_layers=3,
+           head_hidden_dim=0, head_out_dim=128)
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+def test_projection_head_layout():
+  head = models.ProjectionHead(num_layers=3, out_dim=128)
+  h = jnp.ones((4, 512))
+  variables = head.init(jax.random.key(0), h, train=False)
+  p = variables['params']
+  assert p['dense0']['kernel'].shape == (512, 512) and 'bias' not in p['dense0']
+  assert p['dense1']['kernel'].shape == (512, 512)
+  assert p['dense2']['kernel'].shape == (512, 128) and 'bias' not in p['dense2']
+  assert set(p['bn0']) == {'scale', 'bias'} and set(p['bn2']) == {'scale'}  # last BN: no beta
+  outs = head.apply(variables, h, train=False)
+  assert [o.shape for o in outs] == [(4, 512), (4, 512), (4, 512), (4, 128)]
+  assert np.all(np.asarray(outs[1]) >= 0) and np.all(np.asarray(outs[2]) >= 0)  # ReLU
+  kernel = np.asarray(p['dense0']['kernel'])
+  assert abs(kernel.std() - 0.01) < 0.001
+
+
+def test_projection_head_configurable():
+  head = models.ProjectionHead(num_layers=2, out_dim=64, hidden_dim=256)
+  variables = head.init(jax.random.key(0), jnp.ones((2, 32)), train=False)
+  assert variables['params']['dense0']['kernel'].shape == (32, 256)
+  assert variables['params']['dense1']['kernel'].shape == (256, 64)
+  none = models.ProjectionHead(num_layers=0)
+  out = none.apply(none.init(jax.random.key(0), jnp.ones((2, 32)), train=False),
+                   jnp.ones((2, 32)), train=False)
+  assert len(out) == 1 and out[0].shape == (2, 32)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+  model = models.contrastive_model(_model_config(), dtype=jnp.bfloat16, probe_classes=7)
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x, train=False)
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  features, z, logits = model.apply(variables, x, train=False)
+  assert features.dtype == z.dtype == jnp.float32
+  assert features.shape == (2, 128) and z.shape == (2, 128) and logits.shape == (2, 7)
+  conv_dtypes = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Conv):
+      conv_dtypes.append(out.dtype)
+    return out
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, x, train=False)
+  assert set(conv_dtypes) == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_probe_sees_no_gradient_into_encoder():
+  model = models.contrastive_model(_model_config(), dtype=jnp.float32, probe_classes=3)
+  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def probe_only(params):
+    _, _, logits = model.apply({**variables, 'params': params}, x, train=False)
+    return jnp.sum(logits ** 2)
+
+  grads = jax.grad(probe_only)(variables['params'])
+  assert not any(np.any(g) for g in jax.tree.leaves(grads['encoder']))
+  assert any(np.any(g) for g in jax.tree.leaves(grads['probe']))
+
+
+def test_fixed_padding_matches_tf_for_strided_convs():
+  # A strided 3x3 conv pads 1 before and 1 after (TF fixed padding), a 7x7 pads 3 and 3:
+  # 224 -> 112 for the stem and 56 -> 28 for group 2, as in SimCLR.
+  conv = resnet.ConvFixedPadding(features=1, kernel_size=7, strides=2)
+  x = jnp.zeros((1, 224, 224, 1)).at[0, 0, 0, 0].set(1.0)
+  variables = conv.init(jax.random.key(0), x)
+  kernel = jnp.zeros((7, 7, 1, 1)).at[3, 3, 0, 0].set(1.0)  # identity tap at the centre
+  y = conv.apply({'params': {'conv': {'kernel': kernel}}}, x)
+  assert y.shape == (1, 112, 112, 1)
+  # Output (0, 0) is centred on input (0, 0) because the padding before is 3.
+  assert float(y[0, 0, 0, 0]) == 1.0
+  del variables
+
+
+def test_invalid_depth_is_a_clear_error():
+  with pytest.raises(ValueError, match='depth 42'):
+    _abstract_variables(models.ResNet(depth=42), 32)
