@@ -1,0 +1,183 @@
+r"""Builds one of the project's TFDS data sets through TFDS's Python API.
+
+Usage:
+
+  python -m bigssl_med.build_data NAME --manual_dir=DIR --data_dir=DIR [--overwrite]
+
+NAME is a key of `tfds_builders.BUILDERS` (e.g. `ham10000`). Without --manual_dir,
+a builder that can download its data does so. The data set is written under
+`DATA_DIR/NAME/VERSION/` (array_record files), together with `case_index.json`
+(see `bigssl_med.data.sources`). Neither TensorFlow nor apache-beam is needed.
+
+A build is staged in a temporary directory inside DATA_DIR and moved into place only
+once complete, so a failed build (or a failed --overwrite rebuild) never touches an
+earlier complete build. Without --overwrite, an existing complete build is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging as std_logging
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from typing import Sequence
+
+from absl import logging
+import tensorflow_datasets as tfds
+
+from bigssl_med.data import sources
+from bigssl_med.errors import DataError
+import tfds_builders
+
+
+def build(name: str, *, data_dir: str, manual_dir: str | None = None,
+          overwrite: bool = False) -> str:
+  """Builds data set `name` into `data_dir` unless it is already built.
+
+  Args:
+    name: a key of `tfds_builders.BUILDERS`.
+    data_dir: the TFDS data dir (created if missing).
+    manual_dir: directory with the raw files as their owners publish them; None
+      lets the builder download them where it can.
+    overwrite: rebuild even when a complete build exists; the earlier build is
+      replaced only after the new one has been built completely.
+
+  Returns:
+    The built data set's version directory, `data_dir/name/VERSION`.
+
+  Raises:
+    DataError: unknown name, bad manual_dir, or bad raw data (one line).
+  """
+  builder_cls = tfds_builders.BUILDERS.get(name)
+  if builder_cls is None:
+    raise DataError(f'unknown data set {name!r}; known: '
+                    f'{", ".join(sorted(tfds_builders.BUILDERS))}')
+  data_dir = os.path.abspath(os.fspath(data_dir))
+  if manual_dir:  # None or '' (an unset config value): download if possible.
+    manual_dir = _check_manual_dir(os.path.abspath(os.fspath(manual_dir)))
+  else:
+    manual_dir = None
+  version_dir = os.path.join(data_dir, name, str(builder_cls.VERSION))
+  if sources.is_complete_build(version_dir) and not overwrite:
+    if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
+      sources.write_case_index(version_dir)
+    logging.info('%s is already built in %s (pass overwrite to rebuild).', name,
+                 version_dir)
+    return version_dir
+
+  os.makedirs(data_dir, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.build-{name}-', dir=data_dir)
+  try:
+    builder = builder_cls(data_dir=staging, file_format='array_record')
+    builder.download_and_prepare(
+        download_dir=os.path.join(data_dir, 'downloads'),
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    built_dir = os.path.join(staging, name, str(builder_cls.VERSION))
+    sources.write_case_index(built_dir)
+    _move_into_place(built_dir, version_dir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  logging.info('Built %s in %s', name, version_dir)
+  return version_dir
+
+
+def default_data_dir() -> str:
+  """TFDS's default data dir: $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets')
+
+
+def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None,
+                 build_if_missing: bool = False) -> str:
+  """Returns the data dir once data set `name` is built there.
+
+  With several hosts, process 0 builds while the others wait, then all check.
+
+  Args:
+    name: the data set.
+    data_dir: the TFDS data dir ('' for TFDS's default).
+    manual_dir: raw files for `build` (None: the builder downloads if it can).
+    build_if_missing: build the data set when it is missing; otherwise a missing
+      data set is an error that gives the build command.
+
+  Raises:
+    DataError: not built and `build_if_missing` is False, or the build failed.
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the CLI itself needs no JAX)
+  data_dir = os.fspath(data_dir) or default_data_dir()
+  try:
+    sources.find_version_dir(name, data_dir)
+    return data_dir
+  except DataError:
+    if not build_if_missing:
+      raise
+  if jax.process_index() == 0:
+    logging.info('%s is not built in %s: building it from %s.', name, data_dir,
+                 manual_dir or 'its public download')
+    build(name, data_dir=data_dir, manual_dir=manual_dir)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f'build {name}')
+    sources.find_version_dir(name, data_dir)
+  return data_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the process exit status."""
+  parser = argparse.ArgumentParser(
+      prog='python -m bigssl_med.build_data',
+      description='Build a bigssl_med TFDS data set (no TensorFlow needed).')
+  parser.add_argument('name', choices=sorted(tfds_builders.BUILDERS),
+                      help='data set to build')
+  parser.add_argument('--manual_dir', default=None,
+                      help='directory with the raw files; omit to download '
+                           'where the builder supports it')
+  parser.add_argument('--data_dir', required=True,
+                      help='TFDS data dir to write the data set into')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='rebuild even if a complete build exists')
+  args = parser.parse_args(argv)
+  std_logging.basicConfig(level=std_logging.INFO,
+                          format='%(levelname)s %(message)s')
+  logging.set_verbosity(logging.INFO)
+  try:
+    path = build(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                 overwrite=args.overwrite)
+  except DataError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 2
+  print(path)
+  return 0
+
+
+def _check_manual_dir(manual_dir: str) -> str:
+  if not os.path.exists(manual_dir):
+    raise DataError(f'manual_dir {manual_dir} does not exist')
+  if not os.path.isdir(manual_dir):
+    raise DataError(f'manual_dir {manual_dir} is not a directory')
+  if not os.listdir(manual_dir):
+    raise DataError(f'manual_dir {manual_dir} is empty')
+  return manual_dir
+
+
+def _move_into_place(built_dir: str, version_dir: str) -> None:
+  """Renames `built_dir` to `version_dir`, replacing any earlier build last."""
+  os.makedirs(os.path.dirname(version_dir), exist_ok=True)
+  old = None
+  if os.path.exists(version_dir):
+    old = f'{version_dir}.old-{uuid.uuid4().hex[:8]}'
+    os.rename(version_dir, old)
+  try:
+    os.rename(built_dir, version_dir)
+  except BaseException:
+    if old is not None:
+      os.rename(old, version_dir)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

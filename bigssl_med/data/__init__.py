@@ -1,0 +1,1 @@
+"""Reading the project's TFDS data sets (see `bigssl_med.data.sources`)."""

@@ -1,0 +1,226 @@
+"""Random-access sources over data sets built by `python -m bigssl_med.build_data`.
+
+Images stay encoded bytes (`tfds.decode.SkipDecoding`): decoding and cropping happen
+later, in the input pipeline. Nothing here imports TensorFlow, grain or JAX.
+
+`case_index.json` (written next to `dataset_info.json` by `write_case_index` at the
+end of a build) records, for each split, the `case_id` of every record in record
+order, so that grouping records by case (MICLe) needs no scan of the records:
+
+    {"format_version": 1, "dataset": NAME, "version": "1.0.0",
+     "splits": {"train": {"num_records": N, "case_ids": ["HAM_...", ...]}, ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Sequence
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from bigssl_med.errors import DataError
+import tfds_builders
+
+CASE_INDEX_FILE = 'case_index.json'
+CASE_INDEX_FORMAT_VERSION = 1
+_SCAN_CHUNK = 1024
+
+
+def build_command(name: str, data_dir: str) -> str:
+  """The command line that builds `name` into `data_dir`."""
+  return (f'python -m bigssl_med.build_data {name} --manual_dir=... '
+          f'--data_dir={data_dir}')
+
+
+def is_complete_build(version_dir: str) -> bool:
+  """Whether `version_dir` holds a finished TFDS build (has dataset_info.json)."""
+  return os.path.isfile(os.path.join(version_dir, 'dataset_info.json'))
+
+
+def find_version_dir(name: str, data_dir: str) -> str:
+  """Returns the directory of the built data set `name` under `data_dir`.
+
+  For a builder in `tfds_builders.BUILDERS` this is `data_dir/name/VERSION` of that
+  builder; for another name, the newest complete version found.
+
+  Raises:
+    DataError: the data dir or a complete build is missing; the message says
+      where it looked and the command that builds the data set.
+  """
+  data_dir = os.path.abspath(os.fspath(data_dir))
+  how = f'build it with: {build_command(name, data_dir)}'
+  if not os.path.isdir(data_dir):
+    raise DataError(f'data dir {data_dir} does not exist (looking for data set '
+                    f'{name}); {how}')
+  dataset_dir = os.path.join(data_dir, name)
+  builder_cls = tfds_builders.BUILDERS.get(name)
+  if builder_cls is not None:
+    version_dir = os.path.join(dataset_dir, str(builder_cls.VERSION))
+    if is_complete_build(version_dir):
+      return version_dir
+    raise DataError(f'data set {name} is not built in {data_dir} (no '
+                    f'{os.path.join(version_dir, "dataset_info.json")}); {how}')
+  versions = []
+  if os.path.isdir(dataset_dir):
+    for entry in os.listdir(dataset_dir):
+      if is_complete_build(os.path.join(dataset_dir, entry)):
+        try:
+          versions.append((tfds.core.Version(entry), entry))
+        except ValueError:  # Not a version directory, e.g. incomplete.*.
+          continue
+  if not versions:
+    raise DataError(f'data set {name} is not built in {data_dir} (no complete '
+                    f'version under {dataset_dir}); {how}')
+  return os.path.join(dataset_dir, max(versions)[1])
+
+
+def dataset_info(name: str, data_dir: str) -> tfds.core.DatasetInfo:
+  """The `tfds.core.DatasetInfo` of a built data set (class names, split sizes).
+
+  Raises:
+    DataError: the data set is not built in `data_dir` (says how to build it).
+  """
+  return _builder(name, data_dir).info
+
+
+def open_split(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]:
+  """Opens one split of a built data set as a random-access TFDS data source.
+
+  `source[i]` is a dict of NumPy values; image features (`image`, and `mask`
+  where the data set has one) are the encoded bytes as stored, Text features are
+  `bytes`. TFDS slicing syntax (`'train[:10%]'`) is accepted.
+
+  Raises:
+    DataError: the data set is not built in `data_dir` (says how to build it),
+      or the split does not exist (names the available splits).
+  """
+  builder = _builder(name, data_dir)
+  _check_split(builder.info, name, split)
+  return builder.as_data_source(split, decoders=_skip_image_decoders(builder.info))
+
+
+def case_index(name: str, split: str, data_dir: str) -> list[np.ndarray]:
+  """Record indices of `split` grouped by `case_id`.
+
+  Returns:
+    One sorted int64 array per case, cases ordered by first appearance in the
+    records. Read from `case_index.json` when the build wrote one; otherwise
+    (or for a sliced split such as 'train[:10%]') computed by scanning the
+    records' `case_id`, with a logged notice.
+
+  Raises:
+    DataError: data set or split missing, or a `case_index.json` that does not
+      match the split (says to rebuild).
+  """
+  builder = _builder(name, data_dir)
+  _check_split(builder.info, name, split)
+  version_dir = os.fspath(builder.data_dir)
+  path = os.path.join(version_dir, CASE_INDEX_FILE)
+  if '[' not in split and os.path.exists(path):
+    num_records = builder.info.splits[split].num_examples
+    case_ids = _read_case_ids(path, name, split, num_records, data_dir)
+  else:
+    logging.info('Notice: no %s for %s split %s in %s; scanning the case_id of '
+                 'every record.', CASE_INDEX_FILE, name, split, version_dir)
+    source = builder.as_data_source(
+        split, decoders=_skip_image_decoders(builder.info))
+    case_ids = scan_case_ids(source)
+  return group_by_case(case_ids)
+
+
+def group_by_case(case_ids: Sequence[str]) -> list[np.ndarray]:
+  """Groups positions by value: sorted arrays, in order of first appearance."""
+  groups: dict[str, list[int]] = {}
+  for i, case_id in enumerate(case_ids):
+    groups.setdefault(case_id, []).append(i)
+  return [np.asarray(indices, dtype=np.int64) for indices in groups.values()]
+
+
+def scan_case_ids(source: Sequence[dict[str, Any]]) -> list[str]:
+  """Reads `case_id` of every record of a data source, in record order."""
+  case_ids = []
+  for start in range(0, len(source), _SCAN_CHUNK):
+    keys = list(range(start, min(start + _SCAN_CHUNK, len(source))))
+    for record in source.__getitems__(keys):
+      case_id = record['case_id']
+      case_ids.append(case_id.decode('utf-8') if isinstance(case_id, bytes)
+                      else str(case_id))
+  return case_ids
+
+
+def write_case_index(version_dir: str) -> str:
+  """Scans each split of the build in `version_dir`, writes `case_index.json`.
+
+  The file is written atomically (temporary file, then rename).
+
+  Returns:
+    The path of the written file.
+  """
+  version_dir = os.fspath(version_dir)
+  builder = tfds.builder_from_directory(version_dir)
+  splits = {}
+  for split in sorted(builder.info.splits):
+    source = builder.as_data_source(
+        split, decoders=_skip_image_decoders(builder.info))
+    case_ids = scan_case_ids(source)
+    splits[split] = {'num_records': len(case_ids), 'case_ids': case_ids}
+  content = {
+      'format_version': CASE_INDEX_FORMAT_VERSION,
+      'dataset': builder.info.name,
+      'version': str(builder.info.version),
+      'splits': splits,
+  }
+  path = os.path.join(version_dir, CASE_INDEX_FILE)
+  fd, tmp_path = tempfile.mkstemp(prefix='.case_index-', dir=version_dir)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      json.dump(content, f)
+    os.replace(tmp_path, path)
+  except BaseException:
+    if os.path.exists(tmp_path):
+      os.remove(tmp_path)
+    raise
+  return path
+
+
+def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
+  return tfds.builder_from_directory(find_version_dir(name, data_dir))
+
+
+def _check_split(info: tfds.core.DatasetInfo, name: str, split: str) -> None:
+  base = split.split('[', 1)[0]
+  if base not in info.splits:
+    available = ', '.join(sorted(info.splits)) or 'none'
+    raise DataError(f'data set {name} has no split {base!r}; available splits: '
+                    f'{available}')
+
+
+def _skip_image_decoders(info: tfds.core.DatasetInfo) -> dict[str, Any]:
+  """SkipDecoding for every top-level image feature (`image`, `mask`)."""
+  return {key: tfds.decode.SkipDecoding()
+          for key, feature in info.features.items()
+          if isinstance(feature, tfds.features.Image)}
+
+
+def _read_case_ids(path: str, name: str, split: str, num_records: int,
+                   data_dir: str) -> list[str]:
+  """Reads and checks the `split` entry of a case_index.json."""
+  rebuild = (f'rebuild with: {build_command(name, os.path.abspath(data_dir))} '
+             f'--overwrite')
+  try:
+    with open(path) as f:
+      entry = json.load(f)['splits'][split]
+    case_ids = entry['case_ids']
+    recorded = int(entry['num_records'])
+  except (OSError, ValueError, KeyError, TypeError) as exc:
+    detail = ' '.join(str(exc).split())
+    raise DataError(f'{path}: unreadable case index for split {split} '
+                    f'({type(exc).__name__}: {detail}); {rebuild}') from exc
+  if recorded != num_records or len(case_ids) != num_records:
+    raise DataError(f'{path}: case index lists {len(case_ids)} records for split '
+                    f'{split} but the split has {num_records}; {rebuild}')
+  return [str(case_id) for case_id in case_ids]

@@ -1,0 +1,139 @@
+"""Shared fixtures: a generated HAM10000 raw tree, and the real HAM10000 build."""
+
+from __future__ import annotations
+
+import os
+
+# Every test sees 8 CPU devices, so sharded code runs sharded (set before JAX loads).
+_FLAG = '--xla_force_host_platform_device_count=8'
+if _FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+
+import dataclasses
+from pathlib import Path
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from tfds_builders.ham10000 import ham10000
+
+REAL_HAM10000 = (Path(__file__).resolve().parents[1].parent / 'shared' / 'data' /
+                 'ham10000')
+# Images per lesion, for lesions that hash into each split: 12 images, 7 lesions.
+_FAKE_LESIONS = {'train': (3, 1, 2), 'validation': (2, 1), 'test': (1, 2)}
+_HEADER = ('lesion_id', 'image_id', 'dx', 'dx_type', 'age', 'sex', 'localization')
+
+
+@dataclasses.dataclass
+class FakeHam10000:
+  """A generated raw tree: `rows` are metadata dicts in file order."""
+  root: Path
+  metadata: Path
+  rows: list[dict[str, str]]
+  images: dict[str, Path]
+  masks: dict[str, Path]
+
+
+def _fake_lesion_ids() -> dict[str, list[str]]:
+  """Lesion ids, in order, whose hash puts them in each split."""
+  wanted = {split: len(counts) for split, counts in _FAKE_LESIONS.items()}
+  found = {split: [] for split in wanted}
+  number = 0
+  while any(len(found[s]) < n for s, n in wanted.items()):
+    lesion_id = f'HAM_{number:07d}'
+    split = ham10000.split_for_case(lesion_id)
+    if len(found[split]) < wanted[split]:
+      found[split].append(lesion_id)
+    number += 1
+  return found
+
+
+def write_fake_ham10000(root: Path, layout: str = 'published',
+                        metadata_name: str | None = None) -> FakeHam10000:
+  """Writes a small HAM10000 tree in the 'published' or 'dataverse' layout.
+
+  'published': HAM10000_metadata.csv, images/, masks/ (as in ../shared/data).
+  'dataverse': the unzipped official release: HAM10000_images_part_1/ and _2/,
+  HAM10000_segmentations_lesion_tschandl/HAM10000_segmentations_lesion_tschandl/,
+  and a tab-separated, quoted HAM10000_metadata.tab (or `metadata_name`, written
+  comma-separated unless it ends in .tab).
+  """
+  rng = np.random.default_rng(0)
+  rows, number = [], 24306
+  for split, lesion_ids in _fake_lesion_ids().items():
+    for lesion_id, count in zip(lesion_ids, _FAKE_LESIONS[split]):
+      dx = ham10000.CLASS_NAMES[len(rows) % len(ham10000.CLASS_NAMES)]
+      for _ in range(count):
+        rows.append({'lesion_id': lesion_id, 'image_id': f'ISIC_{number:07d}',
+                     'dx': dx, 'dx_type': 'histo' if len(rows) % 2 else 'follow_up',
+                     'age': '' if not rows else f'{30 + 5 * len(rows):.1f}',
+                     'sex': 'female' if len(rows) % 3 else 'male',
+                     'localization': 'back'})
+        number += 1
+  if layout == 'published':
+    image_dirs, mask_dir = [root / 'images'], root / 'masks'
+    metadata_name = metadata_name or 'HAM10000_metadata.csv'
+  elif layout == 'dataverse':
+    image_dirs = [root / 'HAM10000_images_part_1', root / 'HAM10000_images_part_2']
+    mask_dir = (root / 'HAM10000_segmentations_lesion_tschandl' /
+                'HAM10000_segmentations_lesion_tschandl')
+    metadata_name = metadata_name or 'HAM10000_metadata.tab'
+    junk = root / '__MACOSX' / 'HAM10000_images_part_1' / '._ISIC_0024306.jpg'
+    junk.parent.mkdir(parents=True)
+    junk.write_bytes(b'not an image')
+  else:
+    raise ValueError(layout)
+  images, masks = {}, {}
+  for i, row in enumerate(rows):
+    image_id = row['image_id']
+    width, height = (20, 15) if i % 2 else (16, 12)
+    image_dir = image_dirs[i * len(image_dirs) // len(rows)]
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images[image_id] = image_dir / f'{image_id}.jpg'
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(images[image_id], format='JPEG')
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    masks[image_id] = mask_dir / f'{image_id}_segmentation.png'
+    mask = Image.fromarray(
+        (rng.random((height, width)) > 0.5).astype(np.uint8) * 255)
+    (mask.convert('1') if i == 5 else mask).save(masks[image_id], format='PNG')
+  metadata = root / metadata_name
+  if metadata_name.endswith('.tab'):  # Dataverse's ingested form: quoted strings.
+    lines = ['\t'.join(f'"{c}"' for c in _HEADER)] + [
+        '\t'.join(row[c] if c == 'age' else f'"{row[c]}"' for c in _HEADER)
+        for row in rows]
+  else:
+    lines = [','.join(_HEADER)] + [','.join(row[c] for c in _HEADER)
+                                   for row in rows]
+  metadata.write_text('\n'.join(lines) + '\n')
+  return FakeHam10000(root=root, metadata=metadata, rows=rows, images=images,
+                      masks=masks)
+
+
+@pytest.fixture
+def make_fake_ham10000():
+  """`write_fake_ham10000(root, layout='published', metadata_name=None)`."""
+  return write_fake_ham10000
+
+
+@pytest.fixture
+def fake_ham10000(tmp_path) -> FakeHam10000:
+  """A fresh generated tree in the published layout, under tmp_path/raw."""
+  return write_fake_ham10000(tmp_path / 'raw')
+
+
+@pytest.fixture(scope='session')
+def ham10000_data_dir(tmp_path_factory) -> str:
+  """Data dir with the real HAM10000 (../shared/data/ham10000) built once."""
+  if not (REAL_HAM10000 / 'HAM10000_metadata.csv').is_file():
+    pytest.skip(f'real HAM10000 not found at {REAL_HAM10000} (see '
+                '../shared/data/README.md)')
+  from bigssl_med import build_data  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('ham10000_real')
+  start = time.perf_counter()
+  build_data.build('ham10000', data_dir=os.fspath(data_dir),
+                   manual_dir=os.fspath(REAL_HAM10000))
+  print(f'\nBuilt the real HAM10000 in {time.perf_counter() - start:.1f} s')
+  return os.fspath(data_dir)

@@ -1,0 +1,167 @@
+"""Tests of `bigssl_med.data.sources` on a small generated HAM10000 build."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bigssl_med import build_data
+from bigssl_med.data import sources
+from bigssl_med.errors import DataError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NAME = 'ham10000'
+
+
+@pytest.fixture
+def built(fake_ham10000, tmp_path):
+  """(data_dir, fake tree) with the generated tree built into tmp_path/data."""
+  data_dir = os.fspath(tmp_path / 'data')
+  build_data.build(NAME, data_dir=data_dir,
+                   manual_dir=os.fspath(fake_ham10000.root))
+  return data_dir, fake_ham10000
+
+
+def _expected_groups(source, fake) -> list[list[int]]:
+  """Record indices grouped by lesion, from the fixture's metadata."""
+  lesion_of = {row['image_id']: row['lesion_id'] for row in fake.rows}
+  groups = {}
+  for i in range(len(source)):
+    lesion = lesion_of[source[i]['image_id'].decode()]
+    groups.setdefault(lesion, []).append(i)
+  return list(groups.values())
+
+
+def test_open_split_gives_encoded_bytes(built):
+  data_dir, fake = built
+  info = sources.dataset_info(NAME, data_dir)
+  total = 0
+  for split in ('train', 'validation', 'test'):
+    source = sources.open_split(NAME, split, data_dir)
+    assert len(source) == info.splits[split].num_examples > 0
+    record = source[0]
+    image_id = record['image_id'].decode()
+    assert record['image'] == fake.images[image_id].read_bytes()
+    assert record['mask'][:8] == b'\x89PNG\r\n\x1a\n'
+    assert isinstance(record['case_id'], bytes)
+    total += len(source)
+  assert total == len(fake.rows)
+
+
+def test_dataset_info(built):
+  data_dir, _ = built
+  info = sources.dataset_info(NAME, data_dir)
+  assert info.name == NAME
+  assert info.features['label'].names == ['akiec', 'bcc', 'bkl', 'df', 'mel',
+                                          'nv', 'vasc']
+  assert sorted(info.splits) == ['test', 'train', 'validation']
+
+
+def test_case_index_from_sidecar(built):
+  data_dir, fake = built
+  for split in ('train', 'validation', 'test'):
+    source = sources.open_split(NAME, split, data_dir)
+    groups = sources.case_index(NAME, split, data_dir)
+    assert all(g.dtype == np.int64 for g in groups)
+    assert all(np.all(np.diff(g) > 0) for g in groups)  # Sorted.
+    assert [g.tolist() for g in groups] == _expected_groups(source, fake)
+  # Several images per lesion in the fixture: some groups have more than one.
+  assert max(len(g) for g in sources.case_index(NAME, 'train', data_dir)) == 3
+
+
+def test_case_index_scans_when_sidecar_missing(built, caplog):
+  data_dir, _ = built
+  expected = [g.tolist() for g in sources.case_index(NAME, 'train', data_dir)]
+  version_dir = sources.find_version_dir(NAME, data_dir)
+  os.remove(os.path.join(version_dir, sources.CASE_INDEX_FILE))
+  with caplog.at_level(logging.INFO):
+    groups = sources.case_index(NAME, 'train', data_dir)
+  assert [g.tolist() for g in groups] == expected
+  assert 'scanning' in caplog.text
+
+
+def test_case_index_of_sliced_split(built):
+  data_dir, _ = built
+  source = sources.open_split(NAME, 'train[:4]', data_dir)
+  groups = sources.case_index(NAME, 'train[:4]', data_dir)
+  assert sum(len(g) for g in groups) == len(source) == 4
+
+
+def test_case_index_length_mismatch_says_rebuild(built):
+  data_dir, _ = built
+  path = os.path.join(sources.find_version_dir(NAME, data_dir),
+                      sources.CASE_INDEX_FILE)
+  with open(path) as f:
+    content = json.load(f)
+  content['splits']['train']['case_ids'].pop()
+  content['splits']['train']['num_records'] -= 1
+  with open(path, 'w') as f:
+    json.dump(content, f)
+  with pytest.raises(DataError) as excinfo:
+    sources.case_index(NAME, 'train', data_dir)
+  message = str(excinfo.value)
+  assert '\n' not in message
+  assert path in message and 'rebuild' in message and '--overwrite' in message
+
+
+def test_missing_data_dir_says_how_to_build(tmp_path):
+  data_dir = os.fspath(tmp_path / 'nowhere')
+  command = (f'python -m bigssl_med.build_data {NAME} --manual_dir=... '
+             f'--data_dir={data_dir}')
+  for call in (lambda: sources.open_split(NAME, 'train', data_dir),
+               lambda: sources.dataset_info(NAME, data_dir),
+               lambda: sources.case_index(NAME, 'train', data_dir)):
+    with pytest.raises(DataError) as excinfo:
+      call()
+    message = str(excinfo.value)
+    assert '\n' not in message
+    assert data_dir in message and command in message
+
+
+def test_data_set_not_built_says_where_it_looked(tmp_path):
+  data_dir = tmp_path / 'data'
+  (data_dir / NAME / '1.0.0').mkdir(parents=True)  # No dataset_info.json.
+  with pytest.raises(DataError) as excinfo:
+    sources.open_split(NAME, 'train', os.fspath(data_dir))
+  message = str(excinfo.value)
+  assert os.fspath(data_dir / NAME / '1.0.0' / 'dataset_info.json') in message
+  assert f'--data_dir={data_dir}' in message
+
+
+def test_unknown_split_names_available_splits(built):
+  data_dir, _ = built
+  with pytest.raises(DataError) as excinfo:
+    sources.open_split(NAME, 'valid', data_dir)
+  assert str(excinfo.value) == (
+      f"data set {NAME} has no split 'valid'; available splits: test, train, "
+      'validation')
+
+
+def test_group_by_case():
+  groups = sources.group_by_case(['b', 'a', 'b', 'c', 'a', 'b'])
+  assert [g.tolist() for g in groups] == [[0, 2, 5], [1, 4], [3]]
+
+
+def test_no_tensorflow_grain_or_jax_imported(built):
+  data_dir, _ = built
+  script = (
+      'import sys\n'
+      'from bigssl_med.data import sources\n'
+      f'data_dir = {data_dir!r}\n'
+      'sources.open_split("ham10000", "train", data_dir)[0]\n'
+      'sources.case_index("ham10000", "test", data_dir)\n'
+      'sources.dataset_info("ham10000", data_dir)\n'
+      'bad = sorted({m.split(".")[0] for m in sys.modules} &'
+      ' {"tensorflow", "grain", "jax", "jaxlib"})\n'
+      'assert not bad, bad\n')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
