@@ -57,6 +57,8 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> optax.Sch
     raise ConfigError(f'warm-up of {warmup_steps} steps does not fit in {total_steps} steps')
   if warmup_steps == 0:
     return optax.cosine_decay_schedule(peak, total_steps)
+  if warmup_steps == total_steps:
+    return optax.linear_schedule(0.0, peak, warmup_steps)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps, 0.0)
 
 

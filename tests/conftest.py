@@ -137,3 +137,34 @@ def ham10000_data_dir(tmp_path_factory) -> str:
                    manual_dir=os.fspath(REAL_HAM10000))
   print(f'\nBuilt the real HAM10000 in {time.perf_counter() - start:.1f} s')
   return os.fspath(data_dir)
+
+
+def write_many_lesions(root: Path, num_lesions: int, seed: int = 0) -> Path:
+  """A HAM10000-layout tree with `num_lesions` lesions of 1-3 small images each."""
+  rng = np.random.default_rng(seed)
+  (root / 'images').mkdir(parents=True)
+  (root / 'masks').mkdir()
+  lines, number = [','.join(_HEADER)], 24306
+  for lesion in range(num_lesions):
+    dx = ham10000.CLASS_NAMES[lesion % len(ham10000.CLASS_NAMES)]
+    for _ in range(int(rng.integers(1, 4))):
+      image_id = f'ISIC_{number:07d}'
+      number += 1
+      base = np.array([40 * (lesion % 7), 30, 200 - 20 * (lesion % 7)])
+      pixels = np.clip(base + rng.normal(0, 25, (16, 20, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(pixels).save(root / 'images' / f'{image_id}.jpg', format='JPEG')
+      Image.fromarray(np.full((16, 20), 255, np.uint8)).save(
+          root / 'masks' / f'{image_id}_segmentation.png', format='PNG')
+      lines.append(f'HAM_{lesion:07d},{image_id},{dx},histo,50.0,male,back')
+  (root / 'HAM10000_metadata.csv').write_text('\n'.join(lines) + '\n')
+  return root
+
+
+@pytest.fixture(scope='session')
+def small_ham10000(tmp_path_factory):
+  """(data_dir, manual_dir): 200 generated lesions in HAM10000's layout, built once."""
+  from bigssl_med import build_data  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('small_ham10000')
+  manual_dir = write_many_lesions(root / 'raw', 200)
+  build_data.build('ham10000', data_dir=os.fspath(root / 'data'), manual_dir=os.fspath(manual_dir))
+  return os.fspath(root / 'data'), os.fspath(manual_dir)

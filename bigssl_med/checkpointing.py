@@ -1,0 +1,214 @@
+"""Checkpoints in `WORKDIR/checkpoints` (orbax) and where a run's weights come from.
+
+A checkpoint step holds three items:
+- `model`: `{'params', 'batch_stats'}` (plain nested dicts, loadable on its own by
+  `init_from` of a later run);
+- `opt`: `{'step', 'opt_state'}`;
+- `data`: each host's input-iterator state (grain's per-process JSON files), so a
+  resumed run sees exactly the examples an uninterrupted run would.
+
+Where the starting weights come from, in this order (`restore_or_initialize`):
+1. the newest checkpoint in this run's workdir (resume: weights, optimiser, step
+   and data position);
+2. `config.init_from` (another workdir, its `checkpoints/` folder, or one step folder):
+   encoder weights, and the head's when asked; fresh optimiser and step 0;
+3. the random initialisation.
+"""
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from bigssl_med.errors import CheckpointError
+
+
+@dataclasses.dataclass
+class _DataState:
+  """Adapter that lets grain's orbax handler save and restore a recorded iterator state.
+
+  The trainer prefetches batches ahead of the step, so the live iterator is ahead of
+  the training step; the state saved is the one recorded after the last batch
+  the step consumed.
+  """
+  state: bytes = b''
+
+  def get_state(self) -> bytes:
+    return self.state
+
+  def set_state(self, state: bytes) -> None:
+    self.state = state
+
+  def start_prefetch(self) -> None:
+    pass
+
+
+def _handlers():
+  return {'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
+          'data': grain.checkpoint.CheckpointHandler()}
+
+
+class Checkpointer:
+  """orbax `CheckpointManager` keeping the last `keep_last` steps and every `keep_every`-th."""
+
+  def __init__(self, workdir: str, *, keep_last: int = 3, keep_every: int = 0,
+               async_save: bool = True):
+    self.directory = epath.Path(workdir) / 'checkpoints'
+    policies = [ocp.checkpoint_managers.LatestN(max(1, keep_last))]
+    if keep_every > 0:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=_handlers())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, *, model: Any, opt: Any, data_state: bytes | None,
+           force: bool = False) -> bool:
+    items = {'model': ocp.args.StandardSave(model), 'opt': ocp.args.StandardSave(opt)}
+    if data_state is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(_DataState(data_state))
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, *, model: Any, opt: Any) -> tuple[Any, Any, bytes | None]:
+    """Restores `step` onto the abstract targets; returns (model, opt, data_state)."""
+    items = {'model': ocp.args.StandardRestore(model), 'opt': ocp.args.StandardRestore(opt)}
+    has_data = (self.directory / str(step) / 'data').exists()
+    if has_data:
+      items['data'] = grain.checkpoint.CheckpointRestore(_DataState())
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointError(
+          f'checkpoint {self.directory / str(step)} does not match this run\'s model or '
+          f'optimiser (was the config changed since it was written?): {_first_line(e)}') from e
+    data_state = restored['data'].get_state() if has_data else None
+    return restored['model'], restored['opt'], data_state
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether JAX's multi-host preemption notice asks every host to save at `step`."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else type(e).__name__
+
+
+def _find_model_item(path: str) -> epath.Path:
+  """The `model` item folder that `init_from` names: a workdir, its checkpoints or one step."""
+  p = epath.Path(os.path.expanduser(path))
+  if not p.exists():
+    raise CheckpointError(f'init_from={path!r}: no such file or directory')
+  if (p / 'model').is_dir():
+    return p / 'model'
+  if (p / 'checkpoints').is_dir():
+    p = p / 'checkpoints'
+  steps = [int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / 'model').is_dir()]
+  if not steps:
+    raise CheckpointError(f'init_from={path!r}: no checkpoint found (expected a workdir, '
+                          'its checkpoints/ folder or a step folder holding model/)')
+  return p / str(max(steps)) / 'model'
+
+
+def load_model_variables(path: str, sharding: jax.sharding.Sharding) -> dict[str, Any]:
+  """Loads `{'params', 'batch_stats'}` of the newest checkpoint at `path`, placed on `sharding`."""
+  item = _find_model_item(path)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    metadata = checkpointer.metadata(item)
+    tree = getattr(metadata, 'item_metadata', metadata)
+    tree = getattr(tree, 'tree', tree)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                          tree)
+    return checkpointer.restore(item, target)
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise CheckpointError(f'init_from: cannot read checkpoint {item}: {_first_line(e)}') from e
+
+
+def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys: tuple[str, ...],
+                     source: str) -> dict[str, Any]:
+  """Replaces the top-level modules `keys` (e.g. 'encoder', 'head') of `variables`.
+
+  Every loaded array must match the model's shape; otherwise a `CheckpointError` names
+  the first parameter that differs (the checkpoint is of another architecture).
+  """
+  out = {c: dict(variables.get(c, {})) for c in variables}
+  for collection in ('params', 'batch_stats'):
+    for key in keys:
+      if key not in variables.get(collection, {}):
+        continue
+      if key not in loaded.get(collection, {}):
+        raise CheckpointError(f'init_from={source!r} has no {collection}/{key}: '
+                              'is it a checkpoint of this kind of model?')
+      _check_same_structure(variables[collection][key], loaded[collection][key],
+                            f'{collection}/{key}', source)
+      out[collection][key] = jax.tree.map(lambda new, old: new.astype(old.dtype),
+                                          loaded[collection][key], variables[collection][key])
+  return out
+
+
+def _check_same_structure(expected: Any, got: Any, prefix: str, source: str) -> None:
+  want = {jax.tree_util.keystr(p): x.shape
+          for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(got)[0]}
+  for name, shape in want.items():
+    if name not in have:
+      raise CheckpointError(f'init_from={source!r} lacks {prefix}{name} that this model has: '
+                            'it was trained with another architecture (config.model)')
+    if tuple(have[name]) != tuple(shape):
+      raise CheckpointError(
+          f'init_from={source!r}: {prefix}{name} has shape {tuple(have[name])}, this model '
+          f'expects {tuple(shape)}: it was trained with another architecture (config.model)')
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise CheckpointError(f'init_from={source!r} has {prefix}{extra[0]} that this model lacks: '
+                          'it was trained with another architecture (config.model)')
+
+
+def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], tuple[Any, Any]],
+                          abstract_model: Any, abstract_opt: Any, init_from: str,
+                          init_keys: tuple[str, ...], model_sharding: jax.sharding.Sharding,
+                          finalize_opt: Callable[[Any], Any]) -> tuple[Any, Any, bytes | None, str]:
+  """Starting point of a run, in the one priority order of this module's docstring.
+
+  Args:
+    checkpointer: this run's checkpointer.
+    init_fn: returns freshly initialised `(model_variables, opt)`.
+    abstract_model, abstract_opt: shape/sharding targets for a restore.
+    init_from: `config.init_from` ('' for none).
+    init_keys: top-level modules taken from `init_from` (e.g. ('encoder', 'head')).
+    model_sharding: where loaded arrays go.
+    finalize_opt: rebuilds the optimiser state for model variables loaded from
+      `init_from` (fresh state for the loaded parameters).
+
+  Returns:
+    `(model_variables, opt, data_state, origin)`; origin says which case applied.
+  """
+  step = checkpointer.latest_step()
+  if step is not None:
+    model, opt, data_state = checkpointer.restore(step, model=abstract_model, opt=abstract_opt)
+    return model, opt, data_state, f'resumed from {checkpointer.directory / str(step)}'
+  model, opt = init_fn()
+  if init_from:
+    loaded = load_model_variables(init_from, model_sharding)
+    model = merge_pretrained(model, loaded, keys=init_keys, source=init_from)
+    opt = finalize_opt(model)
+    logging.info('Initialised %s from %s', '+'.join(init_keys), init_from)
+    return model, opt, None, f'initialised {"+".join(init_keys)} from {init_from}'
+  return model, opt, None, 'initialised from scratch'

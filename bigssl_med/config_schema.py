@@ -1,0 +1,135 @@
+"""What each trainer accepts: its complete default config, and the check against it.
+
+Config files in `configs/` start from `defaults(trainer)` and change values; the
+trainer then checks with `validate` that the config holds no key it does not use,
+and fails naming the key. (ml_collections' locked configs already reject an unknown
+`--config.key=value` on the command line.) Every trainer understands the common
+keys: trainer, dataset, batch_size, total_steps / num_epochs, seed, init_from,
+log_every_steps, checkpoint_every_steps.
+
+This module imports nothing heavy, so configs load fast.
+"""
+
+import ml_collections
+
+from bigssl_med.errors import ConfigError
+
+
+def _common(trainer: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.trainer = trainer
+  c.dataset = 'ham10000'
+  c.batch_size = 256              # global, over all devices and hosts
+  c.total_steps = 0               # the run's length: total_steps or num_epochs (one > 0)
+  c.num_epochs = 100.0
+  c.seed = 0
+  c.init_from = ''                # workdir, checkpoints/ folder or step folder to start from
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3          # keep the last N checkpoints ...
+  c.keep_checkpoint_every_steps = 0  # ... and every K-th step for good (0: none)
+  c.eval_every_steps = 0          # 0: evaluate once, at the end
+  c.compute_dtype = 'bfloat16'    # activations; parameters stay float32
+  c.tensorboard = True
+  return c
+
+
+def _data() -> ml_collections.ConfigDict:
+  d = ml_collections.ConfigDict()
+  d.data_dir = ''                 # TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)
+  d.manual_dir = ''               # raw files to build the data set from when it is not built yet
+  d.build_if_missing = True       # build from manual_dir (or download) when absent
+  d.train_split = 'train'
+  d.eval_split = 'validation'
+  d.image_size = 224
+  d.crop_area_min = 0.08          # random resized crop: area in [crop_area_min, 1]
+  d.num_workers = 8               # host decode processes per host (0: in the main process)
+  d.prefetch_batches = 2          # batches placed on the devices ahead of the step
+  d.label_key = 'label'           # class label for the linear probe ('' for none)
+  return d
+
+
+def _augment() -> ml_collections.ConfigDict:
+  a = ml_collections.ConfigDict()
+  a.color_strength = 1.0          # SimCLR's colour jitter strength s
+  a.jitter_p = 0.8
+  a.grayscale_p = 0.2
+  a.blur_p = 0.5
+  a.hue = True                    # switch off hue / saturation jitter for grayscale X-rays
+  a.saturation = True
+  a.impl = 'simclrv2'             # multiplicative brightness ('simclrv1': additive)
+  return a
+
+
+def _model() -> ml_collections.ConfigDict:
+  m = ml_collections.ConfigDict()
+  m.depth = 50
+  m.width_multiplier = 1.0
+  m.sk_ratio = 0.0
+  m.cifar_stem = False
+  m.head_layers = 3
+  m.head_hidden_dim = 0           # 0: the encoder's feature width
+  m.head_out_dim = 128
+  return m
+
+
+def _optimizer() -> ml_collections.ConfigDict:
+  o = ml_collections.ConfigDict()
+  o.name = 'lars'
+  o.learning_rate = 0.3           # base rate, scaled by lr_scaling
+  o.lr_scaling = 'linear'         # 'linear': base * B / 256; 'sqrt': base * sqrt(B)
+  o.momentum = 0.9
+  o.weight_decay = 1e-6
+  o.trust_coefficient = 1e-3
+  o.warmup_steps = 0              # warm-up in steps or epochs (at most one > 0)
+  o.warmup_epochs = 10.0
+  return o
+
+
+def pretrain() -> ml_collections.ConfigDict:
+  """SimCLR / MICLe pretraining (`trainer='pretrain'`)."""
+  c = _common('pretrain')
+  c.data = _data()
+  c.augment = _augment()
+  c.model = _model()
+  c.optimizer = _optimizer()
+  c.micle = False                 # positives from two different images of one case
+  c.temperature = 0.1
+  c.probe = True                  # SimCLR's linear probe on frozen features (needs data.label_key)
+  c.init_head = True              # with init_from: load the projection head too
+  c.eval_batches = 0              # evaluation batches (0: one pass over data.eval_split)
+  return c
+
+
+_DEFAULTS = {'pretrain': pretrain}
+
+
+def defaults(trainer: str) -> ml_collections.ConfigDict:
+  if trainer not in _DEFAULTS:
+    raise ConfigError(f'config.trainer={trainer!r} is not one of {sorted(_DEFAULTS)}')
+  return _DEFAULTS[trainer]()
+
+
+def _leaves(config, prefix=''):
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _leaves(value, f'{name}.')
+    else:
+      yield name, value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails with the first key of `config` that its trainer does not use, or of a wrong type."""
+  if 'trainer' not in config:
+    raise ConfigError('config has no `trainer` key')
+  schema = dict(_leaves(defaults(config.trainer)))
+  for name, value in _leaves(config):
+    if name not in schema:
+      raise ConfigError(f'config key {name!r} is not used by trainer {config.trainer!r}')
+    expected = schema[name]
+    if isinstance(expected, bool) != isinstance(value, bool) or (
+        not isinstance(value, type(expected)) and
+        not (isinstance(expected, float) and isinstance(value, int))):
+      raise ConfigError(f'config key {name!r} should be a {type(expected).__name__}, '
+                        f'got {value!r}')

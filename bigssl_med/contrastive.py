@@ -1,0 +1,78 @@
+"""The jitted steps of contrastive pretraining, as pure functions of a model and optimiser.
+
+Shared by the `pretrain` trainer and `benchmarks/pretrain_step.py`, so the benchmark
+times exactly the trainer's step. Nothing here reads configs or touches the input
+pipeline.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigssl_med import augment
+from bigssl_med import losses
+from bigssl_med import optim
+
+
+def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
+                    weight_decay: float):
+  """`(state, batch, key) -> (state, metrics)` for one global batch of positive pairs.
+
+  `batch['views']` is uint8 `[B, 2, S, S, C]`; the two views of row i are interleaved
+  into one `[2B, ...]` forward pass (BatchNorm sees both views, as in SimCLR).
+  """
+
+  def train_step(state, batch, key):
+    variables, opt = state['model'], state['opt']
+    views = batch['views']
+    b = views.shape[0]
+    images = augment_views(jax.random.fold_in(key, opt['step']),
+                           views.reshape((2 * b,) + views.shape[2:]))
+
+    def loss_fn(params):
+      (_, z, logits), updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, images, train=True,
+          mutable=['batch_stats'])
+      z = z.reshape(b, 2, -1)
+      loss, logits_ab = losses.nt_xent(z[:, 0], z[:, 1], temperature, return_logits=True)
+      metrics = {'contrastive_loss': loss,
+                 'contrastive_accuracy': losses.contrastive_accuracy(logits_ab)}
+      total = loss
+      if logits is not None:
+        labels = jnp.repeat(batch['label'], 2)
+        probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        total = total + probe_loss + optim.probe_l2(params, weight_decay)
+        metrics['probe_loss'] = probe_loss
+        metrics['probe_accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels)
+      metrics['loss'] = total
+      return total, (updates['batch_stats'], metrics)
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
+    params = optax.apply_updates(variables['params'], updates)
+    metrics['learning_rate'] = schedule(opt['step'])
+    new_state = {'model': {'params': params, 'batch_stats': batch_stats},
+                 'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_steps(model, *, augment_views, temperature: float):
+  """Jit-able evaluation steps: contrastive metrics on pairs, probe accuracy on images."""
+
+  def pairs_step(variables, batch, key):
+    views = batch['views']
+    b = views.shape[0]
+    images = augment_views(key, views.reshape((2 * b,) + views.shape[2:]))
+    _, z, _ = model.apply(variables, images, train=False)
+    z = z.reshape(b, 2, -1)
+    loss, logits_ab = losses.nt_xent(z[:, 0], z[:, 1], temperature, return_logits=True)
+    return {'contrastive_loss': loss, 'contrastive_accuracy': losses.contrastive_accuracy(logits_ab)}
+
+  def images_step(variables, batch):
+    _, _, logits = model.apply(variables, augment.to_float(batch['image']), train=False)
+    correct = (jnp.argmax(logits, -1) == batch['label']) * batch['mask']
+    return {'correct': jnp.sum(correct), 'count': jnp.sum(batch['mask'])}
+
+  return pairs_step, images_step

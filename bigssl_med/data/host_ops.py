@@ -1,0 +1,334 @@
+"""Host-side image ops: decode, SimCLR's random crop, centre crop and flip.
+
+NumPy and Pillow only (no JAX): these run in the input pipeline's workers. The
+per-pixel augmentations (colour jitter, grayscale, blur) run on the accelerator
+in `bigssl_med.augment`. Outputs are uint8 `[H, W, C]`, a quarter of the bytes
+of float32 to move to the device.
+
+Semantics follow SimCLR's `data_util.py` (`crop_and_resize`,
+`distorted_bounding_box_crop`, `center_crop`, `random_flip_left_right`) and
+TensorFlow's `sample_distorted_bounding_box` kernel. Two deliberate
+differences: the crop is resized by Pillow's bicubic filter, which is
+antialiased when shrinking (TensorFlow's bicubic resize is not), and the result
+is rounded to uint8 (SimCLR keeps float32).
+"""
+
+import contextlib
+import io
+import math
+
+import numpy as np
+from PIL import Image
+
+from bigssl_med import errors
+
+# What Pillow raises for bytes it cannot decode (UnidentifiedImageError is an
+# OSError; truncated data raises OSError or SyntaxError on load).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
+                  Image.DecompressionBombError)
+
+# Pillow modes holding more than 8 bits per sample, scaled to 8 bits as
+# TensorFlow's decode_png(dtype=uint8) does (65535 -> 255).
+_WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+_GRAY_MODES = ('1', 'L', 'LA', 'La', 'F') + _WIDE_GRAY_MODES
+
+
+# ----------------------------------------------------------------------------
+# Decoding.
+# ----------------------------------------------------------------------------
+
+
+def decode_image(data, *, channels=3, name=''):
+  """Decodes encoded image bytes (JPEG, PNG, ...) to uint8 `[H, W, channels]`.
+
+  Args:
+    data: the encoded bytes.
+    channels: 3 (grayscale images are replicated) or 1 (colour images are
+      turned to luma, 0.299 R + 0.587 G + 0.114 B). 16-bit grayscale is scaled
+      to 8 bits (65535 -> 255); alpha is dropped; EXIF orientation is ignored,
+      as by TensorFlow's decoders.
+    name: the file or record name, for error messages.
+
+  Returns:
+    np.uint8 `[H, W, channels]`.
+
+  Raises:
+    bigssl_med.errors.DataError: the bytes are not a decodable image; the
+      one-line message names `name`.
+  """
+  _check_channels(channels)
+  with _decoding(name):
+    image = _open(data)
+    return _to_array(_as_8bit(image, channels), channels)
+
+
+# ----------------------------------------------------------------------------
+# SimCLR's random crop (tf.image.sample_distorted_bounding_box).
+# ----------------------------------------------------------------------------
+
+
+def sample_crop_box(rng, height, width, *, area_range=(0.08, 1.0),
+                    aspect_ratio_range=(3 / 4, 4 / 3), min_object_covered=0.1,
+                    max_attempts=100):
+  """Samples a crop box as `tf.image.sample_distorted_bounding_box` does.
+
+  With the whole image as the only bounding box (SimCLR's `crop_and_resize`).
+  Each attempt draws an aspect ratio (width / height) uniformly from
+  `aspect_ratio_range`, then a height uniformly among the integers between
+  the smallest and largest heights whose area `height * round(height * ratio)`
+  fits `area_range`, nudged by one where rounding leaves the area outside the
+  range, then a top-left corner uniformly with `y` in `[0, height - h)` and `x`
+  in `[0, width - w)` (TensorFlow's exclusive bound: a crop touches the bottom
+  or right edge only when it spans the whole side). The box must also cover
+  at least `min_object_covered` of the image, so with SimCLR's defaults the
+  area fraction is in [0.1, 1.0], not [0.08, 1.0]. After `max_attempts`
+  failures the whole image is returned.
+
+  Args:
+    rng: `np.random.Generator`.
+    height: image height (> 0).
+    width: image width (> 0).
+    area_range: (min, max) fraction of the image area, each in (0, 1].
+    aspect_ratio_range: (min, max) width / height, each > 0.
+    min_object_covered: least fraction of the image the crop must cover.
+    max_attempts: number of tries before falling back to the whole image.
+
+  Returns:
+    `(y, x, h, w)` ints.
+  """
+  min_area, max_area = (float(a) for a in area_range)
+  min_ratio, max_ratio = (float(r) for r in aspect_ratio_range)
+  if not (0 < min_area <= 1 and 0 < max_area <= 1):
+    raise ValueError(f'area_range must be in (0, 1], got {area_range}')
+  if not (min_ratio > 0 and max_ratio > 0):
+    raise ValueError(
+        f'aspect_ratio_range must be > 0, got {aspect_ratio_range}')
+  if max_attempts <= 0 or min_object_covered < 0:
+    raise ValueError('max_attempts must be > 0 and min_object_covered >= 0, '
+                     f'got {max_attempts} and {min_object_covered}')
+  if height <= 0 or width <= 0:
+    raise ValueError(f'image size must be positive, got {height}x{width}')
+  image_area = float(height * width)
+  for _ in range(max_attempts):
+    ratio = rng.random() * (max_ratio - min_ratio) + min_ratio
+    box = _random_crop(rng, height, width, min_area * image_area,
+                       max_area * image_area, ratio)
+    if box is not None and box[2] * box[3] >= max(
+        1.0, min_object_covered * image_area):
+      return box
+  return 0, 0, height, width
+
+
+def _random_crop(rng, height, width, min_area, max_area, ratio):
+  """One attempt of TensorFlow's `GenerateRandomCrop`; None on failure."""
+  if max_area <= 0 or min_area > max_area:
+    return None
+  crop_h = _round(math.sqrt(min_area / ratio))
+  max_h = _round(math.sqrt(max_area / ratio))
+  if _round(max_h * ratio) > width:
+    # The largest height whose rounded width still fits.
+    max_h = int((width + 0.5 - 1e-7) / ratio)
+    if _round(max_h * ratio) > width:
+      max_h -= 1
+  max_h = min(max_h, height)
+  crop_h = min(crop_h, max_h)
+  if crop_h < max_h:
+    crop_h += int(rng.integers(max_h - crop_h + 1))
+  crop_w = _round(crop_h * ratio)
+  # Rounding may leave the area just outside the range: try one step each way.
+  if crop_w * crop_h < min_area:
+    crop_h += 1
+    crop_w = _round(crop_h * ratio)
+  if crop_w * crop_h > max_area:
+    crop_h -= 1
+    crop_w = _round(crop_h * ratio)
+  area = crop_w * crop_h
+  if (area < min_area or area > max_area or crop_w > width or crop_h > height or
+      crop_w <= 0 or crop_h <= 0):
+    return None
+  y = int(rng.integers(height - crop_h)) if crop_h < height else 0
+  x = int(rng.integers(width - crop_w)) if crop_w < width else 0
+  return y, x, crop_h, crop_w
+
+
+def _round(value):
+  """Round half to even, as C's lrintf in the default rounding mode."""
+  return int(round(value))
+
+
+def random_resized_crop(rng, data_or_pil, size, *, channels=3, name='',
+                        **crop_kw):
+  """SimCLR's `crop_and_resize`: a `sample_crop_box` crop, bicubic to size.
+
+  The crop and the resize are one `Image.resize(..., box=...)` call. When
+  `data_or_pil` is encoded JPEG bytes and the crop is at least twice the
+  output size, the JPEG is decoded at 1/2, 1/4 or 1/8 scale (`Image.draft`,
+  the largest reduction that keeps the crop at least `size` pixels on each
+  side) and the box is scaled to match: the crop box is drawn on the full-size
+  image either way.
+
+  Args:
+    rng: `np.random.Generator`.
+    data_or_pil: encoded image bytes or a `PIL.Image.Image`.
+    size: output height and width.
+    channels: 3 or 1, as in `decode_image`.
+    name: file or record name, for error messages.
+    **crop_kw: passed to `sample_crop_box` (area_range, aspect_ratio_range,
+      min_object_covered, max_attempts).
+
+  Returns:
+    np.uint8 `[size, size, channels]`.
+  """
+  _check_channels(channels)
+  with _decoding(name):
+    image = _open(data_or_pil)
+  width, height = image.size
+  y, x, h, w = sample_crop_box(rng, height, width, **crop_kw)
+  with _decoding(name):
+    return _crop_and_resize(image, (x, y, x + w, y + h), size, channels,
+                            draft=not isinstance(data_or_pil, Image.Image))
+
+
+def center_crop(data_or_pil, size, crop_proportion=0.875, *, channels=3,
+                name=''):
+  """SimCLR's evaluation crop: the central square, bicubic to size x size.
+
+  The square's side is `rint(crop_proportion * min(height, width))` and it is
+  offset by `(dim - side + 1) // 2` (SimCLR's `center_crop` for a square
+  output). Large JPEGs are decoded at reduced scale as in
+  `random_resized_crop`.
+
+  Args:
+    data_or_pil: encoded image bytes or a `PIL.Image.Image`.
+    size: output height and width.
+    crop_proportion: fraction of the shorter side kept (0.875 for ImageNet).
+    channels: 3 or 1, as in `decode_image`.
+    name: file or record name, for error messages.
+
+  Returns:
+    np.uint8 `[size, size, channels]`.
+  """
+  _check_channels(channels)
+  with _decoding(name):
+    image = _open(data_or_pil)
+  width, height = image.size
+  crop_h, crop_w = center_crop_shape(height, width, crop_proportion)
+  top = (height - crop_h + 1) // 2
+  left = (width - crop_w + 1) // 2
+  with _decoding(name):
+    return _crop_and_resize(image, (left, top, left + crop_w, top + crop_h),
+                            size, channels,
+                            draft=not isinstance(data_or_pil, Image.Image))
+
+
+def center_crop_shape(height, width, crop_proportion=0.875, aspect_ratio=1.0):
+  """SimCLR's `_compute_crop_shape`: `(crop_height, crop_width)`.
+
+  `aspect_ratio` is the output's width / height; the crop keeps
+  `crop_proportion` of the side that limits it. Rounded half to even.
+  """
+  if aspect_ratio > width / height:
+    crop_h = np.rint(crop_proportion / aspect_ratio * width)
+    crop_w = np.rint(crop_proportion * width)
+  else:
+    crop_h = np.rint(crop_proportion * height)
+    crop_w = np.rint(crop_proportion * aspect_ratio * height)
+  return max(int(crop_h), 1), max(int(crop_w), 1)
+
+
+def random_flip(rng, image):
+  """Left-right flip with probability 0.5 (`tf.image.random_flip_left_right`).
+
+  Args:
+    rng: `np.random.Generator`.
+    image: `[H, W, C]` array.
+
+  Returns:
+    The image, or a contiguous flipped copy.
+  """
+  if rng.random() < 0.5:
+    return np.ascontiguousarray(image[:, ::-1])
+  return image
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------
+
+
+def _crop_and_resize(image, box, size, channels, *, draft):
+  """Crops `box` (left, top, right, bottom) and resizes it bicubically."""
+  scale = _draft(image, box, size, channels) if draft else 1.0
+  image = _as_8bit(image, channels)
+  scaled_box = tuple(c / scale for c in box)
+  out = image.resize((size, size), Image.Resampling.BICUBIC, box=scaled_box)
+  return _to_array(out, channels)
+
+
+def _draft(image, box, size, channels):
+  """Asks a not-yet-decoded JPEG for a reduced-scale decode; returns the scale.
+
+  The request keeps the crop at least `size` pixels on each side. Other
+  formats (and images already decoded) ignore drafts: scale 1.
+  """
+  width, height = image.size
+  left, top, right, bottom = box
+  request = (math.ceil(width * size / max(right - left, 1)),
+             math.ceil(height * size / max(bottom - top, 1)))
+  result = image.draft('L' if channels == 1 else None, request)
+  if result is None:
+    return 1.0
+  return width / result[1][2]
+
+
+def _open(data_or_pil):
+  """A PIL image, lazily opened from bytes (nothing decoded yet)."""
+  if isinstance(data_or_pil, Image.Image):
+    return data_or_pil
+  if isinstance(data_or_pil, (bytes, bytearray, memoryview)):
+    return Image.open(io.BytesIO(bytes(data_or_pil)))
+  raise TypeError('expected encoded image bytes or a PIL image, got '
+                  f'{type(data_or_pil).__name__}')
+
+
+def _as_8bit(image, channels):
+  """The image in mode 'L' or 'RGB' ('L' kept for gray, even if channels=3).
+
+  Gray stays one channel until `_to_array`, so that resizing costs a third.
+  """
+  if image.mode in _WIDE_GRAY_MODES:
+    wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+  if image.mode == 'L':
+    return image
+  if channels == 1 or image.mode in _GRAY_MODES:
+    return image.convert('L')
+  if image.mode != 'RGB':
+    return image.convert('RGB')
+  return image
+
+
+def _to_array(image, channels):
+  """uint8 `[H, W, channels]` from an 'L' or 'RGB' PIL image."""
+  array = np.asarray(image, dtype=np.uint8)
+  if array.ndim == 2:
+    array = array[:, :, None]
+  if array.shape[-1] != channels:
+    array = np.repeat(array, channels, axis=-1)
+  return np.ascontiguousarray(array)
+
+
+def _check_channels(channels):
+  if channels not in (1, 3):
+    raise ValueError(f'channels must be 1 or 3, got {channels}')
+
+
+@contextlib.contextmanager
+def _decoding(name):
+  """Turns Pillow's decoding errors into a one-line DataError naming `name`."""
+  try:
+    yield
+  except _DECODE_ERRORS as e:
+    detail = ' '.join(str(e).split()) or type(e).__name__
+    raise errors.DataError(
+        f'cannot decode image {name or "<unnamed>"}: {detail}') from e

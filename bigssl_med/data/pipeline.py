@@ -1,0 +1,281 @@
+"""grain input pipelines: positive pairs for pretraining, single images for evaluation.
+
+Pairs (SimCLR and MICLe). A *unit* is what one row of the global batch is drawn
+from: an image (SimCLR) or a case, i.e. a patient or lesion (MICLe). Each epoch is a
+permutation of the units from `(seed, epoch)`; the global batch at step t holds the
+units at positions `[t*B, (t+1)*B)` of that epoch's permutation, and host h reads its
+own slice `[h*b, (h+1)*b)` of it (b = B / hosts), so no unit appears twice in a global
+batch (an epoch's remainder is dropped, never carried into the next batch). For a
+case with two or more images the two views come from two different images; a case
+with one image gives two crops of that image. Everything random about an example
+(which images, crop boxes, flips) comes from `(seed, global position)`, so the
+stream is deterministic for a seed whatever the number of worker processes, and its
+position is a small grain state saved with every checkpoint.
+
+The host only decodes, crops to a fixed size and flips; colour jitter, grayscale and
+blur run on the accelerator inside the jitted step (`bigssl_med.augment`).
+"""
+
+import dataclasses
+import json
+import queue
+import sys
+import threading
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+from absl import flags
+
+from bigssl_med.data import host_ops
+from bigssl_med.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewSpec:
+  """How the host turns an encoded image into a fixed-size uint8 view."""
+  image_size: int = 224
+  crop_area_min: float = 0.08
+  label_key: str = ''
+
+
+def _text(x) -> str:
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _label(example: dict, key: str, where: str) -> int:
+  if key not in example:
+    raise DataError(f'{where}: no feature {key!r} (config.data.label_key); '
+                    f'features are {sorted(example)}')
+  return int(example[key])
+
+
+def _parallel(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+  """Decodes in `num_workers` grain worker processes (none when 0)."""
+  if num_workers <= 0:
+    return ds
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain script has none
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+
+
+class _PairPositions(grain.MapDataset):
+  """Endless stream of this host's `(unit, global position)`; see the module docstring."""
+
+  def __init__(self, num_units: int, *, global_batch: int, host_index: int, host_count: int,
+               seed: int):
+    super().__init__([])
+    if num_units < global_batch:
+      raise ConfigError(f'config.batch_size={global_batch} is larger than the {num_units} '
+                        'units (images, or cases with MICLe) of the training split')
+    self._num_units = num_units
+    self._global_batch = global_batch
+    self._local_batch = global_batch // host_count
+    self._host_offset = host_index * self._local_batch
+    self._steps_per_epoch = num_units // global_batch
+    self._seed = seed
+    self._permutations = {}  # epoch -> permutation; the last two are kept
+
+  def __len__(self) -> int:
+    return sys.maxsize
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if epoch not in self._permutations:
+      if len(self._permutations) >= 2:
+        del self._permutations[min(self._permutations)]
+      self._permutations[epoch] = np.random.default_rng(
+          [self._seed, 0, epoch]).permutation(self._num_units)
+    return self._permutations[epoch]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, j = divmod(index, self._local_batch)
+    epoch, step_in_epoch = divmod(step, self._steps_per_epoch)
+    position = step_in_epoch * self._global_batch + self._host_offset + j
+    global_position = step * self._global_batch + self._host_offset + j
+    return int(self._permutation(epoch)[position]), int(global_position)
+
+  def __str__(self) -> str:
+    return f'PairPositions(units={self._num_units}, batch={self._global_batch})'
+
+
+class _LoadPair(grain.transforms.Map):
+  """`(unit, position)` -> `{'views': uint8 [2, S, S, C], 'label'?}`."""
+
+  def __init__(self, source, groups: Sequence[np.ndarray], spec: ViewSpec, seed: int,
+               name: str):
+    self._source = source
+    self._groups = groups
+    self._spec = spec
+    self._seed = seed
+    self._name = name
+
+  def map(self, element):
+    unit, position = element
+    rng = np.random.default_rng([self._seed, 1, position])
+    records = self._groups[unit]
+    if len(records) >= 2:
+      first, second = (int(r) for r in rng.choice(records, size=2, replace=False))
+    else:
+      first = second = int(records[0])
+    ex1 = self._source[first]
+    ex2 = ex1 if second == first else self._source[second]
+    views = [self._view(rng, ex, record) for ex, record in ((ex1, first), (ex2, second))]
+    out = {'views': np.stack(views)}
+    if self._spec.label_key:
+      out['label'] = np.int32(_label(ex1, self._spec.label_key, f'{self._name} record {first}'))
+    return out
+
+  def _view(self, rng, example, record):
+    name = f'{self._name} record {record} ({_text(example.get("image_id", ""))})'
+    view = host_ops.random_resized_crop(
+        rng, example['image'], self._spec.image_size,
+        area_range=(self._spec.crop_area_min, 1.0), name=name)
+    return host_ops.random_flip(rng, view)
+
+
+def pair_dataset(source, groups: Sequence[np.ndarray], spec: ViewSpec, *, global_batch: int,
+                 host_index: int, host_count: int, seed: int, num_workers: int,
+                 name: str = 'data') -> grain.IterDataset:
+  """Endless batches `{'views': uint8 [b, 2, S, S, C], 'label'?: int32 [b]}` for this host.
+
+  Args:
+    source: random-access records with encoded `image` bytes (a TFDS data source).
+    groups: record indices per unit: one record per unit for SimCLR, the records
+      of each case for MICLe.
+    spec: crop size, crop area and label feature.
+    global_batch, host_index, host_count: the global batch and this host's share.
+    seed: the stream's seed.
+    num_workers: grain worker processes decoding in parallel (0: this process).
+    name: data set and split, for error messages.
+  """
+  positions = _PairPositions(len(groups), global_batch=global_batch, host_index=host_index,
+                             host_count=host_count, seed=seed)
+  ds = positions.map(_LoadPair(source, groups, spec, seed, name))
+  ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
+  return _parallel(ds, num_workers)
+
+
+class _EvalImages(grain.MapDataset):
+  """One pass over `num_records` in order, padded to whole global batches, this host's slice."""
+
+  def __init__(self, num_records: int, *, global_batch: int, host_index: int, host_count: int):
+    super().__init__([])
+    self._n = num_records
+    self._global_batch = global_batch
+    self._local_batch = global_batch // host_count
+    self._host_offset = host_index * self._local_batch
+    self._steps = -(-num_records // global_batch)
+
+  def __len__(self) -> int:
+    return self._steps * self._local_batch
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    step, j = divmod(index, self._local_batch)
+    position = step * self._global_batch + self._host_offset + j
+    return position if position < self._n else -1
+
+
+class _LoadCentreCrop(grain.transforms.Map):
+
+  def __init__(self, source, spec: ViewSpec, channels: int, name: str):
+    self._source = source
+    self._spec = spec
+    self._channels = channels
+    self._name = name
+
+  def map(self, record):
+    size = self._spec.image_size
+    if record < 0:  # padding
+      out = {'image': np.zeros((size, size, self._channels), np.uint8), 'mask': np.float32(0)}
+      if self._spec.label_key:
+        out['label'] = np.int32(0)
+      return out
+    example = self._source[record]
+    image = host_ops.center_crop(example['image'], size,
+                                 name=f'{self._name} record {record}')
+    out = {'image': image, 'mask': np.float32(1)}
+    if self._spec.label_key:
+      out['label'] = np.int32(_label(example, self._spec.label_key, f'{self._name} record {record}'))
+    return out
+
+
+def eval_image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index: int,
+                       host_count: int, channels: int = 3, num_workers: int = 0,
+                       name: str = 'data') -> grain.IterDataset:
+  """One pass of centre-cropped images: `{'image', 'mask', 'label'?}` batches.
+
+  The last global batch is padded with `mask == 0` rows so every record counts once.
+  """
+  ds = _EvalImages(len(source), global_batch=global_batch, host_index=host_index,
+                   host_count=host_count)
+  ds = ds.map(_LoadCentreCrop(source, spec, channels, name))
+  ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
+  return _parallel(ds, num_workers)
+
+
+def eval_pair_dataset(source, groups: Sequence[np.ndarray], spec: ViewSpec, *, global_batch: int,
+                      host_index: int, host_count: int, seed: int, num_workers: int = 0,
+                      name: str = 'data') -> grain.IterDataset | None:
+  """One epoch of pairs in a fixed order (deterministic crops) for contrastive metrics.
+
+  Only whole global batches are used, so the metrics are comparable with training;
+  None when the split has fewer units than one global batch.
+  """
+  if len(groups) < global_batch:
+    return None
+  steps = len(groups) // global_batch
+  positions = _PairPositions(len(groups), global_batch=global_batch, host_index=host_index,
+                             host_count=host_count, seed=seed)
+  ds = positions.slice(slice(0, steps * (global_batch // host_count)))
+  ds = ds.map(_LoadPair(source, groups, spec, seed, name))
+  ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
+  return _parallel(ds, num_workers)
+
+
+def device_prefetch(iterator: Iterator[dict[str, np.ndarray]], to_device, size: int = 2
+                    ) -> Iterator[tuple[Any, bytes | None]]:
+  """Moves batches to the devices `size` steps ahead in a background thread.
+
+  Yields `(device_batch, state)`, where `state` is the grain iterator state right after
+  that batch was drawn (JSON bytes; None if the iterator has no state): the position
+  to save once the step has consumed the batch.
+  """
+  done = object()
+  q: queue.Queue = queue.Queue(maxsize=max(1, size))
+  stop = threading.Event()
+
+  def producer():
+    try:
+      for batch in iterator:
+        state = None
+        if hasattr(iterator, 'get_state'):
+          state = json.dumps(iterator.get_state()).encode()
+        item = (to_device(batch), state)
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      q.put(done)
+    except BaseException as e:  # pylint: disable=broad-except
+      q.put(e)
+
+  thread = threading.Thread(target=producer, daemon=True, name='device_prefetch')
+  thread.start()
+  try:
+    while True:
+      item = q.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()

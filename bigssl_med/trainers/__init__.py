@@ -1,0 +1,10 @@
+"""Trainers, one per kind of training, selected by `config.trainer`.
+
+Each is `train_and_evaluate(config, workdir) -> results` and imported explicitly here.
+"""
+
+from bigssl_med.trainers import pretrain
+
+TRAINERS = {
+    'pretrain': pretrain.train_and_evaluate,
+}

@@ -1,0 +1,308 @@
+"""SimCLR / MICLe contrastive pretraining (`config.trainer = 'pretrain'`).
+
+One linear function: config, mesh, input, model and optimiser, starting point
+(resume > init_from > scratch), the jitted step, the loop with logging,
+checkpoints and evaluations, the final evaluation and `results.json`.
+
+The step is one `jax.jit` over global arrays: parameters replicated, the batch
+sharded on the mesh's `data` axis, the state donated. BatchNorm statistics and the
+contrastive negatives span the whole global batch by construction.
+"""
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bigssl_med import augment
+from bigssl_med import build_data
+from bigssl_med import checkpointing
+from bigssl_med import config_schema
+from bigssl_med import contrastive
+from bigssl_med import models
+from bigssl_med import optim
+from bigssl_med import parallel
+from bigssl_med import workdir as workdir_lib
+from bigssl_med.data import pipeline
+from bigssl_med.data import sources
+from bigssl_med.errors import ConfigError
+
+_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+# Fixed seeds of the evaluation crops and augmentations, so evaluations compare.
+_EVAL_SEED = 1234
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks: save a checkpoint, then stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: leave signals alone
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint, then stopping.')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def augment_fn(config: ml_collections.ConfigDict):
+  """The on-device SimCLR augmentation that `config.augment` describes."""
+  a = config.augment
+  if a.impl not in ('simclrv1', 'simclrv2'):
+    raise ConfigError(f"config.augment.impl must be 'simclrv1' or 'simclrv2', got {a.impl!r}")
+  return functools.partial(augment.simclr_augment, strength=a.color_strength,
+                           jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
+                           hue=a.hue, saturation=a.saturation, impl=a.impl)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) pretraining in `workdir`; returns the final evaluation."""
+  config_schema.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  if config.compute_dtype not in _DTYPES:
+    raise ConfigError(f'config.compute_dtype must be one of {sorted(_DTYPES)}, '
+                      f'got {config.compute_dtype!r}')
+  dtype = _DTYPES[config.compute_dtype]
+
+  # ---------------------------------------------------------------- Mesh.
+  mesh = parallel.data_mesh()
+  local_batch = parallel.check_batch_size(config.batch_size, mesh)
+  host, hosts = jax.process_index(), jax.process_count()
+  logging.info('%d devices on %d hosts; global batch %d, %d per host', mesh.devices.size,
+               hosts, config.batch_size, local_batch)
+
+  # ---------------------------------------------------------------- Input.
+  data_dir = build_data.ensure_built(config.dataset, data_dir=config.data.data_dir,
+                                  manual_dir=config.data.manual_dir,
+                                  build_if_missing=config.data.build_if_missing)
+  train_source = sources.open_split(config.dataset, config.data.train_split, data_dir)
+  if config.micle:
+    groups = sources.case_index(config.dataset, config.data.train_split, data_dir)
+  else:
+    groups = [np.array([i]) for i in range(len(train_source))]
+  info = sources.dataset_info(config.dataset, data_dir)
+  label_key = config.data.label_key if config.probe else ''
+  num_classes = 0
+  if label_key:
+    feature = info.features[label_key] if label_key in info.features else None
+    if feature is None or not hasattr(feature, 'num_classes'):
+      raise ConfigError(f'config.probe needs a class label: data set {config.dataset!r} has no '
+                        f'class-label feature {label_key!r} (config.data.label_key)')
+    num_classes = feature.num_classes
+  spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key)
+  steps_per_epoch = len(groups) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f'config.batch_size={config.batch_size} is larger than the {len(groups)} '
+                      f'{"cases" if config.micle else "images"} of {config.dataset}/'
+                      f'{config.data.train_split}')
+  total_steps = optim.resolve_steps(steps=config.total_steps, epochs=config.num_epochs,
+                                    steps_per_epoch=steps_per_epoch,
+                                    what='total_steps/num_epochs')
+  warmup_steps = optim.resolve_steps(steps=config.optimizer.warmup_steps,
+                                     epochs=config.optimizer.warmup_epochs,
+                                     steps_per_epoch=steps_per_epoch,
+                                     what='optimizer.warmup_steps/warmup_epochs', allow_zero=True)
+  warmup_steps = min(warmup_steps, total_steps)
+  logging.info('%s/%s: %d %s, %d steps per epoch, %d steps (%d warm-up)', config.dataset,
+               config.data.train_split, len(groups), 'cases' if config.micle else 'images',
+               steps_per_epoch, total_steps, warmup_steps)
+
+  # ---------------------------------------------------------------- Model and optimiser.
+  model = models.contrastive_model(config.model, dtype=dtype, probe_classes=num_classes)
+  peak_lr = optim.peak_learning_rate(config.optimizer.learning_rate,
+                                     config.optimizer.lr_scaling, config.batch_size)
+  schedule = optim.warmup_cosine(peak_lr, total_steps, warmup_steps)
+  size = config.data.image_size
+
+  def init_variables(rng):
+    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
+    return dict(model.init(rng, dummy, train=False))
+
+  abstract_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
+  tx = optim.build_optimizer(config.optimizer, schedule, abstract_variables['params'])
+
+  def init_opt(variables):
+    return {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(variables['params'])}
+
+  repl = parallel.replicated(mesh)
+  abstract_opt = jax.eval_shape(init_opt, abstract_variables)
+  model_shardings = jax.tree.map(lambda _: repl, abstract_variables)
+  opt_shardings = jax.tree.map(lambda _: repl, abstract_opt)
+  init_variables_jit = jax.jit(init_variables, out_shardings=model_shardings)
+  init_opt_jit = jax.jit(init_opt, out_shardings=opt_shardings)
+
+  def fresh():
+    variables = init_variables_jit(jax.random.key(config.seed))
+    return variables, init_opt_jit(variables)
+
+  # ---------------------------------------------------------------- Starting point.
+  checkpointer = checkpointing.Checkpointer(workdir, keep_last=config.keep_checkpoints,
+                                            keep_every=config.keep_checkpoint_every_steps)
+  with_sharding = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  variables, opt, data_state, origin = checkpointing.restore_or_initialize(
+      checkpointer, init_fn=fresh,
+      abstract_model=with_sharding(abstract_variables, model_shardings),
+      abstract_opt=with_sharding(abstract_opt, opt_shardings),
+      init_from=config.init_from,
+      init_keys=('encoder', 'head') if config.init_head else ('encoder',),
+      model_sharding=repl, finalize_opt=init_opt_jit)
+  start_step = int(opt['step'])
+  logging.info('Start at step %d: %s', start_step, origin)
+
+  # ---------------------------------------------------------------- Steps.
+  augment_views = augment_fn(config)
+  state_shardings = {'model': model_shardings, 'opt': opt_shardings}
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(
+      contrastive.make_train_step(model, tx, schedule, augment_views=augment_views,
+                      temperature=config.temperature,
+                      weight_decay=config.optimizer.weight_decay),
+      in_shardings=(state_shardings, batch_sharding, repl),
+      out_shardings=(state_shardings, repl), donate_argnums=0)
+  pairs_step, images_step = contrastive.make_eval_steps(model, augment_views=augment_views,
+                                            temperature=config.temperature)
+  pairs_step = jax.jit(pairs_step, in_shardings=(model_shardings, batch_sharding, repl),
+                       out_shardings=repl)
+  images_step = jax.jit(images_step, in_shardings=(model_shardings, batch_sharding),
+                        out_shardings=repl)
+  to_device = functools.partial(parallel.to_global, mesh=mesh)
+
+  eval_source = None
+  if config.data.eval_split:
+    eval_source = sources.open_split(config.dataset, config.data.eval_split, data_dir)
+    eval_groups = (sources.case_index(config.dataset, config.data.eval_split, data_dir)
+                   if config.micle else [np.array([i]) for i in range(len(eval_source))])
+
+  def evaluate(variables) -> dict[str, float]:
+    """Contrastive metrics on `eval_split` pairs and, with the probe, its top-1."""
+    if eval_source is None:
+      return {}
+    results = {}
+    name = f'{config.dataset}/{config.data.eval_split}'
+    pairs = pipeline.eval_pair_dataset(
+        eval_source, eval_groups, spec, global_batch=config.batch_size, host_index=host,
+        host_count=hosts, seed=_EVAL_SEED, num_workers=config.data.num_workers, name=name)
+    if pairs is None:
+      logging.warning('%s has fewer units than one batch of %d: no contrastive evaluation',
+                      name, config.batch_size)
+    else:
+      sums, n = {}, 0
+      for i, (batch, _) in enumerate(pipeline.device_prefetch(iter(pairs), to_device)):
+        if config.eval_batches and i >= config.eval_batches:
+          break
+        m = pairs_step(variables, batch, jax.random.key(_EVAL_SEED + i))
+        sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
+        n += 1
+      results.update({k: v / n for k, v in sums.items()})
+    if label_key:
+      images = pipeline.eval_image_dataset(
+          eval_source, spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
+          num_workers=config.data.num_workers, name=name)
+      correct = count = 0.0
+      for batch, _ in pipeline.device_prefetch(iter(images), to_device):
+        m = images_step(variables, batch)
+        correct, count = correct + float(m['correct']), count + float(m['count'])
+      results['probe_top1'] = correct / max(count, 1.0)
+    return results
+
+  # ---------------------------------------------------------------- Loop.
+  writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
+                                    tensorboard=config.tensorboard)
+  train_data = pipeline.pair_dataset(
+      train_source, groups, spec, global_batch=config.batch_size, host_index=host,
+      host_count=hosts, seed=config.seed, num_workers=config.data.num_workers,
+      name=f'{config.dataset}/{config.data.train_split}')
+  train_iter = iter(train_data) if start_step < total_steps else iter(())
+  if data_state is not None and start_step < total_steps:
+    train_iter.set_state(json.loads(data_state))
+  state = {'model': variables, 'opt': opt}
+  rng = jax.random.key(config.seed + 1)
+  last_data_state = data_state
+  step = start_step
+  last_metrics: dict[str, float] = {}
+  images_per_step = 2 * config.batch_size
+
+  with _Preemption() as preemption:
+    batches = pipeline.device_prefetch(train_iter, to_device, size=config.data.prefetch_batches)
+    while step < total_steps:
+      batch, last_data_state = next(batches)
+      state, metrics = train_step(state, batch, rng)
+      step += 1
+      if step == start_step + 1:  # rates start after the compilation
+        jax.block_until_ready(metrics)
+        writer.start_clock(step)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        rates = writer.progress(step, scalars, images_per_step)
+        last_metrics = writer.write(step, 'train', {**scalars, **rates})
+      stop = preemption.requested or (hosts > 1 and checkpointer.reached_preemption(step))
+      if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
+        checkpointer.save(step, model=state['model'], opt=state['opt'],
+                          data_state=last_data_state, force=True)
+        writer.start_clock(step)
+      if stop:
+        checkpointer.close()
+        writer.close()
+        logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
+        raise Preempted(step)
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+        writer.write(step, config.data.eval_split, evaluate(state['model']))
+        writer.start_clock(step)
+    batches.close()
+
+  # ---------------------------------------------------------------- Final evaluation.
+  results_path = os.path.join(workdir, 'results.json')
+  previous = _read_json(results_path)
+  if previous and previous.get('step') == total_steps:
+    logging.info('Step %d reached and evaluated before: %s', total_steps, results_path)
+    checkpointer.close()
+    writer.close()
+    return previous
+  t0 = time.perf_counter()
+  eval_metrics = evaluate(state['model'])
+  writer.write(step, config.data.eval_split or 'eval', eval_metrics)
+  results = {'step': step, 'total_steps': total_steps, 'origin': origin,
+             'trainer': 'pretrain', 'dataset': config.dataset,
+             'train': last_metrics, config.data.eval_split or 'eval': eval_metrics,
+             'eval_seconds': time.perf_counter() - t0}
+  workdir_lib.write_json(results_path, results)
+  checkpointer.close()
+  writer.close()
+  return results
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM-triggered checkpoint; `main.py` exits with status 143."""
+
+  def __init__(self, step: int):
+    super().__init__(f'stopped by SIGTERM at step {step}; rerun to resume')
+    self.step = step
+
+
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (FileNotFoundError, ValueError):
+    return None

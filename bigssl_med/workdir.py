@@ -1,0 +1,107 @@
+"""The files a run writes in its workdir, besides checkpoints.
+
+- `config.json`: the resolved config;
+- `metrics.jsonl`: one JSON object per logged step and split (`step`, `split`, metrics);
+- TensorBoard events through clu's metric writer when TensorFlow is importable
+  (clu's writers import it); otherwise a one-line notice, and everything else works;
+- progress lines (steps/s, images/s, ETA) on the log;
+- `results.json`: the final evaluation.
+Only the primary host writes.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes JSON atomically (temp file + rename), on the primary host only."""
+  if jax.process_index() != 0:
+    return
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_to_builtin)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def _to_builtin(x):
+  if isinstance(x, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(x).tolist()
+  raise TypeError(f'not JSON serialisable: {type(x).__name__}')
+
+
+def _tensorboard_writer(workdir: str):
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logging.warning('TensorBoard events are off: clu\'s writer needs TensorFlow (%s); '
+                    'metrics.jsonl and progress lines are still written.', e)
+    return None
+  return metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+
+class MetricWriter:
+  """Appends to `metrics.jsonl`, writes TensorBoard scalars and prints progress lines."""
+
+  def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True):
+    self._primary = jax.process_index() == 0
+    self._total_steps = total_steps
+    self._jsonl = None
+    self._tb = None
+    if self._primary:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      if tensorboard:
+        self._tb = _tensorboard_writer(workdir)
+    self._last_time = None
+    self._last_step = None
+
+  def write(self, step: int, split: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Logs scalars of one step and split; returns them as Python floats."""
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    if self._primary:
+      self._jsonl.write(json.dumps({'step': int(step), 'split': split, **scalars}) + '\n')
+      self._jsonl.flush()
+      if self._tb is not None:
+        self._tb.write_scalars(int(step), {f'{split}/{k}': v for k, v in scalars.items()})
+    return scalars
+
+  def start_clock(self, step: int) -> None:
+    """(Re)starts the rate clock at `step`: after compilation, a checkpoint or an evaluation."""
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def progress(self, step: int, scalars: Mapping[str, float], images_per_step: int) -> dict[str, float]:
+    """Logs steps/s, images/s and ETA since the clock last started; returns the rates."""
+    if self._last_time is None or step <= self._last_step:
+      return {}
+    now = time.perf_counter()
+    steps_per_sec = (step - self._last_step) / (now - self._last_time)
+    rates = {'steps_per_sec': steps_per_sec, 'images_per_sec': steps_per_sec * images_per_step}
+    eta = (self._total_steps - step) / steps_per_sec
+    shown = ', '.join(f'{k} {v:.4g}' for k, v in scalars.items() if math.isfinite(v))
+    logging.info('step %d/%d (%.1f%%), %.2f steps/s, %.1f images/s, ETA %s; %s', step,
+                 self._total_steps, 100.0 * step / max(1, self._total_steps), steps_per_sec,
+                 rates['images_per_sec'], _duration(eta), shown)
+    self._last_time, self._last_step = now, step
+    return rates
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.flush()
+      self._tb.close()
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'

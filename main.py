@@ -1,0 +1,65 @@
+"""Runs one stage of training: `python main.py --config=configs/NAME.py --workdir=DIR`.
+
+Parses flags, starts multi-host JAX when several hosts run, and hands the config to
+the trainer that `config.trainer` names. A workdir that holds a checkpoint resumes.
+Bad input (a data set, a config key, a checkpoint) ends with a one-line error and
+exit status 2; a SIGTERM saves a checkpoint and exits with status 143.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (configs/NAME.py[:arg]); override keys with --config.KEY=VALUE.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', '', 'host:port of process 0, for multi-host runs outside TPU VMs, '
+    'SLURM or MPI (where it is detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Number of processes (hosts).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process\'s index.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Keeps INFO lines of this project; libraries (orbax, TFDS, ...) show warnings only."""
+
+  def filter(self, record):
+    return (record.levelno >= std_logging.WARNING or 'bigssl_med' in record.pathname or
+            record.pathname.endswith('main.py'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+  if logging.get_verbosity() <= logging.INFO:  # --verbosity=1 shows every library's INFO
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Imported here so that `--help` and flag errors are fast.
+  from bigssl_med import parallel  # pylint: disable=g-import-not-at-top
+  from bigssl_med import trainers  # pylint: disable=g-import-not-at-top
+  from bigssl_med.errors import UserError  # pylint: disable=g-import-not-at-top
+  from bigssl_med.trainers.pretrain import Preempted  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if config.get('trainer') not in trainers.TRAINERS:
+      raise UserError(f'config.trainer={config.get("trainer")!r} is not one of '
+                      f'{sorted(trainers.TRAINERS)}')
+    results = trainers.TRAINERS[config.trainer](config, _WORKDIR.value)
+  except Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(143)
+  except UserError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  logging.info('Results: %s', results)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,194 @@
+"""The grain input pipeline: MICLe invariants, determinism, host shards, resume."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bigssl_med.data import pipeline
+from bigssl_med.errors import ConfigError, DataError
+
+
+def _png(value: int, size=(12, 10)) -> bytes:
+  """A constant-colour PNG whose R, G channels encode `value` (lossless)."""
+  pixels = np.zeros((size[1], size[0], 3), np.uint8)
+  pixels[..., 0], pixels[..., 1] = value // 256, value % 256
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+def _record_of(view: np.ndarray) -> int:
+  """Decodes the record index from a (constant) view."""
+  r, g = int(view[..., 0].mean().round()), int(view[..., 1].mean().round())
+  return r * 256 + g
+
+
+def _source_and_groups(case_sizes):
+  """Records numbered 0..N-1 grouped into cases of the given sizes; label = case % 3."""
+  source, groups, r = [], [], 0
+  for case, n in enumerate(case_sizes):
+    groups.append(np.arange(r, r + n))
+    for _ in range(n):
+      source.append({'image': _png(r), 'label': case % 3, 'image_id': f'img{r}'.encode()})
+      r += 1
+  return source, groups
+
+
+SPEC = pipeline.ViewSpec(image_size=8, crop_area_min=0.08, label_key='label')
+CASE_SIZES = [1, 2, 3, 1, 4, 2, 1, 2, 5, 1, 2, 3, 1, 1, 2, 2, 3, 1, 2, 1]  # 20 cases
+
+
+def _batches(ds, n):
+  it = iter(ds)
+  return [next(it) for _ in range(n)]
+
+
+def test_micle_batches_hold_each_case_once_and_pair_distinct_images():
+  source, groups = _source_and_groups(CASE_SIZES)
+  case_of = {int(r): c for c, g in enumerate(groups) for r in g}
+  ds = pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0, host_count=1,
+                             seed=0, num_workers=0)
+  seen_cases = set()
+  for batch in _batches(ds, 10):  # 10 steps > 2 epochs of 20 // 8 = 2 steps
+    assert batch['views'].shape == (8, 2, 8, 8, 3) and batch['views'].dtype == np.uint8
+    records = [(_record_of(v[0]), _record_of(v[1])) for v in batch['views']]
+    cases = [case_of[a] for a, _ in records]
+    assert len(set(cases)) == 8, 'a case appears twice in one global batch'
+    for (a, b), case in zip(records, cases):
+      assert case_of[b] == case
+      if len(groups[case]) >= 2:
+        assert a != b, 'a case with several images must pair two different images'
+      else:
+        assert a == b
+    np.testing.assert_array_equal(batch['label'], [c % 3 for c in cases])
+    seen_cases.update(cases)
+  assert len(seen_cases) == 20
+
+
+def test_each_epoch_is_a_new_permutation_without_repeats():
+  source, groups = _source_and_groups(CASE_SIZES)
+  case_of = {int(r): c for c, g in enumerate(groups) for r in g}
+  ds = pipeline.pair_dataset(source, groups, SPEC, global_batch=5, host_index=0, host_count=1,
+                             seed=3, num_workers=0)
+  epochs = []
+  for e in range(2):
+    cases = [case_of[_record_of(v[0])] for b in _batches_slice(ds, 4 * e, 4) for v in b['views']]
+    assert sorted(cases) == list(range(20))  # 4 steps x 5 = one full epoch, no repeats
+    epochs.append(cases)
+  assert epochs[0] != epochs[1]
+
+
+def _batches_slice(ds, start, n):
+  it = iter(ds)
+  for _ in range(start):
+    next(it)
+  return [next(it) for _ in range(n)]
+
+
+def test_deterministic_for_a_seed_and_independent_of_workers():
+  source, groups = _source_and_groups(CASE_SIZES)
+  kw = dict(global_batch=8, host_index=0, host_count=1)
+  a = _batches(pipeline.pair_dataset(source, groups, SPEC, seed=1, num_workers=0, **kw), 3)
+  b = _batches(pipeline.pair_dataset(source, groups, SPEC, seed=1, num_workers=2, **kw), 3)
+  c = _batches(pipeline.pair_dataset(source, groups, SPEC, seed=2, num_workers=0, **kw), 3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x['views'], y['views'])
+  assert any(not np.array_equal(x['views'], z['views']) for x, z in zip(a, c))
+
+
+def test_hosts_read_disjoint_slices_of_the_same_global_batch():
+  source, groups = _source_and_groups(CASE_SIZES)
+  whole = _batches(pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                         host_count=1, seed=0, num_workers=0), 3)
+  parts = [_batches(pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=h,
+                                          host_count=2, seed=0, num_workers=0), 3)
+           for h in range(2)]
+  for step in range(3):
+    joined = np.concatenate([parts[0][step]['views'], parts[1][step]['views']])
+    np.testing.assert_array_equal(joined, whole[step]['views'])
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_resumed_iterator_continues_exactly(num_workers):
+  source, groups = _source_and_groups(CASE_SIZES)
+  make = lambda: pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                       host_count=1, seed=0, num_workers=num_workers)
+  uninterrupted = _batches(make(), 6)
+  it = iter(make())
+  for _ in range(4):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # as saved in a checkpoint
+  resumed = iter(make())
+  resumed.set_state(state)
+  for want in uninterrupted[4:]:
+    np.testing.assert_array_equal(next(resumed)['views'], want['views'])
+
+
+def test_device_prefetch_reports_the_state_after_each_batch():
+  source, groups = _source_and_groups(CASE_SIZES)
+  make = lambda: pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                       host_count=1, seed=0, num_workers=0)
+  reference = iter(make())
+  states = []
+  for _ in range(3):
+    next(reference)
+    states.append(json.dumps(reference.get_state()).encode())
+  prefetched = pipeline.device_prefetch(iter(make()), lambda b: b, size=2)
+  for want in states:
+    _, state = next(prefetched)
+    assert state == want
+  prefetched.close()
+
+
+def test_eval_images_cover_every_record_once_with_padding_masked():
+  source, _ = _source_and_groups([1] * 13)
+  seen = []
+  for host in range(2):
+    ds = pipeline.eval_image_dataset(source, SPEC, global_batch=8, host_index=host, host_count=2)
+    for batch in ds:
+      assert batch['image'].shape == (4, 8, 8, 3)
+      for image, mask in zip(batch['image'], batch['mask']):
+        if mask:
+          seen.append(_record_of(image))
+        else:
+          assert not image.any()
+  assert sorted(seen) == list(range(13))
+
+
+def test_eval_pairs_use_whole_batches_only():
+  source, groups = _source_and_groups(CASE_SIZES)
+  ds = pipeline.eval_pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                  host_count=1, seed=0)
+  assert len(list(ds)) == 2
+  assert pipeline.eval_pair_dataset(source, groups, SPEC, global_batch=32, host_index=0,
+                                    host_count=1, seed=0) is None
+
+
+def test_batch_larger_than_the_data_is_a_config_error():
+  source, groups = _source_and_groups(CASE_SIZES)
+  with pytest.raises(ConfigError, match='batch_size=32 is larger than the 20'):
+    pipeline.pair_dataset(source, groups, SPEC, global_batch=32, host_index=0, host_count=1,
+                          seed=0, num_workers=0)
+
+
+def test_an_image_that_fails_to_decode_names_the_record():
+  source, groups = _source_and_groups(CASE_SIZES)
+  source[5] = dict(source[5], image=b'\xff\xd8 not a jpeg')
+  ds = pipeline.pair_dataset(source, [np.array([i]) for i in range(len(source))], SPEC,
+                             global_batch=len(source), host_index=0, host_count=1, seed=0,
+                             num_workers=0, name='ham10000/train')
+  with pytest.raises(DataError, match=r'ham10000/train record 5 \(img5\)') as e:
+    next(iter(ds))
+  assert '\n' not in str(e.value)
+
+
+def test_missing_label_feature_is_named():
+  source, groups = _source_and_groups(CASE_SIZES)
+  spec = pipeline.ViewSpec(image_size=8, label_key='dx')
+  ds = pipeline.pair_dataset(source, groups, spec, global_batch=8, host_index=0, host_count=1,
+                             seed=0, num_workers=0, name='mydata/train')
+  with pytest.raises(DataError, match="mydata/train record .*: no feature 'dx'"):
+    next(iter(ds))

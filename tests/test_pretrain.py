@@ -1,0 +1,273 @@
+"""The pretrain trainer: sharded step equality, workdir contract, resume, init_from, errors."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bigssl_med import augment, config_schema, contrastive, models, optim, parallel
+from bigssl_med.errors import CheckpointError, ConfigError, DataError
+from bigssl_med.trainers import pretrain
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
+  c = config_schema.pretrain()
+  c.dataset = 'ham10000'
+  c.micle = True
+  c.data.data_dir = data_dir
+  c.data.build_if_missing = False
+  c.data.image_size = 16
+  c.data.num_workers = 0
+  c.model.depth = 18
+  c.model.width_multiplier = 0.125
+  c.model.cifar_stem = True
+  c.model.head_out_dim = 16
+  c.compute_dtype = 'float32'
+  c.batch_size = 16
+  c.total_steps = 4
+  c.num_epochs = 0.0
+  c.optimizer.warmup_epochs = 0.0
+  c.optimizer.warmup_steps = 1
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.tensorboard = False
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _params_at(workdir, step):
+  from bigssl_med import checkpointing  # pylint: disable=g-import-not-at-top
+  mesh = parallel.data_mesh()
+  return checkpointing.load_model_variables(os.path.join(workdir, 'checkpoints', str(step)),
+                                            parallel.replicated(mesh))
+
+
+@pytest.fixture(scope='module')
+def trained(small_ham10000, tmp_path_factory):
+  """A 4-step MICLe run on the generated data: (workdir, results, data_dir)."""
+  data_dir, _ = small_ham10000
+  workdir = os.fspath(tmp_path_factory.mktemp('run') / 'work')
+  results = pretrain.train_and_evaluate(tiny_config(data_dir), workdir)
+  return workdir, results, data_dir
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def _step_setup(mesh, probe=True):
+  cfg = ml_collections.ConfigDict(dict(depth=18, width_multiplier=0.125, sk_ratio=0.0,
+                                       cifar_stem=True, head_layers=3, head_hidden_dim=0,
+                                       head_out_dim=16))
+  model = models.contrastive_model(cfg, dtype=jnp.float32, probe_classes=3 if probe else 0)
+  schedule = optim.warmup_cosine(0.5, 10, 2)
+  variables = dict(model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False))
+  opt_cfg = ml_collections.ConfigDict(dict(name='lars', momentum=0.9, weight_decay=1e-6,
+                                           trust_coefficient=1e-3))
+  tx = optim.build_optimizer(opt_cfg, schedule, variables['params'])
+  state = {'model': variables,
+           'opt': {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(variables['params'])}}
+  step = contrastive.make_train_step(model, tx, schedule, augment_views=augment.simclr_augment,
+                                     temperature=0.1, weight_decay=1e-6)
+  repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  jitted = jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+  return jax.device_put(state, repl), jitted, data
+
+
+def test_train_step_on_8_devices_equals_1_device():
+  assert jax.device_count() == 8
+  rng = np.random.default_rng(0)
+  batches = [{'views': rng.integers(0, 256, (16, 2, 16, 16, 3), dtype=np.uint8),
+              'label': rng.integers(0, 3, (16,)).astype(np.int32)} for _ in range(2)]
+  outputs = {}
+  for n in (1, 8):
+    mesh = parallel.data_mesh(jax.devices()[:n])
+    state, step, data = _step_setup(mesh)
+    losses = []
+    for b in batches:
+      state, metrics = step(state, jax.device_put(b, data), jax.random.key(7))
+      losses.append(float(metrics['loss']))
+    assert len(jax.tree.leaves(state)[0].sharding.device_set) == n
+    outputs[n] = (losses, jax.device_get(state['model']))
+  np.testing.assert_allclose(outputs[8][0], outputs[1][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(outputs[8][1]), jax.tree.leaves(outputs[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a run
+
+
+def test_run_writes_the_workdir_contract(trained):
+  workdir, results, _ = trained
+  assert results['step'] == 4 and results['origin'] == 'initialised from scratch'
+  assert set(results['validation']) >= {'contrastive_loss', 'contrastive_accuracy', 'probe_top1'}
+  with open(os.path.join(workdir, 'results.json')) as f:
+    assert json.load(f)['step'] == 4
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['micle'] is True
+  train = [m for m in _read_metrics(workdir) if m['split'] == 'train']
+  assert [m['step'] for m in train] == [1, 2, 3, 4]
+  for key in ('loss', 'contrastive_loss', 'contrastive_accuracy', 'learning_rate',
+              'probe_accuracy'):
+    assert all(np.isfinite(m[key]) for m in train), key
+  assert all('images_per_sec' in m for m in train[1:])
+  assert train[0]['learning_rate'] == 0.0  # linear warm-up from 0 (step 0's rate)
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['2', '4']
+
+
+def test_second_run_resumes_and_does_not_retrain(trained):
+  workdir, results, data_dir = trained
+  before = _read_metrics(workdir)
+  again = pretrain.train_and_evaluate(tiny_config(data_dir), workdir)
+  assert again == results
+  assert _read_metrics(workdir) == before
+
+
+def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(trained, tmp_path):
+  workdir, _, data_dir = trained
+  resumed = os.fspath(tmp_path / 'resumed')
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '2'),
+                  os.path.join(resumed, 'checkpoints', '2'))
+  pretrain.train_and_evaluate(tiny_config(data_dir), resumed)
+  want = {m['step']: m for m in _read_metrics(workdir) if m['split'] == 'train'}
+  for m in _read_metrics(resumed):
+    if m['split'] == 'train':
+      assert m['step'] in (3, 4)
+      np.testing.assert_allclose(m['loss'], want[m['step']]['loss'], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(_params_at(workdir, 4)), jax.tree.leaves(_params_at(resumed, 4))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('init_head', [True, False])
+def test_init_from_loads_the_encoder_and_optionally_the_head(trained, tmp_path, init_head):
+  source, _, data_dir = trained
+  cfg = tiny_config(data_dir, init_from=source, init_head=init_head, total_steps=1)
+  cfg.optimizer.learning_rate = 0.0  # the weights stay as loaded
+  results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'cont'))
+  assert results['origin'] == 'initialised ' + ('encoder+head' if init_head else 'encoder') + \
+      f' from {source}'
+  src, new = _params_at(source, 4), _params_at(os.fspath(tmp_path / 'cont'), 1)
+  for a, b in zip(jax.tree.leaves(src['params']['encoder']), jax.tree.leaves(new['params']['encoder'])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  same_head = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+      jax.tree.leaves(src['params']['head']), jax.tree.leaves(new['params']['head'])))
+  assert same_head == init_head
+
+
+def test_init_from_another_architecture_is_a_one_line_error(trained, tmp_path):
+  source, _, data_dir = trained
+  cfg = tiny_config(data_dir, init_from=source)
+  cfg.model.width_multiplier = 0.25
+  with pytest.raises(CheckpointError, match='has shape .* expects .*another architecture') as e:
+    pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'x'))
+  assert '\n' not in str(e.value)
+  with pytest.raises(CheckpointError, match='no such file'):
+    pretrain.train_and_evaluate(tiny_config(data_dir, init_from='/no/such/run'),
+                                os.fspath(tmp_path / 'y'))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_batch_not_divisible_by_the_devices(small_ham10000, tmp_path):
+  with pytest.raises(ConfigError, match='batch_size=12 is not a positive multiple of the 8'):
+    pretrain.train_and_evaluate(tiny_config(small_ham10000[0], batch_size=12), os.fspath(tmp_path))
+
+
+def test_missing_data_dir(tmp_path):
+  with pytest.raises(DataError, match='does not exist.*build_data ham10000'):
+    pretrain.train_and_evaluate(tiny_config(os.fspath(tmp_path / 'nodata')), os.fspath(tmp_path / 'w'))
+
+
+def test_data_set_is_built_from_manual_dir_when_missing(small_ham10000, tmp_path):
+  _, manual_dir = small_ham10000
+  cfg = tiny_config(os.fspath(tmp_path / 'fresh'), total_steps=1, probe=False)
+  cfg.data.build_if_missing = True
+  cfg.data.manual_dir = manual_dir
+  cfg.data.eval_split = ''
+  results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'w'))
+  assert results['step'] == 1
+  assert os.path.isdir(tmp_path / 'fresh' / 'ham10000' / '1.0.0')
+
+
+def test_config_with_an_unused_key_is_rejected_by_name(small_ham10000, tmp_path):
+  cfg = tiny_config(small_ham10000[0])
+  cfg.model.dropout = 0.1
+  with pytest.raises(ConfigError, match="'model.dropout' is not used by trainer 'pretrain'"):
+    pretrain.train_and_evaluate(cfg, os.fspath(tmp_path))
+  as_dict = tiny_config(small_ham10000[0]).to_dict()
+  as_dict['batch_size'] = 'big'  # a config file may build any ConfigDict
+  with pytest.raises(ConfigError, match="'batch_size' should be a int, got 'big'"):
+    config_schema.validate(ml_collections.ConfigDict(as_dict))
+
+
+def test_locked_config_rejects_an_unknown_key_on_the_command_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, 'main.py', '--config=configs/demo.py', f'--workdir={tmp_path}',
+       '--config.no_such_key=1'], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode != 0
+  assert 'no_such_key' in result.stderr
+
+
+def _config_file(tmp_path, data_dir, **overrides):
+  path = tmp_path / 'cfg.py'
+  items = ''.join(f'  c.{k} = {v!r}\n' for k, v in overrides.items())
+  path.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {os.fspath(REPO / "tests")!r})\n'
+      'from test_pretrain import tiny_config\n'
+      'def get_config():\n'
+      f'  c = tiny_config({data_dir!r})\n' + items + '  return c\n')
+  return path
+
+
+def test_main_prints_one_line_errors(small_ham10000, tmp_path):
+  cfg = _config_file(tmp_path, small_ham10000[0], batch_size=12)
+  result = subprocess.run([sys.executable, 'main.py', f'--config={cfg}', f'--workdir={tmp_path}/w'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      'error: config.batch_size=12 is not a positive multiple of the 8 devices in use')
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(small_ham10000, tmp_path):
+  cfg = _config_file(tmp_path, small_ham10000[0], total_steps=10_000, checkpoint_every_steps=10_000)
+  workdir = tmp_path / 'w'
+  proc = subprocess.Popen([sys.executable, 'main.py', f'--config={cfg}', f'--workdir={workdir}'],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143, err[-2000:]
+  steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
+  assert len(steps) == 1 and 2 <= steps[0] < 10_000
+  cfg2 = _config_file(tmp_path, small_ham10000[0], total_steps=steps[0] + 1)
+  result = subprocess.run([sys.executable, 'main.py', f'--config={cfg2}', f'--workdir={workdir}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(workdir / 'results.json') as f:
+    assert json.load(f)['origin'].startswith('resumed from')
