@@ -29,6 +29,7 @@ setuptools.setup(
         'matplotlib>=3.8',
         'absl-py>=2.0',
         # TensorBoard events through clu's writer; imported lazily (see ARCHITECTURE.md).
+        'tensorboard>=2.16',
         'tensorflow-cpu>=2.16; platform_system == "Linux" and platform_machine == "x86_64"',
         'tensorflow>=2.16; platform_system != "Linux" or platform_machine != "x86_64"',
     ],

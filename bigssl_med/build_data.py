@@ -113,6 +113,11 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
   except DataError:
     if not build_if_missing:
       raise
+    if name not in tfds_builders.BUILDERS:
+      raise DataError(f'data set {name!r} is not built in {data_dir} and is not one of this '
+                      f'project\'s builders ({", ".join(sorted(tfds_builders.BUILDERS))}): build '
+                      'it with TFDS in the array_record format (tfds build NAME '
+                      '--file_format=array_record --data_dir=...)') from None
   if jax.process_index() == 0:
     logging.info('%s is not built in %s: building it from %s.', name, data_dir,
                  manual_dir or 'its public download')

@@ -101,6 +101,22 @@ def pretrain() -> ml_collections.ConfigDict:
   return c
 
 
+# Encoders by short name: depth, width multiplier, selective-kernel ratio.
+MODEL_VARIANTS = {
+    'r18': (18, 1.0, 0.0), 'r50': (50, 1.0, 0.0), 'r50x2': (50, 2.0, 0.0),
+    'r50x4': (50, 4.0, 0.0), 'r101': (101, 1.0, 0.0), 'r101x2': (101, 2.0, 0.0),
+    'r152x2': (152, 2.0, 0.0), 'r50sk': (50, 1.0, 0.0625), 'r152x3sk': (152, 3.0, 0.0625),
+}
+
+
+def set_model_variant(config: ml_collections.ConfigDict, variant: str) -> None:
+  """Sets config.model's depth, width and SK ratio from a name such as 'r152x3sk'."""
+  if variant not in MODEL_VARIANTS:
+    raise ConfigError(f'model variant {variant!r} is not one of {sorted(MODEL_VARIANTS)}')
+  config.model.depth, config.model.width_multiplier, config.model.sk_ratio = (
+      MODEL_VARIANTS[variant])
+
+
 _DEFAULTS = {'pretrain': pretrain}
 
 

@@ -29,12 +29,15 @@ def get_config():
   config.model.width_multiplier = 0.25
   config.model.head_out_dim = 64
   config.compute_dtype = 'float32'   # bfloat16 is slow on CPUs
+  config.augment.color_strength = 0.5  # SimCLR's strength for small images
   config.batch_size = 128
-  config.total_steps = 200
+  config.total_steps = 300
   config.num_epochs = 0.0
+  config.optimizer.learning_rate = 0.075  # SimCLR's small-batch rule: 0.075 x sqrt(B)
+  config.optimizer.lr_scaling = 'sqrt'
   config.optimizer.warmup_epochs = 0.0
-  config.optimizer.warmup_steps = 20
-  config.log_every_steps = 20
+  config.optimizer.warmup_steps = 30
+  config.log_every_steps = 25
   config.checkpoint_every_steps = 100
   config.temperature = 0.2
   return config

@@ -9,6 +9,14 @@ _FLAG = '--xla_force_host_platform_device_count=8'
 if _FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 
+import tempfile
+
+# Compiled programs are cached on disk and shared by the tests and their subprocesses:
+# the trainer tests compile the same steps many times.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'bigssl_med_test_jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
 import dataclasses
 from pathlib import Path
 import time

@@ -50,15 +50,16 @@ def test_width_multiplier_scales_the_stem_too():
 
 def test_last_bn_scale_of_each_block_is_zero_and_others_one():
   model = models.ResNet(depth=50, width_multiplier=0.25)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-  params = variables['params']
+  init = jax.jit(lambda r: model.init(r, jnp.zeros((1, 32, 32, 3)), train=False))
+  params = init(jax.random.key(0))['params']
   blocks = [k for k in params if k.startswith('group')]
   assert len(blocks) == 16
   for name in blocks:
     assert not np.any(params[name]['bn3']['bn']['scale'])
     assert np.all(params[name]['bn1']['bn']['scale'] == 1)
-  basic = models.ResNet(depth=18, width_multiplier=0.25).init(
-      jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)['params']
+  basic_model = models.ResNet(depth=18, width_multiplier=0.25)
+  basic = jax.jit(lambda r: basic_model.init(r, jnp.zeros((1, 32, 32, 3)), train=False))(
+      jax.random.key(0))['params']
   assert not np.any(basic['group2_block1']['bn2']['bn']['scale'])
 
 

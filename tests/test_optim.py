@@ -37,7 +37,7 @@ def _bn_and_bias_paths(model, x):
     for leaf in leaves:
       node = variables['params']
       for key in path:
-        node = node[key]
+        node = node.get(key, {})  # a BatchNorm without scale and offset has no params
       if leaf in node:
         excluded.add(tuple(path) + (leaf,))
   return variables['params'], excluded

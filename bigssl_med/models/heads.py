@@ -53,6 +53,11 @@ class ContrastiveModel(nn.Module):
   (SimCLR's `lineareval_while_pretraining`: it measures the representation during
   pretraining and never changes it). `probe_logits` is None otherwise.
   Parameters live under `encoder`, `head` and `probe`.
+
+  Unlike SimCLR, the probe's input is first standardised by a BatchNorm without
+  scale or offset (`probe_bn`): the probe is trained by plain momentum SGD at the
+  pretraining learning rate, which diverges on raw features whose squared norm is
+  large; standardised inputs keep it stable for any encoder width.
   """
   encoder: ResNet
   head: ProjectionHead
@@ -64,6 +69,8 @@ class ContrastiveModel(nn.Module):
     projections = self.head(features, train)[-1]
     logits = None
     if self.probe_classes:
-      logits = nn.Dense(self.probe_classes, kernel_init=dense_init, name='probe')(
-          jax.lax.stop_gradient(features))
+      inputs = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                            epsilon=BN_EPSILON, use_scale=False, use_bias=False,
+                            name='probe_bn')(jax.lax.stop_gradient(features))
+      logits = nn.Dense(self.probe_classes, kernel_init=dense_init, name='probe')(inputs)
     return features, projections, logits

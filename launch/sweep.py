@@ -1,0 +1,72 @@
+r"""Runs (or prints) one `main.py` per point of a grid of config overrides.
+
+  python launch/sweep.py --config=configs/micle_derm.py --root=/runs/derm \
+      --set seed=0,1,2 --set optimizer.learning_rate=0.3,1.0 [--dry_run] \
+      [--launcher=local|slurm|print] [-- EXTRA main.py FLAGS]
+
+Every combination gets its own workdir under --root, named after its overrides
+(`seed=1,optimizer.learning_rate=0.3`), so rerunning the sweep resumes each run
+where it stopped and skips finished ones (main.py resumes from the workdir).
+`--launcher=slurm` submits each run with `sbatch launch/slurm.sbatch`;
+`--launcher=print` only prints the commands (for another scheduler).
+"""
+
+import argparse
+import itertools
+import os
+import shlex
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def grid(settings):
+  """[('key', [v1, v2]), ...] -> list of [(key, value), ...] combinations."""
+  keys = [k for k, _ in settings]
+  return [list(zip(keys, values)) for values in itertools.product(*[v for _, v in settings])]
+
+
+def parse_set(text):
+  if '=' not in text:
+    raise argparse.ArgumentTypeError(f'--set needs KEY=V1,V2,..., got {text!r}')
+  key, values = text.split('=', 1)
+  return key.strip(), [v.strip() for v in values.split(',') if v.strip()]
+
+
+def commands(config, root, settings, extra):
+  for point in grid(settings):
+    name = ','.join(f'{k}={v}' for k, v in point) or 'default'
+    workdir = os.path.join(root, name)
+    cmd = [sys.executable, os.path.join(REPO, 'main.py'), f'--config={config}',
+           f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in point] + list(extra)
+    yield workdir, cmd
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--config', required=True)
+  p.add_argument('--root', required=True, help='one workdir per run is made under it')
+  p.add_argument('--set', type=parse_set, action='append', default=[], dest='settings',
+                 metavar='KEY=V1,V2', help='a config key and its values (repeatable)')
+  p.add_argument('--launcher', choices=['local', 'slurm', 'print'], default='local')
+  p.add_argument('--dry_run', action='store_true', help='same as --launcher=print')
+  args, extra = p.parse_known_args(argv)
+  extra = [e for e in extra if e != '--']
+  launcher = 'print' if args.dry_run else args.launcher
+  failed = 0
+  for workdir, cmd in commands(args.config, args.root, args.settings, extra):
+    line = ' '.join(shlex.quote(c) for c in cmd)
+    if launcher == 'print':
+      print(line)
+    elif launcher == 'slurm':
+      subprocess.run(['sbatch', f'--job-name={os.path.basename(workdir)[:60]}',
+                      os.path.join(REPO, 'launch', 'slurm.sbatch')] + cmd[1:], check=True)
+    else:
+      print(f'==> {line}', flush=True)
+      failed += subprocess.run(cmd).returncode != 0
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,18 @@
+#!/bin/bash
+# Runs main.py on every host of a Cloud TPU VM slice; JAX finds the other hosts itself.
+#
+#   launch/tpu_vm.sh TPU_NAME ZONE --config=configs/simclr_imagenet.py --workdir=gs://bucket/run
+#
+# The project must be checked out at the same path on every host (REPO_DIR, default
+# ~/bigssl_med) and installed there (pip install -e .). A workdir on a bucket or a
+# shared disk lets every host write its data-iterator state and lets runs resume.
+set -euo pipefail
+if [ $# -lt 3 ]; then
+  echo "usage: $0 TPU_NAME ZONE MAIN_PY_FLAGS..." >&2
+  exit 2
+fi
+tpu=$1; zone=$2; shift 2
+repo=${REPO_DIR:-'~/bigssl_med'}
+args=$(printf ' %q' "$@")
+gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all \
+  --command="cd $repo && python main.py$args"

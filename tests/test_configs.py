@@ -1,0 +1,58 @@
+"""Every config in configs/ loads, validates against its trainer, and keeps its promises."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from bigssl_med import config_schema
+from bigssl_med.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+
+
+def load(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)
+
+
+@pytest.mark.parametrize('name', sorted(p.stem for p in CONFIGS.glob('*.py')))
+def test_config_validates(name):
+  config = load(name)
+  config_schema.validate(config)
+  for key in ('trainer', 'dataset', 'batch_size', 'total_steps', 'num_epochs', 'seed',
+              'init_from', 'log_every_steps', 'checkpoint_every_steps'):
+    assert key in config, key
+
+
+def test_required_configs_exist():
+  names = {p.stem for p in CONFIGS.glob('*.py')}
+  assert {'simclr_imagenet', 'simclr_cxr', 'micle_cxr', 'micle_derm', 'demo'} <= names
+
+
+def test_imagenet_config_is_simclrs():
+  c = load('simclr_imagenet')
+  assert (c.model.depth, c.model.width_multiplier, c.batch_size, c.dataset) == (
+      50, 1.0, 4096, 'imagenet2012')
+  assert c.optimizer.name == 'lars' and c.optimizer.lr_scaling == 'linear'
+  assert c.optimizer.learning_rate == 0.3 and c.optimizer.weight_decay == 1e-6
+  assert c.optimizer.momentum == 0.9 and c.optimizer.trust_coefficient == 1e-3
+  assert c.temperature == 0.1 and c.model.head_layers == 3 and c.model.head_out_dim == 128
+
+
+def test_model_variants():
+  c = load('micle_derm', 'r152x3sk')
+  assert (c.model.depth, c.model.width_multiplier, c.model.sk_ratio) == (152, 3.0, 0.0625)
+  with pytest.raises(ConfigError, match='r7'):
+    load('micle_derm', 'r7')
+
+
+def test_medical_configs():
+  assert load('micle_derm').micle and load('micle_cxr').micle
+  assert not load('simclr_cxr').micle
+  cxr = load('micle_cxr')
+  assert not cxr.augment.hue and not cxr.augment.saturation and not cxr.probe
+  demo = load('demo')
+  assert demo.micle and demo.dataset == 'ham10000' and demo.data.manual_dir
