@@ -187,21 +187,9 @@ def test_direct_tfds_api(fake_ham10000, tmp_path):
 
 def test_build_and_read_without_tensorflow(fake_ham10000, tmp_path):
   script = textwrap.dedent('''
-      import importlib.abc, importlib.util, sys
-
-      def _is_tf(name):
-        return name == 'tensorflow' or name.startswith('tensorflow.')
-
-      class BlockTensorFlow(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-          if _is_tf(name):
-            raise ModuleNotFoundError(f'No module named {name!r}', name=name)
-          return None
-
-      _find_spec = importlib.util.find_spec
-      importlib.util.find_spec = lambda name, package=None: (
-          None if _is_tf(name) else _find_spec(name, package))
-      sys.meta_path.insert(0, BlockTensorFlow())
+      import sys
+      sys.path.insert(0, 'tests')
+      from no_tensorflow import is_tensorflow as _is_tf
 
       from bigssl_med import build_data
       from bigssl_med.data import sources

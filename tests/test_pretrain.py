@@ -293,3 +293,17 @@ def test_demo_config_runs_on_the_real_ham10000(ham10000_data_dir, tmp_path):
   lines = _read_metrics(workdir)
   assert pretrain.train_and_evaluate(cfg, workdir) == results  # resumes, does not retrain
   assert _read_metrics(workdir) == lines
+
+
+def test_training_works_without_tensorflow(small_ham10000, tmp_path):
+  cfg = _config_file(tmp_path, small_ham10000[0], total_steps=2, tensorboard=True)
+  workdir = tmp_path / 'w'
+  script = ('import sys, runpy; sys.path.insert(0, "tests"); import no_tensorflow; '
+            'sys.argv = sys.argv[1:]; runpy.run_path("main.py", run_name="__main__")')
+  result = subprocess.run([sys.executable, '-c', script, 'main.py', f'--config={cfg}',
+                           f'--workdir={workdir}'], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'TensorBoard events are off' in result.stderr
+  assert (workdir / 'results.json').exists() and (workdir / 'metrics.jsonl').exists()
+  assert not (workdir / 'tensorboard').exists()

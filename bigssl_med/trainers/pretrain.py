@@ -281,7 +281,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return previous
   t0 = time.perf_counter()
   eval_metrics = evaluate(state['model'])
-  writer.write(step, config.data.eval_split or 'eval', eval_metrics)
+  if eval_metrics:
+    writer.write(step, config.data.eval_split, eval_metrics)
   results = {'step': step, 'total_steps': total_steps, 'origin': origin,
              'trainer': 'pretrain', 'dataset': config.dataset,
              'train': last_metrics, config.data.eval_split or 'eval': eval_metrics,

@@ -36,7 +36,7 @@ import io
 import math
 import os
 import re
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from absl import logging
 import numpy as np
