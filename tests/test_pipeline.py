@@ -192,3 +192,12 @@ def test_missing_label_feature_is_named():
                              seed=0, num_workers=0, name='mydata/train')
   with pytest.raises(DataError, match="mydata/train record .*: no feature 'dx'"):
     next(iter(ds))
+
+
+def test_simclr_units_are_records_and_pairs_are_two_crops_of_one_image():
+  source, _ = _source_and_groups([1] * 12)
+  ds = pipeline.pair_dataset(source, None, SPEC, global_batch=6, host_index=0, host_count=1,
+                             seed=0, num_workers=0)
+  records = [(_record_of(v[0]), _record_of(v[1])) for b in _batches(ds, 2) for v in b['views']]
+  assert all(a == b for a, b in records)
+  assert sorted(a for a, _ in records) == list(range(12))  # one epoch, each image once

@@ -103,7 +103,7 @@ class _PairPositions(grain.MapDataset):
 class _LoadPair(grain.transforms.Map):
   """`(unit, position)` -> `{'views': uint8 [2, S, S, C], 'label'?}`."""
 
-  def __init__(self, source, groups: Sequence[np.ndarray], spec: ViewSpec, seed: int,
+  def __init__(self, source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, seed: int,
                name: str):
     self._source = source
     self._groups = groups
@@ -114,7 +114,7 @@ class _LoadPair(grain.transforms.Map):
   def map(self, element):
     unit, position = element
     rng = np.random.default_rng([self._seed, 1, position])
-    records = self._groups[unit]
+    records = self._groups[unit] if self._groups is not None else (unit,)
     if len(records) >= 2:
       first, second = (int(r) for r in rng.choice(records, size=2, replace=False))
     else:
@@ -135,23 +135,28 @@ class _LoadPair(grain.transforms.Map):
     return host_ops.random_flip(rng, view)
 
 
-def pair_dataset(source, groups: Sequence[np.ndarray], spec: ViewSpec, *, global_batch: int,
+def _num_units(source, groups) -> int:
+  return len(source) if groups is None else len(groups)
+
+
+def pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
+                 global_batch: int,
                  host_index: int, host_count: int, seed: int, num_workers: int,
                  name: str = 'data') -> grain.IterDataset:
   """Endless batches `{'views': uint8 [b, 2, S, S, C], 'label'?: int32 [b]}` for this host.
 
   Args:
     source: random-access records with encoded `image` bytes (a TFDS data source).
-    groups: record indices per unit: one record per unit for SimCLR, the records
-      of each case for MICLe.
+    groups: record indices per unit, the records of each case (MICLe); None makes
+      every record its own unit (SimCLR).
     spec: crop size, crop area and label feature.
     global_batch, host_index, host_count: the global batch and this host's share.
     seed: the stream's seed.
     num_workers: grain worker processes decoding in parallel (0: this process).
     name: data set and split, for error messages.
   """
-  positions = _PairPositions(len(groups), global_batch=global_batch, host_index=host_index,
-                             host_count=host_count, seed=seed)
+  positions = _PairPositions(_num_units(source, groups), global_batch=global_batch,
+                             host_index=host_index, host_count=host_count, seed=seed)
   ds = positions.map(_LoadPair(source, groups, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
   return _parallel(ds, num_workers)
@@ -217,18 +222,19 @@ def eval_image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index:
   return _parallel(ds, num_workers)
 
 
-def eval_pair_dataset(source, groups: Sequence[np.ndarray], spec: ViewSpec, *, global_batch: int,
-                      host_index: int, host_count: int, seed: int, num_workers: int = 0,
-                      name: str = 'data') -> grain.IterDataset | None:
+def eval_pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
+                      global_batch: int, host_index: int, host_count: int, seed: int,
+                      num_workers: int = 0, name: str = 'data') -> grain.IterDataset | None:
   """One epoch of pairs in a fixed order (deterministic crops) for contrastive metrics.
 
   Only whole global batches are used, so the metrics are comparable with training;
   None when the split has fewer units than one global batch.
   """
-  if len(groups) < global_batch:
+  num_units = _num_units(source, groups)
+  if num_units < global_batch:
     return None
-  steps = len(groups) // global_batch
-  positions = _PairPositions(len(groups), global_batch=global_batch, host_index=host_index,
+  steps = num_units // global_batch
+  positions = _PairPositions(num_units, global_batch=global_batch, host_index=host_index,
                              host_count=host_count, seed=seed)
   ds = positions.slice(slice(0, steps * (global_batch // host_count)))
   ds = ds.map(_LoadPair(source, groups, spec, seed, name))

@@ -20,7 +20,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from bigssl_med import augment
 from bigssl_med import build_data
@@ -93,13 +92,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Input.
   data_dir = build_data.ensure_built(config.dataset, data_dir=config.data.data_dir,
-                                  manual_dir=config.data.manual_dir,
-                                  build_if_missing=config.data.build_if_missing)
+                                     manual_dir=config.data.manual_dir,
+                                     build_if_missing=config.data.build_if_missing)
   train_source = sources.open_split(config.dataset, config.data.train_split, data_dir)
-  if config.micle:
-    groups = sources.case_index(config.dataset, config.data.train_split, data_dir)
-  else:
-    groups = [np.array([i]) for i in range(len(train_source))]
+  # MICLe draws cases (groups of records); SimCLR draws records (groups=None).
+  groups = (sources.case_index(config.dataset, config.data.train_split, data_dir)
+            if config.micle else None)
+  num_units = len(groups) if config.micle else len(train_source)
   info = sources.dataset_info(config.dataset, data_dir)
   label_key = config.data.label_key if config.probe else ''
   num_classes = 0
@@ -110,9 +109,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f'class-label feature {label_key!r} (config.data.label_key)')
     num_classes = feature.num_classes
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key)
-  steps_per_epoch = len(groups) // config.batch_size
+  steps_per_epoch = num_units // config.batch_size
   if steps_per_epoch == 0:
-    raise ConfigError(f'config.batch_size={config.batch_size} is larger than the {len(groups)} '
+    raise ConfigError(f'config.batch_size={config.batch_size} is larger than the {num_units} '
                       f'{"cases" if config.micle else "images"} of {config.dataset}/'
                       f'{config.data.train_split}')
   total_steps = optim.resolve_steps(steps=config.total_steps, epochs=config.num_epochs,
@@ -124,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      what='optimizer.warmup_steps/warmup_epochs', allow_zero=True)
   warmup_steps = min(warmup_steps, total_steps)
   logging.info('%s/%s: %d %s, %d steps per epoch, %d steps (%d warm-up)', config.dataset,
-               config.data.train_split, len(groups), 'cases' if config.micle else 'images',
+               config.data.train_split, num_units, 'cases' if config.micle else 'images',
                steps_per_epoch, total_steps, warmup_steps)
 
   # ---------------------------------------------------------------- Model and optimiser.
@@ -176,12 +175,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = jax.jit(
       contrastive.make_train_step(model, tx, schedule, augment_views=augment_views,
-                      temperature=config.temperature,
-                      weight_decay=config.optimizer.weight_decay),
+                                  temperature=config.temperature,
+                                  weight_decay=config.optimizer.weight_decay),
       in_shardings=(state_shardings, batch_sharding, repl),
       out_shardings=(state_shardings, repl), donate_argnums=0)
   pairs_step, images_step = contrastive.make_eval_steps(model, augment_views=augment_views,
-                                            temperature=config.temperature)
+                                                        temperature=config.temperature)
   pairs_step = jax.jit(pairs_step, in_shardings=(model_shardings, batch_sharding, repl),
                        out_shardings=repl)
   images_step = jax.jit(images_step, in_shardings=(model_shardings, batch_sharding),
@@ -192,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.data.eval_split:
     eval_source = sources.open_split(config.dataset, config.data.eval_split, data_dir)
     eval_groups = (sources.case_index(config.dataset, config.data.eval_split, data_dir)
-                   if config.micle else [np.array([i]) for i in range(len(eval_source))])
+                   if config.micle else None)
 
   def evaluate(variables) -> dict[str, float]:
     """Contrastive metrics on `eval_split` pairs and, with the probe, its top-1."""
