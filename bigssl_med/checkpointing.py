@@ -97,9 +97,6 @@ class Checkpointer:
     """Whether JAX's multi-host preemption notice asks every host to save at `step`."""
     return self._manager.reached_preemption(step)
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

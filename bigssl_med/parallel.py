@@ -9,7 +9,7 @@ sharding type error.
 """
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -47,10 +47,6 @@ def to_global(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """Assembles each host's slice of a batch into global arrays sharded on `data`."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
-
-
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
 
 
 def _cluster_detected() -> bool:

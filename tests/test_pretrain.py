@@ -307,3 +307,14 @@ def test_training_works_without_tensorflow(small_ham10000, tmp_path):
   assert 'TensorBoard events are off' in result.stderr
   assert (workdir / 'results.json').exists() and (workdir / 'metrics.jsonl').exists()
   assert not (workdir / 'tensorboard').exists()
+
+
+def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_path):
+  workdir, _, data_dir = trained
+  copy = os.fspath(tmp_path / 'copy')
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '2'), os.path.join(copy, 'checkpoints', '2'))
+  cfg = tiny_config(data_dir)
+  cfg.model.width_multiplier = 0.25
+  with pytest.raises(CheckpointError, match='does not match this run') as e:
+    pretrain.train_and_evaluate(cfg, copy)
+  assert '\n' not in str(e.value)
