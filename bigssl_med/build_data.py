@@ -2,12 +2,18 @@ r"""Builds one of the project's TFDS data sets through TFDS's Python API.
 
 Usage:
 
-  python -m bigssl_med.build_data NAME --manual_dir=DIR --data_dir=DIR [--overwrite]
+  python -m bigssl_med.build_data NAME[/CONFIG] --manual_dir=DIR --data_dir=DIR \
+      [--max_side=N] [--skip_bad_images] [--overwrite]
 
-NAME is a key of `tfds_builders.BUILDERS` (e.g. `ham10000`). Without --manual_dir,
-a builder that can download its data does so. The data set is written under
-`DATA_DIR/NAME/VERSION/` (array_record files), together with `case_index.json`
-(see `bigssl_med.data.sources`). Neither TensorFlow nor apache-beam is needed.
+NAME is a key of `tfds_builders.BUILDERS` (e.g. `ham10000`); CONFIG one of its
+builder configs: `original` or `side<N>` (the longest side images are stored at;
+`--max_side=N` picks `side<N>`) for the builders of files, `<subset>_<size>` for
+`medmnist` (e.g. `medmnist/pneumoniamnist_28`), and for `image_cases` any name
+the user gives the collection. Without --manual_dir, a builder
+that can download its data does so. The data set is written under
+`DATA_DIR/NAME/CONFIG/VERSION/` (array_record files), together with
+`case_index.json` (see `bigssl_med.data.sources`). Neither TensorFlow nor
+apache-beam is needed.
 
 A build is staged in a temporary directory inside DATA_DIR and moved into place only
 once complete, so a failed build (or a failed --overwrite rebuild) never touches an
@@ -34,53 +40,65 @@ import tfds_builders
 
 
 def build(name: str, *, data_dir: str, manual_dir: str | None = None,
-          overwrite: bool = False) -> str:
+          overwrite: bool = False, max_side: int | None = None,
+          skip_bad_images: bool = False) -> str:
   """Builds data set `name` into `data_dir` unless it is already built.
 
   Args:
-    name: a key of `tfds_builders.BUILDERS`.
+    name: `NAME` or `NAME/CONFIG`, NAME a key of `tfds_builders.BUILDERS`
+      (e.g. `chexpert/side320`; without CONFIG the builder's default config, or
+      `side<max_side>` when `max_side` is given).
     data_dir: the TFDS data dir (created if missing).
     manual_dir: directory with the raw files as their owners publish them; None
       lets the builder download them where it can.
     overwrite: rebuild even when a complete build exists; the earlier build is
       replaced only after the new one has been built completely.
+    max_side: store images with this longest side (antialiased downscaling).
+    skip_bad_images: skip, count and list (in the data set's `metadata.json`)
+      images that are missing or cannot be decoded instead of failing.
 
   Returns:
-    The built data set's version directory, `data_dir/name/VERSION`.
+    The built data set's version directory, `data_dir/NAME/CONFIG/VERSION`.
 
   Raises:
-    DataError: unknown name, bad manual_dir, or bad raw data (one line).
+    DataError: unknown name or config, bad manual_dir, or bad raw data (one line).
   """
-  builder_cls = tfds_builders.BUILDERS.get(name)
+  base, config_name = sources.split_name(name)
+  builder_cls = tfds_builders.BUILDERS.get(base)
   if builder_cls is None:
-    raise DataError(f'unknown data set {name!r}; known: '
+    raise DataError(f'unknown data set {base!r}; known: '
                     f'{", ".join(sorted(tfds_builders.BUILDERS))}')
   data_dir = os.path.abspath(os.fspath(data_dir))
   if manual_dir:  # None or '' (an unset config value): download if possible.
     manual_dir = _check_manual_dir(os.path.abspath(os.fspath(manual_dir)))
   else:
     manual_dir = None
-  version_dir = os.path.join(data_dir, name, str(builder_cls.VERSION))
+  config = builder_cls.make_config(config_name, max_side=max_side,
+                                   manual_dir=manual_dir)
+  full_name = f'{base}/{config.name}'
+  version_dir = sources.version_dir_of(full_name, data_dir)
   if sources.is_complete_build(version_dir) and not overwrite:
     if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
       sources.write_case_index(version_dir)
-    logging.info('%s is already built in %s (pass overwrite to rebuild).', name,
-                 version_dir)
+    logging.info('%s is already built in %s (pass overwrite to rebuild).',
+                 full_name, version_dir)
     return version_dir
 
   os.makedirs(data_dir, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.build-{name}-', dir=data_dir)
+  staging = tempfile.mkdtemp(prefix=f'.build-{base}-', dir=data_dir)
   try:
-    builder = builder_cls(data_dir=staging, file_format='array_record')
+    builder = builder_cls(data_dir=staging, config=config,
+                          file_format='array_record',
+                          skip_bad_images=skip_bad_images)
     builder.download_and_prepare(
         download_dir=os.path.join(data_dir, 'downloads'),
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    built_dir = os.path.join(staging, name, str(builder_cls.VERSION))
+    built_dir = os.fspath(builder.data_dir)
     sources.write_case_index(built_dir)
     _move_into_place(built_dir, version_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  logging.info('Built %s in %s', name, version_dir)
+  logging.info('Built %s in %s', full_name, version_dir)
   return version_dir
 
 
@@ -113,7 +131,7 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
   except DataError:
     if not build_if_missing:
       raise
-    if name not in tfds_builders.BUILDERS:
+    if sources.split_name(name)[0] not in tfds_builders.BUILDERS:
       raise DataError(f'data set {name!r} is not built in {data_dir} and is not one of this '
                       f'project\'s builders ({", ".join(sorted(tfds_builders.BUILDERS))}): build '
                       'it with TFDS in the array_record format (tfds build NAME '
@@ -134,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m bigssl_med.build_data',
       description='Build a bigssl_med TFDS data set (no TensorFlow needed).')
-  parser.add_argument('name', choices=sorted(tfds_builders.BUILDERS),
-                      help='data set to build')
+  parser.add_argument('name', help='data set to build: NAME or NAME/CONFIG, NAME one '
+                      f'of {", ".join(sorted(tfds_builders.BUILDERS))}')
   parser.add_argument('--manual_dir', default=None,
                       help='directory with the raw files; omit to download '
                            'where the builder supports it')
@@ -143,13 +161,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='TFDS data dir to write the data set into')
   parser.add_argument('--overwrite', action='store_true',
                       help='rebuild even if a complete build exists')
+  parser.add_argument('--max_side', type=int, default=None,
+                      help='store images with this longest side (antialiased '
+                           'downscaling; config side<N>)')
+  parser.add_argument('--skip_bad_images', action='store_true',
+                      help='skip missing or undecodable images (counted and '
+                           'listed in metadata.json) instead of failing')
   args = parser.parse_args(argv)
   std_logging.basicConfig(level=std_logging.INFO,
                           format='%(levelname)s %(message)s')
   logging.set_verbosity(logging.INFO)
   try:
     path = build(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                 overwrite=args.overwrite)
+                 overwrite=args.overwrite, max_side=args.max_side,
+                 skip_bad_images=args.skip_bad_images)
   except DataError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

@@ -51,8 +51,8 @@ def _assert_one_line_error(excinfo, *parts):
 
 
 def test_builders_dict_and_version():
-  assert tfds_builders.BUILDERS == {'ham10000': tfds_builders.Ham10000}
-  assert str(tfds_builders.Ham10000.VERSION) == '1.0.0'
+  assert tfds_builders.BUILDERS['ham10000'] is tfds_builders.Ham10000
+  assert str(tfds_builders.Ham10000.VERSION) == '1.1.0'
   assert tfds_builders.Ham10000.name == 'ham10000'
 
 
@@ -67,7 +67,7 @@ def test_split_rule_matches_docstring():
 def test_build_published_layout(fake_ham10000, tmp_path):
   data_dir = tmp_path / 'data'
   version_dir = _build(fake_ham10000, data_dir)
-  assert version_dir == os.fspath(data_dir / NAME / '1.0.0')
+  assert version_dir == os.fspath(data_dir / NAME / 'original' / '1.1.0')
   records = _records(data_dir)
   rows = {row['image_id']: row for row in fake_ham10000.rows}
 
@@ -143,7 +143,7 @@ def test_splits_are_lesion_disjoint_and_case_index_groups(fake_ham10000,
 
   with open(os.path.join(version_dir, sources.CASE_INDEX_FILE)) as f:
     index = json.load(f)
-  assert index['dataset'] == NAME and index['version'] == '1.0.0'
+  assert index['dataset'] == NAME and index['version'] == '1.1.0'
   expected = collections.defaultdict(set)
   for row in fake_ham10000.rows:
     expected[row['lesion_id']].add(row['image_id'])
@@ -218,7 +218,7 @@ def test_cli(fake_ham10000, tmp_path, capsys):
   argv = [NAME, f'--manual_dir={fake_ham10000.root}', f'--data_dir={data_dir}']
   assert build_data.main(argv) == 0
   out = capsys.readouterr().out.strip().splitlines()
-  assert out[-1] == os.fspath(data_dir / NAME / '1.0.0')  # After TFDS's lines.
+  assert out[-1] == os.fspath(data_dir / NAME / 'original' / '1.1.0')  # After TFDS's lines.
   assert build_data.main([NAME, '--manual_dir=/no/such/dir',
                           f'--data_dir={data_dir}']) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -242,7 +242,7 @@ def test_existing_build_is_kept_without_overwrite(fake_ham10000, tmp_path):
   data_dir = tmp_path / 'data'
   _build(fake_ham10000, data_dir)
   os.remove(fake_ham10000.metadata)  # Would fail a real rebuild.
-  assert _build(fake_ham10000, data_dir) == os.fspath(data_dir / NAME / '1.0.0')
+  assert _build(fake_ham10000, data_dir) == os.fspath(data_dir / NAME / 'original' / '1.1.0')
   assert sum(len(r) for r in _records(data_dir).values()) == 12
 
 
@@ -253,7 +253,7 @@ def test_overwrite_replaces_a_complete_build(fake_ham10000, tmp_path):
   fake_ham10000.metadata.write_text('\n'.join(lines[:-1]) + '\n')  # 11 rows.
   _build(fake_ham10000, data_dir, overwrite=True)
   assert sum(len(r) for r in _records(data_dir).values()) == 11
-  assert sorted(os.listdir(data_dir / NAME)) == ['1.0.0']
+  assert sorted(os.listdir(data_dir / NAME / 'original')) == ['1.1.0']
 
 
 def test_failed_overwrite_keeps_earlier_build(fake_ham10000, tmp_path):
@@ -267,7 +267,7 @@ def test_failed_overwrite_keeps_earlier_build(fake_ham10000, tmp_path):
   _assert_one_line_error(excinfo, fake_ham10000.images[image_id])
   assert {p.name: p.read_bytes() for p in version_dir.iterdir()} == before
   assert sum(len(r) for r in _records(data_dir).values()) == 12
-  assert sorted(os.listdir(data_dir / NAME)) == ['1.0.0']
+  assert sorted(os.listdir(data_dir / NAME / 'original')) == ['1.1.0']
   assert not [p for p in os.listdir(data_dir) if p.startswith('.build-')]
 
 
@@ -276,7 +276,7 @@ def test_failed_first_build_leaves_nothing(fake_ham10000, tmp_path):
   os.remove(fake_ham10000.masks[fake_ham10000.rows[3]['image_id']])
   with pytest.raises(DataError):
     _build(fake_ham10000, data_dir)
-  assert not (data_dir / NAME / '1.0.0').exists()
+  assert not (data_dir / NAME / 'original' / '1.1.0').exists()
   with pytest.raises(DataError, match='not built'):
     sources.open_split(NAME, 'train', os.fspath(data_dir))
 
@@ -384,6 +384,62 @@ def test_unknown_dx_and_bad_age(fake_ham10000, tmp_path):
   with pytest.raises(DataError) as excinfo:
     _build(fake_ham10000, tmp_path / 'data')
   _assert_one_line_error(excinfo, 'HAM10000_metadata.csv', 'line 6', "'old'")
+
+
+def test_skip_bad_images_lists_them_in_metadata(fake_ham10000, tmp_path):
+  missing, broken_mask = fake_ham10000.rows[4], fake_ham10000.rows[1]
+  os.remove(fake_ham10000.images[missing['image_id']])
+  fake_ham10000.masks[broken_mask['image_id']].write_bytes(b'\x89PNG garbage')
+  data_dir = tmp_path / 'data'
+  _build(fake_ham10000, data_dir, skip_bad_images=True)
+  records = _records(data_dir)
+  kept = {image_id for split in records.values() for image_id in split}
+  assert kept == ({row['image_id'] for row in fake_ham10000.rows}
+                  - {missing['image_id'], broken_mask['image_id']})
+  metadata = sources.dataset_info(NAME, os.fspath(data_dir)).metadata
+  assert metadata['skip_bad_images'] is True
+  assert metadata['num_skipped_images'] == 2
+  skipped = {entry['where'].split('image_id ')[-1]: entry
+             for entry in metadata['skipped_images']}
+  assert set(skipped) == {missing['image_id'], broken_mask['image_id']}
+  assert 'not found' in skipped[missing['image_id']]['reason']
+  assert 'cannot decode mask' in skipped[broken_mask['image_id']]['reason']
+  for image_id, entry in skipped.items():
+    assert entry['split'] == ham10000.split_for_case(
+        next(r['lesion_id'] for r in fake_ham10000.rows
+             if r['image_id'] == image_id))
+
+
+def test_side_config_downscales_images_and_masks(fake_ham10000, tmp_path):
+  data_dir = tmp_path / 'data'
+  version_dir = build_data.build(f'{NAME}/side16', data_dir=os.fspath(data_dir),
+                                 manual_dir=os.fspath(fake_ham10000.root))
+  assert version_dir == os.fspath(data_dir / NAME / 'side16' / '1.1.0')
+  info = sources.dataset_info(f'{NAME}/side16', os.fspath(data_dir))
+  assert info.metadata['max_side'] == 16
+  assert build_data.build(NAME, data_dir=os.fspath(data_dir), max_side=16) == (
+      version_dir)  # Same config by option: already built, nothing read.
+  count = 0
+  for split in info.splits:
+    for record in sources.open_split(f'{NAME}/side16', split, os.fspath(data_dir)):
+      image_id = record['image_id'].decode()
+      with Image.open(fake_ham10000.images[image_id]) as original:
+        width, height = original.size
+      with Image.open(io.BytesIO(record['image'])) as image:
+        assert max(image.size) == 16 and image.mode == 'RGB'
+        expected = ((16, round(16 * height / width)) if width >= height else
+                    (round(16 * width / height), 16))
+        assert image.size == expected
+        size = image.size
+      with Image.open(io.BytesIO(record['mask'])) as mask:
+        assert mask.size == size and mask.mode == 'L'
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+      count += 1
+  assert count == len(fake_ham10000.rows)
+  with pytest.raises(DataError, match='contradicts max_side=32'):
+    build_data.build(f'{NAME}/side16', data_dir=os.fspath(data_dir), max_side=32)
+  with pytest.raises(DataError, match="unknown builder config 'small'"):
+    build_data.build(f'{NAME}/small', data_dir=os.fspath(data_dir))
 
 
 class _OfflineDownloadManager:

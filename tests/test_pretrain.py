@@ -208,7 +208,7 @@ def test_data_set_is_built_from_manual_dir_when_missing(small_ham10000, tmp_path
   cfg.data.eval_split = ''
   results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'w'))
   assert results['step'] == 1
-  assert os.path.isdir(tmp_path / 'fresh' / 'ham10000' / '1.0.0')
+  assert os.path.isdir(tmp_path / 'fresh' / 'ham10000' / 'original' / '1.1.0')
 
 
 def test_config_with_an_unused_key_is_rejected_by_name(small_ham10000, tmp_path):

@@ -127,11 +127,11 @@ def test_missing_data_dir_says_how_to_build(tmp_path):
 
 def test_data_set_not_built_says_where_it_looked(tmp_path):
   data_dir = tmp_path / 'data'
-  (data_dir / NAME / '1.0.0').mkdir(parents=True)  # No dataset_info.json.
+  (data_dir / NAME / 'original' / '1.1.0').mkdir(parents=True)  # No dataset_info.json.
   with pytest.raises(DataError) as excinfo:
     sources.open_split(NAME, 'train', os.fspath(data_dir))
   message = str(excinfo.value)
-  assert os.fspath(data_dir / NAME / '1.0.0' / 'dataset_info.json') in message
+  assert os.fspath(data_dir / NAME / 'original' / '1.1.0' / 'dataset_info.json') in message
   assert f'--data_dir={data_dir}' in message
 
 

@@ -62,6 +62,35 @@ def decode_image(data, *, channels=3, name=''):
     return _to_array(_as_8bit(image, channels), channels)
 
 
+def decode_pil(data, *, channels=None, name=''):
+  """Decodes encoded image bytes fully to an 8-bit Pillow image.
+
+  Args:
+    data: the encoded bytes.
+    channels: None keeps grayscale images in mode 'L' and makes everything
+      else 'RGB'; 1 or 3 force 'L' or 'RGB'. 16-bit grayscale is scaled to 8
+      bits as in `decode_image`.
+    name: the file or record name, for error messages.
+
+  Returns:
+    A loaded `PIL.Image.Image` in mode 'L' or 'RGB', and the format Pillow
+    detected ('JPEG', 'PNG', ...).
+
+  Raises:
+    bigssl_med.errors.DataError: the bytes are not a decodable image.
+  """
+  if channels is not None:
+    _check_channels(channels)
+  with _decoding(name):
+    image = _open(data)
+    image_format = image.format
+    image.load()
+    image = _as_8bit(image, channels or 3)
+    if channels == 3 and image.mode != 'RGB':
+      image = image.convert('RGB')
+  return image, image_format
+
+
 # ----------------------------------------------------------------------------
 # SimCLR's random crop (tf.image.sample_distorted_bounding_box).
 # ----------------------------------------------------------------------------

@@ -41,11 +41,37 @@ def is_complete_build(version_dir: str) -> bool:
   return os.path.isfile(os.path.join(version_dir, 'dataset_info.json'))
 
 
+def split_name(name: str) -> tuple[str, str | None]:
+  """`'chexpert/side320'` -> `('chexpert', 'side320')`; `'ham10000'` -> `('ham10000', None)`."""
+  base, _, config = name.partition('/')
+  return base, (config or None)
+
+
+def version_dir_of(name: str, data_dir: str) -> str | None:
+  """Where `build_data` puts data set `name` (`NAME[/CONFIG]`) under `data_dir`.
+
+  `data_dir/NAME/CONFIG/VERSION` for a builder of `tfds_builders.BUILDERS` with
+  configs (CONFIG defaults to the builder's first config), `data_dir/NAME/VERSION`
+  for one without; None for a name that is not one of the project's builders.
+  """
+  base, config = split_name(name)
+  builder_cls = tfds_builders.BUILDERS.get(base)
+  if builder_cls is None:
+    return None
+  parts = [os.path.abspath(os.fspath(data_dir)), base]
+  if builder_cls.BUILDER_CONFIGS:
+    parts.append(config or builder_cls.BUILDER_CONFIGS[0].name)
+  elif config:
+    raise DataError(f'data set {base} has no builder configs, got {name!r}')
+  return os.path.join(*parts, str(builder_cls.VERSION))
+
+
 def find_version_dir(name: str, data_dir: str) -> str:
   """Returns the directory of the built data set `name` under `data_dir`.
 
-  For a builder in `tfds_builders.BUILDERS` this is `data_dir/name/VERSION` of that
-  builder; for another name, the newest complete version found.
+  `name` is `NAME` or `NAME/CONFIG` (e.g. `chexpert/side320`). For a builder in
+  `tfds_builders.BUILDERS` this is `version_dir_of(name, data_dir)`; for another
+  name, the newest complete version found under `data_dir/NAME[/CONFIG]`.
 
   Raises:
     DataError: the data dir or a complete build is missing; the message says
@@ -56,14 +82,13 @@ def find_version_dir(name: str, data_dir: str) -> str:
   if not os.path.isdir(data_dir):
     raise DataError(f'data dir {data_dir} does not exist (looking for data set '
                     f'{name}); {how}')
-  dataset_dir = os.path.join(data_dir, name)
-  builder_cls = tfds_builders.BUILDERS.get(name)
-  if builder_cls is not None:
-    version_dir = os.path.join(dataset_dir, str(builder_cls.VERSION))
+  version_dir = version_dir_of(name, data_dir)
+  if version_dir is not None:
     if is_complete_build(version_dir):
       return version_dir
     raise DataError(f'data set {name} is not built in {data_dir} (no '
                     f'{os.path.join(version_dir, "dataset_info.json")}); {how}')
+  dataset_dir = os.path.join(data_dir, name)
   versions = []
   if os.path.isdir(dataset_dir):
     for entry in os.listdir(dataset_dir):
@@ -108,9 +133,21 @@ def case_index(name: str, split: str, data_dir: str) -> list[np.ndarray]:
 
   Returns:
     One sorted int64 array per case, cases ordered by first appearance in the
-    records. Read from `case_index.json` when the build wrote one; otherwise
-    (or for a sliced split such as 'train[:10%]') computed by scanning the
-    records' `case_id`, with a logged notice.
+    records (the values of `cases(name, split, data_dir)`).
+
+  Raises:
+    DataError: data set or split missing, or a `case_index.json` that does not
+      match the split (says to rebuild).
+  """
+  return list(cases(name, split, data_dir).values())
+
+
+def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
+  """`case_id` -> sorted int64 record indices of `split`, by first appearance.
+
+  Read from `case_index.json` when the build wrote one; otherwise (or for a
+  sliced split such as 'train[:10%]') computed by scanning the records'
+  `case_id`, with a logged notice.
 
   Raises:
     DataError: data set or split missing, or a `case_index.json` that does not
@@ -129,15 +166,21 @@ def case_index(name: str, split: str, data_dir: str) -> list[np.ndarray]:
     source = builder.as_data_source(
         split, decoders=_skip_image_decoders(builder.info))
     case_ids = scan_case_ids(source)
-  return group_by_case(case_ids)
+  return group_cases(case_ids)
+
+
+def group_cases(case_ids: Sequence[str]) -> dict[str, np.ndarray]:
+  """`case_id` -> sorted positions with that id, in order of first appearance."""
+  groups: dict[str, list[int]] = {}
+  for i, case_id in enumerate(case_ids):
+    groups.setdefault(case_id, []).append(i)
+  return {case_id: np.asarray(indices, dtype=np.int64)
+          for case_id, indices in groups.items()}
 
 
 def group_by_case(case_ids: Sequence[str]) -> list[np.ndarray]:
   """Groups positions by value: sorted arrays, in order of first appearance."""
-  groups: dict[str, list[int]] = {}
-  for i, case_id in enumerate(case_ids):
-    groups.setdefault(case_id, []).append(i)
-  return [np.asarray(indices, dtype=np.int64) for indices in groups.values()]
+  return list(group_cases(case_ids).values())
 
 
 def scan_case_ids(source: Sequence[dict[str, Any]]) -> list[str]:

@@ -22,16 +22,21 @@ deterministic, derived from a hash of the lesion id (`case_id`):
 so all images of one lesion fall in the same split, and the assignment of a lesion
 never depends on which other lesions are present.
 
+Configs (`tfds_builders.common.ImageConfig`): `original` (the default) stores the
+images as published; `side<N>` downscales each image (antialiased bicubic) and
+its mask (nearest neighbour, so it stays binary) to a longest side of N.
+
 Every image and mask is decoded with PIL at build time; a file that cannot be
 decoded, a missing file or a malformed metadata row stops the build with a one-line
-`bigssl_med.errors.DataError` naming the file and the metadata line.
+`bigssl_med.errors.DataError` naming the file and the metadata line. With
+`skip_bad_images`, an image whose image or mask file is missing or undecodable
+is skipped instead, and listed in the data set's `metadata.json`.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import math
 import os
@@ -43,7 +48,9 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from bigssl_med.data import host_ops
 from bigssl_med.errors import DataError
+from tfds_builders import common
 
 CLASS_NAMES = ('akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc')
 REQUIRED_COLUMNS = ('lesion_id', 'image_id', 'dx', 'dx_type', 'age', 'sex',
@@ -125,12 +132,7 @@ HAM10000_metadata.csv, images/ and masks/ works too.
 
 def split_for_case(case_id: str) -> str:
   """Returns the split ('train', 'validation' or 'test') of a lesion id."""
-  bucket = int(hashlib.sha256(case_id.encode('utf-8')).hexdigest(), 16) % 100
-  if bucket < 80:
-    return 'train'
-  if bucket < 90:
-    return 'validation'
-  return 'test'
+  return common.hash_split(case_id, validation=10, test=10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,22 +161,7 @@ def find_metadata(root: str) -> str:
   Raises:
     DataError: when no file with one of `METADATA_FILE_NAMES` exists under root.
   """
-  preference = {name.lower(): i for i, name in enumerate(METADATA_FILE_NAMES)}
-  best = None
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-    depth = os.path.relpath(dirpath, root).count(os.sep)
-    for name in sorted(filenames):
-      rank = preference.get(name.lower())
-      if rank is not None:
-        key = (0 if dirpath == root else depth + 1, rank, name)
-        if best is None or key < best[0]:
-          best = (key, os.path.join(dirpath, name))
-  if best is None:
-    raise DataError(
-        f'no HAM10000 metadata file ({", ".join(METADATA_FILE_NAMES)}) found '
-        f'under manual_dir {root}')
-  return best[1]
+  return common.find_file(root, METADATA_FILE_NAMES, 'HAM10000 metadata file')
 
 
 def index_files(roots: Sequence[str]) -> FileIndex:
@@ -187,9 +174,9 @@ def index_files(roots: Sequence[str]) -> FileIndex:
   images, masks = {}, {}
   for root in roots:
     for dirpath, dirnames, filenames in os.walk(root):
-      dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+      dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
       for name in sorted(filenames):
-        if _is_hidden(name):
+        if common.is_hidden(name):
           continue
         if match := _MASK_RE.match(name):
           masks.setdefault(match['id'], os.path.join(dirpath, name))
@@ -223,62 +210,65 @@ def read_metadata(path: str) -> list[MetadataRow]:
       for record in reader:
         rows.append(_parse_row(record, reader.line_num, name, seen))
   except (OSError, UnicodeDecodeError, csv.Error) as exc:
-    raise DataError(f'{path}: cannot read metadata ({_one_line(exc)})') from exc
+    raise DataError(f'{path}: cannot read metadata ({common.one_line(exc)})') from exc
   if not rows:
     raise DataError(f'{path}: metadata has a header but no rows')
   return rows
 
 
-def load_image(path: str, where: str) -> bytes:
-  """Returns RGB JPEG bytes of `path`, decoding it fully to check it.
-
-  Bytes are returned unchanged when the file already is an RGB JPEG; anything
-  else PIL can read is converted to RGB and re-encoded as JPEG (quality 95).
-
-  Args:
-    path: the image file.
-    where: which metadata row refers to it, for error messages.
-
-  Raises:
-    DataError: the file cannot be read or decoded.
-  """
-  data, image = _decode(path, 'image', where)
-  if image.format == 'JPEG' and image.mode == 'RGB':
-    return data
-  logging.info('Converting %s (%s %s) to RGB JPEG.', path, image.format,
-               image.mode)
-  buffer = io.BytesIO()
-  image.convert('RGB').save(buffer, format='JPEG', quality=95)
-  return buffer.getvalue()
-
-
-def load_mask(path: str, where: str, size: tuple[int, int]) -> bytes:
+def load_mask(path: str, where: str, size: tuple[int, int],
+              original_size: tuple[int, int]) -> bytes:
   """Returns single-channel 8-bit PNG bytes of the mask at `path`.
 
-  Bytes are returned unchanged when the file already is an 8-bit grayscale PNG;
-  otherwise the mask is converted (`PIL.Image.convert('L')`) and re-encoded.
+  Bytes are returned unchanged when the file already is an 8-bit grayscale PNG
+  of the stored image's size; otherwise the mask is converted to mode 'L',
+  resized to `size` with the nearest-neighbour filter (values stay 0 and 255)
+  and re-encoded.
 
   Args:
     path: the mask file.
     where: which metadata row refers to it, for error messages.
-    size: the (width, height) of the image the mask belongs to.
+    size: the (width, height) of the stored image.
+    original_size: the (width, height) of the image as published; the mask
+      must have this size.
 
   Raises:
-    DataError: the file cannot be decoded or its size differs from the image's.
+    DataError: the file cannot be read or decoded, or its size differs from the
+      published image's.
   """
-  data, mask = _decode(path, 'mask', where)
-  if mask.size != size:
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as exc:
+    raise DataError(f'{path}: cannot read mask ({common.one_line(exc)}); '
+                    f'referenced by {where}') from exc
+  try:
+    mask, mask_format = host_ops.decode_pil(data, channels=1, name=path)
+  except DataError as exc:
+    reason = str(exc).split(f'{path}: ', 1)[-1]
+    raise DataError(f'{path}: cannot decode mask ({reason}); referenced by '
+                    f'{where}') from exc
+  if mask.size != original_size:
     raise DataError(
         f'{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is '
-        f'{size[0]}x{size[1]} ({where})')
-  if mask.format == 'PNG' and mask.mode == 'L':
+        f'{original_size[0]}x{original_size[1]} ({where})')
+  with Image.open(io.BytesIO(data)) as published:
+    unchanged = published.mode == 'L' and mask_format == 'PNG'
+  if unchanged and mask.size == size:
     return data
+  if mask.size != size:
+    mask = mask.resize(size, Image.Resampling.NEAREST)
   buffer = io.BytesIO()
-  mask.convert('L').save(buffer, format='PNG')
+  mask.save(buffer, format='PNG')
   return buffer.getvalue()
 
 
-class Ham10000(tfds.core.GeneratorBasedBuilder):
+def _image_size(data: bytes) -> tuple[int, int]:
+  with Image.open(io.BytesIO(data)) as image:
+    return image.size
+
+
+class Ham10000(common.ImageBuilder):
   """HAM10000 dermatoscopic images with lesion ids, diagnoses and lesion masks.
 
   Splits (no official ones): lesion-disjoint, from
@@ -286,10 +276,15 @@ class Ham10000(tfds.core.GeneratorBasedBuilder):
   `train`, 80-89 `validation`, 90-99 `test`. Example keys are image ids.
   """
 
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
   RELEASE_NOTES = {
       '1.0.0': 'Images, lesion masks, metadata; lesion-disjoint hash splits.',
+      '1.1.0': 'Configs original / side<N>; optional skipping of bad images.',
   }
+  BUILDER_CONFIGS = [
+      common.ImageConfig(name=common.ORIGINAL,
+                         description='Images and masks as published.'),
+  ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -315,6 +310,7 @@ class Ham10000(tfds.core.GeneratorBasedBuilder):
             'localization': tfds.features.Text(doc='Anatomical site.'),
         }),
         supervised_keys=('image', 'label'),
+        metadata=self.new_metadata(),
         homepage='https://doi.org/10.7910/DVN/DBW86T',
         citation=_CITATION,
         license='CC BY-NC 4.0 (see the Dataverse record for the exact terms)',
@@ -326,37 +322,53 @@ class Ham10000(tfds.core.GeneratorBasedBuilder):
     index = index_files(roots)
     name = os.path.basename(metadata_path)
     by_split = {split: [] for split in SPLIT_NAMES}
+    store = self.image_store(channels=3)
     for row in rows:
       where = f'{name} line {row.line}, image_id {row.image_id}'
-      if row.image_id not in index.images:
-        raise DataError(
-            f'{metadata_path} line {row.line}: image file for image_id '
-            f'{row.image_id} ({row.image_id}.jpg) not found under '
-            f'{", ".join(roots)}')
-      if row.image_id not in index.masks:
-        raise DataError(
-            f'{metadata_path} line {row.line}: mask file for image_id '
-            f'{row.image_id} ({row.image_id}_segmentation.png) not found under '
-            f'{", ".join(roots)}')
-      by_split[split_for_case(row.lesion_id)].append(
+      split = split_for_case(row.lesion_id)
+      missing = [(kind, file_name) for kind, file_name, found in (
+          ('image', f'{row.image_id}.jpg', row.image_id in index.images),
+          ('mask', f'{row.image_id}_segmentation.png', row.image_id in index.masks),
+      ) if not found]
+      if missing:
+        kind, file_name = missing[0]
+        message = (f'{metadata_path} line {row.line}: {kind} file for image_id '
+                   f'{row.image_id} ({file_name}) not found under '
+                   f'{", ".join(roots)}')
+        if not store.skip_bad_images:
+          raise DataError(message)
+        store.skip(path=file_name, where=where, split=split, reason=message)
+        continue
+      by_split[split].append(
           (row, index.images[row.image_id], index.masks[row.image_id], where))
     empty = [split for split, items in by_split.items() if not items]
     if empty:  # TFDS cannot write an empty split; only tiny inputs get here.
       logging.warning('HAM10000 from %s: no lesion hashes into split(s) %s; '
                       'they are left out.', metadata_path, ', '.join(empty))
     return {
-        split: self._generate_examples(sorted(items, key=lambda x: x[0].image_id))
+        split: self._generate_examples(
+            sorted(items, key=lambda x: x[0].image_id), split, store)
         for split, items in by_split.items() if items
     }
 
-  def _generate_examples(self, items):
-    for row, image_path, mask_path, where in items:
-      image = load_image(image_path, where)
-      with Image.open(io.BytesIO(image)) as decoded:
-        size = decoded.size
+  def _generate_examples(self, items, split, store):
+    for row, image_path, mask_path, where in common.with_progress(
+        items, total=len(items), what=f'ham10000 {split}'):
+      image = store.load(image_path, where=where, split=split)
+      if image is None:
+        continue
+      try:
+        with open(image_path, 'rb') as f:
+          original_size = _image_size(f.read())
+        mask = load_mask(mask_path, where, _image_size(image), original_size)
+      except DataError as exc:
+        if not store.skip_bad_images:
+          raise
+        store.skip(path=mask_path, where=where, split=split, reason=str(exc))
+        continue
       yield row.image_id, {
           'image': image,
-          'mask': load_mask(mask_path, where, size),
+          'mask': mask,
           'image_id': row.image_id,
           'case_id': row.lesion_id,
           'label': row.dx,
@@ -368,12 +380,8 @@ class Ham10000(tfds.core.GeneratorBasedBuilder):
 
   def _locate_inputs(self, dl_manager) -> tuple[str, list[str]]:
     """Returns (metadata file, directories to index) from manual_dir or online."""
-    try:
-      manual_dir = dl_manager.manual_dir
-    except AssertionError:  # TFDS: manual_dir not given, missing or empty.
-      manual_dir = None
-    if manual_dir is not None:
-      root = os.fspath(manual_dir)
+    root = common.manual_dir_or_none(dl_manager)
+    if root is not None:
       return find_metadata(root), [root]
     logging.info('No manual_dir with data: downloading HAM10000 from %s',
                  _DATAVERSE_ACCESS)
@@ -388,7 +396,7 @@ class Ham10000(tfds.core.GeneratorBasedBuilder):
     except Exception as exc:  # pylint: disable=broad-except
       raise DataError(
           f'could not download HAM10000 from Harvard Dataverse '
-          f'({_one_line(exc)}); download it from '
+          f'({common.one_line(exc)}); download it from '
           f'https://doi.org/10.7910/DVN/DBW86T, unzip it into one directory and '
           f'pass --manual_dir=DIR') from exc
     return os.fspath(metadata), sorted(os.fspath(p) for p in extracted.values())
@@ -424,28 +432,3 @@ def _parse_row(record: Mapping[str, str | None], line: int, name: str,
   return MetadataRow(line=line, lesion_id=lesion_id, image_id=image_id, dx=dx,
                      dx_type=get('dx_type'), age=age, sex=get('sex'),
                      localization=get('localization'))
-
-
-def _decode(path: str, kind: str, where: str) -> tuple[bytes, Image.Image]:
-  """Reads `path` and decodes it fully with PIL; DataError when it cannot."""
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-    image = Image.open(io.BytesIO(data))
-    image.load()
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-    reason = ('not an image format PIL recognises'
-              if isinstance(exc, Image.UnidentifiedImageError) else
-              _one_line(exc))
-    raise DataError(f'{path}: cannot decode {kind} ({reason}); referenced by '
-                    f'{where}') from exc
-  return data, image
-
-
-def _is_hidden(name: str) -> bool:
-  return name.startswith('.') or name == '__MACOSX'
-
-
-def _one_line(exc: BaseException) -> str:
-  text = ' '.join(str(exc).split())
-  return f'{type(exc).__name__}: {text}' if text else type(exc).__name__

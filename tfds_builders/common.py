@@ -1,0 +1,457 @@
+"""What the project's image builders share: configs, tables, images, splits.
+
+* `ImageConfig`: the builder config of every image data set here. `max_side`
+  is the longest side images are stored at (antialiased downscaling, never
+  upscaling; None keeps them as published). Config names are `original` or
+  `side<N>`; `ImageBuilder.make_config` makes one from build options.
+* `ImageBuilder(skip_bad_images=True)` turns a missing or undecodable image from
+  an error into a skipped record that is counted and listed in the data set's
+  metadata (`metadata.json`: `skipped_images`, `num_skipped_images`). It is a
+  build option rather than a config field, so that a build that skips lands in
+  the same place (`NAME/CONFIG/VERSION`) as one that does not.
+* `read_table`: CSV (or tab-separated, optionally gzipped) files with a check of
+  the required columns; the error names the file and the missing columns.
+* `encode_image` / `ImageStore`: read, check, convert and resize one image into the
+  encoded bytes a record stores.
+* `hash_split` and `check_case_disjoint`: case-disjoint splits.
+* `with_progress`: progress lines while examples are generated.
+
+Everything raises `bigssl_med.errors.DataError` with a one-line message that
+names the file and, where there is one, the row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import re
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from absl import logging
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from bigssl_med.data import host_ops
+from bigssl_med.errors import DataError
+
+ORIGINAL = 'original'
+_SIDE_RE = re.compile(r'^side(?P<side>[1-9][0-9]*)$')
+_JPEG_QUALITY = 95
+_MIN_SIDE = 8
+
+
+# ----------------------------------------------------------------------------
+# Builder configs.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ImageConfig(tfds.core.BuilderConfig):
+  """Config of an image builder.
+
+  Attributes:
+    max_side: longest side of stored images (antialiased downscaling only);
+      None stores them at their published size.
+  """
+  max_side: int | None = None
+
+
+def config_name(max_side: int | None) -> str:
+  """`original` for None, else `side<max_side>`."""
+  return ORIGINAL if max_side is None else f'side{int(max_side)}'
+
+
+def max_side_of(name: str) -> int | None:
+  """Inverse of `config_name`.
+
+  Raises:
+    DataError: `name` is neither `original` nor `side<N>`.
+  """
+  if name == ORIGINAL:
+    return None
+  match = _SIDE_RE.match(name)
+  if match is None:
+    raise DataError(f'unknown builder config {name!r}; expected {ORIGINAL!r} or '
+                    "'side<N>' (images stored with longest side N)")
+  return int(match['side'])
+
+
+class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Base of builders configured by `ImageConfig`.
+
+  Subclasses set `BUILDER_CONFIGS` (the first is the default) and call
+  `self.image_store()` to turn files into stored bytes.
+
+  Args (constructor, besides TFDS's `data_dir`, `config`, `file_format`, ...):
+    skip_bad_images: skip (count and list in the metadata) images that are
+      missing or cannot be decoded, instead of stopping the build.
+  """
+
+  BUILDER_CONFIGS = [ImageConfig(name=ORIGINAL)]
+
+  def __init_subclass__(cls, skip_registration: bool = True, **kwargs):
+    # Builders are looked up in `tfds_builders.BUILDERS`, never in TFDS's global
+    # registry, where names such as `chexpert` are taken by TFDS's own builders.
+    super().__init_subclass__(skip_registration=skip_registration, **kwargs)
+
+  def __init__(self, *, skip_bad_images: bool = False, **kwargs):
+    self.skip_bad_images = bool(skip_bad_images)
+    super().__init__(**kwargs)
+
+  @classmethod
+  def make_config(cls, config: str | None = None, *, max_side: int | None = None,
+                  manual_dir: str | None = None) -> ImageConfig:
+    """The config to build for the given build options.
+
+    A config the class lists in `BUILDER_CONFIGS` is returned as that very
+    object (TFDS refuses an equal-named copy).
+
+    Args:
+      config: a config name (`original`, `side<N>`), or None for the builder's
+        default, or `side<max_side>` when `max_side` is given.
+      max_side: longest stored side; must agree with `config` when both are given.
+      manual_dir: the raw files (unused here; builders whose features depend on
+        the data, such as `image_cases`, read it).
+
+    Raises:
+      DataError: an unknown config name, or one that contradicts `max_side`.
+    """
+    del manual_dir
+    if max_side is not None and int(max_side) < _MIN_SIDE:
+      raise DataError(f'max_side must be at least {_MIN_SIDE}, got {max_side}')
+    if config is None:
+      if max_side is None:
+        default = cls.BUILDER_CONFIGS[0]
+        config, max_side = default.name, default.max_side
+      else:
+        config = config_name(max_side)
+    elif max_side is not None and max_side_of(config) != int(max_side):
+      raise DataError(f'builder config {config!r} contradicts max_side={max_side}')
+    else:
+      max_side = max_side_of(config)
+    listed = cls.builder_configs.get(config)
+    if listed is not None and getattr(listed, 'max_side', None) == max_side:
+      return listed
+    return ImageConfig(name=config, max_side=max_side,
+                       description=_describe(max_side))
+
+  def image_store(self, *, channels: int | None = None) -> 'ImageStore':
+    """An `ImageStore` for this build's config, recording skips in the metadata."""
+    return ImageStore(max_side=getattr(self.builder_config, 'max_side', None),
+                      channels=channels, skip_bad_images=self.skip_bad_images,
+                      metadata=self.info.metadata)
+
+  def new_metadata(self) -> tfds.core.MetadataDict:
+    """Metadata for `_info`: the build options, and the skipped-image list."""
+    return tfds.core.MetadataDict(
+        max_side=getattr(self.builder_config, 'max_side', None),
+        skip_bad_images=self.skip_bad_images,
+        num_skipped_images=0, skipped_images=[])
+
+
+def _describe(max_side: int | None) -> str:
+  if max_side is None:
+    return 'Images as published.'
+  return f'Images downscaled (antialiased) to a longest side of at most {max_side}.'
+
+
+# ----------------------------------------------------------------------------
+# Tables.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Row:
+  """One data row of a table: its line number (the header is line 1) and fields.
+
+  Rows of one table share `columns` (name -> position), so a table of hundreds
+  of thousands of rows costs a tuple of strings per row.
+  """
+  line: int
+  fields: tuple[str, ...]
+  columns: Mapping[str, int]
+
+  def get(self, column: str) -> str:
+    """The stripped value of `column` ('' when empty or absent)."""
+    i = self.columns.get(column)
+    return self.fields[i].strip() if i is not None and i < len(self.fields) else ''
+
+  @property
+  def values(self) -> dict[str, str]:
+    """The row as a dict, column name -> raw field."""
+    return {name: self.fields[i] for name, i in self.columns.items()
+            if i < len(self.fields)}
+
+  def where(self, path: str) -> str:
+    return f'{path} line {self.line}'
+
+
+def read_table(path: str, required: Sequence[str]) -> tuple[list[str], list[Row]]:
+  """Reads a comma- or tab-separated table, `.gz` compressed or not.
+
+  The delimiter is taken from the header line (tab if it has one). Column names
+  are stripped; a UTF-8 byte order mark is ignored.
+
+  Args:
+    path: the file.
+    required: columns that must be present.
+
+  Returns:
+    (column names, rows).
+
+  Raises:
+    DataError: the file cannot be read or parsed, lacks a header, or misses
+      required columns (the message names the file and every missing column).
+  """
+  try:
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rt', newline='', encoding='utf-8-sig') as f:
+      header = f.readline()
+      if not header.strip():
+        raise DataError(f'{path}: empty file, expected a header line with columns '
+                        f'{", ".join(required)}')
+      delimiter = '\t' if '\t' in header else ','
+      f.seek(0)
+      reader = csv.reader(f, delimiter=delimiter)
+      columns = [c.strip() for c in next(reader)]
+      missing = [c for c in required if c not in columns]
+      if missing:
+        raise DataError(f'{path}: missing column(s) {", ".join(missing)} (found: '
+                        f'{", ".join(c for c in columns if c) or "none"})')
+      positions = {}
+      for i, name in enumerate(columns):
+        positions.setdefault(name, i)
+      rows = []
+      for values in reader:
+        if not any(v.strip() for v in values):
+          continue
+        if len(values) > len(columns) and any(v.strip() for v in values[len(columns):]):
+          raise DataError(f'{path} line {reader.line_num}: {len(values)} fields but '
+                          f'the header has {len(columns)}')
+        rows.append(Row(line=reader.line_num, fields=tuple(values), columns=positions))
+  except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+    raise DataError(f'{path}: cannot read table ({one_line(exc)})') from exc
+  return columns, rows
+
+
+def find_file(root: str, names: Sequence[str], what: str) -> str:
+  """The shallowest file under `root` named one of `names` (earlier names first).
+
+  Raises:
+    DataError: none found; the message lists the names and says what it is for.
+  """
+  preference = {name: i for i, name in enumerate(names)}
+  best = None
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+    depth = 0 if dirpath == root else os.path.relpath(dirpath, root).count(os.sep) + 1
+    for name in filenames:
+      if name in preference:
+        key = (depth, preference[name], dirpath)
+        if best is None or key < best[0]:
+          best = (key, os.path.join(dirpath, name))
+  if best is None:
+    raise DataError(f'no {what} ({" or ".join(names)}) found under {root}')
+  return best[1]
+
+
+def md5_file(path: str) -> str:
+  """Hex MD5 digest of a file."""
+  digest = hashlib.md5()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# Images.
+# ----------------------------------------------------------------------------
+
+
+def encode_image(data: bytes, *, name: str, max_side: int | None = None,
+                 channels: int | None = None) -> bytes:
+  """Checks one encoded image and returns the bytes to store.
+
+  The image is decoded fully. The bytes are returned unchanged when the image is
+  an 8-bit JPEG or PNG already in the wanted mode and within `max_side`;
+  otherwise it is converted (`channels`: 1 -> 'L', 3 -> 'RGB', None keeps gray
+  gray and makes the rest RGB; 16-bit gray is scaled to 8 bits), downscaled with
+  Pillow's antialiased bicubic filter so that its longest side is `max_side`, and
+  re-encoded: as PNG when it was a PNG (lossless stays lossless), else as JPEG
+  (quality 95).
+
+  Raises:
+    DataError: the bytes are not a decodable image (names `name`).
+  """
+  image, image_format = host_ops.decode_pil(data, channels=channels, name=name)
+  with Image.open(io.BytesIO(data)) as original:
+    unchanged_mode = original.mode == image.mode
+  size = image.size
+  if max_side is not None and max(size) > max_side:
+    scale = max_side / max(size)
+    size = tuple(max(1, round(s * scale)) for s in image.size)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+  elif unchanged_mode and image_format in ('JPEG', 'PNG'):
+    return bytes(data)
+  buffer = io.BytesIO()
+  if image_format == 'PNG':
+    image.save(buffer, format='PNG')
+  else:
+    image.save(buffer, format='JPEG', quality=_JPEG_QUALITY)
+  return buffer.getvalue()
+
+
+class ImageStore:
+  """Reads image files into stored bytes; skips bad ones when asked to.
+
+  A skipped image is appended to `metadata['skipped_images']` as
+  `{'split', 'path', 'where', 'reason'}` and counted in
+  `metadata['num_skipped_images']`; the build logs a warning for each.
+  """
+
+  def __init__(self, *, max_side: int | None, channels: int | None,
+               skip_bad_images: bool, metadata: dict | None):
+    self.max_side = max_side
+    self.channels = channels
+    self.skip_bad_images = skip_bad_images
+    self._metadata = metadata if metadata is not None else {}
+    self._metadata.setdefault('skipped_images', [])
+    self._metadata.setdefault('num_skipped_images', 0)
+
+  def load(self, path: str, *, where: str, split: str = '') -> bytes | None:
+    """The stored bytes of the image file `path`, or None when it is skipped.
+
+    Args:
+      path: the image file.
+      where: what refers to it (e.g. 'train.csv line 12'), for messages.
+      split: the split it belongs to, for the skip list.
+
+    Raises:
+      DataError: the file is missing or cannot be decoded and bad images are
+        not skipped; the message names the file and `where`.
+    """
+    return self.convert(lambda: _read(path, where), path=path, where=where,
+                        split=split)
+
+  def convert(self, read: Callable[[], bytes], *, path: str, where: str,
+              split: str = '') -> bytes | None:
+    """Like `load`, with `read()` giving the encoded bytes (e.g. from an archive)."""
+    try:
+      data = read()
+      return encode_image(data, name=f'{path} ({where})', max_side=self.max_side,
+                          channels=self.channels)
+    except DataError as exc:
+      if not self.skip_bad_images:
+        raise
+      self.skip(path=path, where=where, split=split, reason=str(exc))
+      return None
+
+  def skip(self, *, path: str, where: str, split: str, reason: str) -> None:
+    """Records a skipped image."""
+    logging.warning('Skipping %s (%s): %s', path, where, reason)
+    self._metadata['skipped_images'].append(
+        {'split': split, 'path': path, 'where': where, 'reason': reason})
+    self._metadata['num_skipped_images'] = len(self._metadata['skipped_images'])
+
+  @property
+  def num_skipped(self) -> int:
+    return len(self._metadata['skipped_images'])
+
+
+def _read(path: str, where: str) -> bytes:
+  try:
+    with open(path, 'rb') as f:
+      return f.read()
+  except FileNotFoundError:
+    raise DataError(f'{where}: image file {path} not found') from None
+  except OSError as exc:
+    raise DataError(f'{where}: cannot read image file {path} ({one_line(exc)})') from exc
+
+
+# ----------------------------------------------------------------------------
+# Splits.
+# ----------------------------------------------------------------------------
+
+
+def hash_bucket(case_id: str) -> int:
+  """`int(sha256(case_id).hexdigest(), 16) % 100`: a case's fixed bucket, 0-99."""
+  return int(hashlib.sha256(case_id.encode('utf-8')).hexdigest(), 16) % 100
+
+
+def hash_split(case_id: str, *, validation: int = 10, test: int = 10) -> str:
+  """'train', 'validation' or 'test' from the case's hash bucket.
+
+  Buckets `[0, 100 - validation - test)` are train, the next `validation`
+  buckets validation, the last `test` buckets test; a case's split never
+  depends on which other cases exist.
+  """
+  bucket = hash_bucket(case_id)
+  if bucket < 100 - validation - test:
+    return 'train'
+  if bucket < 100 - test:
+    return 'validation'
+  return 'test'
+
+
+def check_case_disjoint(assignments: Iterable[tuple[str, str, str]]) -> None:
+  """Checks that no case is in two splits.
+
+  Args:
+    assignments: (case_id, split, where) triples; `where` says which file and
+      row put the case there.
+
+  Raises:
+    DataError: naming the case, both splits and both rows.
+  """
+  first: dict[str, tuple[str, str]] = {}
+  for case_id, split, where in assignments:
+    seen = first.setdefault(case_id, (split, where))
+    if seen[0] != split:
+      raise DataError(f'case {case_id} is in two splits: {seen[0]} ({seen[1]}) and '
+                      f'{split} ({where}); splits must be case-disjoint')
+
+
+def with_progress(examples: Iterable[Any], *, total: int, what: str,
+                  every_seconds: float = 10.0) -> Iterator[Any]:
+  """Yields `examples`, logging `what: i/total (rate/s)` every `every_seconds`."""
+  start = last = time.monotonic()
+  count = 0
+  for count, example in enumerate(examples, 1):
+    yield example
+    now = time.monotonic()
+    if now - last >= every_seconds:
+      last = now
+      logging.info('%s: %d/%d examples (%.0f/s)', what, count, total,
+                   count / max(now - start, 1e-9))
+  logging.info('%s: %d examples in %.1f s', what, count, time.monotonic() - start)
+
+
+# ----------------------------------------------------------------------------
+# Small helpers.
+# ----------------------------------------------------------------------------
+
+
+def is_hidden(name: str) -> bool:
+  """Hidden files and macOS archive folders, skipped when walking inputs."""
+  return name.startswith('.') or name == '__MACOSX'
+
+
+def one_line(exc: BaseException) -> str:
+  """`Type: message` on one line."""
+  text = ' '.join(str(exc).split())
+  return f'{type(exc).__name__}: {text}' if text else type(exc).__name__
+
+
+def manual_dir_or_none(dl_manager: tfds.download.DownloadManager) -> str | None:
+  """The manual dir given to the build, or None (then the builder downloads)."""
+  try:
+    manual_dir = dl_manager.manual_dir
+  except AssertionError:  # TFDS: manual_dir not given, missing or empty.
+    return None
+  return None if manual_dir is None else os.fspath(manual_dir)
