@@ -4,10 +4,21 @@ Callers look builders up in `BUILDERS` (name -> builder class) rather than throu
 TFDS's registry, so that which builder runs never depends on import side effects.
 """
 
+from tfds_builders.chexpert import Chexpert
 from tfds_builders.ham10000 import Ham10000
+from tfds_builders.image_cases import ImageCases
+from tfds_builders.medmnist import Medmnist
+from tfds_builders.mimic_cxr_jpg import MimicCxrJpg
+from tfds_builders.nih_chest_xray14 import NihChestXray14
 
 BUILDERS = {
+    'chexpert': Chexpert,
     'ham10000': Ham10000,
+    'image_cases': ImageCases,
+    'medmnist': Medmnist,
+    'mimic_cxr_jpg': MimicCxrJpg,
+    'nih_chest_xray14': NihChestXray14,
 }
 
-__all__ = ['BUILDERS', 'Ham10000']
+__all__ = ['BUILDERS', 'Chexpert', 'Ham10000', 'ImageCases', 'Medmnist',
+           'MimicCxrJpg', 'NihChestXray14']

@@ -1,0 +1,445 @@
+"""Tests of the image_cases TFDS builder (a user's images listed in cases.csv)."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import io
+import os
+from pathlib import Path
+import re
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from bigssl_med import build_data
+from bigssl_med.data import sources
+from bigssl_med.errors import DataError
+import tfds_builders
+from tfds_builders import common
+from tfds_builders.image_cases import image_cases
+
+NAME = 'image_cases'
+NIH_SAMPLE = (Path(__file__).resolve().parents[1].parent / 'shared' / 'data' /
+              'nih_chestxray14_sample')
+
+
+def write_image(path: Path, *, mode: str = 'RGB', size=(20, 14), seed: int = 0,
+                image_format: str | None = None) -> Path:
+  """Writes a random image in `mode` ('RGB', 'L', or 'RGB_GRAY': RGB, R=G=B)."""
+  rng = np.random.default_rng(seed)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  shape = (size[1], size[0])
+  if mode == 'L':
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), 'L')
+  elif mode == 'RGB_GRAY':
+    gray = rng.integers(0, 256, shape, dtype=np.uint8)
+    image = Image.fromarray(np.stack([gray] * 3, axis=-1), 'RGB')
+  else:
+    image = Image.fromarray(rng.integers(0, 256, shape + (3,), dtype=np.uint8),
+                            'RGB')
+  image.save(path, format=image_format)
+  return path
+
+
+def write_cases(root: Path, rows: list[dict], columns=None) -> Path:
+  """Writes `root/cases.csv` with `columns` (default: the keys of rows[0])."""
+  root.mkdir(parents=True, exist_ok=True)
+  columns = list(columns or rows[0])
+  path = root / 'cases.csv'
+  with open(path, 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def _case_ids_by_split(per_split: int) -> dict[str, list[str]]:
+  """`per_split` case ids that hash into each split."""
+  found = {'train': [], 'validation': [], 'test': []}
+  number = 0
+  while any(len(ids) < per_split for ids in found.values()):
+    case_id = f'case{number:03d}'
+    ids = found[common.hash_split(case_id)]
+    if len(ids) < per_split:
+      ids.append(case_id)
+    number += 1
+  return found
+
+
+def _single_label_tree(root: Path, *, mode: str = 'RGB') -> list[dict]:
+  """cases.csv without split: 2 cases per split, 1-2 images each, 3 classes."""
+  rows = []
+  for split, case_ids in _case_ids_by_split(2).items():
+    for k, case_id in enumerate(case_ids):
+      for view in range(1 + k):
+        i = len(rows)
+        path = f'img/{case_id}/view{view}.{"png" if i % 2 else "jpg"}'
+        write_image(root / path, mode=mode, seed=i, size=(20 + i, 14))
+        rows.append({'path': path, 'case_id': case_id,
+                     'label': ('nevus', 'melanoma', 'bcc')[i % 3],
+                     'notes': f'extra column {i}', 'split_expected': split})
+  write_cases(root, rows, columns=('path', 'case_id', 'label', 'notes'))
+  return rows
+
+
+def _build(root: Path, data_dir: Path, name: str = NAME, **kwargs) -> str:
+  return build_data.build(name, data_dir=os.fspath(data_dir),
+                          manual_dir=os.fspath(root), **kwargs)
+
+
+def _records(data_dir: Path, name: str = NAME) -> dict[str, dict[str, dict]]:
+  info = sources.dataset_info(name, os.fspath(data_dir))
+  return {split: {r['image_id'].decode(): r
+                  for r in sources.open_split(name, split, os.fspath(data_dir))}
+          for split in info.splits}
+
+
+def _assert_one_line_error(excinfo, *parts):
+  message = str(excinfo.value)
+  assert '\n' not in message, message
+  for part in parts:
+    assert str(part) in message, (part, message)
+
+
+def test_registered():
+  assert tfds_builders.BUILDERS[NAME] is image_cases.ImageCases
+
+
+def test_single_label_hash_split(tmp_path):
+  root = tmp_path / 'mine'
+  rows = _single_label_tree(root)
+  data_dir = tmp_path / 'data'
+  version_dir = _build(root, data_dir)
+  assert version_dir == os.fspath(data_dir / NAME / 'original' / '1.0.0')
+  info = sources.dataset_info(NAME, os.fspath(data_dir))
+  names = info.features['label'].names
+  assert names == ['bcc', 'melanoma', 'nevus']  # Sorted.
+  assert info.features['image'].shape == (None, None, 3)
+  records = _records(data_dir)
+  assert sorted(records) == ['test', 'train', 'validation']
+  by_path = {row['path']: row for row in rows}
+  assert sum(len(r) for r in records.values()) == len(rows) == 9
+  for split, by_id in records.items():
+    for image_id, record in by_id.items():
+      row = by_path[image_id]
+      assert split == row['split_expected'] == common.hash_split(row['case_id'])
+      assert record['case_id'].decode() == row['case_id']
+      assert names[record['label']] == row['label']
+      assert set(record) == {'image', 'image_id', 'case_id', 'label'}
+      # 8-bit RGB JPEG and PNG within max_side: stored as read.
+      assert record['image'] == (root / image_id).read_bytes()
+
+
+def test_multi_label_with_split_column(tmp_path):
+  root = tmp_path / 'mine'
+  rows = []
+  for i, (split, case_id, labels) in enumerate((
+      ('train', 'p1', 'effusion|mass'), ('train', 'p1', ''),
+      ('TRAIN', 'p2', 'atelectasis'), ('val', 'p3', 'mass | effusion'),
+      ('Valid', 'p3', 'mass'), ('validation', 'p4', ''),
+      ('test', 'p5', 'atelectasis|effusion|mass'))):
+    path = f'{case_id}_{i}.png'
+    write_image(root / path, seed=i)
+    rows.append({'path': path, 'case_id': case_id, 'labels': labels,
+                 'split': split})
+  write_cases(root, rows)
+  data_dir = tmp_path / 'data'
+  _build(root, data_dir)
+  info = sources.dataset_info(NAME, os.fspath(data_dir))
+  assert info.metadata['label_names'] == ['atelectasis', 'effusion', 'mass']
+  assert info.features['labels'].shape == (3,)
+  assert 'label' not in info.features
+  records = _records(data_dir)
+  assert {s: len(r) for s, r in records.items()} == {
+      'train': 3, 'validation': 3, 'test': 1}
+  expected = {
+      'p1_0.png': [0, 1, 1], 'p1_1.png': [0, 0, 0], 'p2_2.png': [1, 0, 0],
+      'p3_3.png': [0, 1, 1], 'p3_4.png': [0, 0, 1], 'p4_5.png': [0, 0, 0],
+      'p5_6.png': [1, 1, 1]}
+  for by_id in records.values():
+    for image_id, record in by_id.items():
+      assert record['labels'].dtype == np.float32
+      np.testing.assert_array_equal(record['labels'], expected[image_id])
+
+
+def test_absolute_paths_outside_manual_dir(tmp_path):
+  elsewhere = tmp_path / 'elsewhere'
+  rows = []
+  for i, case_id in enumerate(('a', 'a', 'b')):
+    path = write_image(elsewhere / f'{i}.jpg', seed=i)
+    rows.append({'path': os.fspath(path), 'case_id': case_id,
+                 'label': 'x' if i else 'y', 'split': 'train'})
+  root = tmp_path / 'mine'
+  write_cases(root, rows)
+  data_dir = tmp_path / 'data'
+  _build(root, data_dir)
+  records = _records(data_dir)
+  assert list(records) == ['train']  # Empty splits are left out.
+  assert set(records['train']) == {row['path'] for row in rows}
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB_GRAY'])
+def test_grayscale_images_get_one_channel(tmp_path, mode):
+  root = tmp_path / 'mine'
+  _single_label_tree(root, mode=mode)
+  config = image_cases.ImageCases.make_config(manual_dir=os.fspath(root))
+  assert config.channels == 1
+  data_dir = tmp_path / 'data'
+  _build(root, data_dir)
+  info = sources.dataset_info(NAME, os.fspath(data_dir))
+  assert info.features['image'].shape == (None, None, 1)
+  for by_id in _records(data_dir).values():
+    for image_id, record in by_id.items():
+      with Image.open(io.BytesIO(record['image'])) as image:
+        assert image.mode == 'L'
+        stored = np.asarray(image)
+      with Image.open(root / image_id) as original:
+        if original.format == 'PNG':  # Lossless: the same gray values.
+          np.testing.assert_array_equal(stored,
+                                        np.asarray(original.convert('L')))
+
+
+def test_one_colour_image_among_the_first_16_gives_three_channels(tmp_path):
+  root = tmp_path / 'mine'
+  rows = _single_label_tree(root, mode='L')
+  write_image(root / rows[-1]['path'], mode='RGB', size=(20 + len(rows) - 1, 14))
+  config = image_cases.ImageCases.make_config(manual_dir=os.fspath(root))
+  assert config.channels == 3
+  assert (config.class_names, config.multi_label) == (
+      ('bcc', 'melanoma', 'nevus'), False)
+
+
+def test_named_config_and_max_side(tmp_path):
+  root = tmp_path / 'mine'
+  rows = _single_label_tree(root)
+  data_dir = tmp_path / 'data'
+  version_dir = _build(root, data_dir, name=f'{NAME}/mine')
+  assert version_dir == os.fspath(data_dir / NAME / 'mine' / '1.0.0')
+  assert sum(len(r) for r in _records(data_dir, f'{NAME}/mine').values()) == 9
+  # A second private set in the same data dir, stored at a longest side of 16.
+  small = _build(root, data_dir, name=f'{NAME}/mine.small-16', max_side=16)
+  assert small == os.fspath(data_dir / NAME / 'mine.small-16' / '1.0.0')
+  info = sources.dataset_info(f'{NAME}/mine.small-16', os.fspath(data_dir))
+  assert info.metadata['max_side'] == 16
+  by_path = {row['path']: row for row in rows}
+  for by_id in _records(data_dir, f'{NAME}/mine.small-16').values():
+    for image_id, record in by_id.items():
+      assert image_id in by_path
+      with Image.open(io.BytesIO(record['image'])) as image:
+        assert max(image.size) == 16
+  assert _build(root, data_dir, name=f'{NAME}/side16') == os.fspath(
+      data_dir / NAME / 'side16' / '1.0.0')
+  assert _build(root, data_dir, max_side=16) == os.fspath(
+      data_dir / NAME / 'side16' / '1.0.0')  # Already built.
+  assert sorted(os.listdir(data_dir / NAME)) == ['mine', 'mine.small-16',
+                                                  'side16']
+
+
+@pytest.mark.parametrize('name', ['my set', '..', 'a/b'])
+def test_bad_config_name(tmp_path, name):
+  root = tmp_path / 'mine'
+  _single_label_tree(root)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.ImageCases.make_config(name, manual_dir=os.fspath(root))
+  _assert_one_line_error(excinfo, repr(name))
+
+
+def test_config_contradicting_max_side(tmp_path):
+  root = tmp_path / 'mine'
+  _single_label_tree(root)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.ImageCases.make_config('side32', max_side=16,
+                                       manual_dir=os.fspath(root))
+  _assert_one_line_error(excinfo, 'side32', '16')
+
+
+def test_manual_dir_is_required(tmp_path):
+  with pytest.raises(DataError) as excinfo:
+    build_data.build(NAME, data_dir=os.fspath(tmp_path / 'data'))
+  _assert_one_line_error(excinfo, '--manual_dir', 'cases.csv')
+
+
+def test_cases_csv_missing(tmp_path):
+  root = tmp_path / 'mine'
+  write_image(root / 'a.png')
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, root / 'cases.csv', 'not found')
+
+
+def test_missing_columns(tmp_path):
+  root = tmp_path / 'mine'
+  path = write_cases(root, [{'file': 'a.png', 'patient': 'p', 'label': 'x'}])
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, path, 'path', 'case_id')
+
+
+@pytest.mark.parametrize('columns', [('path', 'case_id', 'label', 'labels'),
+                                     ('path', 'case_id', 'split')])
+def test_label_and_labels_both_or_neither(tmp_path, columns):
+  root = tmp_path / 'mine'
+  write_image(root / 'a.png')
+  path = write_cases(root, [{'path': 'a.png', 'case_id': 'p', 'label': 'x',
+                             'labels': 'x', 'split': 'train'}], columns=columns)
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, path, 'label', 'labels',
+                         'both' if 'label' in columns else 'neither')
+
+
+def test_duplicate_path(tmp_path):
+  root = tmp_path / 'mine'
+  write_image(root / 'a.png')
+  write_image(root / 'b.png')
+  path = write_cases(root, [
+      {'path': 'a.png', 'case_id': 'p', 'label': 'x'},
+      {'path': 'b.png', 'case_id': 'p', 'label': 'x'},
+      {'path': './a.png', 'case_id': 'q', 'label': 'y'}])
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, path, 'line 4', 'line 2', './a.png')
+
+
+def test_case_in_two_splits(tmp_path):
+  root = tmp_path / 'mine'
+  rows = [{'path': f'{i}.png', 'case_id': case_id, 'label': 'x', 'split': split}
+          for i, (case_id, split) in enumerate(
+              (('p', 'train'), ('q', 'test'), ('p', 'val')))]
+  for row in rows:
+    write_image(root / row['path'])
+  path = write_cases(root, rows)
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, 'case p', 'two splits', f'{path} line 2',
+                         f'{path} line 4')
+
+
+def test_unknown_split(tmp_path):
+  root = tmp_path / 'mine'
+  write_image(root / 'a.png')
+  path = write_cases(root, [{'path': 'a.png', 'case_id': 'p', 'label': 'x',
+                             'split': 'train'},
+                            {'path': 'a2.png', 'case_id': 'q', 'label': 'x',
+                             'split': 'dev'}])
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, path, 'line 3', "'dev'")
+
+
+@pytest.mark.parametrize('column,message', [('case_id', 'empty case_id'),
+                                            ('label', 'empty label'),
+                                            ('path', 'empty path')])
+def test_empty_values(tmp_path, column, message):
+  root = tmp_path / 'mine'
+  write_image(root / 'a.png')
+  write_image(root / 'b.png')
+  rows = [{'path': 'a.png', 'case_id': 'p', 'label': 'x'},
+          {'path': 'b.png', 'case_id': 'q', 'label': 'y'}]
+  rows[1][column] = ''
+  path = write_cases(root, rows)
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, path, 'line 3', message)
+
+
+def test_bad_images_error_or_skip(tmp_path):
+  root = tmp_path / 'mine'
+  rows = _single_label_tree(root)
+  missing, broken = rows[4], rows[7]
+  os.remove(root / missing['path'])
+  (root / broken['path']).write_bytes(b'not an image')
+  cases = root / 'cases.csv'
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  first = min(rows.index(missing), rows.index(broken), key=lambda i: (
+      ('train', 'validation', 'test').index(rows[i]['split_expected']), i))
+  _assert_one_line_error(excinfo, f'{cases} line {first + 2}',
+                         root / rows[first]['path'])
+
+  data_dir = tmp_path / 'data'
+  _build(root, data_dir, skip_bad_images=True)
+  kept = {i for r in _records(data_dir).values() for i in r}
+  assert kept == {r['path'] for r in rows} - {missing['path'], broken['path']}
+  metadata = sources.dataset_info(NAME, os.fspath(data_dir)).metadata
+  assert metadata['num_skipped_images'] == 2
+  skipped = {entry['where']: entry for entry in metadata['skipped_images']}
+  assert set(skipped) == {f'{cases} line {rows.index(missing) + 2}',
+                          f'{cases} line {rows.index(broken) + 2}'}
+  entry = skipped[f'{cases} line {rows.index(missing) + 2}']
+  assert entry['split'] == missing['split_expected']
+  assert 'not found' in entry['reason']
+  assert 'cannot decode' in skipped[f'{cases} line {rows.index(broken) + 2}'][
+      'reason']
+
+
+# The real NIH sample (../shared/data/nih_chestxray14_sample) as a user's data.
+
+_SAMPLE_SPLITS = {'train': 'train', 'valid': 'validation', 'test': 'test'}
+
+
+def _sample_rows() -> list[dict]:
+  if not NIH_SAMPLE.is_dir():
+    pytest.skip('../shared/data/nih_chestxray14_sample is absent: the real-data '
+                'test of image_cases needs the NIH ChestX-ray14 sample there')
+  rows = []
+  for folder in sorted(_SAMPLE_SPLITS):
+    for label_dir in sorted((NIH_SAMPLE / folder).iterdir()):
+      for image in sorted(label_dir.glob('*.png')):
+        assert re.fullmatch(r'[0-9]{8}_[0-9]{3}\.png', image.name), image
+        rows.append({'path': os.fspath(image), 'case_id': image.name[:8],
+                     'label': label_dir.name, 'split': folder})
+  return rows
+
+
+def test_real_nih_sample(tmp_path):
+  rows = _sample_rows()
+  assert len(rows) == 1000
+  patients = {row['case_id'] for row in rows}
+  # The sample's README says 262 patients; its file names give 264.
+  assert len(patients) == 264
+  root = tmp_path / 'nih_sample'
+
+  # The sample's folders are not patient-disjoint: with them as the split
+  # column, the build refuses.
+  write_cases(root, rows)
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, 'two splits', 'splits must be case-disjoint')
+
+  # Patient-disjoint hash splits instead.
+  write_cases(root, rows, columns=('path', 'case_id', 'label'))
+  data_dir = tmp_path / 'data'
+  _build(root, data_dir, name=f'{NAME}/nih_sample')
+  name = f'{NAME}/nih_sample'
+  info = sources.dataset_info(name, os.fspath(data_dir))
+  assert info.features['label'].names == ['0_normal', '1_abnormal']
+  assert info.features['image'].shape == (None, None, 1)  # R=G=B X-rays.
+  split_of_patient = collections.defaultdict(set)
+  total = 0
+  for split in info.splits:
+    source = sources.open_split(name, split, os.fspath(data_dir))
+    total += len(source)
+    for record in source:
+      split_of_patient[record['case_id'].decode()].add(split)
+      assert split == common.hash_split(record['case_id'].decode())
+    groups = sources.case_index(name, split, os.fspath(data_dir))
+    assert sum(len(g) for g in groups) == len(source)
+  assert total == 1000
+  assert set(split_of_patient) == patients
+  assert all(len(s) == 1 for s in split_of_patient.values())
+  multi = sum(len(g) > 1 for split in info.splits
+              for g in sources.case_index(name, split, os.fspath(data_dir)))
+  assert multi == sum(c > 1 for c in collections.Counter(
+      row['case_id'] for row in rows).values())
+
+  # The folders as splits, with each image its own case: 600/200/200.
+  for row in rows:
+    row['case_id'] = Path(row['path']).stem
+  write_cases(root, rows)
+  _build(root, data_dir, name=f'{NAME}/nih_sample_folders')
+  info = sources.dataset_info(f'{NAME}/nih_sample_folders', os.fspath(data_dir))
+  assert {s: info.splits[s].num_examples for s in info.splits} == {
+      'train': 600, 'validation': 200, 'test': 200}

@@ -1,0 +1,413 @@
+"""TFDS builder for a user's own images, listed with their cases in `cases.csv`.
+
+Input: `manual_dir/cases.csv` (comma- or tab-separated) with the columns
+
+* `path`: the image file, relative to manual_dir or absolute; images may lie
+  anywhere. Any format Pillow decodes (JPEG, PNG, BMP, TIFF, ...).
+* `case_id`: what groups images (a patient, a lesion, a study): the unit that
+  splits keep together and that MICLe draws positive pairs from.
+* exactly one of `label` (single-label: one class name per image) or `labels`
+  (multi-label: `|`-separated class names, empty for no positive class);
+* optionally `split`: `train`, `validation` (or `val`, `valid`) or `test`,
+  case-insensitive.
+
+Other columns are ignored. The class names are the distinct names in the
+file, sorted; they become `label` (`tfds.features.ClassLabel`) or `labels`
+(float32 multi-hot vector, names in `metadata['label_names']`).
+
+Because the features depend on the data, there is no predefined config:
+`ImageCases.make_config(NAME, manual_dir=DIR)` reads cases.csv and returns an
+`ImageCasesConfig` holding the class names, whether the data is multi-label,
+and the number of channels. NAME is any name matching `[A-Za-z0-9_.-]+`, so
+one data dir can hold several private sets (`image_cases/derm_2024`); without
+one it is `original`, or `side<N>` with `max_side=N`. `original` and
+`side<N>` imply their max_side; another name stores images as published
+unless `max_side` is given.
+
+Channels: images are stored with 1 channel when the first (up to 16) listed
+images that exist and decode are all grayscale, in a gray mode or with equal
+red, green and blue everywhere (e.g. X-rays saved as RGB); else with 3 (gray
+images replicated). The check decodes only those images, so a later colour
+image in a gray set is stored as gray (luma).
+
+Splits. Without a `split` column, by case: the case's SHA-256 hash bucket
+`int(hashlib.sha256(case_id.encode()).hexdigest(), 16) % 100` gives 0-79
+`train`, 80-89 `validation`, 90-99 `test` (`tfds_builders.common.hash_split`).
+With one, as given; a case in two splits is an error. A split with no images
+is left out.
+
+Records: `image` (the file's bytes when it already is an 8-bit JPEG or PNG in
+the stored mode and within max_side, else converted and re-encoded: PNG stays
+PNG, anything else becomes JPEG; the feature's `encoding_format='jpeg'` is only
+what TFDS would use for arrays), `image_id` (the path as written in cases.csv,
+also the example key), `case_id`, and `label` or `labels`.
+
+Errors are one-line `bigssl_med.errors.DataError`s naming cases.csv and the
+line: missing columns, both or neither of `label` and `labels`, an empty path,
+case_id or label, an unknown split, a path listed twice (both lines named), a
+missing or undecodable image (skipped and listed in the metadata instead with
+`skip_bad_images`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import os
+import re
+from typing import Sequence
+
+from absl import logging
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from bigssl_med.errors import DataError
+from tfds_builders import common
+
+CASES_FILE = 'cases.csv'
+REQUIRED_COLUMNS = ('path', 'case_id')
+SPLIT_NAMES = ('train', 'validation', 'test')
+SPLIT_ALIASES = {'train': 'train', 'validation': 'validation',
+                 'val': 'validation', 'valid': 'validation', 'test': 'test'}
+# How many listed images (that exist and decode) decide the channel count.
+CHANNEL_PROBES = 16
+_CONFIG_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
+_GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N',
+               'F')
+
+_DESCRIPTION = """\
+Images of the user's own data set, listed with their cases and class labels in
+cases.csv (see the `tfds_builders.image_cases` module docstring).
+"""
+
+_MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+Put a cases.csv in a directory and pass that directory as --manual_dir. Columns:
+path (relative to that directory, or absolute), case_id, and label (one class)
+or labels (|-separated classes); optionally split (train/validation/test).
+"""
+
+
+@dataclasses.dataclass
+class ImageCasesConfig(common.ImageConfig):
+  """Config of `ImageCases`, made from cases.csv by `ImageCases.make_config`.
+
+  Attributes:
+    class_names: the sorted class names found in cases.csv.
+    multi_label: True for a `labels` column, False for `label`.
+    channels: 1 or 3, the channels images are stored with.
+  """
+  class_names: tuple[str, ...] = ()
+  multi_label: bool = False
+  channels: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One row of cases.csv.
+
+  Attributes:
+    line: its line number (the header is line 1).
+    path: the image path as written.
+    file: the image path resolved against manual_dir, normalised.
+    case_id: the case.
+    labels: its class names (one for single-label data).
+    split: 'train', 'validation' or 'test'.
+  """
+  line: int
+  path: str
+  file: str
+  case_id: str
+  labels: tuple[str, ...]
+  split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CasesTable:
+  """cases.csv, read and checked."""
+  path: str
+  cases: list[Case]
+  class_names: tuple[str, ...]
+  multi_label: bool
+  has_split: bool
+
+
+def read_cases(manual_dir: str) -> CasesTable:
+  """Reads and checks `manual_dir/cases.csv`.
+
+  Raises:
+    DataError: the file is missing or has no rows; it misses `path` or
+      `case_id`, has both or neither of `label` and `labels`; or a row has an
+      empty path, case_id or label, an unknown split or a path listed before,
+      or puts a case in two splits. Messages name the file and line.
+  """
+  path = os.path.join(manual_dir, CASES_FILE)
+  if not os.path.isfile(path):
+    raise DataError(f'{path} not found: image_cases reads its images from a '
+                    f'{CASES_FILE} in manual_dir (columns path, case_id, '
+                    'label or labels, optional split)')
+  columns, rows = common.read_table(path, REQUIRED_COLUMNS)
+  has_label, has_labels = 'label' in columns, 'labels' in columns
+  if has_label == has_labels:
+    found = 'both' if has_label else 'neither'
+    raise DataError(f'{path}: has {found} of the columns label and labels; give '
+                    'exactly one: label (one class per image) or labels '
+                    '(|-separated classes, multi-label)')
+  has_split = 'split' in columns
+  cases, seen = [], {}
+  for row in rows:
+    case = _parse_row(row, path, manual_dir, multi_label=has_labels,
+                      has_split=has_split)
+    earlier = seen.get(case.file)
+    if earlier is not None:
+      raise DataError(f'{row.where(path)}: image {case.path} is already listed on '
+                      f'line {earlier.line} ({earlier.path})')
+    seen[case.file] = case
+    cases.append(case)
+  if not cases:
+    raise DataError(f'{path}: no rows after the header')
+  if has_split:
+    common.check_case_disjoint((c.case_id, c.split, f'{path} line {c.line}')
+                               for c in cases)
+  class_names = tuple(sorted({name for c in cases for name in c.labels}))
+  if not class_names:
+    raise DataError(f'{path}: no class names in column labels (every row is '
+                    'empty)')
+  return CasesTable(path=path, cases=cases, class_names=class_names,
+                    multi_label=has_labels, has_split=has_split)
+
+
+def is_grayscale(image: Image.Image) -> bool:
+  """Whether a decoded image has one channel, or colour channels all equal."""
+  if image.mode in _GRAY_MODES:
+    return True
+  rgb = np.asarray(image.convert('RGB'))
+  return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
+              np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def detect_channels(cases: Sequence[Case], probes: int = CHANNEL_PROBES) -> int:
+  """1 when the first `probes` listed images that exist and decode are gray.
+
+  Images that are missing or cannot be decoded are passed over (the build
+  reports them); with none to look at, 3.
+  """
+  looked = 0
+  for case in cases:
+    if looked == probes:
+      break
+    try:
+      with open(case.file, 'rb') as f:
+        data = f.read()
+      with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        gray = is_grayscale(image)
+    except (OSError, ValueError, SyntaxError, EOFError,
+            Image.DecompressionBombError):
+      continue
+    if not gray:
+      return 3
+    looked += 1
+  return 1 if looked else 3
+
+
+def check_config_name(name: str) -> str:
+  """Returns `name` if usable as a config (and directory) name.
+
+  Raises:
+    DataError: `name` does not match `[A-Za-z0-9_.-]+` or is only dots.
+  """
+  if not _CONFIG_NAME_RE.match(name) or not name.strip('.'):
+    raise DataError(f'image_cases config name {name!r} is not usable: use letters, '
+                    'digits, _, . and - (e.g. image_cases/derm_2024)')
+  return name
+
+
+class ImageCases(common.ImageBuilder):
+  """A user's images with case ids and class labels, listed in cases.csv.
+
+  Build with `python -m bigssl_med.build_data image_cases[/NAME] --manual_dir=DIR`
+  (see the module docstring). Splits: the `split` column, else case-hash
+  80/10/10. Example keys are the image paths as written in cases.csv.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Images, case ids and single- or multi-label classes from '
+               'cases.csv.',
+  }
+  # A placeholder that names the default config directory (`original`): every
+  # real config is made from the data by `make_config`.
+  BUILDER_CONFIGS = [ImageCasesConfig(name=common.ORIGINAL)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  @classmethod
+  def get_builder_config(cls, name, version=None):
+    """None: no config is predefined.
+
+    TFDS refuses a config object that shares a name with a listed one; every
+    `ImageCasesConfig` is made from the data, so none is listed for TFDS.
+    """
+    del name, version
+    return None
+
+  @classmethod
+  def make_config(cls, config: str | None = None, *,
+                  max_side: int | None = None,
+                  manual_dir: str | None = None) -> ImageCasesConfig:
+    """Reads `manual_dir/cases.csv` and returns the config to build it with.
+
+    Args:
+      config: the config name: `original`, `side<N>` or any other name matching
+        `[A-Za-z0-9_.-]+`; None for `original`, or `side<max_side>`.
+      max_side: longest stored side; must agree with `config` when that is
+        `original` or `side<N>`.
+      manual_dir: the directory with cases.csv (required).
+
+    Raises:
+      DataError: no manual_dir, a bad config name or max_side, or a bad
+        cases.csv (see `read_cases`).
+    """
+    if manual_dir is None:
+      raise DataError('image_cases needs --manual_dir: a directory with a '
+                      f'{CASES_FILE} listing the images (columns path, case_id, '
+                      'label or labels, optional split)')
+    if config is None or _is_size_name(config):
+      sized = super().make_config(config, max_side=max_side)
+      name, max_side = sized.name, sized.max_side
+    else:
+      name = check_config_name(config)
+      if max_side is not None:  # Checks it as for any image builder.
+        max_side = super().make_config(None, max_side=max_side).max_side
+    table = read_cases(os.fspath(manual_dir))
+    channels = detect_channels(table.cases)
+    kind = 'multi-label' if table.multi_label else 'single-label'
+    size = ('as published' if max_side is None else
+            f'downscaled to a longest side of at most {max_side}')
+    return ImageCasesConfig(
+        name=name, max_side=max_side, class_names=table.class_names,
+        multi_label=table.multi_label, channels=channels,
+        description=(f'{len(table.cases)} images from {table.path}, {kind}, '
+                     f'{len(table.class_names)} classes, {channels} channel(s), '
+                     f'stored {size}.'))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    config = self.builder_config
+    if not isinstance(config, ImageCasesConfig) or not config.class_names:
+      raise DataError('image_cases has no predefined config: make one from the '
+                      'data with ImageCases.make_config(NAME, manual_dir=DIR), '
+                      'or build with python -m bigssl_med.build_data '
+                      'image_cases[/NAME] --manual_dir=DIR')
+    metadata = self.new_metadata()
+    features = {
+        'image': tfds.features.Image(
+            shape=(None, None, config.channels), encoding_format='jpeg',
+            doc='The image: its file bytes, or converted and re-encoded (PNG '
+                'stays PNG, other formats become JPEG).'),
+        'image_id': tfds.features.Text(doc='The path as written in cases.csv.'),
+        'case_id': tfds.features.Text(doc='The case: the grouping unit.'),
+    }
+    if config.multi_label:
+      metadata['label_names'] = list(config.class_names)
+      features['labels'] = tfds.features.Tensor(
+          shape=(len(config.class_names),), dtype=np.float32,
+          doc="Multi-hot classes, in the order of metadata['label_names'].")
+      supervised_keys = ('image', 'labels')
+    else:
+      features['label'] = tfds.features.ClassLabel(
+          names=config.class_names, doc='The class (cases.csv column label).')
+      supervised_keys = ('image', 'label')
+    return self.dataset_info_from_configs(
+        description=_DESCRIPTION,
+        features=tfds.features.FeaturesDict(features),
+        supervised_keys=supervised_keys,
+        metadata=metadata,
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = common.manual_dir_or_none(dl_manager)
+    if manual_dir is None:
+      raise DataError('image_cases needs --manual_dir: a directory with a '
+                      f'{CASES_FILE} listing the images')
+    table = read_cases(manual_dir)
+    config = self.builder_config
+    if (table.class_names != tuple(config.class_names) or
+        table.multi_label != config.multi_label):
+      raise DataError(f'{table.path} has changed since config {config.name} was '
+                      'made from it (class names or label column differ); make '
+                      'the config again')
+    by_split = collections.defaultdict(list)
+    for case in table.cases:
+      by_split[case.split].append(case)
+    empty = [split for split in SPLIT_NAMES if not by_split[split]]
+    if empty:  # TFDS cannot write an empty split.
+      logging.warning('image_cases from %s: no images in split(s) %s; they are '
+                      'left out.', table.path, ', '.join(empty))
+    store = self.image_store(channels=config.channels)
+    return {
+        split: self._generate_examples(by_split[split], split, store, table.path)
+        for split in SPLIT_NAMES if by_split[split]
+    }
+
+  def _generate_examples(self, cases: Sequence[Case], split: str,
+                         store: common.ImageStore, cases_path: str):
+    config = self.builder_config
+    index = {name: i for i, name in enumerate(config.class_names)}
+    for case in common.with_progress(cases, total=len(cases),
+                                     what=f'image_cases {split}'):
+      image = store.load(case.file, where=f'{cases_path} line {case.line}',
+                         split=split)
+      if image is None:
+        continue
+      example = {'image': image, 'image_id': case.path, 'case_id': case.case_id}
+      if config.multi_label:
+        labels = np.zeros(len(config.class_names), dtype=np.float32)
+        for name in case.labels:
+          labels[index[name]] = 1.0
+        example['labels'] = labels
+      else:
+        example['label'] = case.labels[0]
+      yield case.path, example
+
+
+def _is_size_name(name: str) -> bool:
+  """Whether `name` is `original` or `side<N>`."""
+  try:
+    common.max_side_of(name)
+  except DataError:
+    return False
+  return True
+
+
+def _parse_row(row: common.Row, path: str, manual_dir: str, *,
+               multi_label: bool, has_split: bool) -> Case:
+  """Checks one row of cases.csv."""
+  where = row.where(path)
+  image_path, case_id = row.get('path'), row.get('case_id')
+  if not image_path:
+    raise DataError(f'{where}: empty path')
+  if not case_id:
+    raise DataError(f'{where}: empty case_id')
+  if multi_label:
+    text = row.get('labels')
+    labels = tuple(name.strip() for name in text.split('|')) if text else ()
+    if not all(labels):
+      raise DataError(f'{where}: empty class name in labels {text!r}')
+    labels = tuple(sorted(set(labels)))
+  else:
+    label = row.get('label')
+    if not label:
+      raise DataError(f'{where}: empty label')
+    labels = (label,)
+  if has_split:
+    text = row.get('split')
+    split = SPLIT_ALIASES.get(text.lower())
+    if split is None:
+      raise DataError(f'{where}: unknown split {text!r}; expected train, '
+                      'validation (or val, valid) or test')
+  else:
+    split = common.hash_split(case_id)
+  file = os.path.normpath(os.path.join(manual_dir, image_path))
+  return Case(line=row.line, path=image_path, file=file, case_id=case_id,
+              labels=labels, split=split)
