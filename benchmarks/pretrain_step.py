@@ -75,6 +75,60 @@ def _flops(compiled) -> float:
   return float(analysis.get('flops', 0.0)) if analysis else 0.0
 
 
+def make_step(*, depth=50, width=1.0, sk_ratio=0.0, image_size=224, batch=256,
+              dtype='bfloat16', augment_on_device=True) -> types.SimpleNamespace:
+  """The trainer's jitted pretrain step over every device, with fresh state.
+
+  Returns a namespace with `mesh`, `num_devices`, `model`, `variables`, `state`
+  (`{'model', 'opt'}`), `train_step` (jitted, state donated), `batch_sharding`,
+  `image_size` and `batch`.
+  """
+  mesh = parallel.data_mesh()
+  n_dev = mesh.devices.size
+  if batch % n_dev:
+    raise SystemExit(f'--batch {batch} is not a multiple of the {n_dev} devices')
+  jdtype = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
+  model = models.ContrastiveModel(
+      encoder=models.ResNet(depth=depth, width_multiplier=width, sk_ratio=sk_ratio,
+                            dtype=jdtype),
+      head=models.ProjectionHead(num_layers=3, out_dim=128, dtype=jdtype))
+  schedule = optim.warmup_cosine(optim.peak_learning_rate(0.3, 'linear', batch), 10_000, 100)
+
+  def init(rng):
+    return dict(model.init(rng, jnp.zeros((2, image_size, image_size, 3)), train=False))
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
+  opt_config = types.SimpleNamespace(name='lars', weight_decay=1e-6, trust_coefficient=1e-3,
+                                     momentum=0.9)
+  tx = optim.build_optimizer(opt_config, schedule, abstract['params'])
+  repl = parallel.replicated(mesh)
+  variables = jax.jit(init, out_shardings=repl)(jax.random.key(0))
+  opt = jax.jit(lambda v: {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(v['params'])},
+                out_shardings=repl)(variables)
+  if augment_on_device:
+    augment_views = augment.simclr_augment
+  else:
+    augment_views = lambda key, views: augment.to_float(views)
+  step_fn = contrastive.make_train_step(model, tx, schedule, augment_views=augment_views,
+                                        temperature=0.1, weight_decay=1e-6)
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = jax.jit(step_fn, in_shardings=(repl, batch_sharding, repl),
+                       out_shardings=(repl, repl), donate_argnums=0)
+  return types.SimpleNamespace(
+      mesh=mesh, num_devices=n_dev, model=model, variables=variables,
+      state={'model': variables, 'opt': opt}, train_step=train_step,
+      batch_sharding=batch_sharding, image_size=image_size, batch=batch)
+
+
+def synthetic_batches(setup, count: int) -> list:
+  """`count` random uint8 view batches, already on the devices."""
+  rng = np.random.default_rng(0)
+  size = setup.image_size
+  return [jax.device_put(
+      {'views': rng.integers(0, 256, (setup.batch, 2, size, size, 3), dtype=np.uint8)},
+      setup.batch_sharding) for _ in range(count)]
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--depth', type=int, default=50)
@@ -93,47 +147,13 @@ def main(argv=None):
   p.add_argument('--dump_hlo', default='', help='write the compiled step\'s HLO to this file')
   args = p.parse_args(argv)
 
-  mesh = parallel.data_mesh()
-  n_dev = mesh.devices.size
-  if args.batch % n_dev:
-    raise SystemExit(f'--batch {args.batch} is not a multiple of the {n_dev} devices')
-  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
-  model = models.ContrastiveModel(
-      encoder=models.ResNet(depth=args.depth, width_multiplier=args.width,
-                            sk_ratio=args.sk_ratio, dtype=dtype),
-      head=models.ProjectionHead(num_layers=3, out_dim=128, dtype=dtype))
-  size = args.image_size
-  total_steps = 10_000
-  schedule = optim.warmup_cosine(optim.peak_learning_rate(0.3, 'linear', args.batch),
-                                 total_steps, 100)
-
-  def init(rng):
-    return dict(model.init(rng, jnp.zeros((2, size, size, 3)), train=False))
-
-  abstract = jax.eval_shape(init, jax.random.key(0))
-  opt_config = types.SimpleNamespace(name='lars', weight_decay=1e-6, trust_coefficient=1e-3,
-                                     momentum=0.9)
-  tx = optim.build_optimizer(opt_config, schedule, abstract['params'])
-  repl = parallel.replicated(mesh)
-  variables = jax.jit(init, out_shardings=repl)(jax.random.key(0))
-  opt = jax.jit(lambda v: {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(v['params'])},
-                out_shardings=repl)(variables)
-  state = {'model': variables, 'opt': opt}
-
-  if args.no_augment:
-    augment_views = lambda key, views: augment.to_float(views)
-  else:
-    augment_views = augment.simclr_augment
-  step_fn = contrastive.make_train_step(model, tx, schedule, augment_views=augment_views,
-                                        temperature=0.1, weight_decay=1e-6)
-  batch_sharding = parallel.batch_sharding(mesh)
-  train_step = jax.jit(step_fn, in_shardings=(repl, batch_sharding, repl),
-                       out_shardings=(repl, repl), donate_argnums=0)
-
-  rng = np.random.default_rng(0)
-  batches = [jax.device_put(
-      {'views': rng.integers(0, 256, (args.batch, 2, size, size, 3), dtype=np.uint8)},
-      batch_sharding) for _ in range(2)]
+  setup = make_step(depth=args.depth, width=args.width, sk_ratio=args.sk_ratio,
+                    image_size=args.image_size, batch=args.batch, dtype=args.dtype,
+                    augment_on_device=not args.no_augment)
+  model, variables, state, train_step = (setup.model, setup.variables, setup.state,
+                                         setup.train_step)
+  n_dev, size = setup.num_devices, args.image_size
+  batches = synthetic_batches(setup, 2)
   key = jax.random.key(1)
 
   t0 = time.perf_counter()

@@ -1,0 +1,79 @@
+"""Label fractions drawn at the case level: nested, seeded, order-independent.
+
+Label-efficiency experiments fine-tune on 1%, 10%, ... of the labelled training
+data. Here a fraction is a fraction of *cases* (patients, lesions), never of
+images, so that the images of one case are all in or all out, and the subsets
+are nested: for one seed, the 1% cases are among the 10% cases, which are among
+the 50% cases, and so on.
+
+Each case gets a rank key `sha256(f'{seed}:{case_id}')`; a fraction `f` of `n`
+cases keeps the `ceil(f * n)` cases with the smallest keys. The subset depends
+only on the seed and the set of case ids, not on the order of the records, the
+number of hosts or which other fractions are drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from bigssl_med.errors import ConfigError
+
+
+def check_fraction(fraction: float) -> float:
+  """`fraction` as a float in (0, 1].
+
+  Raises:
+    ConfigError: it is not a number in (0, 1] (e.g. a percentage such as 10).
+  """
+  try:
+    value = float(fraction)
+  except (TypeError, ValueError):
+    raise ConfigError(f'label fraction must be a number in (0, 1], got '
+                      f'{fraction!r}') from None
+  if not 0.0 < value <= 1.0:
+    raise ConfigError(f'label fraction must be in (0, 1] (0.01 for 1%), got '
+                      f'{fraction!r}')
+  return value
+
+
+def case_order(case_ids: Sequence[str], seed: int) -> list[str]:
+  """The case ids sorted by their rank key for `seed` (ties by id)."""
+  def key(case_id):
+    digest = hashlib.sha256(f'{int(seed)}:{case_id}'.encode('utf-8')).digest()
+    return digest, case_id
+  return sorted(set(case_ids), key=key)
+
+
+def select_cases(case_ids: Sequence[str], fraction: float, seed: int) -> list[str]:
+  """The `ceil(fraction * n)` cases of the fraction, in rank order.
+
+  Args:
+    case_ids: the distinct cases to draw from (duplicates are ignored).
+    fraction: in (0, 1]; 1 keeps every case.
+    seed: the draw; the same seed gives nested subsets for growing fractions.
+
+  Raises:
+    ConfigError: a fraction outside (0, 1], or no cases.
+  """
+  fraction = check_fraction(fraction)
+  ordered = case_order(case_ids, seed)
+  if not ordered:
+    raise ConfigError('cannot draw a label fraction from a split with no cases')
+  return ordered[:max(1, math.ceil(fraction * len(ordered) - 1e-9))]
+
+
+def fraction_records(cases: Mapping[str, np.ndarray], fraction: float,
+                     seed: int) -> np.ndarray:
+  """Sorted record indices of every image of the selected cases.
+
+  Args:
+    cases: `case_id` -> record indices, as `bigssl_med.data.sources.cases`.
+    fraction: in (0, 1].
+    seed: the draw.
+  """
+  chosen = select_cases(list(cases), fraction, seed)
+  return np.sort(np.concatenate([np.asarray(cases[c], np.int64) for c in chosen]))

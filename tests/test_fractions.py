@@ -1,0 +1,80 @@
+"""Tests of case-level, nested label fractions."""
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from bigssl_med.data import fractions
+from bigssl_med.data import sources
+from bigssl_med.errors import ConfigError
+
+
+def _cases(num_cases=500, seed=0):
+  """A random case -> records mapping with 1 to 4 records per case."""
+  rng = random.Random(seed)
+  case_ids = []
+  for c in range(num_cases):
+    case_ids += [f'patient{c:05d}'] * rng.randint(1, 4)
+  rng.shuffle(case_ids)
+  return sources.group_cases(case_ids), case_ids
+
+
+def test_fractions_are_nested_and_case_level():
+  cases, case_ids = _cases()
+  previous = set()
+  for fraction in (0.01, 0.1, 0.25, 0.5, 1.0):
+    records = fractions.fraction_records(cases, fraction, seed=3)
+    chosen = {case_ids[i] for i in records}
+    assert len(chosen) == math.ceil(fraction * len(cases))
+    # Every image of a chosen case is in, none of the others.
+    assert sorted(records.tolist()) == sorted(
+        i for i, c in enumerate(case_ids) if c in chosen)
+    assert previous <= chosen
+    previous = chosen
+  assert len(previous) == len(cases)
+
+
+def test_fraction_depends_on_seed_not_on_record_order():
+  cases, case_ids = _cases()
+  chosen = fractions.select_cases(list(cases), 0.1, seed=7)
+  reordered = dict(reversed(list(cases.items())))
+  assert fractions.select_cases(list(reordered), 0.1, seed=7) == chosen
+  assert fractions.select_cases(list(cases), 0.1, seed=8) != chosen
+  # Removing unchosen cases keeps the chosen ones first in rank order.
+  order = fractions.case_order(list(cases), seed=7)
+  assert order[:len(chosen)] == chosen
+
+
+def test_fraction_matches_an_independent_sha256_ranking():
+  import hashlib  # pylint: disable=g-import-not-at-top
+  ids = [f'c{i}' for i in range(40)]
+  expected = sorted(ids, key=lambda c: hashlib.sha256(
+      f'11:{c}'.encode()).hexdigest())[:4]
+  assert fractions.select_cases(ids, 0.1, seed=11) == expected
+
+
+def test_draw_is_roughly_uniform_over_cases():
+  ids = [f'c{i}' for i in range(50)]
+  counts = np.zeros(50)
+  for seed in range(400):
+    for c in fractions.select_cases(ids, 0.2, seed):
+      counts[int(c[1:])] += 1
+  # Each case is drawn with p = 0.2: 80 expected of 400, sd ~8.
+  assert counts.min() > 50 and counts.max() < 110
+
+
+def test_tiny_fraction_keeps_at_least_one_case():
+  assert len(fractions.select_cases(['a', 'b', 'c'], 0.01, seed=0)) == 1
+
+
+@pytest.mark.parametrize('fraction', [0, -0.1, 1.5, 10, 'ten', None])
+def test_bad_fraction_is_a_config_error(fraction):
+  with pytest.raises(ConfigError, match='label fraction'):
+    fractions.select_cases(['a'], fraction, seed=0)
+
+
+def test_no_cases_is_a_config_error():
+  with pytest.raises(ConfigError, match='no cases'):
+    fractions.select_cases([], 0.5, seed=0)
