@@ -78,3 +78,26 @@ def test_bad_fraction_is_a_config_error(fraction):
 def test_no_cases_is_a_config_error():
   with pytest.raises(ConfigError, match='no cases'):
     fractions.select_cases([], 0.5, seed=0)
+
+
+def test_open_fraction_of_a_built_data_set(small_ham10000):
+  data_dir, _ = small_ham10000
+  full, all_groups = fractions.open_fraction('ham10000', 'train', data_dir, 1.0, seed=0)
+  assert len(full) == sum(len(g) for g in all_groups)
+  previous = set()
+  for fraction in (0.05, 0.3, 0.6):
+    subset, groups = fractions.open_fraction('ham10000', 'train', data_dir, fraction,
+                                             seed=5)
+    assert len(subset) == sum(len(g) for g in groups)
+    assert len(groups) == math.ceil(fraction * len(all_groups))
+    by_case = {}
+    for group in groups:
+      ids = {subset[int(i)]['case_id'] for i in group}
+      assert len(ids) == 1  # A group is one case, whole.
+      by_case[ids.pop()] = len(group)
+    full_sizes = {full[int(g[0])]['case_id']: len(g) for g in all_groups}
+    assert all(full_sizes[c] == n for c, n in by_case.items())
+    assert previous <= set(by_case)
+    previous = set(by_case)
+    records = subset.__getitems__([0, len(subset) - 1])
+    assert records[0]['image_id'] == subset[0]['image_id']

@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bigssl_med import augment, config_schema, contrastive, models, optim, parallel
+from bigssl_med import augment, build_data, config_schema, contrastive, models, optim, parallel
+from bigssl_med.data import sources
 from bigssl_med.errors import CheckpointError, ConfigError, DataError
 from bigssl_med.trainers import pretrain
 
@@ -318,3 +319,32 @@ def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_pat
   with pytest.raises(CheckpointError, match='does not match this run') as e:
     pretrain.train_and_evaluate(cfg, copy)
   assert '\n' not in str(e.value)
+
+
+def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path):
+  """MICLe over the NIH sample's patients, built by `image_cases` (grayscale)."""
+  sample = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / (
+      'nih_chestxray14_sample')
+  if not sample.is_dir():
+    pytest.skip(f'{sample} is absent: the real chest X-ray sample comes with '
+                '../shared/data (see its README)')
+  lines = ['path,case_id,label']
+  for path in sorted(sample.glob('*/*/*.png')):
+    lines.append(f'{path},{path.name[:8]},{path.parent.name.split("_", 1)[1]}')
+  manual_dir = tmp_path / 'raw'
+  manual_dir.mkdir()
+  (manual_dir / 'cases.csv').write_text('\n'.join(lines) + '\n')
+  data_dir = tmp_path / 'data'
+  build_data.build('image_cases/nih_sample', data_dir=os.fspath(data_dir),
+                   manual_dir=os.fspath(manual_dir))
+  info = sources.dataset_info('image_cases/nih_sample', os.fspath(data_dir))
+  assert info.features['image'].shape[-1] == 1
+  assert info.features['label'].names == ['abnormal', 'normal']
+  cfg = tiny_config(os.fspath(data_dir), dataset='image_cases/nih_sample',
+                    total_steps=2, eval_batches=1)
+  cfg.augment.hue = False
+  cfg.augment.saturation = False
+  results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
+  assert results['step'] == 2
+  assert np.isfinite(results['validation']['contrastive_loss'])
+  assert 0.0 <= results['validation']['probe_top1'] <= 1.0

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bigssl_med.data import sources
 from bigssl_med.errors import ConfigError
 
 
@@ -77,3 +78,34 @@ def fraction_records(cases: Mapping[str, np.ndarray], fraction: float,
   """
   chosen = select_cases(list(cases), fraction, seed)
   return np.sort(np.concatenate([np.asarray(cases[c], np.int64) for c in chosen]))
+
+
+def open_fraction(name: str, split: str, data_dir: str, fraction: float, seed: int
+                  ) -> tuple[Sequence[dict], list[np.ndarray]]:
+  """Opens the records of a label fraction of a split, grouped by case.
+
+  Args:
+    name: the data set (`NAME[/CONFIG]`).
+    split: the split to draw from (usually 'train').
+    data_dir: the TFDS data dir.
+    fraction: in (0, 1]; 1 opens the whole split.
+    seed: the draw (nested over fractions for one seed).
+
+  Returns:
+    (source, groups): a random-access source over the chosen records (record
+    order kept) and, per chosen case, its positions in that source.
+
+  Raises:
+    DataError: the data set or split is missing. ConfigError: a bad fraction.
+  """
+  fraction = check_fraction(fraction)
+  source = sources.open_split(name, split, data_dir)
+  cases = sources.cases(name, split, data_dir)
+  if fraction == 1.0:
+    return source, list(cases.values())
+  indices = fraction_records(cases, fraction, seed)
+  position = {int(record): i for i, record in enumerate(indices)}
+  chosen = set(select_cases(list(cases), fraction, seed))
+  groups = [np.asarray([position[int(r)] for r in records], np.int64)
+            for case_id, records in cases.items() if case_id in chosen]
+  return sources.Subset(source, indices), groups

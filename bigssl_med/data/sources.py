@@ -13,6 +13,7 @@ order, so that grouping records by case (MICLe) needs no scan of the records:
 
 from __future__ import annotations
 
+import collections.abc
 import json
 import os
 import tempfile
@@ -181,6 +182,38 @@ def group_cases(case_ids: Sequence[str]) -> dict[str, np.ndarray]:
 def group_by_case(case_ids: Sequence[str]) -> list[np.ndarray]:
   """Groups positions by value: sorted arrays, in order of first appearance."""
   return list(group_cases(case_ids).values())
+
+
+class Subset(collections.abc.Sequence):
+  """The records `indices` of a random-access data source, as a data source."""
+
+  def __init__(self, source: Sequence[dict[str, Any]], indices: Sequence[int]):
+    self._source = source
+    self._indices = np.asarray(indices, dtype=np.int64)
+    if self._indices.size and (self._indices.min() < 0
+                               or self._indices.max() >= len(source)):
+      raise IndexError(f'subset indices outside [0, {len(source)})')
+
+  @property
+  def indices(self) -> np.ndarray:
+    return self._indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, key):
+    if isinstance(key, slice):
+      raise TypeError('Subset takes integer keys')
+    return self._source[int(self._indices[key])]
+
+  def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
+    wanted = [int(self._indices[k]) for k in keys]
+    if hasattr(self._source, '__getitems__'):
+      return list(self._source.__getitems__(wanted))
+    return [self._source[k] for k in wanted]
+
+  def __repr__(self) -> str:
+    return f'Subset({len(self)} of {len(self._source)} records)'
 
 
 def scan_case_ids(source: Sequence[dict[str, Any]]) -> list[str]:
