@@ -1,0 +1,592 @@
+"""Report of fine-tuning runs: label efficiency of each initialisation, over seeds.
+
+    python -m bigssl_med.report DIR [DIR ...] --out report.md [--metric NAME] [--split test]
+
+Each DIR is a run's workdir, a folder searched recursively for `results.json`, or a
+`results.json` itself. A run's `results.json` holds
+
+    {"trainer": "finetune", "dataset": "ham10000", "init": "micle",
+     "label_fraction": 0.1, "seed": 0, "primary_metric": "top1",
+     "validation": {"top1": 0.8, ...}, "test": {"top1": 0.79, ...}}
+
+(`init` names the starting weights: scratch, supervised, simclr, micle or any string;
+`label_fraction` is in (0, 1]). Files without `trainer`, or from the `pretrain`
+trainer, are skipped. Beside it, `test_predictions.npz` (`<split>_predictions.npz`)
+may hold `scores` `[N, K]` probabilities, `labels` (`[N]` classes or `[N, K]`
+multi-label targets), optionally `mask` `[N, K]` and `class_names`, for ROC curves.
+
+Written next to `--out`:
+- `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
+  a table of initialisations x label fractions; a cell is mean ± std over seeds, the
+  column's best in bold, the others with Welch's t-test p-value against it and `≈`
+  when p > 0.05;
+- `report.csv`: one row per data set, metric, initialisation and label fraction;
+- `report_label_efficiency_<dataset>.png`: the metric against the label fraction;
+- `report_roc_<dataset>.png`: ROC curves of each initialisation's first seed at its
+  largest label fraction with predictions.
+A data set with runs of several trainers gets rows `init (trainer)`. Runs whose split
+metrics are `{}` (the data set has no such split) are left out with a warning. Bad
+input (no runs, a malformed results.json) is a one-line `error: ...` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import json
+import logging
+import math
+import os
+import re
+import sys
+from typing import Any, Iterable, Sequence
+import warnings
+
+import numpy as np
+from scipy import stats
+from sklearn import metrics as sk_metrics
+
+from bigssl_med import metrics as metrics_lib
+from bigssl_med.errors import DataError, UserError
+
+RESULTS_FILE = 'results.json'
+REQUIRED_KEYS = ('dataset', 'init', 'label_fraction', 'seed', 'primary_metric')
+SKIPPED_TRAINERS = ('pretrain',)
+# Rows come in this order, then any other initialisation alphabetically.
+INIT_ORDER = ('scratch', 'supervised', 'simclr', 'micle')
+ALPHA = 0.05
+EQUIVALENT = '≈'
+MISSING = '—'
+MAX_ROC_PANELS = 5
+
+
+# ------------------------------------------------------------------------- Collecting.
+
+
+def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
+  """The fine-tuning runs whose `results.json` lie in or under `dirs`.
+
+  Args:
+    dirs: run workdirs, folders to search recursively, or `results.json` files.
+
+  Returns:
+    One dict per run, in path order: `path` (of results.json), `workdir`, `trainer`,
+    `dataset`, `init`, `label_fraction`, `seed`, `fraction_seed` (None when absent),
+    `primary_metric` and `results` (the whole parsed file). A file reached twice counts
+    once. Empty when none is found.
+
+  Raises:
+    DataError: for a DIR that does not exist, a results.json that is not a JSON object
+      or lacks a key, or two files that are the same run (data set, trainer,
+      initialisation, label fraction, seed and fraction_seed).
+  """
+  runs, seen, by_key = [], set(), {}
+  for top in dirs:
+    for path in _results_files(top):
+      real = os.path.realpath(path)
+      if real in seen:
+        continue
+      seen.add(real)
+      run = _load_run(path)
+      if run is None:
+        continue
+      key = (run['dataset'], run['trainer'], run['init'], run['label_fraction'],
+             run['seed'], run['fraction_seed'])
+      if key in by_key:
+        raise DataError(f'{path} and {by_key[key]} are the same run (dataset, trainer, '
+                        'init, label_fraction, seed, fraction_seed = '
+                        f'{", ".join(map(str, key))})')
+      by_key[key] = path
+      runs.append(run)
+  return runs
+
+
+def _results_files(top: str) -> list[str]:
+  if os.path.isfile(top):
+    return [top]
+  if not os.path.isdir(top):
+    raise DataError(f'{top} does not exist')
+  found = []
+  for root, subdirs, files in os.walk(top):
+    subdirs.sort()
+    if RESULTS_FILE in files:
+      found.append(os.path.join(root, RESULTS_FILE))
+  return found
+
+
+def _load_run(path: str) -> dict[str, Any] | None:
+  """Parses and checks one results.json; None when it is not a fine-tuning run's."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataError(f'{path}: not valid JSON ({e.msg} at line {e.lineno}, '
+                    f'column {e.colno})') from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise DataError(f'{path}: cannot be read ({e})') from None
+  if not isinstance(results, dict):
+    raise DataError(f'{path}: expected a JSON object, got {type(results).__name__}')
+  trainer = results.get('trainer')
+  if trainer is None or trainer in SKIPPED_TRAINERS:
+    logging.debug('Skipping %s: trainer %s.', path, trainer)
+    return None
+  for key in REQUIRED_KEYS:
+    if key not in results:
+      raise DataError(f"{path}: missing key '{key}'")
+  for key in ('trainer', 'dataset', 'init', 'primary_metric'):
+    if not isinstance(results[key], str) or not results[key]:
+      raise DataError(f"{path}: key '{key}' must be a non-empty string, "
+                      f'got {results[key]!r}')
+  fraction = results['label_fraction']
+  if (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+      or not 0.0 < fraction <= 1.0):
+    raise DataError(f"{path}: key 'label_fraction' must be a number in (0, 1], "
+                    f'got {fraction!r}')
+  seed = results['seed']
+  if isinstance(seed, bool) or not isinstance(seed, (int, str)):
+    raise DataError(f"{path}: key 'seed' must be an integer or a string, got {seed!r}")
+  fraction_seed = results.get('fraction_seed')
+  if fraction_seed is not None and (isinstance(fraction_seed, bool)
+                                    or not isinstance(fraction_seed, int)):
+    raise DataError(f"{path}: key 'fraction_seed' must be an integer, got {fraction_seed!r}")
+  return {'path': path, 'workdir': os.path.dirname(path), 'trainer': trainer,
+          'dataset': results['dataset'], 'init': results['init'],
+          'label_fraction': float(fraction), 'seed': seed, 'fraction_seed': fraction_seed,
+          'primary_metric': results['primary_metric'], 'results': results}
+
+
+def metric_value(run: dict[str, Any], metric: str, split: str = 'test') -> float:
+  """`run`'s value of `metric` on `split`; `a/b` also reaches nested dicts; null is NaN.
+
+  Raises:
+    DataError: naming the file and the key when the split or the metric is missing or
+      not a number.
+  """
+  values = run['results'].get(split)
+  if not isinstance(values, dict):
+    raise DataError(f"{run['path']}: missing key '{split}' (the {split} metrics)")
+  if metric in values:
+    value = values[metric]
+  else:
+    value = values
+    for part in metric.split('/'):
+      if not isinstance(value, dict) or part not in value:
+        raise DataError(f"{run['path']}: missing key '{split}.{metric}'")
+      value = value[part]
+  if value is None:
+    return math.nan
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise DataError(f"{run['path']}: key '{split}.{metric}' is not a number: {value!r}")
+  return float(value)
+
+
+# ------------------------------------------------------------------------ Statistics.
+
+
+def lower_is_better(metric: str) -> bool:
+  """Whether smaller values of `metric` are better: losses and error rates."""
+  return bool(re.search(r'loss|error', metric))
+
+
+def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
+              split: str = 'test') -> list[dict[str, Any]]:
+  """Statistics over seeds of each data set, metric, initialisation and label fraction.
+
+  A run whose `split` metrics are an empty dict (a data set without that split, such as
+  CheXpert without a test split) is left out with a logged warning.
+
+  Args:
+    runs: from `collect`.
+    metric: the metric of every run; None: each run's `primary_metric`.
+    split: the results.json key of the metrics (`test`, `validation`).
+
+  Returns:
+    One dict per cell, ordered by data set, metric, row and label fraction: `dataset`,
+    `metric`, `split`, `row` (the row label: the init, or `init (trainer)` when the data
+    set has runs of several trainers), `init`, `trainer`, `label_fraction`, `seeds` and
+    `values` (in seed order), `n`, `mean`, `std` (ddof=1; None when n < 2), `is_best`
+    (the column's best mean: highest, or lowest for losses and errors),
+    `p_value_vs_best` (Welch's t-test against the column's first best row; None for
+    the best rows and when either side has fewer than 2 seeds) and
+    `equivalent_to_best` (p > ALPHA).
+
+  Raises:
+    DataError: when a run lacks the split or the metric, or no run has `split` metrics.
+  """
+  kept = [run for run in runs if run['results'].get(split) != {}]
+  if len(kept) < len(runs):
+    left_out = [run['path'] for run in runs if run['results'].get(split) == {}]
+    logging.warning('%d of %d runs have no %s metrics and are left out: %s', len(left_out),
+                    len(runs), split, ', '.join(left_out))
+    if not kept:
+      raise DataError(f'none of the {len(runs)} runs has {split} metrics (for example '
+                      f'{left_out[0]}); choose another --split')
+  runs = kept
+  trainers = collections.defaultdict(set)
+  for run in runs:
+    trainers[run['dataset']].add(run['trainer'])
+  cells = collections.defaultdict(list)
+  for run in runs:
+    name = metric or run['primary_metric']
+    row = _row_label(run, trainers[run['dataset']])
+    key = (run['dataset'], name, row, run['init'], run['trainer'], run['label_fraction'])
+    fraction_seed = -1 if run['fraction_seed'] is None else run['fraction_seed']
+    order = (_seed_order(run['seed']), fraction_seed)
+    cells[key].append((order, run['seed'], metric_value(run, name, split)))
+
+  summary = []
+  for key in sorted(cells, key=lambda k: (k[0], k[1], _row_order(k[3], k[2]), k[5])):
+    dataset, name, row, init, trainer, fraction = key
+    _, seeds, values = zip(*sorted(cells[key], key=lambda cell: cell[0]))
+    values = np.asarray(values, dtype=np.float64)
+    summary.append({
+        'dataset': dataset, 'metric': name, 'split': split, 'row': row, 'init': init,
+        'trainer': trainer, 'label_fraction': fraction, 'seeds': list(seeds),
+        'values': values.tolist(), 'n': len(values), 'mean': float(np.mean(values)),
+        'std': float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        'is_best': False, 'p_value_vs_best': None, 'equivalent_to_best': False})
+
+  columns = collections.defaultdict(list)
+  for cell in summary:
+    columns[(cell['dataset'], cell['metric'], cell['label_fraction'])].append(cell)
+  for (_, name, _), column in columns.items():
+    finite = [cell for cell in column if math.isfinite(cell['mean'])]
+    if not finite:
+      continue
+    pick = min if lower_is_better(name) else max
+    best_mean = pick(cell['mean'] for cell in finite)
+    best = next(cell for cell in finite if cell['mean'] == best_mean)
+    for cell in column:
+      cell['is_best'] = cell['mean'] == best_mean
+      if cell['is_best'] or cell['n'] < 2 or best['n'] < 2:
+        continue
+      cell['p_value_vs_best'] = welch_p_value(cell['values'], best['values'])
+      cell['equivalent_to_best'] = cell['p_value_vs_best'] > ALPHA
+  return summary
+
+
+def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
+  """Two-sided p-value of Welch's t-test (unequal variances) of `a` against `b`."""
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # Both samples constant: scipy warns, p is NaN.
+    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _row_label(run: dict[str, Any], trainers: set[str]) -> str:
+  """The init, or `init (trainer)` when the data set has runs of several trainers."""
+  return run['init'] if len(trainers) == 1 else f"{run['init']} ({run['trainer']})"
+
+
+def _row_order(init: str, row: str) -> tuple:
+  rank = INIT_ORDER.index(init) if init in INIT_ORDER else len(INIT_ORDER)
+  return (rank, init, row)
+
+
+def _seed_order(seed) -> tuple:
+  return (isinstance(seed, str), seed)
+
+
+# --------------------------------------------------------------------------- Writing.
+
+
+def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
+                 metric: str | None = None, split: str = 'test', digits: int = 3
+                 ) -> list[str]:
+  """Writes the Markdown report, its CSV and PNG plots; returns the paths written.
+
+  Args:
+    runs: from `collect`.
+    out_path: the Markdown file; the CSV and PNGs share its stem and folder.
+    metric: see `summarize`.
+    split: see `summarize`; ROC curves read `<split>_predictions.npz`.
+    digits: decimals of means and standard deviations in the tables.
+  """
+  if not runs:
+    raise DataError('no fine-tuning runs to report')
+  summary = summarize(runs, metric, split)
+  out_dir = os.path.dirname(os.path.abspath(out_path))
+  os.makedirs(out_dir, exist_ok=True)
+  stem = os.path.splitext(out_path)[0]
+  with open(out_path, 'w') as f:
+    f.write(markdown(summary, split=split, digits=digits,
+                     num_runs=sum(cell['n'] for cell in summary)))
+  paths = [out_path, f'{stem}.csv']
+  write_csv(summary, paths[1])
+  for dataset in sorted({cell['dataset'] for cell in summary}):
+    safe = re.sub(r'[^A-Za-z0-9._-]+', '_', dataset)
+    path = f'{stem}_label_efficiency_{safe}.png'
+    plot_label_efficiency([c for c in summary if c['dataset'] == dataset], path)
+    paths.append(path)
+    path = f'{stem}_roc_{safe}.png'
+    if plot_roc([r for r in runs if r['dataset'] == dataset], path, split=split):
+      paths.append(path)
+  return paths
+
+
+def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: int = 3,
+             num_runs: int | None = None) -> str:
+  """The Markdown tables of `summarize`'s cells, one per data set and metric."""
+  lines = [f'# Fine-tuning results ({split} split)', '']
+  if num_runs is not None:
+    lines += [f'{num_runs} runs.', '']
+  tables = collections.defaultdict(list)
+  for cell in summary:
+    tables[(cell['dataset'], cell['metric'])].append(cell)
+  for (dataset, name), cells in tables.items():
+    fractions = sorted({cell['label_fraction'] for cell in cells})
+    rows = list(dict.fromkeys(cell['row'] for cell in cells))
+    by_place = {(cell['row'], cell['label_fraction']): cell for cell in cells}
+    direction = 'lower' if lower_is_better(name) else 'higher'
+    lines += [f'## {dataset}: {name}', '',
+              '| initialisation | ' + ' | '.join(percent(f) for f in fractions) + ' |',
+              '|---|' + '---|' * len(fractions)]
+    for row in rows:
+      texts = [format_cell(by_place.get((row, f)), digits) for f in fractions]
+      lines.append(f'| {_escape(row)} | ' + ' | '.join(texts) + ' |')
+    lines += ['', f'Mean ± std over seeds (n = number of seeds; std with ddof=1) of '
+              f'{name} on {split}. **Bold**: the best mean of the column ({direction} '
+              "is better). p: Welch's t-test (scipy.stats.ttest_ind, equal_var=False) "
+              f'against the column\'s best; {EQUIVALENT}: p > {ALPHA}, statistically '
+              'equivalent to the best; n/a: fewer than 2 seeds on one side; '
+              f'{MISSING}: no runs.', '']
+  return '\n'.join(lines)
+
+
+def format_cell(cell: dict[str, Any] | None, digits: int = 3) -> str:
+  """A table cell: `mean ± std (n=3)`, bold when best, else with p and `≈`."""
+  if cell is None:
+    return MISSING
+  text = f"{cell['mean']:.{digits}f}"
+  if cell['std'] is not None:
+    text += f" ± {cell['std']:.{digits}f}"
+  text += f" (n={cell['n']})"
+  if cell['is_best']:
+    return f'**{text}**'
+  p = cell['p_value_vs_best']
+  text += f', {format_p(p)}'
+  if cell['equivalent_to_best']:
+    text += f' {EQUIVALENT}'
+  return text
+
+
+def format_p(p: float | None) -> str:
+  """`p=0.123`, `p<0.001`, or `p=n/a` for None."""
+  if p is None:
+    return 'p=n/a'
+  if p < 0.001:
+    return 'p<0.001'
+  return f'p={p:.3f}'
+
+
+def percent(fraction: float) -> str:
+  """A label fraction as a percentage: 0.1 -> `10%`, 0.005 -> `0.5%`."""
+  return f'{100.0 * fraction:.6g}%'
+
+
+def _escape(text: str) -> str:
+  return text.replace('|', '\\|')
+
+
+CSV_COLUMNS = ('dataset', 'metric', 'split', 'init', 'trainer', 'label_fraction', 'mean',
+               'std', 'n', 'p_value_vs_best', 'is_best', 'equivalent_to_best', 'seeds',
+               'values')
+
+
+def write_csv(summary: Sequence[dict[str, Any]], path: str) -> None:
+  """One row per cell; `seeds` and `values` are `;`-separated, None is empty."""
+  with open(path, 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(CSV_COLUMNS)
+    for cell in summary:
+      row = []
+      for column in CSV_COLUMNS:
+        value = cell[column]
+        if column in ('seeds', 'values'):
+          value = ';'.join(repr(v) if isinstance(v, float) else str(v) for v in value)
+        elif value is None:
+          value = ''
+        elif isinstance(value, float):
+          value = repr(value)
+        row.append(value)
+      writer.writerow(row)
+
+
+# --------------------------------------------------------------------------- Plotting.
+
+
+def _figure(num_panels: int):
+  # The object-oriented API: no pyplot, no global backend; savefig renders with Agg.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(5.0 * num_panels, 4.2), layout='constrained')
+  axes = fig.subplots(1, num_panels, squeeze=False)[0]
+  return fig, axes
+
+
+def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
+  """The metric against the label fraction (log axis), one line per row, std bars.
+
+  `cells` are `summarize`'s of one data set; each metric gets its own panel.
+  """
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  names = list(dict.fromkeys(cell['metric'] for cell in cells))
+  fig, axes = _figure(len(names))
+  for ax, name in zip(axes, names):
+    mine = [cell for cell in cells if cell['metric'] == name]
+    for row in dict.fromkeys(cell['row'] for cell in mine):
+      line = sorted((c for c in mine if c['row'] == row), key=lambda c: c['label_fraction'])
+      ax.errorbar([c['label_fraction'] for c in line], [c['mean'] for c in line],
+                  yerr=[c['std'] or 0.0 for c in line], marker='o', capsize=3, label=row)
+    fractions = sorted({cell['label_fraction'] for cell in mine})
+    ax.set_xscale('log')
+    ax.xaxis.set_major_locator(ticker.FixedLocator(fractions))
+    ax.xaxis.set_major_formatter(ticker.FixedFormatter([percent(f) for f in fractions]))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    if len(fractions) == 1:
+      ax.set_xlim(fractions[0] / 2, fractions[0] * 2)
+    ax.set_xlabel('label fraction')
+    ax.set_ylabel(f"{name} ({mine[0]['split']})")
+    ax.set_title(f"{mine[0]['dataset']}: {name}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize='small')
+  fig.savefig(path, dpi=100)
+
+
+def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') -> bool:
+  """ROC curves of one data set's runs; False (and a logged notice) without predictions.
+
+  For each row (initialisation), the run with predictions at its largest label fraction
+  and, there, its first seed. Binary tasks: one panel; multi-class: the micro-averaged
+  one-vs-rest curve (every class's scores pooled); multi-label: one panel per label, at
+  most five (CheXpert's competition labels when all are present).
+  """
+  trainers = {run['trainer'] for run in runs}
+  chosen = {}
+  for run in sorted(runs, key=lambda r: (-r['label_fraction'], _seed_order(r['seed']))):
+    predictions = os.path.join(run['workdir'], f'{split}_predictions.npz')
+    row = _row_label(run, trainers)
+    if row not in chosen and os.path.isfile(predictions):
+      chosen[row] = (run, predictions)
+  dataset = runs[0]['dataset'] if runs else '?'
+  if not chosen:
+    logging.info('No %s_predictions.npz for %s: no ROC plot.', split, dataset)
+    return False
+  panels = collections.defaultdict(list)
+  for row in sorted(chosen, key=lambda r: _row_order(chosen[r][0]['init'], r)):
+    run, predictions = chosen[row]
+    label = f"{row}, {percent(run['label_fraction'])}, seed {run['seed']}"
+    for title, fpr, tpr in roc_curves(predictions):
+      panels[title].append((label, fpr, tpr))
+  titles = list(panels)[:MAX_ROC_PANELS]
+  fig, axes = _figure(len(titles))
+  for ax, title in zip(axes, titles):
+    for label, fpr, tpr in panels[title]:
+      ax.plot(fpr, tpr, label=f'{label}: AUC {sk_metrics.auc(fpr, tpr):.3f}')
+    ax.plot([0, 1], [0, 1], linestyle='--', color='grey', linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel('false positive rate')
+    ax.set_ylabel('true positive rate')
+    ax.set_title(f'{dataset}: {title}', fontsize='medium')
+    ax.legend(fontsize='x-small', loc='lower right')
+  fig.savefig(path, dpi=100)
+  return True
+
+
+def roc_curves(path: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """`(panel title, fpr, tpr)` of one predictions file (see `plot_roc`).
+
+  Raises:
+    DataError: naming the file, for missing keys or arrays that do not fit together.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      arrays = {key: data[key] for key in data.files}
+  except (OSError, ValueError) as e:
+    raise DataError(f'{path}: cannot be read as .npz ({e})') from None
+  for key in ('scores', 'labels'):
+    if key not in arrays:
+      raise DataError(f"{path}: missing key '{key}'")
+  scores = arrays['scores'].astype(np.float64)
+  labels = arrays['labels']
+  names = [str(n) for n in arrays['class_names']] if 'class_names' in arrays else None
+  num_columns = scores.shape[1] if scores.ndim == 2 else 1
+  if names is not None and len(names) != num_columns:
+    names = None
+  try:
+    if labels.ndim == 1 and (scores.ndim == 1 or num_columns <= 2):
+      column = scores if scores.ndim == 1 else scores[:, -1]
+      title = names[-1] if names else 'positive class'
+      return [(title, *metrics_lib.roc_points(column, labels))]
+    if labels.ndim == 1:
+      classes = labels.astype(np.int64)
+      if scores.ndim != 2 or np.any((classes < 0) | (classes >= num_columns)):
+        raise ValueError(f'labels must be classes in [0, {num_columns}) for scores of '
+                         f'shape {scores.shape}')
+      one_hot = classes[:, None] == np.arange(num_columns)[None, :]
+      return [('micro-averaged one-vs-rest',
+               *metrics_lib.roc_points(scores.ravel(), one_hot.ravel()))]
+    if labels.shape != scores.shape:
+      raise ValueError(f'labels have shape {labels.shape}, scores {scores.shape}')
+    labels = labels.astype(np.float64)
+    mask = arrays['mask'].astype(bool) if 'mask' in arrays else np.isfinite(labels)
+    if mask.shape != labels.shape:
+      raise ValueError(f'mask has shape {mask.shape}, labels {labels.shape}')
+    names = names or [str(k) for k in range(num_columns)]
+    columns = range(num_columns)
+    if set(metrics_lib.CHEXPERT_COMPETITION) <= set(names):
+      columns = [names.index(n) for n in metrics_lib.CHEXPERT_COMPETITION]
+    curves = []
+    for k in columns:
+      rows = mask[:, k]
+      positive = labels[rows, k] == 1
+      if positive.all() or not positive.any():
+        continue  # No ROC curve without both classes.
+      curves.append((names[k], *metrics_lib.roc_points(scores[rows, k], positive)))
+      if len(curves) == MAX_ROC_PANELS:
+        break
+    return curves
+  except ValueError as e:
+    raise DataError(f'{path}: {e}') from None
+
+
+# ------------------------------------------------------------------------------- CLI.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the process exit status."""
+  parser = argparse.ArgumentParser(
+      prog='python -m bigssl_med.report',
+      description='Tables, CSV and plots of fine-tuning runs over initialisations, '
+                  'label fractions and seeds.')
+  parser.add_argument('dirs', nargs='+', metavar='DIR',
+                      help='run workdirs, or folders searched recursively for '
+                           f'{RESULTS_FILE}')
+  parser.add_argument('--out', default='report.md',
+                      help='Markdown report to write; the .csv and .png files get its '
+                           'stem (default: report.md)')
+  parser.add_argument('--metric', default=None,
+                      help="metric to tabulate (default: each run's primary_metric)")
+  parser.add_argument('--split', default='test',
+                      help='results.json key of the metrics (default: test)')
+  parser.add_argument('--digits', type=int, default=3,
+                      help='decimals of means and stds (default: 3)')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  try:
+    runs = collect(args.dirs)
+    if not runs:
+      raise DataError(f'no {RESULTS_FILE} of a fine-tuning run under '
+                      f'{", ".join(args.dirs)}')
+    paths = write_report(runs, args.out, metric=args.metric, split=args.split,
+                         digits=args.digits)
+  except UserError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 2
+  for path in paths:
+    print(path)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,361 @@
+"""The report on synthetic workdirs: statistics against NumPy/SciPy, files, CLI, errors."""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+from scipy import stats
+
+from bigssl_med import report
+from bigssl_med.errors import DataError
+
+# ham10000 top1 per (init, label fraction), seeds 0, 1, 2. At 10% MICLe is best, SimCLR
+# is close (p > 0.05) and scratch is far; at 100% SimCLR is best.
+HAM = {
+    ('scratch', 0.1): [0.50, 0.52, 0.51],
+    ('simclr', 0.1): [0.60, 0.66, 0.63],
+    ('micle', 0.1): [0.64, 0.65, 0.66],
+    ('scratch', 1.0): [0.70, 0.71, 0.72],
+    ('simclr', 1.0): [0.83, 0.84, 0.85],
+    ('micle', 1.0): [0.80, 0.81, 0.805],
+}
+# chexpert auc_mean: supervised has a single seed at 1%.
+CXR = {
+    ('supervised', 0.01): [0.70],
+    ('micle', 0.01): [0.75, 0.77, 0.76],
+    ('supervised', 1.0): [0.85, 0.86, 0.84],
+    ('micle', 1.0): [0.86, 0.87, 0.88],
+}
+CXR_NAMES = ['No Finding', 'Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edema',
+             'Pleural Effusion', 'Fracture']
+
+
+def write_run(workdir, dataset, init, fraction, seed, value, *, metric='top1',
+              trainer='finetune', predictions=None):
+  os.makedirs(workdir, exist_ok=True)
+  results = {'trainer': trainer, 'dataset': dataset, 'init': init,
+             'label_fraction': fraction, 'seed': seed, 'primary_metric': metric,
+             'validation': {metric: value + 0.01}, 'test': {metric: value, 'loss': 1 - value}}
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(results, f)
+  if predictions is not None:
+    np.savez(os.path.join(workdir, 'test_predictions.npz'), **predictions)
+
+
+def multiclass_predictions(seed, k=7, n=70):
+  rng = np.random.default_rng(seed)
+  labels = np.arange(n) % k
+  logits = rng.normal(size=(n, k)) + 2 * np.eye(k)[labels]
+  scores = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  return {'scores': scores.astype(np.float32), 'labels': labels,
+          'class_names': np.array(['akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc'])}
+
+
+def multilabel_predictions(seed, n=60):
+  rng = np.random.default_rng(seed)
+  labels = (rng.random((n, len(CXR_NAMES))) < 0.4).astype(np.float32)
+  scores = 1 / (1 + np.exp(-(rng.normal(size=labels.shape) + 1.5 * labels)))
+  return {'scores': scores.astype(np.float32), 'labels': labels,
+          'mask': rng.random(labels.shape) < 0.8, 'class_names': np.array(CXR_NAMES)}
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+  root = tmp_path / 'runs'
+  for (init, fraction), values in HAM.items():
+    for seed, value in enumerate(values):
+      write_run(root / 'ham' / f'{init}_{fraction}_{seed}', 'ham10000', init, fraction,
+                seed, value, predictions=multiclass_predictions(seed))
+  for (init, fraction), values in CXR.items():
+    for seed, value in enumerate(values):
+      predictions = multilabel_predictions(seed) if fraction == 1.0 else None
+      write_run(root / 'cxr' / init / f'{fraction}' / f'seed{seed}', 'chexpert', init,
+                fraction, seed, value, metric='auc_mean', predictions=predictions)
+  # Skipped: a pretraining run and a file without a trainer.
+  (root / 'pretrain').mkdir()
+  (root / 'pretrain' / 'results.json').write_text(json.dumps(
+      {'trainer': 'pretrain', 'dataset': 'ham10000', 'step': 10}))
+  (root / 'other').mkdir()
+  (root / 'other' / 'results.json').write_text('{"step": 3}')
+  return root
+
+
+def expected_cells(table, lower_is_better=False):
+  """{(init, fraction): (mean, std, is_best, p or None)} from NumPy and SciPy."""
+  out = {}
+  for fraction in sorted({f for _, f in table}):
+    column = {init: np.array(v) for (init, f), v in table.items() if f == fraction}
+    means = {init: v.mean() for init, v in column.items()}
+    best = (min if lower_is_better else max)(means, key=means.get)
+    for init, values in column.items():
+      std = values.std(ddof=1) if len(values) > 1 else None
+      p = None
+      if init != best and len(values) > 1 and len(column[best]) > 1:
+        p = stats.ttest_ind(values, column[best], equal_var=False).pvalue
+      out[(init, fraction)] = (means[init], std, init == best, p)
+  return out
+
+
+def test_collect(runs_root):
+  runs = report.collect([str(runs_root)])
+  assert len(runs) == 18 + 10
+  assert {r['trainer'] for r in runs} == {'finetune'}
+  # The same files through overlapping arguments count once.
+  assert len(report.collect([str(runs_root), str(runs_root / 'ham')])) == 28
+  assert report.collect([str(runs_root / 'other')]) == []
+
+
+def test_summary_matches_numpy_and_scipy(runs_root):
+  summary = report.summarize(report.collect([str(runs_root)]))
+  for dataset, table in (('ham10000', HAM), ('chexpert', CXR)):
+    expected = expected_cells(table)
+    cells = [c for c in summary if c['dataset'] == dataset]
+    assert len(cells) == len(table)
+    for cell in cells:
+      mean, std, is_best, p = expected[(cell['init'], cell['label_fraction'])]
+      assert cell['metric'] == ('top1' if dataset == 'ham10000' else 'auc_mean')
+      assert cell['values'] == table[(cell['init'], cell['label_fraction'])]
+      assert cell['seeds'] == list(range(cell['n']))
+      assert cell['mean'] == pytest.approx(mean, abs=1e-12)
+      if std is None:
+        assert cell['std'] is None
+      else:
+        assert cell['std'] == pytest.approx(std, abs=1e-12)
+      assert cell['is_best'] == is_best
+      if p is None:
+        assert cell['p_value_vs_best'] is None
+        assert not cell['equivalent_to_best']
+      else:
+        assert cell['p_value_vs_best'] == pytest.approx(p, rel=1e-12)
+        assert cell['equivalent_to_best'] == (p > 0.05)
+  # The case this data was built for: one cell equivalent to the best, some not.
+  assert sum(c['equivalent_to_best'] for c in summary) >= 1
+  assert sum(c['p_value_vs_best'] is not None and not c['equivalent_to_best']
+             for c in summary) >= 1
+
+
+def test_summary_with_metric_and_lower_is_better(runs_root):
+  runs = report.collect([str(runs_root / 'ham')])
+  summary = report.summarize(runs, metric='loss')
+  expected = expected_cells({k: [1 - v for v in vs] for k, vs in HAM.items()},
+                            lower_is_better=True)
+  for cell in summary:
+    mean, _, is_best, p = expected[(cell['init'], cell['label_fraction'])]
+    assert cell['metric'] == 'loss'
+    assert cell['mean'] == pytest.approx(mean)
+    assert cell['is_best'] == is_best
+    assert (cell['p_value_vs_best'] is None) == (p is None)
+  validation = report.summarize(runs, split='validation')
+  assert validation[0]['split'] == 'validation'
+  assert validation[0]['mean'] == pytest.approx(np.mean(HAM[('scratch', 0.1)]) + 0.01)
+
+
+def _table_rows(text, heading):
+  """{row label: [cells]} of the table under `## heading`."""
+  lines = text[text.index(f'## {heading}\n'):].splitlines()
+  rows = {}
+  for line in lines[4:]:
+    if not line.startswith('|'):
+      break
+    cells = [c.strip() for c in line.strip('|').split('|')]
+    rows[cells[0]] = cells[1:]
+  return lines[2], rows
+
+
+def test_markdown_tables(runs_root, tmp_path):
+  out = tmp_path / 'out' / 'report.md'
+  paths = report.write_report(report.collect([str(runs_root)]), str(out))
+  text = out.read_text()
+  for dataset, metric, table in (('ham10000', 'top1', HAM), ('chexpert', 'auc_mean', CXR)):
+    header, rows = _table_rows(text, f'{dataset}: {metric}')
+    fractions = sorted({f for _, f in table})
+    assert header == '| initialisation | ' + ' | '.join(
+        f'{100 * f:g}%' for f in fractions) + ' |'
+    inits = [i for i in ('scratch', 'supervised', 'simclr', 'micle')
+             if any(k[0] == i for k in table)]
+    assert list(rows) == inits
+    for (init, fraction), (mean, std, is_best, p) in expected_cells(table).items():
+      cell = rows[init][fractions.index(fraction)]
+      body = f'{mean:.3f}' + (f' ± {std:.3f}' if std is not None else '')
+      body += f' (n={len(table[(init, fraction)])})'
+      if is_best:
+        assert cell == f'**{body}**'
+        continue
+      p_text = 'p=n/a' if p is None else ('p<0.001' if p < 0.001 else f'p={p:.3f}')
+      assert cell == f'{body}, {p_text}' + (' ≈' if p is not None and p > 0.05 else '')
+  assert 'ham10000: top1' in text and 'Welch' in text and '≈: p > 0.05' in text
+  assert text.count('| **') == 2 * 2  # One best per column, 2 columns per table.
+  stem = str(tmp_path / 'out' / 'report')
+  assert paths == [str(out), f'{stem}.csv', f'{stem}_label_efficiency_chexpert.png',
+                   f'{stem}_roc_chexpert.png', f'{stem}_label_efficiency_ham10000.png',
+                   f'{stem}_roc_ham10000.png']
+  for path in paths[2:]:
+    with open(path, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+    with Image.open(path) as image:
+      image.verify()
+
+
+def test_csv_rows(runs_root, tmp_path):
+  out = tmp_path / 'report.md'
+  report.write_report(report.collect([str(runs_root)]), str(out))
+  with open(tmp_path / 'report.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == len(HAM) + len(CXR)
+  assert list(rows[0]) == list(report.CSV_COLUMNS)
+  for row in rows:
+    table = HAM if row['dataset'] == 'ham10000' else CXR
+    fraction = float(row['label_fraction'])
+    mean, std, is_best, p = expected_cells(table)[(row['init'], fraction)]
+    values = [float(v) for v in row['values'].split(';')]
+    assert values == table[(row['init'], fraction)]
+    assert row['seeds'] == ';'.join(str(s) for s in range(len(values)))
+    assert int(row['n']) == len(values)
+    assert float(row['mean']) == pytest.approx(mean, abs=1e-12)
+    assert row['std'] == ('' if std is None else row['std'])
+    if std is not None:
+      assert float(row['std']) == pytest.approx(std, abs=1e-12)
+    assert row['is_best'] == str(is_best)
+    assert row['p_value_vs_best'] == ('' if p is None else row['p_value_vs_best'])
+    if p is not None:
+      assert float(row['p_value_vs_best']) == pytest.approx(p, rel=1e-12)
+    assert row['equivalent_to_best'] == str(p is not None and p > 0.05)
+    assert row['split'] == 'test' and row['trainer'] == 'finetune'
+
+
+def test_mixed_trainers_get_separate_rows(tmp_path):
+  for trainer, offset in (('finetune', 0.0), ('linear_eval', -0.1)):
+    for seed in range(2):
+      write_run(tmp_path / trainer / str(seed), 'ham10000', 'micle', 0.5, seed,
+                0.8 + offset + 0.01 * seed, trainer=trainer)
+  summary = report.summarize(report.collect([str(tmp_path)]))
+  assert [c['row'] for c in summary] == ['micle (finetune)', 'micle (linear_eval)']
+
+
+def test_no_predictions_skips_roc(tmp_path, caplog):
+  write_run(tmp_path / 'a', 'ham10000', 'micle', 1.0, 0, 0.8)
+  with caplog.at_level('INFO'):
+    paths = report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
+  assert [os.path.basename(p) for p in paths] == ['r.md', 'r.csv',
+                                                   'r_label_efficiency_ham10000.png']
+  assert 'No test_predictions.npz for ham10000' in caplog.text
+  assert '0.800 (n=1)' in (tmp_path / 'r.md').read_text()
+
+
+def test_binary_roc_and_bad_predictions(tmp_path):
+  rng = np.random.default_rng(0)
+  labels = np.arange(40) % 2
+  write_run(tmp_path / 'a', 'pcam', 'micle', 1.0, 0, 0.9, metric='auc', predictions={
+      'scores': rng.random((40, 2)), 'labels': labels})
+  curves = report.roc_curves(str(tmp_path / 'a' / 'test_predictions.npz'))
+  assert [c[0] for c in curves] == ['positive class']
+  write_run(tmp_path / 'b', 'pcam', 'simclr', 1.0, 0, 0.9, metric='auc', predictions={
+      'scores': rng.random((40, 2))})
+  with pytest.raises(DataError, match=r"b/test_predictions.npz: missing key 'labels'"):
+    report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
+
+
+def test_main_exit_0(runs_root, tmp_path, capsys):
+  out = tmp_path / 'cli' / 'summary.md'
+  assert report.main([str(runs_root / 'ham'), str(runs_root / 'cxr'), '--out', str(out),
+                      '--metric', 'loss']) == 0
+  printed = capsys.readouterr().out.split()
+  assert printed[0] == str(out) and os.path.isfile(tmp_path / 'cli' / 'summary.csv')
+  assert '## ham10000: loss' in out.read_text()
+
+
+def test_cli_empty_dir_exits_2(tmp_path):
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  result = subprocess.run(
+      [sys.executable, '-m', 'bigssl_med.report', str(empty), '--out',
+       str(tmp_path / 'r.md')], capture_output=True, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 2
+  assert result.stderr.startswith('error: no results.json of a fine-tuning run under')
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert not os.path.exists(tmp_path / 'r.md')
+
+
+def test_missing_dir_exits_2(tmp_path, capsys):
+  assert report.main([str(tmp_path / 'nope')]) == 2
+  assert capsys.readouterr().err.strip() == f'error: {tmp_path / "nope"} does not exist'
+
+
+def test_malformed_results_name_file(tmp_path, capsys):
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  (bad / 'results.json').write_text('{"trainer": "finetune", ')
+  assert report.main([str(tmp_path), '--out', str(tmp_path / 'r.md')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {bad / "results.json"}: not valid JSON')
+  assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('drop, match', [
+    ('init', "missing key 'init'"),
+    ('test', "missing key 'test'"),
+])
+def test_missing_keys_name_file_and_key(tmp_path, drop, match):
+  write_run(tmp_path / 'a', 'ham10000', 'micle', 0.1, 0, 0.8)
+  path = tmp_path / 'a' / 'results.json'
+  results = json.loads(path.read_text())
+  del results[drop]
+  path.write_text(json.dumps(results))
+  with pytest.raises(DataError, match=re.escape(f'{path}: {match}')):
+    report.summarize(report.collect([str(tmp_path)]))
+
+
+def test_bad_values_and_duplicates(tmp_path):
+  write_run(tmp_path / 'a', 'ham10000', 'micle', 10, 0, 0.8)
+  with pytest.raises(DataError, match=r"'label_fraction' must be a number in \(0, 1\]"):
+    report.collect([str(tmp_path)])
+  write_run(tmp_path / 'a', 'ham10000', 'micle', 0.1, 0, 0.8)
+  write_run(tmp_path / 'b', 'ham10000', 'micle', 0.1, 0, 0.7)
+  with pytest.raises(DataError, match='are the same run'):
+    report.collect([str(tmp_path)])
+  with pytest.raises(DataError, match=r"missing key 'test.auc'"):
+    report.summarize(report.collect([str(tmp_path / 'a')]), metric='auc')
+
+
+def test_percent():
+  assert [report.percent(f) for f in (0.01, 0.1, 0.005, 1.0, 0.25)] == [
+      '1%', '10%', '0.5%', '100%', '25%']
+
+
+def test_runs_without_test_metrics_are_left_out(tmp_path, caplog):
+  write_run(tmp_path / 'a', 'ham10000', 'micle', 0.1, 0, 0.8)
+  write_run(tmp_path / 'b', 'chexpert', 'micle', 0.1, 0, 0.7, metric='auc_mean')
+  path = tmp_path / 'b' / 'results.json'
+  results = json.loads(path.read_text())
+  results['test'] = {}  # CheXpert has no test split.
+  path.write_text(json.dumps(results))
+  runs = report.collect([str(tmp_path)])
+  summary = report.summarize(runs)
+  assert [c['dataset'] for c in summary] == ['ham10000']
+  assert f'1 of 2 runs have no test metrics and are left out: {path}' in caplog.text
+  assert [c['dataset'] for c in report.summarize(runs, split='validation')] == [
+      'chexpert', 'ham10000']
+  with pytest.raises(DataError, match='none of the 1 runs has test metrics'):
+    report.summarize([r for r in runs if r['dataset'] == 'chexpert'])
+
+
+def test_fraction_seed_and_nested_metrics(tmp_path):
+  for fraction_seed in (0, 1):
+    workdir = tmp_path / str(fraction_seed)
+    write_run(workdir, 'chexpert', 'micle', 0.1, 0, 0.8, metric='auc_mean')
+    path = workdir / 'results.json'
+    results = json.loads(path.read_text())
+    results['fraction_seed'] = fraction_seed
+    results['test']['auc_per_class'] = {'Edema': 0.9 - 0.1 * fraction_seed}
+    path.write_text(json.dumps(results))
+  runs = report.collect([str(tmp_path)])
+  assert [r['fraction_seed'] for r in runs] == [0, 1]
+  (cell,) = report.summarize(runs, metric='auc_per_class/Edema')
+  assert cell['values'] == [0.9, 0.8] and cell['n'] == 2
