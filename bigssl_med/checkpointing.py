@@ -139,11 +139,13 @@ def load_model_variables(path: str, sharding: jax.sharding.Sharding) -> dict[str
 
 
 def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys: tuple[str, ...],
-                     source: str) -> dict[str, Any]:
+                     source: str, partial: tuple[str, ...] = ()) -> dict[str, Any]:
   """Replaces the top-level modules `keys` (e.g. 'encoder', 'head') of `variables`.
 
   Every loaded array must match the model's shape; otherwise a `CheckpointError` names
-  the first parameter that differs (the checkpoint is of another architecture).
+  the first parameter that differs (the checkpoint is of another architecture). The
+  modules in `partial` may hold more in the checkpoint than in the model (the first
+  layers of a projection head, kept for fine-tuning); only the model's part is taken.
   """
   out = {c: dict(variables.get(c, {})) for c in variables}
   for collection in ('params', 'batch_stats'):
@@ -153,11 +155,20 @@ def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys:
       if key not in loaded.get(collection, {}):
         raise CheckpointError(f'init_from={source!r} has no {collection}/{key}: '
                               'is it a checkpoint of this kind of model?')
-      _check_same_structure(variables[collection][key], loaded[collection][key],
-                            f'{collection}/{key}', source)
+      taken = loaded[collection][key]
+      if key in partial:
+        taken = _common_part(variables[collection][key], taken)
+      _check_same_structure(variables[collection][key], taken, f'{collection}/{key}', source)
       out[collection][key] = jax.tree.map(lambda new, old: new.astype(old.dtype),
-                                          loaded[collection][key], variables[collection][key])
+                                          taken, variables[collection][key])
   return out
+
+
+def _common_part(expected: Any, got: Any) -> Any:
+  """`got` restricted to the keys of the nested dict `expected` (missing keys stay out)."""
+  if not isinstance(expected, dict) or not isinstance(got, dict):
+    return got
+  return {k: _common_part(v, got[k]) for k, v in expected.items() if k in got}
 
 
 def _check_same_structure(expected: Any, got: Any, prefix: str, source: str) -> None:
@@ -181,7 +192,8 @@ def _check_same_structure(expected: Any, got: Any, prefix: str, source: str) -> 
 def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], tuple[Any, Any]],
                           abstract_model: Any, abstract_opt: Any, init_from: str,
                           init_keys: tuple[str, ...], model_sharding: jax.sharding.Sharding,
-                          finalize_opt: Callable[[Any], Any]) -> tuple[Any, Any, bytes | None, str]:
+                          finalize_opt: Callable[[Any], Any],
+                          partial_keys: tuple[str, ...] = ()) -> tuple[Any, Any, bytes | None, str]:
   """Starting point of a run, in the one priority order of this module's docstring.
 
   Args:
@@ -193,6 +205,8 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
     model_sharding: where loaded arrays go.
     finalize_opt: rebuilds the optimiser state for model variables loaded from
       `init_from` (fresh state for the loaded parameters).
+    partial_keys: modules of `init_keys` that may be larger in the checkpoint
+      (see `merge_pretrained`).
 
   Returns:
     `(model_variables, opt, data_state, origin)`; origin says which case applied.
@@ -204,7 +218,8 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
   model, opt = init_fn()
   if init_from:
     loaded = load_model_variables(init_from, model_sharding)
-    model = merge_pretrained(model, loaded, keys=init_keys, source=init_from)
+    model = merge_pretrained(model, loaded, keys=init_keys, source=init_from,
+                             partial=partial_keys)
     opt = finalize_opt(model)
     logging.info('Initialised %s from %s', '+'.join(init_keys), init_from)
     return model, opt, None, f'initialised {"+".join(init_keys)} from {init_from}'

@@ -101,6 +101,39 @@ def pretrain() -> ml_collections.ConfigDict:
   return c
 
 
+def finetune() -> ml_collections.ConfigDict:
+  """Supervised fine-tuning of every layer (`trainer='finetune'`).
+
+  From `init_from` (a pretraining workdir or checkpoint: the encoder and the first
+  `head_layers_kept` projection-head layers), or from random weights when
+  `init_from` is '' (the scratch baseline).
+  """
+  c = _common('finetune')
+  c.init = ''                     # the initialisation's name in reports ('' : from init_from)
+  c.data = _data()
+  c.data.label_key = ''           # '' : `label` if the data set has it, else `labels`
+  c.data.test_split = 'test'      # evaluated once, with the best validation checkpoint
+  c.data.label_fraction = 1.0     # fraction of training cases with labels, in (0, 1]
+  c.data.fraction_seed = 0        # which cases; nested over fractions for one seed
+  c.model = _model()
+  c.head_layers_kept = 1          # projection-head layers kept from init_from (SimCLRv2: 1)
+  c.optimizer = _optimizer()
+  c.optimizer.name = 'momentum'
+  c.optimizer.learning_rate = 0.1
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.warmup_epochs = 0.0
+  c.task = ml_collections.ConfigDict()
+  c.task.uncertain = 'ones'       # multi-label -1 labels: ignore | zeros | ones | lsr_ones
+  c.task.blank = 'zeros'          # multi-label blank (NaN) labels: zeros | ignore
+  c.task.mean_over = ''           # multi-label mean AUC over these names ('a,b'; '' all,
+  #                                 'chexpert5': CheXpert's 5 competition pathologies)
+  c.task.primary_metric = ''      # '' : top1 (multi-class) or auc_mean (multi-label)
+  c.early_stopping_patience = 0   # evaluations without improvement before stopping (0: off)
+  c.num_epochs = 30.0
+  c.eval_every_steps = 100
+  return c
+
+
 # Encoders by short name: depth, width multiplier, selective-kernel ratio.
 MODEL_VARIANTS = {
     'r18': (18, 1.0, 0.0), 'r50': (50, 1.0, 0.0), 'r50x2': (50, 2.0, 0.0),
@@ -117,7 +150,7 @@ def set_model_variant(config: ml_collections.ConfigDict, variant: str) -> None:
       MODEL_VARIANTS[variant])
 
 
-_DEFAULTS = {'pretrain': pretrain}
+_DEFAULTS = {'pretrain': pretrain, 'finetune': finetune}
 
 
 def defaults(trainer: str) -> ml_collections.ConfigDict:

@@ -73,3 +73,18 @@ def initialize_distributed(coordinator_address: str = '', num_processes: int = 0
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif _cluster_detected():
     jax.distributed.initialize()
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as one NumPy array, gathered from every host when there are several."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def sync(name: str) -> None:
+  """A barrier across hosts (nothing with one host)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)

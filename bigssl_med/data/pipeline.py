@@ -37,6 +37,7 @@ class ViewSpec:
   image_size: int = 224
   crop_area_min: float = 0.08
   label_key: str = ''
+  label_shape: tuple[int, ...] = ()  # () : an int class; (K,) : a float vector (multi-label)
 
 
 def _text(x) -> str:
@@ -48,6 +49,23 @@ def _label(example: dict, key: str, where: str) -> int:
     raise DataError(f'{where}: no feature {key!r} (config.data.label_key); '
                     f'features are {sorted(example)}')
   return int(example[key])
+
+
+def _label_value(example: dict, spec: ViewSpec, where: str) -> np.ndarray:
+  """The example's label as `spec` says: int32 scalar, or float32 `[K]` vector."""
+  if not spec.label_shape:
+    return np.int32(_label(example, spec.label_key, where))
+  if spec.label_key not in example:
+    _label(example, spec.label_key, where)  # raises, naming the feature
+  value = np.asarray(example[spec.label_key], np.float32)
+  if value.shape != tuple(spec.label_shape):
+    raise DataError(f'{where}: feature {spec.label_key!r} has shape {value.shape}, expected '
+                    f'{tuple(spec.label_shape)}')
+  return value
+
+
+def _padding_label(spec: ViewSpec) -> np.ndarray:
+  return np.zeros(spec.label_shape, np.float32) if spec.label_shape else np.int32(0)
 
 
 def _parallel(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
@@ -162,6 +180,45 @@ def pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
   return _parallel(ds, num_workers)
 
 
+class _LoadView(grain.transforms.Map):
+  """`(record, position)` -> `{'image': uint8 [S, S, C], 'label'?}`: a random crop, flipped."""
+
+  def __init__(self, source, spec: ViewSpec, seed: int, name: str):
+    self._source = source
+    self._spec = spec
+    self._seed = seed
+    self._name = name
+
+  def map(self, element):
+    record, position = element
+    rng = np.random.default_rng([self._seed, 2, position])
+    example = self._source[record]
+    where = f'{self._name} record {record} ({_text(example.get("image_id", ""))})'
+    view = host_ops.random_resized_crop(
+        rng, example['image'], self._spec.image_size,
+        area_range=(self._spec.crop_area_min, 1.0), name=where)
+    out = {'image': host_ops.random_flip(rng, view)}
+    if self._spec.label_key:
+      out['label'] = _label_value(example, self._spec, where)
+    return out
+
+
+def image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index: int,
+                  host_count: int, seed: int, num_workers: int,
+                  name: str = 'data') -> grain.IterDataset:
+  """Endless batches `{'image': uint8 [b, S, S, C], 'label'?}` for supervised training.
+
+  Epochs are permutations of the records from `(seed, epoch)`, split over hosts as
+  the pairs are (see the module docstring); each image is a random resized crop
+  (area in `[spec.crop_area_min, 1]`) and a random flip, from `(seed, position)`.
+  """
+  positions = _PairPositions(len(source), global_batch=global_batch, host_index=host_index,
+                             host_count=host_count, seed=seed)
+  ds = positions.map(_LoadView(source, spec, seed, name))
+  ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
+  return _parallel(ds, num_workers)
+
+
 class _EvalImages(grain.MapDataset):
   """One pass over `num_records` in order, padded to whole global batches, this host's slice."""
 
@@ -197,14 +254,14 @@ class _LoadCentreCrop(grain.transforms.Map):
     if record < 0:  # padding
       out = {'image': np.zeros((size, size, self._channels), np.uint8), 'mask': np.float32(0)}
       if self._spec.label_key:
-        out['label'] = np.int32(0)
+        out['label'] = _padding_label(self._spec)
       return out
     example = self._source[record]
     image = host_ops.center_crop(example['image'], size,
                                  name=f'{self._name} record {record}')
     out = {'image': image, 'mask': np.float32(1)}
     if self._spec.label_key:
-      out['label'] = np.int32(_label(example, self._spec.label_key, f'{self._name} record {record}'))
+      out['label'] = _label_value(example, self._spec, f'{self._name} record {record}')
     return out
 
 

@@ -1,9 +1,10 @@
 """Models: SimCLR's ResNet encoder, the SimCLRv2 projection head, and builders."""
 
-from bigssl_med.models.heads import ContrastiveModel, ProjectionHead
+from bigssl_med.models.heads import Classifier, ContrastiveModel, ProjectionHead
 from bigssl_med.models.resnet import DEPTHS, ResNet, feature_dim
 
-__all__ = ['ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'contrastive_model',
+__all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'classifier',
+           'contrastive_model',
            'feature_dim']
 
 
@@ -16,3 +17,16 @@ def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> Contras
       head=ProjectionHead(num_layers=model_config.head_layers, out_dim=model_config.head_out_dim,
                           hidden_dim=model_config.head_hidden_dim, dtype=dtype),
       probe_classes=probe_classes)
+
+
+def classifier(model_config, *, dtype, num_outputs: int, head_layers_kept: int,
+               freeze_encoder: bool = False) -> Classifier:
+  """The encoder + first `head_layers_kept` head layers + classifier of `config.model`."""
+  return Classifier(
+      encoder=ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
+                     sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
+                     dtype=dtype),
+      head=ProjectionHead(num_layers=model_config.head_layers, out_dim=model_config.head_out_dim,
+                          hidden_dim=model_config.head_hidden_dim, dtype=dtype,
+                          keep_layers=head_layers_kept),
+      num_outputs=num_outputs, freeze_encoder=freeze_encoder)

@@ -23,16 +23,23 @@ class ProjectionHead(nn.Module):
 
   `hidden_dim=0` keeps the input width in the hidden layers (SimCLR's choice);
   `num_layers=0` is no head at all (the encoder's features are used directly).
+  `keep_layers=k` (0 <= k <= num_layers) builds and runs only the first k layers,
+  with the names and shapes they have in the whole head, so that fine-tuning can
+  load them from a pretrained head; -1 keeps all.
   """
   num_layers: int = 3
   out_dim: int = 128
   hidden_dim: int = 0
   dtype: Any = jnp.float32
+  keep_layers: int = -1
 
   @nn.compact
   def __call__(self, h, train: bool = True):
     hiddens = [h]
-    for j in range(self.num_layers):
+    keep = self.num_layers if self.keep_layers < 0 else self.keep_layers
+    if keep > self.num_layers:
+      raise ValueError(f'keep_layers={keep} exceeds the head\'s {self.num_layers} layers')
+    for j in range(keep):
       last = j == self.num_layers - 1
       width = self.out_dim if last else (self.hidden_dim or h.shape[-1])
       x = nn.Dense(width, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
@@ -74,3 +81,25 @@ class ContrastiveModel(nn.Module):
                             name='probe_bn')(jax.lax.stop_gradient(features))
       logits = nn.Dense(self.probe_classes, kernel_init=dense_init, name='probe')(inputs)
     return features, projections, logits
+
+
+class Classifier(nn.Module):
+  """Encoder, the first projection-head layers, and a linear classifier.
+
+  SimCLRv2 fine-tunes from the first layer of the projection head: with
+  `head.keep_layers=1` the classifier reads that layer's output. Parameters live
+  under `encoder`, `head` and `classifier`, so `encoder` and `head` load from a
+  `ContrastiveModel` checkpoint. With `freeze_encoder`, gradients stop at the
+  classifier's input (linear evaluation).
+  """
+  encoder: ResNet
+  head: ProjectionHead
+  num_outputs: int
+  freeze_encoder: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    features = self.head(self.encoder(x, train), train)[-1]
+    if self.freeze_encoder:
+      features = jax.lax.stop_gradient(features)
+    return nn.Dense(self.num_outputs, kernel_init=dense_init, name='classifier')(features)

@@ -3,8 +3,10 @@
 Each is `train_and_evaluate(config, workdir) -> results` and imported explicitly here.
 """
 
+from bigssl_med.trainers import finetune
 from bigssl_med.trainers import pretrain
 
 TRAINERS = {
     'pretrain': pretrain.train_and_evaluate,
+    'finetune': finetune.train_and_evaluate,
 }

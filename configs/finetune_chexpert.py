@@ -1,0 +1,29 @@
+"""Fine-tuning on CheXpert's 14 observations (multi-label; mean AUC selects the model).
+
+  python main.py --config=configs/finetune_chexpert.py[:r50] --workdir=... \
+      --config.init_from=PRETRAINING_WORKDIR --config.init=micle
+
+Uncertain labels follow `task.uncertain` (U-Ones by default; ignore, zeros,
+lsr_ones); blanks count as negatives. The mean AUC is over CheXpert's five
+competition pathologies. CheXpert v1.0 has no public test split: the validation
+split selects the model and no test figure is written.
+"""
+
+from bigssl_med import config_schema
+
+
+def get_config(arg: str = 'r50'):
+  config = config_schema.finetune()
+  config_schema.set_model_variant(config, arg)
+  config.dataset = 'chexpert'
+  config.data.image_size = 224
+  config.batch_size = 256
+  config.num_epochs = 10.0
+  config.optimizer.learning_rate = 0.1
+  config.task.uncertain = 'ones'
+  config.task.mean_over = 'chexpert5'
+  config.eval_every_steps = 1000
+  config.early_stopping_patience = 5
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  return config

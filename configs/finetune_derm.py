@@ -1,0 +1,28 @@
+"""Fine-tuning on HAM10000's 7 diagnoses (multi-class; top-1 selects the model).
+
+  python main.py --config=configs/finetune_derm.py[:r50] --workdir=... \
+      --config.init_from=PRETRAINING_WORKDIR --config.init=micle \
+      --config.data.label_fraction=0.1 --config.seed=0
+
+Every layer is fine-tuned from the encoder and the first projection-head layer of
+`init_from` (SimCLRv2's choice; `head_layers_kept`), or from random weights when
+`init_from` is empty (the scratch baseline). `init` names the initialisation in
+reports. Label fractions are fractions of lesions, nested for one `fraction_seed`.
+"""
+
+from bigssl_med import config_schema
+
+
+def get_config(arg: str = 'r50'):
+  config = config_schema.finetune()
+  config_schema.set_model_variant(config, arg)
+  config.dataset = 'ham10000'
+  config.data.image_size = 224
+  config.batch_size = 256
+  config.num_epochs = 50.0
+  config.optimizer.learning_rate = 0.1
+  config.eval_every_steps = 200
+  config.early_stopping_patience = 10
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  return config

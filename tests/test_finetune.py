@@ -1,0 +1,156 @@
+"""End-to-end tests of the fine-tuning trainer on small generated and built data."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from bigssl_med import build_data, config_schema
+from bigssl_med.errors import CheckpointError, ConfigError
+from bigssl_med.trainers import finetune, pretrain
+from test_pretrain import tiny_config as tiny_pretrain_config
+
+
+def _write_colour_cases(root, per_split=(64, 16, 16), multi_label=False):
+  """Separable images: 'red' and 'green' dominated, noisy; one image per case."""
+  rng = np.random.default_rng(0)
+  (root / 'images').mkdir(parents=True)
+  lines = ['path,case_id,' + ('labels' if multi_label else 'label') + ',split']
+  n = 0
+  for split, count in zip(('train', 'validation', 'test'), per_split):
+    for i in range(count):
+      red = i % 2 == 0
+      image = rng.integers(0, 90, (20, 20, 3)).astype(np.uint8)
+      image[..., 0 if red else 1] += 150
+      path = root / 'images' / f'{n:04d}.png'
+      Image.fromarray(image).save(path)
+      if multi_label:
+        label = 'red' if red else ('green|round' if i % 4 == 1 else 'green')
+      else:
+        label = 'red' if red else 'green'
+      lines.append(f'images/{path.name},case{n:04d},{label},{split}')
+      n += 1
+  (root / 'cases.csv').write_text('\n'.join(lines) + '\n')
+  return root
+
+
+def tiny_config(data_dir, dataset='image_cases/colours', **overrides):
+  c = config_schema.finetune()
+  c.dataset = dataset
+  c.data.data_dir = os.fspath(data_dir)
+  c.data.build_if_missing = False
+  c.data.image_size = 16
+  c.data.num_workers = 0
+  c.data.crop_area_min = 0.5
+  c.model.depth = 18
+  c.model.width_multiplier = 0.125
+  c.model.cifar_stem = True
+  c.model.head_out_dim = 16
+  c.compute_dtype = 'float32'
+  c.batch_size = 16
+  c.total_steps = 40
+  c.num_epochs = 0.0
+  c.eval_every_steps = 10
+  c.log_every_steps = 10
+  c.checkpoint_every_steps = 20
+  c.head_layers_kept = 0
+  c.tensorboard = False
+  c.optimizer.learning_rate = 0.2
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def colours(tmp_path_factory):
+  root = tmp_path_factory.mktemp('colours')
+  _write_colour_cases(root / 'raw')
+  build_data.build('image_cases/colours', data_dir=os.fspath(root / 'data'),
+                   manual_dir=os.fspath(root / 'raw'))
+  return root / 'data'
+
+
+@pytest.fixture(scope='module')
+def finetuned(colours, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('finetuned')
+  results = finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
+  return workdir, results
+
+
+def test_scratch_fine_tune_beats_chance_on_separable_data(finetuned):
+  _, results = finetuned
+  assert results['trainer'] == 'finetune' and results['init'] == 'scratch'
+  assert results['task'] == 'multiclass' and results['primary_metric'] == 'top1'
+  assert results['test']['top1'] >= 0.8
+  assert results['validation']['top1'] >= 0.8
+  assert results['test']['num_examples'] == 16
+
+
+def test_workdir_has_best_model_selection_and_predictions(finetuned):
+  workdir, results = finetuned
+  best = json.loads((workdir / 'best.json').read_text())
+  assert best['step'] == results['best_step'] and best['last_eval_step'] == 40
+  assert best['value'] == results['validation']['top1']
+  evals = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  validation = [e for e in evals if e['split'] == 'validation']
+  assert [e['step'] for e in validation] == [10, 20, 30, 40]
+  assert best['value'] == max(e['top1'] for e in validation)
+  predictions = np.load(workdir / 'test_predictions.npz')
+  assert predictions['scores'].shape == (16, 2)
+  np.testing.assert_allclose(predictions['scores'].sum(1), 1.0, rtol=1e-5)
+  assert list(predictions['class_names']) == ['green', 'red']
+
+
+def test_second_run_returns_the_results_without_retraining(finetuned, colours):
+  workdir, results = finetuned
+  mtime = os.path.getmtime(workdir / 'metrics.jsonl')
+  again = finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
+  assert again == results
+  assert os.path.getmtime(workdir / 'metrics.jsonl') == mtime
+
+
+def test_early_stopping_stops_and_tests_the_best(colours, tmp_path):
+  cfg = tiny_config(colours, total_steps=200, eval_every_steps=4, early_stopping_patience=2,
+                    **{'optimizer.learning_rate': 0.0})  # nothing improves after step 4
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path))
+  assert results['stopped_early'] and results['step'] == 12
+  assert results['best_step'] == 4
+
+
+def test_multi_label_fine_tune_reports_mean_auc(tmp_path):
+  _write_colour_cases(tmp_path / 'raw', multi_label=True)
+  build_data.build('image_cases/multi', data_dir=os.fspath(tmp_path / 'data'),
+                   manual_dir=os.fspath(tmp_path / 'raw'))
+  cfg = tiny_config(tmp_path / 'data', dataset='image_cases/multi',
+                    **{'task.mean_over': 'green,red'})
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
+  assert results['task'] == 'multilabel' and results['primary_metric'] == 'auc_mean'
+  assert results['test']['auc_mean'] >= 0.8
+  with pytest.raises(ConfigError, match='unknown labels'):
+    finetune.train_and_evaluate(
+        tiny_config(tmp_path / 'data', dataset='image_cases/multi',
+                    **{'task.mean_over': 'green,blue'}), os.fspath(tmp_path / 'w2'))
+
+
+def test_fine_tune_from_a_pretraining_run(small_ham10000, tmp_path):
+  data_dir, _ = small_ham10000
+  source = os.fspath(tmp_path / 'pretrained')
+  pretrain.train_and_evaluate(tiny_pretrain_config(data_dir, total_steps=2, probe=False),
+                              source)
+  cfg = tiny_config(data_dir, dataset='ham10000', init_from=source, head_layers_kept=1,
+                    total_steps=4, eval_every_steps=2, **{'data.label_fraction': 0.5})
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'ft'))
+  assert results['origin'].startswith('initialised encoder+head from')
+  assert results['init'] == 'pretrained' and results['label_fraction'] == 0.5
+  assert set(results['test']) >= {'top1', 'top3', 'balanced_accuracy', 'auc_macro'}
+  # Another architecture: a one-line error naming the checkpoint.
+  wrong = tiny_config(data_dir, dataset='ham10000', init_from=source, total_steps=2,
+                      **{'model.width_multiplier': 0.25})
+  with pytest.raises(CheckpointError, match='init_from'):
+    finetune.train_and_evaluate(wrong, os.fspath(tmp_path / 'wrong'))
