@@ -15,6 +15,9 @@
   encoded bytes a record stores.
 * `hash_split` and `check_case_disjoint`: case-disjoint splits.
 * `with_progress`: progress lines while examples are generated.
+* `parse_label(s)`, `Item`, `check_unique_keys`, `generate_examples`: the
+  CheXpert label encoding (1, 0, -1, blank -> NaN) and turning listed images
+  into examples, shared by the chest X-ray builders.
 
 Everything raises `bigssl_med.errors.DataError` with a one-line message that
 names the file and, where there is one, the row.
@@ -27,12 +30,14 @@ import dataclasses
 import gzip
 import hashlib
 import io
+import math
 import os
 import re
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from absl import logging
+import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
@@ -59,6 +64,18 @@ class ImageConfig(tfds.core.BuilderConfig):
       None stores them at their published size.
   """
   max_side: int | None = None
+
+
+def downscaled_configs(max_side: int, published: str) -> list[ImageConfig]:
+  """`[side<max_side>, original]` configs (the downscaled one is the default).
+
+  Args:
+    max_side: the default config's longest side.
+    published: what the `original` config stores, e.g. 'Images as published.'.
+  """
+  return [ImageConfig(name=config_name(max_side), max_side=max_side,
+                      description=_describe(max_side)),
+          ImageConfig(name=ORIGINAL, description=published)]
 
 
 def config_name(max_side: int | None) -> str:
@@ -372,6 +389,87 @@ def _read(path: str, where: str) -> bytes:
     raise DataError(f'{where}: image file {path} not found') from None
   except OSError as exc:
     raise DataError(f'{where}: cannot read image file {path} ({one_line(exc)})') from exc
+
+
+# ----------------------------------------------------------------------------
+# CheXpert-style labels (CheXpert, MIMIC-CXR-JPG) and examples from items.
+# ----------------------------------------------------------------------------
+
+_CHEXPERT_VALUES = {1.0: 1.0, 0.0: 0.0, -1.0: -1.0}
+
+
+def parse_label(text: str, *, where: str, column: str) -> float:
+  """One CheXpert-style label: 1.0, 0.0, -1.0, or NaN for a blank.
+
+  `1`, `1.0`, `0`, `-1`, ... are accepted (any text that is a float equal to
+  1, 0 or -1); surrounding blanks are ignored.
+
+  Args:
+    text: the CSV value.
+    where: the file and line, for the error message.
+    column: the column, for the error message.
+
+  Raises:
+    DataError: any other value (e.g. '2', 'yes', 'nan'); names `where` and
+      `column`.
+  """
+  text = text.strip()
+  if not text:
+    return math.nan
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if value not in _CHEXPERT_VALUES:  # NaN is never in it.
+    raise DataError(f'{where}: column {column!r} is {text!r}; expected 1.0 '
+                    '(positive), 0.0 (negative), -1.0 (uncertain) or blank')
+  return _CHEXPERT_VALUES[value]  # -0.0 becomes 0.0.
+
+
+def parse_labels(row: Row, names: Sequence[str], where: str) -> np.ndarray:
+  """The labels of `row` for columns `names`, as a float32 vector (see `parse_label`)."""
+  return np.asarray([parse_label(row.get(name), where=where, column=name)
+                     for name in names], dtype=np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One image to store: its example key, file, referring row and features."""
+  key: str
+  path: str
+  where: str
+  split: str
+  features: Mapping[str, Any]
+
+
+def check_unique_keys(items: Iterable[Item]) -> None:
+  """Raises DataError when two rows name the same image."""
+  seen: dict[str, str] = {}
+  for item in items:
+    first = seen.setdefault(item.key, item.where)
+    if first != item.where:
+      raise DataError(f'image {item.key} is listed twice: {first} and {item.where}')
+
+
+def generate_examples(items: Sequence[Item], store: ImageStore,
+                      name: str) -> Iterator[tuple[str, dict]]:
+  """Yields (key, example) for `items`, leaving out images `store` skips.
+
+  Raises:
+    DataError: from `store` for a bad image (unless skipped), or when every image
+      of a split was skipped (TFDS cannot write an empty split).
+  """
+  count = 0
+  for item in items:
+    image = store.load(item.path, where=item.where, split=item.split)
+    if image is None:  # A bad image, skipped and listed in the metadata.
+      continue
+    count += 1
+    yield item.key, {'image': image, **item.features}
+  if items and not count:
+    raise DataError(f'{name}: all {len(items)} images of split {items[0].split} '
+                    'were skipped as missing or undecodable (first: '
+                    f'{items[0].path}, {items[0].where}); nothing to write')
 
 
 # ----------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bigssl_med import build_data
-from bigssl_med import checkpointing
 from bigssl_med import config_schema
 from bigssl_med import label_policies
 from bigssl_med import metrics as metrics_lib
@@ -39,6 +38,7 @@ from bigssl_med import models
 from bigssl_med import optim
 from bigssl_med import parallel
 from bigssl_med import supervised
+from bigssl_med import train_state
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import fractions
 from bigssl_med.data import pipeline
@@ -170,47 +170,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = optim.warmup_cosine(
       optim.peak_learning_rate(config.optimizer.learning_rate, config.optimizer.lr_scaling,
                                config.batch_size), total_steps, warmup_steps)
-  size = config.data.image_size
-
-  def init_variables(rng):
-    return dict(model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32), train=False))
-
-  abstract_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
-  tx = optim.build_optimizer(config.optimizer, schedule, abstract_variables['params'])
-
-  def init_opt(variables):
-    return {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(variables['params'])}
-
-  repl = parallel.replicated(mesh)
-  abstract_opt = jax.eval_shape(init_opt, abstract_variables)
-  model_shardings = jax.tree.map(lambda _: repl, abstract_variables)
-  opt_shardings = jax.tree.map(lambda _: repl, abstract_opt)
-  init_variables_jit = jax.jit(init_variables, out_shardings=model_shardings)
-  init_opt_jit = jax.jit(init_opt, out_shardings=opt_shardings)
-
-  def fresh():
-    variables = init_variables_jit(jax.random.key(config.seed))
-    return variables, init_opt_jit(variables)
-
-  checkpointer = checkpointing.Checkpointer(workdir, keep_last=config.keep_checkpoints,
-                                            keep_every=config.keep_checkpoint_every_steps)
-  with_sharding = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  abstract_model = with_sharding(abstract_variables, model_shardings)
-  variables, opt, data_state, origin = checkpointing.restore_or_initialize(
-      checkpointer, init_fn=fresh, abstract_model=abstract_model,
-      abstract_opt=with_sharding(abstract_opt, opt_shardings), init_from=config.init_from,
+  run = train_state.start(
+      model, config=config, workdir=workdir, mesh=mesh,
+      make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
       init_keys=('encoder', 'head') if config.head_layers_kept else ('encoder',),
-      model_sharding=repl, finalize_opt=init_opt_jit, partial_keys=('head',))
+      partial_keys=('head',))
+  variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
+  checkpointer, model_shardings = run.checkpointer, run.shardings['model']
   start_step = int(opt['step'])
   logging.info('Start at step %d: %s', start_step, origin)
 
   # ---------------------------------------------------------------- Steps.
   batch_sharding = parallel.batch_sharding(mesh)
-  state_shardings = {'model': model_shardings, 'opt': opt_shardings}
-  train_step = jax.jit(supervised.make_train_step(model, tx, schedule, task),
-                       in_shardings=(state_shardings, batch_sharding, repl),
-                       out_shardings=(state_shardings, repl), donate_argnums=0)
+  repl = parallel.replicated(mesh)
+  train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task),
+                       in_shardings=(run.shardings, batch_sharding, repl),
+                       out_shardings=(run.shardings, repl), donate_argnums=0)
   eval_step = jax.jit(supervised.make_eval_step(model),
                       in_shardings=(model_shardings, batch_sharding), out_shardings=batch_sharding)
   to_device = functools.partial(parallel.to_global, mesh=mesh)
@@ -326,7 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     select(step, state['model'])
 
   # ---------------------------------------------------------------- Test, once.
-  best_variables = saver.restore(best_dir, abstract_model)
+  best_variables = saver.restore(best_dir, run.abstract_model)
   test_split = config.data.test_split
   test: dict[str, Any] = {}
   if test_split and test_split in info.splits:

@@ -23,12 +23,12 @@ import ml_collections
 
 from bigssl_med import augment
 from bigssl_med import build_data
-from bigssl_med import checkpointing
 from bigssl_med import config_schema
 from bigssl_med import contrastive
 from bigssl_med import models
 from bigssl_med import optim
 from bigssl_med import parallel
+from bigssl_med import train_state
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import pipeline
 from bigssl_med.data import sources
@@ -131,47 +131,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   peak_lr = optim.peak_learning_rate(config.optimizer.learning_rate,
                                      config.optimizer.lr_scaling, config.batch_size)
   schedule = optim.warmup_cosine(peak_lr, total_steps, warmup_steps)
-  size = config.data.image_size
-
-  def init_variables(rng):
-    dummy = jnp.zeros((2, size, size, 3), jnp.float32)
-    return dict(model.init(rng, dummy, train=False))
-
-  abstract_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
-  tx = optim.build_optimizer(config.optimizer, schedule, abstract_variables['params'])
-
-  def init_opt(variables):
-    return {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(variables['params'])}
-
-  repl = parallel.replicated(mesh)
-  abstract_opt = jax.eval_shape(init_opt, abstract_variables)
-  model_shardings = jax.tree.map(lambda _: repl, abstract_variables)
-  opt_shardings = jax.tree.map(lambda _: repl, abstract_opt)
-  init_variables_jit = jax.jit(init_variables, out_shardings=model_shardings)
-  init_opt_jit = jax.jit(init_opt, out_shardings=opt_shardings)
-
-  def fresh():
-    variables = init_variables_jit(jax.random.key(config.seed))
-    return variables, init_opt_jit(variables)
 
   # ---------------------------------------------------------------- Starting point.
-  checkpointer = checkpointing.Checkpointer(workdir, keep_last=config.keep_checkpoints,
-                                            keep_every=config.keep_checkpoint_every_steps)
-  with_sharding = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  variables, opt, data_state, origin = checkpointing.restore_or_initialize(
-      checkpointer, init_fn=fresh,
-      abstract_model=with_sharding(abstract_variables, model_shardings),
-      abstract_opt=with_sharding(abstract_opt, opt_shardings),
-      init_from=config.init_from,
-      init_keys=('encoder', 'head') if config.init_head else ('encoder',),
-      model_sharding=repl, finalize_opt=init_opt_jit)
+  run = train_state.start(
+      model, config=config, workdir=workdir, mesh=mesh,
+      make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
+      init_keys=('encoder', 'head') if config.init_head else ('encoder',))
+  variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
+  checkpointer, tx = run.checkpointer, run.tx
+  model_shardings, state_shardings = run.shardings['model'], run.shardings
+  repl = parallel.replicated(mesh)
   start_step = int(opt['step'])
   logging.info('Start at step %d: %s', start_step, origin)
 
   # ---------------------------------------------------------------- Steps.
   augment_views = augment_fn(config)
-  state_shardings = {'model': model_shardings, 'opt': opt_shardings}
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = jax.jit(
       contrastive.make_train_step(model, tx, schedule, augment_views=augment_views,

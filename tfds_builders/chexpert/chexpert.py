@@ -39,11 +39,10 @@ one-line `bigssl_med.errors.DataError`s naming the file and row.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -67,7 +66,6 @@ DATASET_FOLDERS = ('CheXpert-v1.0', 'CheXpert-v1.0-small')
 
 _PATIENT_RE = re.compile(r'^patient\d+$')
 _STUDY_RE = re.compile(r'^study\d+$')
-_LABEL_VALUES = {1.0: 1.0, 0.0: 0.0, -1.0: -1.0}
 
 _HOMEPAGE = 'https://stanfordmlgroup.github.io/competitions/chexpert/'
 
@@ -115,58 +113,8 @@ and valid/) or the folder containing it as --manual_dir.
 
 
 # ----------------------------------------------------------------------------
-# Labels (also used by the MIMIC-CXR-JPG builder, whose labels use the same
-# encoding).
-# ----------------------------------------------------------------------------
-
-
-def parse_label(text: str, *, where: str, column: str) -> float:
-  """One CheXpert-style label: 1.0, 0.0, -1.0, or NaN for a blank.
-
-  `1`, `1.0`, `0`, `-1`, ... are accepted (any text that is a float equal to
-  1, 0 or -1); surrounding blanks are ignored.
-
-  Args:
-    text: the CSV value.
-    where: the file and line, for the error message.
-    column: the column, for the error message.
-
-  Raises:
-    DataError: any other value (e.g. '2', 'yes', 'nan'); names `where` and
-      `column`.
-  """
-  text = text.strip()
-  if not text:
-    return math.nan
-  try:
-    value = float(text)
-  except ValueError:
-    value = math.nan
-  if value not in _LABEL_VALUES:  # NaN is never in it.
-    raise DataError(f'{where}: column {column!r} is {text!r}; expected 1.0 '
-                    '(positive), 0.0 (negative), -1.0 (uncertain) or blank')
-  return _LABEL_VALUES[value]  # -0.0 becomes 0.0.
-
-
-def parse_labels(row: common.Row, names: Sequence[str], where: str) -> np.ndarray:
-  """The labels of `row` for columns `names`, as a float32 vector (see `parse_label`)."""
-  return np.asarray([parse_label(row.get(name), where=where, column=name)
-                     for name in names], dtype=np.float32)
-
-
-# ----------------------------------------------------------------------------
 # Reading the CSV files.
 # ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-  """One image to store: its example key, file, referring row and features."""
-  key: str
-  path: str
-  where: str
-  split: str
-  features: Mapping[str, Any]
 
 
 def find_tables(root: str) -> dict[str, str]:
@@ -262,7 +210,7 @@ def parse_age(text: str, where: str) -> float:
                     'of years or blank') from None
 
 
-def read_split(csv_path: str, split: str) -> list[Item]:
+def read_split(csv_path: str, split: str) -> list[common.Item]:
   """Reads one label file into items, in file order.
 
   Raises:
@@ -278,7 +226,7 @@ def read_split(csv_path: str, split: str) -> list[Item]:
     if not relative:
       raise DataError(f'{where}: empty Path')
     image_id, patient, study, view = parse_path(relative, where)
-    items.append(Item(
+    items.append(common.Item(
         key=image_id,
         path=resolve_image_path(csv_dir, relative),
         where=f'{where} (Path {relative})',
@@ -292,39 +240,9 @@ def read_split(csv_path: str, split: str) -> list[Item]:
             'age': np.float32(parse_age(row.get('Age'), where)),
             'frontal_lateral': row.get('Frontal/Lateral'),
             'ap_pa': row.get('AP/PA'),
-            'labels': parse_labels(row, LABEL_NAMES, where),
+            'labels': common.parse_labels(row, LABEL_NAMES, where),
         }))
   return items
-
-
-def check_unique_keys(items: Iterable[Item]) -> None:
-  """Raises DataError when two rows name the same image."""
-  seen: dict[str, str] = {}
-  for item in items:
-    first = seen.setdefault(item.key, item.where)
-    if first != item.where:
-      raise DataError(f'image {item.key} is listed twice: {first} and {item.where}')
-
-
-def generate_examples(items: Sequence[Item], store: common.ImageStore,
-                      name: str) -> Iterator[tuple[str, dict]]:
-  """Yields (key, example) for `items`, leaving out images `store` skips.
-
-  Raises:
-    DataError: from `store` for a bad image (unless skipped), or when every image
-      of a split was skipped (TFDS cannot write an empty split).
-  """
-  count = 0
-  for item in items:
-    image = store.load(item.path, where=item.where, split=item.split)
-    if image is None:  # A bad image, skipped and listed in the metadata.
-      continue
-    count += 1
-    yield item.key, {'image': image, **item.features}
-  if items and not count:
-    raise DataError(f'{name}: all {len(items)} images of split {items[0].split} '
-                    'were skipped as missing or undecodable (first: '
-                    f'{items[0].path}, {items[0].where}); nothing to write')
 
 
 # ----------------------------------------------------------------------------
@@ -344,13 +262,7 @@ class Chexpert(common.ImageBuilder):
       '1.0.0': 'Grayscale images, 14 labels (1/0/-1/NaN), patient ids; official '
                'train/validation splits.',
   }
-  BUILDER_CONFIGS = [
-      common.ImageConfig(
-          name='side512', max_side=512,
-          description='Images downscaled (antialiased) to a longest side of at '
-                      'most 512 pixels.'),
-      common.ImageConfig(name='original', description='Images as published.'),
-  ]
+  BUILDER_CONFIGS = common.downscaled_configs(512, 'Images as published.')
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -402,7 +314,7 @@ class Chexpert(common.ImageBuilder):
     all_items = [item for split_items in items.values() for item in split_items]
     common.check_case_disjoint(
         (item.features['case_id'], item.split, item.where) for item in all_items)
-    check_unique_keys(all_items)
+    common.check_unique_keys(all_items)
     store = self.image_store(channels=1)
     generators = {}
     for split, split_items in items.items():
@@ -415,6 +327,6 @@ class Chexpert(common.ImageBuilder):
           what=f'{self.name} {split}')
     return generators
 
-  def _generate_examples(self, items: Sequence[Item],
+  def _generate_examples(self, items: Sequence[common.Item],
                          store: common.ImageStore) -> Iterator[tuple[str, dict]]:
-    return generate_examples(items, store, self.name)
+    return common.generate_examples(items, store, self.name)

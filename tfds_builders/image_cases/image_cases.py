@@ -237,8 +237,8 @@ class ImageCases(common.ImageBuilder):
       '1.0.0': 'Images, case ids and single- or multi-label classes from '
                'cases.csv.',
   }
-  # A placeholder that names the default config directory (`original`): every
-  # real config is made from the data by `make_config`.
+  # Names the default config directory (`original`); the configs that builds
+  # use are made from the data by `make_config`.
   BUILDER_CONFIGS = [ImageCasesConfig(name=common.ORIGINAL)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 

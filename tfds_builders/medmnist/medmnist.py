@@ -471,8 +471,8 @@ def _open_zip(path: str) -> _ZipContext:
 def _open_member(archive: zipfile.ZipFile, path: str, key: str) -> IO[bytes]:
   try:
     return archive.open(f'{key}.npy')
-  except (OSError, zipfile.BadZipFile, ValueError, NotImplementedError,
-          RuntimeError) as exc:
+  except (OSError, zipfile.BadZipFile, ValueError, RuntimeError) as exc:
+    # RuntimeError covers zipfile's error for an unsupported compression method.
     raise DataError(f'{path}: key {key} cannot be opened '
                     f'({common.one_line(exc)})') from exc
 

@@ -46,10 +46,6 @@ import tensorflow_datasets as tfds
 
 from bigssl_med.errors import DataError
 from tfds_builders import common
-from tfds_builders.chexpert.chexpert import Item
-from tfds_builders.chexpert.chexpert import check_unique_keys
-from tfds_builders.chexpert.chexpert import generate_examples
-from tfds_builders.chexpert.chexpert import parse_labels
 
 # The 14 labels, in the column order of mimic-cxr-2.0.0-chexpert.csv.
 LABEL_NAMES = (
@@ -200,7 +196,7 @@ def read_labels(path: str) -> dict[str, StudyLabels]:
       raise DataError(f'{where}: study {study_id} already has labels on '
                       f'{studies[study_id].where}')
     studies[study_id] = StudyLabels(subject_id=subject_id,
-                                    labels=parse_labels(row, LABEL_NAMES, where),
+                                    labels=common.parse_labels(row, LABEL_NAMES, where),
                                     where=where)
   return studies
 
@@ -221,7 +217,7 @@ def image_path(subject_id: str, study_id: str, dicom_id: str) -> str:
 
 def read_split_file(path: str, inputs: Inputs, labels: Mapping[str, StudyLabels],
                     view_positions: Mapping[str, str]
-                    ) -> tuple[dict[str, list[Item]], set[str]]:
+                    ) -> tuple[dict[str, list[common.Item]], set[str]]:
   """Reads the split file into items per TFDS split, in file order.
 
   Returns:
@@ -234,7 +230,7 @@ def read_split_file(path: str, inputs: Inputs, labels: Mapping[str, StudyLabels]
   _, rows = common.read_table(path, SPLIT_COLUMNS)
   release_dir = os.path.dirname(inputs.files_dir)
   nan_labels = np.full((len(LABEL_NAMES),), np.nan, dtype=np.float32)
-  items: dict[str, list[Item]] = {split: [] for split in SPLITS.values()}
+  items: dict[str, list[common.Item]] = {split: [] for split in SPLITS.values()}
   unlabelled: set[str] = set()
   for row in rows:
     where = row.where(path)
@@ -258,7 +254,7 @@ def read_split_file(path: str, inputs: Inputs, labels: Mapping[str, StudyLabels]
     else:
       study_labels = study.labels
     relative = image_path(subject_id, study_id, dicom_id)
-    items[split].append(Item(
+    items[split].append(common.Item(
         key=relative,
         path=os.path.join(release_dir, *relative.split('/')),
         where=f'{where} (dicom_id {dicom_id})',
@@ -285,13 +281,7 @@ class MimicCxrJpg(common.ImageBuilder):
       '1.0.0': 'Grayscale images, 14 labels (1/0/-1/NaN), subject and study ids, '
                'view position; official splits.',
   }
-  BUILDER_CONFIGS = [
-      common.ImageConfig(
-          name='side512', max_side=512,
-          description='Images downscaled (antialiased) to a longest side of at '
-                      'most 512 pixels.'),
-      common.ImageConfig(name='original', description='Images as published.'),
-  ]
+  BUILDER_CONFIGS = common.downscaled_configs(512, 'Images as published.')
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -339,7 +329,7 @@ class MimicCxrJpg(common.ImageBuilder):
     all_items = [item for split_items in items.values() for item in split_items]
     common.check_case_disjoint(
         (item.features['case_id'], item.split, item.where) for item in all_items)
-    check_unique_keys(all_items)
+    common.check_unique_keys(all_items)
     if unlabelled:
       logging.warning('MIMIC-CXR-JPG: %d studies of %s have no row in %s; their '
                       'labels are all NaN.', len(unlabelled), inputs.split,
@@ -357,6 +347,6 @@ class MimicCxrJpg(common.ImageBuilder):
           what=f'{self.name} {split}')
     return generators
 
-  def _generate_examples(self, items: Sequence[Item],
+  def _generate_examples(self, items: Sequence[common.Item],
                          store: common.ImageStore) -> Iterator[tuple[str, dict]]:
-    return generate_examples(items, store, self.name)
+    return common.generate_examples(items, store, self.name)

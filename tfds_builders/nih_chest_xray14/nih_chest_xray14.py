@@ -269,14 +269,7 @@ class NihChestXray14(common.ImageBuilder):
       '1.0.0': 'Gray PNG images, 14 findings multi-hot, patient ids; official '
                'test split, patient-hash train/validation.',
   }
-  BUILDER_CONFIGS = [
-      common.ImageConfig(
-          name='side512', max_side=512,
-          description='Images downscaled (antialiased) to 512x512.'),
-      common.ImageConfig(
-          name=common.ORIGINAL,
-          description='Images as published (1024x1024 PNG).'),
-  ]
+  BUILDER_CONFIGS = common.downscaled_configs(512, 'Images as published (1024x1024 PNG).')
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
 
   def _info(self) -> tfds.core.DatasetInfo:

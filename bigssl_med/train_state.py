@@ -1,0 +1,93 @@
+"""A trainer's starting state: variables and optimiser, replicated, restored or new.
+
+Every trainer starts the same way: shapes from `jax.eval_shape`, the optimiser built
+for those parameters, replicated shardings, and the one priority order of
+`bigssl_med.checkpointing.restore_or_initialize` (resume > init_from > scratch).
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bigssl_med import checkpointing
+from bigssl_med import parallel
+
+
+@dataclasses.dataclass
+class Start:
+  """What `start` returns.
+
+  Attributes:
+    variables, opt: the model variables and `{'step', 'opt_state'}`, replicated.
+    data_state: the input iterator's saved state (None unless resumed).
+    origin: which starting point applied, in words.
+    checkpointer: the run's checkpointer (the trainer closes it).
+    tx: the optimiser.
+    shardings: `{'model': ..., 'opt': ...}`, trees of the replicated sharding.
+    abstract_model: shapes, dtypes and shardings of the model variables.
+  """
+  variables: Any
+  opt: Any
+  data_state: bytes | None
+  origin: str
+  checkpointer: checkpointing.Checkpointer
+  tx: optax.GradientTransformation
+  shardings: dict[str, Any]
+  abstract_model: Any
+
+
+def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
+          mesh: jax.sharding.Mesh, make_tx: Callable[[Any], optax.GradientTransformation],
+          init_keys: tuple[str, ...], partial_keys: tuple[str, ...] = ()) -> Start:
+  """Builds or restores the state of a run of `model` in `workdir`.
+
+  Args:
+    model: a Flax module called as `model(images, train=False)`.
+    config: the run's config (seed, init_from, data.image_size, checkpoint keys).
+    workdir: the run's workdir (checkpoints in `workdir/checkpoints`).
+    mesh: the device mesh; everything is replicated over it.
+    make_tx: the optimiser for the (abstract) parameters.
+    init_keys, partial_keys: what `init_from` loads (see `restore_or_initialize`).
+  """
+  size = config.data.image_size
+
+  def init_variables(rng):
+    return dict(model.init(rng, jnp.zeros((2, size, size, 3), jnp.float32), train=False))
+
+  abstract_variables = jax.eval_shape(init_variables, jax.random.key(config.seed))
+  tx = make_tx(abstract_variables['params'])
+
+  def init_opt(variables):
+    return {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(variables['params'])}
+
+  repl = parallel.replicated(mesh)
+  abstract_opt = jax.eval_shape(init_opt, abstract_variables)
+  shardings = {'model': jax.tree.map(lambda _: repl, abstract_variables),
+               'opt': jax.tree.map(lambda _: repl, abstract_opt)}
+  init_variables_jit = jax.jit(init_variables, out_shardings=shardings['model'])
+  init_opt_jit = jax.jit(init_opt, out_shardings=shardings['opt'])
+
+  def fresh():
+    variables = init_variables_jit(jax.random.key(config.seed))
+    return variables, init_opt_jit(variables)
+
+  def with_sharding(tree, sharding_tree):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, sharding_tree)
+
+  checkpointer = checkpointing.Checkpointer(workdir, keep_last=config.keep_checkpoints,
+                                            keep_every=config.keep_checkpoint_every_steps)
+  abstract_model = with_sharding(abstract_variables, shardings['model'])
+  variables, opt, data_state, origin = checkpointing.restore_or_initialize(
+      checkpointer, init_fn=fresh, abstract_model=abstract_model,
+      abstract_opt=with_sharding(abstract_opt, shardings['opt']), init_from=config.init_from,
+      init_keys=init_keys, model_sharding=repl, finalize_opt=init_opt_jit,
+      partial_keys=partial_keys)
+  return Start(variables=variables, opt=opt, data_state=data_state, origin=origin,
+               checkpointer=checkpointer, tx=tx, shardings=shardings,
+               abstract_model=abstract_model)
