@@ -353,7 +353,7 @@ class ImageStore:
       DataError: the file is missing or cannot be decoded and bad images are
         not skipped; the message names the file and `where`.
     """
-    return self.convert(lambda: _read(path, where), path=path, where=where,
+    return self.convert(lambda: read_image_file(path, where), path=path, where=where,
                         split=split)
 
   def convert(self, read: Callable[[], bytes], *, path: str, where: str,
@@ -381,7 +381,8 @@ class ImageStore:
     return len(self._metadata['skipped_images'])
 
 
-def _read(path: str, where: str) -> bytes:
+def read_image_file(path: str, where: str) -> bytes:
+  """The bytes of an image file; DataError naming the file and `where` if unreadable."""
   try:
     with open(path, 'rb') as f:
       return f.read()

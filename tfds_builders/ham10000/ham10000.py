@@ -354,13 +354,17 @@ class Ham10000(common.ImageBuilder):
   def _generate_examples(self, items, split, store):
     for row, image_path, mask_path, where in common.with_progress(
         items, total=len(items), what=f'ham10000 {split}'):
-      image = store.load(image_path, where=where, split=split)
+      published = []  # the file's bytes, read once for the image and its size
+
+      def read(path=image_path, where=where):
+        published.append(common.read_image_file(path, where))
+        return published[-1]
+
+      image = store.convert(read, path=image_path, where=where, split=split)
       if image is None:
         continue
       try:
-        with open(image_path, 'rb') as f:
-          original_size = _image_size(f.read())
-        mask = load_mask(mask_path, where, _image_size(image), original_size)
+        mask = load_mask(mask_path, where, _image_size(image), _image_size(published[-1]))
       except DataError as exc:
         if not store.skip_bad_images:
           raise
