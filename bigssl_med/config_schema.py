@@ -113,6 +113,7 @@ def finetune() -> ml_collections.ConfigDict:
   c.data = _data()
   c.data.label_key = ''           # '' : `label` if the data set has it, else `labels`
   c.data.test_split = 'test'      # evaluated once, with the best validation checkpoint
+  c.data.test_ten_crop = False    # test (and shift) by ten-crop test-time augmentation
   c.data.label_fraction = 1.0     # fraction of training cases with labels, in (0, 1]
   c.data.fraction_seed = 0        # which cases; nested over fractions for one seed
   c.model = _model()
@@ -131,6 +132,82 @@ def finetune() -> ml_collections.ConfigDict:
   c.early_stopping_patience = 0   # evaluations without improvement before stopping (0: off)
   c.num_epochs = 30.0
   c.eval_every_steps = 100
+  c.shift = ml_collections.ConfigDict()  # distribution shift: the best model on another data set
+  c.shift.dataset = ''            # e.g. 'nih_chest_xray14' ('' : none)
+  c.shift.split = 'test'
+  c.shift.label_map = ''          # 'MODEL_LABEL=DATASET_LABEL,...' ('' : the shared names)
+  c.shift.data_dir = ''           # '' : config.data.data_dir
+  c.shift.manual_dir = ''
+  return c
+
+
+def linear_eval() -> ml_collections.ConfigDict:
+  """A linear classifier on the frozen encoder (`trainer='linear_eval'`).
+
+  The encoder (and the first `head_layers_kept` head layers) of `init_from` run in
+  inference mode; only the classifier is trained, on random crops and flips,
+  with Nesterov momentum at 0.1 x B / 256 for 90 epochs (SimCLR's protocol).
+  """
+  c = finetune()
+  c.trainer = 'linear_eval'
+  c.head_layers_kept = 0          # SimCLR evaluates the encoder's output
+  c.num_epochs = 90.0
+  return c
+
+
+def distill() -> ml_collections.ConfigDict:
+  """Self-distillation from a fine-tuned teacher (`trainer='distill'`, SimCLRv2's third step).
+
+  The student (`model`, from `init_from` or random weights) learns from the
+  teacher's softened predictions on every training image; no labels are used.
+  """
+  c = finetune()
+  c.trainer = 'distill'
+  c.teacher = ''                  # workdir of a finished finetune or linear_eval run
+  c.distill_temperature = 1.0     # τ of CE(softmax(teacher/τ), softmax(student/τ))
+  del c.data.label_fraction       # the student sees every training image, without labels
+  del c.data.fraction_seed
+  c.head_layers_kept = 0
+  return c
+
+
+def segment() -> ml_collections.ConfigDict:
+  """Binary segmentation with a U-Net on the ResNet encoder (`trainer='segment'`).
+
+  segmentation_models' U-Net (`decoder_channels`) on `config.model`'s encoder, from
+  `init_from` (a pretraining workdir or checkpoint: the encoder) or from random
+  weights; loss `bce_weight * BCE + dice_weight * soft Dice`; the validation Dice
+  selects the model. Adam (`adamw` without weight decay) with a cosine schedule, as
+  the transfer-learning benchmark trains its segmentation models.
+  """
+  c = _common('segment')
+  c.init = ''                     # the initialisation's name in reports ('' : from init_from)
+  c.batch_size = 32
+  c.num_epochs = 50.0
+  c.eval_every_steps = 200
+  c.data = _data()
+  del c.data.label_key
+  c.data.mask_key = 'mask'        # the data set's mask feature (0 background, 255 foreground)
+  c.data.crop_area_min = 0.25     # training crops: the same box for the image and its mask
+  c.data.test_split = 'test'      # evaluated once, with the best validation checkpoint
+  c.data.label_fraction = 1.0     # fraction of training cases with masks, in (0, 1]
+  c.data.fraction_seed = 0        # which cases; nested over fractions for one seed
+  c.model = _model()
+  del c.model.head_layers         # the U-Net reads the encoder's maps, not the head
+  del c.model.head_hidden_dim
+  del c.model.head_out_dim
+  c.decoder_channels = (256, 128, 64, 32, 16)  # the five decoder blocks, deepest first
+  c.loss = ml_collections.ConfigDict()
+  c.loss.bce_weight = 1.0
+  c.loss.dice_weight = 1.0
+  c.loss.dice_smooth = 1.0        # s in 1 - (2 sum(p y) + s) / (sum(p) + sum(y) + s)
+  c.loss.dice_per_image = False   # sums over the batch (the benchmark's) or over each image
+  c.optimizer = _optimizer()
+  c.optimizer.name = 'adamw'      # with weight_decay 0: Adam
+  c.optimizer.learning_rate = 1.6e-3  # x B / 256: a peak of 2e-4 at batch 32
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.warmup_epochs = 0.0
+  c.early_stopping_patience = 0   # evaluations without improvement before stopping (0: off)
   return c
 
 
@@ -150,7 +227,8 @@ def set_model_variant(config: ml_collections.ConfigDict, variant: str) -> None:
       MODEL_VARIANTS[variant])
 
 
-_DEFAULTS = {'pretrain': pretrain, 'finetune': finetune}
+_DEFAULTS = {'pretrain': pretrain, 'finetune': finetune, 'linear_eval': linear_eval,
+             'distill': distill, 'segment': segment}
 
 
 def defaults(trainer: str) -> ml_collections.ConfigDict:

@@ -71,12 +71,86 @@ def make_train_step(model, tx, schedule, task: Task):
   return train_step
 
 
-def make_eval_step(model):
-  """`(variables, batch) -> float32 logits` of centre-cropped images."""
+def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: float):
+  """`(state, teacher_variables, batch, key) -> (state, metrics)`: SimCLRv2's distillation.
+
+  The teacher (inference mode) sees the student's augmented images; its softened
+  predictions are the targets. Multi-class: `-sum_y softmax(t/τ)_y log softmax(s/τ)_y`;
+  multi-label: sigmoid cross-entropy of `s/τ` against `sigmoid(t/τ)`. Averaged over
+  the batch (and labels); labels are not used.
+  """
+
+  def train_step(state, teacher_variables, batch, key):
+    del key
+    variables, opt = state['model'], state['opt']
+    images = augment.to_float(batch['image'])
+    teacher_logits = teacher.apply(teacher_variables, images, train=False).astype(jnp.float32)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits) / temperature
+
+    def loss_fn(params):
+      logits, updates = model.apply(
+          {'params': params, 'batch_stats': variables['batch_stats']}, images, train=True,
+          mutable=['batch_stats'])
+      logits = logits.astype(jnp.float32) / temperature
+      if task.kind == 'multiclass':
+        loss = optax.softmax_cross_entropy(logits, jax.nn.softmax(teacher_logits)).mean()
+        agree = jnp.argmax(logits, -1) == jnp.argmax(teacher_logits, -1)
+      else:
+        loss = optax.sigmoid_binary_cross_entropy(logits, jax.nn.sigmoid(teacher_logits)).mean()
+        agree = (logits > 0) == (teacher_logits > 0)
+      return loss, (updates['batch_stats'], {'loss': loss, 'teacher_agreement': jnp.mean(agree)})
+
+    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
+    params = optax.apply_updates(variables['params'], updates)
+    metrics['learning_rate'] = schedule(opt['step'])
+    new_state = {'model': {'params': params, 'batch_stats': batch_stats},
+                 'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}
+    return new_state, metrics
+
+  return train_step
+
+
+def ten_crops(images: jax.Array, size: int) -> jax.Array:
+  """`[N, H, W, C] -> [10, N, size, size, C]`: the four corners, the centre, and mirrors.
+
+  The benchmark paper's test-time augmentation (torchvision's `TenCrop`): crops
+  at the top-left, top-right, bottom-left and bottom-right corners and the centre
+  (offset `(H - size) // 2`), then the same five of the horizontally flipped image.
+  """
+  height, width = images.shape[1:3]
+  if size > min(height, width):
+    raise ValueError(f'ten_crops: crop size {size} exceeds the image ({height}x{width})')
+  top, left = (height - size) // 2, (width - size) // 2
+  corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+             (top, left)]
+  crops = [images[:, y:y + size, x:x + size] for y, x in corners]
+  crops += [crop[:, :, ::-1] for crop in crops]
+  return jnp.stack(crops)
+
+
+def make_eval_step(model, task: Task | None = None, ten_crop_size: int = 0):
+  """`(variables, batch) -> float32 logits` of evaluation images.
+
+  With `ten_crop_size`, images are the larger ten-crop views: the model scores
+  the ten crops of `ten_crops`, their probabilities (softmax for multi-class,
+  sigmoid for multi-label `task`) are averaged, and the step returns logits of
+  the averaged probabilities (log p, or log(p / (1 - p))).
+  """
 
   def eval_step(variables, batch):
-    logits = model.apply(variables, augment.to_float(batch['image']), train=False)
-    return logits.astype(jnp.float32)
+    images = augment.to_float(batch['image'])
+    if not ten_crop_size:
+      return model.apply(variables, images, train=False).astype(jnp.float32)
+    crops = ten_crops(images, ten_crop_size)
+    n = images.shape[0]
+    logits = model.apply(variables, crops.reshape((10 * n,) + crops.shape[2:]), train=False)
+    logits = logits.astype(jnp.float32).reshape((10, n, -1))
+    tiny = jnp.finfo(jnp.float32).tiny
+    if task is None or task.kind == 'multiclass':
+      return jnp.log(jnp.maximum(jax.nn.softmax(logits, -1).mean(0), tiny))
+    p = jax.nn.sigmoid(logits).mean(0)
+    return jnp.log(jnp.maximum(p, tiny)) - jnp.log(jnp.maximum(1.0 - p, tiny))
 
   return eval_step
 

@@ -36,8 +36,8 @@ def _write_colour_cases(root, per_split=(64, 16, 16), multi_label=False):
   return root
 
 
-def tiny_config(data_dir, dataset='image_cases/colours', **overrides):
-  c = config_schema.finetune()
+def tiny_config(data_dir, dataset='image_cases/colours', trainer='finetune', **overrides):
+  c = config_schema.defaults(trainer)
   c.dataset = dataset
   c.data.data_dir = os.fspath(data_dir)
   c.data.build_if_missing = False

@@ -241,23 +241,40 @@ class _EvalImages(grain.MapDataset):
     return position if position < self._n else -1
 
 
+CENTRE_CROP_PROPORTION = 0.875
+
+
+def eval_crop(image_size: int, ten_crop: bool = False) -> tuple[int, float]:
+  """The host's evaluation view: `(side, proportion of the shorter side kept)`.
+
+  A single view is SimCLR's centre crop (`image_size`, 0.875). Ten-crop
+  evaluation takes the whole central square at `image_size / 0.875` (256 for
+  224) and leaves the ten `image_size` crops to the device
+  (`bigssl_med.supervised.ten_crops`).
+  """
+  if ten_crop:
+    return int(round(image_size / CENTRE_CROP_PROPORTION)), 1.0
+  return image_size, CENTRE_CROP_PROPORTION
+
+
 class _LoadCentreCrop(grain.transforms.Map):
 
-  def __init__(self, source, spec: ViewSpec, channels: int, name: str):
+  def __init__(self, source, spec: ViewSpec, channels: int, name: str, ten_crop: bool = False):
     self._source = source
     self._spec = spec
     self._channels = channels
     self._name = name
+    self._size, self._proportion = eval_crop(spec.image_size, ten_crop)
 
   def map(self, record):
-    size = self._spec.image_size
+    size = self._size
     if record < 0:  # padding
       out = {'image': np.zeros((size, size, self._channels), np.uint8), 'mask': np.float32(0)}
       if self._spec.label_key:
         out['label'] = _padding_label(self._spec)
       return out
     example = self._source[record]
-    image = host_ops.center_crop(example['image'], size,
+    image = host_ops.center_crop(example['image'], size, self._proportion,
                                  name=f'{self._name} record {record}')
     out = {'image': image, 'mask': np.float32(1)}
     if self._spec.label_key:
@@ -267,14 +284,15 @@ class _LoadCentreCrop(grain.transforms.Map):
 
 def eval_image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index: int,
                        host_count: int, channels: int = 3, num_workers: int = 0,
-                       name: str = 'data') -> grain.IterDataset:
+                       name: str = 'data', ten_crop: bool = False) -> grain.IterDataset:
   """One pass of centre-cropped images: `{'image', 'mask', 'label'?}` batches.
 
   The last global batch is padded with `mask == 0` rows so every record counts once.
+  With `ten_crop`, images are the larger views of `eval_crop(..., ten_crop=True)`.
   """
   ds = _EvalImages(len(source), global_batch=global_batch, host_index=host_index,
                    host_count=host_count)
-  ds = ds.map(_LoadCentreCrop(source, spec, channels, name))
+  ds = ds.map(_LoadCentreCrop(source, spec, channels, name, ten_crop))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
   return _parallel(ds, num_workers)
 

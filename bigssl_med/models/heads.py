@@ -89,8 +89,13 @@ class Classifier(nn.Module):
   SimCLRv2 fine-tunes from the first layer of the projection head: with
   `head.keep_layers=1` the classifier reads that layer's output. Parameters live
   under `encoder`, `head` and `classifier`, so `encoder` and `head` load from a
-  `ContrastiveModel` checkpoint. With `freeze_encoder`, gradients stop at the
-  classifier's input (linear evaluation).
+  `ContrastiveModel` checkpoint.
+
+  With `freeze_encoder` (linear evaluation) the encoder and the kept head layers run
+  in inference mode (BatchNorm with its stored statistics, as SimCLR's frozen
+  blocks do), their output is a stop-gradient, and it is standardised by a
+  BatchNorm without scale or offset (`feature_bn`, as the pretraining probe) before
+  the linear layer; the trainer keeps the frozen parameters fixed.
   """
   encoder: ResNet
   head: ProjectionHead
@@ -99,7 +104,11 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = True):
-    features = self.head(self.encoder(x, train), train)[-1]
     if self.freeze_encoder:
-      features = jax.lax.stop_gradient(features)
+      features = jax.lax.stop_gradient(self.head(self.encoder(x, False), False)[-1])
+      features = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                              epsilon=BN_EPSILON, use_scale=False, use_bias=False,
+                              name='feature_bn')(features)
+    else:
+      features = self.head(self.encoder(x, train), train)[-1]
     return nn.Dense(self.num_outputs, kernel_init=dense_init, name='classifier')(features)

@@ -5,8 +5,12 @@ Each is `train_and_evaluate(config, workdir) -> results` and imported explicitly
 
 from bigssl_med.trainers import finetune
 from bigssl_med.trainers import pretrain
+from bigssl_med.trainers import segment
 
 TRAINERS = {
     'pretrain': pretrain.train_and_evaluate,
     'finetune': finetune.train_and_evaluate,
+    'linear_eval': finetune.train_and_evaluate,
+    'distill': finetune.train_and_evaluate,
+    'segment': segment.train_and_evaluate,
 }

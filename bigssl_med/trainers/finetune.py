@@ -1,4 +1,4 @@
-"""Supervised fine-tuning (`config.trainer = 'finetune'`).
+"""Supervised training of a classifier: `finetune`, `linear_eval` and `distill`.
 
 One linear function, in the order of `pretrain.py`: config, mesh, the labelled
 input (a case-level label fraction of the training split), model and optimiser,
@@ -7,8 +7,21 @@ Every `eval_every_steps` the model is evaluated on `data.eval_split`; the best
 evaluation by the task's primary metric is kept (`WORKDIR/best/`, `best.json`),
 and with `early_stopping_patience` the run stops after that many evaluations
 without improvement. At the end the best model is evaluated once on
-`data.test_split`; `results.json` and `test_predictions.npz` hold what
-`python -m bigssl_med.report` reads.
+`data.test_split` (with `data.test_ten_crop`, by ten-crop test-time
+augmentation), and, with `shift.dataset`, on another data set through a label
+mapping (`bigssl_med.label_mapping`); `results.json` and `test_predictions.npz`
+hold what `python -m bigssl_med.report` reads.
+
+The three trainers differ in what they train and on what:
+
+* `finetune`: every layer, from `init_from` (the encoder and the first
+  `head_layers_kept` projection-head layers) or from random weights.
+* `linear_eval`: a linear classifier on the frozen encoder (`Classifier` with
+  `freeze_encoder`; only `classifier` is updated).
+* `distill`: SimCLRv2's third step. The `teacher` (a finished `finetune` or
+  `linear_eval` workdir, its best model) labels the whole training split without
+  using its labels; the student (`config.model`, same size or smaller, from
+  `init_from` or random weights) learns `CE(softmax(teacher/τ), softmax(student/τ))`.
 
 Tasks come from the data set's label feature: a class label (multi-class:
 softmax cross-entropy; top-1, top-3, balanced accuracy, AUCs) or a float vector
@@ -28,10 +41,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 
 from bigssl_med import build_data
 from bigssl_med import config_schema
+from bigssl_med import label_mapping
 from bigssl_med import label_policies
 from bigssl_med import metrics as metrics_lib
 from bigssl_med import models
@@ -43,7 +58,7 @@ from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import fractions
 from bigssl_med.data import pipeline
 from bigssl_med.data import sources
-from bigssl_med.errors import ConfigError
+from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import pretrain
 
 _DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
@@ -109,14 +124,93 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return None
 
 
+TRAINER_NAMES = ('finetune', 'linear_eval', 'distill')
+
+
+def build_model(config: ml_collections.ConfigDict, num_outputs: int, dtype=jnp.float32):
+  """The classifier a run of `config` trains (and `bigssl_med.predict` rebuilds)."""
+  if not 0 <= config.head_layers_kept <= config.model.head_layers:
+    raise ConfigError(f'config.head_layers_kept={config.head_layers_kept} must be in '
+                      f'[0, config.model.head_layers={config.model.head_layers}]')
+  return models.classifier(config.model, dtype=dtype, num_outputs=num_outputs,
+                           head_layers_kept=config.head_layers_kept,
+                           freeze_encoder=config.trainer == 'linear_eval')
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a finished run in `workdir` was trained with (its config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  found = _read_json(path)
+  if not isinstance(found, dict) or 'trainer' not in found:
+    raise ConfigError(f'{path}: missing or not a run config (is {workdir} a workdir of '
+                      'main.py?)')
+  return ml_collections.ConfigDict(found)
+
+
+def _trainable_only(tx: optax.GradientTransformation, params, trainable: str):
+  """`tx` on the top-level parameters `trainable`; every other parameter stays fixed."""
+  labels = {k: jax.tree.map(lambda _, k=k: 'train' if k == trainable else 'fixed', v)
+            for k, v in params.items()}
+  return optax.multi_transform({'train': tx, 'fixed': optax.set_to_zero()}, labels)
+
+
+def _pretrain_seed(init_from: str) -> int | None:
+  """The seed of the pretraining run `init_from` points into (workdir, checkpoints/, step)."""
+  path = os.path.normpath(init_from)
+  for _ in range(3):
+    found = _read_json(os.path.join(path, 'config.json'))
+    if isinstance(found, dict) and 'trainer' in found:
+      return int(found['seed']) if found['trainer'] == 'pretrain' else None
+    path = os.path.dirname(path)
+  return None
+
+
+class _Teacher:
+  """A finished fine-tuning run's best model, for distillation."""
+
+  def __init__(self, config: ml_collections.ConfigDict, task: supervised.Task, dtype,
+               model_sharding):
+    workdir = config.teacher
+    if not workdir:
+      raise ConfigError('config.teacher is empty: distillation needs the workdir of a finished '
+                        'finetune or linear_eval run')
+    self.config = read_run_config(workdir)
+    self.results = _read_json(os.path.join(workdir, 'results.json')) or {}
+    if self.config.trainer not in ('finetune', 'linear_eval') or not self.results.get('best_step'):
+      raise ConfigError(f'config.teacher={workdir!r} is not a finished finetune or linear_eval '
+                        'run (no results.json with best_step)')
+    if self.config.dataset != config.dataset:
+      raise ConfigError(f'config.teacher={workdir!r} was trained on {self.config.dataset!r}, '
+                        f'not config.dataset={config.dataset!r}')
+    names = tuple(self.results.get('label_names') or ())
+    if names and names != task.names:
+      raise ConfigError(f'config.teacher={workdir!r} predicts {list(names)}, the data set has '
+                        f'{list(task.names)}')
+    self.model = build_model(self.config, task.num_outputs, dtype)
+    size = config.data.image_size
+    abstract = jax.eval_shape(
+        lambda: self.model.init(jax.random.key(0), jnp.zeros((2, size, size, 3)), train=False))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, jax.tree.map(lambda _: model_sharding, abstract))
+    best = os.path.join(workdir, 'best')
+    try:
+      self.variables = ocp.StandardCheckpointer().restore(best, abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f'{best}: cannot restore the teacher\'s model as its config.json '
+                            f'describes it ({str(e).splitlines()[0] if str(e) else e!r})') from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) fine-tuning in `workdir`; returns validation and test metrics."""
+  """Runs (or resumes) `config.trainer` in `workdir`; returns validation and test metrics."""
   config_schema.validate(config)
+  if config.trainer not in TRAINER_NAMES:
+    raise ConfigError(f'config.trainer={config.trainer!r} is not one of {TRAINER_NAMES}')
+  distill = config.trainer == 'distill'
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   results_path = os.path.join(workdir, 'results.json')
   previous = _read_json(results_path)
-  if previous and previous.get('test') is not None and previous.get('trainer') == 'finetune':
+  if previous and previous.get('test') is not None and previous.get('trainer') == config.trainer:
     logging.info('Finished before: %s', results_path)
     return previous
   if config.compute_dtype not in _DTYPES:
@@ -128,6 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = parallel.data_mesh()
   parallel.check_batch_size(config.batch_size, mesh)
   host, hosts = jax.process_index(), jax.process_count()
+  repl = parallel.replicated(mesh)
 
   # ---------------------------------------------------------------- Input.
   data_dir = build_data.ensure_built(config.dataset, data_dir=config.data.data_dir,
@@ -137,10 +232,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   label_key, task = task_of(config, info)
   averaged = mean_over(config, task) if task.kind == 'multilabel' else ()
   primary = config.task.primary_metric or ('top1' if task.kind == 'multiclass' else 'auc_mean')
+  teacher = _Teacher(config, task, dtype, repl) if distill else None
+  # The shifted data set is checked before training, so that a bad mapping fails fast.
+  shift = _ShiftedData(config, task) if config.shift.dataset else None
+  # The student of a distillation learns from every training image, without labels.
+  fraction = 1.0 if distill else config.data.label_fraction
+  fraction_seed = 0 if distill else config.data.fraction_seed
   train_name = f'{config.dataset}/{config.data.train_split}'
   train_source, _ = fractions.open_fraction(config.dataset, config.data.train_split, data_dir,
-                                            config.data.label_fraction, config.data.fraction_seed)
-  if task.kind == 'multiclass' and config.data.label_fraction < 1.0:
+                                            fraction, fraction_seed)
+  if task.kind == 'multiclass' and fraction < 1.0:
     _warn_missing_classes(train_source, label_key, task, train_name)
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key,
@@ -149,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if steps_per_epoch == 0:
     raise ConfigError(f'config.batch_size={config.batch_size} is larger than the '
                       f'{len(train_source)} labelled images of {train_name} '
-                      f'(label_fraction {config.data.label_fraction:g})')
+                      f'(label_fraction {fraction:g})')
   total_steps = optim.resolve_steps(steps=config.total_steps, epochs=config.num_epochs,
                                     steps_per_epoch=steps_per_epoch,
                                     what='total_steps/num_epochs')
@@ -157,22 +258,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       steps=config.optimizer.warmup_steps, epochs=config.optimizer.warmup_epochs,
       steps_per_epoch=steps_per_epoch, what='optimizer.warmup_steps/warmup_epochs',
       allow_zero=True))
-  logging.info('%s: %d labelled images (fraction %g), %s with %d outputs, %d steps',
-               train_name, len(train_source), config.data.label_fraction, task.kind,
-               task.num_outputs, total_steps)
+  logging.info('%s: %d %s images (fraction %g), %s with %d outputs, %d steps', train_name,
+               len(train_source), 'unlabelled' if distill else 'labelled', fraction,
+               task.kind, task.num_outputs, total_steps)
 
   # ---------------------------------------------------------------- Model and optimiser.
-  if not 0 <= config.head_layers_kept <= config.model.head_layers:
-    raise ConfigError(f'config.head_layers_kept={config.head_layers_kept} must be in '
-                      f'[0, config.model.head_layers={config.model.head_layers}]')
-  model = models.classifier(config.model, dtype=dtype, num_outputs=task.num_outputs,
-                            head_layers_kept=config.head_layers_kept)
+  model = build_model(config, task.num_outputs, dtype)
   schedule = optim.warmup_cosine(
       optim.peak_learning_rate(config.optimizer.learning_rate, config.optimizer.lr_scaling,
                                config.batch_size), total_steps, warmup_steps)
+
+  def make_tx(params):
+    tx = optim.build_optimizer(config.optimizer, schedule, params)
+    return _trainable_only(tx, params, 'classifier') if config.trainer == 'linear_eval' else tx
+
   run = train_state.start(
-      model, config=config, workdir=workdir, mesh=mesh,
-      make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
+      model, config=config, workdir=workdir, mesh=mesh, make_tx=make_tx,
       init_keys=('encoder', 'head') if config.head_layers_kept else ('encoder',),
       partial_keys=('head',))
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
@@ -182,23 +283,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Steps.
   batch_sharding = parallel.batch_sharding(mesh)
-  repl = parallel.replicated(mesh)
-  train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task),
-                       in_shardings=(run.shardings, batch_sharding, repl),
-                       out_shardings=(run.shardings, repl), donate_argnums=0)
-  eval_step = jax.jit(supervised.make_eval_step(model),
-                      in_shardings=(model_shardings, batch_sharding), out_shardings=batch_sharding)
+  if distill:
+    step_fn = jax.jit(
+        supervised.make_distill_step(model, teacher.model, run.tx, schedule, task,
+                                     config.distill_temperature),
+        in_shardings=(run.shardings, model_shardings, batch_sharding, repl),
+        out_shardings=(run.shardings, repl), donate_argnums=0)
+    train_step = functools.partial(lambda f, t, s, b, k: f(s, t, b, k), step_fn,
+                                   teacher.variables)
+  else:
+    train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task),
+                         in_shardings=(run.shardings, batch_sharding, repl),
+                         out_shardings=(run.shardings, repl), donate_argnums=0)
+  eval_steps = {}
   to_device = functools.partial(parallel.to_global, mesh=mesh)
 
-  def predict(variables, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every record of `split`, in record order."""
-    source = sources.open_split(config.dataset, split, data_dir)
+  def predict(variables, dataset: str, split: str, split_dir: str, split_spec, *,
+              ten_crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of every record of `dataset/split`, in record order."""
+    if ten_crop not in eval_steps:
+      eval_steps[ten_crop] = jax.jit(
+          supervised.make_eval_step(model, task, config.data.image_size if ten_crop else 0),
+          in_shardings=(model_shardings, batch_sharding), out_shardings=batch_sharding)
+    source = sources.open_split(dataset, split, split_dir)
     images = pipeline.eval_image_dataset(
-        source, spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
-        num_workers=config.data.num_workers, name=f'{config.dataset}/{split}')
+        source, split_spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
+        num_workers=config.data.num_workers, name=f'{dataset}/{split}', ten_crop=ten_crop)
     logits, labels, masks = [], [], []
     for batch, _ in pipeline.device_prefetch(iter(images), to_device):
-      logits.append(parallel.to_host(eval_step(variables, batch)))
+      logits.append(parallel.to_host(eval_steps[ten_crop](variables, batch)))
       labels.append(parallel.to_host(batch['label']))
       masks.append(parallel.to_host(batch['mask']))
     keep = np.concatenate(masks) > 0
@@ -223,7 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Evaluates on the validation split; keeps the best; True when patience runs out."""
     if step <= best['last_eval_step']:
       return False  # evaluated before a restart
-    found = evaluate(*predict(variables, config.data.eval_split))
+    found = evaluate(*predict(variables, config.dataset, config.data.eval_split, data_dir, spec))
     writer.write(step, config.data.eval_split, _scalars(found))
     value = found.get(primary)
     if value is None:
@@ -303,9 +416,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- Test, once.
   best_variables = saver.restore(best_dir, run.abstract_model)
   test_split = config.data.test_split
+  ten_crop = config.data.test_ten_crop
   test: dict[str, Any] = {}
   if test_split and test_split in info.splits:
-    logits, labels = predict(best_variables, test_split)
+    logits, labels = predict(best_variables, config.dataset, test_split, data_dir, spec,
+                             ten_crop=ten_crop)
     test = evaluate(logits, labels)
     writer.write(best['step'], test_split, _scalars(test))
     if jax.process_index() == 0:
@@ -313,20 +428,101 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   elif test_split:
     logging.warning('%s has no split %r: no test evaluation (splits: %s)', config.dataset,
                     test_split, ', '.join(sorted(info.splits)))
+  shifted = None
+  if shift is not None:
+    logits, labels = predict(best_variables, shift.dataset, shift.split, shift.data_dir,
+                             shift.spec(config), ten_crop=ten_crop)
+    shifted = shift.evaluate(logits, labels)
+    writer.write(best['step'], f'shift/{shift.dataset}/{shift.split}',
+                 _scalars(shifted['metrics']))
+  if distill:
+    teacher_fraction = teacher.results.get('label_fraction', teacher.config.data.label_fraction)
+    init = config.init or f'distilled from {teacher.results.get("init", "?")}'
+  else:
+    teacher_fraction = None
+    init = config.init or (os.path.basename(os.path.normpath(config.init_from))
+                           if config.init_from else 'scratch')
   results = {
-      'trainer': 'finetune', 'dataset': config.dataset,
-      'init': config.init or (os.path.basename(os.path.normpath(config.init_from))
-                              if config.init_from else 'scratch'),
-      'label_fraction': float(config.data.label_fraction), 'seed': int(config.seed),
-      'fraction_seed': int(config.data.fraction_seed), 'primary_metric': primary,
-      'task': task.kind, 'step': step, 'total_steps': total_steps, 'best_step': best['step'],
+      'trainer': config.trainer, 'dataset': config.dataset, 'init': init,
+      'init_from': config.init_from,
+      'pretrain_seed': _pretrain_seed(config.init_from) if config.init_from else None,
+      'label_fraction': float(teacher_fraction if distill else fraction),
+      'seed': int(config.seed),
+      'fraction_seed': int(teacher.results.get('fraction_seed', 0) if distill else fraction_seed),
+      'primary_metric': primary, 'task': task.kind, 'label_names': list(task.names),
+      'step': step, 'total_steps': total_steps, 'best_step': best['step'],
       'stopped_early': bool(best['stopped_early']), 'origin': origin,
-      'labelled_images': len(train_source), 'validation': best['validation'], 'test': test,
+      'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
+      'validation': best['validation'], 'test': test,
   }
+  if distill:
+    results['teacher'] = {'workdir': config.teacher, 'init': teacher.results.get('init'),
+                          'test': teacher.results.get('test'),
+                          'model': teacher.config.model.to_dict()}
+  if shifted is not None:
+    results['shift'] = shifted
   workdir_lib.write_json(results_path, results)
   checkpointer.close()
   writer.close()
   return results
+
+
+class _ShiftedData:
+  """Another data set, its split, and the mapping of the model's labels onto its labels."""
+
+  def __init__(self, config: ml_collections.ConfigDict, task: supervised.Task):
+    c = config.shift
+    self.dataset, self.split = c.dataset, c.split
+    self.data_dir = build_data.ensure_built(
+        c.dataset, data_dir=c.data_dir or config.data.data_dir, manual_dir=c.manual_dir,
+        build_if_missing=config.data.build_if_missing)
+    info = sources.dataset_info(c.dataset, self.data_dir)
+    if c.split not in info.splits:
+      raise ConfigError(f'config.shift.split={c.split!r}: {c.dataset!r} has splits '
+                        f'{sorted(info.splits)}')
+    self.label_key = 'label' if 'label' in info.features else 'labels'
+    if self.label_key not in info.features:
+      raise ConfigError(f'config.shift.dataset={c.dataset!r} has no label or labels feature')
+    feature = info.features[self.label_key]
+    multi_label = not hasattr(feature, 'num_classes')
+    if multi_label != (task.kind == 'multilabel'):
+      raise ConfigError(f'config.shift.dataset={c.dataset!r} is '
+                        f'{"multi-label" if multi_label else "multi-class"}; the model is '
+                        f'{task.kind}: no mapping between them')
+    if multi_label:
+      self.num_labels = tuple(feature.shape)[0]
+      names = tuple((info.metadata or {}).get('label_names') or
+                    (str(i) for i in range(self.num_labels)))
+    else:
+      names = tuple(feature.names)
+    self.task = task
+    self.label_map = label_mapping.resolve(c.label_map, task.names, names,
+                                           multi_label=multi_label, target=repr(c.dataset))
+
+  def spec(self, config: ml_collections.ConfigDict) -> pipeline.ViewSpec:
+    shape = (self.num_labels,) if self.task.kind == 'multilabel' else ()
+    return pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min,
+                             self.label_key, shape)
+
+  def evaluate(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Metrics on the shifted data and what was mapped."""
+    out = {'dataset': self.dataset, 'split': self.split, 'label_map': self.label_map.as_dict(),
+           'images': int(len(labels))}
+    if self.task.kind == 'multiclass':
+      log_probs, mapped, names, left_out = label_mapping.map_multiclass(
+          logits, labels, self.label_map)
+      if len(mapped) == 0:
+        raise ConfigError(f'no image of {self.dataset}/{self.split} has a class of '
+                          f'config.shift.label_map ({self.label_map.as_dict()})')
+      out.update(images_left_out=left_out,
+                 metrics=metrics_lib.multiclass_metrics(log_probs, mapped, class_names=names))
+    else:
+      targets, mask = supervised.eval_targets(labels, self.task.blank)
+      logits, targets, mask, names = label_mapping.map_multilabel(logits, targets, mask,
+                                                                  self.label_map)
+      out['metrics'] = metrics_lib.multilabel_metrics(logits, targets, mask=mask,
+                                                      label_names=names)
+    return out
 
 
 def _scalars(found: dict[str, Any]) -> dict[str, float]:

@@ -1,0 +1,205 @@
+"""Linear evaluation, distillation, ten-crop testing and distribution-shift evaluation."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bigssl_med import build_data, label_mapping, supervised
+from bigssl_med.errors import ConfigError
+from bigssl_med.trainers import finetune, pretrain
+from test_finetune import _write_colour_cases, tiny_config
+from test_pretrain import tiny_config as tiny_pretrain_config
+
+
+@pytest.fixture(scope='module')
+def colours(tmp_path_factory):
+  """The separable colour cases, and the same images under other class names."""
+  root = tmp_path_factory.mktemp('colours_variants')
+  _write_colour_cases(root / 'raw')
+  build_data.build('image_cases/colours', data_dir=os.fspath(root / 'data'),
+                   manual_dir=os.fspath(root / 'raw'))
+  renamed = root / 'raw_fr'
+  renamed.mkdir()
+  (renamed / 'images').symlink_to(root / 'raw' / 'images')
+  text = (root / 'raw' / 'cases.csv').read_text()
+  (renamed / 'cases.csv').write_text(text.replace(',red,', ',rouge,').replace(',green,', ',vert,'))
+  build_data.build('image_cases/couleurs', data_dir=os.fspath(root / 'data'),
+                   manual_dir=os.fspath(renamed))
+  return root / 'data'
+
+
+@pytest.fixture(scope='module')
+def teacher(colours, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('teacher')
+  cfg = tiny_config(colours, init='scratch', **{
+      'data.test_ten_crop': True, 'shift.dataset': 'image_cases/couleurs',
+      'shift.label_map': 'red=rouge,green=vert'})
+  return workdir, finetune.train_and_evaluate(cfg, os.fspath(workdir))
+
+
+# ------------------------------------------------------------------------- Ten crops.
+
+
+def test_ten_crops_are_torchvision_s_corners_centre_and_mirrors():
+  images = np.arange(2 * 6 * 7 * 1, dtype=np.float32).reshape(2, 6, 7, 1)
+  crops = np.asarray(supervised.ten_crops(jnp.asarray(images), 4))
+  assert crops.shape == (10, 2, 4, 4, 1)
+  expected = [images[:, 0:4, 0:4], images[:, 0:4, 3:7], images[:, 2:6, 0:4],
+              images[:, 2:6, 3:7], images[:, 1:5, 1:5]]
+  expected += [e[:, :, ::-1] for e in expected]
+  for got, want in zip(crops, expected):
+    np.testing.assert_array_equal(got, want)
+  with pytest.raises(ValueError, match='exceeds'):
+    supervised.ten_crops(jnp.asarray(images), 7)
+
+
+class _FakeModel:
+  """Logits from the mean of each image: a crop-dependent, known function."""
+
+  def apply(self, variables, images, train=False):
+    del train
+    m = images.mean(axis=(1, 2, 3))
+    return jnp.stack([variables['w'] * m, -m, 0.5 * m], axis=-1)
+
+
+@pytest.mark.parametrize('kind', ['multiclass', 'multilabel'])
+def test_ten_crop_step_averages_probabilities(kind):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (3, 9, 9, 3)).astype(np.uint8)
+  task = supervised.Task(kind, 3)
+  step = supervised.make_eval_step(_FakeModel(), task, ten_crop_size=7)
+  got = np.asarray(step({'w': 2.0}, {'image': jnp.asarray(images)}), np.float64)
+  crops = np.asarray(supervised.ten_crops(jnp.asarray(images / 255.0), 7), np.float64)
+  m = crops.mean(axis=(2, 3, 4))                     # [10, N]
+  logits = np.stack([2.0 * m, -m, 0.5 * m], axis=-1)  # [10, N, 3]
+  if kind == 'multiclass':
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    want = np.log(p.mean(0))
+    np.testing.assert_allclose(np.exp(got), np.exp(want), atol=1e-6)
+  else:
+    p = (1 / (1 + np.exp(-logits))).mean(0)
+    np.testing.assert_allclose(1 / (1 + np.exp(-got)), p, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- Label mapping.
+
+
+def test_label_map_errors_name_what_is_unknown():
+  model, target = ('mel', 'nv', 'bcc'), ('melanoma', 'naevus', 'other')
+  with pytest.raises(ConfigError, match=r"unknown model label\(s\) \['akiec'\]"):
+    label_mapping.resolve('akiec=melanoma', model, target, multi_label=False)
+  with pytest.raises(ConfigError, match=r"label\(s\) \['scc'\] that 'x' does not have"):
+    label_mapping.resolve('mel=melanoma,nv=scc', model, target, multi_label=False, target="'x'")
+  with pytest.raises(ConfigError, match='more than once'):
+    label_mapping.resolve('mel=melanoma,mel=naevus', model, target, multi_label=False)
+  with pytest.raises(ConfigError, match='one to one'):
+    label_mapping.resolve('mel=melanoma,nv=melanoma', model, target, multi_label=True)
+  with pytest.raises(ConfigError, match='not MODEL_NAME=TARGET_NAME'):
+    label_mapping.resolve('mel', model, target, multi_label=False)
+  with pytest.raises(ConfigError, match='share no name'):
+    label_mapping.resolve('', model, target, multi_label=False)
+  shared = label_mapping.resolve('', ('a', 'b', 'c'), ('c', 'x', 'a'), multi_label=True)
+  assert shared.as_dict() == {'a': 'a', 'c': 'c'}
+
+
+def test_many_to_one_multiclass_mapping_adds_probabilities():
+  model = ('mel', 'nv', 'bcc', 'bkl')
+  target = ('benign', 'malignant', 'unknown')
+  label_map = label_mapping.resolve('mel=malignant,bcc=malignant,nv=benign', model, target,
+                                    multi_label=False)
+  logits = np.log(np.array([[0.1, 0.4, 0.2, 0.3], [0.5, 0.1, 0.3, 0.1],
+                            [0.25, 0.25, 0.25, 0.25]]))
+  labels = np.array([0, 1, 2])
+  log_probs, mapped, names, left_out = label_mapping.map_multiclass(logits, labels, label_map)
+  assert names == ('benign', 'malignant') and left_out == 1
+  np.testing.assert_array_equal(mapped, [0, 1])
+  # benign = nv; malignant = mel + bcc; renormalised over the two (bkl dropped).
+  np.testing.assert_allclose(np.exp(log_probs), [[0.4 / 0.7, 0.3 / 0.7], [0.1 / 0.9, 0.8 / 0.9]])
+
+
+def test_multilabel_mapping_pairs_columns_in_target_order():
+  label_map = label_mapping.resolve('Effusion=Pleural Effusion,Edema=Edema',
+                                    ('Edema', 'Effusion', 'Mass'),
+                                    ('Pleural Effusion', 'Cardiomegaly', 'Edema'),
+                                    multi_label=True)
+  logits = np.array([[1.0, 2.0, 3.0]])
+  targets = np.array([[1.0, 0.0, 0.0]])
+  mask = np.array([[True, True, False]])
+  got_logits, got_targets, got_mask, names = label_mapping.map_multilabel(
+      logits, targets, mask, label_map)
+  assert names == ('Pleural Effusion', 'Edema')
+  np.testing.assert_array_equal(got_logits, [[2.0, 1.0]])
+  np.testing.assert_array_equal(got_targets, [[1.0, 0.0]])
+  np.testing.assert_array_equal(got_mask, [[True, False]])
+
+
+# ------------------------------------------------------------------------- Trainers.
+
+
+def test_ten_crop_test_and_shift_evaluation(teacher):
+  _, results = teacher
+  assert results['ten_crop'] and results['test']['top1'] >= 0.8
+  assert results['label_names'] == ['green', 'red']
+  shift = results['shift']
+  assert shift['dataset'] == 'image_cases/couleurs' and shift['images'] == 16
+  assert shift['label_map'] == {'red': 'rouge', 'green': 'vert'}
+  assert shift['images_left_out'] == 0
+  # The same test images under other names: the same accuracy.
+  assert shift['metrics']['top1'] == pytest.approx(results['test']['top1'])
+
+
+def test_shift_mapping_to_unknown_class_fails_before_training(colours, tmp_path):
+  cfg = tiny_config(colours, **{'shift.dataset': 'image_cases/couleurs',
+                                'shift.label_map': 'red=rot'})
+  with pytest.raises(ConfigError, match=r"\['rot'\] that 'image_cases/couleurs' does not have"):
+    finetune.train_and_evaluate(cfg, os.fspath(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_linear_eval_trains_only_the_classifier(colours, tmp_path):
+  source = os.fspath(tmp_path / 'pretrained')
+  pretrain.train_and_evaluate(
+      tiny_pretrain_config(os.fspath(colours), dataset='image_cases/colours', micle=False,
+                           probe=False, total_steps=2), source)
+  cfg = tiny_config(colours, trainer='linear_eval', init_from=source, total_steps=30,
+                    **{'optimizer.learning_rate': 1.0})
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'linear'))
+  assert results['trainer'] == 'linear_eval' and results['pretrain_seed'] == 0
+  assert results['test']['top1'] >= 0.8
+  best = ocp.StandardCheckpointer().restore(os.fspath(tmp_path / 'linear' / 'best'))
+  pretrained = ocp.StandardCheckpointer().restore(
+      os.fspath(tmp_path / 'pretrained' / 'checkpoints' / '2' / 'model'))
+  for collection in ('params', 'batch_stats'):
+    chex_equal = jax.tree.map(np.array_equal, best[collection]['encoder'],
+                              pretrained[collection]['encoder'])
+    assert all(jax.tree.leaves(chex_equal)), collection
+  assert set(best['params']) == {'encoder', 'classifier'}
+  assert 'feature_bn' in best['batch_stats']
+
+
+def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path):
+  teacher_dir, teacher_results = teacher
+  cfg = tiny_config(colours, trainer='distill', teacher=os.fspath(teacher_dir),
+                    **{'model.width_multiplier': 0.0625})
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'student'))
+  assert results['trainer'] == 'distill' and results['init'] == 'distilled from scratch'
+  assert results['labelled_images'] == 0
+  assert results['teacher']['test'] == teacher_results['test']
+  assert results['test']['top1'] >= 0.8
+  logged = [json.loads(line) for line in
+            (tmp_path / 'student' / 'metrics.jsonl').read_text().splitlines()]
+  agreement = [e['teacher_agreement'] for e in logged if e['split'] == 'train']
+  assert agreement[-1] >= 0.8
+  # A teacher of another data set, or no teacher: one-line errors.
+  other = tiny_config(colours, trainer='distill', teacher=os.fspath(teacher_dir),
+                      dataset='image_cases/couleurs')
+  with pytest.raises(ConfigError, match='was trained on'):
+    finetune.train_and_evaluate(other, os.fspath(tmp_path / 'other'))
+  other.teacher = os.fspath(tmp_path / 'nowhere')
+  with pytest.raises(ConfigError, match='config.json: missing'):
+    finetune.train_and_evaluate(other, os.fspath(tmp_path / 'other2'))
