@@ -1,27 +1,51 @@
 """Report of fine-tuning runs: label efficiency of each initialisation, over seeds.
 
-    python -m bigssl_med.report DIR [DIR ...] --out report.md [--metric NAME] [--split test]
+    python -m bigssl_med.report DIR [DIR ...] --out report.md [--metric NAME] [--split test] \
+        [--by_pretraining]
 
 Each DIR is a run's workdir, a folder searched recursively for `results.json`, or a
 `results.json` itself. A run's `results.json` holds
 
     {"trainer": "finetune", "dataset": "ham10000", "init": "micle",
      "label_fraction": 0.1, "seed": 0, "primary_metric": "top1",
-     "validation": {"top1": 0.8, ...}, "test": {"top1": 0.79, ...}}
+     "pretrain_seed": 1,
+     "validation": {"top1": 0.8, ...}, "test": {"top1": 0.79, ...},
+     "shift": {"dataset": "derm7pt", "split": "test", "metrics": {"top1": 0.6, ...}}}
 
 (`init` names the starting weights: scratch, supervised, simclr, micle or any string;
-`label_fraction` is in (0, 1]). Files without `trainer`, or from the `pretrain`
-trainer, are skipped. Beside it, `test_predictions.npz` (`<split>_predictions.npz`)
-may hold `scores` `[N, K]` probabilities, `labels` (`[N]` classes or `[N, K]`
-multi-label targets), optionally `mask` `[N, K]` and `class_names`, for ROC curves.
+`label_fraction` is in (0, 1]; `pretrain_seed`, the seed of the pretraining run the
+weights come from, and `shift`, the best model evaluated on another data set, are
+optional). Files without `trainer`, or from the `pretrain` trainer, are skipped. Beside
+it, `test_predictions.npz` (`<split>_predictions.npz`) may hold `scores` `[N, K]`
+probabilities, `labels` (`[N]` classes or `[N, K]` multi-label targets), optionally
+`mask` `[N, K]` and `class_names`, for ROC curves.
+
+A run is identified by data set, trainer, initialisation, label fraction, seed,
+fraction_seed and pretrain_seed: fine-tuning seed k from pretraining runs 0, 1 and 2
+of one initialisation are three runs, pooled in one cell (n counts all of them; their
+seeds read `p0/sk`, `p1/sk`, `p2/sk`). With `--by_pretraining`, each pretraining run
+gets its own row, `init (pretraining seed S)` (runs without a pretraining seed, such
+as scratch, keep one row).
 
 Written next to `--out`:
 - `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
   a table of initialisations x label fractions; a cell is mean ± std over seeds, the
   column's best in bold, the others with Welch's t-test p-value against it and `≈`
-  when p > 0.05;
-- `report.csv`: one row per data set, metric, initialisation and label fraction;
-- `report_label_efficiency_<dataset>.png`: the metric against the label fraction;
+  when p > 0.05. Runs with `shift` add, right after the column of each label
+  fraction, a column `FRACTION → SHIFT_DATASET` (`/SPLIT` unless the split is `test`)
+  of the same metric on the shifted data set, with its own best and p-values (test
+  reports only: the shift is evaluated once, with the test split). When an
+  initialisation has runs from two or more pretraining runs, a section "Spread
+  between pretraining runs" puts, per column, the std of the per-pretraining-run
+  means next to each initialisation's pooled mean minus the column's best, so a
+  difference between methods can be set against the spread between pretraining
+  runs of one;
+- `report.csv`: one row per data set, metric, row, label fraction and evaluation
+  (`evaluated_on`: the data set the metric was measured on, with `split`; a shifted
+  evaluation has `shifted` True);
+- `report_pretraining_spread.csv`: that section's rows, when it is written;
+- `report_label_efficiency_<dataset>.png`: the metric against the label fraction
+  (shifted evaluations dashed);
 - `report_roc_<dataset>.png`: ROC curves of each initialisation's first seed at its
   largest label fraction with predictions.
 A data set with runs of several trainers gets rows `init (trainer)`. Runs whose split
@@ -72,14 +96,14 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
 
   Returns:
     One dict per run, in path order: `path` (of results.json), `workdir`, `trainer`,
-    `dataset`, `init`, `label_fraction`, `seed`, `fraction_seed` (None when absent),
-    `primary_metric` and `results` (the whole parsed file). A file reached twice counts
-    once. Empty when none is found.
+    `dataset`, `init`, `label_fraction`, `seed`, `fraction_seed` and `pretrain_seed`
+    (None when absent), `primary_metric` and `results` (the whole parsed file). A file
+    reached twice counts once. Empty when none is found.
 
   Raises:
     DataError: for a DIR that does not exist, a results.json that is not a JSON object
       or lacks a key, or two files that are the same run (data set, trainer,
-      initialisation, label fraction, seed and fraction_seed).
+      initialisation, label fraction, seed, fraction_seed and pretrain_seed).
   """
   runs, seen, by_key = [], set(), {}
   for top in dirs:
@@ -92,10 +116,10 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
       if run is None:
         continue
       key = (run['dataset'], run['trainer'], run['init'], run['label_fraction'],
-             run['seed'], run['fraction_seed'])
+             run['seed'], run['fraction_seed'], run['pretrain_seed'])
       if key in by_key:
         raise DataError(f'{path} and {by_key[key]} are the same run (dataset, trainer, '
-                        'init, label_fraction, seed, fraction_seed = '
+                        'init, label_fraction, seed, fraction_seed, pretrain_seed = '
                         f'{", ".join(map(str, key))})')
       by_key[key] = path
       runs.append(run)
@@ -146,14 +170,32 @@ def _load_run(path: str) -> dict[str, Any] | None:
   seed = results['seed']
   if isinstance(seed, bool) or not isinstance(seed, (int, str)):
     raise DataError(f"{path}: key 'seed' must be an integer or a string, got {seed!r}")
-  fraction_seed = results.get('fraction_seed')
-  if fraction_seed is not None and (isinstance(fraction_seed, bool)
-                                    or not isinstance(fraction_seed, int)):
-    raise DataError(f"{path}: key 'fraction_seed' must be an integer, got {fraction_seed!r}")
+  for key in ('fraction_seed', 'pretrain_seed'):
+    value = results.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+      raise DataError(f"{path}: key '{key}' must be an integer or null, got {value!r}")
+  _check_shift(results.get('shift'), path)
   return {'path': path, 'workdir': os.path.dirname(path), 'trainer': trainer,
           'dataset': results['dataset'], 'init': results['init'],
-          'label_fraction': float(fraction), 'seed': seed, 'fraction_seed': fraction_seed,
+          'label_fraction': float(fraction), 'seed': seed,
+          'fraction_seed': results.get('fraction_seed'),
+          'pretrain_seed': results.get('pretrain_seed'),
           'primary_metric': results['primary_metric'], 'results': results}
+
+
+def _check_shift(shift: Any, path: str) -> None:
+  """Checks the optional `shift` entry: `{dataset, split?, metrics, ...}` or null."""
+  if shift is None:
+    return
+  if not isinstance(shift, dict):
+    raise DataError(f"{path}: key 'shift' must be an object, got {type(shift).__name__}")
+  for key in ('dataset', 'split'):
+    value = shift.get(key, 'test' if key == 'split' else None)
+    if not isinstance(value, str) or not value:
+      raise DataError(f"{path}: key 'shift.{key}' must be a non-empty string, got {value!r}")
+  if not isinstance(shift.get('metrics'), dict):
+    raise DataError(f"{path}: key 'shift.metrics' must be an object, "
+                    f"got {shift.get('metrics')!r}")
 
 
 def metric_value(run: dict[str, Any], metric: str, split: str = 'test') -> float:
@@ -166,18 +208,52 @@ def metric_value(run: dict[str, Any], metric: str, split: str = 'test') -> float
   values = run['results'].get(split)
   if not isinstance(values, dict):
     raise DataError(f"{run['path']}: missing key '{split}' (the {split} metrics)")
+  value = _find(values, metric)
+  if value is _ABSENT:
+    raise DataError(f"{run['path']}: missing key '{split}.{metric}'")
+  return _number(value, run['path'], f'{split}.{metric}')
+
+
+def shift_value(run: dict[str, Any], metric: str) -> tuple[str, str, float] | None:
+  """`(shift data set, its split, value of metric)` of `run`'s shift evaluation.
+
+  None when the run has no `shift`, or its shift metrics lack `metric` (a metric of
+  the training data set only, such as the AUC of a class the mapping leaves out).
+
+  Raises:
+    DataError: naming the file and the key when the value is not a number.
+  """
+  shift = run['results'].get('shift')
+  if not shift:
+    return None
+  value = _find(shift['metrics'], metric)
+  if value is _ABSENT:
+    logging.debug('%s: no shift.metrics.%s', run['path'], metric)
+    return None
+  return (shift['dataset'], shift.get('split', 'test'),
+          _number(value, run['path'], f'shift.metrics.{metric}'))
+
+
+_ABSENT = object()
+
+
+def _find(values: dict[str, Any], metric: str) -> Any:
+  """`values[metric]`, or the nested `values[a][b]` for `a/b`; `_ABSENT` when missing."""
   if metric in values:
-    value = values[metric]
-  else:
-    value = values
-    for part in metric.split('/'):
-      if not isinstance(value, dict) or part not in value:
-        raise DataError(f"{run['path']}: missing key '{split}.{metric}'")
-      value = value[part]
+    return values[metric]
+  value = values
+  for part in metric.split('/'):
+    if not isinstance(value, dict) or part not in value:
+      return _ABSENT
+    value = value[part]
+  return value
+
+
+def _number(value: Any, path: str, key: str) -> float:
   if value is None:
     return math.nan
   if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise DataError(f"{run['path']}: key '{split}.{metric}' is not a number: {value!r}")
+    raise DataError(f"{path}: key '{key}' is not a number: {value!r}")
   return float(value)
 
 
@@ -190,71 +266,86 @@ def lower_is_better(metric: str) -> bool:
 
 
 def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
-              split: str = 'test') -> list[dict[str, Any]]:
-  """Statistics over seeds of each data set, metric, initialisation and label fraction.
+              split: str = 'test', *, by_pretraining: bool = False) -> list[dict[str, Any]]:
+  """Statistics over seeds of each data set, metric, row, label fraction and evaluation.
 
   A run whose `split` metrics are an empty dict (a data set without that split, such as
-  CheXpert without a test split) is left out with a logged warning.
+  CheXpert without a test split) is left out with a logged warning. With
+  `split='test'`, a run's `shift` evaluation adds a cell in a column of its own.
 
   Args:
     runs: from `collect`.
     metric: the metric of every run; None: each run's `primary_metric`.
     split: the results.json key of the metrics (`test`, `validation`).
+    by_pretraining: a row per pretraining run (`pretrain_seed`) of an initialisation
+      instead of one pooling them.
 
   Returns:
-    One dict per cell, ordered by data set, metric, row and label fraction: `dataset`,
-    `metric`, `split`, `row` (the row label: the init, or `init (trainer)` when the data
-    set has runs of several trainers), `init`, `trainer`, `label_fraction`, `seeds` and
-    `values` (in seed order), `n`, `mean`, `std` (ddof=1; None when n < 2), `is_best`
-    (the column's best mean: highest, or lowest for losses and errors),
-    `p_value_vs_best` (Welch's t-test against the column's first best row; None for
-    the best rows and when either side has fewer than 2 seeds) and
-    `equivalent_to_best` (p > ALPHA).
+    One dict per cell, ordered by data set, metric, row, label fraction and evaluation:
+    `dataset`, `metric`, `split` (of the data set evaluated on), `evaluated_on` (the
+    data set the metric was measured on: `dataset`, or the shift's), `shifted`, `row`
+    (the row label: the init, `init (trainer)` when the data set has runs of several
+    trainers, and with `by_pretraining` `init (pretraining seed S)` or `init (trainer,
+    pretraining seed S)`), `pooled_row` (the label without the pretraining seed),
+    `init`, `trainer`, `pretrain_seed` (the row's, with `by_pretraining`; else None),
+    `pretrain_seeds` (those of the cell's runs), `label_fraction`, `seeds` (`pS/sK`
+    for runs with a pretraining seed) and `values` (in seed order), `n`, `mean`, `std`
+    (ddof=1; None when n < 2), `is_best` (the column's best mean: highest, or lowest
+    for losses and errors), `p_value_vs_best` (Welch's t-test against the column's
+    first best row; None for the best rows and when either side has fewer than 2
+    seeds) and `equivalent_to_best` (p > ALPHA).
 
   Raises:
     DataError: when a run lacks the split or the metric, or no run has `split` metrics.
   """
-  kept = [run for run in runs if run['results'].get(split) != {}]
-  if len(kept) < len(runs):
-    left_out = [run['path'] for run in runs if run['results'].get(split) == {}]
-    logging.warning('%d of %d runs have no %s metrics and are left out: %s', len(left_out),
-                    len(runs), split, ', '.join(left_out))
-    if not kept:
-      raise DataError(f'none of the {len(runs)} runs has {split} metrics (for example '
-                      f'{left_out[0]}); choose another --split')
-  runs = kept
+  runs = with_metrics(runs, split)
   trainers = collections.defaultdict(set)
   for run in runs:
     trainers[run['dataset']].add(run['trainer'])
   cells = collections.defaultdict(list)
   for run in runs:
     name = metric or run['primary_metric']
-    row = _row_label(run, trainers[run['dataset']])
-    key = (run['dataset'], name, row, run['init'], run['trainer'], run['label_fraction'])
-    fraction_seed = -1 if run['fraction_seed'] is None else run['fraction_seed']
-    order = (_seed_order(run['seed']), fraction_seed)
-    cells[key].append((order, run['seed'], metric_value(run, name, split)))
+    pooled = _row_label(run, trainers[run['dataset']])
+    group = run['pretrain_seed'] if by_pretraining else None
+    row = _row_label(run, trainers[run['dataset']], group)
+    where = (run['dataset'], name, row, pooled, run['init'], run['trainer'], group,
+             run['label_fraction'])
+    entry = (_run_order(run), _seed_label(run), run['pretrain_seed'])
+    cells[where + (False, run['dataset'], split)].append(
+        entry + (metric_value(run, name, split),))
+    shifted = shift_value(run, name) if split == 'test' else None
+    if shifted is not None:
+      cells[where + (True, shifted[0], shifted[1])].append(entry + (shifted[2],))
+
+  def order(key):
+    dataset, name, _, pooled, init, _, group, fraction, shifted, evaluated_on, on_split = key
+    return (dataset, name, _row_order(init, pooled), _pretrain_order(group), fraction,
+            shifted, evaluated_on, on_split)
 
   summary = []
-  for key in sorted(cells, key=lambda k: (k[0], k[1], _row_order(k[3], k[2]), k[5])):
-    dataset, name, row, init, trainer, fraction = key
-    _, seeds, values = zip(*sorted(cells[key], key=lambda cell: cell[0]))
+  for key in sorted(cells, key=order):
+    (dataset, name, row, pooled, init, trainer, group, fraction, shifted, evaluated_on,
+     on_split) = key
+    _, seeds, pretrain_seeds, values = zip(*sorted(cells[key], key=lambda cell: cell[0]))
     values = np.asarray(values, dtype=np.float64)
     summary.append({
-        'dataset': dataset, 'metric': name, 'split': split, 'row': row, 'init': init,
-        'trainer': trainer, 'label_fraction': fraction, 'seeds': list(seeds),
+        'dataset': dataset, 'metric': name, 'split': on_split, 'evaluated_on': evaluated_on,
+        'shifted': shifted, 'row': row, 'pooled_row': pooled, 'init': init,
+        'trainer': trainer, 'pretrain_seed': group,
+        'pretrain_seeds': sorted({p for p in pretrain_seeds if p is not None}),
+        'label_fraction': fraction, 'seeds': list(seeds),
         'values': values.tolist(), 'n': len(values), 'mean': float(np.mean(values)),
         'std': float(np.std(values, ddof=1)) if len(values) > 1 else None,
         'is_best': False, 'p_value_vs_best': None, 'equivalent_to_best': False})
 
   columns = collections.defaultdict(list)
   for cell in summary:
-    columns[(cell['dataset'], cell['metric'], cell['label_fraction'])].append(cell)
-  for (_, name, _), column in columns.items():
+    columns[_column(cell)].append(cell)
+  for column in columns.values():
     finite = [cell for cell in column if math.isfinite(cell['mean'])]
     if not finite:
       continue
-    pick = min if lower_is_better(name) else max
+    pick = min if lower_is_better(column[0]['metric']) else max
     best_mean = pick(cell['mean'] for cell in finite)
     best = next(cell for cell in finite if cell['mean'] == best_mean)
     for cell in column:
@@ -266,6 +357,83 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
   return summary
 
 
+def with_metrics(runs: Sequence[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+  """The runs whose `split` metrics are not `{}`; the others are named in a warning.
+
+  Raises:
+    DataError: when no run has `split` metrics.
+  """
+  kept = [run for run in runs if run['results'].get(split) != {}]
+  if len(kept) < len(runs):
+    left_out = [run['path'] for run in runs if run['results'].get(split) == {}]
+    logging.warning('%d of %d runs have no %s metrics and are left out: %s', len(left_out),
+                    len(runs), split, ', '.join(left_out))
+    if not kept:
+      raise DataError(f'none of the {len(runs)} runs has {split} metrics (for example '
+                      f'{left_out[0]}); choose another --split')
+  return kept
+
+
+def _column(cell: dict[str, Any]) -> tuple:
+  """What a cell is compared within: data set, metric, label fraction and evaluation."""
+  return (cell['dataset'], cell['metric'], cell['label_fraction'], cell['shifted'],
+          cell['evaluated_on'], cell['split'])
+
+
+def pretraining_spread(runs: Sequence[dict[str, Any]], metric: str | None = None,
+                       split: str = 'test') -> list[dict[str, Any]]:
+  """The spread between pretraining runs of an initialisation, against method differences.
+
+  For every column (data set, metric, label fraction, evaluation) in which some row has
+  runs from two or more pretraining runs, one dict per pooled row of that column:
+  `dataset`, `metric`, `split`, `evaluated_on`, `shifted`, `row`, `init`, `trainer`,
+  `label_fraction`, `pretrain_seeds`, `pretraining_means` (the mean over fine-tuning
+  seeds of each pretraining run, in that order), `pretraining_std` (their std, ddof=1;
+  None with fewer than 2 pretraining runs), `mean` and `n` (pooled over every run of
+  the row), `best_row`, `difference_to_best` (`mean` minus the best pooled mean; 0 for
+  the best) and `within_spread`: whether |difference| is at most the larger
+  `pretraining_std` of this row and the best row (None for the best row, or when
+  neither has one). Empty when no initialisation has two pretraining runs.
+  """
+  if not any(run['pretrain_seed'] is not None for run in runs):
+    return []
+  pooled = summarize(runs, metric, split)
+  split_up = summarize(runs, metric, split, by_pretraining=True)
+  means = collections.defaultdict(list)
+  for cell in split_up:
+    if cell['pretrain_seed'] is not None:
+      means[_column(cell) + (cell['pooled_row'],)].append((cell['pretrain_seed'],
+                                                            cell['mean']))
+  columns = collections.defaultdict(list)
+  for cell in pooled:
+    columns[_column(cell)].append(cell)
+  out = []
+  for key, column in columns.items():
+    found = {cell['row']: sorted(means.get(key + (cell['row'],), [])) for cell in column}
+    if max(len(v) for v in found.values()) < 2:
+      continue
+    best = next((cell for cell in column if cell['is_best']), None)
+    spread = {row: (float(np.std([m for _, m in v], ddof=1)) if len(v) > 1 else None)
+              for row, v in found.items()}
+    for cell in column:
+      difference = None if best is None else cell['mean'] - best['mean']
+      within = None
+      if best is not None and cell is not best:
+        stds = [s for s in (spread[cell['row']], spread[best['row']]) if s is not None]
+        within = (abs(difference) <= max(stds)) if stds else None
+      out.append({
+          'dataset': cell['dataset'], 'metric': cell['metric'], 'split': cell['split'],
+          'evaluated_on': cell['evaluated_on'], 'shifted': cell['shifted'],
+          'row': cell['row'], 'init': cell['init'], 'trainer': cell['trainer'],
+          'label_fraction': cell['label_fraction'],
+          'pretrain_seeds': [p for p, _ in found[cell['row']]],
+          'pretraining_means': [m for _, m in found[cell['row']]],
+          'pretraining_std': spread[cell['row']], 'mean': cell['mean'], 'n': cell['n'],
+          'best_row': None if best is None else best['row'],
+          'difference_to_best': difference, 'within_spread': within})
+  return out
+
+
 def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
   """Two-sided p-value of Welch's t-test (unequal variances) of `a` against `b`."""
   with warnings.catch_warnings():
@@ -273,9 +441,13 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
-def _row_label(run: dict[str, Any], trainers: set[str]) -> str:
-  """The init, or `init (trainer)` when the data set has runs of several trainers."""
-  return run['init'] if len(trainers) == 1 else f"{run['init']} ({run['trainer']})"
+def _row_label(run: dict[str, Any], trainers: set[str], pretrain_seed: int | None = None
+               ) -> str:
+  """The init, `init (trainer)` with several trainers, and the pretraining seed if given."""
+  notes = [] if len(trainers) == 1 else [run['trainer']]
+  if pretrain_seed is not None:
+    notes.append(f'pretraining seed {pretrain_seed}')
+  return f"{run['init']} ({', '.join(notes)})" if notes else run['init']
 
 
 def _row_order(init: str, row: str) -> tuple:
@@ -287,32 +459,56 @@ def _seed_order(seed) -> tuple:
   return (isinstance(seed, str), seed)
 
 
+def _pretrain_order(pretrain_seed: int | None) -> tuple:
+  return (pretrain_seed is not None, pretrain_seed or 0)
+
+
+def _run_order(run: dict[str, Any]) -> tuple:
+  """Runs of a cell: by pretraining seed, fine-tuning seed, then fraction seed."""
+  fraction_seed = -1 if run['fraction_seed'] is None else run['fraction_seed']
+  return (_pretrain_order(run['pretrain_seed']), _seed_order(run['seed']), fraction_seed)
+
+
+def _seed_label(run: dict[str, Any]):
+  """The seed as tables list it: the seed, or `pS/sK` for a run with a pretraining seed."""
+  if run['pretrain_seed'] is None:
+    return run['seed']
+  return f"p{run['pretrain_seed']}/s{run['seed']}"
+
+
 # --------------------------------------------------------------------------- Writing.
 
 
 def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
-                 metric: str | None = None, split: str = 'test', digits: int = 3
-                 ) -> list[str]:
-  """Writes the Markdown report, its CSV and PNG plots; returns the paths written.
+                 metric: str | None = None, split: str = 'test', digits: int = 3,
+                 by_pretraining: bool = False) -> list[str]:
+  """Writes the Markdown report, its CSVs and PNG plots; returns the paths written.
 
   Args:
     runs: from `collect`.
-    out_path: the Markdown file; the CSV and PNGs share its stem and folder.
+    out_path: the Markdown file; the CSVs and PNGs share its stem and folder.
     metric: see `summarize`.
     split: see `summarize`; ROC curves read `<split>_predictions.npz`.
     digits: decimals of means and standard deviations in the tables.
+    by_pretraining: see `summarize`.
   """
   if not runs:
     raise DataError('no fine-tuning runs to report')
-  summary = summarize(runs, metric, split)
+  runs = with_metrics(runs, split)  # warns once about runs left out
+  summary = summarize(runs, metric, split, by_pretraining=by_pretraining)
+  spread = pretraining_spread(runs, metric, split)
   out_dir = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.splitext(out_path)[0]
   with open(out_path, 'w') as f:
     f.write(markdown(summary, split=split, digits=digits,
-                     num_runs=sum(cell['n'] for cell in summary)))
+                     num_runs=sum(cell['n'] for cell in summary if not cell['shifted']),
+                     spread=spread))
   paths = [out_path, f'{stem}.csv']
   write_csv(summary, paths[1])
+  if spread:
+    paths.append(f'{stem}_pretraining_spread.csv')
+    write_spread_csv(spread, paths[-1])
   for dataset in sorted({cell['dataset'] for cell in summary}):
     safe = re.sub(r'[^A-Za-z0-9._-]+', '_', dataset)
     path = f'{stem}_label_efficiency_{safe}.png'
@@ -325,8 +521,13 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
 
 
 def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: int = 3,
-             num_runs: int | None = None) -> str:
-  """The Markdown tables of `summarize`'s cells, one per data set and metric."""
+             num_runs: int | None = None,
+             spread: Sequence[dict[str, Any]] = ()) -> str:
+  """The Markdown tables of `summarize`'s cells, one per data set and metric.
+
+  `spread` (from `pretraining_spread`) adds the section "Spread between pretraining
+  runs" after the tables.
+  """
   lines = [f'# Fine-tuning results ({split} split)', '']
   if num_runs is not None:
     lines += [f'{num_runs} runs.', '']
@@ -335,22 +536,97 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
     tables[(cell['dataset'], cell['metric'])].append(cell)
   for (dataset, name), cells in tables.items():
     fractions = sorted({cell['label_fraction'] for cell in cells})
+    shifts = sorted({(cell['evaluated_on'], cell['split']) for cell in cells
+                     if cell['shifted']})
+    columns = []
+    for fraction in fractions:
+      columns.append((fraction, False, dataset, split))
+      columns += [(fraction, True, on, on_split) for on, on_split in shifts
+                  if any(c['shifted'] and c['label_fraction'] == fraction
+                         and (c['evaluated_on'], c['split']) == (on, on_split) for c in cells)]
     rows = list(dict.fromkeys(cell['row'] for cell in cells))
-    by_place = {(cell['row'], cell['label_fraction']): cell for cell in cells}
+    by_place = {(cell['row'],) + _place(cell): cell for cell in cells}
     direction = 'lower' if lower_is_better(name) else 'higher'
     lines += [f'## {dataset}: {name}', '',
-              '| initialisation | ' + ' | '.join(percent(f) for f in fractions) + ' |',
-              '|---|' + '---|' * len(fractions)]
+              '| initialisation | ' + ' | '.join(_column_title(*c) for c in columns) + ' |',
+              '|---|' + '---|' * len(columns)]
     for row in rows:
-      texts = [format_cell(by_place.get((row, f)), digits) for f in fractions]
+      texts = [format_cell(by_place.get((row,) + c), digits) for c in columns]
       lines.append(f'| {_escape(row)} | ' + ' | '.join(texts) + ' |')
     lines += ['', f'Mean ± std over seeds (n = number of seeds; std with ddof=1) of '
               f'{name} on {split}. **Bold**: the best mean of the column ({direction} '
               "is better). p: Welch's t-test (scipy.stats.ttest_ind, equal_var=False) "
               f'against the column\'s best; {EQUIVALENT}: p > {ALPHA}, statistically '
               'equivalent to the best; n/a: fewer than 2 seeds on one side; '
-              f'{MISSING}: no runs.', '']
+              f'{MISSING}: no runs.' + _table_notes(cells), '']
+  if spread:
+    lines += spread_markdown(spread, digits)
   return '\n'.join(lines)
+
+
+def _place(cell: dict[str, Any]) -> tuple:
+  return (cell['label_fraction'], cell['shifted'], cell['evaluated_on'], cell['split'])
+
+
+def _column_title(fraction: float, shifted: bool, evaluated_on: str, split: str) -> str:
+  """`10%`, or `10% → DATASET` (`/SPLIT` unless test) for a shifted evaluation."""
+  if not shifted:
+    return percent(fraction)
+  return f'{percent(fraction)} → {_escape(evaluated_on)}' + (
+      '' if split == 'test' else f'/{_escape(split)}')
+
+
+def _table_notes(cells: Sequence[dict[str, Any]]) -> str:
+  """Sentences that explain shifted columns and pretraining seeds, where a table has them."""
+  notes = ''
+  if any(cell['shifted'] for cell in cells):
+    notes += (' FRACTION → DATA SET: the same models evaluated on another data set '
+              '(distribution shift: results.json `shift`, its label mapping), the same '
+              'metric; best and p-values within that column.')
+  if any(cell['pretrain_seed'] is not None for cell in cells):
+    notes += (' (pretraining seed S): the runs fine-tuned from pretraining run S; n counts '
+              'their fine-tuning seeds.')
+  elif any(len(cell['pretrain_seeds']) > 1 for cell in cells):
+    notes += (' Runs fine-tuned from different pretraining runs of an initialisation are '
+              'pooled: n counts all of them (--by_pretraining gives a row per pretraining '
+              'run).')
+  return notes
+
+
+def spread_markdown(spread: Sequence[dict[str, Any]], digits: int = 3) -> list[str]:
+  """The lines of the section "Spread between pretraining runs" (see `pretraining_spread`)."""
+  lines = ['## Spread between pretraining runs', '',
+           '| data set | metric | column | initialisation | mean per pretraining run | '
+           'std between pretraining runs | pooled mean (n) | pooled mean − best | '
+           'within the spread |', '|---|' + '---|' * 8]
+  for entry in spread:
+    per_run = ', '.join(f'p{p}: {m:.{digits}f}' for p, m in
+                        zip(entry['pretrain_seeds'], entry['pretraining_means'])) or MISSING
+    std = entry['pretraining_std']
+    if entry['best_row'] is None:
+      difference = MISSING
+    elif entry['best_row'] == entry['row']:
+      difference = 'best'
+    else:
+      difference = f"{entry['difference_to_best']:+.{digits}f} (vs {_escape(entry['best_row'])})"
+    within = {None: 'n/a', True: 'yes', False: 'no'}[entry['within_spread']]
+    if entry['best_row'] == entry['row']:
+      within = MISSING
+    column = _column_title(entry['label_fraction'], entry['shifted'], entry['evaluated_on'],
+                           entry['split'])
+    lines.append(
+        f"| {_escape(entry['dataset'])} | {_escape(entry['metric'])} | {column} | "
+        f"{_escape(entry['row'])} | {per_run} | "
+        f"{MISSING if std is None else f'{std:.{digits}f}'} | "
+        f"{entry['mean']:.{digits}f} ({entry['n']}) | {difference} | {within} |")
+  lines += ['', 'Each pretraining run\'s mean is over its fine-tuning seeds; their std '
+            '(ddof=1) is the spread between pretraining runs of one initialisation. '
+            'Pooled mean − best: the difference between this initialisation and the '
+            "column's best, every run pooled. Within the spread: yes when that "
+            'difference is no larger than the larger spread of the two initialisations, '
+            'so the methods differ by less than pretraining runs of one method do; n/a: '
+            f'neither has 2 pretraining runs; {MISSING}: the best row.', '']
+  return lines
 
 
 def format_cell(cell: dict[str, Any] | None, digits: int = 3) -> str:
@@ -388,21 +664,26 @@ def _escape(text: str) -> str:
   return text.replace('|', '\\|')
 
 
-CSV_COLUMNS = ('dataset', 'metric', 'split', 'init', 'trainer', 'label_fraction', 'mean',
-               'std', 'n', 'p_value_vs_best', 'is_best', 'equivalent_to_best', 'seeds',
-               'values')
+CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'init', 'trainer',
+               'pretrain_seed', 'label_fraction', 'mean', 'std', 'n', 'p_value_vs_best',
+               'is_best', 'equivalent_to_best', 'seeds', 'values')
+SPREAD_CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'init',
+                      'trainer', 'label_fraction', 'pretrain_seeds', 'pretraining_means',
+                      'pretraining_std', 'mean', 'n', 'best_row', 'difference_to_best',
+                      'within_spread')
 
 
-def write_csv(summary: Sequence[dict[str, Any]], path: str) -> None:
-  """One row per cell; `seeds` and `values` are `;`-separated, None is empty."""
+def write_csv(summary: Sequence[dict[str, Any]], path: str,
+              columns: Sequence[str] = CSV_COLUMNS) -> None:
+  """One row per cell (or entry); lists are `;`-separated, None is empty."""
   with open(path, 'w', newline='') as f:
     writer = csv.writer(f)
-    writer.writerow(CSV_COLUMNS)
+    writer.writerow(columns)
     for cell in summary:
       row = []
-      for column in CSV_COLUMNS:
+      for column in columns:
         value = cell[column]
-        if column in ('seeds', 'values'):
+        if isinstance(value, (list, tuple)):
           value = ';'.join(repr(v) if isinstance(v, float) else str(v) for v in value)
         elif value is None:
           value = ''
@@ -410,6 +691,11 @@ def write_csv(summary: Sequence[dict[str, Any]], path: str) -> None:
           value = repr(value)
         row.append(value)
       writer.writerow(row)
+
+
+def write_spread_csv(spread: Sequence[dict[str, Any]], path: str) -> None:
+  """`pretraining_spread`'s entries, one row each (as `write_csv`)."""
+  write_csv(spread, path, SPREAD_CSV_COLUMNS)
 
 
 # --------------------------------------------------------------------------- Plotting.
@@ -426,17 +712,29 @@ def _figure(num_panels: int):
 def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
   """The metric against the label fraction (log axis), one line per row, std bars.
 
-  `cells` are `summarize`'s of one data set; each metric gets its own panel.
+  `cells` are `summarize`'s of one data set; each metric gets its own panel. Shifted
+  evaluations are dashed lines `row → DATASET`.
   """
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   names = list(dict.fromkeys(cell['metric'] for cell in cells))
   fig, axes = _figure(len(names))
   for ax, name in zip(axes, names):
     mine = [cell for cell in cells if cell['metric'] == name]
-    for row in dict.fromkeys(cell['row'] for cell in mine):
-      line = sorted((c for c in mine if c['row'] == row), key=lambda c: c['label_fraction'])
-      ax.errorbar([c['label_fraction'] for c in line], [c['mean'] for c in line],
-                  yerr=[c['std'] or 0.0 for c in line], marker='o', capsize=3, label=row)
+    lines = collections.defaultdict(list)
+    for cell in mine:
+      lines[(cell['shifted'], cell['evaluated_on'], cell['split'], cell['row'])].append(cell)
+    colours = {}  # a row's shifted lines share its colour
+    for (shifted, evaluated_on, split, row), line in sorted(
+        lines.items(), key=lambda item: item[0][:3]):
+      line = sorted(line, key=lambda c: c['label_fraction'])
+      label = row
+      if shifted:
+        label += f' → {evaluated_on}' + ('' if split == 'test' else f'/{split}')
+      drawn = ax.errorbar([c['label_fraction'] for c in line], [c['mean'] for c in line],
+                          yerr=[c['std'] or 0.0 for c in line], marker='o', capsize=3,
+                          label=label, linestyle='--' if shifted else '-',
+                          color=colours.get(row) if shifted else None)
+      colours.setdefault(row, drawn.lines[0].get_color())
     fractions = sorted({cell['label_fraction'] for cell in mine})
     ax.set_xscale('log')
     ax.xaxis.set_major_locator(ticker.FixedLocator(fractions))
@@ -445,7 +743,7 @@ def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
     if len(fractions) == 1:
       ax.set_xlim(fractions[0] / 2, fractions[0] * 2)
     ax.set_xlabel('label fraction')
-    ax.set_ylabel(f"{name} ({mine[0]['split']})")
+    ax.set_ylabel(f"{name} ({next(c for c in mine if not c['shifted'])['split']})")
     ax.set_title(f"{mine[0]['dataset']}: {name}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize='small')
@@ -462,7 +760,7 @@ def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') 
   """
   trainers = {run['trainer'] for run in runs}
   chosen = {}
-  for run in sorted(runs, key=lambda r: (-r['label_fraction'], _seed_order(r['seed']))):
+  for run in sorted(runs, key=lambda r: (-r['label_fraction'], _run_order(r))):
     predictions = os.path.join(run['workdir'], f'{split}_predictions.npz')
     row = _row_label(run, trainers)
     if row not in chosen and os.path.isfile(predictions):
@@ -474,7 +772,7 @@ def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') 
   panels = collections.defaultdict(list)
   for row in sorted(chosen, key=lambda r: _row_order(chosen[r][0]['init'], r)):
     run, predictions = chosen[row]
-    label = f"{row}, {percent(run['label_fraction'])}, seed {run['seed']}"
+    label = f"{row}, {percent(run['label_fraction'])}, seed {_seed_label(run)}"
     for title, fpr, tpr in roc_curves(predictions):
       panels[title].append((label, fpr, tpr))
   titles = list(panels)[:MAX_ROC_PANELS]
@@ -571,6 +869,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='results.json key of the metrics (default: test)')
   parser.add_argument('--digits', type=int, default=3,
                       help='decimals of means and stds (default: 3)')
+  parser.add_argument('--by_pretraining', action='store_true',
+                      help='a row per pretraining run (pretrain_seed) of each '
+                           'initialisation instead of one pooling them')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   try:
@@ -579,7 +880,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise DataError(f'no {RESULTS_FILE} of a fine-tuning run under '
                       f'{", ".join(args.dirs)}')
     paths = write_report(runs, args.out, metric=args.metric, split=args.split,
-                         digits=args.digits)
+                         digits=args.digits, by_pretraining=args.by_pretraining)
   except UserError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

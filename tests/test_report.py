@@ -37,11 +37,12 @@ CXR_NAMES = ['No Finding', 'Atelectasis', 'Cardiomegaly', 'Consolidation', 'Edem
 
 
 def write_run(workdir, dataset, init, fraction, seed, value, *, metric='top1',
-              trainer='finetune', predictions=None):
+              trainer='finetune', predictions=None, **extra):
   os.makedirs(workdir, exist_ok=True)
   results = {'trainer': trainer, 'dataset': dataset, 'init': init,
              'label_fraction': fraction, 'seed': seed, 'primary_metric': metric,
-             'validation': {metric: value + 0.01}, 'test': {metric: value, 'loss': 1 - value}}
+             'validation': {metric: value + 0.01}, 'test': {metric: value, 'loss': 1 - value},
+             **extra}
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f)
   if predictions is not None:
@@ -190,6 +191,7 @@ def test_markdown_tables(runs_root, tmp_path):
       p_text = 'p=n/a' if p is None else ('p<0.001' if p < 0.001 else f'p={p:.3f}')
       assert cell == f'{body}, {p_text}' + (' ≈' if p is not None and p > 0.05 else '')
   assert 'ham10000: top1' in text and 'Welch' in text and '≈: p > 0.05' in text
+  assert 'Spread between pretraining runs' not in text and '→' not in text
   assert text.count('| **') == 2 * 2  # One best per column, 2 columns per table.
   stem = str(tmp_path / 'out' / 'report')
   assert paths == [str(out), f'{stem}.csv', f'{stem}_label_efficiency_chexpert.png',
@@ -359,3 +361,201 @@ def test_fraction_seed_and_nested_metrics(tmp_path):
   assert [r['fraction_seed'] for r in runs] == [0, 1]
   (cell,) = report.summarize(runs, metric='auc_per_class/Edema')
   assert cell['values'] == [0.9, 0.8] and cell['n'] == 2
+
+
+# simclr and micle top1 at 10%: {pretrain_seed: [fine-tuning seeds 0, 1]}. SimCLR's
+# pretraining runs spread widely (means 0.60, 0.70, 0.80); MICLe's do not (0.72, 0.74,
+# 0.76); scratch has no pretraining run.
+PRETRAINED = {
+    'simclr': {0: [0.59, 0.61], 1: [0.69, 0.71], 2: [0.79, 0.81]},
+    'micle': {0: [0.71, 0.73], 1: [0.73, 0.75], 2: [0.75, 0.77]},
+}
+SCRATCH = [0.50, 0.52]
+
+
+@pytest.fixture
+def pretrained_root(tmp_path):
+  root = tmp_path / 'runs'
+  for init, by_pretraining in PRETRAINED.items():
+    for pretrain_seed, values in by_pretraining.items():
+      for seed, value in enumerate(values):
+        write_run(root / init / f'p{pretrain_seed}' / f's{seed}', 'ham10000', init, 0.1, seed,
+                  value, pretrain_seed=pretrain_seed)
+  for seed, value in enumerate(SCRATCH):
+    write_run(root / 'scratch' / f's{seed}', 'ham10000', 'scratch', 0.1, seed, value,
+              pretrain_seed=None)
+  return root
+
+
+def test_pretraining_runs_are_distinct_runs_pooled_in_one_cell(pretrained_root, tmp_path):
+  runs = report.collect([str(pretrained_root)])
+  assert len(runs) == 14
+  summary = report.summarize(runs)
+  assert [c['row'] for c in summary] == ['scratch', 'simclr', 'micle']
+  scratch, simclr, micle = summary
+  assert scratch['seeds'] == [0, 1] and scratch['pretrain_seeds'] == []
+  assert simclr['seeds'] == ['p0/s0', 'p0/s1', 'p1/s0', 'p1/s1', 'p2/s0', 'p2/s1']
+  assert simclr['n'] == 6 and simclr['pretrain_seeds'] == [0, 1, 2]
+  pooled = [v for values in PRETRAINED['simclr'].values() for v in values]
+  assert simclr['values'] == pooled
+  assert simclr['mean'] == pytest.approx(np.mean(pooled))
+  assert simclr['std'] == pytest.approx(np.std(pooled, ddof=1))
+  assert micle['is_best']
+  assert simclr['p_value_vs_best'] == pytest.approx(stats.ttest_ind(
+      pooled, micle['values'], equal_var=False).pvalue)
+  # The same fine-tuning seed from the same pretraining run twice is a duplicate.
+  write_run(tmp_path / 'again', 'ham10000', 'simclr', 0.1, 1, 0.7, pretrain_seed=2)
+  with pytest.raises(DataError, match=r'are the same run \(.*pretrain_seed = ham10000, '
+                                      r'finetune, simclr, 0.1, 1, None, 2\)'):
+    report.collect([str(pretrained_root), str(tmp_path / 'again')])
+
+
+def test_by_pretraining_gives_a_row_per_pretraining_run(pretrained_root, tmp_path):
+  write_run(pretrained_root / 'simclr' / 'p10' / 's0', 'ham10000', 'simclr', 0.1, 0, 0.7,
+            pretrain_seed=10)
+  runs = report.collect([str(pretrained_root)])
+  summary = report.summarize(runs, by_pretraining=True)
+  assert [c['row'] for c in summary] == [
+      'scratch', 'simclr (pretraining seed 0)', 'simclr (pretraining seed 1)',
+      'simclr (pretraining seed 2)', 'simclr (pretraining seed 10)',
+      'micle (pretraining seed 0)', 'micle (pretraining seed 1)', 'micle (pretraining seed 2)']
+  for cell in summary[1:4]:
+    assert cell['values'] == PRETRAINED['simclr'][cell['pretrain_seed']]
+    assert cell['pooled_row'] == 'simclr' and cell['n'] == 2
+  assert [c['row'] for c in summary if c['is_best']] == ['simclr (pretraining seed 2)']
+  assert summary[-1]['mean'] == pytest.approx(0.76)
+  out = tmp_path / 'r.md'
+  assert report.main([str(pretrained_root), '--out', str(out), '--by_pretraining']) == 0
+  _, rows = _table_rows(out.read_text(), 'ham10000: top1')
+  assert list(rows) == [c['row'] for c in summary]
+  assert rows['simclr (pretraining seed 10)'] == ['0.700 (n=1), p=n/a']
+  assert 'n counts their fine-tuning seeds' in out.read_text()
+
+
+def test_spread_between_pretraining_runs(pretrained_root, tmp_path):
+  runs = report.collect([str(pretrained_root)])
+  spread = report.pretraining_spread(runs)
+  assert [e['row'] for e in spread] == ['scratch', 'simclr', 'micle']
+  scratch, simclr, micle = spread
+  assert simclr['pretrain_seeds'] == [0, 1, 2]
+  assert simclr['pretraining_means'] == pytest.approx([0.60, 0.70, 0.80])
+  assert simclr['pretraining_std'] == pytest.approx(0.1)
+  assert micle['pretraining_std'] == pytest.approx(0.02)
+  assert scratch['pretraining_std'] is None and scratch['pretrain_seeds'] == []
+  assert micle['best_row'] == 'micle' and micle['difference_to_best'] == 0.0
+  assert micle['within_spread'] is None
+  # SimCLR is 0.04 below MICLe, less than the spread of SimCLR's pretraining runs (0.1).
+  assert simclr['difference_to_best'] == pytest.approx(0.70 - 0.74)
+  assert simclr['within_spread'] is True and simclr['n'] == 6
+  assert scratch['difference_to_best'] == pytest.approx(0.51 - 0.74)
+  assert scratch['within_spread'] is False
+
+  out = tmp_path / 'r.md'
+  paths = report.write_report(runs, str(out))
+  assert paths[:3] == [str(out), str(tmp_path / 'r.csv'),
+                       str(tmp_path / 'r_pretraining_spread.csv')]
+  text = out.read_text()
+  section = text[text.index('## Spread between pretraining runs'):]
+  assert ('| ham10000 | top1 | 10% | simclr | p0: 0.600, p1: 0.700, p2: 0.800 | 0.100 | '
+          '0.700 (6) | -0.040 (vs micle) | yes |') in section
+  assert '| ham10000 | top1 | 10% | micle | p0: 0.720, p1: 0.740, p2: 0.760 | 0.020 | ' \
+         '0.740 (6) | best | — |' in section
+  assert '| ham10000 | top1 | 10% | scratch | — | — | 0.510 (2) | -0.230 (vs micle) | no |' \
+         in section
+  assert 'Runs fine-tuned from different pretraining runs of an initialisation are pooled' \
+      in text
+  with open(tmp_path / 'r_pretraining_spread.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == list(report.SPREAD_CSV_COLUMNS)
+  assert [r['init'] for r in rows] == ['scratch', 'simclr', 'micle']
+  assert rows[1]['pretrain_seeds'] == '0;1;2' and rows[1]['within_spread'] == 'True'
+  assert float(rows[1]['pretraining_std']) == pytest.approx(0.1)
+  assert rows[0]['pretraining_std'] == '' and rows[2]['within_spread'] == ''
+  with open(tmp_path / 'r.csv', newline='') as f:
+    main_rows = list(csv.DictReader(f))
+  assert [r['seeds'] for r in main_rows][1] == 'p0/s0;p0/s1;p1/s0;p1/s1;p2/s0;p2/s1'
+
+
+# ham10000 top1 at 10% and 100% (seeds 0, 1, 2) and on derm7pt through a label mapping.
+SHIFT = {
+    ('simclr', 0.1): ([0.60, 0.62, 0.64], [0.40, 0.45, 0.50]),
+    ('micle', 0.1): ([0.64, 0.65, 0.66], [0.55, 0.56, 0.57]),
+    ('simclr', 1.0): ([0.83, 0.84, 0.85], [0.70, 0.72, 0.71]),
+    ('micle', 1.0): ([0.80, 0.81, 0.82], [0.60, 0.62, 0.61]),
+}
+
+
+def _write_shifted_runs(root):
+  for (init, fraction), (values, shifted) in SHIFT.items():
+    for seed, (value, on_shift) in enumerate(zip(values, shifted)):
+      write_run(root / f'{init}_{fraction}_{seed}', 'ham10000', init, fraction, seed, value,
+                shift={'dataset': 'derm7pt', 'split': 'test', 'label_map': {'mel': 'melanoma'},
+                       'images': 100, 'images_left_out': 3,
+                       'metrics': {'top1': on_shift, 'num_examples': 97}})
+
+
+def test_shift_columns_follow_their_fraction(tmp_path):
+  _write_shifted_runs(tmp_path / 'runs')
+  # A run without shift and one whose shift metrics lack the metric add no shift cell.
+  write_run(tmp_path / 'runs' / 'scratch', 'ham10000', 'scratch', 0.1, 0, 0.5)
+  write_run(tmp_path / 'runs' / 'scratch1', 'ham10000', 'scratch', 0.1, 1, 0.52,
+            shift={'dataset': 'derm7pt', 'split': 'test', 'metrics': {'auc_macro': 0.6}})
+  runs = report.collect([str(tmp_path / 'runs')])
+  summary = report.summarize(runs)
+  shifted = [c for c in summary if c['shifted']]
+  assert len(shifted) == 4 and {c['evaluated_on'] for c in shifted} == {'derm7pt'}
+  assert all(c['split'] == 'test' and c['dataset'] == 'ham10000' for c in shifted)
+  expected = expected_cells({k: v[1] for k, v in SHIFT.items()})
+  for cell in shifted:
+    mean, std, is_best, p = expected[(cell['init'], cell['label_fraction'])]
+    assert cell['mean'] == pytest.approx(mean) and cell['std'] == pytest.approx(std)
+    assert cell['is_best'] == is_best
+    assert (cell['p_value_vs_best'] is None) == (p is None)
+    if p is not None:
+      assert cell['p_value_vs_best'] == pytest.approx(p, rel=1e-12)
+  # In-distribution best and p-values are unchanged by the shifted cells.
+  inside = expected_cells({k: v[0] for k, v in SHIFT.items()})
+  for cell in summary:
+    if not cell['shifted'] and cell['init'] != 'scratch':
+      assert cell['is_best'] == inside[(cell['init'], cell['label_fraction'])][2]
+
+  out = tmp_path / 'r.md'
+  report.write_report(runs, str(out))
+  text = out.read_text()
+  header, rows = _table_rows(text, 'ham10000: top1')
+  assert header == '| initialisation | 10% | 10% → derm7pt | 100% | 100% → derm7pt |'
+  assert list(rows) == ['scratch', 'simclr', 'micle']
+  assert rows['scratch'][1] == rows['scratch'][3] == '—'
+  assert rows['micle'][1] == '**0.560 ± 0.010 (n=3)**'
+  assert rows['simclr'][3] == '**0.710 ± 0.010 (n=3)**'
+  p = stats.ttest_ind(SHIFT[('simclr', 0.1)][1], SHIFT[('micle', 0.1)][1],
+                      equal_var=False).pvalue
+  assert rows['simclr'][1] == f'0.450 ± 0.050 (n=3), p={p:.3f}' + (' ≈' if p > 0.05 else '')
+  assert '14 runs.' in text and 'distribution shift' in text
+  with open(tmp_path / 'r.csv', newline='') as f:
+    csv_rows = list(csv.DictReader(f))
+  assert len(csv_rows) == len(summary) == 9
+  on_shift = [r for r in csv_rows if r['evaluated_on'] == 'derm7pt']
+  assert len(on_shift) == 4 and all(r['shifted'] == 'True' for r in on_shift)
+  assert {r['evaluated_on'] for r in csv_rows if r['shifted'] == 'False'} == {'ham10000'}
+  # Validation reports have no shift columns: the shift is evaluated with the test split.
+  assert not any(c['shifted'] for c in report.summarize(runs, split='validation'))
+
+
+def test_old_results_and_bad_new_keys(tmp_path):
+  write_run(tmp_path / 'old', 'ham10000', 'micle', 0.1, 0, 0.8)
+  (run,) = report.collect([str(tmp_path / 'old')])
+  assert run['pretrain_seed'] is None
+  write_run(tmp_path / 'a', 'ham10000', 'micle', 0.1, 0, 0.8, pretrain_seed='0')
+  with pytest.raises(DataError, match=r"a/results.json: key 'pretrain_seed' must be an "
+                                      r"integer or null, got '0'"):
+    report.collect([str(tmp_path / 'a')])
+  write_run(tmp_path / 'b', 'ham10000', 'micle', 0.1, 0, 0.8, shift={'split': 'test',
+                                                                    'metrics': {}})
+  with pytest.raises(DataError, match=r"b/results.json: key 'shift.dataset' must be"):
+    report.collect([str(tmp_path / 'b')])
+  write_run(tmp_path / 'c', 'ham10000', 'micle', 0.1, 0, 0.8,
+            shift={'dataset': 'derm7pt', 'metrics': {'top1': 'high'}})
+  with pytest.raises(DataError, match=r"c/results.json: key 'shift.metrics.top1' is not a "
+                                      'number'):
+    report.summarize(report.collect([str(tmp_path / 'c')]))

@@ -1,0 +1,413 @@
+"""Predictions of a finished fine-tuning run's best model on new images.
+
+    python -m bigssl_med.predict --workdir DIR --images FOLDER_OR_CSV --out predictions.csv \
+        [--batch_size 64] [--ten_crop | --no_ten_crop] [--skip_bad_images] [--num_threads 4]
+
+DIR is the workdir of a finished `finetune`, `linear_eval` or `distill` run: its
+`config.json` rebuilds the model (in float32), `results.json` gives the task and the
+label names, and `best/` holds the weights of the model selected on validation.
+
+`--images` is either
+
+* a folder, searched recursively for `.jpg`, `.jpeg`, `.png`, `.bmp`, `.tif` and
+  `.tiff` files (any case; hidden files and folders are skipped), in sorted order, or
+* a CSV (or tab-separated) file with a `path` column; relative paths are relative to
+  the CSV's folder, and every other column is copied to the output.
+
+Images are preprocessed as the run's test images were: the centre crop of
+`bigssl_med.data.pipeline.eval_crop(data.image_size, ten_crop)`, and with ten-crop
+the probabilities averaged over the four corners, the centre and their mirrors
+(`bigssl_med.supervised.make_eval_step`). `--ten_crop` / `--no_ten_crop` override
+the run's own `ten_crop` (its results.json), the default.
+
+The output CSV has one row per image: `path` (as listed in the CSV, or the folder
+joined with the path found under it), the CSV's other columns, one column per label
+with its probability (softmax for a multi-class model, sigmoid for a multi-label
+one) and, for a multi-class model, `predicted`, the most probable class. It is
+written to a temporary file and renamed, so an earlier output is replaced whole or
+not at all.
+
+A missing or undecodable image is a one-line error naming the file (and the CSV
+line); with `--skip_bad_images` such images are listed in a warning and left out.
+Every other bad input (a workdir of an unfinished run or of another trainer, a
+checkpoint that does not fit the config) is also a one-line `error: ...` and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bigssl_med import supervised
+from bigssl_med.data import host_ops
+from bigssl_med.data import pipeline
+from bigssl_med.errors import CheckpointError, ConfigError, DataError, UserError
+from bigssl_med.trainers import finetune
+from tfds_builders import common
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
+PATH_COLUMN = 'path'
+PREDICTED_COLUMN = 'predicted'
+DEFAULT_BATCH_SIZE = 64
+_TASKS = ('multiclass', 'multilabel')
+
+
+# ---------------------------------------------------------------------------- The run.
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A finished run's best model and what its predictions mean."""
+  workdir: str
+  config: Any  # ml_collections.ConfigDict
+  results: dict[str, Any]
+  task: supervised.Task
+  model: Any  # flax.linen.Module
+  variables: Any
+  image_size: int
+
+
+def load_run(workdir: str) -> Run:
+  """The best model of the finished fine-tuning run in `workdir`.
+
+  Raises:
+    ConfigError: `workdir` has no run config, is a run of another trainer, or its
+      run has not finished (no results.json with test metrics, label_names, task).
+    CheckpointError: `workdir/best` is missing or does not fit the model the config
+      describes.
+  """
+  if not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir {workdir} does not exist')
+  config = finetune.read_run_config(workdir)
+  if config.trainer not in finetune.TRAINER_NAMES:
+    raise ConfigError(f'{workdir} is a workdir of the {config.trainer!r} trainer; predictions '
+                      f'need a run of {", ".join(finetune.TRAINER_NAMES)}')
+  path = os.path.join(workdir, 'results.json')
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except FileNotFoundError:
+    raise ConfigError(f'{path} not found: the run in {workdir} has not finished') from None
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'{path}: cannot be read as JSON ({e})') from None
+  if not isinstance(results, dict) or results.get('test') is None:
+    raise ConfigError(f'{path}: no test metrics: the run in {workdir} has not finished')
+  names = results.get('label_names')
+  if (not isinstance(names, list) or not names
+      or not all(isinstance(n, str) and n for n in names)):
+    raise ConfigError(f"{path}: key 'label_names' must be a non-empty list of names, "
+                      f'got {names!r}')
+  if len(set(names)) != len(names):
+    raise ConfigError(f"{path}: key 'label_names' repeats a name: {names}")
+  kind = results.get('task')
+  if kind not in _TASKS:
+    raise ConfigError(f"{path}: key 'task' must be one of {', '.join(_TASKS)}, got {kind!r}")
+  task = supervised.Task(kind, len(names), tuple(names))
+  size = int(config.data.image_size)
+  model = finetune.build_model(config, len(names), dtype=jnp.float32)
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+  best = os.path.join(workdir, 'best')
+  if not os.path.isdir(best):
+    raise CheckpointError(f'{best} does not exist: the run in {workdir} saved no best model')
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      _check_fits(best, checkpointer.metadata(best), abstract)
+      variables = checkpointer.restore(best, abstract)
+  except CheckpointError:
+    raise
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    detail = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    raise CheckpointError(f'{best}: cannot restore the model its config.json describes '
+                          f'({detail})') from e
+  return Run(workdir=workdir, config=config, results=results, task=task, model=model,
+             variables=variables, image_size=size)
+
+
+def _check_fits(best: str, metadata: Any, abstract: Any) -> None:
+  """Compares the arrays a checkpoint holds with those of the model, before restoring.
+
+  Raises:
+    CheckpointError: naming `best` and the first array missing, unexpected or of
+      another shape.
+  """
+  def shapes(tree):
+    return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path):
+            tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(leaf, 'shape')}
+
+  stored = shapes(getattr(metadata, 'item_metadata', metadata))
+  if not stored:
+    raise CheckpointError(f'{best}: holds no arrays (an incomplete checkpoint, or not one '
+                          'of orbax)')
+  wanted = shapes(abstract)
+  problems = [f'{k} has shape {stored[k]}, the model {wanted[k]}' for k in sorted(wanted)
+              if k in stored and stored[k] != wanted[k]]
+  missing = sorted(set(wanted) - set(stored))
+  unexpected = sorted(set(stored) - set(wanted))
+  if missing:
+    problems.append(f'{len(missing)} array(s) of the model missing, e.g. {missing[0]}')
+  if unexpected:
+    problems.append(f'{len(unexpected)} array(s) not in the model, e.g. {unexpected[0]}')
+  if problems:
+    more = f'; {len(problems) - 1} more' if len(problems) > 1 else ''
+    raise CheckpointError(f'{best}: does not fit the model its config.json describes '
+                          f'({problems[0]}{more})')
+
+
+# ----------------------------------------------------------------------------- Images.
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One image to predict: its path as listed, the file, and where it was listed."""
+  path: str
+  file: str
+  where: str = ''  # `CSV line N`, or '' for a file found in a folder
+  columns: tuple[tuple[str, str], ...] = ()  # the CSV's other columns
+
+
+def list_images(images: str) -> tuple[list[Item], list[str]]:
+  """The images of a folder or CSV, and the CSV's other column names (none for a folder).
+
+  Raises:
+    DataError: `images` does not exist or holds no image, or is a CSV without a `path`
+      column or with an empty path (naming the line).
+  """
+  if os.path.isdir(images):
+    return _folder_images(images), []
+  if not os.path.isfile(images):
+    raise DataError(f'--images {images} does not exist')
+  return _csv_images(images)
+
+
+def _folder_images(folder: str) -> list[Item]:
+  found = []
+  for root, subdirs, files in os.walk(folder):
+    subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
+    for name in files:
+      if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
+        found.append(os.path.relpath(os.path.join(root, name), folder))
+  if not found:
+    raise DataError(f'{folder}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in it or '
+                    'its subfolders')
+  paths = [os.path.join(folder, rel) for rel in sorted(found)]
+  return [Item(path=p, file=p) for p in paths]
+
+
+def _csv_images(path: str) -> tuple[list[Item], list[str]]:
+  columns, rows = common.read_table(path, (PATH_COLUMN,))
+  extra = [c for c in dict.fromkeys(columns) if c and c != PATH_COLUMN]
+  base = os.path.dirname(path)
+  items = []
+  for row in rows:
+    value = row.get(PATH_COLUMN)
+    if not value:
+      raise DataError(f'{row.where(path)}: empty {PATH_COLUMN}')
+    values = row.values
+    items.append(Item(path=value, file=os.path.join(base, os.path.expanduser(value)),
+                      where=row.where(path),
+                      columns=tuple((c, values.get(c, '')) for c in extra)))
+  if not items:
+    raise DataError(f'{path}: no rows after the header')
+  return items, extra
+
+
+def load_image(item: Item, side: int, proportion: float) -> np.ndarray:
+  """The uint8 `[side, side, 3]` evaluation crop of `item`'s file.
+
+  Raises:
+    DataError: naming the file (and the CSV line) when it is missing or undecodable.
+  """
+  prefix = f'{item.where}: ' if item.where else ''
+  try:
+    with open(item.file, 'rb') as f:
+      data = f.read()
+  except OSError as e:
+    raise DataError(f'{prefix}cannot read image {item.file}: {e.strerror or e}') from None
+  try:
+    return host_ops.center_crop(data, side, proportion, channels=3, name=item.file)
+  except DataError as e:
+    raise DataError(f'{prefix}{e}') from None
+
+
+# -------------------------------------------------------------------------- Predicting.
+
+
+def predict(run: Run, items: Sequence[Item], *, ten_crop: bool | None = None,
+            batch_size: int = DEFAULT_BATCH_SIZE, skip_bad_images: bool = False,
+            num_threads: int = 4) -> tuple[list[Item], np.ndarray]:
+  """Probabilities `[N, labels]` of the images that could be read, and those images.
+
+  Args:
+    run: from `load_run`.
+    items: from `list_images`.
+    ten_crop: ten-crop test-time augmentation; None: as the run was tested.
+    batch_size: images per step (the last batch is padded).
+    skip_bad_images: leave out (with a warning) missing or undecodable images instead
+      of raising.
+    num_threads: threads decoding images.
+
+  Raises:
+    DataError: a bad image (without `skip_bad_images`), or no image could be read.
+  """
+  if batch_size < 1:
+    raise ConfigError(f'--batch_size must be positive, got {batch_size}')
+  if ten_crop is None:
+    ten_crop = bool(run.results.get('ten_crop', False))
+  side, proportion = pipeline.eval_crop(run.image_size, ten_crop)
+  step = jax.jit(supervised.make_eval_step(run.model, run.task,
+                                           ten_crop_size=run.image_size if ten_crop else 0))
+
+  def load(item):
+    try:
+      return load_image(item, side, proportion)
+    except DataError as e:
+      if not skip_bad_images:
+        raise
+      return str(e)
+
+  kept, bad, outputs = [], [], []
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    for start in range(0, len(items), batch_size):
+      chunk = items[start:start + batch_size]
+      images = []
+      for item, image in zip(chunk, pool.map(load, chunk)):
+        if isinstance(image, str):
+          bad.append(image)
+        else:
+          kept.append(item)
+          images.append(image)
+      if not images:
+        continue
+      batch = np.zeros((batch_size, side, side, 3), np.uint8)
+      batch[:len(images)] = np.stack(images)
+      logits = np.asarray(step(run.variables, {'image': batch}), np.float64)
+      outputs.append(logits[:len(images)])
+  if bad:
+    logging.warning('Left out %d of %d images that cannot be read: %s', len(bad),
+                    len(items), '; '.join(bad))
+  if not kept:
+    raise DataError(f'none of the {len(items)} images could be read')
+  logits = np.concatenate(outputs)
+  if run.task.kind == 'multiclass':
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return kept, shifted / shifted.sum(axis=1, keepdims=True)
+  return kept, 1.0 / (1.0 + np.exp(-logits))
+
+
+def output_columns(task: supervised.Task, columns: Sequence[str]) -> list[str]:
+  """The output CSV's header: path, the input CSV's `columns`, labels, `predicted`.
+
+  Raises:
+    DataError: one of `columns` has the name of a column the output adds.
+  """
+  added = list(task.names) + ([PREDICTED_COLUMN] if task.kind == 'multiclass' else [])
+  clash = [c for c in columns if c in added]
+  if clash:
+    raise DataError(f'the --images CSV has column(s) {", ".join(clash)}, which the output '
+                    'uses for the probabilities of the labels and the predicted class; '
+                    'rename them')
+  return [PATH_COLUMN, *columns, *added]
+
+
+def write_predictions(path: str, run: Run, items: Sequence[Item], columns: Sequence[str],
+                      probabilities: np.ndarray) -> None:
+  """Writes the output CSV through a temporary file in its folder and a rename.
+
+  Raises:
+    DataError: a CSV column has the name of an output column (`output_columns`), or
+      `path` cannot be written.
+  """
+  header = output_columns(run.task, columns)
+  names = run.task.names
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp',
+                               dir=folder)
+  except OSError as e:
+    raise DataError(f'{path}: cannot be written ({e.strerror or e})') from None
+  try:
+    with os.fdopen(fd, 'w', newline='') as f:
+      writer = csv.writer(f)
+      writer.writerow(header)
+      for item, p in zip(items, probabilities):
+        row = [item.path, *(value for _, value in item.columns),
+               *(format(float(v), '.8g') for v in p)]
+        if run.task.kind == 'multiclass':
+          row.append(names[int(np.argmax(p))])
+        writer.writerow(row)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise DataError(f'{path}: cannot be written ({e.strerror or e})') from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# ------------------------------------------------------------------------------- CLI.
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the process exit status."""
+  parser = argparse.ArgumentParser(
+      prog='python -m bigssl_med.predict',
+      description="Probabilities of a finished fine-tuning run's best model on a folder "
+                  'or CSV of images.')
+  parser.add_argument('--workdir', required=True,
+                      help='workdir of a finished finetune, linear_eval or distill run')
+  parser.add_argument('--images', required=True,
+                      help='folder searched recursively for images, or a CSV with a path '
+                           'column (relative to the CSV; other columns are copied)')
+  parser.add_argument('--out', required=True, help='CSV of predictions to write')
+  parser.add_argument('--batch_size', type=int, default=DEFAULT_BATCH_SIZE,
+                      help=f'images per step (default: {DEFAULT_BATCH_SIZE})')
+  parser.add_argument('--ten_crop', dest='ten_crop', action='store_true',
+                      help='ten-crop test-time augmentation (default: as the run was '
+                           'tested, its results.json ten_crop)')
+  parser.add_argument('--no_ten_crop', dest='ten_crop', action='store_false',
+                      help='a single centre crop, whatever the run was tested with')
+  parser.set_defaults(ten_crop=None)
+  parser.add_argument('--skip_bad_images', action='store_true',
+                      help='leave out missing or undecodable images, with a warning, '
+                           'instead of failing')
+  parser.add_argument('--num_threads', type=int, default=4,
+                      help='threads decoding images (default: 4)')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  try:
+    items, columns = list_images(args.images)
+    run = load_run(args.workdir)
+    output_columns(run.task, columns)  # a clash fails before the images are read
+    kept, probabilities = predict(run, items, ten_crop=args.ten_crop,
+                                  batch_size=args.batch_size,
+                                  skip_bad_images=args.skip_bad_images,
+                                  num_threads=args.num_threads)
+    write_predictions(args.out, run, kept, columns, probabilities)
+  except UserError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 2
+  print(f'{args.out}: {len(kept)} images')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

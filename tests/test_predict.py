@@ -1,0 +1,209 @@
+"""`python -m bigssl_med.predict` on a tiny fine-tuned workdir: agreement with the run, errors."""
+
+import csv
+import dataclasses
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from bigssl_med import build_data, predict, supervised
+from bigssl_med.data import sources
+from bigssl_med.errors import CheckpointError, ConfigError
+from bigssl_med.trainers import finetune
+from test_finetune import _write_colour_cases, tiny_config
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """(workdir, raw folder with cases.csv and images/, test image paths in record order)."""
+  root = tmp_path_factory.mktemp('predict')
+  raw = _write_colour_cases(root / 'raw')
+  build_data.build('image_cases/colours', data_dir=os.fspath(root / 'data'),
+                   manual_dir=os.fspath(raw))
+  workdir = root / 'work'
+  config = tiny_config(root / 'data', total_steps=40, eval_every_steps=20)
+  finetune.train_and_evaluate(config, os.fspath(workdir))
+  source = sources.open_split('image_cases/colours', 'test', os.fspath(root / 'data'))
+  test_paths = [source[i]['image_id'].decode() for i in range(len(source))]
+  return workdir, raw, test_paths
+
+
+def _read(path):
+  with open(path, newline='') as f:
+    return list(csv.DictReader(f))
+
+
+def _scores(rows, names=('green', 'red')):
+  return np.array([[float(row[n]) for n in names] for row in rows])
+
+
+def _write_csv(path, header, rows):
+  path.write_text('\n'.join([','.join(header)] + [','.join(r) for r in rows]) + '\n')
+  return path
+
+
+def test_csv_predictions_match_the_runs_test_predictions(run, tmp_path, capsys):
+  workdir, raw, test_paths = run
+  listing = _write_csv(raw / 'test_list.csv', ['note', 'path'],
+                       [[f'n{i}', p] for i, p in enumerate(test_paths)])
+  out = tmp_path / 'out' / 'predictions.csv'
+  assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out', str(out),
+                       '--batch_size', '5']) == 0
+  assert capsys.readouterr().out.strip() == f'{out}: 16 images'
+  rows = _read(out)
+  assert list(rows[0]) == ['path', 'note', 'green', 'red', 'predicted']
+  assert [r['path'] for r in rows] == test_paths
+  assert [r['note'] for r in rows] == [f'n{i}' for i in range(16)]
+  saved = np.load(workdir / 'test_predictions.npz')
+  np.testing.assert_allclose(_scores(rows), saved['scores'], atol=1e-4)
+  assert [r['predicted'] for r in rows] == [['green', 'red'][k]
+                                           for k in saved['scores'].argmax(1)]
+  assert not [p for p in os.listdir(out.parent) if p != 'predictions.csv']  # no temporary file
+
+
+def test_folder_input_is_recursive_sorted_and_skips_hidden_and_other_files(run, tmp_path):
+  workdir, raw, test_paths = run
+  folder = tmp_path / 'images'
+  for i, path in enumerate(test_paths[:6]):
+    target = folder / ('sub' if i % 2 else 'top') / f'{i}.PNG'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(raw / path, target)
+  (folder / 'notes.txt').write_text('not an image')
+  (folder / '.hidden.png').write_bytes(b'not an image either')
+  (folder / '.cache').mkdir()
+  shutil.copy(raw / test_paths[0], folder / '.cache' / 'x.png')
+  out = tmp_path / 'p.csv'
+  assert predict.main(['--workdir', str(workdir), '--images', str(folder), '--out',
+                       str(out)]) == 0
+  rows = _read(out)
+  expected = sorted(f'{"sub" if i % 2 else "top"}/{i}.PNG' for i in range(6))
+  assert [r['path'] for r in rows] == [os.path.join(str(folder), p) for p in expected]
+  saved = np.load(workdir / 'test_predictions.npz')['scores']
+  by_name = {f'{"sub" if i % 2 else "top"}/{i}.PNG': saved[i] for i in range(6)}
+  np.testing.assert_allclose(_scores(rows), [by_name[p] for p in expected], atol=1e-4)
+
+
+def test_ten_crop_changes_the_preprocessing_but_still_classifies(run, tmp_path):
+  workdir, raw, test_paths = run
+  loaded = predict.load_run(str(workdir))
+  assert loaded.results['ten_crop'] is False
+  items = [predict.Item(path=p, file=str(raw / p)) for p in test_paths]
+  _, single = predict.predict(loaded, items)
+  _, ten = predict.predict(loaded, items, ten_crop=True, batch_size=7)
+  # The flags: --ten_crop overrides the run's single crop, --no_ten_crop keeps it.
+  listing = _write_csv(tmp_path / 'list.csv', ['path'], [[str(raw / p)] for p in test_paths])
+  for flag, expected in (('--ten_crop', ten), ('--no_ten_crop', single)):
+    out = tmp_path / f'{flag}.csv'
+    assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out',
+                         str(out), flag]) == 0
+    np.testing.assert_allclose(_scores(_read(out)), expected, atol=1e-6)
+  labels = np.load(workdir / 'test_predictions.npz')['labels']
+  assert ten.shape == (16, 2)
+  np.testing.assert_allclose(ten.sum(1), 1.0, rtol=1e-6)
+  assert np.abs(ten - single).max() > 1e-3
+  assert np.mean(ten.argmax(1) == labels) >= 0.8
+
+
+def test_multi_label_models_give_sigmoids_and_no_predicted_column(run, tmp_path):
+  workdir, raw, test_paths = run
+  loaded = predict.load_run(str(workdir))
+  items = [predict.Item(path=p, file=str(raw / p)) for p in test_paths[:4]]
+  _, softmax = predict.predict(loaded, items)
+  multi = dataclasses.replace(loaded, task=supervised.Task('multilabel', 2, ('green', 'red')))
+  kept, sigmoid = predict.predict(multi, items)
+  # The same logits: softmax's log-ratio equals the difference of the sigmoids' logits.
+  logit = np.log(sigmoid) - np.log1p(-sigmoid)
+  np.testing.assert_allclose(logit[:, 1] - logit[:, 0],
+                             np.log(softmax[:, 1]) - np.log(softmax[:, 0]), atol=1e-4)
+  assert predict.output_columns(multi.task, ['note']) == ['path', 'note', 'green', 'red']
+  predict.write_predictions(str(tmp_path / 'm.csv'), multi, kept, [], sigmoid)
+  assert list(_read(tmp_path / 'm.csv')[0]) == ['path', 'green', 'red']
+
+
+def test_bad_images_name_the_file_and_line_unless_skipped(run, tmp_path, capsys, caplog):
+  workdir, raw, test_paths = run
+  broken = tmp_path / 'broken.png'
+  broken.write_bytes(b'not a png')
+  listing = _write_csv(tmp_path / 'list.csv', ['path'],
+                       [[str(raw / test_paths[0])], ['missing.png'], [str(broken)],
+                        [str(raw / test_paths[1])]])
+  out = tmp_path / 'p.csv'
+  out.write_text('earlier output\n')
+  args = ['--workdir', str(workdir), '--images', str(listing), '--out', str(out)]
+  assert predict.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {listing} line 3: cannot read image {tmp_path / "missing.png"}')
+  assert len(err.strip().splitlines()) == 1
+  assert out.read_text() == 'earlier output\n'  # left as it was
+  with caplog.at_level('WARNING'):
+    assert predict.main(args + ['--skip_bad_images']) == 0
+  assert [r['path'] for r in _read(out)] == [str(raw / test_paths[0]), str(raw / test_paths[1])]
+  assert 'Left out 2 of 4 images' in caplog.text
+  assert f'line 4: cannot decode image {broken}' in caplog.text
+  # Without the missing row, the undecodable file is the error.
+  _write_csv(listing, ['path'], [[str(broken)]])
+  assert predict.main(args) == 2
+  assert capsys.readouterr().err.startswith(
+      f'error: {listing} line 2: cannot decode image {broken}')
+
+
+def test_csv_errors(run, tmp_path, capsys):
+  workdir, raw, test_paths = run
+  out = tmp_path / 'p.csv'
+  cases = [
+      (['file'], [[test_paths[0]]], 'missing column(s) path'),
+      (['path', 'red'], [[str(raw / test_paths[0]), 'x']], 'has column(s) red'),
+      (['path', 'note'], [[' ', 'x']], 'line 2: empty path'),
+  ]
+  for header, rows, message in cases:
+    listing = _write_csv(tmp_path / 'list.csv', header, rows)
+    assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out',
+                         str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and message in err and len(err.strip().splitlines()) == 1
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  assert predict.main(['--workdir', str(workdir), '--images', str(empty), '--out',
+                       str(out)]) == 2
+  assert f'error: {empty}: no image files' in capsys.readouterr().err
+  assert not out.exists()
+
+
+def test_unfinished_other_trainer_and_mismatched_workdirs(run, tmp_path, capsys):
+  workdir, raw, test_paths = run
+  images = str(raw / 'images')
+  unfinished = tmp_path / 'unfinished'
+  unfinished.mkdir()
+  shutil.copy(workdir / 'config.json', unfinished / 'config.json')
+  with pytest.raises(ConfigError, match='has not finished'):
+    predict.load_run(str(unfinished))
+  assert predict.main(['--workdir', str(unfinished), '--images', images, '--out',
+                       str(tmp_path / 'p.csv')]) == 2
+  err = capsys.readouterr().err
+  assert err == f'error: {unfinished / "results.json"} not found: the run in {unfinished} ' \
+                'has not finished\n'
+  with pytest.raises(ConfigError, match='not a run config'):
+    predict.load_run(str(tmp_path))
+  pretrained = tmp_path / 'pretrained'
+  pretrained.mkdir()
+  (pretrained / 'config.json').write_text(json.dumps({'trainer': 'pretrain'}))
+  with pytest.raises(ConfigError, match="the 'pretrain' trainer"):
+    predict.load_run(str(pretrained))
+  # A config that describes another model than best/ holds.
+  other = tmp_path / 'other'
+  shutil.copytree(workdir, other)
+  config = json.loads((other / 'config.json').read_text())
+  config['model']['width_multiplier'] = 0.25
+  (other / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=re.escape(f'{other / "best"}: does not fit the '
+                                                     'model its config.json describes (')
+                     + r'.* has shape \(8,\), the model \(16,\)'):
+    predict.load_run(str(other))
+  shutil.rmtree(other / 'best')
+  (other / 'best').mkdir()
+  with pytest.raises(CheckpointError, match=f'{other / "best"}: holds no arrays'):
+    predict.load_run(str(other))
