@@ -43,7 +43,7 @@ def main(argv):
   from bigssl_med import parallel  # pylint: disable=g-import-not-at-top
   from bigssl_med import trainers  # pylint: disable=g-import-not-at-top
   from bigssl_med.errors import UserError  # pylint: disable=g-import-not-at-top
-  from bigssl_med.trainers.pretrain import Preempted  # pylint: disable=g-import-not-at-top
+  from bigssl_med.preemption import Preempted  # pylint: disable=g-import-not-at-top
 
   config = _CONFIG.value
   try:

@@ -16,6 +16,17 @@ import optax
 
 from bigssl_med import checkpointing
 from bigssl_med import parallel
+from bigssl_med.errors import ConfigError
+
+COMPUTE_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The activations' dtype that `config.compute_dtype` names."""
+  if config.compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f'config.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, '
+                      f'got {config.compute_dtype!r}')
+  return COMPUTE_DTYPES[config.compute_dtype]
 
 
 @dataclasses.dataclass

@@ -31,6 +31,26 @@ def write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def read_json(path: str) -> Any:
+  """The parsed JSON file at `path`, or None when it is missing or not valid JSON."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+def scalars(found: Mapping[str, Any]) -> dict[str, float]:
+  """The float metrics of an evaluation (per-class dicts flattened as `name/class`)."""
+  out = {}
+  for key, value in found.items():
+    if isinstance(value, Mapping):
+      out.update({f'{key}/{k}': float(v) for k, v in value.items()})
+    elif isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
+      out[key] = float(value)
+  return out
+
+
 def _to_builtin(x):
   if isinstance(x, (np.generic, np.ndarray, jax.Array)):
     return np.asarray(x).tolist()

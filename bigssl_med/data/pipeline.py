@@ -40,7 +40,7 @@ class ViewSpec:
   label_shape: tuple[int, ...] = ()  # () : an int class; (K,) : a float vector (multi-label)
 
 
-def _text(x) -> str:
+def as_text(x) -> str:
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
@@ -68,7 +68,7 @@ def _padding_label(spec: ViewSpec) -> np.ndarray:
   return np.zeros(spec.label_shape, np.float32) if spec.label_shape else np.int32(0)
 
 
-def _parallel(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+def with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   """Decodes in `num_workers` grain worker processes (none when 0)."""
   if num_workers <= 0:
     return ds
@@ -77,7 +77,7 @@ def _parallel(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
-class _PairPositions(grain.MapDataset):
+class TrainPositions(grain.MapDataset):
   """Endless stream of this host's `(unit, global position)`; see the module docstring."""
 
   def __init__(self, num_units: int, *, global_batch: int, host_index: int, host_count: int,
@@ -146,7 +146,7 @@ class _LoadPair(grain.transforms.Map):
     return out
 
   def _view(self, rng, example, record):
-    name = f'{self._name} record {record} ({_text(example.get("image_id", ""))})'
+    name = f'{self._name} record {record} ({as_text(example.get("image_id", ""))})'
     view = host_ops.random_resized_crop(
         rng, example['image'], self._spec.image_size,
         area_range=(self._spec.crop_area_min, 1.0), name=name)
@@ -173,11 +173,11 @@ def pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
     num_workers: grain worker processes decoding in parallel (0: this process).
     name: data set and split, for error messages.
   """
-  positions = _PairPositions(_num_units(source, groups), global_batch=global_batch,
+  positions = TrainPositions(_num_units(source, groups), global_batch=global_batch,
                              host_index=host_index, host_count=host_count, seed=seed)
   ds = positions.map(_LoadPair(source, groups, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
-  return _parallel(ds, num_workers)
+  return with_workers(ds, num_workers)
 
 
 class _LoadView(grain.transforms.Map):
@@ -193,7 +193,7 @@ class _LoadView(grain.transforms.Map):
     record, position = element
     rng = np.random.default_rng([self._seed, 2, position])
     example = self._source[record]
-    where = f'{self._name} record {record} ({_text(example.get("image_id", ""))})'
+    where = f'{self._name} record {record} ({as_text(example.get("image_id", ""))})'
     view = host_ops.random_resized_crop(
         rng, example['image'], self._spec.image_size,
         area_range=(self._spec.crop_area_min, 1.0), name=where)
@@ -212,14 +212,14 @@ def image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index: int,
   the pairs are (see the module docstring); each image is a random resized crop
   (area in `[spec.crop_area_min, 1]`) and a random flip, from `(seed, position)`.
   """
-  positions = _PairPositions(len(source), global_batch=global_batch, host_index=host_index,
+  positions = TrainPositions(len(source), global_batch=global_batch, host_index=host_index,
                              host_count=host_count, seed=seed)
   ds = positions.map(_LoadView(source, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
-  return _parallel(ds, num_workers)
+  return with_workers(ds, num_workers)
 
 
-class _EvalImages(grain.MapDataset):
+class EvalPositions(grain.MapDataset):
   """One pass over `num_records` in order, padded to whole global batches, this host's slice."""
 
   def __init__(self, num_records: int, *, global_batch: int, host_index: int, host_count: int):
@@ -290,11 +290,11 @@ def eval_image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index:
   The last global batch is padded with `mask == 0` rows so every record counts once.
   With `ten_crop`, images are the larger views of `eval_crop(..., ten_crop=True)`.
   """
-  ds = _EvalImages(len(source), global_batch=global_batch, host_index=host_index,
+  ds = EvalPositions(len(source), global_batch=global_batch, host_index=host_index,
                    host_count=host_count)
   ds = ds.map(_LoadCentreCrop(source, spec, channels, name, ten_crop))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
-  return _parallel(ds, num_workers)
+  return with_workers(ds, num_workers)
 
 
 def eval_pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
@@ -309,12 +309,12 @@ def eval_pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpe
   if num_units < global_batch:
     return None
   steps = num_units // global_batch
-  positions = _PairPositions(num_units, global_batch=global_batch, host_index=host_index,
+  positions = TrainPositions(num_units, global_batch=global_batch, host_index=host_index,
                              host_count=host_count, seed=seed)
   ds = positions.slice(slice(0, steps * (global_batch // host_count)))
   ds = ds.map(_LoadPair(source, groups, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
-  return _parallel(ds, num_workers)
+  return with_workers(ds, num_workers)
 
 
 def device_prefetch(iterator: Iterator[dict[str, np.ndarray]], to_device, size: int = 2

@@ -2,9 +2,11 @@
 
 from bigssl_med.models.heads import Classifier, ContrastiveModel, ProjectionHead
 from bigssl_med.models.resnet import DEPTHS, ResNet, feature_dim
+from bigssl_med.models.unet import UNet
 
 __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'classifier',
            'contrastive_model',
+           'UNet', 'unet_model',
            'feature_dim']
 
 
@@ -30,3 +32,13 @@ def classifier(model_config, *, dtype, num_outputs: int, head_layers_kept: int,
                           hidden_dim=model_config.head_hidden_dim, dtype=dtype,
                           keep_layers=head_layers_kept),
       num_outputs=num_outputs, freeze_encoder=freeze_encoder)
+
+
+def unet_model(model_config, *, dtype, decoder_channels=(256, 128, 64, 32, 16),
+         num_outputs: int = 1) -> UNet:
+  """The U-Net with the encoder of `config.model` (no projection head) and its decoder."""
+  return UNet(
+      encoder=ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
+                     sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
+                     dtype=dtype),
+      decoder_channels=tuple(decoder_channels), num_outputs=num_outputs, dtype=dtype)

@@ -241,6 +241,12 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
   """SimCLR's ResNet encoder; returns pooled float32 features `[N, feature_dim]`.
 
+  With `return_maps=True` it returns instead the feature maps a segmentation
+  decoder reads, in `dtype`: `[stem, group1, group2, group3, group4]`, the stem's
+  output after its BN and ReLU (before max-pooling) and each block group's output.
+  Their strides are 2, 4, 8, 16 and 32 (1, 1, 2, 4 and 8 with `cifar_stem`; see
+  `map_strides`). Parameters are the same either way.
+
   Attributes:
     depth: 18, 34, 50, 101, 152 or 200.
     width_multiplier: scales every layer's channels (SimCLR uses 1, 2, 3 and 4;
@@ -257,7 +263,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, train: bool = True):
+  def __call__(self, x, train: bool = True, return_maps: bool = False):
     kind, blocks_per_group = _layout(self.depth)
     block = BottleneckBlock if kind == 'bottleneck' else BasicBlock
     width = _channels(64, self.width_multiplier)
@@ -266,6 +272,7 @@ class ResNet(nn.Module):
     if self.cifar_stem:
       x = ConvFixedPadding(width, 3, 1, self.dtype, name='stem_conv')(x)
       x = BatchNormRelu(dtype=self.dtype, name='stem_bn')(x, train)
+      maps = [x]
     else:
       if self.sk_ratio > 0:  # ResNet-D stem
         x = ConvFixedPadding(width // 2, 3, 2, self.dtype, name='stem_conv1')(x)
@@ -276,6 +283,7 @@ class ResNet(nn.Module):
       else:
         x = ConvFixedPadding(width, 7, 2, self.dtype, name='stem_conv')(x)
       x = BatchNormRelu(dtype=self.dtype, name='stem_bn')(x, train)
+      maps = [x]
       x = max_pool_3x3_s2(x)
 
     for g, num_blocks in enumerate(blocks_per_group):
@@ -284,5 +292,13 @@ class ResNet(nn.Module):
         x = block(features, strides=(2 if g > 0 and b == 0 else 1), projection=(b == 0),
                   sk_ratio=self.sk_ratio, dtype=self.dtype,
                   name=f'group{g + 1}_block{b}')(x, train)
+      maps.append(x)
+    if return_maps:
+      return maps
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+def map_strides(cifar_stem: bool = False) -> tuple[int, ...]:
+  """Strides of the maps `ResNet(...)(x, return_maps=True)` returns, stem first."""
+  return (1, 1, 2, 4, 8) if cifar_stem else (2, 4, 8, 16, 32)
 

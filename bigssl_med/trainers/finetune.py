@@ -31,10 +31,8 @@ mean AUC). A second run on a finished workdir returns its results.
 
 import collections
 import functools
-import json
 import logging
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -49,6 +47,7 @@ from bigssl_med import config_schema
 from bigssl_med import label_mapping
 from bigssl_med import label_policies
 from bigssl_med import metrics as metrics_lib
+from bigssl_med import model_selection
 from bigssl_med import models
 from bigssl_med import optim
 from bigssl_med import parallel
@@ -59,9 +58,7 @@ from bigssl_med.data import fractions
 from bigssl_med.data import pipeline
 from bigssl_med.data import sources
 from bigssl_med.errors import CheckpointError, ConfigError
-from bigssl_med.trainers import pretrain
 
-_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 _MEAN_OVER = {'chexpert5': metrics_lib.CHEXPERT_COMPETITION}
 
 
@@ -116,14 +113,6 @@ def _iterate(source, chunk: int = 512):
     yield from source.__getitems__(list(range(start, min(start + chunk, len(source)))))
 
 
-def _read_json(path: str) -> dict[str, Any] | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 TRAINER_NAMES = ('finetune', 'linear_eval', 'distill')
 
 
@@ -140,7 +129,7 @@ def build_model(config: ml_collections.ConfigDict, num_outputs: int, dtype=jnp.f
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a finished run in `workdir` was trained with (its config.json)."""
   path = os.path.join(workdir, 'config.json')
-  found = _read_json(path)
+  found = workdir_lib.read_json(path)
   if not isinstance(found, dict) or 'trainer' not in found:
     raise ConfigError(f'{path}: missing or not a run config (is {workdir} a workdir of '
                       'main.py?)')
@@ -158,7 +147,7 @@ def _pretrain_seed(init_from: str) -> int | None:
   """The seed of the pretraining run `init_from` points into (workdir, checkpoints/, step)."""
   path = os.path.normpath(init_from)
   for _ in range(3):
-    found = _read_json(os.path.join(path, 'config.json'))
+    found = workdir_lib.read_json(os.path.join(path, 'config.json'))
     if isinstance(found, dict) and 'trainer' in found:
       return int(found['seed']) if found['trainer'] == 'pretrain' else None
     path = os.path.dirname(path)
@@ -175,7 +164,7 @@ class _Teacher:
       raise ConfigError('config.teacher is empty: distillation needs the workdir of a finished '
                         'finetune or linear_eval run')
     self.config = read_run_config(workdir)
-    self.results = _read_json(os.path.join(workdir, 'results.json')) or {}
+    self.results = workdir_lib.read_json(os.path.join(workdir, 'results.json')) or {}
     if self.config.trainer not in ('finetune', 'linear_eval') or not self.results.get('best_step'):
       raise ConfigError(f'config.teacher={workdir!r} is not a finished finetune or linear_eval '
                         'run (no results.json with best_step)')
@@ -209,14 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
   results_path = os.path.join(workdir, 'results.json')
-  previous = _read_json(results_path)
+  previous = workdir_lib.read_json(results_path)
   if previous and previous.get('test') is not None and previous.get('trainer') == config.trainer:
     logging.info('Finished before: %s', results_path)
     return previous
-  if config.compute_dtype not in _DTYPES:
-    raise ConfigError(f'config.compute_dtype must be one of {sorted(_DTYPES)}, '
-                      f'got {config.compute_dtype!r}')
-  dtype = _DTYPES[config.compute_dtype]
+  dtype = train_state.compute_dtype(config)
 
   # ---------------------------------------------------------------- Mesh.
   mesh = parallel.data_mesh()
@@ -278,8 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       partial_keys=('head',))
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, model_shardings = run.checkpointer, run.shardings['model']
-  start_step = int(opt['step'])
-  logging.info('Start at step %d: %s', start_step, origin)
+  logging.info('Start at step %d: %s', int(opt['step']), origin)
 
   # ---------------------------------------------------------------- Steps.
   batch_sharding = parallel.batch_sharding(mesh)
@@ -324,97 +309,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return metrics_lib.multilabel_metrics(logits, targets, mask=mask, label_names=task.names,
                                           mean_over=averaged)
 
-  # ---------------------------------------------------------------- Model selection.
-  best_path = os.path.join(workdir, 'best.json')
-  best = _read_json(best_path) or {'step': -1, 'value': None, 'validation': {},
-                                   'last_eval_step': 0, 'evals_since_best': 0,
-                                   'stopped_early': False}
-  best_dir = os.path.join(workdir, 'best')
-  saver = ocp.StandardCheckpointer()
-
-  def select(step: int, variables) -> bool:
-    """Evaluates on the validation split; keeps the best; True when patience runs out."""
-    if step <= best['last_eval_step']:
-      return False  # evaluated before a restart
-    found = evaluate(*predict(variables, config.dataset, config.data.eval_split, data_dir, spec))
-    writer.write(step, config.data.eval_split, _scalars(found))
-    value = found.get(primary)
-    if value is None:
-      raise ConfigError(f'config.task.primary_metric={primary!r} is not among the metrics '
-                        f'{sorted(_scalars(found))}')
-    improved = best['value'] is None or (np.isfinite(value) and value > best['value'])
-    if improved:  # every host calls orbax; process 0 moves the finished copy into place
-      tmp = best_dir + '.tmp'
-      if host == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-      parallel.sync(f'best {step} cleared')
-      saver.save(tmp, variables)
-      saver.wait_until_finished()
-      parallel.sync(f'best {step} saved')
-      if host == 0:
-        shutil.rmtree(best_dir, ignore_errors=True)
-        os.replace(tmp, best_dir)
-      parallel.sync(f'best {step} moved')
-    best.update(last_eval_step=step, evals_since_best=0 if improved else
-                best['evals_since_best'] + 1)
-    if improved:
-      best.update(step=step, value=float(value), validation=found)
-    stop = bool(config.early_stopping_patience and
-                best['evals_since_best'] >= config.early_stopping_patience)
-    best['stopped_early'] = stop
-    workdir_lib.write_json(best_path, best)
-    return stop
-
-  # ---------------------------------------------------------------- Loop.
+  # ---------------------------------------------------------------- Loop, with model selection.
   writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
                                     tensorboard=config.tensorboard)
+  best = model_selection.BestModel(workdir, metric=primary,
+                                   patience=config.early_stopping_patience)
+
+  def validate(step: int, variables) -> dict[str, Any]:
+    found = evaluate(*predict(variables, config.dataset, config.data.eval_split, data_dir, spec))
+    writer.write(step, config.data.eval_split, workdir_lib.scalars(found))
+    return found
+
   train_data = pipeline.image_dataset(
       train_source, spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
       seed=config.seed, num_workers=config.data.num_workers, name=train_name)
-  running = start_step < total_steps and not best['stopped_early']
-  train_iter = iter(train_data) if running else iter(())
-  if data_state is not None and running:
-    train_iter.set_state(json.loads(data_state))
-  state = {'model': variables, 'opt': opt}
-  rng = jax.random.key(config.seed + 1)
-  last_data_state, step = data_state, start_step
-  with pretrain._Preemption() as preemption:  # pylint: disable=protected-access
-    batches = pipeline.device_prefetch(train_iter, to_device, size=config.data.prefetch_batches)
-    while running and step < total_steps:
-      batch, last_data_state = next(batches)
-      state, train_metrics = train_step(state, batch, rng)
-      step += 1
-      if step == start_step + 1:
-        jax.block_until_ready(train_metrics)
-        writer.start_clock(step)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = {k: float(v) for k, v in jax.device_get(train_metrics).items()}
-        writer.write(step, 'train', {**scalars,
-                                     **writer.progress(step, scalars, config.batch_size)})
-      stopped_early = False
-      if (config.eval_every_steps and step % config.eval_every_steps == 0) or (
-          step == total_steps):
-        stopped_early = select(step, state['model'])
-        writer.start_clock(step)
-      stop = preemption.requested or (hosts > 1 and checkpointer.reached_preemption(step))
-      if (step % config.checkpoint_every_steps == 0 or step == total_steps or stop
-          or stopped_early):
-        checkpointer.save(step, model=state['model'], opt=state['opt'],
-                          data_state=last_data_state, force=True)
-      if stop:
-        checkpointer.close()
-        writer.close()
-        raise pretrain.Preempted(step)
-      if stopped_early:
-        logging.info('Early stop at step %d: %d evaluations without improvement of %s',
-                     step, best['evals_since_best'], primary)
-        break
-    batches.close()
-  if best['value'] is None:  # no evaluation happened (e.g. resumed at the end)
-    select(step, state['model'])
+  _, step = model_selection.train_loop(
+      config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
+      train_data=train_data, train_step=train_step, to_device=to_device,
+      total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
+      validate=validate)
 
   # ---------------------------------------------------------------- Test, once.
-  best_variables = saver.restore(best_dir, run.abstract_model)
+  best_variables = best.restore(run.abstract_model)
   test_split = config.data.test_split
   ten_crop = config.data.test_ten_crop
   test: dict[str, Any] = {}
@@ -422,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logits, labels = predict(best_variables, config.dataset, test_split, data_dir, spec,
                              ten_crop=ten_crop)
     test = evaluate(logits, labels)
-    writer.write(best['step'], test_split, _scalars(test))
+    writer.write(best.step, test_split, workdir_lib.scalars(test))
     if jax.process_index() == 0:
       _save_predictions(os.path.join(workdir, 'test_predictions.npz'), logits, labels, task)
   elif test_split:
@@ -433,8 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logits, labels = predict(best_variables, shift.dataset, shift.split, shift.data_dir,
                              shift.spec(config), ten_crop=ten_crop)
     shifted = shift.evaluate(logits, labels)
-    writer.write(best['step'], f'shift/{shift.dataset}/{shift.split}',
-                 _scalars(shifted['metrics']))
+    writer.write(best.step, f'shift/{shift.dataset}/{shift.split}',
+                 workdir_lib.scalars(shifted['metrics']))
   if distill:
     teacher_fraction = teacher.results.get('label_fraction', teacher.config.data.label_fraction)
     init = config.init or f'distilled from {teacher.results.get("init", "?")}'
@@ -450,10 +366,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'seed': int(config.seed),
       'fraction_seed': int(teacher.results.get('fraction_seed', 0) if distill else fraction_seed),
       'primary_metric': primary, 'task': task.kind, 'label_names': list(task.names),
-      'step': step, 'total_steps': total_steps, 'best_step': best['step'],
-      'stopped_early': bool(best['stopped_early']), 'origin': origin,
+      'step': step, 'total_steps': total_steps, 'best_step': best.step,
+      'stopped_early': best.stopped_early, 'origin': origin,
       'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
-      'validation': best['validation'], 'test': test,
+      'validation': best.record['validation'], 'test': test,
   }
   if distill:
     results['teacher'] = {'workdir': config.teacher, 'init': teacher.results.get('init'),
@@ -523,17 +439,6 @@ class _ShiftedData:
       out['metrics'] = metrics_lib.multilabel_metrics(logits, targets, mask=mask,
                                                       label_names=names)
     return out
-
-
-def _scalars(found: dict[str, Any]) -> dict[str, float]:
-  """The float metrics of an evaluation (per-class dicts flattened as `name/class`)."""
-  out = {}
-  for key, value in found.items():
-    if isinstance(value, dict):
-      out.update({f'{key}/{k}': float(v) for k, v in value.items()})
-    elif isinstance(value, (int, float, np.floating, np.integer)):
-      out[key] = float(value)
-  return out
 
 
 def _save_predictions(path: str, logits: np.ndarray, labels: np.ndarray,

@@ -13,12 +13,10 @@ import functools
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from bigssl_med import augment
@@ -28,39 +26,15 @@ from bigssl_med import contrastive
 from bigssl_med import models
 from bigssl_med import optim
 from bigssl_med import parallel
+from bigssl_med import preemption as preemption_lib
 from bigssl_med import train_state
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import pipeline
 from bigssl_med.data import sources
 from bigssl_med.errors import ConfigError
 
-_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 # Fixed seeds of the evaluation crops and augmentations, so evaluations compare.
 _EVAL_SEED = 1234
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag the loop checks: save a checkpoint, then stop."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: leave signals alone
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint, then stopping.')
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def augment_fn(config: ml_collections.ConfigDict):
@@ -78,10 +52,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_schema.validate(config)
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
-  if config.compute_dtype not in _DTYPES:
-    raise ConfigError(f'config.compute_dtype must be one of {sorted(_DTYPES)}, '
-                      f'got {config.compute_dtype!r}')
-  dtype = _DTYPES[config.compute_dtype]
+  dtype = train_state.compute_dtype(config)
 
   # ---------------------------------------------------------------- Mesh.
   mesh = parallel.data_mesh()
@@ -216,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_metrics: dict[str, float] = {}
   images_per_step = 2 * config.batch_size
 
-  with _Preemption() as preemption:
+  with preemption_lib.Preemption() as preemption:
     batches = pipeline.device_prefetch(train_iter, to_device, size=config.data.prefetch_batches)
     while step < total_steps:
       batch, last_data_state = next(batches)
@@ -238,7 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpointer.close()
         writer.close()
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
-        raise Preempted(step)
+        raise preemption_lib.Preempted(step)
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
         writer.write(step, config.data.eval_split, evaluate(state['model']))
         writer.start_clock(step)
@@ -246,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Final evaluation.
   results_path = os.path.join(workdir, 'results.json')
-  previous = _read_json(results_path)
+  previous = workdir_lib.read_json(results_path)
   if previous and previous.get('step') == total_steps:
     logging.info('Step %d reached and evaluated before: %s', total_steps, results_path)
     checkpointer.close()
@@ -264,19 +235,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer.close()
   writer.close()
   return results
-
-
-class Preempted(Exception):
-  """Raised after a SIGTERM-triggered checkpoint; `main.py` exits with status 143."""
-
-  def __init__(self, step: int):
-    super().__init__(f'stopped by SIGTERM at step {step}; rerun to resume')
-    self.step = step
-
-
-def _read_json(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (FileNotFoundError, ValueError):
-    return None
