@@ -227,8 +227,22 @@ def set_model_variant(config: ml_collections.ConfigDict, variant: str) -> None:
       MODEL_VARIANTS[variant])
 
 
+def stages() -> ml_collections.ConfigDict:
+  """Several runs in one workdir, in order (`trainer='stages'`).
+
+  `stages.NAME` is a whole config of another trainer; `order` lists the names;
+  a stage's `init_from` or `teacher` written '@NAME' is an earlier stage's workdir.
+  """
+  c = ml_collections.ConfigDict()
+  c.trainer = 'stages'
+  c.order = ()                    # stage names, in the order they run
+  c.stages = ml_collections.ConfigDict()
+  c.report = True                 # WORKDIR/report.md over the evaluating stages
+  return c
+
+
 _DEFAULTS = {'pretrain': pretrain, 'finetune': finetune, 'linear_eval': linear_eval,
-             'distill': distill, 'segment': segment}
+             'distill': distill, 'segment': segment, 'stages': stages}
 
 
 def defaults(trainer: str) -> ml_collections.ConfigDict:
@@ -250,6 +264,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Fails with the first key of `config` that its trainer does not use, or of a wrong type."""
   if 'trainer' not in config:
     raise ConfigError('config has no `trainer` key')
+  if config.trainer == 'stages':
+    _validate_stages(config)
+    return
   schema = dict(_leaves(defaults(config.trainer)))
   for name, value in _leaves(config):
     if name not in schema:
@@ -260,3 +277,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
         not (isinstance(expected, float) and isinstance(value, int))):
       raise ConfigError(f'config key {name!r} should be a {type(expected).__name__}, '
                         f'got {value!r}')
+
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+  unknown = sorted(set(config) - {'trainer', 'order', 'stages', 'report'})
+  if unknown:
+    raise ConfigError(f'config key {unknown[0]!r} is not used by trainer \'stages\'')
+  order = tuple(config.get('order') or ())
+  stages_ = config.get('stages') or {}
+  if not order:
+    raise ConfigError('config.order is empty: name the stages to run')
+  missing = [name for name in order if name not in stages_]
+  if missing:
+    raise ConfigError(f'config.order names stage(s) {missing} that config.stages lacks '
+                      f'(stages: {sorted(stages_)})')
+  unused = sorted(set(stages_) - set(order))
+  if unused:
+    raise ConfigError(f'config.stages.{unused[0]} is not in config.order')
+  if len(set(order)) != len(order):
+    raise ConfigError(f'config.order names a stage twice: {list(order)}')
+  for name in order:
+    stage = stages_[name]
+    if stage.get('trainer') in (None, 'stages'):
+      raise ConfigError(f'config.stages.{name} needs a trainer other than stages')
+    try:
+      validate(stage)
+    except ConfigError as e:
+      raise ConfigError(f'config.stages.{name}: {e}') from None

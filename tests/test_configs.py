@@ -22,9 +22,11 @@ def load(name, arg=None):
 def test_config_validates(name):
   config = load(name)
   config_schema.validate(config)
-  for key in ('trainer', 'dataset', 'batch_size', 'total_steps', 'num_epochs', 'seed',
-              'init_from', 'log_every_steps', 'checkpoint_every_steps'):
-    assert key in config, key
+  runs = [config.stages[n] for n in config.order] if config.trainer == 'stages' else [config]
+  for run in runs:
+    for key in ('trainer', 'dataset', 'batch_size', 'total_steps', 'num_epochs', 'seed',
+                'init_from', 'log_every_steps', 'checkpoint_every_steps'):
+      assert key in run, key
 
 
 def test_required_configs_exist():
@@ -55,4 +57,8 @@ def test_medical_configs():
   cxr = load('micle_cxr')
   assert not cxr.augment.hue and not cxr.augment.saturation and not cxr.probe
   demo = load('demo')
-  assert demo.micle and demo.dataset == 'ham10000' and demo.data.manual_dir
+  assert demo.trainer == 'stages' and demo.order == ('pretrain', 'micle', 'scratch')
+  assert demo.stages.pretrain.micle and demo.stages.pretrain.data.manual_dir
+  assert demo.stages.micle.init_from == '@pretrain' and not demo.stages.scratch.init_from
+  for name in demo.order:
+    assert demo.stages[name].dataset == 'ham10000/side96'

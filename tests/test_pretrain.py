@@ -274,28 +274,6 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(small_ham10000, tmp_path
     assert json.load(f)['origin'].startswith('resumed from')
 
 
-def test_demo_config_runs_on_the_real_ham10000(ham10000_data_dir, tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('demo', REPO / 'configs' / 'demo.py')
-  demo = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(demo)
-  cfg = demo.get_config()
-  cfg.data.data_dir = ham10000_data_dir
-  cfg.data.num_workers = 0
-  cfg.batch_size = 32
-  cfg.total_steps = 3
-  cfg.log_every_steps = 1
-  cfg.eval_batches = 1
-  workdir = os.fspath(tmp_path / 'demo')
-  results = pretrain.train_and_evaluate(cfg, workdir)
-  assert results['step'] == 3
-  assert 0.0 <= results['validation']['probe_top1'] <= 1.0
-  assert np.isfinite(results['validation']['contrastive_loss'])
-  lines = _read_metrics(workdir)
-  assert pretrain.train_and_evaluate(cfg, workdir) == results  # resumes, does not retrain
-  assert _read_metrics(workdir) == lines
-
-
 def test_training_works_without_tensorflow(small_ham10000, tmp_path):
   cfg = _config_file(tmp_path, small_ham10000[0], total_steps=2, tensorboard=True)
   workdir = tmp_path / 'w'
