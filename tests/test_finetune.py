@@ -6,6 +6,7 @@ import os
 import numpy as np
 from PIL import Image
 import pytest
+from sklearn import metrics as sk_metrics
 
 from bigssl_med import build_data, config_schema
 from bigssl_med.errors import CheckpointError, ConfigError
@@ -105,6 +106,11 @@ def test_workdir_has_best_model_selection_and_predictions(finetuned):
   assert predictions['scores'].shape == (16, 2)
   np.testing.assert_allclose(predictions['scores'].sum(1), 1.0, rtol=1e-5)
   assert list(predictions['class_names']) == ['green', 'red']
+  # Two classes: binary metrics of the second class's probability, as scikit-learn has them.
+  labels = predictions['labels']
+  assert results['test']['auc'] == pytest.approx(
+      sk_metrics.roc_auc_score(labels, predictions['scores'][:, 1]), abs=1e-6)
+  assert 0.0 <= results['test']['sensitivity_at_specificity_0.9'] <= 1.0
 
 
 def test_second_run_returns_the_results_without_retraining(finetuned, colours):

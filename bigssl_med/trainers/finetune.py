@@ -86,6 +86,21 @@ def task_of(config: ml_collections.ConfigDict, info) -> tuple[str, supervised.Ta
                               config.task.blank)
 
 
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           names: tuple[str, ...]) -> dict[str, Any]:
+  """Multi-class metrics; with two classes also binary ones (the second class positive).
+
+  A two-class task (e.g. normal / pneumonia) adds `auc` and
+  `sensitivity_at_specificity_{0.9,0.95}` of the second class's probability.
+  """
+  found = metrics_lib.multiclass_metrics(logits, labels, class_names=names)
+  if len(names) == 2:
+    logits = np.asarray(logits, np.float64)
+    positive = 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))  # softmax of class 1
+    found.update(metrics_lib.binary_metrics(positive, np.asarray(labels) == 1))
+  return found
+
+
 def mean_over(config: ml_collections.ConfigDict, task: supervised.Task) -> tuple[str, ...]:
   """The label names the mean AUC averages over (config.task.mean_over)."""
   spec = config.task.mean_over
@@ -304,7 +319,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     if task.kind == 'multiclass':
-      return metrics_lib.multiclass_metrics(logits, labels, class_names=task.names)
+      return classification_metrics(logits, labels, task.names)
     targets, mask = supervised.eval_targets(labels, task.blank)
     return metrics_lib.multilabel_metrics(logits, targets, mask=mask, label_names=task.names,
                                           mean_over=averaged)
@@ -431,7 +446,7 @@ class _ShiftedData:
         raise ConfigError(f'no image of {self.dataset}/{self.split} has a class of '
                           f'config.shift.label_map ({self.label_map.as_dict()})')
       out.update(images_left_out=left_out,
-                 metrics=metrics_lib.multiclass_metrics(log_probs, mapped, class_names=names))
+                 metrics=classification_metrics(log_probs, mapped, names))
     else:
       targets, mask = supervised.eval_targets(labels, self.task.blank)
       logits, targets, mask, names = label_mapping.map_multilabel(logits, targets, mask,
