@@ -47,13 +47,7 @@ def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
       metrics['loss'] = total
       return total, (updates['batch_stats'], metrics)
 
-    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
-    updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
-    params = optax.apply_updates(variables['params'], updates)
-    metrics['learning_rate'] = schedule(opt['step'])
-    new_state = {'model': {'params': params, 'batch_stats': batch_stats},
-                 'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}
-    return new_state, metrics
+    return optim.gradient_step(state, loss_fn, tx, schedule)
 
   return train_step
 

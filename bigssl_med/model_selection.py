@@ -95,11 +95,12 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
                data_state: bytes | None, train_data: Iterable, train_step: Callable,
                to_device: Callable, total_steps: int, checkpointer: checkpointing.Checkpointer,
                writer: workdir_lib.MetricWriter, best: BestModel,
-               validate: Callable[[int, Any], dict[str, Any]]) -> tuple[dict[str, Any], int]:
+               evaluate: Callable[[Any], dict[str, Any]]) -> tuple[dict[str, Any], int]:
   """Trains from `state['opt']['step']` to `total_steps`; returns the state and last step.
 
-  `validate(step, variables)` evaluates on the validation split (and logs); it runs
-  every `config.eval_every_steps` and at the last step, and `best` selects. A run
+  `evaluate(variables)` returns the metrics on `config.data.eval_split`; it runs
+  every `config.eval_every_steps` and at the last step, the metrics are logged, and
+  `best` selects. A run
   that stops early saves a checkpoint and returns. After the loop, a run that has
   no evaluation yet (resumed at its end) is evaluated once.
   """
@@ -109,7 +110,9 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
   def select(step: int, variables) -> bool:
     if best.done_at(step):
       return False
-    return best.update(step, variables, validate(step, variables))
+    found = evaluate(variables)
+    writer.write(step, config.data.eval_split, workdir_lib.scalars(found))
+    return best.update(step, variables, found)
 
   running = start_step < total_steps and not best.stopped_early
   train_iter = iter(train_data) if running else iter(())

@@ -62,6 +62,27 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> optax.Sch
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps, 0.0)
 
 
+def gradient_step(state: Any, loss_fn: Callable, tx: optax.GradientTransformation,
+                  schedule: Callable) -> tuple[Any, dict[str, Any]]:
+  """One optimiser step of a trainer's state; every jitted train step ends with it.
+
+  Args:
+    state: `{'model': {'params', 'batch_stats'}, 'opt': {'step', 'opt_state'}}`.
+    loss_fn: `params -> (loss, (new batch_stats, metrics))`.
+    tx, schedule: the optimiser and its learning-rate schedule.
+
+  Returns:
+    The new state (step + 1) and the metrics with `learning_rate` added.
+  """
+  variables, opt = state['model'], state['opt']
+  grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
+  updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
+  params = optax.apply_updates(variables['params'], updates)
+  metrics['learning_rate'] = schedule(opt['step'])
+  return ({'model': {'params': params, 'batch_stats': batch_stats},
+           'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}, metrics)
+
+
 def build_optimizer(opt_config, schedule: Callable, params: Any) -> optax.GradientTransformation:
   """The optimiser named by `opt_config.name`: 'lars' (SimCLR), 'momentum' or 'adamw'."""
   name = opt_config.name

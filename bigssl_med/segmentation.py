@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from bigssl_med import augment
+from bigssl_med import optim
 
 SMOOTH = 1.0
 THRESHOLD = 0.5
@@ -113,7 +114,7 @@ def make_train_step(model, tx, schedule, *, bce_weight: float = 1.0, dice_weight
 
   def train_step(state, batch, key):
     del key  # the input pipeline did the random crops and flips
-    variables, opt = state['model'], state['opt']
+    variables = state['model']
     images = augment.to_float(batch['image'])
     masks = batch['mask'].astype(jnp.float32)
 
@@ -128,13 +129,7 @@ def make_train_step(model, tx, schedule, *, bce_weight: float = 1.0, dice_weight
       dice = jnp.where(total > 0, 2 * intersection / jnp.maximum(total, 1), 1.0).mean()
       return loss, (updates['batch_stats'], {'loss': loss, **parts, 'dice': dice})
 
-    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
-    updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
-    params = optax.apply_updates(variables['params'], updates)
-    metrics['learning_rate'] = schedule(opt['step'])
-    new_state = {'model': {'params': params, 'batch_stats': batch_stats},
-                 'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}
-    return new_state, metrics
+    return optim.gradient_step(state, loss_fn, tx, schedule)
 
   return train_step
 

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from bigssl_med import augment
+from bigssl_med import optim
 from bigssl_med import label_policies
 
 
@@ -60,13 +61,7 @@ def make_train_step(model, tx, schedule, task: Task):
       metrics['loss'] = loss
       return loss, (updates['batch_stats'], metrics)
 
-    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
-    updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
-    params = optax.apply_updates(variables['params'], updates)
-    metrics['learning_rate'] = schedule(opt['step'])
-    new_state = {'model': {'params': params, 'batch_stats': batch_stats},
-                 'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}
-    return new_state, metrics
+    return optim.gradient_step(state, loss_fn, tx, schedule)
 
   return train_step
 
@@ -82,7 +77,7 @@ def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: flo
 
   def train_step(state, teacher_variables, batch, key):
     del key
-    variables, opt = state['model'], state['opt']
+    variables = state['model']
     images = augment.to_float(batch['image'])
     teacher_logits = teacher.apply(teacher_variables, images, train=False).astype(jnp.float32)
     teacher_logits = jax.lax.stop_gradient(teacher_logits) / temperature
@@ -100,13 +95,7 @@ def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: flo
         agree = (logits > 0) == (teacher_logits > 0)
       return loss, (updates['batch_stats'], {'loss': loss, 'teacher_agreement': jnp.mean(agree)})
 
-    grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
-    updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
-    params = optax.apply_updates(variables['params'], updates)
-    metrics['learning_rate'] = schedule(opt['step'])
-    new_state = {'model': {'params': params, 'batch_stats': batch_stats},
-                 'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}
-    return new_state, metrics
+    return optim.gradient_step(state, loss_fn, tx, schedule)
 
   return train_step
 

@@ -147,6 +147,17 @@ def ham10000_data_dir(tmp_path_factory) -> str:
   return os.fspath(data_dir)
 
 
+def override(config, overrides):
+  """`config` with dotted keys set: `override(c, {'data.image_size': 16})`."""
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
 def write_many_lesions(root: Path, num_lesions: int, seed: int = 0) -> Path:
   """A HAM10000-layout tree with `num_lesions` lesions of 1-3 small images each."""
   rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ from sklearn import metrics as sk_metrics
 from bigssl_med import build_data, config_schema
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
+from conftest import override
 from test_pretrain import tiny_config as tiny_pretrain_config
 
 
@@ -59,13 +60,7 @@ def tiny_config(data_dir, dataset='image_cases/colours', trainer='finetune', **o
   c.head_layers_kept = 0
   c.tensorboard = False
   c.optimizer.learning_rate = 0.2
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 @pytest.fixture(scope='module')

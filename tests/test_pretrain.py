@@ -19,6 +19,7 @@ from bigssl_med import augment, build_data, config_schema, contrastive, models, 
 from bigssl_med.data import sources
 from bigssl_med.errors import CheckpointError, ConfigError, DataError
 from bigssl_med.trainers import pretrain
+from conftest import override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,13 +45,7 @@ def tiny_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
   c.log_every_steps = 1
   c.checkpoint_every_steps = 2
   c.tensorboard = False
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 def _read_metrics(workdir):

@@ -18,6 +18,7 @@ from bigssl_med.errors import DataError
 from bigssl_med.models import resnet
 from bigssl_med.trainers import segment
 from bigssl_med.trainers import pretrain
+from conftest import override
 from test_finetune import _write_colour_cases
 from test_pretrain import tiny_config as tiny_pretrain_config
 from tfds_builders.ham10000 import ham10000
@@ -247,13 +248,7 @@ def tiny_config(data_dir, **overrides):
   c.checkpoint_every_steps = 40
   c.tensorboard = False
   c.optimizer.learning_rate = 0.08  # x 16 / 256: Adam at 5e-3
-  for key, value in overrides.items():
-    node = c
-    *path, leaf = key.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return override(c, overrides)
 
 
 @pytest.fixture(scope='module')

@@ -289,8 +289,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      config.distill_temperature),
         in_shardings=(run.shardings, model_shardings, batch_sharding, repl),
         out_shardings=(run.shardings, repl), donate_argnums=0)
-    train_step = functools.partial(lambda f, t, s, b, k: f(s, t, b, k), step_fn,
-                                   teacher.variables)
+
+    def train_step(state, batch, key):
+      return step_fn(state, teacher.variables, batch, key)
   else:
     train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task),
                          in_shardings=(run.shardings, batch_sharding, repl),
@@ -330,11 +331,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best = model_selection.BestModel(workdir, metric=primary,
                                    patience=config.early_stopping_patience)
 
-  def validate(step: int, variables) -> dict[str, Any]:
-    found = evaluate(*predict(variables, config.dataset, config.data.eval_split, data_dir, spec))
-    writer.write(step, config.data.eval_split, workdir_lib.scalars(found))
-    return found
-
   train_data = pipeline.image_dataset(
       train_source, spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
       seed=config.seed, num_workers=config.data.num_workers, name=train_name)
@@ -342,7 +338,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
-      validate=validate)
+      evaluate=lambda variables: evaluate(*predict(variables, config.dataset,
+                                                   config.data.eval_split, data_dir, spec)))
 
   # ---------------------------------------------------------------- Test, once.
   best_variables = best.restore(run.abstract_model)

@@ -147,11 +147,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best = model_selection.BestModel(workdir, metric=PRIMARY_METRIC,
                                    patience=config.early_stopping_patience)
 
-  def validate(step: int, variables) -> dict[str, Any]:
-    found = evaluate(variables, config.data.eval_split)
-    writer.write(step, config.data.eval_split, workdir_lib.scalars(found))
-    return found
-
   train_data = segmentation_data.train_dataset(
       train_source, spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
       seed=config.seed, num_workers=config.data.num_workers, name=train_name)
@@ -159,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
-      validate=validate)
+      evaluate=lambda variables: evaluate(variables, config.data.eval_split))
 
   # ---------------------------------------------------------------- Test, once.
   best_variables = best.restore(run.abstract_model)
