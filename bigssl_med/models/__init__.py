@@ -7,15 +7,23 @@ from bigssl_med.models.unet import UNet
 __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'classifier',
            'contrastive_model',
            'UNet', 'unet_model',
-           'feature_dim']
+           'encoder', 'feature_dim']
+
+
+def encoder(model_config, *, dtype) -> ResNet:
+  """The ResNet encoder that `config.model` describes.
+
+  `fused_bn` may be absent: run configs (`config.json`) written before it existed.
+  """
+  return ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
+                sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
+                dtype=dtype, fused_bn=model_config.get('fused_bn', False))
 
 
 def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> ContrastiveModel:
   """The encoder + projection head (+ probe) that `config.model` describes."""
   return ContrastiveModel(
-      encoder=ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
-                     sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
-                     dtype=dtype),
+      encoder=encoder(model_config, dtype=dtype),
       head=ProjectionHead(num_layers=model_config.head_layers, out_dim=model_config.head_out_dim,
                           hidden_dim=model_config.head_hidden_dim, dtype=dtype),
       probe_classes=probe_classes)
@@ -25,9 +33,7 @@ def classifier(model_config, *, dtype, num_outputs: int, head_layers_kept: int,
                freeze_encoder: bool = False) -> Classifier:
   """The encoder + first `head_layers_kept` head layers + classifier of `config.model`."""
   return Classifier(
-      encoder=ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
-                     sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
-                     dtype=dtype),
+      encoder=encoder(model_config, dtype=dtype),
       head=ProjectionHead(num_layers=model_config.head_layers, out_dim=model_config.head_out_dim,
                           hidden_dim=model_config.head_hidden_dim, dtype=dtype,
                           keep_layers=head_layers_kept),
@@ -38,7 +44,5 @@ def unet_model(model_config, *, dtype, decoder_channels=(256, 128, 64, 32, 16),
          num_outputs: int = 1) -> UNet:
   """The U-Net with the encoder of `config.model` (no projection head) and its decoder."""
   return UNet(
-      encoder=ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
-                     sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
-                     dtype=dtype),
+      encoder=encoder(model_config, dtype=dtype),
       decoder_channels=tuple(decoder_channels), num_outputs=num_outputs, dtype=dtype)

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bigssl_med.models import batch_norm
+
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
 
@@ -128,19 +130,28 @@ class ConvFixedPadding(nn.Module):
 
 
 class BatchNormRelu(nn.Module):
-  """BatchNorm (momentum 0.9, eps 1e-5), optional zero-initialised scale, optional ReLU."""
+  """BatchNorm (momentum 0.9, eps 1e-5), optional zero-initialised scale, optional ReLU.
+
+  `fused` switches from `nn.BatchNorm` + `nn.relu` to `batch_norm.BatchNorm`, which
+  has the same variables and forward values and a hand-written gradient.
+  """
   relu: bool = True
   init_zero: bool = False
   center: bool = True
   dtype: Any = jnp.float32
+  fused: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
+    scale_init = nn.initializers.zeros if self.init_zero else nn.initializers.ones
+    if self.fused:
+      return batch_norm.BatchNorm(
+          use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+          use_bias=self.center, relu=self.relu, dtype=self.dtype, scale_init=scale_init,
+          name='bn')(x)
     x = nn.BatchNorm(
         use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-        use_bias=self.center, dtype=self.dtype,
-        scale_init=nn.initializers.zeros if self.init_zero else nn.initializers.ones,
-        name='bn')(x)
+        use_bias=self.center, dtype=self.dtype, scale_init=scale_init, name='bn')(x)
     return nn.relu(x) if self.relu else x
 
 
@@ -151,17 +162,18 @@ class SelectiveKernel(nn.Module):
   sk_ratio: float
   min_dim: int = 32
   dtype: Any = jnp.float32
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = ConvFixedPadding(2 * self.features, 3, self.strides, self.dtype, name='conv')(x)
-    x = BatchNormRelu(dtype=self.dtype, name='bn')(x, train)
+    x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn')(x, train)
     streams = jnp.stack(jnp.split(x, 2, axis=-1))  # [2, N, H, W, C]
     pooled = jnp.mean(streams.sum(axis=0), axis=(1, 2), keepdims=True)
     mid = max(int(self.features * self.sk_ratio), self.min_dim)
     g = nn.Conv(mid, (1, 1), use_bias=False, kernel_init=conv_init, dtype=self.dtype,
                 name='fc_reduce')(pooled)
-    g = BatchNormRelu(dtype=self.dtype, name='bn_reduce')(g, train)
+    g = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn_reduce')(g, train)
     mixing = nn.Conv(2 * self.features, (1, 1), use_bias=False, kernel_init=conv_init,
                      dtype=self.dtype, name='fc_mix')(g)
     mixing = nn.softmax(jnp.stack(jnp.split(mixing, 2, axis=-1)), axis=0)
@@ -174,6 +186,7 @@ class Shortcut(nn.Module):
   strides: int
   resnet_d: bool
   dtype: Any = jnp.float32
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -187,7 +200,8 @@ class Shortcut(nn.Module):
       x = ConvFixedPadding(self.features, 1, 1, self.dtype, name='proj')(x)
     else:
       x = ConvFixedPadding(self.features, 1, self.strides, self.dtype, name='proj')(x)
-    return BatchNormRelu(relu=False, dtype=self.dtype, name='proj_bn')(x, train)
+    return BatchNormRelu(relu=False, dtype=self.dtype, fused=self.fused_bn,
+                         name='proj_bn')(x, train)
 
 
 class BottleneckBlock(nn.Module):
@@ -197,23 +211,25 @@ class BottleneckBlock(nn.Module):
   projection: bool
   sk_ratio: float = 0.0
   dtype: Any = jnp.float32
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     shortcut = x
     if self.projection:
       shortcut = Shortcut(4 * self.features, self.strides, self.sk_ratio > 0, self.dtype,
-                          name='shortcut')(x, train)
+                          self.fused_bn, name='shortcut')(x, train)
     y = ConvFixedPadding(self.features, 1, 1, self.dtype, name='conv1')(x)
-    y = BatchNormRelu(dtype=self.dtype, name='bn1')(y, train)
+    y = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn1')(y, train)
     if self.sk_ratio > 0:
       y = SelectiveKernel(self.features, self.strides, self.sk_ratio, dtype=self.dtype,
-                          name='sk')(y, train)
+                          fused_bn=self.fused_bn, name='sk')(y, train)
     else:
       y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, name='conv2')(y)
-      y = BatchNormRelu(dtype=self.dtype, name='bn2')(y, train)
+      y = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn2')(y, train)
     y = ConvFixedPadding(4 * self.features, 1, 1, self.dtype, name='conv3')(y)
-    y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, name='bn3')(y, train)
+    y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, fused=self.fused_bn,
+                      name='bn3')(y, train)
     return nn.relu(y + shortcut)
 
 
@@ -224,17 +240,19 @@ class BasicBlock(nn.Module):
   projection: bool
   sk_ratio: float = 0.0
   dtype: Any = jnp.float32
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     shortcut = x
     if self.projection:
       shortcut = Shortcut(self.features, self.strides, self.sk_ratio > 0, self.dtype,
-                          name='shortcut')(x, train)
+                          self.fused_bn, name='shortcut')(x, train)
     y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, name='conv1')(x)
-    y = BatchNormRelu(dtype=self.dtype, name='bn1')(y, train)
+    y = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn1')(y, train)
     y = ConvFixedPadding(self.features, 3, 1, self.dtype, name='conv2')(y)
-    y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, name='bn2')(y, train)
+    y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, fused=self.fused_bn,
+                      name='bn2')(y, train)
     return nn.relu(y + shortcut)
 
 
@@ -255,12 +273,16 @@ class ResNet(nn.Module):
     cifar_stem: a 3x3 stride-1 stem without max-pooling, as SimCLR uses for
       images of 32 pixels or less.
     dtype: computation dtype (e.g. bfloat16); parameters stay float32.
+    fused_bn: BatchNorm layers with a hand-written gradient (`models.batch_norm`):
+      the same variables and forward values, fewer passes over the activations in
+      the backward pass. Checkpoints work with either setting.
   """
   depth: int = 50
   width_multiplier: float = 1
   sk_ratio: float = 0.0
   cifar_stem: bool = False
   dtype: Any = jnp.float32
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True, return_maps: bool = False):
@@ -271,18 +293,18 @@ class ResNet(nn.Module):
 
     if self.cifar_stem:
       x = ConvFixedPadding(width, 3, 1, self.dtype, name='stem_conv')(x)
-      x = BatchNormRelu(dtype=self.dtype, name='stem_bn')(x, train)
+      x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn')(x, train)
       maps = [x]
     else:
       if self.sk_ratio > 0:  # ResNet-D stem
         x = ConvFixedPadding(width // 2, 3, 2, self.dtype, name='stem_conv1')(x)
-        x = BatchNormRelu(dtype=self.dtype, name='stem_bn1')(x, train)
+        x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn1')(x, train)
         x = ConvFixedPadding(width // 2, 3, 1, self.dtype, name='stem_conv2')(x)
-        x = BatchNormRelu(dtype=self.dtype, name='stem_bn2')(x, train)
+        x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn2')(x, train)
         x = ConvFixedPadding(width, 3, 1, self.dtype, name='stem_conv')(x)
       else:
         x = ConvFixedPadding(width, 7, 2, self.dtype, name='stem_conv')(x)
-      x = BatchNormRelu(dtype=self.dtype, name='stem_bn')(x, train)
+      x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn')(x, train)
       maps = [x]
       x = max_pool_3x3_s2(x)
 
@@ -290,7 +312,7 @@ class ResNet(nn.Module):
       features = _channels(64 * 2**g, self.width_multiplier)
       for b in range(num_blocks):
         x = block(features, strides=(2 if g > 0 and b == 0 else 1), projection=(b == 0),
-                  sk_ratio=self.sk_ratio, dtype=self.dtype,
+                  sk_ratio=self.sk_ratio, dtype=self.dtype, fused_bn=self.fused_bn,
                   name=f'group{g + 1}_block{b}')(x, train)
       maps.append(x)
     if return_maps:
