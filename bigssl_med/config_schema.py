@@ -82,6 +82,7 @@ def _optimizer() -> ml_collections.ConfigDict:
   o.momentum = 0.9
   o.weight_decay = 1e-6
   o.trust_coefficient = 1e-3
+  o.lars_batched_norms = False    # LARS: every layer's norms in one reduction (optim.lars)
   o.warmup_steps = 0              # warm-up in steps or epochs (at most one > 0)
   o.warmup_epochs = 10.0
   return o

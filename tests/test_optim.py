@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 import numpy as np
 import pytest
 
@@ -77,7 +78,8 @@ def reference_lars(params, grads_seq, lr_seq, *, momentum, weight_decay, eeta, d
   return params
 
 
-def test_lars_matches_simclr_reference():
+@pytest.mark.parametrize('batched_norms', [False, True])
+def test_lars_matches_simclr_reference(batched_norms):
   rng = np.random.default_rng(0)
   params = {'conv': {'kernel': rng.normal(size=(3, 3, 4, 8)).astype(np.float32)},
             'bn': {'scale': rng.normal(size=(8,)).astype(np.float32),
@@ -87,7 +89,7 @@ def test_lars_matches_simclr_reference():
                for _ in range(3)]
   schedule = lambda step: 0.5 + 0.25 * step
   cfg = ml_collections.ConfigDict(dict(name='lars', momentum=0.9, weight_decay=1e-2,
-                                       trust_coefficient=1e-3))
+                                       trust_coefficient=1e-3, lars_batched_norms=batched_norms))
   tx = optim.build_optimizer(cfg, schedule, params)
   state = tx.init(params)
   p = jax.tree.map(jnp.asarray, params)
@@ -103,6 +105,23 @@ def test_lars_matches_simclr_reference():
   got = flat(p)
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-5, atol=1e-7, err_msg=k)
+
+
+def test_sums_of_squares_in_one_reduction_match_numpy():
+  rng = np.random.default_rng(2)
+  shapes = [(7, 7, 3, 64), (1,), (1024,), (1025,), (3, 0), (2, 2048)]
+  leaves = [rng.normal(size=shape) for shape in shapes]
+  got = optim.sums_of_squares([jnp.asarray(x, jnp.float32) for x in leaves])
+  np.testing.assert_allclose(np.asarray(got), [np.sum(x.astype(np.float64) ** 2) for x in leaves],
+                             rtol=1e-5)
+
+
+def test_lars_state_is_the_same_with_batched_norms():
+  params, _ = _bn_and_bias_paths(_model(), jnp.zeros((1, 32, 32, 3)))
+  states = [optim.lars(optax.constant_schedule(0.1), weight_decay=1e-6,
+                       mask=optim.decay_mask(params), trust_coefficient=1e-3, momentum=0.9,
+                       batched_norms=batched).init(params) for batched in (False, True)]
+  assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
 
 
 def test_probe_l2_is_simclr_head_regulariser():
