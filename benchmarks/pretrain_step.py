@@ -13,6 +13,8 @@ the compiled step (which leaves out convolutions run by cuDNN).
   python benchmarks/pretrain_step.py                       # ResNet-50, 224, 2 x 256, bf16
   python benchmarks/pretrain_step.py --depth 18 --width 0.25 --image_size 64 --batch 32
   python benchmarks/pretrain_step.py --no_augment          # the model step alone
+  python benchmarks/pretrain_step.py --fused_bn            # config.model.fused_bn = True
+  python benchmarks/pretrain_step.py --lars_batched_norms  # config.optimizer.lars_batched_norms
 
 Each run appends one JSON line to --out (default: print only).
 """
@@ -76,7 +78,8 @@ def _flops(compiled) -> float:
 
 
 def make_step(*, depth=50, width=1.0, sk_ratio=0.0, image_size=224, batch=256,
-              dtype='bfloat16', augment_on_device=True) -> types.SimpleNamespace:
+              dtype='bfloat16', augment_on_device=True, fused_bn=False,
+              lars_batched_norms=False) -> types.SimpleNamespace:
   """The trainer's jitted pretrain step over every device, with fresh state.
 
   Returns a namespace with `mesh`, `num_devices`, `model`, `variables`, `state`
@@ -90,7 +93,7 @@ def make_step(*, depth=50, width=1.0, sk_ratio=0.0, image_size=224, batch=256,
   jdtype = jnp.bfloat16 if dtype == 'bfloat16' else jnp.float32
   model = models.ContrastiveModel(
       encoder=models.ResNet(depth=depth, width_multiplier=width, sk_ratio=sk_ratio,
-                            dtype=jdtype),
+                            dtype=jdtype, fused_bn=fused_bn),
       head=models.ProjectionHead(num_layers=3, out_dim=128, dtype=jdtype))
   schedule = optim.warmup_cosine(optim.peak_learning_rate(0.3, 'linear', batch), 10_000, 100)
 
@@ -99,7 +102,7 @@ def make_step(*, depth=50, width=1.0, sk_ratio=0.0, image_size=224, batch=256,
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   opt_config = types.SimpleNamespace(name='lars', weight_decay=1e-6, trust_coefficient=1e-3,
-                                     momentum=0.9)
+                                     momentum=0.9, lars_batched_norms=lars_batched_norms)
   tx = optim.build_optimizer(opt_config, schedule, abstract['params'])
   repl = parallel.replicated(mesh)
   variables = jax.jit(init, out_shardings=repl)(jax.random.key(0))
@@ -140,6 +143,10 @@ def main(argv=None):
   p.add_argument('--steps', type=int, default=30)
   p.add_argument('--warmup', type=int, default=5)
   p.add_argument('--no_augment', action='store_true', help='skip the device augmentation')
+  p.add_argument('--fused_bn', action='store_true',
+                 help='BatchNorm with the hand-written gradient (config.model.fused_bn)')
+  p.add_argument('--lars_batched_norms', action='store_true',
+                 help='LARS norms in one reduction (config.optimizer.lars_batched_norms)')
   p.add_argument('--peak_tflops', type=float, default=0.0,
                  help='peak per device for MFU (default: from the device kind)')
   p.add_argument('--out', default='', help='append a JSON line with the results here')
@@ -149,7 +156,8 @@ def main(argv=None):
 
   setup = make_step(depth=args.depth, width=args.width, sk_ratio=args.sk_ratio,
                     image_size=args.image_size, batch=args.batch, dtype=args.dtype,
-                    augment_on_device=not args.no_augment)
+                    augment_on_device=not args.no_augment, fused_bn=args.fused_bn,
+                    lars_batched_norms=args.lars_batched_norms)
   model, variables, state, train_step = (setup.model, setup.variables, setup.state,
                                          setup.train_step)
   n_dev, size = setup.num_devices, args.image_size
@@ -194,7 +202,9 @@ def main(argv=None):
       'jax': jax.__version__, 'host': platform.node(),
       'model': f'ResNet-{args.depth} x{args.width:g}' + (f' SK {args.sk_ratio:g}' if args.sk_ratio else ''),
       'image_size': size, 'pairs_per_step': args.batch, 'dtype': args.dtype,
-      'augment': not args.no_augment,
+      'augment': not args.no_augment, 'fused_bn': args.fused_bn,
+      'lars_batched_norms': args.lars_batched_norms,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'step_ms_median': 1e3 * step_time, 'step_ms_mean': 1e3 * wall / args.steps,
       'views_per_sec': views_per_sec, 'views_per_sec_per_device': views_per_sec / n_dev,
       'model_tflop_per_step': model_flops / 1e12, 'xla_tflop_per_step': step_flops / 1e12,
@@ -206,7 +216,9 @@ def main(argv=None):
   print(json.dumps(result))
   mfu = 'n/a' if result['mfu'] is None else f"{100 * result['mfu']:.1f}%"
   print(f"{result['model']} {size}px, {args.batch} pairs, {args.dtype}, "
-        f"{'with' if not args.no_augment else 'without'} augmentation on {result['device']}: "
+        f"{'with' if not args.no_augment else 'without'} augmentation"
+        f"{', fused BN' if args.fused_bn else ''}"
+        f"{', batched LARS norms' if args.lars_batched_norms else ''} on {result['device']}: "
         f"{views_per_sec:,.0f} views/s, {1e3 * step_time:.1f} ms/step, MFU {mfu}")
   if args.out:
     with open(args.out, 'a') as f:

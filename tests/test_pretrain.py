@@ -72,15 +72,15 @@ def trained(small_ham10000, tmp_path_factory):
 # --------------------------------------------------------------------------- the step
 
 
-def _step_setup(mesh, probe=True):
+def _step_setup(mesh, probe=True, fast=False):
   cfg = ml_collections.ConfigDict(dict(depth=18, width_multiplier=0.125, sk_ratio=0.0,
                                        cifar_stem=True, head_layers=3, head_hidden_dim=0,
-                                       head_out_dim=16))
+                                       head_out_dim=16, fused_bn=fast))
   model = models.contrastive_model(cfg, dtype=jnp.float32, probe_classes=3 if probe else 0)
   schedule = optim.warmup_cosine(0.5, 10, 2)
   variables = dict(model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), train=False))
   opt_cfg = ml_collections.ConfigDict(dict(name='lars', momentum=0.9, weight_decay=1e-6,
-                                           trust_coefficient=1e-3))
+                                           trust_coefficient=1e-3, lars_batched_norms=fast))
   tx = optim.build_optimizer(opt_cfg, schedule, variables['params'])
   state = {'model': variables,
            'opt': {'step': jnp.zeros((), jnp.int32), 'opt_state': tx.init(variables['params'])}}
@@ -91,24 +91,35 @@ def _step_setup(mesh, probe=True):
   return jax.device_put(state, repl), jitted, data
 
 
-def test_train_step_on_8_devices_equals_1_device():
-  assert jax.device_count() == 8
+def _two_steps(num_devices, fast=False):
+  """Losses and model variables after two train steps on `num_devices` devices."""
   rng = np.random.default_rng(0)
   batches = [{'views': rng.integers(0, 256, (16, 2, 16, 16, 3), dtype=np.uint8),
               'label': rng.integers(0, 3, (16,)).astype(np.int32)} for _ in range(2)]
-  outputs = {}
-  for n in (1, 8):
-    mesh = parallel.data_mesh(jax.devices()[:n])
-    state, step, data = _step_setup(mesh)
-    losses = []
-    for b in batches:
-      state, metrics = step(state, jax.device_put(b, data), jax.random.key(7))
-      losses.append(float(metrics['loss']))
-    assert len(jax.tree.leaves(state)[0].sharding.device_set) == n
-    outputs[n] = (losses, jax.device_get(state['model']))
-  np.testing.assert_allclose(outputs[8][0], outputs[1][0], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(outputs[8][1]), jax.tree.leaves(outputs[1][1])):
+  mesh = parallel.data_mesh(jax.devices()[:num_devices])
+  state, step, data = _step_setup(mesh, fast=fast)
+  losses = []
+  for b in batches:
+    state, metrics = step(state, jax.device_put(b, data), jax.random.key(7))
+    losses.append(float(metrics['loss']))
+  assert len(jax.tree.leaves(state)[0].sharding.device_set) == num_devices
+  return losses, jax.device_get(state['model'])
+
+
+def _assert_same_steps(got, want):
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  assert jax.tree.structure(got[1]) == jax.tree.structure(want[1])
+  for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_on_8_devices_equals_1_device():
+  assert jax.device_count() == 8
+  _assert_same_steps(_two_steps(8), _two_steps(1))
+
+
+def test_fused_bn_and_batched_lars_norms_give_the_same_steps():
+  _assert_same_steps(_two_steps(8, fast=True), _two_steps(8))
 
 
 # --------------------------------------------------------------------------- a run
