@@ -8,7 +8,7 @@
   regularises by an L2 term in its loss instead (`probe_l2`).
 - Peak learning rate `base * B / 256` (linear scaling) or `base * sqrt(B)` (sqrt).
 - Linear warm-up from 0, then cosine decay to 0 at the last step.
-- Durations in steps or epochs: `resolve_steps`.
+- Durations in steps or epochs: `resolve_steps`; a run's lengths: `run_length`.
 """
 
 import math
@@ -179,3 +179,24 @@ def resolve_steps(*, steps: int, epochs: float, steps_per_epoch: int, what: str,
   if allow_zero:
     return 0
   raise ConfigError(f'config sets neither of {what}; set one of them > 0')
+
+
+def run_length(config, num_examples: int, examples: str) -> tuple[int, int, int]:
+  """`(steps_per_epoch, total_steps, warmup_steps)` of a trainer's config over its train set.
+
+  `num_examples` are the units an epoch goes through once (images, or cases for
+  MICLe); `examples` describes them for the error when one global batch
+  (`config.batch_size`) holds more, e.g. 'labelled images of ham10000/train'.
+  The warm-up is capped at the run's length.
+  """
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f'config.batch_size={config.batch_size} is larger than the '
+                      f'{num_examples} {examples}')
+  total_steps = resolve_steps(steps=config.total_steps, epochs=config.num_epochs,
+                              steps_per_epoch=steps_per_epoch, what='total_steps/num_epochs')
+  warmup_steps = resolve_steps(steps=config.optimizer.warmup_steps,
+                               epochs=config.optimizer.warmup_epochs,
+                               steps_per_epoch=steps_per_epoch,
+                               what='optimizer.warmup_steps/warmup_epochs', allow_zero=True)
+  return steps_per_epoch, total_steps, min(warmup_steps, total_steps)

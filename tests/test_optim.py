@@ -164,3 +164,11 @@ def test_unknown_optimizer_is_a_config_error():
                                        trust_coefficient=1e-3))
   with pytest.raises(ConfigError, match='rmsprop'):
     optim.build_optimizer(cfg, 0.1, {'w': {'kernel': jnp.ones(2)}})
+
+
+def test_run_length_from_epochs_caps_warmup_and_rejects_a_batch_larger_than_the_data():
+  cfg = ml_collections.ConfigDict(dict(batch_size=10, total_steps=0, num_epochs=2.0,
+                                       optimizer=dict(warmup_steps=0, warmup_epochs=5.0)))
+  assert optim.run_length(cfg, 95, 'images of x/train') == (9, 18, 18)
+  with pytest.raises(ConfigError, match=r'batch_size=10 is larger than the 9 images of x/train'):
+    optim.run_length(cfg, 9, 'images of x/train')

@@ -247,18 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key,
                            label_shape)
-  steps_per_epoch = len(train_source) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f'config.batch_size={config.batch_size} is larger than the '
-                      f'{len(train_source)} labelled images of {train_name} '
-                      f'(label_fraction {fraction:g})')
-  total_steps = optim.resolve_steps(steps=config.total_steps, epochs=config.num_epochs,
-                                    steps_per_epoch=steps_per_epoch,
-                                    what='total_steps/num_epochs')
-  warmup_steps = min(total_steps, optim.resolve_steps(
-      steps=config.optimizer.warmup_steps, epochs=config.optimizer.warmup_epochs,
-      steps_per_epoch=steps_per_epoch, what='optimizer.warmup_steps/warmup_epochs',
-      allow_zero=True))
+  _, total_steps, warmup_steps = optim.run_length(
+      config, len(train_source), f'labelled images of {train_name} (label_fraction {fraction:g})')
   logging.info('%s: %d %s images (fraction %g), %s with %d outputs, %d steps', train_name,
                len(train_source), 'unlabelled' if distill else 'labelled', fraction,
                task.kind, task.num_outputs, total_steps)

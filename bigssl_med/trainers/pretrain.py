@@ -80,19 +80,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         f'class-label feature {label_key!r} (config.data.label_key)')
     num_classes = feature.num_classes
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key)
-  steps_per_epoch = num_units // config.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f'config.batch_size={config.batch_size} is larger than the {num_units} '
-                      f'{"cases" if config.micle else "images"} of {config.dataset}/'
-                      f'{config.data.train_split}')
-  total_steps = optim.resolve_steps(steps=config.total_steps, epochs=config.num_epochs,
-                                    steps_per_epoch=steps_per_epoch,
-                                    what='total_steps/num_epochs')
-  warmup_steps = optim.resolve_steps(steps=config.optimizer.warmup_steps,
-                                     epochs=config.optimizer.warmup_epochs,
-                                     steps_per_epoch=steps_per_epoch,
-                                     what='optimizer.warmup_steps/warmup_epochs', allow_zero=True)
-  warmup_steps = min(warmup_steps, total_steps)
+  steps_per_epoch, total_steps, warmup_steps = optim.run_length(
+      config, num_units, f'{"cases" if config.micle else "images"} of {config.dataset}/'
+      f'{config.data.train_split}')
   logging.info('%s/%s: %d %s, %d steps per epoch, %d steps (%d warm-up)', config.dataset,
                config.data.train_split, num_units, 'cases' if config.micle else 'images',
                steps_per_epoch, total_steps, warmup_steps)

@@ -87,18 +87,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             config.data.label_fraction, config.data.fraction_seed)
   spec = segmentation_data.MaskSpec(config.data.image_size, config.data.crop_area_min,
                                     config.data.mask_key)
-  steps_per_epoch = len(train_source) // config.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(f'config.batch_size={config.batch_size} is larger than the '
-                      f'{len(train_source)} masked images of {train_name} '
-                      f'(label_fraction {config.data.label_fraction:g})')
-  total_steps = optim.resolve_steps(steps=config.total_steps, epochs=config.num_epochs,
-                                    steps_per_epoch=steps_per_epoch,
-                                    what='total_steps/num_epochs')
-  warmup_steps = min(total_steps, optim.resolve_steps(
-      steps=config.optimizer.warmup_steps, epochs=config.optimizer.warmup_epochs,
-      steps_per_epoch=steps_per_epoch, what='optimizer.warmup_steps/warmup_epochs',
-      allow_zero=True))
+  _, total_steps, warmup_steps = optim.run_length(
+      config, len(train_source), f'masked images of {train_name} '
+      f'(label_fraction {config.data.label_fraction:g})')
   logging.info('%s: %d masked images (fraction %g), %d steps', train_name, len(train_source),
                config.data.label_fraction, total_steps)
 
