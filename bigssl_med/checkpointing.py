@@ -153,12 +153,15 @@ def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys:
       if key not in variables.get(collection, {}):
         continue
       if key not in loaded.get(collection, {}):
-        raise CheckpointError(f'init_from={source!r} has no {collection}/{key}: '
-                              'is it a checkpoint of this kind of model?')
+        raise CheckpointError(
+            f'init_from={source!r} has no {collection}/{key}' + (
+                ': it holds an encoder alone (an imported model?); start a fresh head with '
+                'config.init_head=False (pretrain) or config.head_layers_kept=0 (finetune)'
+                if key == 'head' else ': is it a checkpoint of this kind of model?'))
       taken = loaded[collection][key]
       if key in partial:
         taken = _common_part(variables[collection][key], taken)
-      _check_same_structure(variables[collection][key], taken, f'{collection}/{key}', source)
+      check_same_structure(variables[collection][key], taken, f'{collection}/{key}', source)
       out[collection][key] = jax.tree.map(lambda new, old: new.astype(old.dtype),
                                           taken, variables[collection][key])
   return out
@@ -171,7 +174,8 @@ def _common_part(expected: Any, got: Any) -> Any:
   return {k: _common_part(v, got[k]) for k, v in expected.items() if k in got}
 
 
-def _check_same_structure(expected: Any, got: Any, prefix: str, source: str) -> None:
+def check_same_structure(expected: Any, got: Any, prefix: str, source: str) -> None:
+  """Fails with the first array of `expected` that `got` lacks or has in another shape."""
   want = {jax.tree_util.keystr(p): x.shape
           for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
   have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(got)[0]}

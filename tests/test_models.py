@@ -166,13 +166,17 @@ def test_invalid_depth_is_a_clear_error():
     _abstract_variables(models.ResNet(depth=42), 32)
 
 
+@pytest.mark.parametrize('padding, xla_padding', [
+    ('same', 'SAME'),
+    ('symmetric', ((1, 1), (1, 1))),  # torchvision's MaxPool2d(3, 2, padding=1)
+])
 @pytest.mark.parametrize('shape', [(2, 16, 16, 3), (1, 7, 9, 2), (2, 6, 5, 1)])
-def test_stem_max_pool_matches_xla_value_and_gradient(shape):
-  reference = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+def test_stem_max_pool_matches_xla_value_and_gradient(shape, padding, xla_padding):
+  reference = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=xla_padding)
   rng = np.random.default_rng(0)
   # Small integers: many ties, where the gradient must go to the first maximum.
   x = jnp.asarray(rng.integers(-2, 3, shape), jnp.float32)
-  y, vjp = jax.vjp(resnet.max_pool_3x3_s2, x)
+  y, vjp = jax.vjp(lambda x: resnet.max_pool_3x3_s2(x, padding), x)
   y_ref, vjp_ref = jax.vjp(reference, x)
   np.testing.assert_array_equal(y, y_ref)
   g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)

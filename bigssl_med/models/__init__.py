@@ -13,11 +13,13 @@ __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet
 def encoder(model_config, *, dtype) -> ResNet:
   """The ResNet encoder that `config.model` describes.
 
-  `fused_bn` may be absent: run configs (`config.json`) written before it existed.
+  `fused_bn` and `stem_pool_padding` may be absent: run configs (`config.json`)
+  written before they existed.
   """
   return ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
                 sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
-                dtype=dtype, fused_bn=model_config.get('fused_bn', False))
+                dtype=dtype, fused_bn=model_config.get('fused_bn', False),
+                stem_pool_padding=model_config.get('stem_pool_padding', 'same'))
 
 
 def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> ContrastiveModel:

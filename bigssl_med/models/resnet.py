@@ -20,6 +20,7 @@ Under `jax.jit` with the batch sharded over a mesh, BatchNorm statistics are
 computed over the whole global batch (SimCLR's global BN) with no axis names.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -47,12 +48,13 @@ conv_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
 
 def feature_dim(depth: int, width_multiplier: float = 1) -> int:
   """Size of the pooled features of `ResNet(depth, width_multiplier)`."""
-  kind, _ = _layout(depth)
+  kind, _ = layout(depth)
   expansion = 4 if kind == 'bottleneck' else 1
   return _channels(512, width_multiplier) * expansion
 
 
-def _layout(depth):
+def layout(depth: int) -> tuple[str, tuple[int, ...]]:
+  """('bottleneck' or 'basic', blocks per group) of a ResNet depth."""
   if depth not in _LAYOUTS:
     raise ValueError(f'ResNet depth {depth} is not one of {DEPTHS}')
   return _LAYOUTS[depth]
@@ -62,33 +64,47 @@ def _channels(base: int, width_multiplier: float) -> int:
   return max(1, int(round(base * width_multiplier)))
 
 
-def _same_pads(size: int) -> tuple[int, int, int]:
-  """TF SAME padding (before, after) and output size of a 3-wide, stride-2 window."""
+STEM_POOL_PADDINGS = ('same', 'symmetric')
+
+
+def _pool_pads(size: int, padding: str) -> tuple[int, int, int]:
+  """Padding (before, after) and output size of a 3-wide, stride-2 max-pooling window.
+
+  'same' is TF's SAME padding (SimCLR: windows start on the first pixel, the one
+  pixel of padding goes after); 'symmetric' pads one pixel on each side, as
+  torchvision's `MaxPool2d(3, 2, padding=1)` (windows centred on the even pixels).
+  """
+  if padding == 'symmetric':
+    out = (size - 1) // 2 + 1
+    return 1, 2 * out - size, out
   out = -(-size // 2)
   total = max((out - 1) * 2 + 3 - size, 0)
   return total // 2, total - total // 2, out
 
 
-@jax.custom_vjp
-def max_pool_3x3_s2(x):
-  """3x3 max-pooling with stride 2 and TF's SAME padding (the stem's pooling).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def max_pool_3x3_s2(x, padding: str = 'same'):
+  """3x3 max-pooling with stride 2 (the stem's pooling), padded as `_pool_pads` says.
 
   Its gradient is XLA's own (the gradient goes to the first maximum of each window
   in row-major order), written as nine strided selects and interior pads instead
   of a select-and-scatter: the same values, but fusible element-wise work where
   XLA's GPU scatter is slow (about 3% of a ResNet-50 step on an H100).
   """
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+  (h_lo, h_hi, _), (w_lo, w_hi, _) = _pool_pads(x.shape[1], padding), _pool_pads(x.shape[2],
+                                                                               padding)
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((h_lo, h_hi), (w_lo, w_hi)))
 
 
-def _max_pool_fwd(x):
-  y = max_pool_3x3_s2(x)
+def _max_pool_fwd(x, padding):
+  y = max_pool_3x3_s2(x, padding)
   return y, (x, y)
 
 
-def _max_pool_bwd(residuals, g):
+def _max_pool_bwd(padding, residuals, g):
   x, y = residuals
-  (h_lo, h_hi, oh), (w_lo, w_hi, ow) = _same_pads(x.shape[1]), _same_pads(x.shape[2])
+  (h_lo, h_hi, oh), (w_lo, w_hi, ow) = _pool_pads(x.shape[1], padding), _pool_pads(x.shape[2],
+                                                                                 padding)
   xp = jnp.pad(x, ((0, 0), (h_lo, h_hi), (w_lo, w_hi), (0, 0)),
                constant_values=jnp.array(-jnp.inf, x.dtype))
   hp, wp = xp.shape[1], xp.shape[2]
@@ -276,6 +292,10 @@ class ResNet(nn.Module):
     fused_bn: BatchNorm layers with a hand-written gradient (`models.batch_norm`):
       the same variables and forward values, fewer passes over the activations in
       the backward pass. Checkpoints work with either setting.
+    stem_pool_padding: 'same' (SimCLR's TF SAME max-pooling) or 'symmetric' (one
+      pixel each side, as torchvision's ResNets: the models `bigssl_med.convert`
+      imports from torchvision's layout). The two differ by where the pooling
+      windows sit, not by any parameter.
   """
   depth: int = 50
   width_multiplier: float = 1
@@ -283,10 +303,14 @@ class ResNet(nn.Module):
   cifar_stem: bool = False
   dtype: Any = jnp.float32
   fused_bn: bool = False
+  stem_pool_padding: str = 'same'
 
   @nn.compact
   def __call__(self, x, train: bool = True, return_maps: bool = False):
-    kind, blocks_per_group = _layout(self.depth)
+    kind, blocks_per_group = layout(self.depth)
+    if self.stem_pool_padding not in STEM_POOL_PADDINGS:
+      raise ValueError(f'stem_pool_padding={self.stem_pool_padding!r} is not one of '
+                       f'{STEM_POOL_PADDINGS}')
     block = BottleneckBlock if kind == 'bottleneck' else BasicBlock
     width = _channels(64, self.width_multiplier)
     x = jnp.asarray(x, self.dtype)
@@ -306,7 +330,7 @@ class ResNet(nn.Module):
         x = ConvFixedPadding(width, 7, 2, self.dtype, name='stem_conv')(x)
       x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn')(x, train)
       maps = [x]
-      x = max_pool_3x3_s2(x)
+      x = max_pool_3x3_s2(x, self.stem_pool_padding)
 
     for g, num_blocks in enumerate(blocks_per_group):
       features = _channels(64 * 2**g, self.width_multiplier)

@@ -1,0 +1,626 @@
+r"""Published ImageNet ResNets as a workdir that `config.init_from` accepts.
+
+  python -m bigssl_med.convert --checkpoint=resnet50-11ad3fa6.pth --workdir=imported/tv_r50
+  python -m bigssl_med.convert --checkpoint=r50_1x_sk1/model.ckpt-250228 --workdir=imported/v2
+
+Formats (`--format`; found from the file when left out):
+- `torchvision`: a PyTorch file holding a state dict in torchvision's ResNet layout
+  (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `layer2.0.downsample.0.weight`;
+  `fc.*` is left out), alone or inside a dict (under 'state_dict', 'model', ...), its
+  keys with or without a prefix such as 'module.' (found, or `--prefix` where a file
+  holds several networks, e.g. MoCo's 'module.encoder_q.'). The depth and width are
+  read off the weights. torchvision's max-pooling pads one pixel each side: the
+  imported model has `stem_pool_padding='symmetric'`. torchvision's ResNet-18/34 have
+  an identity shortcut in their first block where this project's ResNet has a
+  projection: it is set to the identity (a 1x1 identity kernel and a BatchNorm whose
+  inference transform is exactly the identity; in training mode that BatchNorm
+  normalises by the batch statistics, as every other one does).
+  Files written by `torch.save` since PyTorch 1.6 (zip) are read without PyTorch;
+  older ones need PyTorch installed.
+- `simclr_tf1`: SimCLR's TensorFlow 1 checkpoints (v1: ResNet50_1x/2x/4x; v2:
+  r50_1x_sk0 ... r152_3x_sk1, pretrained or fine-tuned). The encoder lives under
+  `base_model/` (with `--ema`, the moving averages under `ema_model/base_model/`), its
+  layers named in creation order (`conv2d`, `conv2d_1`, ..., `batch_normalization_N`);
+  depth, width and selective kernels are found by matching those shapes against this
+  project's ResNets, whose layers run in the same order. A SimCLRv2 projection head
+  (`head_contrastive/nl_J/...`) comes along when present. Needs TensorFlow (part of
+  the normal install).
+
+Writes `WORKDIR/checkpoints/0/model` (orbax; `{'params', 'batch_stats'}` with
+`encoder` and, when imported, `head`: the layout of a pretraining checkpoint) and
+`WORKDIR/config.json` (`trainer: 'imported'`, the `model` config of the imported
+architecture, and where it came from). A WORKDIR that already holds a run is left
+untouched.
+"""
+
+import argparse
+import collections
+import io
+import logging
+import os
+import pickle
+import re
+import sys
+import zipfile
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from bigssl_med import checkpointing, config_schema
+from bigssl_med import workdir as workdir_lib
+from bigssl_med.errors import CheckpointError, UserError
+from bigssl_med.models import heads, resnet
+
+FORMATS = ('torchvision', 'simclr_tf1')
+
+# ------------------------------------------------------------------ PyTorch files.
+
+_TORCH_DTYPES = {
+    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
+    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
+    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8,
+    'BoolStorage': np.bool_,
+}
+
+
+class _StorageType:
+  def __init__(self, dtype):
+    self.dtype = np.dtype(dtype)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+  del unused  # requires_grad, backward hooks, metadata
+  itemsize = storage.dtype.itemsize
+  flat = storage[offset:]
+  if not size:
+    return np.array(flat[0])
+  return np.lib.stride_tricks.as_strided(
+      flat, shape=tuple(size), strides=tuple(s * itemsize for s in stride)).copy()
+
+
+def _rebuild_parameter(data, *unused):
+  del unused
+  return data
+
+
+class _TorchUnpickler(pickle.Unpickler):
+  """Unpickles a `torch.save` zip archive's `data.pkl` into NumPy arrays.
+
+  Only the classes a saved state dict uses are allowed (as `torch.load`'s
+  `weights_only`): anything else is an error, never code run from the file.
+  """
+
+  def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, path: str):
+    super().__init__(io.BytesIO(data))
+    self._archive, self._root, self._path = archive, root, path
+    self._big_endian = False
+    if f'{root}/byteorder' in archive.namelist():
+      self._big_endian = archive.read(f'{root}/byteorder').strip() == b'big'
+
+  def find_class(self, module, name):
+    if (module, name) == ('collections', 'OrderedDict'):
+      return collections.OrderedDict
+    if (module, name) == ('torch._utils', '_rebuild_tensor_v2'):
+      return _rebuild_tensor
+    if (module, name) == ('torch._utils', '_rebuild_parameter'):
+      return _rebuild_parameter
+    if module == 'torch' and name in _TORCH_DTYPES:
+      return _StorageType(_TORCH_DTYPES[name])
+    raise CheckpointError(f'{self._path}: holds a {module}.{name}, which a file of weights '
+                          'does not (only state dicts of tensors are read)')
+
+  def persistent_load(self, pid):
+    if not (isinstance(pid, tuple) and pid and pid[0] == 'storage'):
+      raise CheckpointError(f'{self._path}: unknown storage reference {pid!r:.60}')
+    storage_type, key = pid[1], pid[2]
+    if not isinstance(storage_type, _StorageType):
+      raise CheckpointError(f'{self._path}: unsupported storage {storage_type!r:.60}')
+    dtype = storage_type.dtype.newbyteorder('>') if self._big_endian else storage_type.dtype
+    raw = self._archive.read(f'{self._root}/data/{key}')
+    return np.frombuffer(raw, dtype).astype(storage_type.dtype)
+
+
+def read_torch_file(path: str) -> Any:
+  """The object a `torch.save` file holds, tensors as NumPy arrays.
+
+  Zip files (PyTorch >= 1.6) are read here; older files through PyTorch when it is
+  installed.
+  """
+  if not os.path.isfile(path):
+    raise CheckpointError(f'{path}: no such file')
+  if zipfile.is_zipfile(path):
+    with zipfile.ZipFile(path) as archive:
+      pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+      if len(pickles) != 1:
+        raise CheckpointError(f'{path}: a zip file but not one written by torch.save '
+                              '(no single */data.pkl)')
+      root = pickles[0][:-len('/data.pkl')]
+      try:
+        return _TorchUnpickler(archive.read(pickles[0]), archive, root, path).load()
+      except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
+        if isinstance(e, UserError):
+          raise
+        raise CheckpointError(f'{path}: cannot read its tensors: {e}') from e
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(f'{path}: not a zip file written by torch.save (PyTorch >= 1.6); '
+                          'reading older PyTorch files needs PyTorch installed') from None
+  try:
+    obj = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'{path}: torch.load failed: {str(e).splitlines()[0]}') from e
+  return jax.tree.map(lambda t: t.float().numpy() if t.is_floating_point() else t.numpy(),
+                      obj, is_leaf=lambda t: isinstance(t, torch.Tensor))
+
+
+# ---------------------------------------------------------- torchvision's layout.
+
+
+def find_state_dict(obj: Any, path: str, prefix: str | None = None
+                    ) -> dict[str, np.ndarray]:
+  """The torchvision-layout ResNet state dict inside `obj`, its keys without `prefix`.
+
+  Looks through nested dicts (a training checkpoint's 'state_dict', 'model', ...) for
+  keys `P + 'conv1.weight'` with `P + 'layer1.0.conv1.weight'` beside them. With
+  several such P (e.g. MoCo's query and key encoders), `prefix` picks one.
+  """
+  found = {}
+
+  def visit(d, where):
+    if not isinstance(d, Mapping):
+      return
+    keys = [k for k in d if isinstance(k, str)]
+    for k in keys:
+      p = k[:-len('conv1.weight')]
+      if k.endswith('conv1.weight') and f'{p}layer1.0.conv1.weight' in d:
+        found[(where, p)] = d
+    for k in keys:
+      if isinstance(d[k], Mapping):
+        visit(d[k], where + (k,))
+
+  visit(obj, ())
+  if prefix is not None:
+    found = {key: d for key, d in found.items() if key[1] == prefix}
+  if not found:
+    wanted = f"'{prefix}conv1.weight'" if prefix is not None else "'conv1.weight'"
+    raise CheckpointError(f'{path}: no ResNet state dict in torchvision\'s layout ({wanted} '
+                          'with layer1.0.conv1.weight beside it)')
+  if len(found) > 1:
+    names = sorted(repr(p) for _, p in found)
+    raise CheckpointError(f'{path}: holds several ResNets, key prefixes {", ".join(names)}: '
+                          'choose one with --prefix')
+  (_, p), d = next(iter(found.items()))
+  return {k[len(p):]: np.asarray(v) for k, v in d.items()
+          if isinstance(k, str) and k.startswith(p)}
+
+
+def _torchvision_layout(sd: Mapping[str, np.ndarray], path: str) -> tuple[int, float]:
+  """(depth, width_multiplier) of a torchvision-layout state dict."""
+  stem = sd['conv1.weight']
+  if stem.ndim != 4 or stem.shape[2:] != (7, 7) or stem.shape[1] != 3:
+    raise CheckpointError(f'{path}: conv1.weight has shape {stem.shape}; torchvision\'s '
+                          'ResNets have a 7x7 stem on RGB images, (64 x width, 3, 7, 7)')
+  counts = []
+  for g in range(1, 5):
+    blocks = {int(m.group(1)) for k in sd for m in [re.match(rf'layer{g}\.(\d+)\.', k)] if m}
+    if not blocks or blocks != set(range(len(blocks))):
+      raise CheckpointError(f'{path}: layer{g} has blocks {sorted(blocks)}, not 0..N-1')
+    counts.append(len(blocks))
+  kind = 'bottleneck' if 'layer1.0.conv3.weight' in sd else 'basic'
+  depths = [d for d in resnet.DEPTHS if resnet.layout(d) == (kind, tuple(counts))]
+  if not depths:
+    raise CheckpointError(f'{path}: {kind} blocks {tuple(counts)} per layer match no ResNet '
+                          f'depth of {resnet.DEPTHS}')
+  return depths[0], stem.shape[0] / 64
+
+
+def _put(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`({'params': {'encoder': ...}, 'batch_stats': {...}}, model config)` of a state dict.
+
+  Every key is used, except `fc.*` and the BatchNorm counters `num_batches_tracked`;
+  a key that torchvision's ResNet lacks, or one missing, is an error naming it.
+  """
+  depth, width = _torchvision_layout(sd, path)
+  params, stats = {}, {}
+  used = set()
+
+  def take(key):
+    if key not in sd:
+      raise CheckpointError(f'{path}: lacks {key}, which torchvision\'s ResNet-{depth} has')
+    used.add(key)
+    return np.asarray(sd[key], np.float32)
+
+  def conv(name, ours):
+    _put(params, ours + ('kernel',), take(f'{name}.weight').transpose(2, 3, 1, 0))
+
+  def bn(name, ours):
+    _put(params, ours + ('scale',), take(f'{name}.weight'))
+    _put(params, ours + ('bias',), take(f'{name}.bias'))
+    _put(stats, ours + ('mean',), take(f'{name}.running_mean'))
+    _put(stats, ours + ('var',), take(f'{name}.running_var'))
+
+  conv('conv1', ('stem_conv', 'conv'))
+  bn('bn1', ('stem_bn', 'bn'))
+  kind, blocks_per_group = resnet.layout(depth)
+  convs = 3 if kind == 'bottleneck' else 2
+  for g, blocks in enumerate(blocks_per_group):
+    for b in range(blocks):
+      tv, ours = f'layer{g + 1}.{b}', (f'group{g + 1}_block{b}',)
+      for k in range(1, convs + 1):
+        conv(f'{tv}.conv{k}', ours + (f'conv{k}', 'conv'))
+        bn(f'{tv}.bn{k}', ours + (f'bn{k}', 'bn'))
+      if b > 0:
+        continue
+      if f'{tv}.downsample.0.weight' in sd:
+        conv(f'{tv}.downsample.0', ours + ('shortcut', 'proj', 'conv'))
+        bn(f'{tv}.downsample.1', ours + ('shortcut', 'proj_bn', 'bn'))
+      else:  # an identity shortcut: the projection this ResNet has there passes x through
+        channels = sd[f'{tv}.conv1.weight'].shape[1]
+        eye = np.eye(channels, dtype=np.float32)[None, None]
+        _put(params, ours + ('shortcut', 'proj', 'conv', 'kernel'), eye)
+        _put(params, ours + ('shortcut', 'proj_bn', 'bn', 'scale'), np.ones(channels, np.float32))
+        _put(params, ours + ('shortcut', 'proj_bn', 'bn', 'bias'), np.zeros(channels, np.float32))
+        _put(stats, ours + ('shortcut', 'proj_bn', 'bn', 'mean'), np.zeros(channels, np.float32))
+        _put(stats, ours + ('shortcut', 'proj_bn', 'bn', 'var'),
+             np.full(channels, 1 - resnet.BN_EPSILON, np.float32))
+  unused = sorted(k for k in sd if k not in used and not k.startswith('fc.')
+                  and not k.endswith('num_batches_tracked'))
+  if unused:
+    raise CheckpointError(f'{path}: has {unused[0]}, which torchvision\'s ResNet-{depth} lacks '
+                          f'({len(unused)} such keys)')
+  model = _model_config(depth=depth, width_multiplier=width, stem_pool_padding='symmetric',
+                        head_layers=0)
+  variables = {'params': {'encoder': params}, 'batch_stats': {'encoder': stats}}
+  _check_against_model(variables, model, path)
+  return variables, model
+
+
+# ------------------------------------------------------ SimCLR's TF1 checkpoints.
+
+_TF_LAYER = re.compile(r'^(conv2d|batch_normalization)(?:_(\d+))?/(\w+)$')
+_SLOTS = ('/Momentum', '/ExponentialMovingAverage', '/LARSOptimizer')
+
+
+def read_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
+  """The variables of a TF checkpoint (a prefix such as `model.ckpt-250228`, or its folder).
+
+  Optimiser slots (`.../Momentum`, ...) are left out: they double the memory and are
+  never imported.
+  """
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(f'{path}: reading a TensorFlow checkpoint needs TensorFlow '
+                          '(pip install tensorflow-cpu)') from None
+  prefix = path
+  if os.path.isdir(path):
+    prefix = tf.train.latest_checkpoint(path)
+    if prefix is None:
+      indexes = sorted(f for f in os.listdir(path) if f.endswith('.index'))
+      if not indexes:
+        raise CheckpointError(f'{path}: no TensorFlow checkpoint (*.index) in this folder')
+      prefix = os.path.join(path, indexes[-1][:-len('.index')])
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    names = [n for n in reader.get_variable_to_shape_map() if not n.endswith(_SLOTS)]
+    return {name: np.asarray(reader.get_tensor(name)) for name in names}
+  except (tf.errors.OpError, ValueError) as e:
+    raise CheckpointError(f'{prefix}: not a readable TensorFlow checkpoint: '
+                          f'{str(e).splitlines()[0]}') from e
+
+
+def _tf_layers(variables: Mapping[str, np.ndarray], prefix: str
+               ) -> tuple[list[str], list[str]]:
+  """Names of the conv2d and batch_normalization layers under `prefix`, in creation order."""
+  convs, bns = {}, {}
+  for name in variables:
+    if not name.startswith(prefix) or name.endswith(_SLOTS):
+      continue
+    m = _TF_LAYER.match(name[len(prefix):])
+    if m:
+      layer, index = m.group(1), int(m.group(2) or 0)
+      (convs if layer == 'conv2d' else bns)[index] = f'{prefix}{layer}' + (
+          f'_{m.group(2)}' if m.group(2) else '')
+  for kind, found in (('conv2d', convs), ('batch_normalization', bns)):
+    if sorted(found) != list(range(len(found))):
+      missing = sorted(set(range(max(found, default=-1) + 1)) - set(found))
+      raise CheckpointError(f'{prefix}{kind}_{missing[0]} is missing: the layers are not '
+                            'numbered 0..N-1')
+  return [convs[i] for i in sorted(convs)], [bns[i] for i in sorted(bns)]
+
+
+def _layer_order(model: nn.Module, image_size: int = 64
+                 ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]], dict[str, Any]]:
+  """Paths of `model`'s convolutions and BatchNorms in the order they run, and its variables."""
+  convs, bns = [], []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == '__call__':
+      if isinstance(context.module, nn.Conv):
+        convs.append(context.module.scope.path)
+      elif isinstance(context.module, nn.BatchNorm):
+        bns.append(context.module.scope.path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=True))
+  return convs, bns, variables
+
+
+def _get(tree: Mapping[str, Any], path: Sequence[str]) -> Any:
+  for name in path:
+    tree = tree[name]
+  return tree
+
+
+def _simclr_stem(variables, convs: list[str], path: str) -> tuple[float, bool, bool]:
+  """(width_multiplier, selective kernels, cifar stem) from SimCLR's first convolutions."""
+  if len(convs) < 2:
+    raise CheckpointError(f'{path}: {len(convs)} conv2d layers under the encoder prefix: '
+                          'not a SimCLR ResNet')
+  first, second = variables[f'{convs[0]}/kernel'].shape, variables[f'{convs[1]}/kernel'].shape
+  if first[:3] == (7, 7, 3):
+    return first[3] / 64, False, False
+  if first[:3] == (3, 3, 3) and second[:2] == (3, 3):  # ResNet-D stem: SimCLRv2 with SK
+    return 2 * first[3] / 64, True, False
+  if first[:3] == (3, 3, 3):
+    return first[3] / 64, False, True
+  raise CheckpointError(f'{path}: first kernel {convs[0]} has shape {first}: not a SimCLR '
+                        'ResNet stem (7x7x3 or 3x3x3)')
+
+
+def import_simclr_tf1(variables: Mapping[str, np.ndarray], path: str = 'checkpoint', *,
+                      ema: bool = False, sk_ratio: float = 0.0625
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`({'params', 'batch_stats'}, model config)` of a SimCLR TF1 checkpoint's variables.
+
+  `sk_ratio` is used when the checkpoint has selective kernels (SimCLRv2 always used
+  0.0625; its value cannot be read off a checkpoint whose SK layers are clamped at 32
+  channels). The SimCLRv2 projection head comes along when it is there.
+  """
+  top = 'ema_model/' if ema else ''
+  encoder_prefix = f'{top}base_model/'
+  if not any(name.startswith(encoder_prefix) for name in variables):
+    have = sorted({n.split('/')[0] + '/' for n in variables})
+    raise CheckpointError(f'{path}: no variables under {encoder_prefix!r} (it has '
+                          f'{", ".join(have[:6])}); is it a SimCLR TF1 checkpoint?'
+                          + ('' if ema else ' For the moving averages, --ema.'))
+  tf_convs, tf_bns = _tf_layers(variables, encoder_prefix)
+  width, sk, cifar_stem = _simclr_stem(variables, tf_convs, path)
+  tf_shapes = [variables[f'{c}/kernel'].shape for c in tf_convs]
+  match = None
+  for depth in resnet.DEPTHS:
+    if depth < 50 and sk:
+      continue
+    model = resnet.ResNet(depth=depth, width_multiplier=width, sk_ratio=sk_ratio if sk else 0.0,
+                          cifar_stem=cifar_stem)
+    convs, bns, abstract = _layer_order(model)
+    shapes = [_get(abstract['params'], c)['kernel'].shape for c in convs]
+    if len(convs) == len(tf_convs) and len(bns) == len(tf_bns) and shapes == tf_shapes:
+      match = depth, convs, bns
+      break
+  if match is None:
+    raise CheckpointError(
+        f'{path}: its {len(tf_convs)} convolutions and {len(tf_bns)} BatchNorms under '
+        f'{encoder_prefix!r} (stem {tf_shapes[0]}) match no ResNet of depth {resnet.DEPTHS} '
+        f'at width {width:g}' + (f' with sk_ratio {sk_ratio:g}' if sk else ''))
+  depth, convs, bns = match
+  params, stats = {}, {}
+  for ours, theirs in zip(convs, tf_convs):
+    _put(params, ours + ('kernel',), np.asarray(variables[f'{theirs}/kernel'], np.float32))
+  for ours, theirs in zip(bns, tf_bns):
+    for name, tree, key in (('gamma', params, 'scale'), ('beta', params, 'bias'),
+                            ('moving_mean', stats, 'mean'),
+                            ('moving_variance', stats, 'var')):
+      if f'{theirs}/{name}' not in variables:
+        raise CheckpointError(f'{path}: lacks {theirs}/{name}')
+      _put(tree, ours + (key,), np.asarray(variables[f'{theirs}/{name}'], np.float32))
+  unused = sorted(n for n in variables if n.startswith(encoder_prefix) and not n.endswith(_SLOTS)
+                  and not _TF_LAYER.match(n[len(encoder_prefix):]))
+  if unused:
+    raise CheckpointError(f'{path}: has {unused[0]}, which SimCLR\'s ResNet lacks '
+                          f'({len(unused)} such variables)')
+  imported = {'params': {'encoder': params}, 'batch_stats': {'encoder': stats}}
+  head = _simclr_head(variables, f'{top}head_contrastive/', path)
+  head_config = {'head_layers': 0}
+  if head is not None:
+    head_params, head_stats, head_config = head
+    imported['params']['head'] = head_params
+    imported['batch_stats']['head'] = head_stats
+  model_config = _model_config(depth=depth, width_multiplier=width,
+                               sk_ratio=sk_ratio if sk else 0.0, cifar_stem=cifar_stem,
+                               **head_config)
+  _check_against_model(imported, model_config, path)
+  return imported, model_config
+
+
+def _simclr_head(variables, prefix: str, path: str):
+  """SimCLRv2's projection head (`nl_J/dense`, `nl_J/batch_normalization`), or None."""
+  layers = sorted({int(m.group(1)) for n in variables
+                   for m in [re.match(rf'^{re.escape(prefix)}nl_(\d+)/', n)] if m})
+  if not layers:
+    return None
+  if layers != list(range(len(layers))):
+    raise CheckpointError(f'{path}: head layers {prefix}nl_{layers} are not numbered 0..N-1')
+  params, stats = {}, {}
+  for j in layers:
+    base = f'{prefix}nl_{j}'
+    last = j == len(layers) - 1
+    needed = ['dense/kernel', 'batch_normalization/gamma', 'batch_normalization/moving_mean',
+              'batch_normalization/moving_variance']
+    if not last:
+      needed.append('batch_normalization/beta')
+    missing = [n for n in needed if f'{base}/{n}' not in variables]
+    if missing or f'{base}/dense/bias' in variables:
+      logging.warning('%s: %s is not a SimCLRv2 projection head (%s); importing the encoder '
+                      'only', path, prefix.rstrip('/'),
+                      f'lacks {base}/{missing[0]}' if missing else f'has {base}/dense/bias')
+      return None
+    params[f'dense{j}'] = {'kernel': np.asarray(variables[f'{base}/dense/kernel'], np.float32)}
+    bn = {'scale': np.asarray(variables[f'{base}/batch_normalization/gamma'], np.float32)}
+    if not last:
+      bn['bias'] = np.asarray(variables[f'{base}/batch_normalization/beta'], np.float32)
+    params[f'bn{j}'] = bn
+    stats[f'bn{j}'] = {
+        'mean': np.asarray(variables[f'{base}/batch_normalization/moving_mean'], np.float32),
+        'var': np.asarray(variables[f'{base}/batch_normalization/moving_variance'], np.float32)}
+  features = params['dense0']['kernel'].shape[0]
+  hidden = params['dense0']['kernel'].shape[1] if len(layers) > 1 else 0
+  config = {'head_layers': len(layers),
+            'head_out_dim': int(params[f'dense{len(layers) - 1}']['kernel'].shape[1]),
+            'head_hidden_dim': 0 if hidden in (0, features) else int(hidden)}
+  return params, stats, config
+
+
+# ------------------------------------------------------------------- Both formats.
+
+
+def _model_config(**overrides) -> dict[str, Any]:
+  """`config.model` (the defaults of `config_schema`) with the imported architecture."""
+  config = config_schema.pretrain().model.to_dict()
+  config.update(overrides)
+  config['width_multiplier'] = float(config['width_multiplier'])
+  return config
+
+
+def _check_against_model(variables: dict[str, Any], model_config: dict[str, Any],
+                         path: str) -> None:
+  """Fails unless `variables` has exactly the shapes of the model `model_config` describes."""
+  encoder = resnet.ResNet(depth=model_config['depth'],
+                          width_multiplier=model_config['width_multiplier'],
+                          sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'])
+  _, _, expected = _layer_order(encoder)
+  for collection in ('params', 'batch_stats'):
+    checkpointing.check_same_structure(expected[collection], variables[collection]['encoder'],
+                                       f'{collection}/encoder', path)
+  if 'head' in variables['params']:
+    head = heads.ProjectionHead(num_layers=model_config['head_layers'],
+                                out_dim=model_config['head_out_dim'],
+                                hidden_dim=model_config['head_hidden_dim'])
+    features = resnet.feature_dim(model_config['depth'], model_config['width_multiplier'])
+    expected = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((2, features))))
+    for collection in ('params', 'batch_stats'):
+      checkpointing.check_same_structure(expected[collection], variables[collection]['head'],
+                                         f'{collection}/head', path)
+
+
+def detect_format(path: str) -> str:
+  """'torchvision' for a PyTorch file, 'simclr_tf1' for a TF checkpoint prefix or folder."""
+  if os.path.isdir(path) or os.path.exists(f'{path}.index'):
+    return 'simclr_tf1'
+  if os.path.isfile(path):
+    return 'torchvision'
+  raise CheckpointError(f'{path}: no such file, TF checkpoint prefix ({path}.index) or folder')
+
+
+def load(path: str, kind: str | None = None, *, prefix: str | None = None, ema: bool = False,
+         sk_ratio: float = 0.0625) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`(variables, model config)` of the published model at `path`.
+
+  `kind` is one of `FORMATS` (see the module doc), found from `path` when None.
+  """
+  kind = kind or detect_format(path)
+  if kind == 'torchvision':
+    return import_torchvision(find_state_dict(read_torch_file(path), path, prefix), path)
+  if kind == 'simclr_tf1':
+    return import_simclr_tf1(read_tf_checkpoint(path), path, ema=ema, sk_ratio=sk_ratio)
+  raise UserError(f'format {kind!r} is not one of {FORMATS}')
+
+
+def write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[str, Any],
+                  source: dict[str, Any]) -> str:
+  """Writes the imported model as `WORKDIR/checkpoints/0/model` and `WORKDIR/config.json`.
+
+  Refuses a workdir that already holds checkpoints or a config.json: nothing there is
+  overwritten. Returns the checkpoint item's path.
+  """
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  config_path = os.path.join(workdir, 'config.json')
+  if (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)) or os.path.exists(config_path):
+    raise CheckpointError(f'{workdir}: already holds a run (checkpoints/ or config.json); '
+                          'import into a new workdir')
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  item = os.path.abspath(os.path.join(ckpt_dir, '0', 'model'))
+  os.makedirs(os.path.dirname(item), exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(item, jax.tree.map(np.asarray, variables))
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  workdir_lib.write_json(config_path, {'trainer': 'imported', 'seed': 0, 'model': model_config,
+                                       'source': source})
+  return item
+
+
+def describe(model_config: Mapping[str, Any]) -> str:
+  """'ResNet-50 x1 SK' and the like."""
+  text = f'ResNet-{model_config["depth"]} x{model_config["width_multiplier"]:g}'
+  if model_config['sk_ratio']:
+    text += ' SK'
+  if model_config['cifar_stem']:
+    text += ' (CIFAR stem)'
+  return text
+
+
+def model_flags(model_config: Mapping[str, Any]) -> str:
+  """The `--config.model.KEY=VALUE` flags that give a run the imported architecture."""
+  keys = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem', 'stem_pool_padding')
+  defaults = config_schema.pretrain().model
+  return ' '.join(f'--config.model.{k}={model_config[k]}' for k in keys
+                  if model_config[k] != defaults[k] or k in ('depth', 'width_multiplier'))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the process exit status."""
+  parser = argparse.ArgumentParser(
+      prog='python -m bigssl_med.convert',
+      description='Imports a published ImageNet ResNet (torchvision layout or SimCLR TF1) as '
+                  'a workdir that --config.init_from accepts.')
+  parser.add_argument('--checkpoint', required=True,
+                      help='a PyTorch file, or a TF checkpoint prefix (model.ckpt-N) or folder')
+  parser.add_argument('--workdir', required=True, help='new folder to write the model into')
+  parser.add_argument('--format', choices=FORMATS, default=None,
+                      help='default: torchvision for a file, simclr_tf1 for a TF checkpoint')
+  parser.add_argument('--prefix', default=None,
+                      help="torchvision: the state dict's key prefix, where the file holds "
+                           "several networks (e.g. 'module.encoder_q.')")
+  parser.add_argument('--ema', action='store_true',
+                      help='simclr_tf1: the moving-average weights (ema_model/)')
+  parser.add_argument('--sk_ratio', type=float, default=0.0625,
+                      help='simclr_tf1: the selective-kernel ratio, where there are SK layers '
+                           '(default: SimCLRv2\'s 0.0625)')
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  try:
+    format_ = args.format or detect_format(args.checkpoint)
+    variables, model_config = load(args.checkpoint, format_, prefix=args.prefix, ema=args.ema,
+                                   sk_ratio=args.sk_ratio)
+    source = {'checkpoint': os.path.abspath(args.checkpoint), 'format': format_,
+              'prefix': args.prefix, 'ema': args.ema}
+    write_workdir(args.workdir, variables, model_config, source)
+  except UserError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 2
+  parts = 'encoder + projection head' if 'head' in variables['params'] else 'encoder'
+  print(f'{args.workdir}: {describe(model_config)} {parts} from {args.checkpoint}\n'
+        f'use it with: --config.init_from={args.workdir} {model_flags(model_config)}'
+        + ('' if 'head' in variables['params'] else
+           ' and a fresh head: --config.head_layers_kept=0 (finetune) or '
+           '--config.init_head=False (pretrain)'))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,265 @@
+"""Importing published ResNets (`bigssl_med.convert`) against float64 NumPy references.
+
+The references (`reference_resnets.py`) implement torchvision's and SimCLR's TF1
+ResNets from their own definitions; the PyTorch files in `tests/data` were written by
+`torch.save` (`tests/data/make_torch_fixtures.py`); the TF checkpoints are written
+here with TensorFlow's name-based saver op, under SimCLR's variable names.
+"""
+
+import collections
+import json
+import os
+import pickle
+import sys
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigssl_med import checkpointing, convert, models, parallel
+from bigssl_med.errors import CheckpointError
+from bigssl_med.models import heads, resnet
+from bigssl_med.trainers import finetune
+import reference_resnets as ref
+from test_finetune import colours, tiny_config  # noqa: F401  pylint: disable=unused-import
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
+WIDTH = 1 / 32  # of the torchvision fixtures
+
+
+def _encoder_features(variables, model_config, images, **overrides):
+  kwargs = dict(depth=model_config['depth'], width_multiplier=model_config['width_multiplier'],
+                sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'],
+                stem_pool_padding=model_config['stem_pool_padding'])
+  kwargs.update(overrides)
+  encoder = models.ResNet(**kwargs)
+  with jax.default_matmul_precision('highest'):
+    out = encoder.apply({c: variables[c]['encoder'] for c in ('params', 'batch_stats')},
+                        jnp.asarray(images, jnp.float32), train=False)
+  return np.asarray(out, np.float64)
+
+
+def _relative_error(got, want):
+  return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def _images(n=2, size=64, seed=0):
+  # 64 pixels: the stem's output is even-sized, where the two max-pool paddings differ.
+  return np.random.default_rng(seed).normal(size=(n, size, size, 3))
+
+
+# ------------------------------------------------------------------- PyTorch files.
+
+
+def test_torch_reader_reads_views_dtypes_and_nesting_without_pytorch(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'torch', None)  # `import torch` fails: the zip path only
+  obj = convert.read_torch_file(os.path.join(DATA, 'torch_tensors.pth'))
+  np.testing.assert_array_equal(obj['transposed'], np.arange(12.0).reshape(3, 4).T)
+  np.testing.assert_array_equal(obj['slice'], [3.0, 4.0, 5.0, 6.0])
+  np.testing.assert_array_equal(obj['same_storage'], np.arange(20.0).reshape(4, 5)[1:, ::2])
+  assert obj['bfloat16'].dtype.name == 'bfloat16'
+  np.testing.assert_array_equal(obj['bfloat16'].astype(np.float32), [1.5, -2.25, 3.0])
+  assert obj['float16'].dtype == np.float16 and list(obj['float16']) == [0.5, -1.0]
+  assert obj['int64_scalar'].shape == () and obj['int64_scalar'].dtype == np.int64
+  assert int(obj['int64_scalar']) == 7
+  np.testing.assert_array_equal(obj['parameter'], [0.25, 0.25])
+  assert obj['nested']['inner']['x'].dtype == np.float64 and obj['epoch'] == 3
+
+
+def test_torch_reader_reads_a_state_dict_exactly():
+  state = convert.read_torch_file(os.path.join(DATA, 'torchvision_r50_w32.pth'))
+  want = ref.torchvision_state_dict(50, WIDTH, seed=1, num_classes=10)
+  assert list(state) == list(want)
+  for key, value in want.items():
+    assert state[key].dtype == value.dtype and state[key].shape == value.shape, key
+    np.testing.assert_array_equal(state[key], value, err_msg=key)
+
+
+def test_torch_reader_refuses_code_and_old_files_without_pytorch(tmp_path, monkeypatch):
+  evil = tmp_path / 'evil.pth'
+  with zipfile.ZipFile(evil, 'w') as z:
+    z.writestr('evil/data.pkl', pickle.dumps(collections.Counter('ab'), protocol=2))
+  with pytest.raises(CheckpointError, match=r'evil\.pth: holds a collections\.Counter'):
+    convert.read_torch_file(os.fspath(evil))
+  old = tmp_path / 'old.pth'
+  old.write_bytes(pickle.dumps({'conv1.weight': 1}))
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  with pytest.raises(CheckpointError, match=r'old\.pth: not a zip file .* needs PyTorch'):
+    convert.read_torch_file(os.fspath(old))
+  with pytest.raises(CheckpointError, match='no such file'):
+    convert.read_torch_file(os.fspath(tmp_path / 'missing.pth'))
+
+
+# ------------------------------------------------------------- torchvision's layout.
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_torchvision_import_computes_torchvisions_features(depth):
+  path = os.path.join(DATA, f'torchvision_r{depth}_w32.pth')
+  variables, model_config = convert.load(path)
+  assert (model_config['depth'], model_config['width_multiplier']) == (depth, WIDTH)
+  assert model_config['stem_pool_padding'] == 'symmetric' and model_config['head_layers'] == 0
+  images = _images()
+  want = ref.torchvision_features(convert.read_torch_file(path), images, depth)
+  assert _relative_error(_encoder_features(variables, model_config, images), want) < 1e-5
+  # SimCLR's max-pooling windows sit one pixel off torchvision's: a different function.
+  shifted = _encoder_features(variables, model_config, images, stem_pool_padding='same')
+  assert _relative_error(shifted, want) > 1e-2
+
+
+def test_torchvision_import_finds_wrapped_and_prefixed_state_dicts():
+  state = ref.torchvision_state_dict(18, WIDTH, seed=3)
+  plain, _ = convert.import_torchvision(state)
+  wrapped = {'epoch': 90, 'state_dict': {f'module.{k}': v for k, v in state.items()}}
+  found = convert.find_state_dict(wrapped, 'ckpt.pth')
+  assert list(found) == list(state)
+  moco = {'state_dict': {f'module.encoder_{q}.{k}': v for q in 'qk' for k, v in state.items()}}
+  with pytest.raises(CheckpointError, match=r"several ResNets.*'module.encoder_k.'.*--prefix"):
+    convert.find_state_dict(moco, 'moco.pth')
+  chosen = convert.find_state_dict(moco, 'moco.pth', prefix='module.encoder_q.')
+  variables, _ = convert.import_torchvision(chosen)
+  jax.tree.map(np.testing.assert_array_equal, variables, plain)
+  with pytest.raises(CheckpointError, match="no ResNet state dict.*'trunk.conv1.weight'"):
+    convert.find_state_dict(moco, 'moco.pth', prefix='trunk.')
+
+
+def test_torchvision_resnet18_identity_shortcut_passes_its_input():
+  variables, _ = convert.import_torchvision(ref.torchvision_state_dict(18, WIDTH, seed=3))
+  block = {c: variables[c]['encoder']['group1_block0']['shortcut']
+           for c in ('params', 'batch_stats')}
+  shortcut = resnet.Shortcut(features=2, strides=1, resnet_d=False)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 2)), jnp.float32)
+  np.testing.assert_array_equal(shortcut.apply(block, x, train=False), x)
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda s: s.pop('layer2.0.bn1.running_var'), 'lacks layer2.0.bn1.running_var'),
+    (lambda s: s.update({'layer2.0.se.weight': np.ones(3)}), 'has layer2.0.se.weight'),
+    (lambda s: s.update({'conv1.weight': np.ones((2, 3, 3, 3), np.float32)}), '7x7 stem'),
+    (lambda s: s.update({'layer3.0.conv2.weight': np.ones((16, 8, 3, 3), np.float32)}),
+     r'group3_block0.*conv2.*has shape \(3, 3, 8, 16\)'),
+    (lambda s: [s.pop(k) for k in list(s) if k.startswith('layer4.1.')], 'match no ResNet'),
+])
+def test_torchvision_import_names_what_does_not_fit(edit, message):
+  state = ref.torchvision_state_dict(18, WIDTH, seed=3)
+  edit(state)
+  with pytest.raises(CheckpointError, match=message):
+    convert.import_torchvision(state, 'r18.pth')
+
+
+# ------------------------------------------------------------- SimCLR's TF1 layout.
+
+
+def _save_tf_checkpoint(variables, prefix):
+  tf = pytest.importorskip('tensorflow', reason='TensorFlow writes the SimCLR fixtures')
+  names = sorted(variables)
+  tf.raw_ops.SaveV2(prefix=os.fspath(prefix), tensor_names=names,
+                    shape_and_slices=[''] * len(names), tensors=[variables[n] for n in names])
+  return os.fspath(prefix)
+
+
+@pytest.mark.parametrize('depth, width, sk_ratio, cifar_stem', [
+    (50, 1 / 16, 0.0, False),      # SimCLR v1 / v2 without selective kernels
+    (50, 1 / 8, 0.0625, False),    # SimCLRv2 with SK: ResNet-D stem and shortcuts
+    (18, 1 / 8, 0.0, True),        # a CIFAR stem
+])
+def test_simclr_tf1_import_computes_simclrs_features_and_head(tmp_path, depth, width, sk_ratio,
+                                                              cifar_stem):
+  tf_vars = ref.simclr_tf1_variables(depth, width, sk_ratio, seed=2, cifar_stem=cifar_stem,
+                                     head_out_dim=16)
+  _save_tf_checkpoint(tf_vars, tmp_path / 'model.ckpt-250228')
+  variables, model_config = convert.load(os.fspath(tmp_path))  # the folder finds the prefix
+  assert (model_config['depth'], model_config['width_multiplier'], model_config['sk_ratio'],
+          model_config['cifar_stem']) == (depth, width, sk_ratio, cifar_stem)
+  assert model_config['stem_pool_padding'] == 'same'
+  assert (model_config['head_layers'], model_config['head_out_dim'],
+          model_config['head_hidden_dim']) == (3, 16, 0)
+  images = _images()
+  want = ref.simclr_tf1_features(tf_vars, images, depth, sk_ratio, cifar_stem=cifar_stem)
+  features = _encoder_features(variables, model_config, images)
+  assert _relative_error(features, want) < 1e-4
+  head = heads.ProjectionHead(num_layers=3, out_dim=16)
+  with jax.default_matmul_precision('highest'):
+    outputs = head.apply({c: variables[c]['head'] for c in ('params', 'batch_stats')},
+                         jnp.asarray(features, jnp.float32), train=False)
+  for got, expected in zip(outputs[1:], ref.simclr_tf1_head(tf_vars, features)[1:]):
+    assert _relative_error(np.asarray(got, np.float64), expected) < 1e-5
+
+
+def test_simclr_tf1_ema_weights_and_encoder_only_checkpoints(tmp_path):
+  online = ref.simclr_tf1_variables(50, 1 / 16, seed=4, extras=False, head_layers=2)
+  average = ref.simclr_tf1_variables(50, 1 / 16, seed=5, extras=False, head_layers=2)
+  both = dict(online)
+  both.update({f'ema_model/{k}': v for k, v in average.items()})
+  prefix = _save_tf_checkpoint(both, tmp_path / 'model.ckpt-1')
+  ema, model_config = convert.load(prefix, ema=True)
+  assert model_config['head_layers'] == 2
+  np.testing.assert_array_equal(ema['params']['encoder']['stem_conv']['conv']['kernel'],
+                                average['base_model/conv2d/kernel'])
+  plain, _ = convert.load(prefix)
+  np.testing.assert_array_equal(plain['params']['encoder']['stem_conv']['conv']['kernel'],
+                                online['base_model/conv2d/kernel'])
+  encoder_only = {k: v for k, v in online.items() if k.startswith('base_model/')}
+  prefix = _save_tf_checkpoint(encoder_only, tmp_path / 'encoder' / 'model.ckpt-1')
+  variables, model_config = convert.load(prefix)
+  assert 'head' not in variables['params'] and model_config['head_layers'] == 0
+
+
+@pytest.mark.parametrize('edit, kwargs, message', [
+    (lambda v: v.pop('base_model/batch_normalization_7/moving_mean'), {},
+     'lacks base_model/batch_normalization_7/moving_mean'),
+    (lambda v: v.pop('base_model/conv2d_5/kernel'), {}, 'conv2d_5 is missing'),
+    (lambda v: v.update({'base_model/dense/kernel': np.ones(2)}), {},
+     'has base_model/dense/kernel'),
+    (lambda v: None, {'ema': True}, r"no variables under 'ema_model/base_model/'"),
+    (lambda v: None, {'sk_ratio': 1.0}, 'match no ResNet .* sk_ratio 1'),
+])
+def test_simclr_tf1_import_names_what_does_not_fit(edit, kwargs, message):
+  variables = ref.simclr_tf1_variables(50, 1 / 8, 0.0625, seed=6)
+  edit(variables)
+  with pytest.raises(CheckpointError, match=message):
+    convert.import_simclr_tf1(variables, 'model.ckpt-1', **kwargs)
+
+
+# ----------------------------------------------------------- The command and init_from.
+
+
+def test_command_writes_a_workdir_that_init_from_accepts(tmp_path, capsys):
+  out = tmp_path / 'imported'
+  path = os.path.join(DATA, 'torchvision_r18_w32.pth')
+  assert convert.main(['--checkpoint', path, '--workdir', os.fspath(out)]) == 0
+  printed = capsys.readouterr().out
+  assert 'ResNet-18 x0.03125 encoder' in printed
+  assert '--config.model.stem_pool_padding=symmetric' in printed
+  config = json.loads((out / 'config.json').read_text())
+  assert config['trainer'] == 'imported' and config['source']['format'] == 'torchvision'
+  assert config['model']['stem_pool_padding'] == 'symmetric'
+  expected, _ = convert.load(path)
+  loaded = checkpointing.load_model_variables(os.fspath(out),
+                                              parallel.replicated(parallel.data_mesh()))
+  jax.tree.map(np.testing.assert_array_equal, loaded, expected)
+  # A second import into the same workdir leaves the first untouched.
+  before = sorted(p.relative_to(out) for p in out.rglob('*'))
+  assert convert.main(['--checkpoint', path, '--workdir', os.fspath(out)]) == 2
+  assert 'already holds a run' in capsys.readouterr().err
+  assert sorted(p.relative_to(out) for p in out.rglob('*')) == before
+  assert convert.main(['--checkpoint', os.fspath(tmp_path / 'nothing'),
+                       '--workdir', os.fspath(tmp_path / 'x')]) == 2
+  assert 'no such file' in capsys.readouterr().err
+
+
+def test_fine_tuning_starts_from_an_imported_torchvision_model(colours, tmp_path):  # noqa: F811
+  imported = tmp_path / 'imported'
+  assert convert.main(['--checkpoint', os.path.join(DATA, 'torchvision_r18_w32.pth'),
+                       '--workdir', os.fspath(imported)]) == 0
+  overrides = {'init_from': os.fspath(imported), 'total_steps': 2, 'eval_every_steps': 2,
+               'model.cifar_stem': False, 'model.width_multiplier': WIDTH,
+               'model.stem_pool_padding': 'symmetric'}
+  with pytest.raises(CheckpointError, match='encoder alone.*head_layers_kept=0'):
+    finetune.train_and_evaluate(tiny_config(colours, head_layers_kept=1, **overrides),
+                                os.fspath(tmp_path / 'with_head'))
+  results = finetune.train_and_evaluate(tiny_config(colours, **overrides),
+                                        os.fspath(tmp_path / 'finetuned'))
+  assert results['init'] == 'imported' and results['test']['num_examples'] == 16
