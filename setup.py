@@ -28,6 +28,7 @@ setuptools.setup(
         'scipy>=1.11',
         'matplotlib>=3.8',
         'absl-py>=2.0',
+        'safetensors>=0.4',             # published weights in .safetensors (bigssl_med.convert)
         # TensorBoard events through clu's writer; imported lazily (see ARCHITECTURE.md).
         'tensorboard>=2.16',
         'tensorflow-cpu>=2.16; platform_system == "Linux" and platform_machine == "x86_64"',

@@ -4,7 +4,9 @@ r"""Published ImageNet ResNets as a workdir that `config.init_from` accepts.
   python -m bigssl_med.convert --checkpoint=r50_1x_sk1/model.ckpt-250228 --workdir=imported/v2
 
 Formats (`--format`; found from the file when left out):
-- `torchvision`: a PyTorch file holding a state dict in torchvision's ResNet layout
+- `torchvision`: a PyTorch or `.safetensors` file holding a state dict in torchvision's
+  ResNet layout (torchvision's weights, timm's plain ResNets, and many self-supervised
+  models)
   (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `layer2.0.downsample.0.weight`;
   `fc.*` is left out), alone or inside a dict (under 'state_dict', 'model', ...), its
   keys with or without a prefix such as 'module.' (found, or `--prefix` where a file
@@ -16,7 +18,7 @@ Formats (`--format`; found from the file when left out):
   inference transform is exactly the identity; in training mode that BatchNorm
   normalises by the batch statistics, as every other one does).
   Files written by `torch.save` since PyTorch 1.6 (zip) are read without PyTorch;
-  older ones need PyTorch installed.
+  older ones need PyTorch installed; `.safetensors` files are read with safetensors.
 - `simclr_tf1`: SimCLR's TensorFlow 1 checkpoints (v1: ResNet50_1x/2x/4x; v2:
   r50_1x_sk0 ... r152_3x_sk1, pretrained or fine-tuned). The encoder lives under
   `base_model/` (with `--ema`, the moving averages under `ema_model/base_model/`), its
@@ -156,6 +158,25 @@ def read_torch_file(path: str) -> Any:
     raise CheckpointError(f'{path}: torch.load failed: {str(e).splitlines()[0]}') from e
   return jax.tree.map(lambda t: t.float().numpy() if t.is_floating_point() else t.numpy(),
                       obj, is_leaf=lambda t: isinstance(t, torch.Tensor))
+
+
+def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
+  """The tensors of a `.safetensors` file (the format of the Hugging Face hub), as NumPy."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f'{path}: no such file')
+  import safetensors  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  try:
+    return safetensors_numpy.load_file(path)
+  except (safetensors.SafetensorError, OSError, ValueError, TypeError) as e:
+    raise CheckpointError(f'{path}: not a readable safetensors file: {e}') from e
+
+
+def read_weights_file(path: str) -> Any:
+  """A `.safetensors` file's tensors, or the object a `torch.save` file holds."""
+  if path.endswith('.safetensors'):
+    return read_safetensors_file(path)
+  return read_torch_file(path)
 
 
 # ---------------------------------------------------------- torchvision's layout.
@@ -534,7 +555,7 @@ def load(path: str, kind: str | None = None, *, prefix: str | None = None, ema: 
   """
   kind = kind or detect_format(path)
   if kind == 'torchvision':
-    return import_torchvision(find_state_dict(read_torch_file(path), path, prefix), path)
+    return import_torchvision(find_state_dict(read_weights_file(path), path, prefix), path)
   if kind == 'simclr_tf1':
     return import_simclr_tf1(read_tf_checkpoint(path), path, ema=ema, sk_ratio=sk_ratio)
   raise UserError(f'format {kind!r} is not one of {FORMATS}')
@@ -589,7 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       description='Imports a published ImageNet ResNet (torchvision layout or SimCLR TF1) as '
                   'a workdir that --config.init_from accepts.')
   parser.add_argument('--checkpoint', required=True,
-                      help='a PyTorch file, or a TF checkpoint prefix (model.ckpt-N) or folder')
+                      help='a PyTorch or .safetensors file, or a TF checkpoint prefix '
+                           '(model.ckpt-N) or folder')
   parser.add_argument('--workdir', required=True, help='new folder to write the model into')
   parser.add_argument('--format', choices=FORMATS, default=None,
                       help='default: torchvision for a file, simclr_tf1 for a TF checkpoint')

@@ -109,6 +109,20 @@ def test_torchvision_import_computes_torchvisions_features(depth):
   assert _relative_error(shifted, want) > 1e-2
 
 
+def test_torchvision_import_reads_safetensors_files(tmp_path):
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  state = ref.torchvision_state_dict(18, WIDTH, seed=3, num_classes=5)
+  path = os.fspath(tmp_path / 'model.safetensors')
+  safetensors_numpy.save_file(state, path)
+  variables, model_config = convert.load(path)
+  expected, _ = convert.import_torchvision(state)
+  jax.tree.map(np.testing.assert_array_equal, variables, expected)
+  assert model_config['depth'] == 18
+  (tmp_path / 'bad.safetensors').write_text('not tensors')
+  with pytest.raises(CheckpointError, match=r'bad\.safetensors: not a readable safetensors'):
+    convert.load(os.fspath(tmp_path / 'bad.safetensors'))
+
+
 def test_torchvision_import_finds_wrapped_and_prefixed_state_dicts():
   state = ref.torchvision_state_dict(18, WIDTH, seed=3)
   plain, _ = convert.import_torchvision(state)
