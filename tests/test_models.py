@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from bigssl_med import models
+from bigssl_med.errors import ConfigError
 from bigssl_med.models import resnet
 
 
@@ -181,3 +182,11 @@ def test_stem_max_pool_matches_xla_value_and_gradient(shape, padding, xla_paddin
   np.testing.assert_array_equal(y, y_ref)
   g = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
   np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_stem_pool_padding_is_read_from_the_config_and_checked():
+  assert models.encoder(_model_config(), dtype=jnp.float32).stem_pool_padding == 'same'
+  encoder = models.encoder(_model_config(stem_pool_padding='symmetric'), dtype=jnp.float32)
+  assert encoder.stem_pool_padding == 'symmetric'
+  with pytest.raises(ConfigError, match=r"stem_pool_padding='torch' is not one of"):
+    models.encoder(_model_config(stem_pool_padding='torch'), dtype=jnp.float32)

@@ -1,7 +1,8 @@
 """Models: SimCLR's ResNet encoder, the SimCLRv2 projection head, and builders."""
 
+from bigssl_med.errors import ConfigError
 from bigssl_med.models.heads import Classifier, ContrastiveModel, ProjectionHead
-from bigssl_med.models.resnet import DEPTHS, ResNet, feature_dim
+from bigssl_med.models.resnet import DEPTHS, STEM_POOL_PADDINGS, ResNet, feature_dim
 from bigssl_med.models.unet import UNet
 
 __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'classifier',
@@ -16,10 +17,14 @@ def encoder(model_config, *, dtype) -> ResNet:
   `fused_bn` and `stem_pool_padding` may be absent: run configs (`config.json`)
   written before they existed.
   """
+  stem_pool_padding = model_config.get('stem_pool_padding', 'same')
+  if stem_pool_padding not in STEM_POOL_PADDINGS:
+    raise ConfigError(f'config.model.stem_pool_padding={stem_pool_padding!r} is not one of '
+                      f'{STEM_POOL_PADDINGS}')
   return ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
                 sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
                 dtype=dtype, fused_bn=model_config.get('fused_bn', False),
-                stem_pool_padding=model_config.get('stem_pool_padding', 'same'))
+                stem_pool_padding=stem_pool_padding)
 
 
 def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> ContrastiveModel:
