@@ -37,5 +37,7 @@ setuptools.setup(
     extras_require={
         'test': ['pytest>=8.0'],
         'gpu': ['jax[cuda12]>=0.10.0'],
+        # bigssl_med.convert reads torch.save zip files itself; PyTorch only for older files.
+        'convert': ['torch>=1.6'],
     },
 )
