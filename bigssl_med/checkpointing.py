@@ -161,7 +161,8 @@ def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys:
       taken = loaded[collection][key]
       if key in partial:
         taken = _common_part(variables[collection][key], taken)
-      check_same_structure(variables[collection][key], taken, f'{collection}/{key}', source)
+      check_same_structure(variables[collection][key], taken, f'{collection}/{key}',
+                           f'init_from={source!r}')
       out[collection][key] = jax.tree.map(lambda new, old: new.astype(old.dtype),
                                           taken, variables[collection][key])
   return out
@@ -174,15 +175,25 @@ def _common_part(expected: Any, got: Any) -> Any:
   return {k: _common_part(v, got[k]) for k, v in expected.items() if k in got}
 
 
-def check_same_structure(expected: Any, got: Any, prefix: str, source: str) -> None:
-  """Fails with the first array of `expected` that `got` lacks or has in another shape."""
+def check_same_structure(expected: Any, got: Any, prefix: str, source: str,
+                         why: str = 'it was trained with another architecture (config.model)'
+                         ) -> None:
+  """Fails with the first array of `expected` that `got` lacks, has extra or in another shape.
+
+  The error names `source` (e.g. "init_from='...'"), the array and `why`.
+  """
   want = {jax.tree_util.keystr(p): x.shape
           for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
   have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(got)[0]}
   for name, shape in want.items():
     if name not in have:
-      raise CheckpointError(f'init_from={source!r} lacks {prefix}{name} that this model has: '
-                            'it was trained with another architecture (config.model)')
+      raise CheckpointError(f'{source} lacks {prefix}{name} that this model has: {why}')
+    if tuple(have[name]) != tuple(shape):
+      raise CheckpointError(f'{source}: {prefix}{name} has shape {tuple(have[name])}, this model '
+                            f'expects {tuple(shape)}: {why}')
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise CheckpointError(f'{source} has {prefix}{extra[0]} that this model lacks: {why}')
     if tuple(have[name]) != tuple(shape):
       raise CheckpointError(
           f'init_from={source!r}: {prefix}{name} has shape {tuple(have[name])}, this model '

@@ -517,6 +517,9 @@ def _model_config(**overrides) -> dict[str, Any]:
   return config
 
 
+_NOT_THIS_LAYOUT = 'the file is not in the layout this importer reads'
+
+
 def _check_against_model(variables: dict[str, Any], model_config: dict[str, Any],
                          path: str) -> None:
   """Fails unless `variables` has exactly the shapes of the model `model_config` describes."""
@@ -526,7 +529,7 @@ def _check_against_model(variables: dict[str, Any], model_config: dict[str, Any]
   _, _, expected = _layer_order(encoder)
   for collection in ('params', 'batch_stats'):
     checkpointing.check_same_structure(expected[collection], variables[collection]['encoder'],
-                                       f'{collection}/encoder', path)
+                                       f'{collection}/encoder', path, _NOT_THIS_LAYOUT)
   if 'head' in variables['params']:
     head = heads.ProjectionHead(num_layers=model_config['head_layers'],
                                 out_dim=model_config['head_out_dim'],
@@ -535,7 +538,7 @@ def _check_against_model(variables: dict[str, Any], model_config: dict[str, Any]
     expected = jax.eval_shape(lambda: head.init(jax.random.key(0), jnp.zeros((2, features))))
     for collection in ('params', 'batch_stats'):
       checkpointing.check_same_structure(expected[collection], variables[collection]['head'],
-                                         f'{collection}/head', path)
+                                         f'{collection}/head', path, _NOT_THIS_LAYOUT)
 
 
 def detect_format(path: str) -> str:
