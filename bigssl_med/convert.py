@@ -99,6 +99,7 @@ class _TorchUnpickler(pickle.Unpickler):
   def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, path: str):
     super().__init__(io.BytesIO(data))
     self._archive, self._root, self._path = archive, root, path
+    self._storages = {}  # key -> array: views of one storage read it once
     self._big_endian = False
     if f'{root}/byteorder' in archive.namelist():
       self._big_endian = archive.read(f'{root}/byteorder').strip() == b'big'
@@ -121,9 +122,11 @@ class _TorchUnpickler(pickle.Unpickler):
     storage_type, key = pid[1], pid[2]
     if not isinstance(storage_type, _StorageType):
       raise CheckpointError(f'{self._path}: unsupported storage {storage_type!r:.60}')
-    dtype = storage_type.dtype.newbyteorder('>') if self._big_endian else storage_type.dtype
-    raw = self._archive.read(f'{self._root}/data/{key}')
-    return np.frombuffer(raw, dtype).astype(storage_type.dtype)
+    if key not in self._storages:
+      dtype = storage_type.dtype.newbyteorder('>') if self._big_endian else storage_type.dtype
+      raw = self._archive.read(f'{self._root}/data/{key}')
+      self._storages[key] = np.frombuffer(raw, dtype).astype(storage_type.dtype)
+    return self._storages[key]
 
 
 def read_torch_file(path: str) -> Any:
