@@ -8,7 +8,8 @@ Formats (`--format`; found from the file when left out):
   ResNet layout (torchvision's weights, timm's plain ResNets, and many self-supervised
   models)
   (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `layer2.0.downsample.0.weight`;
-  `fc.*` is left out), alone or inside a dict (under 'state_dict', 'model', ...), its
+  keys beside the ResNet, such as the classifier `fc.*` or SwAV's `projection_head.*`
+  and `prototypes.*`, are left out and listed in the log), alone or inside a dict (under 'state_dict', 'model', ...), its
   keys with or without a prefix such as 'module.' (found, or `--prefix` where a file
   holds several networks, e.g. MoCo's 'module.encoder_q.'). The depth and width are
   read off the weights. torchvision's max-pooling pads one pixel each side: the
@@ -249,12 +250,19 @@ def _put(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
   tree[path[-1]] = value
 
 
+# The modules of torchvision's ResNet that the encoder is made of (`fc` is its classifier).
+_TORCHVISION_MODULES = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'layer4.')
+
+
 def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
   """`({'params': {'encoder': ...}, 'batch_stats': {...}}, model config)` of a state dict.
 
-  Every key is used, except `fc.*` and the BatchNorm counters `num_batches_tracked`;
-  a key that torchvision's ResNet lacks, or one missing, is an error naming it.
+  Every key of the ResNet's own modules (`conv1`, `bn1`, `layer1` ... `layer4`) is
+  used but the BatchNorm counters `num_batches_tracked`; one there that torchvision's
+  ResNet lacks, or one missing, is an error naming it. Keys outside those modules
+  (the classifier `fc`, or what a self-supervised method keeps beside the encoder:
+  SwAV's `projection_head` and `prototypes`, ...) are left out, and the log says which.
   """
   depth, width = _torchvision_layout(sd, path)
   params, stats = {}, {}
@@ -299,8 +307,13 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
         _put(stats, ours + ('shortcut', 'proj_bn', 'bn', 'mean'), np.zeros(channels, np.float32))
         _put(stats, ours + ('shortcut', 'proj_bn', 'bn', 'var'),
              np.full(channels, 1 - resnet.BN_EPSILON, np.float32))
-  unused = sorted(k for k in sd if k not in used and not k.startswith('fc.')
-                  and not k.endswith('num_batches_tracked'))
+  unused = sorted(k for k in sd if k not in used and not k.endswith('num_batches_tracked'))
+  left_out = [k for k in unused if not k.startswith(_TORCHVISION_MODULES)]
+  unused = [k for k in unused if k.startswith(_TORCHVISION_MODULES)]
+  if left_out:
+    groups = collections.Counter(k.split('.')[0] for k in left_out)
+    logging.info('%s: left out %d tensors beside the ResNet: %s', path, len(left_out),
+                 ', '.join(f'{name}.* ({n})' for name, n in sorted(groups.items())))
   if unused:
     raise CheckpointError(f'{path}: has {unused[0]}, which torchvision\'s ResNet-{depth} lacks '
                           f'({len(unused)} such keys)')

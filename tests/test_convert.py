@@ -8,6 +8,7 @@ here with TensorFlow's name-based saver op, under SimCLR's variable names.
 
 import collections
 import json
+import logging
 import os
 import pickle
 import sys
@@ -137,6 +138,24 @@ def test_torchvision_import_finds_wrapped_and_prefixed_state_dicts():
   jax.tree.map(np.testing.assert_array_equal, variables, plain)
   with pytest.raises(CheckpointError, match="no ResNet state dict.*'trunk.conv1.weight'"):
     convert.find_state_dict(moco, 'moco.pth', prefix='trunk.')
+
+
+def test_torchvision_import_leaves_out_and_logs_what_sits_beside_the_resnet(caplog):
+  state = ref.torchvision_state_dict(18, WIDTH, seed=3)
+  plain, _ = convert.import_torchvision(state)
+  rng = np.random.default_rng(1)
+  swav = {'module.' + k: v for k, v in state.items()}  # SwAV's layout: head and prototypes
+  swav.update({'module.projection_head.0.weight': rng.normal(size=(8, 16)),
+               'module.projection_head.0.bias': rng.normal(size=8),
+               'module.projection_head.1.running_mean': rng.normal(size=8),
+               'module.prototypes.weight': rng.normal(size=(30, 8)),
+               'module.fc.weight': rng.normal(size=(10, 16))})
+  with caplog.at_level(logging.INFO):
+    variables, _ = convert.import_torchvision(convert.find_state_dict(swav, 'swav.pth'),
+                                              'swav.pth')
+  jax.tree.map(np.testing.assert_array_equal, variables, plain)
+  assert ('swav.pth: left out 5 tensors beside the ResNet: fc.* (1), projection_head.* (3), '
+          'prototypes.* (1)') in caplog.text
 
 
 def test_torchvision_resnet18_identity_shortcut_passes_its_input():
