@@ -11,11 +11,15 @@ Where the starting weights come from, in this order (`restore_or_initialize`):
 1. the newest checkpoint in this run's workdir (resume: weights, optimiser, step
    and data position);
 2. `config.init_from` (another workdir, its `checkpoints/` folder, or one step folder):
-   encoder weights, and the head's when asked; fresh optimiser and step 0;
+   encoder weights, and the head's when asked; fresh optimiser and step 0. Where the
+   run that wrote it left a `config.json`, its encoder architecture
+   (`ENCODER_ARCHITECTURE`) must be this run's: a different `stem_pool_padding`, say,
+   has the same shapes but computes another function;
 3. the random initialisation.
 """
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any, Callable
@@ -123,6 +127,46 @@ def _find_model_item(path: str) -> epath.Path:
   return p / str(max(steps)) / 'model'
 
 
+# config.model keys that make an encoder's function, with the value a config.json written
+# before the key existed implies.
+ENCODER_ARCHITECTURE = {'depth': 50, 'width_multiplier': 1.0, 'sk_ratio': 0.0,
+                        'cifar_stem': False, 'stem_pool_padding': 'same',
+                        'identity_shortcuts': False}
+
+
+def _run_config_path(path: str) -> epath.Path | None:
+  """The `config.json` of the run that `init_from=path` names (workdir, checkpoints, step)."""
+  p = epath.Path(os.path.expanduser(path))
+  for d in (p, p.parent, p.parent.parent):
+    if (d / 'config.json').is_file() and (d / 'checkpoints').is_dir():
+      return d / 'config.json'
+  return None
+
+
+def check_encoder_architecture(init_from: str, model_config: Any) -> None:
+  """Fails when the run at `init_from` had an encoder other than `model_config` describes.
+
+  Reads `config.json` beside the checkpoints (absent: nothing to compare, the shapes
+  are still checked when loading) and compares the `ENCODER_ARCHITECTURE` keys.
+  """
+  config_path = _run_config_path(init_from)
+  if config_path is None:
+    return
+  try:
+    theirs = json.loads(config_path.read_text()).get('model')
+  except (ValueError, OSError) as e:
+    raise CheckpointError(f'init_from={init_from!r}: cannot read {config_path}: '
+                          f'{_first_line(e)}') from e
+  if not isinstance(theirs, dict):
+    return
+  for key, default in ENCODER_ARCHITECTURE.items():
+    there, here = theirs.get(key, default), model_config.get(key, default)
+    if there != here:
+      raise CheckpointError(
+          f'init_from={init_from!r} has an encoder with config.model.{key}={there!r} '
+          f'({config_path}), this run has {here!r}: set --config.model.{key}={there}')
+
+
 def load_model_variables(path: str, sharding: jax.sharding.Sharding) -> dict[str, Any]:
   """Loads `{'params', 'batch_stats'}` of the newest checkpoint at `path`, placed on `sharding`."""
   item = _find_model_item(path)
@@ -194,21 +238,14 @@ def check_same_structure(expected: Any, got: Any, prefix: str, source: str,
   extra = sorted(set(have) - set(want))
   if extra:
     raise CheckpointError(f'{source} has {prefix}{extra[0]} that this model lacks: {why}')
-    if tuple(have[name]) != tuple(shape):
-      raise CheckpointError(
-          f'init_from={source!r}: {prefix}{name} has shape {tuple(have[name])}, this model '
-          f'expects {tuple(shape)}: it was trained with another architecture (config.model)')
-  extra = sorted(set(have) - set(want))
-  if extra:
-    raise CheckpointError(f'init_from={source!r} has {prefix}{extra[0]} that this model lacks: '
-                          'it was trained with another architecture (config.model)')
 
 
 def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], tuple[Any, Any]],
                           abstract_model: Any, abstract_opt: Any, init_from: str,
                           init_keys: tuple[str, ...], model_sharding: jax.sharding.Sharding,
                           finalize_opt: Callable[[Any], Any],
-                          partial_keys: tuple[str, ...] = ()) -> tuple[Any, Any, bytes | None, str]:
+                          partial_keys: tuple[str, ...] = (),
+                          model_config: Any = None) -> tuple[Any, Any, bytes | None, str]:
   """Starting point of a run, in the one priority order of this module's docstring.
 
   Args:
@@ -222,6 +259,8 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
       `init_from` (fresh state for the loaded parameters).
     partial_keys: modules of `init_keys` that may be larger in the checkpoint
       (see `merge_pretrained`).
+    model_config: this run's `config.model`, checked against the encoder of the run
+      at `init_from` (`check_encoder_architecture`); None skips that check.
 
   Returns:
     `(model_variables, opt, data_state, origin)`; origin says which case applied.
@@ -232,6 +271,8 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
     return model, opt, data_state, f'resumed from {checkpointer.directory / str(step)}'
   model, opt = init_fn()
   if init_from:
+    if model_config is not None and 'encoder' in init_keys:
+      check_encoder_architecture(init_from, model_config)
     loaded = load_model_variables(init_from, model_sharding)
     model = merge_pretrained(model, loaded, keys=init_keys, source=init_from,
                              partial=partial_keys)

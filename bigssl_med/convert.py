@@ -6,18 +6,17 @@ r"""Published ImageNet ResNets as a workdir that `config.init_from` accepts.
 Formats (`--format`; found from the file when left out):
 - `torchvision`: a PyTorch or `.safetensors` file holding a state dict in torchvision's
   ResNet layout (torchvision's weights, timm's plain ResNets, and many self-supervised
-  models)
-  (`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `layer2.0.downsample.0.weight`;
-  keys beside the ResNet, such as the classifier `fc.*` or SwAV's `projection_head.*`
-  and `prototypes.*`, are left out and listed in the log), alone or inside a dict (under 'state_dict', 'model', ...), its
-  keys with or without a prefix such as 'module.' (found, or `--prefix` where a file
-  holds several networks, e.g. MoCo's 'module.encoder_q.'). The depth and width are
-  read off the weights. torchvision's max-pooling pads one pixel each side: the
-  imported model has `stem_pool_padding='symmetric'`. torchvision's ResNet-18/34 have
-  an identity shortcut in their first block where this project's ResNet has a
-  projection: it is set to the identity (a 1x1 identity kernel and a BatchNorm whose
-  inference transform is exactly the identity; in training mode that BatchNorm
-  normalises by the batch statistics, as every other one does).
+  models): `conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ...,
+  `layer2.0.downsample.0.weight`. Keys beside the ResNet, such as the classifier
+  `fc.*` or SwAV's `projection_head.*` and `prototypes.*`, are left out and listed in
+  the log. The state dict may sit alone or inside a dict (under 'state_dict',
+  'model', ...), its keys with or without a prefix such as 'module.' (found, or
+  `--prefix` where a file holds several networks, e.g. MoCo's 'module.encoder_q.').
+  The depth and width are read off the weights. torchvision's max-pooling pads one
+  pixel each side: the imported model has `stem_pool_padding='symmetric'`.
+  torchvision's ResNet-18/34 have an identity shortcut in their first block where
+  SimCLR's have a projection: the imported model has `identity_shortcuts=True` there,
+  so it is torchvision's network in training mode too.
   Files written by `torch.save` since PyTorch 1.6 (zip) are read without PyTorch;
   older ones need PyTorch installed; `.safetensors` files are read with safetensors.
 - `simclr_tf1`: SimCLR's TensorFlow 1 checkpoints (v1: ResNet50_1x/2x/4x; v2:
@@ -293,20 +292,9 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
       for k in range(1, convs + 1):
         conv(f'{tv}.conv{k}', ours + (f'conv{k}', 'conv'))
         bn(f'{tv}.bn{k}', ours + (f'bn{k}', 'bn'))
-      if b > 0:
-        continue
-      if f'{tv}.downsample.0.weight' in sd:
+      if b == 0 and f'{tv}.downsample.0.weight' in sd:
         conv(f'{tv}.downsample.0', ours + ('shortcut', 'proj', 'conv'))
         bn(f'{tv}.downsample.1', ours + ('shortcut', 'proj_bn', 'bn'))
-      else:  # an identity shortcut: the projection this ResNet has there passes x through
-        channels = sd[f'{tv}.conv1.weight'].shape[1]
-        eye = np.eye(channels, dtype=np.float32)[None, None]
-        _put(params, ours + ('shortcut', 'proj', 'conv', 'kernel'), eye)
-        _put(params, ours + ('shortcut', 'proj_bn', 'bn', 'scale'), np.ones(channels, np.float32))
-        _put(params, ours + ('shortcut', 'proj_bn', 'bn', 'bias'), np.zeros(channels, np.float32))
-        _put(stats, ours + ('shortcut', 'proj_bn', 'bn', 'mean'), np.zeros(channels, np.float32))
-        _put(stats, ours + ('shortcut', 'proj_bn', 'bn', 'var'),
-             np.full(channels, 1 - resnet.BN_EPSILON, np.float32))
   unused = sorted(k for k in sd if k not in used and not k.endswith('num_batches_tracked'))
   left_out = [k for k in unused if not k.startswith(_TORCHVISION_MODULES)]
   unused = [k for k in unused if k.startswith(_TORCHVISION_MODULES)]
@@ -317,7 +305,10 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
   if unused:
     raise CheckpointError(f'{path}: has {unused[0]}, which torchvision\'s ResNet-{depth} lacks '
                           f'({len(unused)} such keys)')
+  # Only the first block of ResNet-18/34 can go without a projection (64 -> 64, stride 1);
+  # where one is missing elsewhere, the check against the model names it.
   model = _model_config(depth=depth, width_multiplier=width, stem_pool_padding='symmetric',
+                        identity_shortcuts='layer1.0.downsample.0.weight' not in sd,
                         head_layers=0)
   variables = {'params': {'encoder': params}, 'batch_stats': {'encoder': stats}}
   _check_against_model(variables, model, path)
@@ -541,7 +532,8 @@ def _check_against_model(variables: dict[str, Any], model_config: dict[str, Any]
   """Fails unless `variables` has exactly the shapes of the model `model_config` describes."""
   encoder = resnet.ResNet(depth=model_config['depth'],
                           width_multiplier=model_config['width_multiplier'],
-                          sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'])
+                          sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'],
+                          identity_shortcuts=model_config['identity_shortcuts'])
   _, _, expected = _layer_order(encoder)
   for collection in ('params', 'batch_stats'):
     checkpointing.check_same_structure(expected[collection], variables[collection]['encoder'],
@@ -616,7 +608,8 @@ def describe(model_config: Mapping[str, Any]) -> str:
 
 def model_flags(model_config: Mapping[str, Any]) -> str:
   """The `--config.model.KEY=VALUE` flags that give a run the imported architecture."""
-  keys = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem', 'stem_pool_padding')
+  keys = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem', 'stem_pool_padding',
+          'identity_shortcuts')
   defaults = config_schema.pretrain().model
   return ' '.join(f'--config.model.{k}={model_config[k]}' for k in keys
                   if model_config[k] != defaults[k] or k in ('depth', 'width_multiplier'))

@@ -98,7 +98,7 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
       checkpointer, init_fn=fresh, abstract_model=abstract_model,
       abstract_opt=with_sharding(abstract_opt, shardings['opt']), init_from=config.init_from,
       init_keys=init_keys, model_sharding=repl, finalize_opt=init_opt_jit,
-      partial_keys=partial_keys)
+      partial_keys=partial_keys, model_config=config.model)
   return Start(variables=variables, opt=opt, data_state=data_state, origin=origin,
                checkpointer=checkpointer, tx=tx, shardings=shardings,
                abstract_model=abstract_model)

@@ -188,8 +188,9 @@ def torchvision_state_dict(depth, width_multiplier=1.0, *, seed=0, num_classes=0
 class _TorchReader:
   """Reads a torchvision state dict and records which keys were used."""
 
-  def __init__(self, state):
+  def __init__(self, state, train=False):
     self.state = state
+    self.train = train
     self.used = set()
 
   def get(self, key):
@@ -205,25 +206,28 @@ class _TorchReader:
     return _conv2d(x, kernel, stride, ((padding, padding), (padding, padding)))
 
   def bn(self, name, x):
-    """PyTorch BatchNorm2d in eval mode."""
+    """PyTorch BatchNorm2d: eval mode, or training mode (batch mean, biased variance)."""
     self.used.add(f'{name}.num_batches_tracked')
-    return _batch_norm(x, self.get(f'{name}.running_mean'), self.get(f'{name}.running_var'),
-                       self.get(f'{name}.weight'), self.get(f'{name}.bias'))
+    mean, var = self.get(f'{name}.running_mean'), self.get(f'{name}.running_var')
+    if self.train:
+      mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+    return _batch_norm(x, mean, var, self.get(f'{name}.weight'), self.get(f'{name}.bias'))
 
 
-def torchvision_features(state, images, depth):
-  """Eval-mode torchvision ResNet forward up to the global average pool.
+def torchvision_features(state, images, depth, train=False):
+  """torchvision ResNet forward up to the global average pool (eval mode by default).
 
   Args:
     state: a torchvision-layout state dict (NumPy arrays; any width).
     images: (N, H, W, 3) NHWC images.
     depth: the ResNet depth (selects block kind and blocks per group).
+    train: BatchNorm in training mode (normalised by the batch's own statistics).
 
   Returns:
     (N, C) float64 pooled features (the input of `fc`).
   """
   kind, blocks = _arch(depth)
-  r = _TorchReader(state)
+  r = _TorchReader(state, train)
   x = r.conv('conv1', _images(images), 2, 3)
   x = _relu(r.bn('bn1', x))
   x = _max_pool(x, 3, 2, ((1, 1), (1, 1)))

@@ -30,16 +30,18 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
 WIDTH = 1 / 32  # of the torchvision fixtures
 
 
-def _encoder_features(variables, model_config, images, **overrides):
+def _encoder_features(variables, model_config, images, train=False, **overrides):
   kwargs = dict(depth=model_config['depth'], width_multiplier=model_config['width_multiplier'],
                 sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'],
-                stem_pool_padding=model_config['stem_pool_padding'])
+                stem_pool_padding=model_config['stem_pool_padding'],
+                identity_shortcuts=model_config['identity_shortcuts'])
   kwargs.update(overrides)
   encoder = models.ResNet(**kwargs)
   with jax.default_matmul_precision('highest'):
     out = encoder.apply({c: variables[c]['encoder'] for c in ('params', 'batch_stats')},
-                        jnp.asarray(images, jnp.float32), train=False)
-  return np.asarray(out, np.float64)
+                        jnp.asarray(images, jnp.float32), train=train,
+                        mutable=['batch_stats'] if train else False)
+  return np.asarray(out[0] if train else out, np.float64)
 
 
 def _relative_error(got, want):
@@ -158,13 +160,17 @@ def test_torchvision_import_leaves_out_and_logs_what_sits_beside_the_resnet(capl
           'prototypes.* (1)') in caplog.text
 
 
-def test_torchvision_resnet18_identity_shortcut_passes_its_input():
-  variables, _ = convert.import_torchvision(ref.torchvision_state_dict(18, WIDTH, seed=3))
-  block = {c: variables[c]['encoder']['group1_block0']['shortcut']
-           for c in ('params', 'batch_stats')}
-  shortcut = resnet.Shortcut(features=2, strides=1, resnet_d=False)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 5, 2)), jnp.float32)
-  np.testing.assert_array_equal(shortcut.apply(block, x, train=False), x)
+@pytest.mark.parametrize('depth', [18, 50])
+def test_torchvision_import_is_torchvisions_network_in_training_mode_too(depth):
+  path = os.path.join(DATA, f'torchvision_r{depth}_w32.pth')
+  variables, model_config = convert.load(path)
+  # ResNet-18's first block has torchvision's identity shortcut, not a projection.
+  assert model_config['identity_shortcuts'] == (depth == 18)
+  assert ('shortcut' in variables['params']['encoder']['group1_block0']) == (depth == 50)
+  images = _images()
+  want = ref.torchvision_features(convert.read_torch_file(path), images, depth, train=True)
+  got = _encoder_features(variables, model_config, images, train=True)
+  assert _relative_error(got, want) < 1e-4
 
 
 @pytest.mark.parametrize('edit, message', [
@@ -289,7 +295,7 @@ def test_fine_tuning_starts_from_an_imported_torchvision_model(colours, tmp_path
                        '--workdir', os.fspath(imported)]) == 0
   overrides = {'init_from': os.fspath(imported), 'total_steps': 2, 'eval_every_steps': 2,
                'model.cifar_stem': False, 'model.width_multiplier': WIDTH,
-               'model.stem_pool_padding': 'symmetric'}
+               'model.stem_pool_padding': 'symmetric', 'model.identity_shortcuts': True}
   with pytest.raises(CheckpointError, match='encoder alone.*head_layers_kept=0'):
     finetune.train_and_evaluate(tiny_config(colours, head_layers_kept=1, **overrides),
                                 os.fspath(tmp_path / 'with_head'))

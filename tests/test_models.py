@@ -32,6 +32,25 @@ def test_parameter_counts(depth, width, sk, expected):
   assert _count(variables['params']) == expected
 
 
+@pytest.mark.parametrize('depth,expected', [
+    # torchvision's ResNet-18 (11,689,512) and ResNet-34 (21,797,672) without fc (513,000).
+    (18, 11_176_512),
+    (34, 21_284_672),
+    (50, 23_508_032),  # its blocks are the same either way
+])
+def test_identity_shortcuts_give_torchvisions_parameter_counts(depth, expected):
+  model = models.ResNet(depth=depth, identity_shortcuts=True)
+  params = _abstract_variables(model)['params']
+  assert _count(params) == expected
+  assert ('shortcut' in params['group1_block0']) == (depth == 50)
+  assert all('shortcut' in params[f'group{g}_block0'] for g in (2, 3, 4))
+  simclr = _abstract_variables(models.ResNet(depth=depth))['params']
+  assert 'shortcut' in simclr['group1_block0']
+  assert models.encoder(_model_config(depth=depth, identity_shortcuts=True),
+                        dtype=jnp.float32).identity_shortcuts
+  assert not models.encoder(_model_config(depth=depth), dtype=jnp.float32).identity_shortcuts
+
+
 @pytest.mark.parametrize('depth', models.DEPTHS)
 def test_feature_size_for_every_depth(depth):
   model = models.ResNet(depth=depth, width_multiplier=2)

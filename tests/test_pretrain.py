@@ -184,8 +184,22 @@ def test_init_from_loads_the_encoder_and_optionally_the_head(trained, tmp_path, 
 
 def test_init_from_another_architecture_is_a_one_line_error(trained, tmp_path):
   source, _, data_dir = trained
-  cfg = tiny_config(data_dir, init_from=source)
-  cfg.model.width_multiplier = 0.25
+  # The run's config.json names the encoder key that differs and the value to set ...
+  for key, value, theirs, flag in (('width_multiplier', 0.25, '0.125', '0.125'),
+                                   ('stem_pool_padding', 'symmetric', "'same'", 'same'),
+                                   ('identity_shortcuts', True, 'False', 'False')):
+    cfg = tiny_config(data_dir, init_from=source, **{f'model.{key}': value})
+    with pytest.raises(CheckpointError, match=(
+        rf'has an encoder with config.model.{key}={theirs} .*config.json\), this run has '
+        rf'{value!r}: set --config.model.{key}={flag}$')) as e:
+      pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / key))
+    assert '\n' not in str(e.value)
+    assert not os.path.exists(tmp_path / key / 'checkpoints' / '0')
+  # ... and without it (a step folder copied alone), the shapes tell.
+  steps = os.path.join(source, 'checkpoints')
+  step = max(int(d) for d in os.listdir(steps) if d.isdigit())
+  alone = shutil.copytree(os.path.join(steps, str(step)), tmp_path / 'alone' / str(step))
+  cfg = tiny_config(data_dir, init_from=os.fspath(alone), **{'model.width_multiplier': 0.25})
   with pytest.raises(CheckpointError, match='has shape .* expects .*another architecture') as e:
     pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'x'))
   assert '\n' not in str(e.value)

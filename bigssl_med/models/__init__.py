@@ -14,8 +14,8 @@ __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet
 def encoder(model_config, *, dtype) -> ResNet:
   """The ResNet encoder that `config.model` describes.
 
-  `fused_bn` and `stem_pool_padding` may be absent: run configs (`config.json`)
-  written before they existed.
+  `fused_bn`, `stem_pool_padding` and `identity_shortcuts` may be absent: run configs
+  (`config.json`) written before they existed.
   """
   stem_pool_padding = model_config.get('stem_pool_padding', 'same')
   if stem_pool_padding not in STEM_POOL_PADDINGS:
@@ -24,7 +24,8 @@ def encoder(model_config, *, dtype) -> ResNet:
   return ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
                 sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
                 dtype=dtype, fused_bn=model_config.get('fused_bn', False),
-                stem_pool_padding=stem_pool_padding)
+                stem_pool_padding=stem_pool_padding,
+                identity_shortcuts=model_config.get('identity_shortcuts', False))
 
 
 def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> ContrastiveModel:

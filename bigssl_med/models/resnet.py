@@ -7,7 +7,9 @@ Faithful to SimCLR's public TF2 `resnet.py`:
 - BatchNorm momentum 0.9, epsilon 1e-5; the last BN of every residual block has its
   scale initialised to zero;
 - v1.5: in bottleneck blocks the stride sits on the 3x3 convolution;
-- the first block of every group has a projection shortcut (1x1 conv + BN);
+- the first block of every group has a projection shortcut (1x1 conv + BN); with
+  `identity_shortcuts` only a block whose input and output shapes differ has one,
+  as in torchvision's ResNets (it differs for ResNet-18/34's first block only);
 - `width_multiplier` scales every layer, the stem included;
 - `sk_ratio > 0` (SimCLRv2) switches on selective kernels in the bottleneck, a
   ResNet-D stem (three 3x3 convolutions) and ResNet-D average-pool shortcuts;
@@ -296,6 +298,10 @@ class ResNet(nn.Module):
       pixel each side, as torchvision's ResNets: the models `bigssl_med.convert`
       imports from torchvision's layout). The two differ by where the pooling
       windows sit, not by any parameter.
+    identity_shortcuts: a block has a projection shortcut only where its input and
+      output shapes differ (torchvision's rule) instead of the first block of every
+      group (SimCLR's). This removes the projection of ResNet-18/34's first block
+      (64 -> 64 channels, stride 1); deeper ResNets have the same blocks either way.
   """
   depth: int = 50
   width_multiplier: float = 1
@@ -304,6 +310,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   fused_bn: bool = False
   stem_pool_padding: str = 'same'
+  identity_shortcuts: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = True, return_maps: bool = False):
@@ -312,6 +319,7 @@ class ResNet(nn.Module):
       raise ValueError(f'stem_pool_padding={self.stem_pool_padding!r} is not one of '
                        f'{STEM_POOL_PADDINGS}')
     block = BottleneckBlock if kind == 'bottleneck' else BasicBlock
+    expansion = 4 if kind == 'bottleneck' else 1
     width = _channels(64, self.width_multiplier)
     x = jnp.asarray(x, self.dtype)
 
@@ -335,8 +343,11 @@ class ResNet(nn.Module):
     for g, num_blocks in enumerate(blocks_per_group):
       features = _channels(64 * 2**g, self.width_multiplier)
       for b in range(num_blocks):
-        x = block(features, strides=(2 if g > 0 and b == 0 else 1), projection=(b == 0),
-                  sk_ratio=self.sk_ratio, dtype=self.dtype, fused_bn=self.fused_bn,
+        strides = 2 if g > 0 and b == 0 else 1
+        reshapes = strides > 1 or x.shape[-1] != expansion * features
+        projection = b == 0 and (reshapes or not self.identity_shortcuts)
+        x = block(features, strides=strides, projection=projection, sk_ratio=self.sk_ratio,
+                  dtype=self.dtype, fused_bn=self.fused_bn,
                   name=f'group{g + 1}_block{b}')(x, train)
       maps.append(x)
     if return_maps:
