@@ -21,7 +21,7 @@ import pytest
 
 from bigssl_med import checkpointing, convert, models, parallel
 from bigssl_med.errors import CheckpointError
-from bigssl_med.models import heads, resnet
+from bigssl_med.models import heads
 from bigssl_med.trainers import finetune
 import reference_resnets as ref
 from test_finetune import colours, tiny_config  # noqa: F401  pylint: disable=unused-import
