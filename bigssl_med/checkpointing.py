@@ -131,7 +131,7 @@ def _find_model_item(path: str) -> epath.Path:
 # before the key existed implies.
 ENCODER_ARCHITECTURE = {'depth': 50, 'width_multiplier': 1.0, 'sk_ratio': 0.0,
                         'cifar_stem': False, 'stem_pool_padding': 'same',
-                        'identity_shortcuts': False}
+                        'identity_shortcuts': False, 'input_normalization': 'none'}
 
 
 def _run_config_path(path: str) -> epath.Path | None:

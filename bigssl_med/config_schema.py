@@ -70,6 +70,7 @@ def _model() -> ml_collections.ConfigDict:
   m.fused_bn = False              # BatchNorm with a hand-written gradient (models.batch_norm)
   m.stem_pool_padding = 'same'    # 'symmetric' for models imported from torchvision's layout
   m.identity_shortcuts = False    # True: torchvision's shortcuts (ResNet-18/34 imports)
+  m.input_normalization = 'none'  # 'imagenet': (x - mean) / std, as torchvision-layout models
   m.head_layers = 3
   m.head_hidden_dim = 0           # 0: the encoder's feature width
   m.head_out_dim = 128

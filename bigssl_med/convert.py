@@ -16,7 +16,11 @@ Formats (`--format`; found from the file when left out):
   pixel each side: the imported model has `stem_pool_padding='symmetric'`.
   torchvision's ResNet-18/34 have an identity shortcut in their first block where
   SimCLR's have a projection: the imported model has `identity_shortcuts=True` there,
-  so it is torchvision's network in training mode too.
+  so it is torchvision's network in training mode too. torchvision's models (and most
+  published in its layout) were trained on images standardised with ImageNet's mean
+  and std: the imported model has `input_normalization='imagenet'`, so it standardises
+  the [0, 1] images it gets (`--input_normalization=none` for a model trained on [0, 1]
+  images, such as SimCLR's converted to PyTorch).
   Files written by `torch.save` since PyTorch 1.6 (zip) are read without PyTorch;
   older ones need PyTorch installed; `.safetensors` files are read with safetensors.
 - `simclr_tf1`: SimCLR's TensorFlow 1 checkpoints (v1: ResNet50_1x/2x/4x; v2:
@@ -253,7 +257,8 @@ def _put(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
 _TORCHVISION_MODULES = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'layer4.')
 
 
-def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
+def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *,
+                       input_normalization: str = 'imagenet'
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
   """`({'params': {'encoder': ...}, 'batch_stats': {...}}, model config)` of a state dict.
 
@@ -262,6 +267,9 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
   ResNet lacks, or one missing, is an error naming it. Keys outside those modules
   (the classifier `fc`, or what a self-supervised method keeps beside the encoder:
   SwAV's `projection_head` and `prototypes`, ...) are left out, and the log says which.
+  `input_normalization` is what the model expects of its input (see
+  `resnet.INPUT_NORMALIZATIONS`): ImageNet's standardisation unless it was trained on
+  [0, 1] images.
   """
   depth, width = _torchvision_layout(sd, path)
   params, stats = {}, {}
@@ -309,7 +317,7 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict'
   # where one is missing elsewhere, the check against the model names it.
   model = _model_config(depth=depth, width_multiplier=width, stem_pool_padding='symmetric',
                         identity_shortcuts='layer1.0.downsample.0.weight' not in sd,
-                        head_layers=0)
+                        input_normalization=input_normalization, head_layers=0)
   variables = {'params': {'encoder': params}, 'batch_stats': {'encoder': stats}}
   _check_against_model(variables, model, path)
   return variables, model
@@ -559,16 +567,26 @@ def detect_format(path: str) -> str:
 
 
 def load(path: str, kind: str | None = None, *, prefix: str | None = None, ema: bool = False,
-         sk_ratio: float = 0.0625) -> tuple[dict[str, Any], dict[str, Any]]:
+         sk_ratio: float = 0.0625, input_normalization: str | None = None
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
   """`(variables, model config)` of the published model at `path`.
 
   `kind` is one of `FORMATS` (see the module doc), found from `path` when None.
+  `input_normalization` overrides the format's ('imagenet' for torchvision's layout,
+  'none' for SimCLR's [0, 1] inputs).
   """
   kind = kind or detect_format(path)
+  if input_normalization is not None and input_normalization not in resnet.INPUT_NORMALIZATIONS:
+    raise UserError(f'input normalization {input_normalization!r} is not one of '
+                    f'{tuple(resnet.INPUT_NORMALIZATIONS)}')
   if kind == 'torchvision':
-    return import_torchvision(find_state_dict(read_weights_file(path), path, prefix), path)
+    return import_torchvision(find_state_dict(read_weights_file(path), path, prefix), path,
+                              input_normalization=input_normalization or 'imagenet')
   if kind == 'simclr_tf1':
-    return import_simclr_tf1(read_tf_checkpoint(path), path, ema=ema, sk_ratio=sk_ratio)
+    variables, model_config = import_simclr_tf1(read_tf_checkpoint(path), path, ema=ema,
+                                                sk_ratio=sk_ratio)
+    model_config['input_normalization'] = input_normalization or 'none'
+    return variables, model_config
   raise UserError(f'format {kind!r} is not one of {FORMATS}')
 
 
@@ -609,7 +627,7 @@ def describe(model_config: Mapping[str, Any]) -> str:
 def model_flags(model_config: Mapping[str, Any]) -> str:
   """The `--config.model.KEY=VALUE` flags that give a run the imported architecture."""
   keys = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem', 'stem_pool_padding',
-          'identity_shortcuts')
+          'identity_shortcuts', 'input_normalization')
   defaults = config_schema.pretrain().model
   return ' '.join(f'--config.model.{k}={model_config[k]}' for k in keys
                   if model_config[k] != defaults[k] or k in ('depth', 'width_multiplier'))
@@ -632,6 +650,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "several networks (e.g. 'module.encoder_q.')")
   parser.add_argument('--ema', action='store_true',
                       help='simclr_tf1: the moving-average weights (ema_model/)')
+  parser.add_argument('--input_normalization', choices=tuple(resnet.INPUT_NORMALIZATIONS),
+                      default=None,
+                      help="how the model's input was standardised (default: 'imagenet' for "
+                           "torchvision's layout, 'none' for SimCLR's [0, 1] images)")
   parser.add_argument('--sk_ratio', type=float, default=0.0625,
                       help='simclr_tf1: the selective-kernel ratio, where there are SK layers '
                            '(default: SimCLRv2\'s 0.0625)')
@@ -640,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     format_ = args.format or detect_format(args.checkpoint)
     variables, model_config = load(args.checkpoint, format_, prefix=args.prefix, ema=args.ema,
-                                   sk_ratio=args.sk_ratio)
+                                   sk_ratio=args.sk_ratio,
+                                   input_normalization=args.input_normalization)
     source = {'checkpoint': os.path.abspath(args.checkpoint), 'format': format_,
               'prefix': args.prefix, 'ema': args.ema}
     write_workdir(args.workdir, variables, model_config, source)

@@ -21,7 +21,7 @@ import pytest
 
 from bigssl_med import checkpointing, convert, models, parallel
 from bigssl_med.errors import CheckpointError
-from bigssl_med.models import heads
+from bigssl_med.models import heads, resnet
 from bigssl_med.trainers import finetune
 import reference_resnets as ref
 from test_finetune import colours, tiny_config  # noqa: F401  pylint: disable=unused-import
@@ -34,7 +34,8 @@ def _encoder_features(variables, model_config, images, train=False, **overrides)
   kwargs = dict(depth=model_config['depth'], width_multiplier=model_config['width_multiplier'],
                 sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'],
                 stem_pool_padding=model_config['stem_pool_padding'],
-                identity_shortcuts=model_config['identity_shortcuts'])
+                identity_shortcuts=model_config['identity_shortcuts'],
+                input_normalization=model_config['input_normalization'])
   kwargs.update(overrides)
   encoder = models.ResNet(**kwargs)
   with jax.default_matmul_precision('highest'):
@@ -51,6 +52,13 @@ def _relative_error(got, want):
 def _images(n=2, size=64, seed=0):
   # 64 pixels: the stem's output is even-sized, where the two max-pool paddings differ.
   return np.random.default_rng(seed).normal(size=(n, size, size, 3))
+
+
+def _rgb(n=2, size=64, seed=0):
+  """[0, 1] images, and the same standardised as torchvision's training did."""
+  images = np.random.default_rng(seed).uniform(size=(n, size, size, 3))
+  mean, std = (np.asarray(v, np.float64) for v in resnet.INPUT_NORMALIZATIONS['imagenet'])
+  return images, (images - mean) / std
 
 
 # ------------------------------------------------------------------- PyTorch files.
@@ -104,12 +112,16 @@ def test_torchvision_import_computes_torchvisions_features(depth):
   variables, model_config = convert.load(path)
   assert (model_config['depth'], model_config['width_multiplier']) == (depth, WIDTH)
   assert model_config['stem_pool_padding'] == 'symmetric' and model_config['head_layers'] == 0
-  images = _images()
-  want = ref.torchvision_features(convert.read_torch_file(path), images, depth)
+  assert model_config['input_normalization'] == 'imagenet'
+  images, standardised = _rgb()
+  want = ref.torchvision_features(convert.read_torch_file(path), standardised, depth)
   assert _relative_error(_encoder_features(variables, model_config, images), want) < 1e-5
   # SimCLR's max-pooling windows sit one pixel off torchvision's: a different function.
   shifted = _encoder_features(variables, model_config, images, stem_pool_padding='same')
   assert _relative_error(shifted, want) > 1e-2
+  # So do [0, 1] images fed to a model trained on standardised ones.
+  raw = _encoder_features(variables, model_config, images, input_normalization='none')
+  assert _relative_error(raw, want) > 1e-2
 
 
 def test_torchvision_import_reads_safetensors_files(tmp_path):
@@ -167,8 +179,8 @@ def test_torchvision_import_is_torchvisions_network_in_training_mode_too(depth):
   # ResNet-18's first block has torchvision's identity shortcut, not a projection.
   assert model_config['identity_shortcuts'] == (depth == 18)
   assert ('shortcut' in variables['params']['encoder']['group1_block0']) == (depth == 50)
-  images = _images()
-  want = ref.torchvision_features(convert.read_torch_file(path), images, depth, train=True)
+  images, standardised = _rgb()
+  want = ref.torchvision_features(convert.read_torch_file(path), standardised, depth, train=True)
   got = _encoder_features(variables, model_config, images, train=True)
   assert _relative_error(got, want) < 1e-4
 
@@ -212,7 +224,8 @@ def test_simclr_tf1_import_computes_simclrs_features_and_head(tmp_path, depth, w
   variables, model_config = convert.load(os.fspath(tmp_path))  # the folder finds the prefix
   assert (model_config['depth'], model_config['width_multiplier'], model_config['sk_ratio'],
           model_config['cifar_stem']) == (depth, width, sk_ratio, cifar_stem)
-  assert model_config['stem_pool_padding'] == 'same'
+  assert (model_config['stem_pool_padding'], model_config['input_normalization']) == ('same',
+                                                                                  'none')
   assert (model_config['head_layers'], model_config['head_out_dim'],
           model_config['head_hidden_dim']) == (3, 16, 0)
   images = _images()
@@ -272,9 +285,17 @@ def test_command_writes_a_workdir_that_init_from_accepts(tmp_path, capsys):
   printed = capsys.readouterr().out
   assert 'ResNet-18 x0.03125 encoder' in printed
   assert '--config.model.stem_pool_padding=symmetric' in printed
+  assert '--config.model.input_normalization=imagenet' in printed
   config = json.loads((out / 'config.json').read_text())
   assert config['trainer'] == 'imported' and config['source']['format'] == 'torchvision'
   assert config['model']['stem_pool_padding'] == 'symmetric'
+  assert config['model']['input_normalization'] == 'imagenet'
+  unscaled = tmp_path / 'unscaled'
+  assert convert.main(['--checkpoint', path, '--workdir', os.fspath(unscaled),
+                       '--input_normalization', 'none']) == 0
+  assert 'input_normalization' not in capsys.readouterr().out
+  config = json.loads((unscaled / 'config.json').read_text())
+  assert config['model']['input_normalization'] == 'none'
   expected, _ = convert.load(path)
   loaded = checkpointing.load_model_variables(os.fspath(out),
                                               parallel.replicated(parallel.data_mesh()))
@@ -295,7 +316,8 @@ def test_fine_tuning_starts_from_an_imported_torchvision_model(colours, tmp_path
                        '--workdir', os.fspath(imported)]) == 0
   overrides = {'init_from': os.fspath(imported), 'total_steps': 2, 'eval_every_steps': 2,
                'model.cifar_stem': False, 'model.width_multiplier': WIDTH,
-               'model.stem_pool_padding': 'symmetric', 'model.identity_shortcuts': True}
+               'model.stem_pool_padding': 'symmetric', 'model.identity_shortcuts': True,
+               'model.input_normalization': 'imagenet'}
   with pytest.raises(CheckpointError, match='encoder alone.*head_layers_kept=0'):
     finetune.train_and_evaluate(tiny_config(colours, head_layers_kept=1, **overrides),
                                 os.fspath(tmp_path / 'with_head'))

@@ -203,6 +203,23 @@ def test_stem_max_pool_matches_xla_value_and_gradient(shape, padding, xla_paddin
   np.testing.assert_allclose(vjp(g)[0], vjp_ref(g)[0], rtol=1e-6, atol=1e-6)
 
 
+def test_input_normalization_standardises_rgb_input_before_the_stem():
+  images = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  plain = models.ResNet(depth=18, width_multiplier=0.25)
+  variables = plain.init(jax.random.key(1), images, train=False)
+  mean = jnp.array([0.485, 0.456, 0.406])
+  std = jnp.array([0.229, 0.224, 0.225])
+  want = plain.apply(variables, (images - mean) / std, train=False)
+  normalising = models.encoder(_model_config(input_normalization='imagenet'), dtype=jnp.float32)
+  np.testing.assert_allclose(normalising.apply(variables, images, train=False), want,
+                             rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(plain.apply(variables, images, train=False) - want)).max() > 1e-3
+  with pytest.raises(ValueError, match="input_normalization='imagenet' needs RGB images, got 1"):
+    normalising.init(jax.random.key(1), images[..., :1], train=False)
+  with pytest.raises(ConfigError, match=r"input_normalization='caffe' is not one of"):
+    models.encoder(_model_config(input_normalization='caffe'), dtype=jnp.float32)
+
+
 def test_stem_pool_padding_is_read_from_the_config_and_checked():
   assert models.encoder(_model_config(), dtype=jnp.float32).stem_pool_padding == 'same'
   encoder = models.encoder(_model_config(stem_pool_padding='symmetric'), dtype=jnp.float32)

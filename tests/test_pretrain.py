@@ -187,7 +187,8 @@ def test_init_from_another_architecture_is_a_one_line_error(trained, tmp_path):
   # The run's config.json names the encoder key that differs and the value to set ...
   for key, value, theirs, flag in (('width_multiplier', 0.25, '0.125', '0.125'),
                                    ('stem_pool_padding', 'symmetric', "'same'", 'same'),
-                                   ('identity_shortcuts', True, 'False', 'False')):
+                                   ('identity_shortcuts', True, 'False', 'False'),
+                                   ('input_normalization', 'imagenet', "'none'", 'none')):
     cfg = tiny_config(data_dir, init_from=source, **{f'model.{key}': value})
     with pytest.raises(CheckpointError, match=(
         rf'has an encoder with config.model.{key}={theirs} .*config.json\), this run has '

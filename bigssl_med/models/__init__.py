@@ -2,7 +2,8 @@
 
 from bigssl_med.errors import ConfigError
 from bigssl_med.models.heads import Classifier, ContrastiveModel, ProjectionHead
-from bigssl_med.models.resnet import DEPTHS, STEM_POOL_PADDINGS, ResNet, feature_dim
+from bigssl_med.models.resnet import (DEPTHS, INPUT_NORMALIZATIONS, STEM_POOL_PADDINGS, ResNet,
+                                      feature_dim)
 from bigssl_med.models.unet import UNet
 
 __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'classifier',
@@ -14,18 +15,23 @@ __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet
 def encoder(model_config, *, dtype) -> ResNet:
   """The ResNet encoder that `config.model` describes.
 
-  `fused_bn`, `stem_pool_padding` and `identity_shortcuts` may be absent: run configs
-  (`config.json`) written before they existed.
+  `fused_bn`, `stem_pool_padding`, `identity_shortcuts` and `input_normalization` may
+  be absent: run configs (`config.json`) written before they existed.
   """
   stem_pool_padding = model_config.get('stem_pool_padding', 'same')
   if stem_pool_padding not in STEM_POOL_PADDINGS:
     raise ConfigError(f'config.model.stem_pool_padding={stem_pool_padding!r} is not one of '
                       f'{STEM_POOL_PADDINGS}')
+  input_normalization = model_config.get('input_normalization', 'none')
+  if input_normalization not in INPUT_NORMALIZATIONS:
+    raise ConfigError(f'config.model.input_normalization={input_normalization!r} is not one '
+                      f'of {tuple(INPUT_NORMALIZATIONS)}')
   return ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
                 sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
                 dtype=dtype, fused_bn=model_config.get('fused_bn', False),
                 stem_pool_padding=stem_pool_padding,
-                identity_shortcuts=model_config.get('identity_shortcuts', False))
+                identity_shortcuts=model_config.get('identity_shortcuts', False),
+                input_normalization=input_normalization)
 
 
 def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> ContrastiveModel:

@@ -68,6 +68,14 @@ def _channels(base: int, width_multiplier: float) -> int:
 
 STEM_POOL_PADDINGS = ('same', 'symmetric')
 
+# Per-channel (mean, std) the encoder standardises its [0, 1] RGB input with. SimCLR feeds
+# [0, 1] as is; torchvision's ResNets (and most models published in their layout) were
+# trained on images standardised with ImageNet's RGB statistics.
+INPUT_NORMALIZATIONS = {
+    'none': None,
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
 
 def _pool_pads(size: int, padding: str) -> tuple[int, int, int]:
   """Padding (before, after) and output size of a 3-wide, stride-2 max-pooling window.
@@ -302,6 +310,10 @@ class ResNet(nn.Module):
       output shapes differ (torchvision's rule) instead of the first block of every
       group (SimCLR's). This removes the projection of ResNet-18/34's first block
       (64 -> 64 channels, stride 1); deeper ResNets have the same blocks either way.
+    input_normalization: 'none' (SimCLR: the [0, 1] images as they come) or
+      'imagenet' (`(x - mean) / std` with ImageNet's RGB statistics, in float32,
+      before the stem: what torchvision-layout models were trained on; see
+      `INPUT_NORMALIZATIONS`).
   """
   depth: int = 50
   width_multiplier: float = 1
@@ -311,6 +323,7 @@ class ResNet(nn.Module):
   fused_bn: bool = False
   stem_pool_padding: str = 'same'
   identity_shortcuts: bool = False
+  input_normalization: str = 'none'
 
   @nn.compact
   def __call__(self, x, train: bool = True, return_maps: bool = False):
@@ -318,9 +331,19 @@ class ResNet(nn.Module):
     if self.stem_pool_padding not in STEM_POOL_PADDINGS:
       raise ValueError(f'stem_pool_padding={self.stem_pool_padding!r} is not one of '
                        f'{STEM_POOL_PADDINGS}')
+    if self.input_normalization not in INPUT_NORMALIZATIONS:
+      raise ValueError(f'input_normalization={self.input_normalization!r} is not one of '
+                       f'{tuple(INPUT_NORMALIZATIONS)}')
     block = BottleneckBlock if kind == 'bottleneck' else BasicBlock
     expansion = 4 if kind == 'bottleneck' else 1
     width = _channels(64, self.width_multiplier)
+    statistics = INPUT_NORMALIZATIONS[self.input_normalization]
+    if statistics is not None:
+      if x.shape[-1] != len(statistics[0]):
+        raise ValueError(f'input_normalization={self.input_normalization!r} needs RGB images, '
+                         f'got {x.shape[-1]} channels')
+      mean, std = (jnp.asarray(v, jnp.float32) for v in statistics)
+      x = (jnp.asarray(x, jnp.float32) - mean) / std
     x = jnp.asarray(x, self.dtype)
 
     if self.cifar_stem:
