@@ -169,7 +169,13 @@ def check_encoder_architecture(init_from: str, model_config: Any) -> None:
 
 def load_model_variables(path: str, sharding: jax.sharding.Sharding) -> dict[str, Any]:
   """Loads `{'params', 'batch_stats'}` of the newest checkpoint at `path`, placed on `sharding`."""
-  item = _find_model_item(path)
+  return restore_model_item(_find_model_item(path), sharding)
+
+
+def restore_model_item(item: epath.Path | str, sharding: jax.sharding.Sharding
+                       ) -> dict[str, Any]:
+  """The arrays of one saved model item (`.../model`, or a run's `best/`), on `sharding`."""
+  item = epath.Path(item)
   checkpointer = ocp.StandardCheckpointer()
   try:
     metadata = checkpointer.metadata(item)
@@ -179,7 +185,7 @@ def load_model_variables(path: str, sharding: jax.sharding.Sharding) -> dict[str
                           tree)
     return checkpointer.restore(item, target)
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(f'init_from: cannot read checkpoint {item}: {_first_line(e)}') from e
+    raise CheckpointError(f'{item}: cannot read the checkpoint: {_first_line(e)}') from e
 
 
 def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys: tuple[str, ...],

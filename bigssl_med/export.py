@@ -1,0 +1,204 @@
+r"""A run's ResNet as a `.safetensors` file in torchvision's layout, for PyTorch users.
+
+  python -m bigssl_med.export --workdir=RUN --out=micle_derm_r50.safetensors
+
+The inverse of `bigssl_med.convert`'s torchvision import: the encoder becomes
+`conv1.weight`, `bn1.*`, `layer1.0.conv1.weight`, ..., `layer2.0.downsample.*`
+(kernels in PyTorch's OIHW order, BatchNorm `weight`, `bias`, `running_mean`,
+`running_var`, `num_batches_tracked`), loadable with `safetensors.torch.load_file` into
+`torchvision.models.resnet50()` and its siblings (`strict=False` without a classifier).
+A fine-tuned or linearly evaluated run whose classifier reads the encoder's features
+directly (`head_layers_kept=0`) also gives `fc.weight` and `fc.bias`; linear
+evaluation's feature standardisation (`feature_bn`) is folded into them.
+
+The weights come from the run's `best/` model when it has one (fine-tuning), else from
+its newest checkpoint (`--checkpoint=latest` forces that). The file's metadata says what
+a PyTorch user must match:
+- `input_normalization`: 'none' means the network expects [0, 1] RGB images as they
+  are (no ImageNet mean/std standardisation); 'imagenet' means it expects it.
+- `stem_pool_padding`: 'same' means the model was trained with SimCLR's max-pooling
+  windows, one pixel off torchvision's; in torchvision it computes a slightly
+  different function (the log says so).
+
+Architectures torchvision's ResNet cannot express are refused with a one-line error:
+selective kernels, the CIFAR stem, and SimCLR's projection in the first block of a
+ResNet-18/34 (`identity_shortcuts=False`). An existing output file is never replaced.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from bigssl_med import checkpointing
+from bigssl_med import workdir as workdir_lib
+from bigssl_med.errors import CheckpointError, ConfigError, UserError
+from bigssl_med.models import resnet
+
+CHECKPOINTS = ('auto', 'best', 'latest')
+
+
+def _run_model_config(workdir: str) -> dict[str, Any]:
+  path = os.path.join(workdir, 'config.json')
+  config = workdir_lib.read_json(path)
+  if not isinstance(config, dict) or not isinstance(config.get('model'), dict):
+    raise ConfigError(f'{path}: missing, unreadable, or without a "model" section: is '
+                      f'{workdir} a run of this project?')
+  model = dict(checkpointing.ENCODER_ARCHITECTURE)
+  model.update({k: v for k, v in config['model'].items() if k in model})
+  return model
+
+
+def _check_expressible(model: Mapping[str, Any], workdir: str) -> None:
+  """Fails unless torchvision's ResNet has the architecture `model` describes."""
+  where = f'{workdir}: config.model'
+  if model['sk_ratio']:
+    raise ConfigError(f'{where}.sk_ratio={model["sk_ratio"]}: torchvision\'s ResNet has no '
+                      'selective kernels')
+  if model['cifar_stem']:
+    raise ConfigError(f'{where}.cifar_stem=True: torchvision\'s ResNet has a 7x7 stem with '
+                      'max-pooling')
+  kind, _ = resnet.layout(model['depth'])
+  if kind == 'basic' and not model['identity_shortcuts']:
+    raise ConfigError(f'{where}.identity_shortcuts=False: this ResNet-{model["depth"]} has a '
+                      'projection in its first block, which torchvision\'s lacks')
+
+
+def to_torchvision(variables: Mapping[str, Any], model: Mapping[str, Any]
+                   ) -> dict[str, np.ndarray]:
+  """The torchvision state dict (float32 NumPy; `fc.*` when there is a direct classifier)."""
+  params, stats = variables['params']['encoder'], variables['batch_stats']['encoder']
+  out, used = {}, set()
+
+  def get(tree, path, collection):
+    node = tree
+    for name in path:
+      node = node[name]
+    used.add((collection,) + tuple(path))
+    return np.asarray(node, np.float32)
+
+  def conv(ours, theirs):
+    out[f'{theirs}.weight'] = get(params, ours + ('kernel',), 'params').transpose(3, 2, 0, 1)
+
+  def bn(ours, theirs):
+    out[f'{theirs}.weight'] = get(params, ours + ('scale',), 'params')
+    out[f'{theirs}.bias'] = get(params, ours + ('bias',), 'params')
+    out[f'{theirs}.running_mean'] = get(stats, ours + ('mean',), 'batch_stats')
+    out[f'{theirs}.running_var'] = get(stats, ours + ('var',), 'batch_stats')
+    out[f'{theirs}.num_batches_tracked'] = np.zeros((), np.int64)
+
+  conv(('stem_conv', 'conv'), 'conv1')
+  bn(('stem_bn', 'bn'), 'bn1')
+  kind, blocks_per_group = resnet.layout(model['depth'])
+  convs = 3 if kind == 'bottleneck' else 2
+  for g, blocks in enumerate(blocks_per_group):
+    for b in range(blocks):
+      ours, theirs = (f'group{g + 1}_block{b}',), f'layer{g + 1}.{b}'
+      for k in range(1, convs + 1):
+        conv(ours + (f'conv{k}', 'conv'), f'{theirs}.conv{k}')
+        bn(ours + (f'bn{k}', 'bn'), f'{theirs}.bn{k}')
+      if 'shortcut' in params[ours[0]]:
+        conv(ours + ('shortcut', 'proj', 'conv'), f'{theirs}.downsample.0')
+        bn(ours + ('shortcut', 'proj_bn', 'bn'), f'{theirs}.downsample.1')
+  for collection, tree in (('params', params), ('batch_stats', stats)):
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      names = (collection,) + tuple(str(getattr(k, 'key', k)) for k in path)
+      if names not in used:
+        raise CheckpointError(f'{"/".join(names[:1] + ("encoder",) + names[1:])} has no place '
+                              'in torchvision\'s ResNet')
+  fc = _classifier(variables)
+  if fc is not None:
+    out['fc.weight'], out['fc.bias'] = fc
+  return out
+
+
+def _classifier(variables: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+  """(fc.weight, fc.bias) of a classifier on the encoder's features, or None."""
+  params = variables['params']
+  if 'classifier' not in params:
+    return None
+  if jax.tree.leaves(params.get('head', {})):
+    logging.warning('the classifier reads projection-head layers torchvision\'s ResNet lacks '
+                    '(head_layers_kept > 0): exporting the encoder without fc')
+    return None
+  kernel = np.asarray(params['classifier']['kernel'], np.float64)
+  bias = np.asarray(params['classifier']['bias'], np.float64)
+  feature_bn = variables.get('batch_stats', {}).get('feature_bn')
+  if feature_bn is not None:  # linear evaluation: y = W·(x − mean)/√(var + ε) + b
+    inv = 1.0 / np.sqrt(np.asarray(feature_bn['var'], np.float64) + resnet.BN_EPSILON)
+    bias = bias - (np.asarray(feature_bn['mean'], np.float64) * inv) @ kernel
+    kernel = kernel * inv[:, None]
+  return kernel.T.astype(np.float32), bias.astype(np.float32)
+
+
+def export(workdir: str, out: str, checkpoint: str = 'auto') -> dict[str, str]:
+  """Writes `out` (safetensors, torchvision layout) from the run in `workdir`.
+
+  Returns the metadata written with it. Refuses an existing `out`.
+  """
+  if checkpoint not in CHECKPOINTS:
+    raise UserError(f'checkpoint {checkpoint!r} is not one of {CHECKPOINTS}')
+  if os.path.exists(out):
+    raise UserError(f'{out}: already exists; export to a new file')
+  model = _run_model_config(workdir)
+  _check_expressible(model, workdir)
+  best = os.path.join(workdir, 'best')
+  if checkpoint == 'best' and not os.path.isdir(best):
+    raise CheckpointError(f'{best}: no such folder (only fine-tuning runs keep a best model)')
+  device = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  if checkpoint != 'latest' and os.path.isdir(best):
+    source, variables = best, checkpointing.restore_model_item(best, device)
+  else:
+    source = workdir
+    variables = checkpointing.load_model_variables(workdir, device)
+  tensors = to_torchvision(variables, model)
+  if model['stem_pool_padding'] != 'symmetric':
+    logging.warning('%s: trained with SimCLR\'s max-pooling windows (stem_pool_padding=%r); '
+                    'torchvision\'s sit one pixel off, so in torchvision this network computes '
+                    'a slightly different function', workdir, model['stem_pool_padding'])
+  metadata = {'format': 'torchvision_resnet', 'source': os.path.abspath(source),
+              'depth': str(model['depth']), 'width_multiplier': str(model['width_multiplier']),
+              'input_normalization': model['input_normalization'],
+              'stem_pool_padding': model['stem_pool_padding'],
+              'fc': str('fc.weight' in tensors).lower()}
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  tmp = f'{out}.tmp'
+  # safetensors writes an array's buffer as it lies in memory: transposed views must be copied.
+  tensors = {k: np.array(v, order='C') for k, v in tensors.items()}  # 0-d stays 0-d
+  safetensors_numpy.save_file(tensors, tmp, metadata=metadata)
+  os.replace(tmp, out)
+  return metadata
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command-line entry point; returns the process exit status."""
+  parser = argparse.ArgumentParser(
+      prog='python -m bigssl_med.export',
+      description='Writes the ResNet of a run as a torchvision-layout .safetensors file.')
+  parser.add_argument('--workdir', required=True, help='the run (pretrain, finetune, ...)')
+  parser.add_argument('--out', required=True, help='the .safetensors file to write (new)')
+  parser.add_argument('--checkpoint', choices=CHECKPOINTS, default='auto',
+                      help="'best' (a fine-tuning run's selected model), 'latest' (the newest "
+                           "checkpoint) or 'auto': best where there is one")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  try:
+    metadata = export(args.workdir, args.out, args.checkpoint)
+  except UserError as exc:
+    print(f'error: {exc}', file=sys.stderr)
+    return 2
+  print(f'{args.out}: ResNet-{metadata["depth"]} x{float(metadata["width_multiplier"]):g} in '
+        f'torchvision\'s layout{" with fc" if metadata["fc"] == "true" else ""} from '
+        f'{metadata["source"]}\n{json.dumps(metadata, sort_keys=True)}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

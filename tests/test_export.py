@@ -1,0 +1,137 @@
+"""bigssl_med.export: a run's ResNet as a torchvision-layout safetensors file.
+
+The round trip goes through files written by `torch.save` (tests/data) and
+`bigssl_med.convert`; the classifier is checked against the float64 NumPy
+torchvision forward of `reference_resnets.py`.
+"""
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bigssl_med import convert, export, models
+from bigssl_med.errors import CheckpointError, ConfigError, UserError
+from bigssl_med.models import resnet
+import reference_resnets as ref
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+
+
+def _imported(tmp_path, depth, name='run', **extra):
+  """A workdir holding the torchvision fixture of `depth` (plus `extra` variables)."""
+  path = os.path.join(DATA, f'torchvision_r{depth}_w32.pth')
+  variables, model_config = convert.load(path)
+  for collection, tree in extra.items():
+    variables[collection].update(tree)
+  workdir = os.fspath(tmp_path / name)
+  convert.write_workdir(workdir, variables, model_config, {'checkpoint': path})
+  return workdir, convert.read_torch_file(path), variables, model_config
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_export_gives_back_the_torchvision_state_dict(tmp_path, depth, capsys):
+  workdir, state, _, _ = _imported(tmp_path, depth)
+  out = os.fspath(tmp_path / 'out' / 'model.safetensors')
+  assert export.main(['--workdir', workdir, '--out', out]) == 0
+  assert 'in torchvision\'s layout from' in capsys.readouterr().out
+  exported = convert.read_safetensors_file(out)
+  want = {k: v for k, v in state.items() if not k.startswith('fc.')}
+  assert sorted(exported) == sorted(want)
+  for key, value in want.items():
+    if key.endswith('num_batches_tracked'):
+      assert exported[key].dtype == np.int64 and exported[key].shape == ()
+    else:
+      np.testing.assert_array_equal(exported[key], np.asarray(value, np.float32), err_msg=key)
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  with safe_open(out, 'np') as f:
+    metadata = f.metadata()
+  assert metadata['input_normalization'] == 'imagenet'
+  assert metadata['stem_pool_padding'] == 'symmetric' and metadata['fc'] == 'false'
+  # Importing the export gives the same variables.
+  again, model_config = convert.load(out)
+  original, _ = convert.load(os.path.join(DATA, f'torchvision_r{depth}_w32.pth'))
+  jax.tree.map(np.testing.assert_array_equal, again, original)
+
+
+def test_linear_classifier_becomes_fc_with_feature_standardisation_folded(tmp_path):
+  rng = np.random.default_rng(0)
+  features, classes = resnet.feature_dim(50, 1 / 32), 3
+  classifier = {'kernel': rng.normal(size=(features, classes)).astype(np.float32),
+                'bias': rng.normal(size=classes).astype(np.float32)}
+  feature_bn = {'mean': rng.normal(size=features).astype(np.float32),
+                'var': rng.uniform(0.5, 2.0, size=features).astype(np.float32)}
+  workdir, state, variables, model_config = _imported(
+      tmp_path, 50, params={'classifier': classifier}, batch_stats={'feature_bn': feature_bn})
+  out = os.fspath(tmp_path / 'linear.safetensors')
+  metadata = export.export(workdir, out)
+  assert metadata['fc'] == 'true'
+  exported = convert.read_safetensors_file(out)
+  images = rng.uniform(size=(2, 64, 64, 3))
+  mean, std = (np.asarray(v) for v in resnet.INPUT_NORMALIZATIONS['imagenet'])
+  torch_features = ref.torchvision_features(state, (images - mean) / std, 50)
+  want = torch_features @ exported['fc.weight'].T.astype(np.float64) + exported['fc.bias']
+  config = _config(model_config)
+  model = models.classifier(config, dtype=jnp.float32, num_outputs=classes, head_layers_kept=0,
+                            freeze_encoder=True)
+  with jax.default_matmul_precision('highest'):
+    got = model.apply({'params': {'encoder': variables['params']['encoder'],
+                                  'classifier': classifier},
+                       'batch_stats': {'encoder': variables['batch_stats']['encoder'],
+                                       'feature_bn': feature_bn}},
+                      jnp.asarray(images, jnp.float32), train=False)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=1e-4,
+                             atol=1e-4 * np.abs(want).max())
+
+
+def _config(model_config):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(model_config)
+
+
+@pytest.mark.parametrize('change, message', [
+    ({'sk_ratio': 0.0625}, 'sk_ratio=0.0625: torchvision\'s ResNet has no selective kernels'),
+    ({'cifar_stem': True}, 'cifar_stem=True: torchvision\'s ResNet has a 7x7 stem'),
+    ({'identity_shortcuts': False}, 'identity_shortcuts=False: this ResNet-18 has a projection'),
+])
+def test_architectures_torchvision_lacks_are_refused(tmp_path, change, message):
+  workdir, _, _, _ = _imported(tmp_path, 18)
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config['model'].update(change)
+  with open(path, 'w') as f:
+    json.dump(config, f)
+  out = tmp_path / 'x.safetensors'
+  with pytest.raises(ConfigError, match=message):
+    export.export(workdir, os.fspath(out))
+  assert not out.exists()
+
+
+def test_existing_files_and_missing_runs_are_one_line_errors(tmp_path, caplog):
+  workdir, _, _, _ = _imported(tmp_path, 18)
+  out = tmp_path / 'taken.safetensors'
+  out.write_bytes(b'keep me')
+  assert export.main(['--workdir', workdir, '--out', os.fspath(out)]) == 2
+  assert out.read_bytes() == b'keep me'
+  with pytest.raises(ConfigError, match='config.json: missing.*is .* a run of this project'):
+    export.export(os.fspath(tmp_path / 'nothing'), os.fspath(tmp_path / 'y.safetensors'))
+  with pytest.raises(CheckpointError, match='best: no such folder'):
+    export.export(workdir, os.fspath(tmp_path / 'z.safetensors'), checkpoint='best')
+  with pytest.raises(UserError, match="checkpoint 'newest' is not one of"):
+    export.export(workdir, os.fspath(tmp_path / 'z.safetensors'), checkpoint='newest')
+  # SimCLR's pooling: exported, with a warning that torchvision's differs.
+  path = os.path.join(workdir, 'config.json')
+  with open(path) as f:
+    config = json.load(f)
+  config['model']['stem_pool_padding'] = 'same'
+  with open(path, 'w') as f:
+    json.dump(config, f)
+  with caplog.at_level(logging.WARNING):
+    metadata = export.export(workdir, os.fspath(tmp_path / 'same.safetensors'))
+  assert metadata['stem_pool_padding'] == 'same'
+  assert 'slightly different function' in caplog.text
