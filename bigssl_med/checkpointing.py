@@ -153,12 +153,19 @@ def check_encoder_architecture(init_from: str, model_config: Any) -> None:
   if config_path is None:
     return
   try:
-    theirs = json.loads(config_path.read_text()).get('model')
+    run_config = json.loads(config_path.read_text())
   except (ValueError, OSError) as e:
     raise CheckpointError(f'init_from={init_from!r}: cannot read {config_path}: '
                           f'{_first_line(e)}') from e
+  theirs = run_config.get('model') if isinstance(run_config, dict) else None
   if not isinstance(theirs, dict):
     return
+  source = run_config.get('source')
+  if (run_config.get('trainer') == 'imported' and isinstance(source, dict)
+      and source.get('format') == 'torchvision' and 'input_normalization' not in theirs):
+    raise CheckpointError(f'init_from={init_from!r} was imported from {source.get("checkpoint")} '
+                          'by an earlier bigssl_med.convert, without torchvision\'s input '
+                          'standardisation and shortcuts: import it again into a new workdir')
   for key, default in ENCODER_ARCHITECTURE.items():
     there, here = theirs.get(key, default), model_config.get(key, default)
     if there != here:

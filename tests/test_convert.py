@@ -310,6 +310,19 @@ def test_command_writes_a_workdir_that_init_from_accepts(tmp_path, capsys):
   assert 'no such file' in capsys.readouterr().err
 
 
+def test_an_import_of_an_earlier_convert_is_refused_by_init_from(tmp_path):
+  imported = tmp_path / 'imported'
+  assert convert.main(['--checkpoint', os.path.join(DATA, 'torchvision_r50_w32.pth'),
+                       '--workdir', os.fspath(imported)]) == 0
+  config = json.loads((imported / 'config.json').read_text())
+  model = dict(config['model'])
+  checkpointing.check_encoder_architecture(os.fspath(imported), model)  # as imported: fine
+  del config['model']['input_normalization'], config['model']['identity_shortcuts']
+  (imported / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match=r'by an earlier bigssl_med.convert.*import it again'):
+    checkpointing.check_encoder_architecture(os.fspath(imported), model)
+
+
 def test_fine_tuning_starts_from_an_imported_torchvision_model(colours, tmp_path):  # noqa: F811
   imported = tmp_path / 'imported'
   assert convert.main(['--checkpoint', os.path.join(DATA, 'torchvision_r18_w32.pth'),
