@@ -13,7 +13,7 @@ Where the starting weights come from, in this order (`restore_or_initialize`):
 2. `config.init_from` (another workdir, its `checkpoints/` folder, or one step folder):
    encoder weights, and the head's when asked; fresh optimiser and step 0. Where the
    run that wrote it left a `config.json`, its encoder architecture
-   (`ENCODER_ARCHITECTURE`) must be this run's: a different `stem_pool_padding`, say,
+   (`models.ARCHITECTURE_KEYS`) must be this run's: a different `stem_pool_padding`, say,
    has the same shapes but computes another function;
 3. the random initialisation.
 """
@@ -29,6 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bigssl_med import models
 from bigssl_med.errors import CheckpointError
 
 
@@ -127,13 +128,6 @@ def _find_model_item(path: str) -> epath.Path:
   return p / str(max(steps)) / 'model'
 
 
-# config.model keys that make an encoder's function, with the value a config.json written
-# before the key existed implies.
-ENCODER_ARCHITECTURE = {'depth': 50, 'width_multiplier': 1.0, 'sk_ratio': 0.0,
-                        'cifar_stem': False, 'stem_pool_padding': 'same',
-                        'identity_shortcuts': False, 'input_normalization': 'none'}
-
-
 def _run_config_path(path: str) -> epath.Path | None:
   """The `config.json` of the run that `init_from=path` names (workdir, checkpoints, step)."""
   p = epath.Path(os.path.expanduser(path))
@@ -147,7 +141,7 @@ def check_encoder_architecture(init_from: str, model_config: Any) -> None:
   """Fails when the run at `init_from` had an encoder other than `model_config` describes.
 
   Reads `config.json` beside the checkpoints (absent: nothing to compare, the shapes
-  are still checked when loading) and compares the `ENCODER_ARCHITECTURE` keys.
+  are still checked when loading) and compares `models.encoder_architecture` of both.
   """
   config_path = _run_config_path(init_from)
   if config_path is None:
@@ -166,9 +160,13 @@ def check_encoder_architecture(init_from: str, model_config: Any) -> None:
     raise CheckpointError(f'init_from={init_from!r} was imported from {source.get("checkpoint")} '
                           'by an earlier bigssl_med.convert, without torchvision\'s input '
                           'standardisation and shortcuts: import it again into a new workdir')
-  for key, default in ENCODER_ARCHITECTURE.items():
-    there, here = theirs.get(key, default), model_config.get(key, default)
-    if there != here:
+  try:
+    theirs = models.encoder_architecture(theirs)
+  except KeyError as e:
+    raise CheckpointError(f'init_from={init_from!r}: {config_path} "model" lacks {e}') from None
+  ours = models.encoder_architecture(model_config)
+  for key, there in theirs.items():
+    if there != (here := ours[key]):
       raise CheckpointError(
           f'init_from={init_from!r} has an encoder with config.model.{key}={there!r} '
           f'({config_path}), this run has {here!r}: set --config.model.{key}={there}')

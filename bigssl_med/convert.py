@@ -56,7 +56,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from bigssl_med import checkpointing, config_schema
+from bigssl_med import checkpointing, config_schema, models
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, UserError
 from bigssl_med.models import heads, resnet
@@ -538,10 +538,7 @@ _NOT_THIS_LAYOUT = 'the file is not in the layout this importer reads'
 def _check_against_model(variables: dict[str, Any], model_config: dict[str, Any],
                          path: str) -> None:
   """Fails unless `variables` has exactly the shapes of the model `model_config` describes."""
-  encoder = resnet.ResNet(depth=model_config['depth'],
-                          width_multiplier=model_config['width_multiplier'],
-                          sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'],
-                          identity_shortcuts=model_config['identity_shortcuts'])
+  encoder = resnet.ResNet(**models.encoder_architecture(model_config))
   _, _, expected = _layer_order(encoder)
   for collection in ('params', 'batch_stats'):
     checkpointing.check_same_structure(expected[collection], variables[collection]['encoder'],
@@ -626,8 +623,7 @@ def describe(model_config: Mapping[str, Any]) -> str:
 
 def model_flags(model_config: Mapping[str, Any]) -> str:
   """The `--config.model.KEY=VALUE` flags that give a run the imported architecture."""
-  keys = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem', 'stem_pool_padding',
-          'identity_shortcuts', 'input_normalization')
+  keys = models.ARCHITECTURE_KEYS
   defaults = config_schema.pretrain().model
   return ' '.join(f'--config.model.{k}={model_config[k]}' for k in keys
                   if model_config[k] != defaults[k] or k in ('depth', 'width_multiplier'))

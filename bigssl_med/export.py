@@ -36,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigssl_med import checkpointing
+from bigssl_med import checkpointing, models
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, ConfigError, UserError
 from bigssl_med.models import resnet
@@ -50,9 +50,10 @@ def _run_model_config(workdir: str) -> dict[str, Any]:
   if not isinstance(config, dict) or not isinstance(config.get('model'), dict):
     raise ConfigError(f'{path}: missing, unreadable, or without a "model" section: is '
                       f'{workdir} a run of this project?')
-  model = dict(checkpointing.ENCODER_ARCHITECTURE)
-  model.update({k: v for k, v in config['model'].items() if k in model})
-  return model
+  try:
+    return models.encoder_architecture(config['model'])
+  except KeyError as e:
+    raise ConfigError(f'{path}: "model" lacks {e}') from None
 
 
 def _check_expressible(model: Mapping[str, Any], workdir: str) -> None:

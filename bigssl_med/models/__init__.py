@@ -9,29 +9,35 @@ from bigssl_med.models.unet import UNet
 __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'classifier',
            'contrastive_model',
            'UNet', 'unet_model',
-           'encoder', 'feature_dim']
+           'ARCHITECTURE_KEYS', 'encoder', 'encoder_architecture', 'feature_dim']
+
+
+# The config.model keys that make the encoder's function, and the value each of the later
+# ones takes in a run config (`config.json`) written before it existed.
+ARCHITECTURE_KEYS = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem', 'stem_pool_padding',
+                     'identity_shortcuts', 'input_normalization')
+_ABSENT_MEANS = {'stem_pool_padding': 'same', 'identity_shortcuts': False,
+                 'input_normalization': 'none'}
+
+
+def encoder_architecture(model_config) -> dict:
+  """The `ARCHITECTURE_KEYS` of `config.model` (a ConfigDict or a `config.json` dict)."""
+  return {k: model_config[k] if k not in _ABSENT_MEANS else model_config.get(k, _ABSENT_MEANS[k])
+          for k in ARCHITECTURE_KEYS}
 
 
 def encoder(model_config, *, dtype) -> ResNet:
   """The ResNet encoder that `config.model` describes.
 
-  `fused_bn`, `stem_pool_padding`, `identity_shortcuts` and `input_normalization` may
-  be absent: run configs (`config.json`) written before they existed.
+  `fused_bn` and the keys of `_ABSENT_MEANS` may be absent: run configs (`config.json`)
+  written before they existed.
   """
-  stem_pool_padding = model_config.get('stem_pool_padding', 'same')
-  if stem_pool_padding not in STEM_POOL_PADDINGS:
-    raise ConfigError(f'config.model.stem_pool_padding={stem_pool_padding!r} is not one of '
-                      f'{STEM_POOL_PADDINGS}')
-  input_normalization = model_config.get('input_normalization', 'none')
-  if input_normalization not in INPUT_NORMALIZATIONS:
-    raise ConfigError(f'config.model.input_normalization={input_normalization!r} is not one '
-                      f'of {tuple(INPUT_NORMALIZATIONS)}')
-  return ResNet(depth=model_config.depth, width_multiplier=model_config.width_multiplier,
-                sk_ratio=model_config.sk_ratio, cifar_stem=model_config.cifar_stem,
-                dtype=dtype, fused_bn=model_config.get('fused_bn', False),
-                stem_pool_padding=stem_pool_padding,
-                identity_shortcuts=model_config.get('identity_shortcuts', False),
-                input_normalization=input_normalization)
+  architecture = encoder_architecture(model_config)
+  for key, allowed in (('stem_pool_padding', STEM_POOL_PADDINGS),
+                       ('input_normalization', tuple(INPUT_NORMALIZATIONS))):
+    if architecture[key] not in allowed:
+      raise ConfigError(f'config.model.{key}={architecture[key]!r} is not one of {allowed}')
+  return ResNet(**architecture, dtype=dtype, fused_bn=model_config.get('fused_bn', False))
 
 
 def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> ContrastiveModel:
