@@ -277,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = jax.jit(
         supervised.make_distill_step(model, teacher.model, run.tx, schedule, task,
                                      config.distill_temperature),
-        in_shardings=(run.shardings, model_shardings, batch_sharding, repl),
+        in_shardings=(run.shardings, repl, batch_sharding, repl),  # the teacher: replicated
         out_shardings=(run.shardings, repl), donate_argnums=0)
 
     def train_step(state, batch, key):
