@@ -136,14 +136,27 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
                       f'project\'s builders ({", ".join(sorted(tfds_builders.BUILDERS))}): build '
                       'it with TFDS in the array_record format (tfds build NAME '
                       '--file_format=array_record --data_dir=...)') from None
-  if jax.process_index() == 0:
+  if jax.process_count() == 1:
     logging.info('%s is not built in %s: building it from %s.', name, data_dir,
                  manual_dir or 'its public download')
     build(name, data_dir=data_dir, manual_dir=manual_dir)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(f'build {name}')
-    sources.find_version_dir(name, data_dir)
+    return data_dir
+  # Process 0 builds; the others wait, then learn whether it succeeded.
+  from bigssl_med import parallel  # pylint: disable=g-import-not-at-top
+  failure = None
+  if jax.process_index() == 0:
+    logging.info('%s is not built in %s: building it from %s (the other hosts wait).', name,
+                 data_dir, manual_dir or 'its public download')
+    try:
+      build(name, data_dir=data_dir, manual_dir=manual_dir)
+    except Exception as e:  # pylint: disable=broad-except  (re-raised below, on every host)
+      failure = e
+  if parallel.primary_value(failure is not None):
+    if failure is not None:
+      raise failure
+    raise DataError(f'data set {name!r}: process 0 failed to build it in {data_dir} (its '
+                    'log has the error)')
+  sources.find_version_dir(name, data_dir)
   return data_dir
 
 

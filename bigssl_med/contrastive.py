@@ -62,7 +62,8 @@ def make_eval_steps(model, *, augment_views, temperature: float):
     _, z, _ = model.apply(variables, images, train=False)
     z = z.reshape(b, 2, -1)
     loss, logits_ab = losses.nt_xent(z[:, 0], z[:, 1], temperature, return_logits=True)
-    return {'contrastive_loss': loss, 'contrastive_accuracy': losses.contrastive_accuracy(logits_ab)}
+    return {'contrastive_loss': loss,
+            'contrastive_accuracy': losses.contrastive_accuracy(logits_ab)}
 
   def images_step(variables, batch):
     _, _, logits = model.apply(variables, augment.to_float(batch['image']), train=False)

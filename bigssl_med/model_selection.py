@@ -105,7 +105,6 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
   no evaluation yet (resumed at its end) is evaluated once.
   """
   start_step = step = int(state['opt']['step'])
-  hosts = jax.process_count()
 
   def select(step: int, variables) -> bool:
     if best.done_at(step):
@@ -120,7 +119,7 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
     train_iter.set_state(json.loads(data_state))
   rng = jax.random.key(config.seed + 1)
   last_data_state = data_state
-  with preemption_lib.Preemption() as preemption:
+  with preemption_lib.Preemption(checkpointer.reached_preemption) as preemption:
     batches = pipeline.device_prefetch(train_iter, to_device, size=config.data.prefetch_batches)
     while running and step < total_steps:
       batch, last_data_state = next(batches)
@@ -138,7 +137,7 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
           step == total_steps):
         stopped_early = select(step, state['model'])
         writer.start_clock(step)
-      stop = preemption.requested or (hosts > 1 and checkpointer.reached_preemption(step))
+      stop = preemption.should_stop(step)
       if (step % config.checkpoint_every_steps == 0 or step == total_steps or stop
           or stopped_early):
         checkpointer.save(step, model=state['model'], opt=state['opt'],

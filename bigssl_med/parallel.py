@@ -83,6 +83,14 @@ def to_host(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def primary_value(value: int) -> int:
+  """Process 0's `value` on every host (`value` itself with one host); also a barrier."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+  return value
+
+
 def sync(name: str) -> None:
   """A barrier across hosts (nothing with one host)."""
   if jax.process_count() > 1:

@@ -1,21 +1,39 @@
-"""SIGTERM during training: save a checkpoint, then stop with `Preempted`.
+"""SIGTERM during training: every host saves a checkpoint after one step, then stops.
 
 `main.py` turns `Preempted` into exit status 143; running the command again
 resumes from that checkpoint.
+
+One host: a SIGTERM handler sets a flag that the loop reads after each step.
+
+Several hosts: the scheduler's SIGTERM may reach one host only, or each host at
+another step. A host that saved and stopped alone would leave the others waiting
+for it in the next step's collectives, so the decision is JAX's preemption service
+(started by `jax.distributed.initialize`): it catches SIGTERM on any host and names
+one step at which `reached_sync_point(step)` is true on every host. No Python handler
+is installed then, as it would hide the signal from that service.
 """
 
 import logging
 import signal
+from typing import Callable
+
+import jax
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks: save a checkpoint, then stop."""
+  """Answers, after each step, whether every host should now save and stop."""
 
-  def __init__(self):
-    self.requested = False
+  def __init__(self, reached_sync_point: Callable[[int], bool]):
+    """`reached_sync_point(step)`: JAX's multi-host preemption notice (orbax's
+    `CheckpointManager.reached_preemption`); used when several hosts run."""
+    self._reached_sync_point = reached_sync_point
+    self._several_hosts = jax.process_count() > 1
+    self._requested = False
     self._previous = None
 
   def __enter__(self):
+    if self._several_hosts:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: leave signals alone
@@ -25,7 +43,13 @@ class Preemption:
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint, then stopping.')
-    self.requested = True
+    self._requested = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save a checkpoint at `step` and stop (the same answer on every host)."""
+    if self._several_hosts:
+      return self._reached_sync_point(step)
+    return self._requested
 
   def __exit__(self, *exc):
     if self._previous is not None:

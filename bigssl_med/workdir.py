@@ -97,7 +97,8 @@ class MetricWriter:
     """(Re)starts the rate clock at `step`: after compilation, a checkpoint or an evaluation."""
     self._last_time, self._last_step = time.perf_counter(), step
 
-  def progress(self, step: int, scalars: Mapping[str, float], images_per_step: int) -> dict[str, float]:
+  def progress(self, step: int, scalars: Mapping[str, float],
+               images_per_step: int) -> dict[str, float]:
     """Logs steps/s, images/s and ETA since the clock last started; returns the rates."""
     if self._last_time is None or step <= self._last_step:
       return {}

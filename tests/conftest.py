@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 # Every test sees 8 CPU devices, so sharded code runs sharded (set before JAX loads).
-_FLAG = '--xla_force_host_platform_device_count=8'
-if _FLAG not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+# A process started with its own device count (the multi-host tests' 2 x 4) keeps it.
+if '--xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                             '--xla_force_host_platform_device_count=8').strip()
 
 import tempfile
 

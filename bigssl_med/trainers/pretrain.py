@@ -177,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_metrics: dict[str, float] = {}
   images_per_step = 2 * config.batch_size
 
-  with preemption_lib.Preemption() as preemption:
+  with preemption_lib.Preemption(checkpointer.reached_preemption) as preemption:
     batches = pipeline.device_prefetch(train_iter, to_device, size=config.data.prefetch_batches)
     while step < total_steps:
       batch, last_data_state = next(batches)
@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         rates = writer.progress(step, scalars, images_per_step)
         last_metrics = writer.write(step, 'train', {**scalars, **rates})
-      stop = preemption.requested or (hosts > 1 and checkpointer.reached_preemption(step))
+      stop = preemption.should_stop(step)
       if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
         checkpointer.save(step, model=state['model'], opt=state['opt'],
                           data_state=last_data_state, force=True)

@@ -17,9 +17,11 @@ import logging
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from bigssl_med import config_schema
+from bigssl_med import parallel
 from bigssl_med import report as report_lib
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import ConfigError
@@ -62,10 +64,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               if stage.trainer in REPORTED_TRAINERS]
   if config.report and reported:
     out = os.path.join(workdir, 'report.md')
-    if report_lib.main(reported + ['--out', out]) != 0:
-      raise ConfigError(f'the report of {workdir} failed (see the error above)')
+    # Process 0 writes the report; every host learns whether it succeeded.
+    primary = jax.process_index() == 0
+    status = parallel.primary_value(report_lib.main(reported + ['--out', out]) if primary else 0)
+    if status != 0:
+      raise ConfigError(f'the report of {workdir} failed (see the error above'
+                        f'{"" if primary else " in the log of process 0"})')
     results['report'] = out
-    with open(out) as f:
-      logging.info('Report %s:\n%s', out, f.read())
+    if primary:
+      with open(out) as f:
+        logging.info('Report %s:\n%s', out, f.read())
   workdir_lib.write_json(os.path.join(workdir, 'stages.json'), results)
   return results
