@@ -13,11 +13,31 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
 import jax
+import ml_collections
 import numpy as np
+
+from bigssl_med.errors import ConfigError
+
+
+_URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+
+
+def start(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates `workdir` and writes its `config.json`; a URL (gs://...) is a one-line error.
+
+  A workdir is written through the file system of each host: on a Cloud TPU VM, a
+  bucket mounted with gcsfuse on every host, or a shared disk.
+  """
+  if _URL.match(os.fspath(workdir)):
+    raise ConfigError(f'workdir {workdir!r} is a URL: pass a path of the file system, e.g. '
+                      'the bucket mounted with gcsfuse on every host')
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -1,11 +1,13 @@
 #!/bin/bash
 # Runs main.py on every host of a Cloud TPU VM slice; JAX finds the other hosts itself.
 #
-#   launch/tpu_vm.sh TPU_NAME ZONE --config=configs/simclr_imagenet.py --workdir=gs://bucket/run
+#   launch/tpu_vm.sh TPU_NAME ZONE --config=configs/simclr_imagenet.py --workdir=/mnt/runs/r1
 #
 # The project must be checked out at the same path on every host (REPO_DIR, default
-# ~/bigssl_med) and installed there (pip install -e .). A workdir on a bucket or a
-# shared disk lets every host write its data-iterator state and lets runs resume.
+# ~/bigssl_med) and installed there (pip install -e .). The workdir must be one folder
+# that every host sees at the same path: a bucket mounted with gcsfuse on every host
+# (gcsfuse --implicit-dirs BUCKET /mnt/runs) or a shared disk. Every host writes its
+# data-iterator state there, and runs resume from it. A gs:// URL is refused.
 set -euo pipefail
 if [ $# -lt 3 ]; then
   echo "usage: $0 TPU_NAME ZONE MAIN_PY_FLAGS..." >&2

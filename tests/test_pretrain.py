@@ -222,6 +222,21 @@ def test_missing_data_dir(tmp_path):
     pretrain.train_and_evaluate(tiny_config(os.fspath(tmp_path / 'nodata')), os.fspath(tmp_path / 'w'))
 
 
+@pytest.mark.parametrize('trainer', ['pretrain', 'finetune', 'segment', 'stages'])
+def test_a_url_workdir_is_a_one_line_error_and_nothing_is_written(trainer, tmp_path,
+                                                                  monkeypatch):
+  from bigssl_med import trainers  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  config = config_schema.defaults(trainer)
+  if trainer == 'stages':
+    config.order = ('pretrain',)
+    config.stages.pretrain = config_schema.pretrain()
+  with pytest.raises(ConfigError, match=r"^workdir 'gs://bucket/run' is a URL: pass a path of "
+                                        'the file system, e.g. the bucket mounted with gcsfuse'):
+    trainers.TRAINERS[trainer](config, 'gs://bucket/run')
+  assert not os.listdir(tmp_path)  # no local folder named gs:
+
+
 def test_data_set_is_built_from_manual_dir_when_missing(small_ham10000, tmp_path):
   _, manual_dir = small_ham10000
   cfg = tiny_config(os.fspath(tmp_path / 'fresh'), total_steps=1, probe=False)

@@ -210,8 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.trainer not in TRAINER_NAMES:
     raise ConfigError(f'config.trainer={config.trainer!r} is not one of {TRAINER_NAMES}')
   distill = config.trainer == 'distill'
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  workdir_lib.start(workdir, config)
   results_path = os.path.join(workdir, 'results.json')
   previous = workdir_lib.read_json(results_path)
   if previous and previous.get('test') is not None and previous.get('trainer') == config.trainer:

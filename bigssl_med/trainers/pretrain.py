@@ -50,8 +50,7 @@ def augment_fn(config: ml_collections.ConfigDict):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) pretraining in `workdir`; returns the final evaluation."""
   config_schema.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  workdir_lib.start(workdir, config)
   dtype = train_state.compute_dtype(config)
 
   # ---------------------------------------------------------------- Mesh.

@@ -61,8 +61,7 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) segmentation training in `workdir`; returns validation and test Dice."""
   config_schema.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  workdir_lib.start(workdir, config)
   results_path = os.path.join(workdir, 'results.json')
   previous = workdir_lib.read_json(results_path)
   if previous and previous.get('test') is not None and previous.get('trainer') == 'segment':

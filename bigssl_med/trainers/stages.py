@@ -54,8 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from bigssl_med import trainers  # pylint: disable=g-import-not-at-top (imports this module)
   config_schema.validate(config)
   stages = resolve_references(config, workdir)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  workdir_lib.start(workdir, config)
   results: dict[str, Any] = {'trainer': 'stages', 'stages': {}}
   for name, stage in stages.items():
     logging.info('Stage %s (%s) in %s', name, stage.trainer, os.path.join(workdir, name))
