@@ -8,6 +8,7 @@ validation and selection, checkpoints, SIGTERM, early stopping; it resumes
 where a restarted run stopped, without evaluating a step twice.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -119,8 +120,10 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
     train_iter.set_state(json.loads(data_state))
   rng = jax.random.key(config.seed + 1)
   last_data_state = data_state
-  with preemption_lib.Preemption(checkpointer.reached_preemption) as preemption:
-    batches = pipeline.device_prefetch(train_iter, to_device, size=config.data.prefetch_batches)
+  prefetched = pipeline.device_prefetch(train_iter, to_device,
+                                       size=config.data.prefetch_batches)
+  with (preemption_lib.Preemption(checkpointer.reached_preemption) as preemption,
+        contextlib.closing(prefetched) as batches):
     while running and step < total_steps:
       batch, last_data_state = next(batches)
       state, train_metrics = train_step(state, batch, rng)
@@ -150,7 +153,6 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
         logging.info('Early stop at step %d: %d evaluations without improvement of %s',
                      step, best.record['evals_since_best'], best.metric)
         break
-    batches.close()
   if not best.evaluated:
     select(step, state['model'])
   return state, step

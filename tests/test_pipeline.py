@@ -1,5 +1,6 @@
 """The grain input pipeline: MICLe invariants, determinism, host shards, resume."""
 
+import contextlib
 import io
 import json
 
@@ -141,6 +142,44 @@ def test_device_prefetch_reports_the_state_after_each_batch():
     _, state = next(prefetched)
     assert state == want
   prefetched.close()
+
+
+class _Closable:
+  """An iterator over `items` that records `close()`; raises `fail` after them if given."""
+
+  def __init__(self, items, fail=None):
+    self._items, self._fail, self.closed = iter(items), fail, False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    try:
+      return next(self._items)
+    except StopIteration:
+      if self._fail is not None:
+        raise self._fail from None
+      raise
+
+  def close(self):
+    self.closed = True
+
+
+def test_device_prefetch_closes_the_iterator_it_was_given():
+  # Exhausted.
+  it = _Closable([{'x': np.zeros(2)}] * 3)
+  assert len(list(pipeline.device_prefetch(it, lambda b: b))) == 3 and it.closed
+  # Stopped early (the trainers' `contextlib.closing`), with batches still prefetched.
+  it = _Closable([{'x': np.zeros(2)}] * 100)
+  with contextlib.closing(pipeline.device_prefetch(it, lambda b: b, size=4)) as batches:
+    next(batches)
+    assert not it.closed
+  assert it.closed
+  # The input fails: the error reaches the loop, and the iterator is closed.
+  it = _Closable([{'x': np.zeros(2)}], fail=DataError('record 7 cannot be decoded'))
+  with pytest.raises(DataError, match='record 7'):
+    list(pipeline.device_prefetch(it, lambda b: b))
+  assert it.closed
 
 
 def test_eval_images_cover_every_record_once_with_padding_masked():

@@ -317,6 +317,9 @@ def eval_pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpe
   return with_workers(ds, num_workers)
 
 
+_CLOSE_TIMEOUT_S = 30.0
+
+
 def device_prefetch(iterator: Iterator[dict[str, np.ndarray]], to_device, size: int = 2
                     ) -> Iterator[tuple[Any, bytes | None]]:
   """Moves batches to the devices `size` steps ahead in a background thread.
@@ -324,6 +327,10 @@ def device_prefetch(iterator: Iterator[dict[str, np.ndarray]], to_device, size: 
   Yields `(device_batch, state)`, where `state` is the grain iterator state right after
   that batch was drawn (JSON bytes; None if the iterator has no state): the position
   to save once the step has consumed the batch.
+
+  Takes `iterator` over: when the generator ends, is closed (`contextlib.closing`) or
+  fails, the thread stops and `iterator.close()` shuts grain's worker processes down
+  and frees their shared memory, which would otherwise be reported leaked at exit.
   """
   done = object()
   q: queue.Queue = queue.Queue(maxsize=max(1, size))
@@ -360,3 +367,6 @@ def device_prefetch(iterator: Iterator[dict[str, np.ndarray]], to_device, size: 
       yield item
   finally:
     stop.set()
+    thread.join(timeout=_CLOSE_TIMEOUT_S)  # it stops once the batch in hand is placed
+    if hasattr(iterator, 'close') and not thread.is_alive():
+      iterator.close()

@@ -9,6 +9,7 @@ sharded on the mesh's `data` axis, the state donated. BatchNorm statistics and t
 contrastive negatives span the whole global batch by construction.
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -176,8 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   last_metrics: dict[str, float] = {}
   images_per_step = 2 * config.batch_size
 
-  with preemption_lib.Preemption(checkpointer.reached_preemption) as preemption:
-    batches = pipeline.device_prefetch(train_iter, to_device, size=config.data.prefetch_batches)
+  prefetched = pipeline.device_prefetch(train_iter, to_device,
+                                       size=config.data.prefetch_batches)
+  with (preemption_lib.Preemption(checkpointer.reached_preemption) as preemption,
+        contextlib.closing(prefetched) as batches):
     while step < total_steps:
       batch, last_data_state = next(batches)
       state, metrics = train_step(state, batch, rng)
@@ -202,7 +205,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
         writer.write(step, config.data.eval_split, evaluate(state['model']))
         writer.start_clock(step)
-    batches.close()
 
   # ---------------------------------------------------------------- Final evaluation.
   results_path = os.path.join(workdir, 'results.json')
