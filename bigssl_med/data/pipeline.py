@@ -330,7 +330,7 @@ def device_prefetch(iterator: Iterator[dict[str, np.ndarray]], to_device, size: 
 
   Takes `iterator` over: when the generator ends, is closed (`contextlib.closing`) or
   fails, the thread stops and `iterator.close()` shuts grain's worker processes down
-  and frees their shared memory, which would otherwise be reported leaked at exit.
+  then, not at exit.
   """
   done = object()
   q: queue.Queue = queue.Queue(maxsize=max(1, size))
