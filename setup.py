@@ -35,7 +35,7 @@ setuptools.setup(
         'tensorflow>=2.16; platform_system != "Linux" or platform_machine != "x86_64"',
     ],
     extras_require={
-        'test': ['pytest>=8.0'],
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5'],
         'gpu': ['jax[cuda12]>=0.10.0'],
         # bigssl_med.convert reads torch.save zip files itself; PyTorch only for older files.
         'convert': ['torch>=1.6'],

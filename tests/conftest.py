@@ -133,16 +133,20 @@ def fake_ham10000(tmp_path) -> FakeHam10000:
   return write_fake_ham10000(tmp_path / 'raw')
 
 
+# The real HAM10000 is built once per session, at the demo's resolution.
+REAL_HAM10000_BUILD = 'ham10000/side96'
+
+
 @pytest.fixture(scope='session')
 def ham10000_data_dir(tmp_path_factory) -> str:
-  """Data dir with the real HAM10000 (../shared/data/ham10000) built once."""
+  """Data dir with the real HAM10000 (../shared/data/ham10000) built as REAL_HAM10000_BUILD."""
   if not (REAL_HAM10000 / 'HAM10000_metadata.csv').is_file():
     pytest.skip(f'real HAM10000 not found at {REAL_HAM10000} (see '
                 '../shared/data/README.md)')
   from bigssl_med import build_data  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path_factory.mktemp('ham10000_real')
   start = time.perf_counter()
-  build_data.build('ham10000', data_dir=os.fspath(data_dir),
+  build_data.build(REAL_HAM10000_BUILD, data_dir=os.fspath(data_dir),
                    manual_dir=os.fspath(REAL_HAM10000))
   print(f'\nBuilt the real HAM10000 in {time.perf_counter() - start:.1f} s')
   return os.fspath(data_dir)

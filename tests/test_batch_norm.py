@@ -103,11 +103,26 @@ def test_module_matches_flax_batchnorm(relu, use_bias, zero_scale):
                              rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('depth,sk_ratio', [(18, 0.0), (50, 0.0625)])
-def test_resnet_with_fused_bn_is_the_same_function(depth, sk_ratio):
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
-  kwargs = dict(depth=depth, width_multiplier=0.125, sk_ratio=sk_ratio)
-  plain, fused = resnet.ResNet(**kwargs), resnet.ResNet(fused_bn=True, **kwargs)
+# Each kind of block with fused BatchNorm, as a whole network where that is cheap to
+# compile: ResNet-18, ResNet-18 with the SK stem and average-pool shortcuts, and one
+# strided bottleneck block with a selective-kernel convolution (ResNet-50 and up).
+_FUSED_BN_CASES = {
+    'resnet18': (lambda fused: resnet.ResNet(depth=18, width_multiplier=0.125, fused_bn=fused),
+                 (4, 32, 32, 3)),
+    'resnet18_sk': (lambda fused: resnet.ResNet(depth=18, width_multiplier=0.125,
+                                                sk_ratio=0.0625, fused_bn=fused),
+                    (4, 32, 32, 3)),
+    'bottleneck_sk': (lambda fused: resnet.BottleneckBlock(16, strides=2, projection=True,
+                                                           sk_ratio=0.0625, fused_bn=fused),
+                      (4, 8, 8, 32)),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_FUSED_BN_CASES))
+def test_resnet_with_fused_bn_is_the_same_function(case):
+  make, shape = _FUSED_BN_CASES[case]
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  plain, fused = make(False), make(True)
   variables = plain.init(jax.random.key(0), x, train=False)
   fused_variables = fused.init(jax.random.key(0), x, train=False)
   assert jax.tree.structure(fused_variables) == jax.tree.structure(variables)

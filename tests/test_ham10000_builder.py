@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 from bigssl_med import build_data
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
+from conftest import REAL_HAM10000_BUILD
 import tfds_builders
 from tfds_builders.ham10000 import ham10000
 
@@ -493,7 +494,8 @@ _PUBLISHED_COUNTS = {'nv': 6705, 'mel': 1113, 'bkl': 1099, 'bcc': 514,
 
 
 def test_real_ham10000(ham10000_data_dir):
-  info = sources.dataset_info(NAME, ham10000_data_dir)
+  name = REAL_HAM10000_BUILD
+  info = sources.dataset_info(name, ham10000_data_dir)
   assert sum(s.num_examples for s in info.splits.values()) == 10015
   names = info.features['label'].names
   assert names == sorted(_PUBLISHED_COUNTS)
@@ -501,14 +503,19 @@ def test_real_ham10000(ham10000_data_dir):
   split_of_case = collections.defaultdict(set)
   multi_image_cases = 0
   for split in ('train', 'validation', 'test'):
-    source = sources.open_split(NAME, split, ham10000_data_dir)
+    source = sources.open_split(name, split, ham10000_data_dir)
     for record in source.__getitems__(list(range(len(source)))):
       counts[names[record['label']]] += 1
       split_of_case[record['case_id']].add(split)
-    groups = sources.case_index(NAME, split, ham10000_data_dir)
+    groups = sources.case_index(name, split, ham10000_data_dir)
     assert sum(len(g) for g in groups) == len(source)
     multi_image_cases += sum(len(g) > 1 for g in groups)
   assert dict(counts) == _PUBLISHED_COUNTS
   assert len(split_of_case) == 7470
   assert all(len(s) == 1 for s in split_of_case.values())
   assert multi_image_cases == 1956
+  # The published images are 600 x 450, masks included: stored at 96 x 72.
+  for record in sources.open_split(name, 'test', ham10000_data_dir).__getitems__([0, 1, 2]):
+    for key in ('image', 'mask'):
+      with Image.open(io.BytesIO(record[key])) as image:
+        assert image.size == (96, 72), (key, record['image_id'], image.size)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bigssl_med import build_data, config_schema
+from bigssl_med import config_schema
 from bigssl_med.errors import ConfigError
 from bigssl_med.trainers import stages
-from conftest import REAL_HAM10000
+from conftest import REAL_HAM10000_BUILD
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,11 +50,9 @@ def test_stage_configs_are_validated_by_their_trainers():
     config_schema.validate(config)
 
 
-def test_demo_runs_every_stage_on_the_real_ham10000(tmp_path_factory):
-  if not (REAL_HAM10000 / 'HAM10000_metadata.csv').is_file():
-    pytest.skip(f'real HAM10000 not found at {REAL_HAM10000} (see ../shared/data/README.md)')
-  data_dir = os.fspath(tmp_path_factory.mktemp('ham10000_side96'))
-  build_data.build('ham10000/side96', data_dir=data_dir, manual_dir=os.fspath(REAL_HAM10000))
+def test_demo_runs_every_stage_on_the_real_ham10000(ham10000_data_dir, tmp_path_factory):
+  data_dir = ham10000_data_dir
+  assert _demo_config().stages.pretrain.dataset == REAL_HAM10000_BUILD
   config = _demo_config()
   for name in config.order:
     stage = config.stages[name]
