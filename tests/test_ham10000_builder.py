@@ -514,7 +514,7 @@ def test_real_ham10000(ham10000_data_dir):
   assert len(split_of_case) == 7470
   assert all(len(s) == 1 for s in split_of_case.values())
   assert multi_image_cases == 1956
-  # The published images are 600 x 450, masks included: stored at 96 x 72.
+  # Images and masks (4:3) are stored at a longest side of 96.
   for record in sources.open_split(name, 'test', ham10000_data_dir).__getitems__([0, 1, 2]):
     for key in ('image', 'mask'):
       with Image.open(io.BytesIO(record[key])) as image:
