@@ -32,8 +32,15 @@ _SCAN_CHUNK = 1024
 
 
 def build_command(name: str, data_dir: str) -> str:
-  """The command line that builds `name` into `data_dir`."""
-  return (f'python -m bigssl_med.build_data {name} --manual_dir=... '
+  """The command line that builds `name` into `data_dir`.
+
+  This project's builders build with `bigssl_med.build_data`; any other name (a TFDS
+  catalog data set such as `imagenet2012`) with TFDS's own command, in array_record.
+  """
+  if split_name(name)[0] in tfds_builders.BUILDERS:
+    return (f'python -m bigssl_med.build_data {name} --manual_dir=... '
+            f'--data_dir={data_dir}')
+  return (f'tfds build {name} --file_format=array_record --manual_dir=... '
           f'--data_dir={data_dir}')
 
 
@@ -148,7 +155,9 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
 
   Read from `case_index.json` when the build wrote one; otherwise (or for a
   sliced split such as 'train[:10%]') computed by scanning the records'
-  `case_id`, with a logged notice.
+  `case_id`, with a logged notice. A data set without a `case_id` feature (a TFDS
+  catalog set such as `imagenet2012`) has one case per record, keyed by the
+  record's index ('0', '1', ...), also with a logged notice.
 
   Raises:
     DataError: data set or split missing, or a `case_index.json` that does not
@@ -157,6 +166,11 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   builder = _builder(name, data_dir)
   _check_split(builder.info, name, split)
   version_dir = os.fspath(builder.data_dir)
+  if not has_cases(builder.info):
+    num_records = len(builder.as_data_source(split, decoders=_skip_image_decoders(builder.info)))
+    logging.info('Notice: data set %s has no case_id feature: each of the %d records of split '
+                 '%s is a case of its own.', name, num_records, split)
+    return {str(i): np.asarray([i], np.int64) for i in range(num_records)}
   path = os.path.join(version_dir, CASE_INDEX_FILE)
   if '[' not in split and os.path.exists(path):
     num_records = builder.info.splits[split].num_examples
@@ -168,6 +182,11 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
         split, decoders=_skip_image_decoders(builder.info))
     case_ids = scan_case_ids(source)
   return group_cases(case_ids)
+
+
+def has_cases(info: tfds.core.DatasetInfo) -> bool:
+  """Whether the data set's records say which case (patient, lesion) they belong to."""
+  return 'case_id' in info.features
 
 
 def group_cases(case_ids: Sequence[str]) -> dict[str, np.ndarray]:

@@ -66,11 +66,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                      manual_dir=config.data.manual_dir,
                                      build_if_missing=config.data.build_if_missing)
   train_source = sources.open_split(config.dataset, config.data.train_split, data_dir)
+  info = sources.dataset_info(config.dataset, data_dir)
+  if config.micle and not sources.has_cases(info):
+    raise ConfigError(f'config.micle pairs two images of one case, but data set '
+                      f'{config.dataset!r} has no case_id feature: set config.micle=False '
+                      '(SimCLR: two views of one image)')
   # MICLe draws cases (groups of records); SimCLR draws records (groups=None).
   groups = (sources.case_index(config.dataset, config.data.train_split, data_dir)
             if config.micle else None)
   num_units = len(groups) if config.micle else len(train_source)
-  info = sources.dataset_info(config.dataset, data_dir)
   label_key = config.data.label_key if config.probe else ''
   num_classes = 0
   if label_key:
