@@ -10,6 +10,10 @@
 #   bash benchmarks/gpu_session.sh step [OUT [ARGS...]]
 #       benchmarks/pretrain_step.py, ResNet-50 at 224, 2 x 256 views, bf16: the default step,
 #       then with config.model.fused_bn, config.optimizer.lars_batched_norms, and both.
+#   bash benchmarks/gpu_session.sh flags [OUT [ARGS...]]
+#       the default step and the step with both switches, each under XLA's cuDNN convolution
+#       fusions (--xla_gpu_experimental_enable_conv_fusion: a convolution with its element-wise
+#       users and one reduction in one cuDNN graph); each JSON line counts the cuDNN fusions.
 #   bash benchmarks/gpu_session.sh loop [OUT [ARGS...]]
 #       benchmarks/input_pipeline.py on the HAM10000 subset: the whole loop (grain decode +
 #       crop, device augmentation, step) against the same step on synthetic batches.
@@ -18,7 +22,7 @@
 # step /tmp/b --depth 18 --width 0.25 --image_size 32 --batch 16 --steps 3). PYTHON picks the
 # interpreter (default python3).
 set -euo pipefail
-part=${1:?usage: gpu_session.sh prepare [IMAGES] | step [OUT [ARGS...]] | loop [OUT [ARGS...]]}
+part=${1:?usage: gpu_session.sh prepare [IMAGES] | step|flags|loop [OUT [ARGS...]]}
 subset=.bench/ham10000_subset
 py=${PYTHON:-python3}
 
@@ -79,6 +83,18 @@ EOF
         --out "$out/pretrain_step.jsonl" | tail -1 || echo "pretrain_step $flags: failed"
     done
     ;;
+  flags)
+    out=${2:-${OUT:-/tmp/bigssl_med_bench}}
+    shift $(( $# > 1 ? 2 : 1 ))
+    mkdir -p "$out"
+    install_wheels
+    for flags in '' '--fused_bn --lars_batched_norms'; do
+      # shellcheck disable=SC2086
+      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_enable_conv_fusion=true" \
+        timeout 280 "$py" benchmarks/pretrain_step.py --steps 50 $flags "$@" \
+        --out "$out/pretrain_step.jsonl" | tail -1 || echo "pretrain_step $flags: failed"
+    done
+    ;;
   loop)
     out=${2:-${OUT:-/tmp/bigssl_med_bench}}
     shift $(( $# > 1 ? 2 : 1 ))
@@ -90,5 +106,5 @@ EOF
       --out "$out/input_pipeline.jsonl"
     ;;
   *)
-    echo "unknown part '$part': prepare, step or loop"; exit 2 ;;
+    echo "unknown part '$part': prepare, step, flags or loop"; exit 2 ;;
 esac

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 import types
@@ -75,6 +76,26 @@ def _flops(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0]
   return float(analysis.get('flops', 0.0)) if analysis else 0.0
+
+
+# What the compiled step runs, by a marker in its HLO text: library calls and fusions.
+_KERNEL_MARKERS = {
+    'cudnn_convolutions': re.compile(r'custom_call_target="__cudnn\$conv'),
+    'cudnn_fusions': re.compile(r'"kind":\s*"__cudnn\$fusion"'),
+    'cublas_gemms': re.compile(r'custom_call_target="__cublas\$'),
+    'triton_gemm_fusions': re.compile(r'"kind":\s*"__triton_gemm"'),
+    'fusions': re.compile(r'\sfusion\('),
+}
+
+
+def kernel_census(hlo_text: str) -> dict[str, int]:
+  """How many of each kind of kernel the compiled step's HLO text launches.
+
+  `cudnn_fusions` counts the convolutions XLA hands to cuDNN together with their
+  element-wise neighbours and a reduction (`--xla_gpu_experimental_enable_conv_fusion`);
+  `fusions` counts every fusion instruction, XLA's own kernels included.
+  """
+  return {name: len(marker.findall(hlo_text)) for name, marker in _KERNEL_MARKERS.items()}
 
 
 def make_step(*, depth=50, width=1.0, sk_ratio=0.0, image_size=224, batch=256,
@@ -169,9 +190,10 @@ def main(argv=None):
   compile_seconds = time.perf_counter() - t0
   step_flops = _flops(compiled)
   model_flops = 3.0 * forward_flops(model, variables, (2 * args.batch, size, size, 3))
+  hlo_text = compiled.as_text()
   if args.dump_hlo:
     with open(args.dump_hlo, 'w') as f:
-      f.write(compiled.as_text())
+      f.write(hlo_text)
 
   for i in range(args.warmup):
     state, metrics = compiled(state, batches[i % 2], key)
@@ -211,7 +233,7 @@ def main(argv=None):
       'mfu': (model_flops / step_time / (peak * 1e12 * n_dev)) if peak else None,
       'peak_tflops_per_device': peak, 'compile_s': compile_seconds,
       'peak_memory_gib': (mem or {}).get('peak_bytes_in_use', 0) / 2**30 if mem else None,
-      'loss': float(metrics['loss']),
+      'loss': float(metrics['loss']), 'kernels': kernel_census(hlo_text),
   }
   print(json.dumps(result))
   mfu = 'n/a' if result['mfu'] is None else f"{100 * result['mfu']:.1f}%"
