@@ -8,7 +8,9 @@
   regularises by an L2 term in its loss instead (`probe_l2`).
 - Peak learning rate `base * B / 256` (linear scaling) or `base * sqrt(B)` (sqrt).
 - Linear warm-up from 0, then cosine decay to 0 at the last step.
-- Durations in steps or epochs: `resolve_steps`; a run's lengths: `run_length`.
+- Durations in steps or epochs: `resolve_steps`; a run's lengths: `run_length`. An
+  epoch is N/B steps (N images, or cases with MICLe; B the global batch), as SimCLR
+  counts a duration in epochs (its input repeats, then batches across epochs).
 """
 
 import math
@@ -164,7 +166,7 @@ def build_optimizer(opt_config, schedule: Callable, params: Any) -> optax.Gradie
   raise ConfigError(f"config.optimizer.name must be 'lars', 'momentum' or 'adamw', got {name!r}")
 
 
-def resolve_steps(*, steps: int, epochs: float, steps_per_epoch: int, what: str,
+def resolve_steps(*, steps: int, epochs: float, steps_per_epoch: float, what: str,
                   allow_zero: bool = False) -> int:
   """A duration given in steps or in epochs (exactly one of them > 0) as a step count.
 
@@ -181,16 +183,20 @@ def resolve_steps(*, steps: int, epochs: float, steps_per_epoch: int, what: str,
   raise ConfigError(f'config sets neither of {what}; set one of them > 0')
 
 
-def run_length(config, num_examples: int, examples: str) -> tuple[int, int, int]:
+def run_length(config, num_examples: int, examples: str) -> tuple[float, int, int]:
   """`(steps_per_epoch, total_steps, warmup_steps)` of a trainer's config over its train set.
 
   `num_examples` are the units an epoch goes through once (images, or cases for
   MICLe); `examples` describes them for the error when one global batch
   (`config.batch_size`) holds more, e.g. 'labelled images of ham10000/train'.
-  The warm-up is capped at the run's length.
+  An epoch is `num_examples / batch_size` steps, a fraction included, so E epochs
+  show each unit E times on average: the input pipeline reshuffles every
+  ⌊N/B⌋ steps and leaves out the N mod B units each shuffle puts last (other ones
+  every time) rather than put a unit twice in one batch. The warm-up is capped at
+  the run's length.
   """
-  steps_per_epoch = num_examples // config.batch_size
-  if steps_per_epoch == 0:
+  steps_per_epoch = num_examples / config.batch_size
+  if num_examples < config.batch_size:
     raise ConfigError(f'config.batch_size={config.batch_size} is larger than the '
                       f'{num_examples} {examples}')
   total_steps = resolve_steps(steps=config.total_steps, epochs=config.num_epochs,

@@ -169,6 +169,13 @@ def test_unknown_optimizer_is_a_config_error():
 def test_run_length_from_epochs_caps_warmup_and_rejects_a_batch_larger_than_the_data():
   cfg = ml_collections.ConfigDict(dict(batch_size=10, total_steps=0, num_epochs=2.0,
                                        optimizer=dict(warmup_steps=0, warmup_epochs=5.0)))
-  assert optim.run_length(cfg, 95, 'images of x/train') == (9, 18, 18)
-  with pytest.raises(ConfigError, match=r'batch_size=10 is larger than the 9 images of x/train'):
+  # An epoch is N/B steps, as SimCLR counts them: 2 epochs of 95 images at 10 a step are
+  # 19 steps, not 2 x 9.
+  assert optim.run_length(cfg, 95, 'images of x/train') == (9.5, 19, 19)
+  cfg.num_epochs, cfg.optimizer.warmup_epochs = 100.0, 10.0
+  assert optim.run_length(cfg, 1000, 'images of x/train')[1:] == (round(100 * 1000 / 10),
+                                                                  round(10 * 1000 / 10))
+  cfg.batch_size = 256  # SimCLR's counts for 1,000 images: 1000·100//256 + 1 = 391 and 39
+  assert optim.run_length(cfg, 1000, 'images of x/train')[1:] == (391, 39)
+  with pytest.raises(ConfigError, match=r'batch_size=256 is larger than the 9 images of x/train'):
     optim.run_length(cfg, 9, 'images of x/train')

@@ -5,7 +5,8 @@ from: an image (SimCLR) or a case, i.e. a patient or lesion (MICLe). Each epoch 
 permutation of the units from `(seed, epoch)`; the global batch at step t holds the
 units at positions `[t*B, (t+1)*B)` of that epoch's permutation, and host h reads its
 own slice `[h*b, (h+1)*b)` of it (b = B / hosts), so no unit appears twice in a global
-batch (an epoch's remainder is dropped, never carried into the next batch). For a
+batch (an epoch's remainder is dropped, never carried into the next batch; a
+duration in epochs still counts N/B steps an epoch, `optim.run_length`). For a
 case with two or more images the two views come from two different images; a case
 with one image gives two crops of that image. Everything random about an example
 (which images, crop boxes, flips) comes from `(seed, global position)`, so the

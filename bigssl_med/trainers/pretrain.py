@@ -87,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch, total_steps, warmup_steps = optim.run_length(
       config, num_units, f'{"cases" if config.micle else "images"} of {config.dataset}/'
       f'{config.data.train_split}')
-  logging.info('%s/%s: %d %s, %d steps per epoch, %d steps (%d warm-up)', config.dataset,
+  logging.info('%s/%s: %d %s, %.1f steps per epoch, %d steps (%d warm-up)', config.dataset,
                config.data.train_split, num_units, 'cases' if config.micle else 'images',
                steps_per_epoch, total_steps, warmup_steps)
 
