@@ -41,7 +41,7 @@ def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
       if logits is not None:
         labels = jnp.repeat(batch['label'], 2)
         probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        total = total + probe_loss + optim.probe_l2(params, weight_decay)
+        total = total + probe_loss + optim.head_l2(params, weight_decay)
         metrics['probe_loss'] = probe_loss
         metrics['probe_accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels)
       metrics['loss'] = total

@@ -4,8 +4,10 @@
   is scaled by the trust ratio `trust_coefficient * ||w|| / ||g||`, then by the
   learning rate, then momentum accumulates the scaled updates (SimCLR's
   "classic momentum"). BatchNorm parameters and biases are excluded from both the
-  weight decay and the trust ratio, and so is the linear probe, which SimCLR
-  regularises by an L2 term in its loss instead (`probe_l2`).
+  weight decay and the trust ratio, and so are the supervised heads (SimCLR's
+  `head_supervised`: the linear probe of pretraining, and under LARS the classifier
+  of fine-tuning and linear evaluation), which SimCLR regularises by an L2 term in
+  the loss instead (`head_l2`).
 - Peak learning rate `base * B / 256` (linear scaling) or `base * sqrt(B)` (sqrt).
 - Linear warm-up from 0, then cosine decay to 0 at the last step.
 - Durations in steps or epochs: `resolve_steps`; a run's lengths: `run_length`. An
@@ -24,26 +26,36 @@ import optax
 from bigssl_med.errors import ConfigError
 
 PROBE = 'probe'
+CLASSIFIER = 'classifier'
 
 
-def decay_mask(params: Any) -> Any:
-  """True for the leaves LARS decays and trust-scales: convolution and dense kernels.
+def decay_mask(params: Any, heads: tuple[str, ...] = (PROBE,)) -> Any:
+  """True for the leaves the optimiser decays (and LARS trust-scales): the kernels.
 
   Flax names BatchNorm parameters `scale`/`bias` and layer biases `bias`, so the
   kernels are exactly the parameters that are neither BN parameters nor biases.
-  The linear probe (top-level `probe`) is excluded as well.
+  The supervised heads among the top-level `heads` are excluded as well.
   """
   def is_decayed(path, _):
     names = [getattr(k, 'key', str(k)) for k in path]
-    return names[-1] == 'kernel' and names[0] != PROBE
+    return names[-1] == 'kernel' and names[0] not in heads
   return jax.tree_util.tree_map_with_path(is_decayed, params)
 
 
-def probe_l2(params: Any, weight_decay: float) -> jax.Array:
-  """SimCLR's L2 term for the supervised head: `wd * sum(kernel²) / 2` (no bias)."""
-  if PROBE not in params:
-    return jnp.zeros((), jnp.float32)
-  return weight_decay * 0.5 * jnp.sum(jnp.square(params[PROBE]['kernel']))
+def lars_heads(opt_config) -> tuple[str, ...]:
+  """The supervised heads an optimiser leaves to `head_l2`: the probe, and under LARS
+  the classifier too (SimCLR's `head_supervised` when it fine-tunes with LARS)."""
+  return (PROBE, CLASSIFIER) if opt_config.name == 'lars' else (PROBE,)
+
+
+def head_l2(params: Any, weight_decay: float, heads: tuple[str, ...] = (PROBE,)) -> jax.Array:
+  """SimCLR's L2 term for its supervised head: `wd * sum(kernel²) / 2` (no bias), summed
+  over the top-level `heads` present in `params`."""
+  total = jnp.zeros((), jnp.float32)
+  for name in heads:
+    if name in params:
+      total = total + jnp.sum(jnp.square(params[name]['kernel'].astype(jnp.float32)))
+  return weight_decay * 0.5 * total
 
 
 def peak_learning_rate(base: float, scaling: str, batch_size: int) -> float:
@@ -153,7 +165,7 @@ def lars(learning_rate, *, weight_decay: float, mask: Any, trust_coefficient: fl
 def build_optimizer(opt_config, schedule: Callable, params: Any) -> optax.GradientTransformation:
   """The optimiser named by `opt_config.name`: 'lars' (SimCLR), 'momentum' or 'adamw'."""
   name = opt_config.name
-  mask = decay_mask(params)
+  mask = decay_mask(params, lars_heads(opt_config))
   if name == 'lars':
     return lars(schedule, weight_decay=opt_config.weight_decay, mask=mask,
                 trust_coefficient=opt_config.trust_coefficient, momentum=opt_config.momentum,

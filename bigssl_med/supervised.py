@@ -35,8 +35,14 @@ class Task:
   blank: str = 'zeros'           # multilabel: blank (NaN) labels, 'zeros' or 'ignore'
 
 
-def make_train_step(model, tx, schedule, task: Task):
-  """`(state, batch, key) -> (state, metrics)`; `batch` has `image` and `label`."""
+def make_train_step(model, tx, schedule, task: Task, *, l2_heads: tuple[str, ...] = (),
+                    weight_decay: float = 0.0):
+  """`(state, batch, key) -> (state, metrics)`; `batch` has `image` and `label`.
+
+  `l2_heads`: top-level heads whose kernels the loss regularises by
+  `optim.head_l2(params, weight_decay, l2_heads)` (the classifier under LARS, as SimCLR
+  treats its supervised head); `metrics['loss']` is the task's loss alone.
+  """
 
   def train_step(state, batch, key):
     variables, opt = state['model'], state['opt']
@@ -59,20 +65,23 @@ def make_train_step(model, tx, schedule, task: Task):
         loss = label_policies.masked_sigmoid_bce(logits, targets, mask)
         metrics = {'labelled_fraction': jnp.mean(mask.astype(jnp.float32))}
       metrics['loss'] = loss
-      return loss, (updates['batch_stats'], metrics)
+      return (loss + optim.head_l2(params, weight_decay, l2_heads),
+              (updates['batch_stats'], metrics))
 
     return optim.gradient_step(state, loss_fn, tx, schedule)
 
   return train_step
 
 
-def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: float):
+def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: float, *,
+                      l2_heads: tuple[str, ...] = (), weight_decay: float = 0.0):
   """`(state, teacher_variables, batch, key) -> (state, metrics)`: SimCLRv2's distillation.
 
   The teacher (inference mode) sees the student's augmented images; its softened
   predictions are the targets. Multi-class: `-sum_y softmax(t/τ)_y log softmax(s/τ)_y`;
   multi-label: sigmoid cross-entropy of `s/τ` against `sigmoid(t/τ)`. Averaged over
-  the batch (and labels); labels are not used.
+  the batch (and labels); labels are not used. `l2_heads`, `weight_decay`: as
+  `make_train_step`.
   """
 
   def train_step(state, teacher_variables, batch, key):
@@ -93,7 +102,8 @@ def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: flo
       else:
         loss = optax.sigmoid_binary_cross_entropy(logits, jax.nn.sigmoid(teacher_logits)).mean()
         agree = (logits > 0) == (teacher_logits > 0)
-      return loss, (updates['batch_stats'], {'loss': loss, 'teacher_agreement': jnp.mean(agree)})
+      return (loss + optim.head_l2(params, weight_decay, l2_heads),
+              (updates['batch_stats'], {'loss': loss, 'teacher_agreement': jnp.mean(agree)}))
 
     return optim.gradient_step(state, loss_fn, tx, schedule)
 

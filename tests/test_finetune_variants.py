@@ -3,9 +3,11 @@
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -161,6 +163,39 @@ def test_shift_mapping_to_unknown_class_fails_before_training(colours, tmp_path)
   with pytest.raises(ConfigError, match=r"\['rot'\] that 'image_cases/couleurs' does not have"):
     finetune.train_and_evaluate(cfg, os.fspath(tmp_path))
   assert not (tmp_path / 'checkpoints').exists()
+
+
+class _TinyClassifier(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.BatchNorm(use_running_average=not train)(x.reshape(x.shape[0], -1))
+    return nn.Dense(3, name='classifier')(x)
+
+
+@pytest.mark.parametrize('distill', [False, True])
+def test_step_regularises_the_l2_heads_in_its_loss(distill):
+  """`l2_heads` add `wd·Σk²/2` of those heads' kernels to the loss, not to the logged loss."""
+  model, tx = _TinyClassifier(), optax.sgd(1.0)
+  images = np.random.default_rng(0).integers(0, 256, (4, 2, 2, 3), np.uint8)
+  variables = model.init(jax.random.key(0), jnp.zeros((4, 2, 2, 3)), train=False)
+  task = supervised.Task(kind='multiclass', num_outputs=3)
+  batch = {'image': images, 'label': np.array([0, 1, 2, 0])}
+  new_kernels, losses = [], []
+  for l2 in [dict(), dict(l2_heads=('classifier',), weight_decay=0.5)]:
+    state = {'model': variables, 'opt': {'step': jnp.zeros((), jnp.int32),
+                                         'opt_state': tx.init(variables['params'])}}
+    if distill:
+      step = supervised.make_distill_step(model, model, tx, optax.constant_schedule(1.0), task,
+                                          2.0, **l2)
+      state, metrics = step(state, variables, batch, jax.random.key(1))
+    else:
+      step = supervised.make_train_step(model, tx, optax.constant_schedule(1.0), task, **l2)
+      state, metrics = step(state, batch, jax.random.key(1))
+    new_kernels.append(np.asarray(state['model']['params']['classifier']['kernel']))
+    losses.append(float(metrics['loss']))
+  kernel = np.asarray(variables['params']['classifier']['kernel'])
+  np.testing.assert_allclose(new_kernels[1] - new_kernels[0], -0.5 * kernel, atol=1e-6)
+  assert losses[0] == losses[1]
 
 
 def test_linear_eval_trains_only_the_classifier(colours, tmp_path):

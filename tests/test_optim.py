@@ -124,10 +124,55 @@ def test_lars_state_is_the_same_with_batched_norms():
   assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
 
 
-def test_probe_l2_is_simclr_head_regulariser():
-  params = {'probe': {'kernel': jnp.full((2, 3), 2.0), 'bias': jnp.ones(3)}}
-  np.testing.assert_allclose(float(optim.probe_l2(params, 1e-6)), 1e-6 * 0.5 * 4 * 6)
-  assert float(optim.probe_l2({'encoder': {}}, 1e-6)) == 0.0
+def test_head_l2_is_simclr_head_regulariser():
+  params = {'probe': {'kernel': jnp.full((2, 3), 2.0), 'bias': jnp.ones(3)},
+            'classifier': {'kernel': jnp.full((3, 1), 3.0), 'bias': jnp.ones(1)}}
+  np.testing.assert_allclose(float(optim.head_l2(params, 1e-6)), 1e-6 * 0.5 * 4 * 6)
+  np.testing.assert_allclose(float(optim.head_l2(params, 1e-6, ('probe', 'classifier'))),
+                             1e-6 * 0.5 * (4 * 6 + 9 * 3))
+  assert float(optim.head_l2({'encoder': {}}, 1e-6)) == 0.0
+
+
+def _finetune_params():
+  rng = np.random.default_rng(3)
+  return {'encoder': {'conv': {'kernel': jnp.asarray(rng.normal(size=(3, 3, 2, 4)), jnp.float32)},
+                      'bn': {'scale': jnp.ones(4), 'bias': jnp.zeros(4)}},
+          'classifier': {'kernel': jnp.asarray(rng.normal(size=(4, 5)), jnp.float32),
+                         'bias': jnp.asarray(rng.normal(size=5), jnp.float32)}}
+
+
+@pytest.mark.parametrize('name', ['lars', 'momentum'])
+def test_lars_leaves_the_classifier_to_the_loss_as_simclr_fine_tunes(name):
+  """Under LARS the classifier is out of the decay and the trust ratio (SimCLR's
+  head_supervised, regularised in the loss); other optimisers decay it as any kernel."""
+  params = _finetune_params()
+  cfg = ml_collections.ConfigDict(dict(name=name, weight_decay=1e-2, trust_coefficient=1e-3,
+                                       momentum=0.9, lars_batched_norms=False))
+  mask = optim.decay_mask(params, optim.lars_heads(cfg))
+  assert bool(mask['classifier']['kernel']) is (name != 'lars')
+  assert bool(mask['encoder']['conv']['kernel']) and not mask['encoder']['bn']['scale']
+  if name != 'lars':
+    return
+  lr = 0.5
+  tx = optim.build_optimizer(cfg, optax.constant_schedule(lr), params)
+  rng = np.random.default_rng(4)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  # The loss's L2 term, as the fine-tuning step adds it, enters the classifier's gradient.
+  l2_grads = jax.grad(lambda p: optim.head_l2(p, cfg.weight_decay, ('classifier',)))(params)
+  total = jax.tree.map(jnp.add, grads, l2_grads)
+  updates, _ = tx.update(total, tx.init(params), params)
+  k, g = (np.asarray(t['classifier']['kernel'], np.float64) for t in (params, grads))
+  np.testing.assert_allclose(np.asarray(updates['classifier']['kernel']),
+                             -lr * (g + cfg.weight_decay * k), rtol=1e-5)
+  w, gw = (np.asarray(t['encoder']['conv']['kernel'], np.float64) for t in (params, grads))
+  u = gw + cfg.weight_decay * w
+  trust = 1e-3 * np.linalg.norm(w) / np.linalg.norm(u)
+  np.testing.assert_allclose(np.asarray(updates['encoder']['conv']['kernel']), -lr * trust * u,
+                             rtol=1e-5)
+  # The optimiser state does not depend on the mask: checkpoints resume either way.
+  old = optim.lars(optax.constant_schedule(lr), weight_decay=1e-2, mask=optim.decay_mask(params),
+                   trust_coefficient=1e-3, momentum=0.9).init(params)
+  assert jax.tree.structure(old) == jax.tree.structure(tx.init(params))
 
 
 def test_learning_rate_scaling():

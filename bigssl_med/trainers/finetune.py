@@ -272,17 +272,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Steps.
   batch_sharding = parallel.batch_sharding(mesh)
+  # Under LARS the classifier is left out of the weight decay and the trust ratio and
+  # regularised in the loss instead (`optim.lars_heads`), as SimCLR fine-tunes.
+  l2 = dict(l2_heads=tuple(h for h in optim.lars_heads(config.optimizer) if h != optim.PROBE),
+            weight_decay=config.optimizer.weight_decay)
   if distill:
     step_fn = jax.jit(
         supervised.make_distill_step(model, teacher.model, run.tx, schedule, task,
-                                     config.distill_temperature),
+                                     config.distill_temperature, **l2),
         in_shardings=(run.shardings, repl, batch_sharding, repl),  # the teacher: replicated
         out_shardings=(run.shardings, repl), donate_argnums=0)
 
     def train_step(state, batch, key):
       return step_fn(state, teacher.variables, batch, key)
   else:
-    train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task),
+    train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task, **l2),
                          in_shardings=(run.shardings, batch_sharding, repl),
                          out_shardings=(run.shardings, repl), donate_argnums=0)
   eval_steps = {}
