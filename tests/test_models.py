@@ -140,17 +140,21 @@ def test_bfloat16_compute_keeps_float32_parameters():
   features, z, logits = model.apply(variables, x, train=False)
   assert features.dtype == z.dtype == jnp.float32
   assert features.shape == (2, 128) and z.shape == (2, 128) and logits.shape == (2, 7)
-  conv_dtypes = []
+  conv_dtypes, head_dtypes = [], {}
 
   def interceptor(next_fun, args, kwargs, context):
     out = next_fun(*args, **kwargs)
     if isinstance(context.module, nn.Conv):
       conv_dtypes.append(out.dtype)
+    if isinstance(context.module, nn.Dense) and 'head' in context.module.path:
+      head_dtypes[context.module.name] = out.dtype
     return out
 
   with nn.intercept_methods(interceptor):
     model.apply(variables, x, train=False)
   assert set(conv_dtypes) == {jnp.dtype(jnp.bfloat16)}
+  # The head's hidden layers compute in bfloat16, its last layer (the loss's z) in float32.
+  assert head_dtypes == {'dense0': jnp.bfloat16, 'dense1': jnp.bfloat16, 'dense2': jnp.float32}
 
 
 def test_probe_sees_no_gradient_into_encoder():

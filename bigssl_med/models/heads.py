@@ -4,7 +4,9 @@ Faithful to SimCLR's public TF2 `model.py` (`proj_head_mode='nonlinear'`): hidde
 layers are Dense without bias (kernel ~ N(0, 0.01)) + BN (with beta) + ReLU at the
 input width; the last layer is Dense without bias to `out_dim` + BN without beta,
 and no ReLU. The head returns every intermediate output, so fine-tuning can start
-from any head layer (SimCLRv2 fine-tunes from the first).
+from any head layer (SimCLRv2 fine-tunes from the first). The last layer computes in
+float32 whatever the compute dtype, so the vectors the contrastive loss compares at
+temperature 0.1 are not rounded to bfloat16 (a 128-wide layer: no measurable cost).
 """
 
 from typing import Any
@@ -42,10 +44,11 @@ class ProjectionHead(nn.Module):
     for j in range(keep):
       last = j == self.num_layers - 1
       width = self.out_dim if last else (self.hidden_dim or h.shape[-1])
-      x = nn.Dense(width, use_bias=False, kernel_init=dense_init, dtype=self.dtype,
+      dtype = jnp.float32 if last else self.dtype
+      x = nn.Dense(width, use_bias=False, kernel_init=dense_init, dtype=dtype,
                    name=f'dense{j}')(hiddens[-1])
       x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                       epsilon=BN_EPSILON, use_bias=not last, dtype=self.dtype,
+                       epsilon=BN_EPSILON, use_bias=not last, dtype=dtype,
                        name=f'bn{j}')(x)
       hiddens.append(x if last else nn.relu(x))
     return tuple(jnp.asarray(x, jnp.float32) for x in hiddens)
