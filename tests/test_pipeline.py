@@ -3,6 +3,9 @@
 import contextlib
 import io
 import json
+import pickle
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -87,6 +90,35 @@ def _batches_slice(ds, start, n):
   for _ in range(start):
     next(it)
   return [next(it) for _ in range(n)]
+
+
+def test_positions_are_safe_under_many_threads_across_epochs():
+  """grain's prefetch threads read several epochs at once near a boundary; the cache of
+  epoch permutations they share must not lose an epoch under one of them."""
+  interval = sys.getswitchinterval()
+  sys.setswitchinterval(1e-6)  # switch threads as often as possible
+  try:
+    positions = pipeline.TrainPositions(3, global_batch=2, host_index=0, host_count=1, seed=0)
+    reference = pipeline.TrainPositions(3, global_batch=2, host_index=0, host_count=1, seed=0)
+    errors, indices = [], np.random.default_rng(0).integers(0, 2000, (8, 4000))
+
+    def read(row):
+      try:
+        for i in row:
+          assert positions[int(i)] == reference[int(i)]
+      except Exception as e:  # noqa: BLE001  reported below
+        errors.append(repr(e))
+
+    threads = [threading.Thread(target=read, args=(row,)) for row in indices]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+  finally:
+    sys.setswitchinterval(interval)
+  assert not errors, errors[:3]
+  restored = pickle.loads(pickle.dumps(positions))  # worker processes get a copy
+  assert [restored[i] for i in range(10)] == [reference[i] for i in range(10)]
 
 
 def test_deterministic_for_a_seed_and_independent_of_workers():

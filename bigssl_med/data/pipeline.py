@@ -78,6 +78,9 @@ def with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
   return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
+_CACHED_EPOCHS = 4
+
+
 class TrainPositions(grain.MapDataset):
   """Endless stream of this host's `(unit, global position)`; see the module docstring."""
 
@@ -93,18 +96,33 @@ class TrainPositions(grain.MapDataset):
     self._host_offset = host_index * self._local_batch
     self._steps_per_epoch = num_units // global_batch
     self._seed = seed
-    self._permutations = {}  # epoch -> permutation; the last two are kept
+    # epoch -> permutation, the newest few kept. grain's prefetch threads read
+    # several epochs at once near a boundary, so the cache is shared under a lock.
+    self._permutations = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # worker processes get their own (empty) cache and lock
+    state = self.__dict__.copy()
+    state['_permutations'], state['_lock'] = {}, None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return sys.maxsize
 
   def _permutation(self, epoch: int) -> np.ndarray:
-    if epoch not in self._permutations:
-      if len(self._permutations) >= 2:
-        del self._permutations[min(self._permutations)]
-      self._permutations[epoch] = np.random.default_rng(
-          [self._seed, 0, epoch]).permutation(self._num_units)
-    return self._permutations[epoch]
+    with self._lock:
+      permutation = self._permutations.get(epoch)
+    if permutation is None:
+      permutation = np.random.default_rng([self._seed, 0, epoch]).permutation(self._num_units)
+      with self._lock:
+        self._permutations[epoch] = permutation
+        for old in sorted(self._permutations)[:-_CACHED_EPOCHS]:
+          del self._permutations[old]
+    return permutation
 
   def __getitem__(self, index):
     if isinstance(index, slice):
