@@ -283,6 +283,17 @@ def test_missing_columns(fake, tmp_path):
                          'Edema')
 
 
+def test_a_cut_row_is_an_error_not_blank_labels(fake, tmp_path):
+  lines = fake.csv['train'].read_text().splitlines()
+  lines[2] = ','.join(lines[2].split(',')[:5])  # Path, Sex, Age, Frontal/Lateral, AP/PA only
+  fake.csv['train'].write_text('\n'.join(lines) + '\n')
+  with pytest.raises(DataError) as excinfo:
+    _build(fake.parent, tmp_path / 'data')
+  _assert_one_line_error(excinfo, f'{fake.csv["train"]} line 3', '5 fields', "'No Finding'")
+  assert not (tmp_path / 'data' / 'chexpert').exists() or not any(
+      (tmp_path / 'data' / 'chexpert').rglob('dataset_info.json'))
+
+
 def test_missing_image(fake, tmp_path):
   image_id = 'train/patient00002/study1/view1_frontal.jpg'
   os.remove(fake.images[image_id])

@@ -323,6 +323,17 @@ def test_metadata_missing_columns(fake_ham10000, tmp_path):
   _assert_one_line_error(excinfo, fake_ham10000.metadata, 'lesion_id', 'dx')
 
 
+@pytest.mark.parametrize('change, message', [(lambda f: f[:3], 'fewer fields'),
+                                             (lambda f: f + ['extra'], 'more fields')])
+def test_metadata_row_with_the_wrong_number_of_fields(fake_ham10000, tmp_path, change, message):
+  lines = fake_ham10000.metadata.read_text().splitlines()
+  lines[3] = ','.join(change(lines[3].split(',')))
+  fake_ham10000.metadata.write_text('\n'.join(lines) + '\n')
+  with pytest.raises(DataError) as excinfo:
+    _build(fake_ham10000, tmp_path / 'data')
+  _assert_one_line_error(excinfo, 'HAM10000_metadata.csv line 4', message)
+
+
 def test_image_file_missing(fake_ham10000, tmp_path):
   row = fake_ham10000.rows[4]  # Line 6 of the file (header is line 1).
   os.remove(fake_ham10000.images[row['image_id']])

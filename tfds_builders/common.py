@@ -222,8 +222,10 @@ def read_table(path: str, required: Sequence[str]) -> tuple[list[str], list[Row]
     (column names, rows).
 
   Raises:
-    DataError: the file cannot be read or parsed, lacks a header, or misses
-      required columns (the message names the file and every missing column).
+    DataError: the file cannot be read or parsed, lacks a header, misses required
+      columns (the message names the file and every missing column), or has a row
+      with more fields than the header or fewer than its named columns (the
+      message names the line).
   """
   try:
     opener = gzip.open if path.endswith('.gz') else open
@@ -250,6 +252,10 @@ def read_table(path: str, required: Sequence[str]) -> tuple[list[str], list[Row]
         if len(values) > len(columns) and any(v.strip() for v in values[len(columns):]):
           raise DataError(f'{path} line {reader.line_num}: {len(values)} fields but '
                           f'the header has {len(columns)}')
+        if len(values) < len(columns) and any(columns[len(values):]):
+          # A cut row would read as blank labels; only unnamed trailing columns may lack a field.
+          raise DataError(f'{path} line {reader.line_num}: {len(values)} fields but the '
+                          f'header has {len(columns)} (no {columns[len(values)]!r} field)')
         rows.append(Row(line=reader.line_num, fields=tuple(values), columns=positions))
   except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
     raise DataError(f'{path}: cannot read table ({one_line(exc)})') from exc

@@ -208,6 +208,12 @@ def read_metadata(path: str) -> list[MetadataRow]:
       reader.fieldnames = columns
       rows, seen = [], {}
       for record in reader:
+        if any(value is None for key, value in record.items() if key):
+          raise DataError(f'{name} line {reader.line_num}: fewer fields than the header\'s '
+                          f'{len(columns)}')
+        if any(value.strip() for value in record.get(None) or ()):
+          raise DataError(f'{name} line {reader.line_num}: more fields than the header\'s '
+                          f'{len(columns)}')
         rows.append(_parse_row(record, reader.line_num, name, seen))
   except (OSError, UnicodeDecodeError, csv.Error) as exc:
     raise DataError(f'{path}: cannot read metadata ({common.one_line(exc)})') from exc
