@@ -190,6 +190,7 @@ def test_grayscale_images_get_one_channel(tmp_path, mode):
   _build(root, data_dir)
   info = sources.dataset_info(NAME, os.fspath(data_dir))
   assert info.features['image'].shape == (None, None, 1)
+  assert info.metadata['num_gray_converted_images'] == 0
   for by_id in _records(data_dir).values():
     for image_id, record in by_id.items():
       with Image.open(io.BytesIO(record['image'])) as image:
@@ -209,6 +210,25 @@ def test_one_colour_image_among_the_first_16_gives_three_channels(tmp_path):
   assert config.channels == 3
   assert (config.class_names, config.multi_label) == (
       ('bcc', 'melanoma', 'nevus'), False)
+
+
+def test_a_later_colour_image_in_a_gray_set_is_listed_and_stored_gray(tmp_path):
+  root = tmp_path / 'mine'
+  rows = [{'path': f'img/{i}.png', 'case_id': f'case{i}', 'label': 'ab'[i % 2], 'split': 'train'}
+          for i in range(image_cases.CHANNEL_PROBES + 2)]
+  for i, row in enumerate(rows):  # gray, but the last one (beyond the probes) in colour
+    write_image(root / row['path'], mode='RGB' if i == len(rows) - 1 else 'L', seed=i)
+  write_cases(root, rows)
+  assert image_cases.ImageCases.make_config(manual_dir=os.fspath(root)).channels == 1
+  data_dir = tmp_path / 'data'
+  _build(root, data_dir)
+  info = sources.dataset_info(NAME, os.fspath(data_dir))
+  assert info.metadata['num_gray_converted_images'] == 1
+  assert info.metadata['gray_converted_images'] == [
+      {'split': 'train', 'path': rows[-1]['path'], 'where': f'{root / "cases.csv"} line '
+                                                            f'{len(rows) + 1}'}]
+  with Image.open(io.BytesIO(_records(data_dir)['train'][rows[-1]['path']]['image'])) as image:
+    assert image.mode == 'L'
 
 
 def test_named_config_and_max_side(tmp_path):

@@ -27,8 +27,9 @@ unless `max_side` is given.
 Channels: images are stored with 1 channel when the first (up to 16) listed
 images that exist and decode are all grayscale, in a gray mode or with equal
 red, green and blue everywhere (e.g. X-rays saved as RGB); else with 3 (gray
-images replicated). The check decodes only those images, so a later colour
-image in a gray set is stored as gray (luma).
+images replicated). A later colour image in a set stored gray is stored as gray
+(luma), with a warning, and listed in `metadata['gray_converted_images']` (count in
+`metadata['num_gray_converted_images']`).
 
 Splits. Without a `split` column, by case: the case's SHA-256 hash bucket
 `int(hashlib.sha256(case_id.encode()).hexdigest(), 16) % 100` gives 0-79
@@ -300,6 +301,8 @@ class ImageCases(common.ImageBuilder):
                       'or build with python -m bigssl_med.build_data '
                       'image_cases[/NAME] --manual_dir=DIR')
     metadata = self.new_metadata()
+    if config.channels == 1:
+      metadata.update(num_gray_converted_images=0, gray_converted_images=[])
     features = {
         'image': tfds.features.Image(
             shape=(None, None, config.channels), encoding_format='jpeg',
@@ -354,12 +357,18 @@ class ImageCases(common.ImageBuilder):
                          store: common.ImageStore, cases_path: str):
     config = self.builder_config
     index = {name: i for i, name in enumerate(config.class_names)}
+    converted = self.info.metadata.get('gray_converted_images')
     for case in common.with_progress(cases, total=len(cases),
                                      what=f'image_cases {split}'):
-      image = store.load(case.file, where=f'{cases_path} line {case.line}',
-                         split=split)
+      where = f'{cases_path} line {case.line}'
+      image = store.load(case.file, where=where, split=split)
       if image is None:
         continue
+      if config.channels == 1 and _is_colour_file(case.file):
+        logging.warning('%s (%s) is a colour image; the set is stored gray (its first '
+                        'images are), so it is stored as gray (luma)', case.file, where)
+        converted.append({'split': split, 'path': case.path, 'where': where})
+        self.info.metadata['num_gray_converted_images'] = len(converted)
       example = {'image': image, 'image_id': case.path, 'case_id': case.case_id}
       if config.multi_label:
         labels = np.zeros(len(config.class_names), dtype=np.float32)
@@ -369,6 +378,13 @@ class ImageCases(common.ImageBuilder):
       else:
         example['label'] = case.labels[0]
       yield case.path, example
+
+
+def _is_colour_file(path: str) -> bool:
+  """Whether the image file at `path` (known to decode) has colour: not `is_grayscale`."""
+  with Image.open(path) as image:
+    image.load()
+    return not is_grayscale(image)
 
 
 def _is_size_name(name: str) -> bool:
