@@ -16,6 +16,7 @@ import optax
 
 from bigssl_med import checkpointing
 from bigssl_med import parallel
+from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import ConfigError
 
 COMPUTE_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
@@ -99,6 +100,7 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
       abstract_opt=with_sharding(abstract_opt, shardings['opt']), init_from=config.init_from,
       init_keys=init_keys, model_sharding=repl, finalize_opt=init_opt_jit,
       partial_keys=partial_keys, model_config=config.model)
+  workdir_lib.write_config(workdir, config)  # this run goes on here: its config is the one
   return Start(variables=variables, opt=opt, data_state=data_state, origin=origin,
                checkpointer=checkpointer, tx=tx, shardings=shardings,
                abstract_model=abstract_model)

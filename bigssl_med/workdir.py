@@ -28,8 +28,11 @@ _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 
 
 def start(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates `workdir` and writes its `config.json`; a URL (gs://...) is a one-line error.
+  """Creates `workdir`, and its `config.json` if it has none; a URL (gs://...) is an error.
 
+  An existing `config.json` describes the run the workdir holds; a trainer replaces
+  it (`write_config`) only once this run has been found consistent with that one
+  (its checkpoint restored), so a rerun rejected for a changed model leaves it be.
   A workdir is written through the file system of each host: on a Cloud TPU VM, a
   bucket mounted with gcsfuse on every host, or a shared disk.
   """
@@ -37,6 +40,12 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'workdir {workdir!r} is a URL: pass a path of the file system, e.g. '
                       'the bucket mounted with gcsfuse on every host')
   os.makedirs(workdir, exist_ok=True)
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
+    write_config(workdir, config)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes `workdir/config.json`, the config of the run going on there."""
   write_json(os.path.join(workdir, 'config.json'), config.to_dict())
 
 

@@ -328,11 +328,15 @@ def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_pat
   workdir, _, data_dir = trained
   copy = os.fspath(tmp_path / 'copy')
   shutil.copytree(os.path.join(workdir, 'checkpoints', '2'), os.path.join(copy, 'checkpoints', '2'))
+  shutil.copy(os.path.join(workdir, 'config.json'), copy)
+  before = Path(copy, 'config.json').read_text()
   cfg = tiny_config(data_dir)
   cfg.model.width_multiplier = 0.25
   with pytest.raises(CheckpointError, match='does not match this run') as e:
     pretrain.train_and_evaluate(cfg, copy)
   assert '\n' not in str(e.value)
+  # The rejected run leaves the workdir's config.json describing the run it holds.
+  assert Path(copy, 'config.json').read_text() == before
 
 
 def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path):

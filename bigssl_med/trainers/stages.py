@@ -59,6 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for name, stage in stages.items():
     logging.info('Stage %s (%s) in %s', name, stage.trainer, os.path.join(workdir, name))
     results['stages'][name] = trainers.TRAINERS[stage.trainer](stage, os.path.join(workdir, name))
+  workdir_lib.write_config(workdir, config)  # every stage accepted this config
   reported = [os.path.join(workdir, name) for name, stage in stages.items()
               if stage.trainer in REPORTED_TRAINERS]
   if config.report and reported:
