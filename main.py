@@ -26,6 +26,38 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process\'s index.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+_FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError)
+
+
+def _flag_error(error: BaseException) -> str:
+  """One line for an error of absl's or ml_collections' flag parsing or config loading."""
+  while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(..))
+    error = error.args[0]
+  text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+  lines = [line.strip() for line in text.splitlines()
+           if line.strip() and not line.strip().startswith('Pass --help')]
+  if isinstance(error, KeyError):  # ml_collections: an unknown key, maybe a suggestion
+    return (f'no config key {lines[0]}{" (" + " ".join(lines[1:]) + ")" if lines[1:] else ""};'
+            ' the config is locked: keys cannot be added')
+  if any(line.startswith('Traceback') for line in lines):  # a config file's get_config failed
+    return f'{lines[0].split("Traceback")[0].strip()} {lines[-1]}'
+  errno = [line for line in lines if '[Errno' in line]
+  return f'--config: {errno[-1]}' if errno else ' '.join(lines)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a bad --config (file, argument, key or value) a one-line error.
+
+  ml_collections reports an unknown `--config.KEY` or a config file's failure as an
+  exception from inside the parser; it ends here as `error: ...` and exit status 2.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except _FLAG_ERRORS as e:
+    print(f'error: {_flag_error(e)}', file=sys.stderr)
+    sys.exit(2)
+
+
 class _QuietLibraries(std_logging.Filter):
   """Keeps INFO lines of this project; libraries (orbax, TFDS, ...) show warnings only."""
 
@@ -45,7 +77,12 @@ def main(argv):
   from bigssl_med.errors import UserError  # pylint: disable=g-import-not-at-top
   from bigssl_med.preemption import Preempted  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    config.get('trainer')  # a config file that failed to load raises here
+  except _FLAG_ERRORS as e:
+    print(f'error: {_flag_error(e)}', file=sys.stderr)
+    sys.exit(2)
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if config.get('trainer') not in trainers.TRAINERS:
@@ -62,4 +99,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -259,12 +259,26 @@ def test_config_with_an_unused_key_is_rejected_by_name(small_ham10000, tmp_path)
     config_schema.validate(ml_collections.ConfigDict(as_dict))
 
 
-def test_locked_config_rejects_an_unknown_key_on_the_command_line(tmp_path):
-  result = subprocess.run(
-      [sys.executable, 'main.py', '--config=configs/demo.py', f'--workdir={tmp_path}',
-       '--config.no_such_key=1'], cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert result.returncode != 0
-  assert 'no_such_key' in result.stderr
+@pytest.mark.parametrize('args, message', [
+    (['--config=configs/demo.py', '--config.no_such_key=1'],
+     "error: no config key 'no_such_key'; the config is locked: keys cannot be added"),
+    (['--config=configs/micle_derm.py', '--config.total_stepz=1'],
+     """error: no config key 'total_stepz' (Did you mean "total_steps" instead of """
+     '"total_stepz"?); the config is locked: keys cannot be added'),
+    (['--config=configs/micle_derm.py', '--config.batch_size=big'],
+     "error: flag --config.batch_size=big: invalid literal for int() with base 10: 'big'"),
+    (['--config=configs/ham10000_small.py:foo'],
+     'error: flag --config=configs/ham10000_small.py:foo: Error whilst parsing config file: '
+     "ValueError: configs/ham10000_small.py takes 'simclr', 'micle' or 'finetune', got 'foo'"),
+    (['--config=configs/no_such_file.py'],
+     "error: --config: [Errno 2] No such file or directory: 'configs/no_such_file.py'"),
+])
+def test_locked_config_and_bad_config_flags_are_one_line_errors(tmp_path, args, message):
+  result = subprocess.run([sys.executable, 'main.py', *args, f'--workdir={tmp_path}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines() == [message]
+  assert not os.listdir(tmp_path)
 
 
 def _config_file(tmp_path, data_dir, **overrides):
