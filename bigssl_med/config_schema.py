@@ -282,6 +282,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         not (isinstance(expected, float) and isinstance(value, int))):
       raise ConfigError(f'config key {name!r} should be a {type(expected).__name__}, '
                         f'got {value!r}')
+  values = dict(_leaves(config))
+  for name in _POSITIVE:
+    value = values.get(name)
+    if value is not None and value <= 0:
+      raise ConfigError(f'config.{name} must be positive, got {value!r}')
+
+
+# Keys that divide a step count or size an image: 0 or less is never meant.
+_POSITIVE = ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'data.image_size')
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:

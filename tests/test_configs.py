@@ -29,6 +29,20 @@ def test_config_validates(name):
       assert key in run, key
 
 
+@pytest.mark.parametrize('key', ['log_every_steps', 'checkpoint_every_steps', 'batch_size',
+                                 'data.image_size'])
+@pytest.mark.parametrize('name', ['micle_derm', 'finetune_derm', 'segment_ham10000'])
+def test_steps_and_sizes_must_be_positive(name, key):
+  config = load(name)
+  *parents, leaf = key.split('.')
+  node = config
+  for parent in parents:
+    node = node[parent]
+  node[leaf] = 0
+  with pytest.raises(ConfigError, match=rf'^config.{key} must be positive, got 0$'):
+    config_schema.validate(config)
+
+
 def test_required_configs_exist():
   names = {p.stem for p in CONFIGS.glob('*.py')}
   assert {'simclr_imagenet', 'simclr_cxr', 'micle_cxr', 'micle_derm', 'demo'} <= names
