@@ -96,17 +96,49 @@ def _tensorboard_writer(workdir: str):
   return metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites the metrics file at `path` without its rows of steps after `step` (and
+  without a last line cut short by a crash)."""
+  try:
+    with open(path) as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict) and int(row.get('step', 0)) <= step:
+      kept.append(line)
+  if len(kept) == len(lines):
+    return
+  logging.info('%s: %d row(s) after step %d dropped; the resumed run logs those steps again',
+               path, len(lines) - len(kept), step)
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.write(''.join(line + '\n' for line in kept))
+  os.replace(tmp, path)
+
+
 class MetricWriter:
   """Appends to `metrics.jsonl`, writes TensorBoard scalars and prints progress lines."""
 
-  def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True,
+               resume_step: int | None = None):
+    """`resume_step`: the step the run restarts from; rows logged after it (by a run
+    that stopped before its next checkpoint) are dropped, as the run logs them again."""
     self._primary = jax.process_index() == 0
     self._total_steps = total_steps
     self._jsonl = None
     self._tb = None
     if self._primary:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if resume_step is not None:
+        _drop_rows_after(path, resume_step)
+      self._jsonl = open(path, 'a')
       if tensorboard:
         self._tb = _tensorboard_writer(workdir)
     self._last_time = None

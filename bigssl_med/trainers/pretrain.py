@@ -166,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Loop.
   writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
-                                    tensorboard=config.tensorboard)
+                                    tensorboard=config.tensorboard, resume_step=start_step)
   train_data = pipeline.pair_dataset(
       train_source, groups, spec, global_batch=config.batch_size, host_index=host,
       host_count=hosts, seed=config.seed, num_workers=config.data.num_workers,
@@ -196,6 +196,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
         rates = writer.progress(step, scalars, images_per_step)
         last_metrics = writer.write(step, 'train', {**scalars, **rates})
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
+        # Before a SIGTERM's checkpoint: the resumed run starts after this step.
+        writer.write(step, config.data.eval_split, evaluate(state['model']))
+        writer.start_clock(step)
       stop = preemption.should_stop(step)
       if step % config.checkpoint_every_steps == 0 or step == total_steps or stop:
         checkpointer.save(step, model=state['model'], opt=state['opt'],
@@ -206,9 +210,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         writer.close()
         logging.warning('Stopped at step %d after SIGTERM; the checkpoint is saved.', step)
         raise preemption_lib.Preempted(step)
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and step < total_steps:
-        writer.write(step, config.data.eval_split, evaluate(state['model']))
-        writer.start_clock(step)
 
   # ---------------------------------------------------------------- Final evaluation.
   results_path = os.path.join(workdir, 'results.json')

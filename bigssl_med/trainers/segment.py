@@ -133,7 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Loop, with model selection.
   writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
-                                    tensorboard=config.tensorboard)
+                                    tensorboard=config.tensorboard,
+                                    resume_step=int(opt['step']))
   best = model_selection.BestModel(workdir, metric=PRIMARY_METRIC,
                                    patience=config.early_stopping_patience)
 
