@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from typing import Any, Callable
 
 import grain
@@ -84,18 +85,44 @@ class Checkpointer:
     return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, *, model: Any, opt: Any) -> tuple[Any, Any, bytes | None]:
-    """Restores `step` onto the abstract targets; returns (model, opt, data_state)."""
+    """Restores `step` onto the abstract targets; returns (model, opt, data_state).
+
+    Raises:
+      CheckpointError: the step's folder lacks an item, its files cannot be read, or
+        it does not fit `model`/`opt`; one line naming the folder and, for a damaged
+        one, the earlier step the run would resume from without it.
+    """
+    folder = self.directory / str(step)
+    earlier = [s for s in self._manager.all_steps() if s < step]
+    instead = (f'; delete it to resume from step {max(earlier)}' if earlier else
+               '; delete it to start from the beginning')
+    missing = [name for name in ('model', 'opt') if not (folder / name).is_dir()]
+    if missing:
+      raise CheckpointError(f'checkpoint {folder} is incomplete (no {", ".join(missing)}/)'
+                            f'{instead}')
     items = {'model': ocp.args.StandardRestore(model), 'opt': ocp.args.StandardRestore(opt)}
-    has_data = (self.directory / str(step) / 'data').exists()
+    has_data = (folder / 'data').exists()
     if has_data:
       items['data'] = grain.checkpoint.CheckpointRestore(_DataState())
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-      raise CheckpointError(
-          f'checkpoint {self.directory / str(step)} does not match this run\'s model or '
-          f'optimiser (was the config changed since it was written?): {_first_line(e)}') from e
+      if not _READ_ERROR.match(_first_line(e)):
+        raise CheckpointError(
+            f'checkpoint {folder} does not match this run\'s model or optimiser (was the '
+            f'config changed since it was written?): {_first_line(e)}') from e
+      raise CheckpointError(f'checkpoint {folder} cannot be read, damaged or cut short '
+                            f'({_first_line(e)}){instead}') from e
+    except Exception as e:  # pylint: disable=broad-except  (other orbax read errors)
+      raise CheckpointError(f'checkpoint {folder} cannot be read, damaged or cut short '
+                            f'({_first_line(e)}){instead}') from e
     data_state = restored['data'].get_state() if has_data else None
+    if data_state is not None:
+      try:
+        json.loads(data_state)
+      except ValueError:
+        raise CheckpointError(f'checkpoint {folder / "data"} does not hold the input '
+                              f'pipeline\'s state (JSON){instead}') from None
     return restored['model'], restored['opt'], data_state
 
   def reached_preemption(self, step: int) -> bool:
@@ -107,9 +134,16 @@ class Checkpointer:
     self._manager.close()
 
 
-def _first_line(e: Exception) -> str:
+# tensorstore's status codes for files it cannot read (a config change gives none of them).
+_READ_ERROR = re.compile(r'^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|UNKNOWN|INTERNAL|'
+                         r'FAILED_PRECONDITION|UNAVAILABLE): ')
+
+
+def _first_line(e: Exception, limit: int = 300) -> str:
+  """The first line of `e`'s message, without tensorstore's spec dump, at most `limit` long."""
   text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
+  line = text.splitlines()[0].split(' [tensorstore_spec')[0] if text else type(e).__name__
+  return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
 def _find_model_item(path: str) -> epath.Path:

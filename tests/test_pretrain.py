@@ -374,6 +374,31 @@ def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_pat
   assert Path(copy, 'config.json').read_text() == before
 
 
+def _cut_files(folder):
+  for path in Path(folder).rglob('*'):
+    if path.is_file() and path.stat().st_size > 64 and 'ocdbt' in str(path):
+      path.write_bytes(path.read_bytes()[:10])
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda step4: shutil.rmtree(step4 / 'opt'), r'is incomplete \(no opt/\)'),
+    (lambda step4: _cut_files(step4 / 'model'), r'cannot be read, damaged or cut short'),
+    (lambda step4: [p.write_text('') for p in (step4 / 'data').glob('*.json')],
+     r'data does not hold the input pipeline\'s state'),
+])
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(trained, tmp_path, damage, message):
+  workdir, _, data_dir = trained
+  copy = tmp_path / 'copy'
+  shutil.copytree(os.path.join(workdir, 'checkpoints'), copy / 'checkpoints')
+  damage(copy / 'checkpoints' / '4')
+  with pytest.raises(CheckpointError, match=message) as e:
+    pretrain.train_and_evaluate(tiny_config(data_dir, total_steps=6), os.fspath(copy))
+  assert '\n' not in str(e.value)
+  assert str(copy / 'checkpoints' / '4') in str(e.value)
+  assert str(e.value).endswith('; delete it to resume from step 2')
+  assert sorted(os.listdir(copy / 'checkpoints')) == ['2', '4']  # nothing removed
+
+
 def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path):
   """MICLe over the NIH sample's patients, built by `image_cases` (grayscale)."""
   sample = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / (
