@@ -9,7 +9,6 @@ where a restarted run stopped, without evaluating a step twice.
 """
 
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -93,7 +92,8 @@ class BestModel:
 
 
 def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
-               data_state: bytes | None, train_data: Iterable, train_step: Callable,
+               data_state: bytes | None, train_data: Callable[[int], Iterable],
+               train_step: Callable,
                to_device: Callable, total_steps: int, checkpointer: checkpointing.Checkpointer,
                writer: workdir_lib.MetricWriter, best: BestModel,
                evaluate: Callable[[Any], dict[str, Any]]) -> tuple[dict[str, Any], int]:
@@ -115,9 +115,9 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
     return best.update(step, variables, found)
 
   running = start_step < total_steps and not best.stopped_early
-  train_iter = iter(train_data) if running else iter(())
-  if data_state is not None and running:
-    train_iter.set_state(json.loads(data_state))
+  train_iter = (pipeline.resume_iterator(train_data, data_state, step=start_step,
+                                         num_workers=config.data.num_workers)
+                if running else iter(()))
   rng = jax.random.key(config.seed + 1)
   last_data_state = data_state
   prefetched = pipeline.device_prefetch(train_iter, to_device,

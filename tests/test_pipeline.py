@@ -160,6 +160,28 @@ def test_resumed_iterator_continues_exactly(num_workers):
     np.testing.assert_array_equal(next(resumed)['views'], want['views'])
 
 
+@pytest.mark.parametrize('saved_with, resumed_with', [(2, 0), (0, 2), (2, 1), (2, 2)])
+def test_resume_with_another_number_of_workers_gives_the_same_batches(saved_with, resumed_with):
+  source, groups = _source_and_groups(CASE_SIZES)
+
+  def make(workers, start_batch=0):
+    return pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                 host_count=1, seed=0, num_workers=workers,
+                                 start_batch=start_batch)
+
+  uninterrupted = _batches(make(0), 6)
+  it = iter(make(saved_with))
+  for _ in range(4):
+    next(it)
+  state = json.dumps(it.get_state()).encode()  # as saved in a checkpoint
+  it.close()
+  assert pipeline.saved_workers(json.loads(state)) == saved_with
+  resumed = pipeline.resume_iterator(lambda start_batch: make(resumed_with, start_batch), state,
+                                     step=4, num_workers=resumed_with)
+  for want in uninterrupted[4:]:
+    np.testing.assert_array_equal(next(resumed)['views'], want['views'])
+
+
 def test_device_prefetch_reports_the_state_after_each_batch():
   source, groups = _source_and_groups(CASE_SIZES)
   make = lambda: pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,

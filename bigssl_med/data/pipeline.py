@@ -22,11 +22,12 @@ import json
 import queue
 import sys
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 from absl import flags
+from absl import logging
 
 from bigssl_med.data import host_ops
 from bigssl_med.errors import ConfigError, DataError
@@ -85,7 +86,8 @@ class TrainPositions(grain.MapDataset):
   """Endless stream of this host's `(unit, global position)`; see the module docstring."""
 
   def __init__(self, num_units: int, *, global_batch: int, host_index: int, host_count: int,
-               seed: int):
+               seed: int, start_batch: int = 0):
+    """`start_batch`: the stream starts at that batch (a resumed run's step)."""
     super().__init__([])
     if num_units < global_batch:
       raise ConfigError(f'config.batch_size={global_batch} is larger than the {num_units} '
@@ -96,6 +98,7 @@ class TrainPositions(grain.MapDataset):
     self._host_offset = host_index * self._local_batch
     self._steps_per_epoch = num_units // global_batch
     self._seed = seed
+    self._start = start_batch * self._local_batch
     # epoch -> permutation, the newest few kept. grain's prefetch threads read
     # several epochs at once near a boundary, so the cache is shared under a lock.
     self._permutations = {}
@@ -127,7 +130,7 @@ class TrainPositions(grain.MapDataset):
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    step, j = divmod(index, self._local_batch)
+    step, j = divmod(index + self._start, self._local_batch)
     epoch, step_in_epoch = divmod(step, self._steps_per_epoch)
     position = step_in_epoch * self._global_batch + self._host_offset + j
     global_position = step * self._global_batch + self._host_offset + j
@@ -179,7 +182,7 @@ def _num_units(source, groups) -> int:
 def pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
                  global_batch: int,
                  host_index: int, host_count: int, seed: int, num_workers: int,
-                 name: str = 'data') -> grain.IterDataset:
+                 name: str = 'data', start_batch: int = 0) -> grain.IterDataset:
   """Endless batches `{'views': uint8 [b, 2, S, S, C], 'label'?: int32 [b]}` for this host.
 
   Args:
@@ -191,9 +194,11 @@ def pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
     seed: the stream's seed.
     num_workers: grain worker processes decoding in parallel (0: this process).
     name: data set and split, for error messages.
+    start_batch: begin with this batch of the stream (see `resume_iterator`).
   """
   positions = TrainPositions(_num_units(source, groups), global_batch=global_batch,
-                             host_index=host_index, host_count=host_count, seed=seed)
+                             host_index=host_index, host_count=host_count, seed=seed,
+                             start_batch=start_batch)
   ds = positions.map(_LoadPair(source, groups, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
   return with_workers(ds, num_workers)
@@ -224,15 +229,16 @@ class _LoadView(grain.transforms.Map):
 
 def image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index: int,
                   host_count: int, seed: int, num_workers: int,
-                  name: str = 'data') -> grain.IterDataset:
+                  name: str = 'data', start_batch: int = 0) -> grain.IterDataset:
   """Endless batches `{'image': uint8 [b, S, S, C], 'label'?}` for supervised training.
 
   Epochs are permutations of the records from `(seed, epoch)`, split over hosts as
   the pairs are (see the module docstring); each image is a random resized crop
   (area in `[spec.crop_area_min, 1]`) and a random flip, from `(seed, position)`.
+  `start_batch`: as `pair_dataset`.
   """
   positions = TrainPositions(len(source), global_batch=global_batch, host_index=host_index,
-                             host_count=host_count, seed=seed)
+                             host_count=host_count, seed=seed, start_batch=start_batch)
   ds = positions.map(_LoadView(source, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
   return with_workers(ds, num_workers)
@@ -334,6 +340,34 @@ def eval_pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpe
   ds = ds.map(_LoadPair(source, groups, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
   return with_workers(ds, num_workers)
+
+
+def saved_workers(state: dict[str, Any]) -> int:
+  """The number of grain worker processes of the iterator that saved `state`."""
+  return len(state.get('iterators_in_use_indices', ()))
+
+
+def resume_iterator(make_dataset: Callable[[int], grain.IterDataset], data_state: bytes | None,
+                    *, step: int, num_workers: int) -> Iterator:
+  """The training stream of a run at `step`, from its checkpoint's iterator state.
+
+  `make_dataset(start_batch)` builds the stream from a batch. grain's state holds one
+  position per worker process, so it only restores into as many workers as saved it;
+  with another `config.data.num_workers` the stream is built from batch `step`
+  instead, which gives the same batches: every example is a function of the seed and
+  its position in the stream (see the module docstring), not of the workers.
+  """
+  if data_state is None:
+    return iter(make_dataset(start_batch=0))
+  state = json.loads(data_state)
+  if saved_workers(state) == max(0, num_workers):
+    iterator = iter(make_dataset(start_batch=0))
+    iterator.set_state(state)
+    return iterator
+  logging.warning('The input state at step %d was saved with %d worker process(es), this run '
+                  'has %d: the stream restarts at batch %d, the same batches.', step,
+                  saved_workers(state), max(0, num_workers), step)
+  return iter(make_dataset(start_batch=step))
 
 
 _CLOSE_TIMEOUT_S = 30.0

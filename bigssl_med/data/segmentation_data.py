@@ -138,7 +138,7 @@ class _LoadEvalPair(grain.transforms.Map):
 
 def train_dataset(source, spec: MaskSpec, *, global_batch: int, host_index: int,
                   host_count: int, seed: int, num_workers: int,
-                  name: str = 'data') -> grain.IterDataset:
+                  name: str = 'data', start_batch: int = 0) -> grain.IterDataset:
   """Endless training batches for this host (see the module docstring).
 
   Args:
@@ -148,9 +148,11 @@ def train_dataset(source, spec: MaskSpec, *, global_batch: int, host_index: int,
     seed: the stream's seed.
     num_workers: grain worker processes decoding in parallel (0: this process).
     name: data set and split, for error messages.
+    start_batch: begin with this batch of the stream (`pipeline.resume_iterator`).
   """
   positions = pipeline.TrainPositions(len(source), global_batch=global_batch,
-                                      host_index=host_index, host_count=host_count, seed=seed)
+                                      host_index=host_index, host_count=host_count, seed=seed,
+                                      start_batch=start_batch)
   ds = positions.map(_LoadTrainPair(source, spec, seed, name))
   ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
   return pipeline.with_workers(ds, num_workers)

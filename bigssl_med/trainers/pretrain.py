@@ -11,7 +11,6 @@ contrastive negatives span the whole global batch by construction.
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import time
@@ -167,13 +166,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- Loop.
   writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
                                     tensorboard=config.tensorboard, resume_step=start_step)
-  train_data = pipeline.pair_dataset(
-      train_source, groups, spec, global_batch=config.batch_size, host_index=host,
-      host_count=hosts, seed=config.seed, num_workers=config.data.num_workers,
-      name=f'{config.dataset}/{config.data.train_split}')
-  train_iter = iter(train_data) if start_step < total_steps else iter(())
-  if data_state is not None and start_step < total_steps:
-    train_iter.set_state(json.loads(data_state))
+  def train_data(start_batch: int):
+    return pipeline.pair_dataset(
+        train_source, groups, spec, global_batch=config.batch_size, host_index=host,
+        host_count=hosts, seed=config.seed, num_workers=config.data.num_workers,
+        name=f'{config.dataset}/{config.data.train_split}', start_batch=start_batch)
+
+  train_iter = (pipeline.resume_iterator(train_data, data_state, step=start_step,
+                                         num_workers=config.data.num_workers)
+                if start_step < total_steps else iter(()))
   state = {'model': variables, 'opt': opt}
   rng = jax.random.key(config.seed + 1)
   last_data_state = data_state

@@ -138,9 +138,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   best = model_selection.BestModel(workdir, metric=PRIMARY_METRIC,
                                    patience=config.early_stopping_patience)
 
-  train_data = segmentation_data.train_dataset(
-      train_source, spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
-      seed=config.seed, num_workers=config.data.num_workers, name=train_name)
+  train_data = functools.partial(
+      segmentation_data.train_dataset, train_source, spec, global_batch=config.batch_size, host_index=host,
+      host_count=hosts, seed=config.seed, num_workers=config.data.num_workers, name=train_name)
   _, step = model_selection.train_loop(
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
