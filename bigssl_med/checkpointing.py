@@ -171,6 +171,30 @@ def _run_config_path(path: str) -> epath.Path | None:
   return None
 
 
+def init_name(init_from: str) -> str:
+  """The name reports give an initialisation loaded from `init_from`: its run's workdir.
+
+  A step or `checkpoints` folder names the workdir holding it. A sweep's seed (a
+  workdir named `seed=0` or `seed=1,lr=0.3`, as `launch/sweep.py` names them) is left
+  out, and the folder above names the run instead (`micle/seed=0` -> `micle`,
+  `micle/seed=1,lr=0.3` -> `micle/lr=0.3`), so the seeds of one method pool together.
+  """
+  p = epath.Path(os.path.normpath(os.path.expanduser(init_from)))
+  config_path = _run_config_path(os.fspath(p))
+  if config_path is not None:
+    p = config_path.parent
+  else:
+    if p.name.isdigit() and p.parent.name == 'checkpoints':
+      p = p.parent
+    if p.name == 'checkpoints':
+      p = p.parent
+  parts = p.name.split(',')
+  rest = [part for part in parts if not re.fullmatch(r'seed=\d+', part.strip())]
+  if len(rest) == len(parts):
+    return p.name
+  return '/'.join([p.parent.name] + ([','.join(rest)] if rest else []))
+
+
 def check_encoder_architecture(init_from: str, model_config: Any) -> None:
   """Fails when the run at `init_from` had an encoder other than `model_config` describes.
 

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 from sklearn import metrics as sk_metrics
 
-from bigssl_med import build_data, config_schema
+from bigssl_med import build_data, checkpointing, config_schema
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
 from conftest import override
@@ -155,3 +155,22 @@ def test_fine_tune_from_a_pretraining_run(small_ham10000, tmp_path):
                       **{'model.width_multiplier': 0.25})
   with pytest.raises(CheckpointError, match='init_from'):
     finetune.train_and_evaluate(wrong, os.fspath(tmp_path / 'wrong'))
+
+
+@pytest.mark.parametrize('path, name', [
+    ('runs/micle', 'micle'),
+    ('runs/micle/checkpoints', 'micle'),
+    ('runs/micle/checkpoints/12', 'micle'),
+    ('runs/micle/seed=0', 'micle'),  # launch/sweep.py's workdirs: the seeds of one method pool
+    ('runs/micle/seed=1,optimizer.learning_rate=0.3', 'micle/optimizer.learning_rate=0.3'),
+    ('runs/micle/seed=1/checkpoints/4', 'micle'),
+    ('runs/micle/temperature=0.2', 'temperature=0.2'),
+])
+def test_init_name_is_the_source_run_not_a_step_or_seed_folder(tmp_path, path, name):
+  run = tmp_path / path.split('/checkpoints')[0]
+  (run / 'checkpoints' / '12' / 'model').mkdir(parents=True)
+  (run / 'config.json').write_text('{}')
+  assert checkpointing.init_name(os.fspath(tmp_path / path)) == name
+  # Without config.json (a copied checkpoint folder), by the layout alone.
+  (run / 'config.json').unlink()
+  assert checkpointing.init_name(os.fspath(tmp_path / path)) == name

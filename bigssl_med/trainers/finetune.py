@@ -43,6 +43,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from bigssl_med import build_data
+from bigssl_med import checkpointing
 from bigssl_med import config_schema
 from bigssl_med import label_mapping
 from bigssl_med import label_policies
@@ -362,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     init = config.init or f'distilled from {teacher.results.get("init", "?")}'
   else:
     teacher_fraction = None
-    init = config.init or (os.path.basename(os.path.normpath(config.init_from))
+    init = config.init or (checkpointing.init_name(config.init_from)
                            if config.init_from else 'scratch')
   results = {
       'trainer': config.trainer, 'dataset': config.dataset, 'init': init,

@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from bigssl_med import build_data
+from bigssl_med import checkpointing
 from bigssl_med import config_schema
 from bigssl_med import model_selection
 from bigssl_med import models
@@ -159,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     test_split, ', '.join(sorted(info.splits)))
   results = {
       'trainer': 'segment', 'dataset': config.dataset,
-      'init': config.init or (os.path.basename(os.path.normpath(config.init_from))
+      'init': config.init or (checkpointing.init_name(config.init_from)
                               if config.init_from else 'scratch'),
       'label_fraction': float(config.data.label_fraction), 'seed': int(config.seed),
       'fraction_seed': int(config.data.fraction_seed), 'primary_metric': PRIMARY_METRIC,
