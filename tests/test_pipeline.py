@@ -160,7 +160,7 @@ def test_resumed_iterator_continues_exactly(num_workers):
     np.testing.assert_array_equal(next(resumed)['views'], want['views'])
 
 
-@pytest.mark.parametrize('saved_with, resumed_with', [(2, 0), (0, 2), (2, 1), (2, 2)])
+@pytest.mark.parametrize('saved_with, resumed_with', [(2, 0), (0, 2)])
 def test_resume_with_another_number_of_workers_gives_the_same_batches(saved_with, resumed_with):
   source, groups = _source_and_groups(CASE_SIZES)
 
