@@ -54,8 +54,12 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except _FLAG_ERRORS as e:
-    print(f'error: {_flag_error(e)}', file=sys.stderr)
-    sys.exit(2)
+    _exit_with_flag_error(e)
+
+
+def _exit_with_flag_error(error: BaseException):
+  print(f'error: {_flag_error(error)}', file=sys.stderr)
+  sys.exit(2)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -81,8 +85,7 @@ def main(argv):
     config = _CONFIG.value
     config.get('trainer')  # a config file that failed to load raises here
   except _FLAG_ERRORS as e:
-    print(f'error: {_flag_error(e)}', file=sys.stderr)
-    sys.exit(2)
+    _exit_with_flag_error(e)
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if config.get('trainer') not in trainers.TRAINERS:

@@ -106,14 +106,12 @@ class Checkpointer:
       items['data'] = grain.checkpoint.CheckpointRestore(_DataState())
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError) as e:
-      if not _READ_ERROR.match(_first_line(e)):
+    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
+      if isinstance(e, (ValueError, KeyError, TypeError)) and not _READ_ERROR.match(
+          _first_line(e)):
         raise CheckpointError(
             f'checkpoint {folder} does not match this run\'s model or optimiser (was the '
             f'config changed since it was written?): {_first_line(e)}') from e
-      raise CheckpointError(f'checkpoint {folder} cannot be read, damaged or cut short '
-                            f'({_first_line(e)}){instead}') from e
-    except Exception as e:  # pylint: disable=broad-except  (other orbax read errors)
       raise CheckpointError(f'checkpoint {folder} cannot be read, damaged or cut short '
                             f'({_first_line(e)}){instead}') from e
     data_state = restored['data'].get_state() if has_data else None

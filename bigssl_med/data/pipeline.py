@@ -360,13 +360,14 @@ def resume_iterator(make_dataset: Callable[[int], grain.IterDataset], data_state
   if data_state is None:
     return iter(make_dataset(start_batch=0))
   state = json.loads(data_state)
-  if saved_workers(state) == max(0, num_workers):
+  saved, now = saved_workers(state), max(0, num_workers)
+  if saved == now:
     iterator = iter(make_dataset(start_batch=0))
     iterator.set_state(state)
     return iterator
   logging.warning('The input state at step %d was saved with %d worker process(es), this run '
-                  'has %d: the stream restarts at batch %d, the same batches.', step,
-                  saved_workers(state), max(0, num_workers), step)
+                  'has %d: the stream restarts at batch %d, the same batches.', step, saved,
+                  now, step)
   return iter(make_dataset(start_batch=step))
 
 

@@ -275,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   batch_sharding = parallel.batch_sharding(mesh)
   # Under LARS the classifier is left out of the weight decay and the trust ratio and
   # regularised in the loss instead (`optim.lars_heads`), as SimCLR fine-tunes.
-  l2 = dict(l2_heads=tuple(h for h in optim.lars_heads(config.optimizer) if h != optim.PROBE),
+  l2 = dict(l2_heads=tuple(set(optim.lars_heads(config.optimizer)) - {optim.PROBE}),
             weight_decay=config.optimizer.weight_decay)
   if distill:
     step_fn = jax.jit(

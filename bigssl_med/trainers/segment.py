@@ -140,8 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    patience=config.early_stopping_patience)
 
   train_data = functools.partial(
-      segmentation_data.train_dataset, train_source, spec, global_batch=config.batch_size, host_index=host,
-      host_count=hosts, seed=config.seed, num_workers=config.data.num_workers, name=train_name)
+      segmentation_data.train_dataset, train_source, spec, global_batch=config.batch_size,
+      host_index=host, host_count=hosts, seed=config.seed,
+      num_workers=config.data.num_workers, name=train_name)
   _, step = model_selection.train_loop(
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,

@@ -381,9 +381,11 @@ class ImageCases(common.ImageBuilder):
 
 
 def _is_colour_file(path: str) -> bool:
-  """Whether the image file at `path` (known to decode) has colour: not `is_grayscale`."""
+  """Whether the image file at `path` (known to decode) has colour: not `is_grayscale`.
+
+  A file in a gray mode is answered from its header; only colour-mode files are decoded.
+  """
   with Image.open(path) as image:
-    image.load()
     return not is_grayscale(image)
 
 
