@@ -51,6 +51,8 @@ def multiclass_metrics(logits, labels, class_names: Sequence[str] | None = None
     - `auc_per_class`: `{name: AUC}`, the one-vs-rest ROC AUC of the softmax probability
       of each class, NaN for a class absent from `labels` (or the only one present);
     - `auc_macro`: the mean of the defined per-class AUCs (NaN when none is defined);
+    - `auc_macro_classes` and `auc_macro_of_classes`: how many AUCs entered that mean,
+      of K;
     - `num_examples`: N.
 
   Raises:
@@ -75,6 +77,8 @@ def multiclass_metrics(logits, labels, class_names: Sequence[str] | None = None
         sk_metrics.balanced_accuracy_score(labels, ranking[:, 0]))
   per_class = {name: _auc(labels == k, probs[:, k]) for k, name in enumerate(names)}
   results['auc_macro'] = _nanmean(per_class.values())
+  results['auc_macro_classes'] = sum(not math.isnan(v) for v in per_class.values())
+  results['auc_macro_of_classes'] = num_classes
   results['auc_per_class'] = per_class
   results['num_examples'] = num_examples
   return results
@@ -98,7 +102,8 @@ def multilabel_metrics(logits, targets, mask=None, label_names: Sequence[str] | 
     - `auc_per_class`: `{name: AUC}` over the masked-in entries of each column, NaN
       where those lack positives or negatives;
     - `auc_mean`: the mean of the `mean_over` AUCs that are not NaN (NaN when all are);
-    - `auc_mean_classes`: how many AUCs entered that mean;
+    - `auc_mean_classes` and `auc_mean_of_classes`: how many AUCs entered that mean,
+      of the `mean_over` names;
     - `num_examples`: N.
 
   Raises:
@@ -139,6 +144,7 @@ def multilabel_metrics(logits, targets, mask=None, label_names: Sequence[str] | 
   return {'auc_per_class': per_class,
           'auc_mean': _nanmean(defined),
           'auc_mean_classes': len(defined),
+          'auc_mean_of_classes': len(mean_over),
           'num_examples': num_examples}
 
 

@@ -20,18 +20,24 @@ it, `test_predictions.npz` (`<split>_predictions.npz`) may hold `scores` `[N, K]
 probabilities, `labels` (`[N]` classes or `[N, K]` multi-label targets), optionally
 `mask` `[N, K]` and `class_names`, for ROC curves.
 
-A run is identified by data set, trainer, initialisation, label fraction, seed,
-fraction_seed and pretrain_seed: fine-tuning seed k from pretraining runs 0, 1 and 2
-of one initialisation are three runs, pooled in one cell (n counts all of them; their
-seeds read `p0/sk`, `p1/sk`, `p2/sk`). With `--by_pretraining`, each pretraining run
-gets its own row, `init (pretraining seed S)` (runs without a pretraining seed, such
-as scratch, keep one row).
+Runs of one initialisation that differ in a setting (the workdir's `config.json`: a
+key such as `task.uncertain` or `optimizer.learning_rate` that takes two values among
+the runs of one label fraction; seeds, paths and logging keys aside) get a row each,
+`init (key=value, ...)`. A run is identified by data set, trainer, initialisation,
+those settings, label fraction, seed, fraction_seed and pretrain_seed: fine-tuning
+seed k from pretraining runs 0, 1 and 2 of one initialisation are three runs, pooled
+in one cell (n counts all of them; their seeds read `p0/sk`, `p1/sk`, `p2/sk`).
+With `--by_pretraining`, each pretraining run gets its own row, `init (pretraining
+seed S)` (runs without a pretraining seed, such as scratch, keep one row).
 
 Written next to `--out`:
 - `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
   a table of initialisations x label fractions; a cell is mean ± std over seeds, the
   column's best in bold, the others with Welch's t-test p-value against it and `≈`
-  when p > 0.05. Runs with `shift` add, right after the column of each label
+  when p > 0.05 (not significantly different; no claim of equivalence). Null values
+  (an undefined AUC) are left out of the statistics and counted in the cell; `†`
+  marks a mean over fewer classes than asked (`<metric>_classes` <
+  `<metric>_of_classes`). Runs with `shift` add, right after the column of each label
   fraction, a column `FRACTION → SHIFT_DATASET` (`/SPLIT` unless the split is `test`)
   of the same metric on the shifted data set, with its own best and p-values (test
   reports only: the shift is evaluated once, with the test split). When an
@@ -66,6 +72,7 @@ import re
 import sys
 from typing import Any, Iterable, Sequence
 import warnings
+import zipfile
 
 import numpy as np
 from scipy import stats
@@ -75,12 +82,25 @@ from bigssl_med import metrics as metrics_lib
 from bigssl_med.errors import DataError, UserError
 
 RESULTS_FILE = 'results.json'
+CONFIG_FILE = 'config.json'
+# Config keys that never make two runs different settings: seeds and the runs they start
+# from (their own columns and pooling), where files live, logging, checkpointing,
+# implementation switches that compute the same thing, and `shift.*` (an evaluation on
+# another data set, in columns of its own).
+BOOKKEEPING_KEYS = frozenset((
+    'seed', 'init', 'init_from', 'teacher', 'data.label_fraction', 'data.fraction_seed',
+    'data.build_if_missing', 'data.num_workers', 'data.prefetch_batches',
+    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'keep_checkpoint_every_steps', 'tensorboard', 'model.fused_bn',
+    'optimizer.lars_batched_norms'))
+ABSENT_SETTING = '(absent)'
 REQUIRED_KEYS = ('dataset', 'init', 'label_fraction', 'seed', 'primary_metric')
 SKIPPED_TRAINERS = ('pretrain',)
 # Rows come in this order, then any other initialisation alphabetically.
 INIT_ORDER = ('scratch', 'supervised', 'simclr', 'micle')
 ALPHA = 0.05
 EQUIVALENT = '≈'
+FEWER_CLASSES = '†'
 MISSING = '—'
 MAX_ROC_PANELS = 5
 
@@ -97,13 +117,16 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
   Returns:
     One dict per run, in path order: `path` (of results.json), `workdir`, `trainer`,
     `dataset`, `init`, `label_fraction`, `seed`, `fraction_seed` and `pretrain_seed`
-    (None when absent), `primary_metric` and `results` (the whole parsed file). A file
-    reached twice counts once. Empty when none is found.
+    (None when absent), `primary_metric`, `results` (the whole parsed file),
+    `settings` (the workdir's config.json flattened, or None) and `variant` (the
+    settings that set the run apart from other runs of its initialisation, see
+    `_mark_variants`; '' for none). A file reached twice counts once. Empty when none
+    is found.
 
   Raises:
     DataError: for a DIR that does not exist, a results.json that is not a JSON object
       or lacks a key, or two files that are the same run (data set, trainer,
-      initialisation, label fraction, seed, fraction_seed and pretrain_seed).
+      initialisation, label fraction, seed, fraction_seed, pretrain_seed and variant).
   """
   runs, seen, by_key = [], set(), {}
   for top in dirs:
@@ -113,16 +136,17 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
         continue
       seen.add(real)
       run = _load_run(path)
-      if run is None:
-        continue
-      key = (run['dataset'], run['trainer'], run['init'], run['label_fraction'],
-             run['seed'], run['fraction_seed'], run['pretrain_seed'])
-      if key in by_key:
-        raise DataError(f'{path} and {by_key[key]} are the same run (dataset, trainer, '
-                        'init, label_fraction, seed, fraction_seed, pretrain_seed = '
-                        f'{", ".join(map(str, key))})')
-      by_key[key] = path
-      runs.append(run)
+      if run is not None:
+        runs.append(run)
+  _mark_variants(runs)
+  for run in runs:
+    key = (run['dataset'], run['trainer'], run['init'], run['label_fraction'],
+           run['seed'], run['fraction_seed'], run['pretrain_seed'])
+    if key + (run['variant'],) in by_key:
+      raise DataError(f"{run['path']} and {by_key[key + (run['variant'],)]} are the same "
+                      'run (dataset, trainer, init, label_fraction, seed, fraction_seed, '
+                      f'pretrain_seed = {", ".join(map(str, key))}, and the same settings)')
+    by_key[key + (run['variant'],)] = run['path']
   return runs
 
 
@@ -180,7 +204,82 @@ def _load_run(path: str) -> dict[str, Any] | None:
           'label_fraction': float(fraction), 'seed': seed,
           'fraction_seed': results.get('fraction_seed'),
           'pretrain_seed': results.get('pretrain_seed'),
-          'primary_metric': results['primary_metric'], 'results': results}
+          'primary_metric': results['primary_metric'], 'results': results,
+          'settings': _settings(os.path.join(os.path.dirname(path), CONFIG_FILE)),
+          'variant': ''}
+
+
+def _settings(path: str) -> dict[str, str] | None:
+  """The run's config (`config.json` beside results.json) as `{dotted key: JSON value}`.
+
+  None when the file is absent, or unreadable (with a warning): such a run takes part
+  in no comparison of settings.
+  """
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    logging.warning('%s: cannot be read (%s); its settings are not compared.', path, e)
+    return None
+  if not isinstance(config, dict):
+    logging.warning('%s: not a JSON object; its settings are not compared.', path)
+    return None
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, dict) and value:
+        walk(value, f'{prefix}{key}.')
+      else:
+        flat[f'{prefix}{key}'] = json.dumps(value, sort_keys=True)
+  walk(config, '')
+  return flat
+
+
+def _is_bookkeeping(key: str) -> bool:
+  """Config keys that differ between runs of one setting: seeds, paths, logging, speed."""
+  return (key in BOOKKEEPING_KEYS or key.startswith('shift.')
+          or key.rsplit('.', 1)[-1] in ('data_dir', 'manual_dir'))
+
+
+def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
+  """Sets each run's `variant`: the settings that tell it apart from its init's other runs.
+
+  Runs of one data set, trainer and initialisation are compared within each label
+  fraction; a config key (bookkeeping aside) that takes two values there is a setting
+  under study (a label policy, a learning rate ...), and every run of that
+  initialisation gets `key=value` for it, in key order. A key that changes only from
+  one label fraction to another (epochs per fraction) is not one. Runs without
+  `config.json` get no variant.
+  """
+  groups = collections.defaultdict(list)
+  for run in runs:
+    if run['settings'] is not None:
+      groups[(run['dataset'], run['trainer'], run['init'])].append(run)
+  for group in groups.values():
+    keys = [key for key in set().union(*(run['settings'] for run in group))
+            if not _is_bookkeeping(key)]
+    values = collections.defaultdict(lambda: collections.defaultdict(set))
+    for run in group:
+      for key in keys:
+        values[key][run['label_fraction']].add(run['settings'].get(key, ABSENT_SETTING))
+    studied = sorted(key for key, by_fraction in values.items()
+                     if any(len(v) > 1 for v in by_fraction.values()))
+    for run in group:
+      run['variant'] = ', '.join(
+          f"{key}={_setting_text(run['settings'].get(key, ABSENT_SETTING))}"
+          for key in studied)
+
+
+def _setting_text(value: str) -> str:
+  """A JSON value as a row label shows it: strings without quotes."""
+  try:
+    parsed = json.loads(value)
+  except json.JSONDecodeError:
+    return value
+  return parsed if isinstance(parsed, str) else value
 
 
 def _check_shift(shift: Any, path: str) -> None:
@@ -287,13 +386,16 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     (the row label: the init, `init (trainer)` when the data set has runs of several
     trainers, and with `by_pretraining` `init (pretraining seed S)` or `init (trainer,
     pretraining seed S)`), `pooled_row` (the label without the pretraining seed),
-    `init`, `trainer`, `pretrain_seed` (the row's, with `by_pretraining`; else None),
-    `pretrain_seeds` (those of the cell's runs), `label_fraction`, `seeds` (`pS/sK`
-    for runs with a pretraining seed) and `values` (in seed order), `n`, `mean`, `std`
-    (ddof=1; None when n < 2), `is_best` (the column's best mean: highest, or lowest
-    for losses and errors), `p_value_vs_best` (Welch's t-test against the column's
-    first best row; None for the best rows and when either side has fewer than 2
-    seeds) and `equivalent_to_best` (p > ALPHA).
+    `init`, `trainer`, `variant` (see `collect`), `pretrain_seed` (the row's, with
+    `by_pretraining`; else None), `pretrain_seeds` (those of the cell's runs),
+    `label_fraction`, `seeds` (`pS/sK` for runs with a pretraining seed) and `values`
+    (in seed order, NaN for a null value), `n` (the values that are defined),
+    `num_undefined` (the NaN ones, left out of every statistic), `num_fewer_classes`
+    (runs whose mean over classes is over fewer than asked), `mean`, `std` (ddof=1;
+    None when n < 2), `is_best` (the column's best mean: highest, or lowest for losses
+    and errors), `p_value_vs_best` (Welch's t-test against the column's first best
+    row; None for the best rows and when either side has fewer than 2 defined values)
+    and `equivalent_to_best` (p > ALPHA: not significantly different).
 
   Raises:
     DataError: when a run lacks the split or the metric, or no run has `split` metrics.
@@ -308,34 +410,39 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     pooled = _row_label(run, trainers[run['dataset']])
     group = run['pretrain_seed'] if by_pretraining else None
     row = _row_label(run, trainers[run['dataset']], group)
-    where = (run['dataset'], name, row, pooled, run['init'], run['trainer'], group,
-             run['label_fraction'])
+    where = (run['dataset'], name, row, pooled, run['init'], run['trainer'], run['variant'],
+             group, run['label_fraction'])
     entry = (_run_order(run), _seed_label(run), run['pretrain_seed'])
     cells[where + (False, run['dataset'], split)].append(
-        entry + (metric_value(run, name, split),))
+        entry + (metric_value(run, name, split),
+                 _fewer_classes(run['results'][split], name)))
     shifted = shift_value(run, name) if split == 'test' else None
     if shifted is not None:
-      cells[where + (True, shifted[0], shifted[1])].append(entry + (shifted[2],))
+      cells[where + (True, shifted[0], shifted[1])].append(
+          entry + (shifted[2], _fewer_classes(run['results']['shift']['metrics'], name)))
 
   def order(key):
-    dataset, name, _, pooled, init, _, group, fraction, shifted, evaluated_on, on_split = key
+    dataset, name, _, pooled, init, _, _, group, fraction, shifted, evaluated_on, on_split = key
     return (dataset, name, _row_order(init, pooled), _pretrain_order(group), fraction,
             shifted, evaluated_on, on_split)
 
   summary = []
   for key in sorted(cells, key=order):
-    (dataset, name, row, pooled, init, trainer, group, fraction, shifted, evaluated_on,
-     on_split) = key
-    _, seeds, pretrain_seeds, values = zip(*sorted(cells[key], key=lambda cell: cell[0]))
+    (dataset, name, row, pooled, init, trainer, variant, group, fraction, shifted,
+     evaluated_on, on_split) = key
+    _, seeds, pretrain_seeds, values, fewer = zip(*sorted(cells[key], key=lambda c: c[0]))
     values = np.asarray(values, dtype=np.float64)
+    defined = values[np.isfinite(values)]
     summary.append({
         'dataset': dataset, 'metric': name, 'split': on_split, 'evaluated_on': evaluated_on,
         'shifted': shifted, 'row': row, 'pooled_row': pooled, 'init': init,
-        'trainer': trainer, 'pretrain_seed': group,
+        'trainer': trainer, 'variant': variant, 'pretrain_seed': group,
         'pretrain_seeds': sorted({p for p in pretrain_seeds if p is not None}),
-        'label_fraction': fraction, 'seeds': list(seeds),
-        'values': values.tolist(), 'n': len(values), 'mean': float(np.mean(values)),
-        'std': float(np.std(values, ddof=1)) if len(values) > 1 else None,
+        'label_fraction': fraction, 'seeds': list(seeds), 'values': values.tolist(),
+        'n': len(defined), 'num_undefined': len(values) - len(defined),
+        'num_fewer_classes': sum(fewer),
+        'mean': float(np.mean(defined)) if len(defined) else math.nan,
+        'std': float(np.std(defined, ddof=1)) if len(defined) > 1 else None,
         'is_best': False, 'p_value_vs_best': None, 'equivalent_to_best': False})
 
   columns = collections.defaultdict(list)
@@ -352,9 +459,24 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
       cell['is_best'] = cell['mean'] == best_mean
       if cell['is_best'] or cell['n'] < 2 or best['n'] < 2:
         continue
-      cell['p_value_vs_best'] = welch_p_value(cell['values'], best['values'])
+      cell['p_value_vs_best'] = welch_p_value(_defined(cell), _defined(best))
       cell['equivalent_to_best'] = cell['p_value_vs_best'] > ALPHA
   return summary
+
+
+def _defined(cell: dict[str, Any]) -> list[float]:
+  return [v for v in cell['values'] if math.isfinite(v)]
+
+
+def _fewer_classes(values: dict[str, Any], metric: str) -> bool:
+  """Whether `metric`, a mean over classes, is over fewer than asked (`_classes` < `_of_classes`).
+
+  A class without positives or without negatives in the evaluated split has no AUC
+  and is left out of the mean (`bigssl_med.metrics`).
+  """
+  found, asked = _find(values, f'{metric}_classes'), _find(values, f'{metric}_of_classes')
+  return (isinstance(found, int) and isinstance(asked, int) and not isinstance(found, bool)
+          and found < asked)
 
 
 def with_metrics(runs: Sequence[dict[str, Any]], split: str) -> list[dict[str, Any]]:
@@ -425,7 +547,7 @@ def pretraining_spread(runs: Sequence[dict[str, Any]], metric: str | None = None
           'dataset': cell['dataset'], 'metric': cell['metric'], 'split': cell['split'],
           'evaluated_on': cell['evaluated_on'], 'shifted': cell['shifted'],
           'row': cell['row'], 'init': cell['init'], 'trainer': cell['trainer'],
-          'label_fraction': cell['label_fraction'],
+          'variant': cell['variant'], 'label_fraction': cell['label_fraction'],
           'pretrain_seeds': [p for p, _ in found[cell['row']]],
           'pretraining_means': [m for _, m in found[cell['row']]],
           'pretraining_std': spread[cell['row']], 'mean': cell['mean'], 'n': cell['n'],
@@ -443,8 +565,10 @@ def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
 
 def _row_label(run: dict[str, Any], trainers: set[str], pretrain_seed: int | None = None
                ) -> str:
-  """The init, `init (trainer)` with several trainers, and the pretraining seed if given."""
+  """The init, then in brackets: the trainer (with several), variant and pretraining seed."""
   notes = [] if len(trainers) == 1 else [run['trainer']]
+  if run['variant']:
+    notes.append(run['variant'])
   if pretrain_seed is not None:
     notes.append(f'pretraining seed {pretrain_seed}')
   return f"{run['init']} ({', '.join(notes)})" if notes else run['init']
@@ -556,8 +680,9 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
     lines += ['', f'Mean ± std over seeds (n = number of seeds; std with ddof=1) of '
               f'{name} on {split}. **Bold**: the best mean of the column ({direction} '
               "is better). p: Welch's t-test (scipy.stats.ttest_ind, equal_var=False) "
-              f'against the column\'s best; {EQUIVALENT}: p > {ALPHA}, statistically '
-              'equivalent to the best; n/a: fewer than 2 seeds on one side; '
+              f"against the column's best; {EQUIVALENT}: p > {ALPHA}, not significantly "
+              'different from the best (which does not show that they are equivalent); '
+              'n/a: fewer than 2 seeds on one side, or both constant; '
               f'{MISSING}: no runs.' + _table_notes(cells), '']
   if spread:
     lines += spread_markdown(spread, digits)
@@ -579,6 +704,14 @@ def _column_title(fraction: float, shifted: bool, evaluated_on: str, split: str)
 def _table_notes(cells: Sequence[dict[str, Any]]) -> str:
   """Sentences that explain shifted columns and pretraining seeds, where a table has them."""
   notes = ''
+  if any(cell.get('num_undefined', 0) for cell in cells):
+    notes += (' K NaN: K runs whose value is undefined (null in results.json, such as an '
+              'AUC on a split without positives) are left out of n, the mean, the std '
+              'and p.')
+  if any(cell.get('num_fewer_classes', 0) for cell in cells):
+    notes += (f' {FEWER_CLASSES}: in some runs the mean is over fewer classes than asked; '
+              'a class without positives or without negatives in the split has no AUC '
+              'and is left out (results.json `<metric>_classes` of `<metric>_of_classes`).')
   if any(cell['shifted'] for cell in cells):
     notes += (' FRACTION → DATA SET: the same models evaluated on another data set '
               '(distribution shift: results.json `shift`, its label mapping), the same '
@@ -636,7 +769,10 @@ def format_cell(cell: dict[str, Any] | None, digits: int = 3) -> str:
   text = f"{cell['mean']:.{digits}f}"
   if cell['std'] is not None:
     text += f" ± {cell['std']:.{digits}f}"
-  text += f" (n={cell['n']})"
+  undefined = cell.get('num_undefined', 0)
+  text += f" (n={cell['n']}, {undefined} NaN)" if undefined else f" (n={cell['n']})"
+  if cell.get('num_fewer_classes', 0):
+    text += FEWER_CLASSES
   if cell['is_best']:
     return f'**{text}**'
   p = cell['p_value_vs_best']
@@ -647,8 +783,8 @@ def format_cell(cell: dict[str, Any] | None, digits: int = 3) -> str:
 
 
 def format_p(p: float | None) -> str:
-  """`p=0.123`, `p<0.001`, or `p=n/a` for None."""
-  if p is None:
+  """`p=0.123`, `p<0.001`, or `p=n/a` for None or NaN (two constant samples)."""
+  if p is None or math.isnan(p):
     return 'p=n/a'
   if p < 0.001:
     return 'p<0.001'
@@ -665,10 +801,11 @@ def _escape(text: str) -> str:
 
 
 CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'init', 'trainer',
-               'pretrain_seed', 'label_fraction', 'mean', 'std', 'n', 'p_value_vs_best',
-               'is_best', 'equivalent_to_best', 'seeds', 'values')
+               'variant', 'pretrain_seed', 'label_fraction', 'mean', 'std', 'n',
+               'num_undefined', 'num_fewer_classes', 'p_value_vs_best', 'is_best',
+               'equivalent_to_best', 'seeds', 'values')
 SPREAD_CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'init',
-                      'trainer', 'label_fraction', 'pretrain_seeds', 'pretraining_means',
+                      'trainer', 'variant', 'label_fraction', 'pretrain_seeds', 'pretraining_means',
                       'pretraining_std', 'mean', 'n', 'best_row', 'difference_to_best',
                       'within_spread')
 
@@ -776,6 +913,10 @@ def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') 
     for title, fpr, tpr in roc_curves(predictions):
       panels[title].append((label, fpr, tpr))
   titles = list(panels)[:MAX_ROC_PANELS]
+  if not titles:
+    logging.warning('No label of %s has both classes in its predictions: no ROC plot.',
+                    dataset)
+    return False
   fig, axes = _figure(len(titles))
   for ax, title in zip(axes, titles):
     for label, fpr, tpr in panels[title]:
@@ -800,8 +941,8 @@ def roc_curves(path: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
   try:
     with np.load(path, allow_pickle=False) as data:
       arrays = {key: data[key] for key in data.files}
-  except (OSError, ValueError) as e:
-    raise DataError(f'{path}: cannot be read as .npz ({e})') from None
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    raise DataError(f'{path}: cannot be read as .npz ({e or type(e).__name__})') from None
   for key in ('scores', 'labels'):
     if key not in arrays:
       raise DataError(f"{path}: missing key '{key}'")
@@ -815,6 +956,10 @@ def roc_curves(path: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
     if labels.ndim == 1 and (scores.ndim == 1 or num_columns <= 2):
       column = scores if scores.ndim == 1 else scores[:, -1]
       title = names[-1] if names else 'positive class'
+      if len(np.unique(labels)) < 2:
+        logging.warning('%s: every label is %s; no ROC curve.', path, labels[0] if
+                        len(labels) else 'missing')
+        return []
       return [(title, *metrics_lib.roc_points(column, labels))]
     if labels.ndim == 1:
       classes = labels.astype(np.int64)
@@ -883,6 +1028,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                          digits=args.digits, by_pretraining=args.by_pretraining)
   except UserError as exc:
     print(f'error: {exc}', file=sys.stderr)
+    return 2
+  except OSError as exc:  # --out names a folder, or a place that cannot be written
+    print(f'error: cannot write {exc.filename or args.out}: {exc.strerror or exc}',
+          file=sys.stderr)
     return 2
   for path in paths:
     print(path)

@@ -54,6 +54,7 @@ def test_multiclass_hand_computed():
   defined = [v for v in got['auc_per_class'].values() if not math.isnan(v)]
   assert len(defined) == 3
   assert got['auc_macro'] == pytest.approx(np.mean(defined))
+  assert (got['auc_macro_classes'], got['auc_macro_of_classes']) == (3, 4)
 
 
 def test_multiclass_two_classes_has_no_top3():
@@ -127,14 +128,14 @@ def test_multilabel_mean_over_competition_excludes_nan():
   kept = [n for n in metrics.CHEXPERT_COMPETITION if n != 'Edema']
   expected = [sk.roc_auc_score(targets[mask[:, names.index(n)], names.index(n)],
                                logits[mask[:, names.index(n)], names.index(n)]) for n in kept]
-  assert got['auc_mean_classes'] == 4
+  assert (got['auc_mean_classes'], got['auc_mean_of_classes']) == (4, 5)
   assert got['auc_mean'] == pytest.approx(np.mean(expected))
 
 
 def test_multilabel_all_undefined_mean_is_nan():
   got = metrics.multilabel_metrics(np.zeros((3, 2)), np.ones((3, 2)))
   assert math.isnan(got['auc_mean'])
-  assert got['auc_mean_classes'] == 0
+  assert (got['auc_mean_classes'], got['auc_mean_of_classes']) == (0, 2)
 
 
 def test_multilabel_bad_input():

@@ -326,6 +326,145 @@ def test_bad_values_and_duplicates(tmp_path):
     report.summarize(report.collect([str(tmp_path / 'a')]), metric='auc')
 
 
+def _write_config(workdir, **settings):
+  """A config.json as a run's workdir has it: nested keys from dotted `a__b` names."""
+  config = {'trainer': 'finetune', 'seed': 0, 'data': {'data_dir': '/data'},
+            'task': {'uncertain': 'ones', 'blank': 'zeros'}, 'num_epochs': 30.0}
+  for dotted, value in settings.items():
+    node = config
+    *parents, leaf = dotted.split('__')
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node[leaf] = value
+  (workdir / 'config.json').write_text(json.dumps(config))
+
+
+def test_runs_that_differ_in_a_setting_get_a_row_each(tmp_path):
+  values = {('ones', 0.1): [0.70, 0.72], ('zeros', 0.1): [0.60, 0.64],
+            ('ones', 1.0): [0.80, 0.82], ('zeros', 1.0): [0.78, 0.80]}
+  for (policy, fraction), found in values.items():
+    for seed, value in enumerate(found):
+      workdir = tmp_path / policy / f'{fraction}' / f'seed={seed}'
+      write_run(workdir, 'chexpert', 'micle', fraction, seed, value, metric='auc_mean')
+      # Seeds, data paths and epochs per label fraction are not settings under study.
+      _write_config(workdir, task__uncertain=policy, seed=seed,
+                    data__data_dir=f'/disk{seed}', num_epochs=10.0 / fraction)
+  for seed, value in enumerate([0.5, 0.52]):  # one policy only: no variant
+    workdir = tmp_path / 'scratch' / f'seed={seed}'
+    write_run(workdir, 'chexpert', 'scratch', 0.1, seed, value, metric='auc_mean')
+    _write_config(workdir, seed=seed)
+  runs = report.collect([str(tmp_path)])
+  summary = report.summarize(runs)
+  rows = {(c['row'], c['label_fraction']): c for c in summary}
+  assert sorted(rows) == [('micle (task.uncertain=ones)', 0.1),
+                          ('micle (task.uncertain=ones)', 1.0),
+                          ('micle (task.uncertain=zeros)', 0.1),
+                          ('micle (task.uncertain=zeros)', 1.0), ('scratch', 0.1)]
+  for (policy, fraction), found in values.items():
+    cell = rows[(f'micle (task.uncertain={policy})', fraction)]
+    assert cell['variant'] == f'task.uncertain={policy}'
+    assert cell['mean'] == pytest.approx(np.mean(found))
+    assert cell['n'] == 2
+  assert rows[('micle (task.uncertain=zeros)', 0.1)]['p_value_vs_best'] == pytest.approx(
+      stats.ttest_ind([0.60, 0.64], [0.70, 0.72], equal_var=False).pvalue)
+  report.write_report(runs, str(tmp_path / 'r.md'))
+  assert '| micle (task.uncertain=zeros) |' in (tmp_path / 'r.md').read_text()
+  with open(tmp_path / 'r.csv') as f:
+    assert {row['variant'] for row in csv.DictReader(f)} == {
+        '', 'task.uncertain=ones', 'task.uncertain=zeros'}
+
+
+def test_same_settings_are_still_the_same_run(tmp_path):
+  for name in ('a', 'b'):
+    write_run(tmp_path / name, 'ham10000', 'micle', 0.1, 0, 0.8)
+    _write_config(tmp_path / name, data__num_workers=4 if name == 'a' else 8)
+  with pytest.raises(DataError, match='are the same run .* and the same settings'):
+    report.collect([str(tmp_path)])
+
+
+def test_undefined_values_are_left_out_and_counted(tmp_path):
+  for seed, value in enumerate([0.8, None, 0.7]):
+    write_run(tmp_path / 'micle' / str(seed), 'ham10000', 'micle', 1.0, seed, 0.0)
+    path = tmp_path / 'micle' / str(seed) / 'results.json'
+    results = json.loads(path.read_text())
+    results['test']['top1'] = value
+    path.write_text(json.dumps(results))
+  for seed, value in enumerate([0.5, 0.52]):
+    write_run(tmp_path / 'scratch' / str(seed), 'ham10000', 'scratch', 1.0, seed, value)
+  runs = report.collect([str(tmp_path)])
+  micle = next(c for c in report.summarize(runs) if c['init'] == 'micle')
+  assert (micle['n'], micle['num_undefined']) == (2, 1)
+  assert micle['mean'] == pytest.approx(0.75)
+  assert micle['std'] == pytest.approx(np.std([0.8, 0.7], ddof=1))
+  assert micle['is_best']
+  report.write_report(runs, str(tmp_path / 'r.md'))
+  text = (tmp_path / 'r.md').read_text()
+  assert '**0.750 ± 0.071 (n=2, 1 NaN)**' in text
+  assert 'K NaN: K runs whose value is undefined' in text
+  assert report.format_p(float('nan')) == 'p=n/a'
+
+
+def test_means_over_fewer_classes_are_marked(tmp_path):
+  for seed, classes in enumerate([3, 2]):
+    write_run(tmp_path / str(seed), 'chexpert', 'micle', 1.0, seed, 0.8, metric='auc_mean',
+              shift={'dataset': 'nih_chest_xray14',
+                     'metrics': {'auc_mean': 0.7, 'auc_mean_classes': 3,
+                                 'auc_mean_of_classes': 3}})
+    path = tmp_path / str(seed) / 'results.json'
+    results = json.loads(path.read_text())
+    results['test'].update(auc_mean_classes=classes, auc_mean_of_classes=3)
+    path.write_text(json.dumps(results))
+  runs = report.collect([str(tmp_path)])
+  cells = report.summarize(runs)
+  assert [(c['shifted'], c['num_fewer_classes']) for c in cells] == [(False, 1), (True, 0)]
+  report.write_report(runs, str(tmp_path / 'r.md'))
+  text = (tmp_path / 'r.md').read_text()
+  assert '**0.800 ± 0.000 (n=2)†**' in text and '**0.700 ± 0.000 (n=2)** |' in text
+  assert '†: in some runs the mean is over fewer classes than asked' in text
+
+
+def _predictions_file(tmp_path, name, content):
+  write_run(tmp_path / name, 'pcam', name, 1.0, 0, 0.9, metric='auc')
+  path = tmp_path / name / 'test_predictions.npz'
+  if isinstance(content, bytes):
+    path.write_bytes(content)
+  else:
+    np.savez(path, **content)
+  return path
+
+
+def test_unreadable_predictions_are_one_line_errors(tmp_path, capsys):
+  good = _predictions_file(tmp_path / 'cut', 'micle', {'scores': np.zeros((4, 2)),
+                                                       'labels': np.arange(4) % 2})
+  good.write_bytes(good.read_bytes()[:100])
+  _predictions_file(tmp_path / 'empty', 'micle', b'')
+  for case in ('cut', 'empty'):
+    assert report.main([str(tmp_path / case), '--out', str(tmp_path / f'{case}.md')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {tmp_path / case / "micle" / "test_predictions.npz"}: '
+                          'cannot be read as .npz')
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_predictions_without_both_classes_give_no_roc(tmp_path, capsys):
+  _predictions_file(tmp_path / 'binary', 'micle', {'scores': np.full((4, 2), 0.5),
+                                                   'labels': np.ones(4, np.int64)})
+  _predictions_file(tmp_path / 'multilabel', 'micle', {'scores': np.full((4, 3), 0.5),
+                                                       'labels': np.zeros((4, 3))})
+  for case in ('binary', 'multilabel'):
+    out = tmp_path / f'{case}.md'
+    assert report.main([str(tmp_path / case), '--out', str(out)]) == 0
+    assert out.is_file() and not (tmp_path / f'{case}_roc_pcam.png').exists()
+
+
+def test_out_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+  write_run(tmp_path / 'a', 'ham10000', 'micle', 1.0, 0, 0.8)
+  (tmp_path / 'out.md').mkdir()
+  assert report.main([str(tmp_path / 'a'), '--out', str(tmp_path / 'out.md')]) == 2
+  err = capsys.readouterr().err
+  assert err.strip() == f'error: cannot write {tmp_path / "out.md"}: Is a directory'
+
+
 def test_percent():
   assert [report.percent(f) for f in (0.01, 0.1, 0.005, 1.0, 0.25)] == [
       '1%', '10%', '0.5%', '100%', '25%']
@@ -406,7 +545,7 @@ def test_pretraining_runs_are_distinct_runs_pooled_in_one_cell(pretrained_root, 
   # The same fine-tuning seed from the same pretraining run twice is a duplicate.
   write_run(tmp_path / 'again', 'ham10000', 'simclr', 0.1, 1, 0.7, pretrain_seed=2)
   with pytest.raises(DataError, match=r'are the same run \(.*pretrain_seed = ham10000, '
-                                      r'finetune, simclr, 0.1, 1, None, 2\)'):
+                                      r'finetune, simclr, 0.1, 1, None, 2, and the same settings\)'):
     report.collect([str(pretrained_root), str(tmp_path / 'again')])
 
 
