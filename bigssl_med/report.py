@@ -55,7 +55,8 @@ Written next to `--out`:
 - `report_roc_<dataset>.png`: ROC curves of each initialisation's first seed at its
   largest label fraction with predictions.
 A data set with runs of several trainers gets rows `init (trainer)`. Runs whose split
-metrics are `{}` (the data set has no such split) are left out with a warning. Bad
+metrics are `{}` (the data set has no such split), and workdirs with a config.json
+but no results.json (unfinished or failed runs), are left out with a warning. Bad
 input (no runs, a malformed results.json) is a one-line `error: ...` and exit status 2.
 """
 
@@ -155,12 +156,28 @@ def _results_files(top: str) -> list[str]:
     return [top]
   if not os.path.isdir(top):
     raise DataError(f'{top} does not exist')
-  found = []
+  found, unfinished = [], []
   for root, subdirs, files in os.walk(top):
     subdirs.sort()
     if RESULTS_FILE in files:
       found.append(os.path.join(root, RESULTS_FILE))
+    elif CONFIG_FILE in files and _trainer_of(os.path.join(root, CONFIG_FILE)) not in (
+        None, *SKIPPED_TRAINERS, 'stages'):
+      unfinished.append(root)
+  if unfinished:
+    logging.warning('Left out, with a config.json but no %s (unfinished or failed '
+                    'runs): %s', RESULTS_FILE, ', '.join(unfinished))
   return found
+
+
+def _trainer_of(path: str) -> str | None:
+  """The `trainer` of a config.json, or None when it cannot be read."""
+  try:
+    with open(path) as f:
+      trainer = json.load(f).get('trainer')
+  except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+    return None
+  return trainer if isinstance(trainer, str) else None
 
 
 def _load_run(path: str) -> dict[str, Any] | None:

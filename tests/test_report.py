@@ -374,6 +374,20 @@ def test_runs_that_differ_in_a_setting_get_a_row_each(tmp_path):
         '', 'task.uncertain=ones', 'task.uncertain=zeros'}
 
 
+def test_unfinished_runs_are_named_in_a_warning(tmp_path, caplog):
+  for seed in range(3):
+    write_run(tmp_path / f'seed={seed}', 'ham10000', 'micle', 1.0, seed, 0.8)
+    _write_config(tmp_path / f'seed={seed}')
+  (tmp_path / 'seed=2' / 'results.json').unlink()  # crashed before it finished
+  (tmp_path / 'pretrain').mkdir()
+  (tmp_path / 'pretrain' / 'config.json').write_text('{"trainer": "pretrain"}')
+  with caplog.at_level('WARNING'):
+    runs = report.collect([str(tmp_path)])
+  assert len(runs) == 2
+  assert ('Left out, with a config.json but no results.json (unfinished or failed runs): '
+          f'{tmp_path / "seed=2"}\n') in caplog.text
+
+
 def test_same_settings_are_still_the_same_run(tmp_path):
   for name in ('a', 'b'):
     write_run(tmp_path / name, 'ham10000', 'micle', 0.1, 0, 0.8)
@@ -545,7 +559,8 @@ def test_pretraining_runs_are_distinct_runs_pooled_in_one_cell(pretrained_root, 
   # The same fine-tuning seed from the same pretraining run twice is a duplicate.
   write_run(tmp_path / 'again', 'ham10000', 'simclr', 0.1, 1, 0.7, pretrain_seed=2)
   with pytest.raises(DataError, match=r'are the same run \(.*pretrain_seed = ham10000, '
-                                      r'finetune, simclr, 0.1, 1, None, 2, and the same settings\)'):
+                                      r'finetune, simclr, 0.1, 1, None, 2, and the same '
+                                      r'settings\)'):
     report.collect([str(pretrained_root), str(tmp_path / 'again')])
 
 
