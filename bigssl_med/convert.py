@@ -23,6 +23,8 @@ Formats (`--format`; found from the file when left out):
   images, such as SimCLR's converted to PyTorch).
   Files written by `torch.save` since PyTorch 1.6 (zip) are read without PyTorch;
   older ones need PyTorch installed; `.safetensors` files are read with safetensors.
+  A file written by `bigssl_med.export` keeps the input normalization and max-pooling
+  its metadata records, so export followed by import gives back the same network.
 - `simclr_tf1`: SimCLR's TensorFlow 1 checkpoints (v1: ResNet50_1x/2x/4x; v2:
   r50_1x_sk0 ... r152_3x_sk1, pretrained or fine-tuned). The encoder lives under
   `base_model/` (with `--ema`, the moving averages under `ema_model/base_model/`), its
@@ -62,6 +64,7 @@ from bigssl_med.errors import CheckpointError, UserError
 from bigssl_med.models import heads, resnet
 
 FORMATS = ('torchvision', 'simclr_tf1')
+EXPORT_FORMAT = 'torchvision_resnet'  # the metadata `format` of bigssl_med.export's files
 
 # ------------------------------------------------------------------ PyTorch files.
 
@@ -142,23 +145,26 @@ def read_torch_file(path: str) -> Any:
   if not os.path.isfile(path):
     raise CheckpointError(f'{path}: no such file')
   if zipfile.is_zipfile(path):
-    with zipfile.ZipFile(path) as archive:
-      pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')]
-      if len(pickles) != 1:
-        raise CheckpointError(f'{path}: a zip file but not one written by torch.save '
-                              '(no single */data.pkl)')
-      root = pickles[0][:-len('/data.pkl')]
-      try:
+    try:
+      with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith('/data.pkl')]
+        if len(pickles) != 1:
+          raise CheckpointError(f'{path}: a zip file but not one written by torch.save '
+                                '(no single */data.pkl)')
+        root = pickles[0][:-len('/data.pkl')]
         return _TorchUnpickler(archive.read(pickles[0]), archive, root, path).load()
-      except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError) as e:
-        if isinstance(e, UserError):
-          raise
-        raise CheckpointError(f'{path}: cannot read its tensors: {e}') from e
+    except (pickle.UnpicklingError, EOFError, KeyError, ValueError, TypeError,
+            zipfile.BadZipFile, OSError) as e:
+      if isinstance(e, UserError):
+        raise
+      raise CheckpointError(f'{path}: cannot read its tensors (damaged or cut short?): '
+                            f'{e}') from e
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise CheckpointError(f'{path}: not a zip file written by torch.save (PyTorch >= 1.6); '
-                          'reading older PyTorch files needs PyTorch installed') from None
+    raise CheckpointError(f'{path}: not a complete zip file written by torch.save (PyTorch '
+                          '>= 1.6; a download cut short?); reading older PyTorch files needs '
+                          'PyTorch installed') from None
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -179,6 +185,39 @@ def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f'{path}: not a readable safetensors file: {e}') from e
 
 
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+  """The string metadata of a `.safetensors` file's header ({} when it has none)."""
+  import safetensors  # pylint: disable=g-import-not-at-top
+  try:
+    with safetensors.safe_open(path, 'np') as f:
+      return dict(f.metadata() or {})
+  except (safetensors.SafetensorError, OSError, ValueError, TypeError) as e:
+    raise CheckpointError(f'{path}: not a readable safetensors file: {e}') from e
+
+
+def exported_architecture(path: str) -> dict[str, str]:
+  """`input_normalization` and `stem_pool_padding` of a file `bigssl_med.export` wrote.
+
+  Empty for other files. Export records them in the file's metadata (`format:
+  torchvision_resnet`) because torchvision's layout cannot show them, and a model
+  trained here has this project's defaults (no input standardisation, SimCLR's
+  max-pooling windows) where a torchvision model has others.
+  """
+  if not path.endswith('.safetensors'):
+    return {}
+  metadata = read_safetensors_metadata(path)
+  if metadata.get('format') != EXPORT_FORMAT:
+    return {}
+  found = {}
+  for key, allowed in (('input_normalization', tuple(resnet.INPUT_NORMALIZATIONS)),
+                       ('stem_pool_padding', resnet.STEM_POOL_PADDINGS)):
+    value = metadata.get(key)
+    if value not in allowed:
+      raise CheckpointError(f'{path}: metadata {key}={value!r} is not one of {allowed}')
+    found[key] = value
+  return found
+
+
 def read_weights_file(path: str) -> Any:
   """A `.safetensors` file's tensors, or the object a `torch.save` file holds."""
   if path.endswith('.safetensors'):
@@ -195,7 +234,9 @@ def find_state_dict(obj: Any, path: str, prefix: str | None = None
 
   Looks through nested dicts (a training checkpoint's 'state_dict', 'model', ...) for
   keys `P + 'conv1.weight'` with `P + 'layer1.0.conv1.weight'` beside them. With
-  several such P (e.g. MoCo's query and key encoders), `prefix` picks one.
+  several such P (e.g. MoCo's query and key encoders), `prefix` picks one: P itself,
+  or P after the path of the dicts that hold it, `/`-separated (`state_dict_ema/` for
+  a file with the same network under 'state_dict' and 'state_dict_ema').
   """
   found = {}
 
@@ -211,15 +252,20 @@ def find_state_dict(obj: Any, path: str, prefix: str | None = None
       if isinstance(d[k], Mapping):
         visit(d[k], where + (k,))
 
+  def full(key):
+    where, p = key
+    return ''.join(f'{w}/' for w in where) + p
+
   visit(obj, ())
   if prefix is not None:
-    found = {key: d for key, d in found.items() if key[1] == prefix}
+    found = {key: d for key, d in found.items() if prefix in (key[1], full(key))}
   if not found:
     wanted = f"'{prefix}conv1.weight'" if prefix is not None else "'conv1.weight'"
     raise CheckpointError(f'{path}: no ResNet state dict in torchvision\'s layout ({wanted} '
                           'with layer1.0.conv1.weight beside it)')
   if len(found) > 1:
-    names = sorted(repr(p) for _, p in found)
+    prefixes = [p for _, p in found]
+    names = sorted(repr(full(key) if prefixes.count(key[1]) > 1 else key[1]) for key in found)
     raise CheckpointError(f'{path}: holds several ResNets, key prefixes {", ".join(names)}: '
                           'choose one with --prefix')
   (_, p), d = next(iter(found.items()))
@@ -258,7 +304,8 @@ _TORCHVISION_MODULES = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'laye
 
 
 def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *,
-                       input_normalization: str = 'imagenet'
+                       input_normalization: str = 'imagenet',
+                       stem_pool_padding: str = 'symmetric'
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
   """`({'params': {'encoder': ...}, 'batch_stats': {...}}, model config)` of a state dict.
 
@@ -269,7 +316,8 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *
   SwAV's `projection_head` and `prototypes`, ...) are left out, and the log says which.
   `input_normalization` is what the model expects of its input (see
   `resnet.INPUT_NORMALIZATIONS`): ImageNet's standardisation unless it was trained on
-  [0, 1] images.
+  [0, 1] images. `stem_pool_padding`: torchvision's max-pooling ('symmetric') unless
+  the file says otherwise (`exported_architecture`).
   """
   depth, width = _torchvision_layout(sd, path)
   params, stats = {}, {}
@@ -315,7 +363,7 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *
                           f'({len(unused)} such keys)')
   # Only the first block of ResNet-18/34 can go without a projection (64 -> 64, stride 1);
   # where one is missing elsewhere, the check against the model names it.
-  model = _model_config(depth=depth, width_multiplier=width, stem_pool_padding='symmetric',
+  model = _model_config(depth=depth, width_multiplier=width, stem_pool_padding=stem_pool_padding,
                         identity_shortcuts='layer1.0.downsample.0.weight' not in sd,
                         input_normalization=input_normalization, head_layers=0)
   variables = {'params': {'encoder': params}, 'batch_stats': {'encoder': stats}}
@@ -326,6 +374,15 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *
 # ------------------------------------------------------ SimCLR's TF1 checkpoints.
 
 _TF_LAYER = re.compile(r'^(conv2d|batch_normalization)(?:_(\d+))?/(\w+)$')
+# SimCLR's convolutions have a kernel and no bias; its BatchNorms these four variables.
+_TF_VARIABLES = {'conv2d': ('kernel',),
+                 'batch_normalization': ('gamma', 'beta', 'moving_mean', 'moving_variance')}
+
+
+def _tf_layer(name: str) -> re.Match | None:
+  """`name` (below the encoder prefix) as a SimCLR layer's variable, or None."""
+  m = _TF_LAYER.match(name)
+  return m if m and m.group(3) in _TF_VARIABLES[m.group(1)] else None
 _SLOTS = ('/Momentum', '/ExponentialMovingAverage', '/LARSOptimizer')
 
 
@@ -340,7 +397,7 @@ def read_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
   except ImportError:
     raise CheckpointError(f'{path}: reading a TensorFlow checkpoint needs TensorFlow '
                           '(pip install tensorflow-cpu)') from None
-  prefix = path
+  prefix = tf_checkpoint_prefix(path)
   if os.path.isdir(path):
     prefix = tf.train.latest_checkpoint(path)
     if prefix is None:
@@ -352,7 +409,7 @@ def read_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
     reader = tf.train.load_checkpoint(prefix)
     names = [n for n in reader.get_variable_to_shape_map() if not n.endswith(_SLOTS)]
     return {name: np.asarray(reader.get_tensor(name)) for name in names}
-  except (tf.errors.OpError, ValueError) as e:
+  except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: a shard cut short
     raise CheckpointError(f'{prefix}: not a readable TensorFlow checkpoint: '
                           f'{str(e).splitlines()[0]}') from e
 
@@ -364,7 +421,7 @@ def _tf_layers(variables: Mapping[str, np.ndarray], prefix: str
   for name in variables:
     if not name.startswith(prefix) or name.endswith(_SLOTS):
       continue
-    m = _TF_LAYER.match(name[len(prefix):])
+    m = _tf_layer(name[len(prefix):])
     if m:
       layer, index = m.group(1), int(m.group(2) or 0)
       (convs if layer == 'conv2d' else bns)[index] = f'{prefix}{layer}' + (
@@ -465,17 +522,28 @@ def import_simclr_tf1(variables: Mapping[str, np.ndarray], path: str = 'checkpoi
         raise CheckpointError(f'{path}: lacks {theirs}/{name}')
       _put(tree, ours + (key,), np.asarray(variables[f'{theirs}/{name}'], np.float32))
   unused = sorted(n for n in variables if n.startswith(encoder_prefix) and not n.endswith(_SLOTS)
-                  and not _TF_LAYER.match(n[len(encoder_prefix):]))
+                  and not _tf_layer(n[len(encoder_prefix):]))
   if unused:
     raise CheckpointError(f'{path}: has {unused[0]}, which SimCLR\'s ResNet lacks '
                           f'({len(unused)} such variables)')
   imported = {'params': {'encoder': params}, 'batch_stats': {'encoder': stats}}
-  head = _simclr_head(variables, f'{top}head_contrastive/', path)
+  head_prefix = f'{top}head_contrastive/'
+  head = _simclr_head(variables, head_prefix, path)
   head_config = {'head_layers': 0}
   if head is not None:
     head_params, head_stats, head_config = head
     imported['params']['head'] = head_params
     imported['batch_stats']['head'] = head_stats
+  imported_prefixes = (encoder_prefix,) + ((head_prefix,) if head is not None else ())
+  left_out = [n for n in variables if not n.startswith(imported_prefixes)
+              and not n.endswith(_SLOTS)]
+  if left_out:  # the ImageNet classifier head_supervised/, global_step, the other weights
+    scopes = collections.Counter(
+        '/'.join(n.split('/')[:2 if n.startswith('ema_model/') else 1]) for n in left_out)
+    logging.info('%s: left out %d variables beside the imported %s: %s', path, len(left_out),
+                 'encoder and head' if head is not None else 'encoder',
+                 ', '.join(scope if scope in variables else f'{scope}/* ({k})'
+                           for scope, k in sorted(scopes.items())))
   model_config = _model_config(depth=depth, width_multiplier=width,
                                sk_ratio=sk_ratio if sk else 0.0, cifar_stem=cifar_stem,
                                **head_config)
@@ -485,13 +553,17 @@ def import_simclr_tf1(variables: Mapping[str, np.ndarray], path: str = 'checkpoi
 
 def _simclr_head(variables, prefix: str, path: str):
   """SimCLRv2's projection head (`nl_J/dense`, `nl_J/batch_normalization`), or None."""
-  layers = sorted({int(m.group(1)) for n in variables
+  under = sorted(n for n in variables if n.startswith(prefix) and not n.endswith(_SLOTS))
+  layers = sorted({int(m.group(1)) for n in under
                    for m in [re.match(rf'^{re.escape(prefix)}nl_(\d+)/', n)] if m})
   if not layers:
+    if under:
+      logging.warning('%s: %s is not a SimCLRv2 projection head (it has %s); importing the '
+                      'encoder only', path, prefix.rstrip('/'), under[0])
     return None
   if layers != list(range(len(layers))):
     raise CheckpointError(f'{path}: head layers {prefix}nl_{layers} are not numbered 0..N-1')
-  params, stats = {}, {}
+  params, stats, consumed = {}, {}, set()
   for j in layers:
     base = f'{prefix}nl_{j}'
     last = j == len(layers) - 1
@@ -499,6 +571,7 @@ def _simclr_head(variables, prefix: str, path: str):
               'batch_normalization/moving_variance']
     if not last:
       needed.append('batch_normalization/beta')
+    consumed.update(f'{base}/{n}' for n in needed)
     missing = [n for n in needed if f'{base}/{n}' not in variables]
     if missing or f'{base}/dense/bias' in variables:
       logging.warning('%s: %s is not a SimCLRv2 projection head (%s); importing the encoder '
@@ -513,6 +586,12 @@ def _simclr_head(variables, prefix: str, path: str):
     stats[f'bn{j}'] = {
         'mean': np.asarray(variables[f'{base}/batch_normalization/moving_mean'], np.float32),
         'var': np.asarray(variables[f'{base}/batch_normalization/moving_variance'], np.float32)}
+  extra = [n for n in under if n not in consumed]
+  if extra:
+    logging.warning('%s: %s is not a SimCLRv2 projection head (it has %s, %d such '
+                    'variables); importing the encoder only', path, prefix.rstrip('/'),
+                    extra[0], len(extra))
+    return None
   features = params['dense0']['kernel'].shape[0]
   hidden = params['dense0']['kernel'].shape[1] if len(layers) > 1 else 0
   config = {'head_layers': len(layers),
@@ -554,9 +633,16 @@ def _check_against_model(variables: dict[str, Any], model_config: dict[str, Any]
                                          f'{collection}/head', path, _NOT_THIS_LAYOUT)
 
 
+def tf_checkpoint_prefix(path: str) -> str:
+  """`model.ckpt-N` for `model.ckpt-N.index` or `model.ckpt-N.data-00000-of-00001`."""
+  prefix = re.sub(r'\.(index|data-\d+-of-\d+)$', '', path)
+  return prefix if prefix != path and os.path.exists(f'{prefix}.index') else path
+
+
 def detect_format(path: str) -> str:
-  """'torchvision' for a PyTorch file, 'simclr_tf1' for a TF checkpoint prefix or folder."""
-  if os.path.isdir(path) or os.path.exists(f'{path}.index'):
+  """'torchvision' for a PyTorch file, 'simclr_tf1' for a TF checkpoint (prefix, its
+  `.index` or `.data-*` file, or a folder)."""
+  if os.path.isdir(path) or os.path.exists(f'{tf_checkpoint_prefix(path)}.index'):
     return 'simclr_tf1'
   if os.path.isfile(path):
     return 'torchvision'
@@ -570,15 +656,24 @@ def load(path: str, kind: str | None = None, *, prefix: str | None = None, ema: 
 
   `kind` is one of `FORMATS` (see the module doc), found from `path` when None.
   `input_normalization` overrides the format's ('imagenet' for torchvision's layout,
-  'none' for SimCLR's [0, 1] inputs).
+  'none' for SimCLR's [0, 1] inputs, what the metadata says for a file of
+  `bigssl_med.export`).
   """
   kind = kind or detect_format(path)
   if input_normalization is not None and input_normalization not in resnet.INPUT_NORMALIZATIONS:
     raise UserError(f'input normalization {input_normalization!r} is not one of '
                     f'{tuple(resnet.INPUT_NORMALIZATIONS)}')
   if kind == 'torchvision':
-    return import_torchvision(find_state_dict(read_weights_file(path), path, prefix), path,
-                              input_normalization=input_normalization or 'imagenet')
+    exported = exported_architecture(path)
+    if exported:
+      logging.info('%s: written by bigssl_med.export: input_normalization=%s, '
+                   'stem_pool_padding=%s', path, exported['input_normalization'],
+                   exported['stem_pool_padding'])
+    return import_torchvision(
+        find_state_dict(read_weights_file(path), path, prefix), path,
+        input_normalization=(input_normalization or exported.get('input_normalization')
+                             or 'imagenet'),
+        stem_pool_padding=exported.get('stem_pool_padding', 'symmetric'))
   if kind == 'simclr_tf1':
     variables, model_config = import_simclr_tf1(read_tf_checkpoint(path), path, ema=ema,
                                                 sk_ratio=sk_ratio)

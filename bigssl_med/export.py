@@ -17,8 +17,9 @@ a PyTorch user must match:
 - `input_normalization`: 'none' means the network expects [0, 1] RGB images as they
   are (no ImageNet mean/std standardisation); 'imagenet' means it expects it.
 - `stem_pool_padding`: 'same' means the model was trained with SimCLR's max-pooling
-  windows, one pixel off torchvision's; in torchvision it computes a slightly
-  different function (the log says so).
+  windows, one pixel off torchvision's; in torchvision it computes a different
+  function (the log says so). `bigssl_med.convert` reads both back from the
+  metadata, so importing the file gives back the same network.
 
 Architectures torchvision's ResNet cannot express are refused with a one-line error:
 selective kernels, the CIFAR stem, and SimCLR's projection in the first block of a
@@ -162,7 +163,8 @@ def export(workdir: str, out: str, checkpoint: str = 'auto') -> dict[str, str]:
   if model['stem_pool_padding'] != 'symmetric':
     logging.warning('%s: trained with SimCLR\'s max-pooling windows (stem_pool_padding=%r); '
                     'torchvision\'s sit one pixel off, so in torchvision this network computes '
-                    'a slightly different function', workdir, model['stem_pool_padding'])
+                    'a different function (bigssl_med.convert reads the file back as it is)',
+                    workdir, model['stem_pool_padding'])
   metadata = {'format': 'torchvision_resnet', 'source': os.path.abspath(source),
               'depth': str(model['depth']), 'width_multiplier': str(model['width_multiplier']),
               'input_normalization': model['input_normalization'],

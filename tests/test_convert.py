@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import struct
 import sys
 import zipfile
 
@@ -97,10 +98,27 @@ def test_torch_reader_refuses_code_and_old_files_without_pytorch(tmp_path, monke
   old = tmp_path / 'old.pth'
   old.write_bytes(pickle.dumps({'conv1.weight': 1}))
   monkeypatch.setitem(sys.modules, 'torch', None)
-  with pytest.raises(CheckpointError, match=r'old\.pth: not a zip file .* needs PyTorch'):
+  with pytest.raises(CheckpointError, match=r'old\.pth: not a complete zip file .* cut short'
+                                            r'.* needs PyTorch'):
     convert.read_torch_file(os.fspath(old))
   with pytest.raises(CheckpointError, match='no such file'):
     convert.read_torch_file(os.fspath(tmp_path / 'missing.pth'))
+
+
+def test_a_damaged_torch_file_is_a_one_line_error(tmp_path):
+  data = bytearray(open(os.path.join(DATA, 'torchvision_r18_w32.pth'), 'rb').read())
+  with zipfile.ZipFile(os.path.join(DATA, 'torchvision_r18_w32.pth')) as archive:
+    entry = next(i for i in archive.infolist() if i.filename.endswith('/data/0'))
+  name_length, extra_length = struct.unpack(
+      '<HH', data[entry.header_offset + 26:entry.header_offset + 30])  # the local header's
+  start = entry.header_offset + 30 + name_length + extra_length
+  data[start + 10] ^= 0xFF  # one byte of a tensor: the zip's CRC no longer matches
+  damaged = tmp_path / 'damaged.pth'
+  damaged.write_bytes(bytes(data))
+  with pytest.raises(CheckpointError, match=r'damaged\.pth: cannot read its tensors \(damaged '
+                                            r'or cut short\?\): Bad CRC-32') as e:
+    convert.read_torch_file(os.fspath(damaged))
+  assert '\n' not in str(e.value)
 
 
 # ------------------------------------------------------------- torchvision's layout.
@@ -152,6 +170,13 @@ def test_torchvision_import_finds_wrapped_and_prefixed_state_dicts():
   jax.tree.map(np.testing.assert_array_equal, variables, plain)
   with pytest.raises(CheckpointError, match="no ResNet state dict.*'trunk.conv1.weight'"):
     convert.find_state_dict(moco, 'moco.pth', prefix='trunk.')
+  # The same network twice without a key prefix: the dict path tells them apart.
+  ema = {k: v + 1.0 for k, v in state.items()}
+  twice = {'state_dict': state, 'state_dict_ema': ema}
+  with pytest.raises(CheckpointError, match=r"key prefixes 'state_dict/', 'state_dict_ema/'"):
+    convert.find_state_dict(twice, 'timm.pth')
+  chosen = convert.find_state_dict(twice, 'timm.pth', prefix='state_dict_ema/')
+  np.testing.assert_array_equal(chosen['conv1.weight'], ema['conv1.weight'])
 
 
 def test_torchvision_import_leaves_out_and_logs_what_sits_beside_the_resnet(caplog):
@@ -240,6 +265,56 @@ def test_simclr_tf1_import_computes_simclrs_features_and_head(tmp_path, depth, w
     assert _relative_error(np.asarray(got, np.float64), expected) < 1e-5
 
 
+def test_simclr_tf1_import_logs_what_it_leaves_out(caplog):
+  variables = ref.simclr_tf1_variables(50, 1 / 16, seed=2, head_layers=2)  # with extras
+  with caplog.at_level(logging.INFO):
+    imported, _ = convert.import_simclr_tf1(variables, 'model.ckpt-1')
+  assert sorted(imported['params']) == ['encoder', 'head']
+  assert ('model.ckpt-1: left out 3 variables beside the imported encoder and head: '
+          'global_step, head_supervised/* (2)') in caplog.text
+
+
+@pytest.mark.parametrize('extra, found', [
+    ('head_contrastive/nl_1/batch_normalization/beta', 'nl_1/batch_normalization/beta'),
+    ('head_contrastive/nl_0/extra/kernel', 'nl_0/extra/kernel'),
+])
+def test_simclr_tf1_head_with_other_variables_is_left_out_with_a_warning(caplog, extra, found):
+  variables = ref.simclr_tf1_variables(50, 1 / 16, seed=2, extras=False, head_layers=2)
+  variables[extra] = np.ones(4, np.float32)
+  with caplog.at_level(logging.INFO):
+    imported, model_config = convert.import_simclr_tf1(variables, 'model.ckpt-1')
+  assert 'head' not in imported['params'] and model_config['head_layers'] == 0
+  assert f'is not a SimCLRv2 projection head (it has head_contrastive/{found}' in caplog.text
+  assert 'left out' in caplog.text and 'head_contrastive/*' in caplog.text
+
+
+def test_simclr_tf1_linear_head_is_left_out_with_a_warning(caplog):
+  variables = ref.simclr_tf1_variables(50, 1 / 16, seed=2, extras=False, head_layers=0)
+  variables['head_contrastive/l_0/dense/kernel'] = np.ones((128, 128), np.float32)
+  with caplog.at_level(logging.WARNING):
+    imported, _ = convert.import_simclr_tf1(variables, 'model.ckpt-1')
+  assert 'head' not in imported['params']
+  assert 'head_contrastive is not a SimCLRv2 projection head (it has ' \
+         'head_contrastive/l_0/dense/kernel)' in caplog.text
+
+
+def test_simclr_tf1_index_and_data_files_name_the_checkpoint(tmp_path):
+  variables = ref.simclr_tf1_variables(18, 1 / 8, seed=2, extras=False, head_layers=0,
+                                       cifar_stem=True)
+  prefix = _save_tf_checkpoint(variables, tmp_path / 'model.ckpt-7')
+  expected, _ = convert.load(prefix)
+  for path in (f'{prefix}.index', f'{prefix}.data-00000-of-00001'):
+    assert convert.detect_format(path) == 'simclr_tf1'
+    got, _ = convert.load(path)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)
+  data = tmp_path / 'model.ckpt-7.data-00000-of-00001'
+  data.write_bytes(data.read_bytes()[:100])  # a download cut short
+  with pytest.raises(CheckpointError, match=r'model\.ckpt-7: not a readable TensorFlow '
+                                            r'checkpoint') as e:
+    convert.load(prefix)
+  assert '\n' not in str(e.value)
+
+
 def test_simclr_tf1_ema_weights_and_encoder_only_checkpoints(tmp_path):
   online = ref.simclr_tf1_variables(50, 1 / 16, seed=4, extras=False, head_layers=2)
   average = ref.simclr_tf1_variables(50, 1 / 16, seed=5, extras=False, head_layers=2)
@@ -265,6 +340,10 @@ def test_simclr_tf1_ema_weights_and_encoder_only_checkpoints(tmp_path):
     (lambda v: v.pop('base_model/conv2d_5/kernel'), {}, 'conv2d_5 is missing'),
     (lambda v: v.update({'base_model/dense/kernel': np.ones(2)}), {},
      'has base_model/dense/kernel'),
+    (lambda v: v.update({'base_model/conv2d_3/bias': np.ones(2)}), {},
+     'has base_model/conv2d_3/bias'),
+    (lambda v: v.update({'base_model/batch_normalization_2/renorm_mean': np.ones(2)}), {},
+     'has base_model/batch_normalization_2/renorm_mean'),
     (lambda v: None, {'ema': True}, r"no variables under 'ema_model/base_model/'"),
     (lambda v: None, {'sk_ratio': 1.0}, 'match no ResNet .* sk_ratio 1'),
 ])
