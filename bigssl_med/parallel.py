@@ -60,19 +60,46 @@ def _cluster_detected() -> bool:
   return False
 
 
+def slurm_local_device_ids(environ: Mapping[str, str] = os.environ) -> list[int] | None:
+  """Every GPU of the node, where SLURM runs one task per node; None otherwise.
+
+  Under SLURM, `jax.distributed.initialize` gives each process the one GPU numbered
+  `SLURM_LOCALID`, which suits one task per GPU; with one task per node (as
+  `launch/slurm.sbatch` runs) the other GPUs would sit idle. The node's GPUs are
+  counted from `SLURM_GPUS_ON_NODE`, else `CUDA_VISIBLE_DEVICES`. `JAX_LOCAL_DEVICE_IDS`
+  in the environment wins (None here).
+  """
+  if 'SLURM_JOB_ID' not in environ or environ.get('JAX_LOCAL_DEVICE_IDS'):
+    return None
+  tasks = environ.get('SLURM_STEP_NUM_TASKS') or environ.get('SLURM_NTASKS')
+  nodes = environ.get('SLURM_STEP_NUM_NODES') or environ.get('SLURM_NNODES')
+  if not tasks or not nodes or int(tasks) != int(nodes):
+    return None
+  if environ.get('SLURM_GPUS_ON_NODE'):
+    count = int(environ['SLURM_GPUS_ON_NODE'])
+  elif environ.get('CUDA_VISIBLE_DEVICES'):
+    count = len(environ['CUDA_VISIBLE_DEVICES'].split(','))
+  else:
+    return None
+  return list(range(count)) if count > 1 else None
+
+
 def initialize_distributed(coordinator_address: str = '', num_processes: int = 0,
                            process_id: int = -1) -> None:
   """`jax.distributed.initialize` when several hosts run; a no-op on one host.
 
   Explicit arguments win; otherwise JAX auto-detects TPU VMs, SLURM and MPI when the
-  environment announces more than one process.
+  environment announces more than one process. Under SLURM with one task per node,
+  each process takes all of its node's GPUs (`slurm_local_device_ids`).
   """
+  local_device_ids = slurm_local_device_ids()
   if coordinator_address:
     if num_processes <= 0 or process_id < 0:
       raise ConfigError('--coordinator_address needs --num_processes and --process_id')
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               local_device_ids=local_device_ids)
   elif _cluster_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=local_device_ids)
 
 
 def to_host(x) -> np.ndarray:

@@ -6,7 +6,14 @@ r"""Runs (or prints) one `main.py` per point of a grid of config overrides.
 
 Every combination gets its own workdir under --root, named after its overrides
 (`seed=1,optimizer.learning_rate=0.3`), so rerunning the sweep resumes each run
-where it stopped and skips finished ones (main.py resumes from the workdir).
+where it stopped and skips finished ones (main.py resumes from the workdir; a
+finished run asked for with other settings is an error). The EXTRA flags are shared
+by every point and are not in the names: a sweep with other EXTRA flags needs its
+own --root.
+
+Values are separated by commas, or by semicolons where one of them holds a comma
+(`--set "init_from=/runs/pre/seed=0,lr=0.3;/runs/pre/seed=1,lr=0.3"`); an empty value
+is a value (`--set init_from=,/runs/pre/micle`: from scratch and from a run).
 `--launcher=slurm` submits each run with `sbatch launch/slurm.sbatch`;
 `--launcher=print` only prints the commands (for another scheduler).
 """
@@ -28,10 +35,11 @@ def grid(settings):
 
 
 def parse_set(text):
-  if '=' not in text:
+  """`KEY=V1,V2` (or `KEY=V1;V2` where a value holds a comma) -> (KEY, [V1, V2])."""
+  if '=' not in text or not text.split('=', 1)[0].strip():
     raise argparse.ArgumentTypeError(f'--set needs KEY=V1,V2,..., got {text!r}')
   key, values = text.split('=', 1)
-  return key.strip(), [v.strip() for v in values.split(',') if v.strip()]
+  return key.strip(), [v.strip() for v in values.split(';' if ';' in values else ',')]
 
 
 def commands(config, root, settings, extra):
@@ -60,8 +68,13 @@ def main(argv=None):
     if launcher == 'print':
       print(line)
     elif launcher == 'slurm':
-      subprocess.run(['sbatch', f'--job-name={os.path.basename(workdir)[:60]}',
-                      os.path.join(REPO, 'launch', 'slurm.sbatch')] + cmd[1:], check=True)
+      print(f'sbatch: {line}', flush=True)
+      try:
+        subprocess.run(['sbatch', f'--job-name={os.path.basename(workdir)[:60]}',
+                        os.path.join(REPO, 'launch', 'slurm.sbatch')] + cmd[1:], check=True)
+      except (OSError, subprocess.CalledProcessError) as e:
+        print(f'error: sbatch failed for {workdir}: {e}', file=sys.stderr, flush=True)
+        failed += 1
     else:
       print(f'==> {line}', flush=True)
       failed += subprocess.run(cmd).returncode != 0

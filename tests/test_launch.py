@@ -1,5 +1,7 @@
-"""The sweep launcher builds one main.py command per grid point, each with its workdir."""
+"""The sweep launcher builds one main.py command per grid point, each with its workdir;
+under SLURM with one task per node, each process takes its node's GPUs."""
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -7,6 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'launch'))
 import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from bigssl_med import parallel  # noqa: E402
 
 
 def test_grid_and_commands(capsys):
@@ -22,3 +26,58 @@ def test_grid_and_commands(capsys):
 def test_bad_set_is_an_error():
   with pytest.raises(SystemExit):
     sweep.main(['--config=c.py', '--root=/r', '--set', 'seed'])
+
+
+def test_values_with_commas_and_empty_values(capsys):
+  assert sweep.main(['--config=c.py', '--root=/r', '--set',
+                     'init_from=/p/seed=0,lr=0.3;/p/seed=1,lr=0.3', '--dry_run']) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [shlex.split(line)[-1] for line in lines] == ['--config.init_from=/p/seed=0,lr=0.3',
+                                                      '--config.init_from=/p/seed=1,lr=0.3']
+  assert sweep.main(['--config=c.py', '--root=/r', '--set', 'init_from=,/p/micle',
+                     '--dry_run']) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert [shlex.split(line)[-1] for line in lines] == ['--config.init_from=',
+                                                      '--config.init_from=/p/micle']
+
+
+def test_a_failed_sbatch_is_counted_not_a_traceback(monkeypatch, tmp_path, capsys):
+  monkeypatch.setenv('PATH', str(tmp_path))  # no sbatch on the PATH
+  assert sweep.main(['--config=c.py', '--root=/r', '--set', 'seed=0,1',
+                     '--launcher=slurm']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 2 and err[0].startswith('error: sbatch failed for /r/seed=0:')
+
+
+SLURM_ONE_TASK_PER_NODE = {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_NNODES': '4',
+                           'SLURM_PROCID': '1', 'SLURM_LOCALID': '0',
+                           'SLURM_GPUS_ON_NODE': '8'}
+
+
+@pytest.mark.parametrize('change, expected', [
+    ({}, list(range(8))),
+    ({'SLURM_GPUS_ON_NODE': None, 'CUDA_VISIBLE_DEVICES': '2,3,5,7'}, [0, 1, 2, 3]),
+    ({'SLURM_NTASKS': '32'}, None),               # one task per GPU: JAX's own choice
+    ({'SLURM_GPUS_ON_NODE': '1'}, None),
+    ({'JAX_LOCAL_DEVICE_IDS': '0,1'}, None),      # the user's choice
+    ({'SLURM_JOB_ID': None}, None),               # not under SLURM
+])
+def test_slurm_one_task_per_node_takes_every_gpu(change, expected):
+  environ = {**SLURM_ONE_TASK_PER_NODE, **change}
+  environ = {k: v for k, v in environ.items() if v is not None}
+  assert parallel.slurm_local_device_ids(environ) == expected
+
+
+def test_initialize_distributed_passes_the_node_gpus(monkeypatch):
+  calls = []
+  monkeypatch.setattr(parallel.jax.distributed, 'initialize',
+                      lambda *args, **kwargs: calls.append((args, kwargs)))
+  for key in ('JAX_LOCAL_DEVICE_IDS', 'CUDA_VISIBLE_DEVICES', 'SLURM_STEP_NUM_TASKS',
+              'SLURM_STEP_NUM_NODES', 'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(key, raising=False)
+  for key, value in SLURM_ONE_TASK_PER_NODE.items():
+    monkeypatch.setenv(key, value)
+  parallel.initialize_distributed()
+  parallel.initialize_distributed('host:1234', 4, 1)
+  assert calls == [((), {'local_device_ids': list(range(8))}),
+                   (('host:1234', 4, 1), {'local_device_ids': list(range(8))})]
