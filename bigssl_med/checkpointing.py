@@ -193,6 +193,24 @@ def init_name(init_from: str) -> str:
   return '/'.join([p.parent.name] + ([','.join(rest)] if rest else []))
 
 
+def pretrain_seed(init_from: str) -> int | None:
+  """The seed of the pretraining run `init_from` names; None for any other source.
+
+  Reports pool fine-tuning runs by it (several pretraining runs of one method).
+  """
+  config_path = _run_config_path(os.path.normpath(init_from))
+  if config_path is None:
+    return None
+  try:
+    found = json.loads(config_path.read_text())
+  except (OSError, ValueError):
+    return None
+  if not isinstance(found, dict) or found.get('trainer') != 'pretrain':
+    return None
+  seed = found.get('seed')
+  return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def check_encoder_architecture(init_from: str, model_config: Any) -> None:
   """Fails when the run at `init_from` had an encoder other than `model_config` describes.
 

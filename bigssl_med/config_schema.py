@@ -10,6 +10,8 @@ log_every_steps, checkpoint_every_steps.
 This module imports nothing heavy, so configs load fast.
 """
 
+from typing import Any
+
 import ml_collections
 
 from bigssl_med.errors import ConfigError
@@ -256,13 +258,57 @@ def defaults(trainer: str) -> ml_collections.ConfigDict:
   return _DEFAULTS[trainer]()
 
 
-def _leaves(config, prefix=''):
+def leaves(config, prefix=''):
+  """`(dotted key, value)` of every leaf of a config (or of its `to_dict()`, or JSON)."""
   for key, value in config.items():
     name = f'{prefix}{key}'
     if isinstance(value, (ml_collections.ConfigDict, dict)):
-      yield from _leaves(value, f'{name}.')
+      yield from leaves(value, f'{name}.')
     else:
       yield name, value
+
+
+# Keys that change how a run is carried out, not what it computes: logging,
+# checkpointing, input workers, switches between implementations of one computation,
+# and (`is_bookkeeping`) where files live.
+BOOKKEEPING_KEYS = frozenset((
+    'data.build_if_missing', 'data.num_workers', 'data.prefetch_batches',
+    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+    'keep_checkpoint_every_steps', 'tensorboard', 'model.fused_bn',
+    'optimizer.lars_batched_norms'))
+
+
+def is_bookkeeping(key: str) -> bool:
+  """Whether two runs that differ only in `key` compute the same thing."""
+  return key in BOOKKEEPING_KEYS or key.rsplit('.', 1)[-1] in ('data_dir', 'manual_dir')
+
+
+def setting_differences(saved, config) -> list[tuple[str, Any, Any]]:
+  """`(key, saved value, config's value)` of the settings that differ, bookkeeping aside.
+
+  `saved` is a config as its `config.json` holds it; keys only one side has (a config
+  written by another version) are not compared; numbers compare by value, tuples as
+  lists.
+  """
+  ours = dict(leaves(config))
+  found = []
+  for key, old in leaves(saved):
+    if key not in ours or is_bookkeeping(key):
+      continue
+    new = ours[key]
+    if not _same_value(old, new):
+      found.append((key, old, new))
+  return found
+
+
+def _same_value(a, b) -> bool:
+  number = (int, float)
+  if (isinstance(a, number) and isinstance(b, number) and not isinstance(a, bool)
+      and not isinstance(b, bool)):
+    return float(a) == float(b)
+  if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+    return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+  return a == b
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -272,8 +318,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.trainer == 'stages':
     _validate_stages(config)
     return
-  schema = dict(_leaves(defaults(config.trainer)))
-  for name, value in _leaves(config):
+  schema = dict(leaves(defaults(config.trainer)))
+  for name, value in leaves(config):
     if name not in schema:
       raise ConfigError(f'config key {name!r} is not used by trainer {config.trainer!r}')
     expected = schema[name]
@@ -282,7 +328,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         not (isinstance(expected, float) and isinstance(value, int))):
       raise ConfigError(f'config key {name!r} should be a {type(expected).__name__}, '
                         f'got {value!r}')
-  values = dict(_leaves(config))
+  values = dict(leaves(config))
   for name in _POSITIVE:
     value = values.get(name)
     if value is not None and value <= 0:

@@ -79,21 +79,18 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as sk_metrics
 
+from bigssl_med import config_schema
 from bigssl_med import metrics as metrics_lib
 from bigssl_med.errors import DataError, UserError
 
 RESULTS_FILE = 'results.json'
 CONFIG_FILE = 'config.json'
-# Config keys that never make two runs different settings: seeds and the runs they start
-# from (their own columns and pooling), where files live, logging, checkpointing,
-# implementation switches that compute the same thing, and `shift.*` (an evaluation on
-# another data set, in columns of its own).
-BOOKKEEPING_KEYS = frozenset((
-    'seed', 'init', 'init_from', 'teacher', 'data.label_fraction', 'data.fraction_seed',
-    'data.build_if_missing', 'data.num_workers', 'data.prefetch_batches',
-    'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-    'keep_checkpoint_every_steps', 'tensorboard', 'model.fused_bn',
-    'optimizer.lars_batched_norms'))
+# Config keys that never make two runs of one initialisation different settings, beside
+# bookkeeping (`config_schema.is_bookkeeping`): seeds and the runs they start from (their
+# own columns and pooling), and `shift.*` (an evaluation on another data set, in columns
+# of its own).
+NOT_SETTINGS = frozenset(('seed', 'init', 'init_from', 'teacher', 'data.label_fraction',
+                          'data.fraction_seed'))
 ABSENT_SETTING = '(absent)'
 REQUIRED_KEYS = ('dataset', 'init', 'label_fraction', 'seed', 'primary_metric')
 SKIPPED_TRAINERS = ('pretrain',)
@@ -243,22 +240,14 @@ def _settings(path: str) -> dict[str, str] | None:
   if not isinstance(config, dict):
     logging.warning('%s: not a JSON object; its settings are not compared.', path)
     return None
-  flat = {}
-
-  def walk(node, prefix):
-    for key, value in node.items():
-      if isinstance(value, dict) and value:
-        walk(value, f'{prefix}{key}.')
-      else:
-        flat[f'{prefix}{key}'] = json.dumps(value, sort_keys=True)
-  walk(config, '')
-  return flat
+  return {key: json.dumps(value, sort_keys=True)
+          for key, value in config_schema.leaves(config)}
 
 
-def _is_bookkeeping(key: str) -> bool:
-  """Config keys that differ between runs of one setting: seeds, paths, logging, speed."""
-  return (key in BOOKKEEPING_KEYS or key.startswith('shift.')
-          or key.rsplit('.', 1)[-1] in ('data_dir', 'manual_dir'))
+def _is_setting(key: str) -> bool:
+  """Whether runs that differ in `key` are runs of different settings (see NOT_SETTINGS)."""
+  return not (key in NOT_SETTINGS or key.startswith('shift.')
+              or config_schema.is_bookkeeping(key))
 
 
 def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
@@ -277,7 +266,7 @@ def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
       groups[(run['dataset'], run['trainer'], run['init'])].append(run)
   for group in groups.values():
     keys = [key for key in set().union(*(run['settings'] for run in group))
-            if not _is_bookkeeping(key)]
+            if _is_setting(key)]
     values = collections.defaultdict(lambda: collections.defaultdict(set))
     for run in group:
       for key in keys:

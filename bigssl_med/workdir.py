@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from bigssl_med import config_schema
 from bigssl_med.errors import ConfigError
 
 
@@ -42,6 +43,31 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
   os.makedirs(workdir, exist_ok=True)
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     write_config(workdir, config)
+
+
+def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """`results.json` of a finished run of `config.trainer` in `workdir`; None when unfinished.
+
+  Raises:
+    ConfigError: when the finished run's `config.json` differs from `config` in a
+      setting (`config_schema.setting_differences`: bookkeeping such as paths and
+      logging aside), naming the first key: its results answer another question.
+  """
+  path = os.path.join(workdir, 'results.json')
+  results = read_json(path)
+  if not (isinstance(results, dict) and results.get('test') is not None
+          and results.get('trainer') == config.trainer):
+    return None
+  saved = read_json(os.path.join(workdir, 'config.json'))
+  if isinstance(saved, dict):
+    differences = config_schema.setting_differences(saved, config.to_dict())
+    if differences:
+      key, old, new = differences[0]
+      more = f' and {len(differences) - 1} more' if len(differences) > 1 else ''
+      raise ConfigError(f'{workdir} holds a finished run with other settings: {key} is '
+                        f'{old!r} there, {new!r} asked{more}; run in a new workdir')
+  logging.info('Finished before: %s', path)
+  return results
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -1,6 +1,7 @@
 """Every config in configs/ loads, validates against its trainer, and keeps its promises."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,19 @@ def test_medical_configs():
   assert demo.stages.micle.init_from == '@pretrain' and not demo.stages.scratch.init_from
   for name in demo.order:
     assert demo.stages[name].dataset == 'ham10000/side96'
+
+
+def test_setting_differences_leave_out_bookkeeping_and_compare_values():
+  config = config_schema.finetune()
+  saved = json.loads(json.dumps(config.to_dict()))  # as config.json holds it
+  assert config_schema.setting_differences(saved, config) == []
+  saved['num_epochs'] = 30  # an int where the config has 30.0: the same value
+  saved['data']['data_dir'] = '/elsewhere'
+  saved['data']['num_workers'] = 1
+  saved['log_every_steps'] = 1
+  saved['retired_key'] = 1  # a key of another version: not compared
+  assert config_schema.setting_differences(saved, config) == []
+  saved['task']['uncertain'] = 'zeros'
+  saved['optimizer']['learning_rate'] = 0.2
+  assert config_schema.setting_differences(saved, config) == [
+      ('optimizer.learning_rate', 0.2, 0.1), ('task.uncertain', 'zeros', 'ones')]

@@ -114,6 +114,11 @@ def test_second_run_returns_the_results_without_retraining(finetuned, colours):
   again = finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
   assert again == results
   assert os.path.getmtime(workdir / 'metrics.jsonl') == mtime
+  changed = tiny_config(colours, **{'optimizer.learning_rate': 0.5, 'task.blank': 'ignore'})
+  with pytest.raises(ConfigError, match=r'holds a finished run with other settings: '
+                                        r'optimizer.learning_rate is .* there, 0.5 asked '
+                                        r'and 1 more; run in a new workdir'):
+    finetune.train_and_evaluate(changed, os.fspath(workdir))
 
 
 def test_early_stopping_stops_and_tests_the_best(colours, tmp_path):

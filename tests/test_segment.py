@@ -14,7 +14,7 @@ import pytest
 from bigssl_med import build_data, checkpointing, config_schema, models, parallel, segmentation
 from bigssl_med import train_state
 from bigssl_med.data import segmentation_data
-from bigssl_med.errors import DataError
+from bigssl_med.errors import ConfigError, DataError
 from bigssl_med.models import resnet
 from bigssl_med.trainers import segment
 from bigssl_med.trainers import pretrain
@@ -279,7 +279,7 @@ def segmented(discs, pretrained, tmp_path_factory):
 
 
 def test_segmentation_learns_the_discs(segmented):
-  workdir, _, results = segmented
+  workdir, config, results = segmented
   assert results['trainer'] == 'segment' and results['task'] == 'segmentation'
   assert results['primary_metric'] == 'dice' and results['init'] == 'micle'
   assert results['origin'].startswith('initialised encoder from')
@@ -290,6 +290,8 @@ def test_segmentation_learns_the_discs(segmented):
   assert results['test']['dice'] >= 0.8, results['test']
   assert results['validation']['num_examples'] == 10 and results['test']['num_examples'] == 9
   assert results['label_fraction'] == 0.5 and results['labelled_images'] == 39  # of 77
+  # The report pools runs from several pretraining runs by these.
+  assert results['init_from'] == config.init_from and results['pretrain_seed'] == 0
   best = json.loads((workdir / 'best.json').read_text())
   assert best['step'] == results['best_step'] and best['value'] == results['validation']['dice']
   evals = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -302,6 +304,17 @@ def test_second_run_returns_the_results_without_retraining(segmented):
   workdir, config, results = segmented
   mtime = os.path.getmtime(workdir / 'metrics.jsonl')
   assert segment.train_and_evaluate(config, os.fspath(workdir)) == results
+  assert os.path.getmtime(workdir / 'metrics.jsonl') == mtime
+  # Bookkeeping may change; a setting may not: the results would answer another question.
+  moved = config.copy_and_resolve_references()
+  moved.data.num_workers, moved.log_every_steps = 2, 7
+  assert segment.train_and_evaluate(moved, os.fspath(workdir)) == results
+  other = config.copy_and_resolve_references()
+  other.data.label_fraction = 0.25
+  with pytest.raises(ConfigError, match=r'holds a finished run with other settings: '
+                                        r'data.label_fraction is 0.5 there, 0.25 asked; '
+                                        r'run in a new workdir'):
+    segment.train_and_evaluate(other, os.fspath(workdir))
   assert os.path.getmtime(workdir / 'metrics.jsonl') == mtime
 
 

@@ -159,17 +159,6 @@ def _trainable_only(tx: optax.GradientTransformation, params, trainable: str):
   return optax.multi_transform({'train': tx, 'fixed': optax.set_to_zero()}, labels)
 
 
-def _pretrain_seed(init_from: str) -> int | None:
-  """The seed of the pretraining run `init_from` points into (workdir, checkpoints/, step)."""
-  path = os.path.normpath(init_from)
-  for _ in range(3):
-    found = workdir_lib.read_json(os.path.join(path, 'config.json'))
-    if isinstance(found, dict) and 'trainer' in found:
-      return int(found['seed']) if found['trainer'] == 'pretrain' else None
-    path = os.path.dirname(path)
-  return None
-
-
 class _Teacher:
   """A finished fine-tuning run's best model, for distillation."""
 
@@ -213,9 +202,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   distill = config.trainer == 'distill'
   workdir_lib.start(workdir, config)
   results_path = os.path.join(workdir, 'results.json')
-  previous = workdir_lib.read_json(results_path)
-  if previous and previous.get('test') is not None and previous.get('trainer') == config.trainer:
-    logging.info('Finished before: %s', results_path)
+  previous = workdir_lib.finished_results(workdir, config)
+  if previous is not None:
     return previous
   dtype = train_state.compute_dtype(config)
 
@@ -368,7 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = {
       'trainer': config.trainer, 'dataset': config.dataset, 'init': init,
       'init_from': config.init_from,
-      'pretrain_seed': _pretrain_seed(config.init_from) if config.init_from else None,
+      'pretrain_seed': checkpointing.pretrain_seed(config.init_from) if config.init_from else None,
       'label_fraction': float(teacher_fraction if distill else fraction),
       'seed': int(config.seed),
       'fraction_seed': int(teacher.results.get('fraction_seed', 0) if distill else fraction_seed),

@@ -64,9 +64,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_schema.validate(config)
   workdir_lib.start(workdir, config)
   results_path = os.path.join(workdir, 'results.json')
-  previous = workdir_lib.read_json(results_path)
-  if previous and previous.get('test') is not None and previous.get('trainer') == 'segment':
-    logging.info('Finished before: %s', results_path)
+  previous = workdir_lib.finished_results(workdir, config)
+  if previous is not None:
     return previous
   dtype = train_state.compute_dtype(config)
   _check_model(config)
@@ -163,6 +162,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'trainer': 'segment', 'dataset': config.dataset,
       'init': config.init or (checkpointing.init_name(config.init_from)
                               if config.init_from else 'scratch'),
+      'init_from': config.init_from,
+      'pretrain_seed': (checkpointing.pretrain_seed(config.init_from) if config.init_from
+                        else None),
       'label_fraction': float(config.data.label_fraction), 'seed': int(config.seed),
       'fraction_seed': int(config.data.fraction_seed), 'primary_metric': PRIMARY_METRIC,
       'task': 'segmentation', 'step': step, 'total_steps': total_steps,
