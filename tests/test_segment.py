@@ -153,6 +153,20 @@ def test_mask_size_must_match_image():
     segmentation_data.decode_pair(example, 'lesion', 'rec 3')
 
 
+def test_a_mask_of_zeros_and_ones_is_an_error_not_an_empty_lesion():
+  lesion = np.zeros((8, 8), np.uint8)
+  lesion[2:5, 3:6] = 1
+  example = {'image': _png(np.zeros((8, 8, 3), np.uint8)), 'mask': _png(lesion)}
+  with pytest.raises(DataError, match=r"rec 4: mask 'mask' has values up to 1 only; masks "
+                                      r'are 0 \(background\) and 255 \(lesion\)'):
+    segmentation_data.decode_pair(example, 'mask', 'rec 4')
+  for stored in (lesion * 255, np.zeros((8, 8), np.uint8)):  # a lesion, and none
+    example['mask'] = _png(stored)
+    image, mask = segmentation_data.decode_pair(example, 'mask', 'rec 4')
+    _, resized = segmentation_data.resize_pair(image, mask, 8)
+    np.testing.assert_array_equal(resized[..., 0], stored // 255)
+
+
 # --------------------------------------------------------------------------- the model
 
 

@@ -2,7 +2,8 @@
 
 Batches are `{'image': uint8 [b, S, S, 3], 'mask': uint8 [b, S, S, 1], 'valid': float32
 [b]}` for this host (b = global batch / hosts); mask pixels are 1 (the stored value is
-at least 128) or 0.
+at least 128) or 0. A stored mask whose values are all below 128 but not all 0 (a 0/1
+mask) is an error naming the record, not an empty lesion.
 
 - Training (`train_dataset`): endless, epochs are permutations of the records from
   `(seed, epoch)`, split over hosts and positioned exactly as
@@ -26,6 +27,8 @@ from PIL import Image
 from bigssl_med.data import host_ops
 from bigssl_med.data import pipeline
 from bigssl_med.errors import DataError
+
+FOREGROUND = 128  # stored mask values from this one up are lesion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,11 @@ def decode_pair(example: dict, mask_key: str, where: str) -> tuple[Image.Image, 
   if image.size != mask.size:
     raise DataError(f'{where}: mask {mask_key!r} is {mask.size[0]}x{mask.size[1]} but the image '
                     f'is {image.size[0]}x{image.size[1]}')
+  highest = mask.getextrema()[1]
+  if 0 < highest < FOREGROUND:
+    raise DataError(f'{where}: mask {mask_key!r} has values up to {highest} only; masks are '
+                    f'0 (background) and 255 (lesion), foreground from {FOREGROUND} (a 0/1 '
+                    'mask must be scaled by 255 when the data set is built)')
   return image, mask
 
 
@@ -72,7 +80,7 @@ def _resize_pair(image: Image.Image, mask: Image.Image, size: int,
   out_image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
   out_mask = mask.resize((size, size), Image.Resampling.NEAREST, box=box)
   return (np.asarray(out_image, np.uint8),
-          (np.asarray(out_mask, np.uint8) >= 128).astype(np.uint8)[:, :, None])
+          (np.asarray(out_mask, np.uint8) >= FOREGROUND).astype(np.uint8)[:, :, None])
 
 
 def random_crop_pair(rng: np.random.Generator, image: Image.Image, mask: Image.Image,
