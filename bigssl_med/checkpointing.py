@@ -54,6 +54,11 @@ class _DataState:
     pass
 
 
+def absolute(path: str) -> str:
+  """`path` with `~` expanded, made absolute: orbax reads and writes absolute paths only."""
+  return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
 def _handlers():
   return {'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
           'data': grain.checkpoint.CheckpointHandler()}
@@ -64,7 +69,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep_last: int = 3, keep_every: int = 0,
                async_save: bool = True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    self.directory = epath.Path(absolute(workdir)) / 'checkpoints'  # orbax needs it absolute
     policies = [ocp.checkpoint_managers.LatestN(max(1, keep_last))]
     if keep_every > 0:
       policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
@@ -108,12 +113,12 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
       if isinstance(e, (ValueError, KeyError, TypeError)) and not _READ_ERROR.match(
-          _first_line(e)):
+          first_line(e)):
         raise CheckpointError(
             f'checkpoint {folder} does not match this run\'s model or optimiser (was the '
-            f'config changed since it was written?): {_first_line(e)}') from e
+            f'config changed since it was written?): {first_line(e)}') from e
       raise CheckpointError(f'checkpoint {folder} cannot be read, damaged or cut short '
-                            f'({_first_line(e)}){instead}') from e
+                            f'({first_line(e)}){instead}') from e
     data_state = restored['data'].get_state() if has_data else None
     if data_state is not None:
       try:
@@ -137,7 +142,14 @@ _READ_ERROR = re.compile(r'^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|UNKNOWN|INTERNAL|'
                          r'FAILED_PRECONDITION|UNAVAILABLE): ')
 
 
-def _first_line(e: Exception, limit: int = 300) -> str:
+def _damaged(e: Exception) -> str:
+  """' (damaged or cut short?)' for tensorstore's read errors, else ''."""
+  cause = e.__cause__ or e
+  return ' (damaged or cut short?)' if (_READ_ERROR.match(first_line(e))
+                                        or _READ_ERROR.match(first_line(cause))) else ''
+
+
+def first_line(e: Exception, limit: int = 300) -> str:
   """The first line of `e`'s message, without tensorstore's spec dump, at most `limit` long."""
   text = str(e).strip()
   line = text.splitlines()[0].split(' [tensorstore_spec')[0] if text else type(e).__name__
@@ -146,7 +158,7 @@ def _first_line(e: Exception, limit: int = 300) -> str:
 
 def _find_model_item(path: str) -> epath.Path:
   """The `model` item folder that `init_from` names: a workdir, its checkpoints or one step."""
-  p = epath.Path(os.path.expanduser(path))
+  p = epath.Path(absolute(path))
   if not p.exists():
     raise CheckpointError(f'init_from={path!r}: no such file or directory')
   if (p / 'model').is_dir():
@@ -224,7 +236,7 @@ def check_encoder_architecture(init_from: str, model_config: Any) -> None:
     run_config = json.loads(config_path.read_text())
   except (ValueError, OSError) as e:
     raise CheckpointError(f'init_from={init_from!r}: cannot read {config_path}: '
-                          f'{_first_line(e)}') from e
+                          f'{first_line(e)}') from e
   theirs = run_config.get('model') if isinstance(run_config, dict) else None
   if not isinstance(theirs, dict):
     return
@@ -254,7 +266,7 @@ def load_model_variables(path: str, sharding: jax.sharding.Sharding) -> dict[str
 def restore_model_item(item: epath.Path | str, sharding: jax.sharding.Sharding
                        ) -> dict[str, Any]:
   """The arrays of one saved model item (`.../model`, or a run's `best/`), on `sharding`."""
-  item = epath.Path(item)
+  item = epath.Path(absolute(os.fspath(item)))  # orbax refuses relative paths
   checkpointer = ocp.StandardCheckpointer()
   try:
     metadata = checkpointer.metadata(item)
@@ -263,8 +275,9 @@ def restore_model_item(item: epath.Path | str, sharding: jax.sharding.Sharding
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                           tree)
     return checkpointer.restore(item, target)
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    raise CheckpointError(f'{item}: cannot read the checkpoint: {_first_line(e)}') from e
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
+    raise CheckpointError(f'{item}: cannot read the checkpoint{_damaged(e)}: '
+                          f'{first_line(e)}') from e
 
 
 def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys: tuple[str, ...],

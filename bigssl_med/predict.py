@@ -14,7 +14,9 @@ label names, and `best/` holds the weights of the model selected on validation.
 * a CSV (or tab-separated) file with a `path` column; relative paths are relative to
   the CSV's folder, and every other column is copied to the output.
 
-Images are preprocessed as the run's test images were: the centre crop of
+Images are preprocessed as the run's test images were: made what the data set
+stores (gray or RGB, the longest side at most its `max_side`; results.json
+`stored_images`), then the centre crop of
 `bigssl_med.data.pipeline.eval_crop(data.image_size, ten_crop)`, and with ten-crop
 the probabilities averaged over the four corners, the centre and their mirrors
 (`bigssl_med.supervised.make_eval_step`). `--ten_crop` / `--no_ten_crop` override
@@ -52,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bigssl_med import supervised
+from bigssl_med import checkpointing, supervised
 from bigssl_med.data import host_ops
 from bigssl_med.data import pipeline
 from bigssl_med.errors import CheckpointError, ConfigError, DataError, UserError
@@ -92,6 +94,7 @@ def load_run(workdir: str) -> Run:
   """
   if not os.path.isdir(workdir):
     raise ConfigError(f'--workdir {workdir} does not exist')
+  workdir = checkpointing.absolute(workdir)  # orbax restores from absolute paths only
   config = finetune.read_run_config(workdir)
   if config.trainer not in finetune.TRAINER_NAMES:
     raise ConfigError(f'{workdir} is a workdir of the {config.trainer!r} trainer; predictions '
@@ -133,10 +136,9 @@ def load_run(workdir: str) -> Run:
       variables = checkpointer.restore(best, abstract)
   except CheckpointError:
     raise
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    detail = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
     raise CheckpointError(f'{best}: cannot restore the model its config.json describes '
-                          f'({detail})') from e
+                          f'({checkpointing.first_line(e)})') from e
   return Run(workdir=workdir, config=config, results=results, task=task, model=model,
              variables=variables, image_size=size)
 
@@ -230,8 +232,13 @@ def _csv_images(path: str) -> tuple[list[Item], list[str]]:
   return items, extra
 
 
-def load_image(item: Item, side: int, proportion: float) -> np.ndarray:
+def load_image(item: Item, side: int, proportion: float,
+               stored: dict[str, Any] | None = None) -> np.ndarray:
   """The uint8 `[side, side, 3]` evaluation crop of `item`'s file.
+
+  `stored` (results.json `stored_images`): the file is first made what the data set
+  stores, `channels` (gray or RGB) at a longest side of at most `max_side`, as the
+  run's test images were; only the store's JPEG re-encoding is not replayed.
 
   Raises:
     DataError: naming the file (and the CSV line) when it is missing or undecodable.
@@ -243,6 +250,9 @@ def load_image(item: Item, side: int, proportion: float) -> np.ndarray:
   except OSError as e:
     raise DataError(f'{prefix}cannot read image {item.file}: {e.strerror or e}') from None
   try:
+    if stored:
+      image, _ = host_ops.decode_pil(data, channels=stored.get('channels'), name=item.file)
+      data = host_ops.downscale(image, stored.get('max_side'))
     return host_ops.center_crop(data, side, proportion, channels=3, name=item.file)
   except DataError as e:
     raise DataError(f'{prefix}{e}') from None
@@ -276,9 +286,11 @@ def predict(run: Run, items: Sequence[Item], *, ten_crop: bool | None = None,
   step = jax.jit(supervised.make_eval_step(run.model, run.task,
                                            ten_crop_size=run.image_size if ten_crop else 0))
 
+  stored = run.results.get('stored_images')  # absent in results of earlier versions
+
   def load(item):
     try:
-      return load_image(item, side, proportion)
+      return load_image(item, side, proportion, stored)
     except DataError as e:
       if not skip_bad_images:
         raise

@@ -8,10 +8,11 @@ import re
 import shutil
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from bigssl_med import build_data, predict, supervised
-from bigssl_med.data import sources
+from bigssl_med.data import host_ops, sources
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune
 from test_finetune import _write_colour_cases, tiny_config
@@ -207,3 +208,75 @@ def test_unfinished_other_trainer_and_mismatched_workdirs(run, tmp_path, capsys)
   (other / 'best').mkdir()
   with pytest.raises(CheckpointError, match=f'{other / "best"}: holds no arrays'):
     predict.load_run(str(other))
+
+
+def test_a_relative_workdir_works(run, tmp_path, monkeypatch):
+  workdir, raw, _ = run
+  monkeypatch.chdir(workdir.parent)
+  assert predict.main(['--workdir', workdir.name, '--images', str(raw / 'images'), '--out',
+                       str(tmp_path / 'p.csv')]) == 0
+
+
+# orbax's abandoned reads of a damaged checkpoint end with errors pytest reports as
+# unraisable; the command itself fails with one line.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_config_files_of_other_versions_and_damaged_best_models(run, tmp_path, capsys):
+  workdir, raw, _ = run
+  copy = tmp_path / 'copy'
+  shutil.copytree(workdir, copy)
+  config = json.loads((copy / 'config.json').read_text())
+  del config['early_stopping_patience']  # a key the file lacks takes its default
+  config['retired_key'] = 1              # one the trainer no longer has is left out
+  (copy / 'config.json').write_text(json.dumps(config))
+  assert predict.load_run(str(copy)).config.early_stopping_patience == 0
+  config['data']['image_size'] = 'abc'
+  (copy / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(ConfigError, match=re.escape(f"{copy / 'config.json'}: key "
+                                                  "'data.image_size' should be a int, got "
+                                                  "'abc'")):
+    predict.load_run(str(copy))
+  shutil.copy(workdir / 'config.json', copy / 'config.json')
+  for path in (copy / 'best' / 'ocdbt.process_0' / 'd').iterdir():
+    path.write_bytes(path.read_bytes()[:10])  # the arrays' data cut short
+  assert predict.main(['--workdir', str(copy), '--images', str(raw / 'images'), '--out',
+                       str(tmp_path / 'p.csv')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {copy / "best"}: cannot restore the model its config.json '
+                        'describes (') and len(err.strip().splitlines()) == 1
+
+
+def test_images_are_stored_as_the_data_set_stores_them_before_the_crop(tmp_path):
+  """A data set stored at a smaller side: predict downscales new files the same way."""
+  raw = _write_colour_cases(tmp_path / 'raw', per_split=(8, 4, 6))  # 20 x 20 PNGs
+  build_data.build('image_cases/colours', data_dir=os.fspath(tmp_path / 'data'),
+                   manual_dir=os.fspath(raw), max_side=14)
+  workdir = tmp_path / 'work'
+  config = tiny_config(tmp_path / 'data', total_steps=2, eval_every_steps=2, batch_size=8)
+  results = finetune.train_and_evaluate(config, os.fspath(workdir))
+  assert results['stored_images'] == {'max_side': 14, 'channels': 3}
+  source = sources.open_split('image_cases/colours', 'test', os.fspath(tmp_path / 'data'))
+  listing = _write_csv(raw / 'test_list.csv', ['path'],
+                       [[source[i]['image_id'].decode()] for i in range(len(source))])
+  saved = np.load(workdir / 'test_predictions.npz')['scores']
+  out = tmp_path / 'p.csv'
+  assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out',
+                       str(out)]) == 0
+  np.testing.assert_allclose(_scores(_read(out)), saved, atol=1e-5)  # PNG: stored losslessly
+  # Cropping the published 20 x 20 files directly scores other pixels.
+  path = workdir / 'results.json'
+  path.write_text(json.dumps({k: v for k, v in results.items() if k != 'stored_images'}))
+  assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out',
+                       str(out)]) == 0
+  assert np.abs(_scores(_read(out)) - saved).max() > 1e-4
+
+
+def test_a_gray_data_set_sees_new_colour_images_in_gray(tmp_path):
+  rgb = (np.arange(24 * 30 * 3) % 251).astype(np.uint8).reshape(24, 30, 3)
+  path = tmp_path / 'x.png'
+  Image.fromarray(rgb).save(path)
+  item = predict.Item(path='x.png', file=os.fspath(path), where='', columns=())
+  got = predict.load_image(item, 8, 0.875, {'channels': 1, 'max_side': None})
+  gray = Image.fromarray(rgb).convert('L')
+  np.testing.assert_array_equal(got, host_ops.center_crop(gray, 8, 0.875, channels=3))
+  assert np.all(got[..., 0] == got[..., 2])
+  assert not np.array_equal(got, predict.load_image(item, 8, 0.875))

@@ -315,11 +315,8 @@ def encode_image(data: bytes, *, name: str, max_side: int | None = None,
   image, image_format = host_ops.decode_pil(data, channels=channels, name=name)
   with Image.open(io.BytesIO(data)) as original:
     unchanged_mode = original.mode == image.mode
-  size = image.size
-  if max_side is not None and max(size) > max_side:
-    scale = max_side / max(size)
-    size = tuple(max(1, round(s * scale)) for s in image.size)
-    image = image.resize(size, Image.Resampling.BICUBIC)
+  if max_side is not None and max(image.size) > max_side:
+    image = host_ops.downscale(image, max_side)
   elif unchanged_mode and image_format in ('JPEG', 'PNG'):
     return bytes(data)
   buffer = io.BytesIO()

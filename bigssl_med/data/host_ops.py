@@ -218,6 +218,19 @@ def random_resized_crop(rng, data_or_pil, size, *, channels=3, name='',
                             draft=not isinstance(data_or_pil, Image.Image))
 
 
+def downscale(image, max_side):
+  """`image` (Pillow) with its longest side at most `max_side`: antialiased bicubic.
+
+  How data sets are stored (`tfds_builders.common.encode_image`); an image within
+  `max_side`, or `max_side` None, is returned as it is.
+  """
+  if max_side is None or max(image.size) <= max_side:
+    return image
+  scale = max_side / max(image.size)
+  size = tuple(max(1, round(s * scale)) for s in image.size)
+  return image.resize(size, Image.Resampling.BICUBIC)
+
+
 def center_crop(data_or_pil, size, crop_proportion=0.875, *, channels=3,
                 name=''):
   """SimCLR's evaluation crop: the central square, bicubic to size x size.

@@ -142,14 +142,55 @@ def build_model(config: ml_collections.ConfigDict, num_outputs: int, dtype=jnp.f
                            freeze_encoder=config.trainer == 'linear_eval')
 
 
+def stored_images(info) -> dict[str, int | None]:
+  """How the data set stores its images: `max_side` (None: as published), `channels`.
+
+  `bigssl_med.predict` replays both on new image files, so that they reach the model
+  as the test images did.
+  """
+  metadata = info.metadata or {}
+  max_side = metadata.get('max_side')
+  return {'max_side': int(max_side) if max_side else None,
+          'channels': int(info.features['image'].shape[-1] or 3)}
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a finished run in `workdir` was trained with (its config.json)."""
+  """The config a finished run in `workdir` was trained with (its config.json).
+
+  Read over its trainer's defaults: a key the file lacks (written by another version)
+  takes its default, and one the trainer no longer has is left out.
+
+  Raises:
+    ConfigError: naming the file, when it is missing, not a run's config, or holds a
+      value of the wrong type.
+  """
   path = os.path.join(workdir, 'config.json')
   found = workdir_lib.read_json(path)
-  if not isinstance(found, dict) or 'trainer' not in found:
+  if not isinstance(found, dict) or not isinstance(found.get('trainer'), str):
     raise ConfigError(f'{path}: missing or not a run config (is {workdir} a workdir of '
                       'main.py?)')
-  return ml_collections.ConfigDict(found)
+  try:
+    config = config_schema.defaults(found['trainer'])
+  except ConfigError:  # a trainer without a schema ('imported'): the file as it is
+    return ml_collections.ConfigDict(found)
+  known = dict(config_schema.leaves(config))
+  for key, value in config_schema.leaves(found):
+    if key not in known:
+      continue
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError):
+      raise ConfigError(f'{path}: key {key!r} should be a {type(known[key]).__name__}, got '
+                        f'{value!r}') from None
+  try:
+    config_schema.validate(config)
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from None
+  return config
 
 
 def _trainable_only(tx: optax.GradientTransformation, params, trainable: str):
@@ -164,10 +205,10 @@ class _Teacher:
 
   def __init__(self, config: ml_collections.ConfigDict, task: supervised.Task, dtype,
                model_sharding):
-    workdir = config.teacher
-    if not workdir:
+    if not config.teacher:
       raise ConfigError('config.teacher is empty: distillation needs the workdir of a finished '
                         'finetune or linear_eval run')
+    workdir = checkpointing.absolute(config.teacher)
     self.config = read_run_config(workdir)
     self.results = workdir_lib.read_json(os.path.join(workdir, 'results.json')) or {}
     if self.config.trainer not in ('finetune', 'linear_eval') or not self.results.get('best_step'):
@@ -189,9 +230,9 @@ class _Teacher:
     best = os.path.join(workdir, 'best')
     try:
       self.variables = ocp.StandardCheckpointer().restore(best, abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
       raise CheckpointError(f'{best}: cannot restore the teacher\'s model as its config.json '
-                            f'describes it ({str(e).splitlines()[0] if str(e) else e!r})') from e
+                            f'describes it ({checkpointing.first_line(e)})') from e
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -364,6 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'step': step, 'total_steps': total_steps, 'best_step': best.step,
       'stopped_early': best.stopped_early, 'origin': origin,
       'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
+      'stored_images': stored_images(info),
       'validation': best.record['validation'], 'test': test,
   }
   if distill:
