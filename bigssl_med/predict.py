@@ -367,12 +367,19 @@ def write_predictions(path: str, run: Run, items: Sequence[Item], columns: Seque
         if run.task.kind == 'multiclass':
           row.append(names[int(np.argmax(p))])
         writer.writerow(row)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a new file's usual mode
     os.replace(tmp, path)
   except OSError as e:
     raise DataError(f'{path}: cannot be written ({e.strerror or e})') from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _umask() -> int:
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 # ------------------------------------------------------------------------------- CLI.

@@ -76,6 +76,14 @@ def test_decode_rgba_drops_alpha():
   np.testing.assert_array_equal(host_ops.decode_image(_encode(rgba)), _rgb())
 
 
+def test_a_floating_point_image_is_an_error_not_a_clipped_black_one():
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((4, 5), 0.5, np.float32)).save(buffer, format='TIFF')  # mode F
+  with pytest.raises(errors.DataError, match=r'cannot decode image scan.tif: a 32-bit '
+                                             r'floating-point image has no defined 8-bit range'):
+    host_ops.decode_image(buffer.getvalue(), name='scan.tif')
+
+
 @pytest.mark.parametrize('data', [b'not an image at all',
                                   _encode(_rgb(), 'JPEG')[:300]])
 def test_decode_error_is_one_line_and_names_the_file(data):

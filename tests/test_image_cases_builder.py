@@ -297,6 +297,13 @@ def test_missing_columns(tmp_path):
   _assert_one_line_error(excinfo, path, 'path', 'case_id')
 
 
+def test_a_column_named_twice_is_an_error(tmp_path):
+  path = tmp_path / 'cases.csv'
+  path.write_text('path,case_id,label,note,note,,\na.png,p,x,1,2,,\n')
+  with pytest.raises(DataError, match="column 'note' appears more than once"):
+    common.read_table(os.fspath(path), required=('path',))
+
+
 @pytest.mark.parametrize('columns', [('path', 'case_id', 'label', 'labels'),
                                      ('path', 'case_id', 'split')])
 def test_label_and_labels_both_or_neither(tmp_path, columns):

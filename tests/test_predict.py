@@ -64,6 +64,9 @@ def test_csv_predictions_match_the_runs_test_predictions(run, tmp_path, capsys):
   assert [r['predicted'] for r in rows] == [['green', 'red'][k]
                                            for k in saved['scores'].argmax(1)]
   assert not [p for p in os.listdir(out.parent) if p != 'predictions.csv']  # no temporary file
+  mask = os.umask(0o022)
+  os.umask(mask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # as any new file, not private
 
 
 def test_folder_input_is_recursive_sorted_and_skips_hidden_and_other_files(run, tmp_path):

@@ -242,6 +242,9 @@ def read_table(path: str, required: Sequence[str]) -> tuple[list[str], list[Row]
       if missing:
         raise DataError(f'{path}: missing column(s) {", ".join(missing)} (found: '
                         f'{", ".join(c for c in columns if c) or "none"})')
+      repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+      if repeated:
+        raise DataError(f'{path}: column {repeated[0]!r} appears more than once in the header')
       positions = {}
       for i, name in enumerate(columns):
         positions.setdefault(name, i)

@@ -30,7 +30,7 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
 # Pillow modes holding more than 8 bits per sample, scaled to 8 bits as
 # TensorFlow's decode_png(dtype=uint8) does (65535 -> 255).
 _WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
-_GRAY_MODES = ('1', 'L', 'LA', 'La', 'F') + _WIDE_GRAY_MODES
+_GRAY_MODES = ('1', 'L', 'LA', 'La') + _WIDE_GRAY_MODES
 
 
 # ----------------------------------------------------------------------------
@@ -336,8 +336,12 @@ def _open(data_or_pil):
 def _as_8bit(image, channels):
   """The image in mode 'L' or 'RGB' ('L' kept for gray, even if channels=3).
 
-  Gray stays one channel until `_to_array`, so that resizing costs a third.
+  Gray stays one channel until `_to_array`, so that resizing costs a third. A
+  floating-point image has no range to scale from: an error (`_decoding` names it).
   """
+  if image.mode == 'F':
+    raise ValueError('a 32-bit floating-point image has no defined 8-bit range; store it '
+                     'as 8- or 16-bit')
   if image.mode in _WIDE_GRAY_MODES:
     wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
     return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
