@@ -63,12 +63,20 @@ class BestModel:
       raise ConfigError(f'config.task.primary_metric={self.metric!r} is not among the metrics '
                         f'{sorted(workdir_lib.scalars(found))}')
     record = self.record
-    improved = record['value'] is None or (np.isfinite(value) and value > record['value'])
-    if improved:
+    finite, best = bool(np.isfinite(value)), record['value']
+    if not finite:
+      logging.warning('Step %d: %s is %s on validation, so it cannot select a model (a '
+                      'split without both classes?)', step, self.metric, value)
+    # A NaN never beats a number; while there is no number yet, the newest model is
+    # kept and patience is not spent (nothing can be compared).
+    improved = finite and (best is None or not np.isfinite(best) or value > best)
+    undecided = not finite and (best is None or not np.isfinite(best))
+    if improved or undecided:
       self._save(step, variables)
       record.update(step=step, value=float(value), validation=found)
     record.update(last_eval_step=step,
-                  evals_since_best=0 if improved else record['evals_since_best'] + 1)
+                  evals_since_best=0 if improved or undecided
+                  else record['evals_since_best'] + 1)
     record['stopped_early'] = bool(self.patience and record['evals_since_best'] >= self.patience)
     workdir_lib.write_json(self.path, record)
     return record['stopped_early']

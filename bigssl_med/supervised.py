@@ -134,7 +134,9 @@ def make_eval_step(model, task: Task | None = None, ten_crop_size: int = 0):
   With `ten_crop_size`, images are the larger ten-crop views: the model scores
   the ten crops of `ten_crops`, their probabilities (softmax for multi-class,
   sigmoid for multi-label `task`) are averaged, and the step returns logits of
-  the averaged probabilities (log p, or log(p / (1 - p))).
+  the averaged probabilities (log p, or log(p / (1 - p))). The average is taken in
+  log space (logsumexp), so a confident prediction keeps its value where float32
+  probabilities would round to 1 and tie.
   """
 
   def eval_step(variables, batch):
@@ -145,11 +147,12 @@ def make_eval_step(model, task: Task | None = None, ten_crop_size: int = 0):
     n = images.shape[0]
     logits = model.apply(variables, crops.reshape((10 * n,) + crops.shape[2:]), train=False)
     logits = logits.astype(jnp.float32).reshape((10, n, -1))
-    tiny = jnp.finfo(jnp.float32).tiny
+    log_ten = jnp.log(10.0)
     if task is None or task.kind == 'multiclass':
-      return jnp.log(jnp.maximum(jax.nn.softmax(logits, -1).mean(0), tiny))
-    p = jax.nn.sigmoid(logits).mean(0)
-    return jnp.log(jnp.maximum(p, tiny)) - jnp.log(jnp.maximum(1.0 - p, tiny))
+      return jax.nn.logsumexp(jax.nn.log_softmax(logits, -1), axis=0) - log_ten
+    # log p̄ - log(1 - p̄), where 1 - p̄ is the mean of the sigmoids of -logits.
+    return (jax.nn.logsumexp(jax.nn.log_sigmoid(logits), axis=0)
+            - jax.nn.logsumexp(jax.nn.log_sigmoid(-logits), axis=0))
 
   return eval_step
 

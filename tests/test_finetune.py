@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 from sklearn import metrics as sk_metrics
 
-from bigssl_med import build_data, checkpointing, config_schema
+from bigssl_med import build_data, checkpointing, config_schema, model_selection
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
 from conftest import override
@@ -179,3 +179,22 @@ def test_init_name_is_the_source_run_not_a_step_or_seed_folder(tmp_path, path, n
   # Without config.json (a copied checkpoint folder), by the layout alone.
   (run / 'config.json').unlink()
   assert checkpointing.init_name(os.fspath(tmp_path / path)) == name
+
+
+def test_an_undefined_metric_never_becomes_the_best(tmp_path):
+  variables = {'w': np.zeros(2, np.float32)}
+
+  def run(values, patience):
+    best = model_selection.BestModel(os.fspath(tmp_path / f'run{len(list(tmp_path.iterdir()))}'),
+                                     metric='auc', patience=patience)
+    os.makedirs(os.path.dirname(best.path), exist_ok=True)
+    stops = [best.update(100 * (k + 1), variables, {'auc': v}) for k, v in enumerate(values)]
+    return best, stops
+
+  nan = float('nan')
+  best, stops = run([nan, 0.7, 0.8, 0.85], patience=3)  # NaN first, then numbers
+  assert (best.step, best.record['value'], stops) == (400, 0.85, [False] * 4)
+  best, stops = run([nan] * 5, patience=2)  # never a number: the newest model, no stop
+  assert best.step == 500 and stops == [False] * 5 and best.record['evals_since_best'] == 0
+  best, stops = run([0.7, nan, nan], patience=2)  # NaN after a number: no improvement
+  assert (best.step, best.record['value'], stops) == (100, 0.7, [False, False, True])

@@ -90,6 +90,27 @@ def test_ten_crop_step_averages_probabilities(kind):
     np.testing.assert_allclose(1 / (1 + np.exp(-got)), p, atol=1e-6)
 
 
+class _ConstantModel:
+  """The same logits for every crop: the ten-crop average must give them back."""
+
+  def apply(self, variables, images, train=False):
+    del train
+    return jnp.broadcast_to(variables['logits'], (images.shape[0], 9))
+
+
+@pytest.mark.parametrize('kind', ['multiclass', 'multilabel'])
+def test_ten_crop_keeps_confident_predictions_apart(kind):
+  # Probabilities averaged in float32 round to 1 from a logit of about 17 and tie;
+  # the average in log space keeps every value.
+  logits = jnp.asarray([-20.0, 5.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0, 20.0])
+  step = supervised.make_eval_step(_ConstantModel(), supervised.Task(kind, 9), ten_crop_size=7)
+  got = np.asarray(step({'logits': logits}, {'image': jnp.zeros((2, 9, 9, 3), jnp.uint8)}))
+  want = np.asarray(logits, np.float64)
+  if kind == 'multiclass':
+    want = want - np.log(np.exp(want - want.max()).sum()) - want.max()  # log softmax
+  np.testing.assert_allclose(got, np.broadcast_to(want, got.shape), rtol=1e-5, atol=1e-4)
+
+
 # ------------------------------------------------------------------------- Label mapping.
 
 
