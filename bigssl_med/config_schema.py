@@ -10,6 +10,7 @@ log_every_steps, checkpoint_every_steps.
 This module imports nothing heavy, so configs load fast.
 """
 
+import os
 from typing import Any
 
 import ml_collections
@@ -296,9 +297,21 @@ def setting_differences(saved, config) -> list[tuple[str, Any, Any]]:
     if key not in ours or is_bookkeeping(key):
       continue
     new = ours[key]
-    if not _same_value(old, new):
+    if key.rsplit('.', 1)[-1] in PATH_KEYS and isinstance(old, str) and isinstance(new, str):
+      same = _as_path(old) == _as_path(new)  # one run, named relative or absolute
+    else:
+      same = _same_value(old, new)
+    if not same:
       found.append((key, old, new))
   return found
+
+
+# Keys naming another run's folder (compared as paths).
+PATH_KEYS = ('init_from', 'teacher')
+
+
+def _as_path(value: str) -> str:
+  return os.path.normpath(os.path.abspath(os.path.expanduser(value))) if value else ''
 
 
 def _same_value(a, b) -> bool:

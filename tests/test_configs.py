@@ -93,3 +93,14 @@ def test_setting_differences_leave_out_bookkeeping_and_compare_values():
   saved['optimizer']['learning_rate'] = 0.2
   assert config_schema.setting_differences(saved, config) == [
       ('optimizer.learning_rate', 0.2, 0.1), ('task.uncertain', 'zeros', 'ones')]
+
+
+def test_setting_differences_compare_run_folders_as_paths(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = config_schema.finetune()
+  config.init_from = 'runs/micle'
+  saved = json.loads(json.dumps(config.to_dict()))
+  saved['init_from'] = str(tmp_path / 'runs' / 'x' / '..' / 'micle')
+  assert config_schema.setting_differences(saved, config) == []
+  saved['init_from'] = str(tmp_path / 'runs' / 'simclr')
+  assert [d[0] for d in config_schema.setting_differences(saved, config)] == ['init_from']
