@@ -9,7 +9,8 @@
 # On the GPU machine, from the project root (.whl and .bench travel with the tree):
 #   bash benchmarks/gpu_session.sh step [OUT [ARGS...]]
 #       benchmarks/pretrain_step.py, ResNet-50 at 224, 2 x 256 views, bf16: the default step,
-#       then with config.model.fused_bn, config.optimizer.lars_batched_norms, and both.
+#       then with config.model.fused_bn and config.optimizer.lars_batched_norms both, then
+#       each alone; all within 570 s (a variant with under a minute left is skipped).
 #   bash benchmarks/gpu_session.sh flags [OUT [ARGS...]]
 #       the default step and the step with both switches, each under XLA's cuDNN convolution
 #       fusions (--xla_gpu_experimental_enable_conv_fusion: a convolution with its element-wise
@@ -37,6 +38,32 @@ install_wheels() {  # only where the stack is missing (a bare GPU machine)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2> /dev/null || true
   "$py" -c 'import jax, flax, optax; print("jax", jax.__version__, "flax", flax.__version__,
 "optax", optax.__version__, jax.devices())'
+  "$py" -c 'import google.protobuf as p; print("protobuf", p.__version__)' 2> /dev/null || true
+}
+
+# XLA's convolution autotuning results, shared by the step variants (one process each),
+# where this jaxlib knows the flag (an unknown XLA flag aborts the process).
+autotune_cache() {
+  local flag=--xla_gpu_per_fusion_autotune_cache_dir=/tmp/bigssl_med_autotune
+  mkdir -p /tmp/bigssl_med_autotune
+  if XLA_FLAGS="${XLA_FLAGS:-} $flag" "$py" -c 'import jax; jax.devices()' > /dev/null 2>&1; then
+    export XLA_FLAGS="${XLA_FLAGS:-} $flag"
+  fi
+}
+
+# Runs the step benchmark once per set of switches, all within `budget` seconds; a variant
+# that would start with less than a minute left is skipped and says so.
+step_variants() {
+  local budget=$1 out=$2 deadline left
+  shift 2
+  deadline=$((SECONDS + budget))
+  for flags in "${variants[@]}"; do
+    left=$((deadline - SECONDS))
+    if [ "$left" -lt 60 ]; then echo "pretrain_step $flags: skipped, ${left}s left"; continue; fi
+    # shellcheck disable=SC2086
+    timeout "$left" "$py" benchmarks/pretrain_step.py --steps 50 $flags "$@" \
+      --out "$out/pretrain_step.jsonl" | tail -1 || echo "pretrain_step $flags: failed"
+  done
 }
 
 case "$part" in
@@ -77,23 +104,19 @@ EOF
     shift $(( $# > 1 ? 2 : 1 ))
     mkdir -p "$out"
     install_wheels
-    for flags in '' '--fused_bn' '--lars_batched_norms' '--fused_bn --lars_batched_norms'; do
-      # shellcheck disable=SC2086
-      timeout 300 "$py" benchmarks/pretrain_step.py --steps 50 $flags "$@" \
-        --out "$out/pretrain_step.jsonl" | tail -1 || echo "pretrain_step $flags: failed"
-    done
+    autotune_cache
+    variants=('' '--fused_bn --lars_batched_norms' '--fused_bn' '--lars_batched_norms')
+    step_variants 570 "$out" "$@"
     ;;
   flags)
     out=${2:-${OUT:-/tmp/bigssl_med_bench}}
     shift $(( $# > 1 ? 2 : 1 ))
     mkdir -p "$out"
     install_wheels
-    for flags in '' '--fused_bn --lars_batched_norms'; do
-      # shellcheck disable=SC2086
-      XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_enable_conv_fusion=true" \
-        timeout 280 "$py" benchmarks/pretrain_step.py --steps 50 $flags "$@" \
-        --out "$out/pretrain_step.jsonl" | tail -1 || echo "pretrain_step $flags: failed"
-    done
+    autotune_cache
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_experimental_enable_conv_fusion=true"
+    variants=('' '--fused_bn --lars_batched_norms')
+    step_variants 570 "$out" "$@"
     ;;
   loop)
     out=${2:-${OUT:-/tmp/bigssl_med_bench}}

@@ -2,9 +2,12 @@ r"""Times the input side of pretraining on real images, against the synthetic st
 
 Four measurements, each printed as one line and together as one JSON object:
 
-1. host: decode-only and decode + random-resized-crop + flip images/s on ONE core
-   (this process, no workers), over the stored bytes of the data set's records,
-   exactly as a pipeline worker does them;
+1. host: on ONE core (this process, no workers): decode-only and decode +
+   random-resized-crop + flip images/s over the stored bytes of the data set's
+   records; the same at HAM10000's published size, 600 x 450, from the stored
+   images enlarged and re-encoded (JPEG, quality 95), since a development copy may
+   hold smaller files; and views/s of the pipeline worker's own function
+   (record reads, the pair's choice, two crops, the stack);
 2. pipeline: views/s out of the grain pipeline (`pair_dataset`, MICLe or SimCLR
    pairs) with `--workers` processes, no device involved;
 3. augment: the jitted on-device augmentation alone, and the step with and
@@ -19,10 +22,16 @@ Four measurements, each printed as one line and together as one JSON object:
       --workers 2 --steps 10                                  # a small CPU run
 
 The data set is built first when missing (`bigssl_med.build_data.ensure_built`).
+The pipeline and loop rates are timed over `--loop_steps` batches after a warm-up of
+`2 + 2 x workers + 2` batches (workers start one after another and each builds whole
+batches, so the first batches come in waves); each also reports the rate of its
+second half, which matches the whole when the pipeline is steady. Each measurement
+appends a line to --out as soon as it is made (`complete` false until the last).
 """
 
 import argparse
 import functools
+import io
 import itertools
 import json
 import os
@@ -32,6 +41,7 @@ import time
 
 import jax
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -49,35 +59,68 @@ def _median_time(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
-def host_rates(source, count: int, image_size: int) -> dict:
-  """Decode and decode+crop+flip rates on this one core, over `count` records."""
+PUBLISHED_SIZE = (600, 450)  # HAM10000's images as published (width, height)
+
+
+def _crop_rate(images, image_size: int) -> float:
+  rng = np.random.default_rng(0)
+  t = time.perf_counter()
+  for data in images:
+    host_ops.random_flip(rng, host_ops.random_resized_crop(rng, data, image_size))
+  return len(images) / (time.perf_counter() - t)
+
+
+def _enlarged(data: bytes, size: tuple[int, int]) -> bytes:
+  image, _ = host_ops.decode_pil(data, channels=3)
+  buffer = io.BytesIO()
+  image.resize(size, Image.Resampling.BICUBIC).save(buffer, format='JPEG', quality=95)
+  return buffer.getvalue()
+
+
+def host_rates(source, groups, spec: pipeline.ViewSpec, count: int) -> dict:
+  """Rates on this one core, over `count` records (see the module doc, 1)."""
   records = [source[i % len(source)] for i in range(count)]
   images = [r['image'] for r in records]
   t = time.perf_counter()
   for data in images:
     host_ops.decode_image(data)
   decode = count / (time.perf_counter() - t)
-  rng = np.random.default_rng(0)
+  crop = _crop_rate(images, spec.image_size)
+  published = _crop_rate([_enlarged(data, PUBLISHED_SIZE) for data in images], spec.image_size)
+  load_pair = pipeline._LoadPair(source, groups, spec, seed=0, name='benchmark')  # pylint: disable=protected-access
+  units = len(source) if groups is None else len(groups)
+  pairs = max(1, count // 2)
   t = time.perf_counter()
-  for data in images:
-    host_ops.random_flip(rng, host_ops.random_resized_crop(rng, data, image_size))
-  crop = count / (time.perf_counter() - t)
-  with_size = host_ops.decode_image(images[0]).shape
+  for position in range(pairs):
+    load_pair.map((position % units, position))
+  worker = 2 * pairs / (time.perf_counter() - t)
   return {'host_decode_images_per_sec_per_core': decode,
           'host_crop_images_per_sec_per_core': crop,
-          'host_first_image_shape': list(with_size)}
+          'host_first_image_shape': list(host_ops.decode_image(images[0]).shape),
+          'host_crop_images_per_sec_per_core_at_600x450': published,
+          'host_worker_views_per_sec_per_core': worker}
 
 
-def pipeline_rate(make_iterator, batches: int, views_per_batch: int) -> float:
-  """Views/s out of a fresh pipeline iterator, after two warm-up batches."""
+def warmup_batches(workers: int) -> int:
+  """Batches before timing: each worker's first two, and the prefetch's."""
+  return 2 + 2 * max(workers, 1) + 2
+
+
+def pipeline_rate(make_iterator, batches: int, views_per_batch: int, warmup: int
+                  ) -> tuple[float, float]:
+  """Views/s out of a fresh pipeline iterator after `warmup` batches: all, second half."""
   iterator = make_iterator()
   try:
-    for _ in range(2):
+    for _ in range(warmup):
       next(iterator)
     t = time.perf_counter()
-    for _ in range(batches):
+    for i in range(batches):
+      if i == batches // 2:
+        half = time.perf_counter()
       next(iterator)
-    return batches * views_per_batch / (time.perf_counter() - t)
+    end = time.perf_counter()
+    return (batches * views_per_batch / (end - t),
+            (batches - batches // 2) * views_per_batch / (end - half))
   finally:
     _close(iterator)
 
@@ -105,9 +148,18 @@ def main(argv=None):
                  help='grain worker processes for the pipeline and loop measurements')
   p.add_argument('--host_images', type=int, default=500,
                  help='records for the one-core host measurement')
-  p.add_argument('--steps', type=int, default=30, help='timed steps (and pipeline batches)')
+  p.add_argument('--steps', type=int, default=30,
+                 help='timed steps on synthetic batches, and augmentation repeats')
+  p.add_argument('--loop_steps', type=int, default=100,
+                 help='timed batches of the pipeline and steps of the loop on real data')
   p.add_argument('--out', default='', help='append the JSON result here')
   args = p.parse_args(argv)
+
+  def record(complete=False):
+    result['complete'] = complete
+    if args.out:
+      with open(args.out, 'a') as f:
+        f.write(json.dumps(result) + '\n')
 
   data_dir = build_data.ensure_built(args.dataset, data_dir=args.data_dir,
                                      manual_dir=args.manual_dir or None,
@@ -120,21 +172,31 @@ def main(argv=None):
             'host': platform.node(), 'cpus': os.cpu_count(), 'jax': jax.__version__}
 
   # 1. One core.
-  result.update(host_rates(source, args.host_images, args.image_size))
+  spec = pipeline.ViewSpec(args.image_size, 0.08, '')
+  result.update(host_rates(source, groups, spec, args.host_images))
   print(f"host, one core: decode {result['host_decode_images_per_sec_per_core']:,.0f} "
         f"images/s, decode+crop+flip to {args.image_size} "
         f"{result['host_crop_images_per_sec_per_core']:,.0f} images/s "
-        f"(stored images {result['host_first_image_shape']})")
+        f"(stored images {result['host_first_image_shape']}), "
+        f"{result['host_crop_images_per_sec_per_core_at_600x450']:,.0f} images/s at "
+        f"600x450; the worker's function {result['host_worker_views_per_sec_per_core']:,.0f} "
+        'views/s')
+  record()
 
   # 2. The grain pipeline alone.
-  spec = pipeline.ViewSpec(args.image_size, 0.08, '')
   make_iterator = lambda: iter(pipeline.pair_dataset(
       source, groups, spec, global_batch=args.batch, host_index=jax.process_index(),
       host_count=jax.process_count(), seed=0, num_workers=args.workers,
       name=f'{args.dataset}/{args.split}'))
   local_views = 2 * args.batch // jax.process_count()
-  result['pipeline_views_per_sec'] = pipeline_rate(make_iterator, args.steps, local_views)
-  print(f"pipeline, {args.workers} workers: {result['pipeline_views_per_sec']:,.0f} views/s")
+  warmup = warmup_batches(args.workers)
+  result['warmup_batches'] = warmup
+  (result['pipeline_views_per_sec'],
+   result['pipeline_views_per_sec_second_half']) = pipeline_rate(
+       make_iterator, args.loop_steps, local_views, warmup)
+  print(f"pipeline, {args.workers} workers: {result['pipeline_views_per_sec']:,.0f} views/s "
+        f"(second half {result['pipeline_views_per_sec_second_half']:,.0f})")
+  record()
 
   # 3. Device augmentation's share of the step.
   kwargs = dict(depth=args.depth, width=args.width, image_size=args.image_size,
@@ -143,22 +205,27 @@ def main(argv=None):
   batches = pretrain_step.synthetic_batches(plain, 2)
   key = jax.random.key(1)
 
-  def timed_steps(setup, feed, steps):
+  def timed_steps(setup, feed, steps, warmup=2):
+    """Seconds per step over `steps` after `warmup` steps: all, and the second half."""
     state = setup.state
-    state, metrics = setup.train_step(state, next(feed), key)  # Compile + warm up.
-    state, metrics = setup.train_step(state, next(feed), key)
+    for _ in range(max(warmup, 2)):  # compile, then warm up
+      state, metrics = setup.train_step(state, next(feed), key)
     jax.block_until_ready(metrics)
     t = time.perf_counter()
-    for _ in range(steps):
+    for i in range(steps):
+      if i == steps // 2:
+        jax.block_until_ready(metrics)
+        half = time.perf_counter()
       state, metrics = setup.train_step(state, next(feed), key)
     jax.block_until_ready((state, metrics))
+    end = time.perf_counter()
     setup.state = state
-    return (time.perf_counter() - t) / steps
+    return (end - t) / steps, (end - half) / (steps - steps // 2)
 
-  no_augment_s = timed_steps(plain, itertools.cycle(batches), args.steps)
+  no_augment_s, _ = timed_steps(plain, itertools.cycle(batches), args.steps)
   del plain
   setup = pretrain_step.make_step(augment_on_device=True, **kwargs)
-  synthetic_s = timed_steps(setup, itertools.cycle(batches), args.steps)
+  synthetic_s, _ = timed_steps(setup, itertools.cycle(batches), args.steps)
   views = jax.device_put(batches[0]['views'].reshape(
       (2 * args.batch, args.image_size, args.image_size, 3)), setup.batch_sharding)
   augment_jit = jax.jit(augment.simclr_augment)
@@ -177,13 +244,15 @@ def main(argv=None):
         f"{1e3 * synthetic_s:.1f} ms with / {1e3 * no_augment_s:.1f} ms without "
         f"({100 * result['augment_share_of_step']:.1f}% of the step alone, "
         f"{100 * result['augment_share_by_difference']:.1f}% by difference)")
+  record()
 
   # 4. The whole loop on real data.
   to_device = functools.partial(parallel.to_global, mesh=setup.mesh)
   iterator = make_iterator()
   prefetch = pipeline.device_prefetch(iterator, to_device)
   try:
-    loop_s = timed_steps(setup, (batch for batch, _ in prefetch), args.steps)
+    loop_s, loop_half_s = timed_steps(setup, (batch for batch, _ in prefetch),
+                                      args.loop_steps, warmup=warmup)
   finally:
     prefetch.close()
     _close(iterator)
@@ -191,15 +260,15 @@ def main(argv=None):
       'step_ms_real_data': 1e3 * loop_s,
       'views_per_sec_synthetic': 2 * args.batch / synthetic_s,
       'views_per_sec_real_data': 2 * args.batch / loop_s,
+      'views_per_sec_real_data_second_half': 2 * args.batch / loop_half_s,
       'real_over_synthetic': synthetic_s / loop_s,
   })
-  print(f"loop: {result['views_per_sec_real_data']:,.0f} views/s on real data vs "
+  print(f"loop: {result['views_per_sec_real_data']:,.0f} views/s on real data (second half "
+        f"{result['views_per_sec_real_data_second_half']:,.0f}) vs "
         f"{result['views_per_sec_synthetic']:,.0f} synthetic "
         f"({100 * result['real_over_synthetic']:.1f}%)")
+  record(complete=True)
   print(json.dumps(result))
-  if args.out:
-    with open(args.out, 'a') as f:
-      f.write(json.dumps(result) + '\n')
   return result
 
 

@@ -3,7 +3,9 @@ r"""Times the pretrain step on the devices present, with synthetic data.
 The step is the trainer's own (`bigssl_med.contrastive.make_train_step`): on-device
 SimCLR augmentation of both views, the ResNet + projection head forward and backward
 pass over the 2B views, nt_xent over the global batch, and the LARS update, jitted
-over a `data` mesh of every device, state donated.
+over a `data` mesh of every device, state donated. The trainer's linear probe
+(`config.probe`: one BatchNorm and a 2048 x classes layer on stopped features, well
+under 0.1% of the FLOPs) is left out, so synthetic batches need no labels.
 
 Reports views/s (2 x batch x steps/s), the model FLOP utilisation (training FLOPs of
 the encoder + head, taken as 3x the forward pass counted layer by layer,
