@@ -80,7 +80,7 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
   if sources.is_complete_build(version_dir) and not overwrite:
     if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
       sources.write_case_index(version_dir)
-    logging.info('%s is already built in %s (pass overwrite to rebuild).',
+    logging.info('%s is already built in %s (--overwrite rebuilds it).',
                  full_name, version_dir)
     return version_dir
 

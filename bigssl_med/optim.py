@@ -185,7 +185,10 @@ def resolve_steps(*, steps: int, epochs: float, steps_per_epoch: float, what: st
   `what` names the config keys in errors, e.g. 'total_steps/num_epochs'.
   """
   if steps > 0 and epochs > 0:
-    raise ConfigError(f'config sets both {what}; set one of them to 0')
+    first, second = what.split('/')
+    prefix = first.rpartition('.')[0]
+    raise ConfigError(f'config sets both {what}; set one of them to 0 (e.g. '
+                      f"--config.{prefix + '.' if prefix else ''}{second}=0)")
   if steps > 0:
     return int(steps)
   if epochs > 0:

@@ -96,6 +96,11 @@ def load_run(workdir: str) -> Run:
     raise ConfigError(f'--workdir {workdir} does not exist')
   workdir = checkpointing.absolute(workdir)  # orbax restores from absolute paths only
   config = finetune.read_run_config(workdir)
+  if config.trainer == 'stages':
+    evaluated = [name for name in config.get('order', ())
+                 if config.stages[name].get('trainer') in finetune.TRAINER_NAMES]
+    raise ConfigError(f'{workdir} holds several stages; pass the workdir of one that '
+                      f'fine-tunes: {", ".join(os.path.join(workdir, n) for n in evaluated)}')
   if config.trainer not in finetune.TRAINER_NAMES:
     raise ConfigError(f'{workdir} is a workdir of the {config.trainer!r} trainer; predictions '
                       f'need a run of {", ".join(finetune.TRAINER_NAMES)}')

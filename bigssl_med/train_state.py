@@ -6,6 +6,7 @@ for those parameters, replicated shardings, and the one priority order of
 """
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bigssl_med import checkpointing
+from bigssl_med import checkpointing, config_schema
 from bigssl_med import parallel
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import ConfigError
@@ -51,6 +52,30 @@ class Start:
   tx: optax.GradientTransformation
   shardings: dict[str, Any]
   abstract_model: Any
+
+
+# Settings a resumed run may change: its length (a run continued for longer).
+RESUMABLE_KEYS = ('total_steps', 'num_epochs')
+
+
+def _check_resumed_settings(workdir: str, config) -> None:
+  """Fails when a resumed run asks for other settings than its checkpoint was trained with.
+
+  Bookkeeping (paths, workers, logging) and the run's length may change; anything
+  else (MICLe, temperature, label fraction, learning rate, ...) would make one run
+  of two settings, recorded under the last one.
+  """
+  saved = workdir_lib.read_json(os.path.join(workdir, 'config.json'))
+  if not isinstance(saved, dict):
+    return
+  differences = [d for d in config_schema.setting_differences(saved, config.to_dict())
+                 if d[0] not in RESUMABLE_KEYS]
+  if differences:
+    key, old, new = differences[0]
+    more = f' and {len(differences) - 1} more' if len(differences) > 1 else ''
+    raise ConfigError(f'{workdir} holds a run with other settings, stopped before its end: '
+                      f'{key} is {old!r} there, {new!r} asked{more}; rerun it as it was to '
+                      'resume, or use a new workdir')
 
 
 def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
@@ -100,6 +125,8 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
       abstract_opt=with_sharding(abstract_opt, shardings['opt']), init_from=config.init_from,
       init_keys=init_keys, model_sharding=repl, finalize_opt=init_opt_jit,
       partial_keys=partial_keys, model_config=config.model)
+  if origin.startswith('resumed'):
+    _check_resumed_settings(workdir, config)
   workdir_lib.write_config(workdir, config)  # this run goes on here: its config is the one
   return Start(variables=variables, opt=opt, data_state=data_state, origin=origin,
                checkpointer=checkpointer, tx=tx, shardings=shardings,

@@ -5,7 +5,8 @@ r"""Runs (or prints) one `main.py` per point of a grid of config overrides.
       [--launcher=local|slurm|print] [-- EXTRA main.py FLAGS]
 
 Every combination gets its own workdir under --root, named after its overrides
-(`seed=1,optimizer.learning_rate=0.3`), so rerunning the sweep resumes each run
+(`seed=1,optimizer.learning_rate=0.3`; a path value's slashes become `_`, so
+`init_from=/runs/micle` names `init_from=runs_micle`), so rerunning the sweep resumes each run
 where it stopped and skips finished ones (main.py resumes from the workdir; a
 finished run asked for with other settings is an error). The EXTRA flags are shared
 by every point and are not in the names: a sweep with other EXTRA flags needs its
@@ -44,7 +45,8 @@ def parse_set(text):
 
 def commands(config, root, settings, extra):
   for point in grid(settings):
-    name = ','.join(f'{k}={v}' for k, v in point) or 'default'
+    # A value that is a path ('/runs/pre/micle') must not nest one workdir in another.
+    name = ','.join(f"{k}={v.strip(os.sep).replace(os.sep, '_')}" for k, v in point) or 'default'
     workdir = os.path.join(root, name)
     cmd = [sys.executable, os.path.join(REPO, 'main.py'), f'--config={config}',
            f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in point] + list(extra)

@@ -81,3 +81,11 @@ def test_initialize_distributed_passes_the_node_gpus(monkeypatch):
   parallel.initialize_distributed('host:1234', 4, 1)
   assert calls == [((), {'local_device_ids': list(range(8))}),
                    (('host:1234', 4, 1), {'local_device_ids': list(range(8))})]
+
+
+def test_path_values_do_not_nest_workdirs(capsys):
+  assert sweep.main(['--config=c.py', '--root=/r', '--set', 'init_from=,/p/micle',
+                     '--dry_run']) == 0
+  workdirs = [next(a for a in shlex.split(line) if a.startswith('--workdir='))
+              for line in capsys.readouterr().out.strip().splitlines()]
+  assert workdirs == ['--workdir=/r/init_from=', '--workdir=/r/init_from=p_micle']

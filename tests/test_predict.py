@@ -197,6 +197,15 @@ def test_unfinished_other_trainer_and_mismatched_workdirs(run, tmp_path, capsys)
   (pretrained / 'config.json').write_text(json.dumps({'trainer': 'pretrain'}))
   with pytest.raises(ConfigError, match="the 'pretrain' trainer"):
     predict.load_run(str(pretrained))
+  stages = tmp_path / 'demo'
+  stages.mkdir()
+  (stages / 'config.json').write_text(json.dumps({
+      'trainer': 'stages', 'order': ['pre', 'ft'],
+      'stages': {'pre': {'trainer': 'pretrain'}, 'ft': {'trainer': 'finetune'}}}))
+  with pytest.raises(ConfigError, match=re.escape(f'{stages} holds several stages; pass the '
+                                                  f'workdir of one that fine-tunes: '
+                                                  f'{stages / "ft"}')):
+    predict.load_run(str(stages))
   # A config that describes another model than best/ holds.
   other = tmp_path / 'other'
   shutil.copytree(workdir, other)

@@ -360,6 +360,25 @@ def test_training_works_without_tensorflow(small_ham10000, tmp_path):
   assert not (workdir / 'tensorboard').exists()
 
 
+def test_resuming_with_other_settings_is_a_one_line_error(trained, tmp_path):
+  workdir, _, data_dir = trained
+  copy = os.fspath(tmp_path / 'copy')
+  shutil.copytree(os.path.join(workdir, 'checkpoints', '2'), os.path.join(copy, 'checkpoints', '2'))
+  shutil.copy(os.path.join(workdir, 'config.json'), copy)
+  before = Path(copy, 'config.json').read_text()
+  cfg = tiny_config(data_dir)
+  cfg.micle, cfg.temperature = False, 0.5
+  with pytest.raises(ConfigError, match=r'holds a run with other settings, stopped before its '
+                                        r'end: micle is True there, False asked and 1 more; '
+                                        r'rerun it as it was to resume'):
+    pretrain.train_and_evaluate(cfg, copy)
+  assert Path(copy, 'config.json').read_text() == before
+  # Paths, workers and the run's length may change: the run goes on from step 2.
+  cfg = tiny_config(data_dir, total_steps=5)
+  cfg.data.num_workers, cfg.log_every_steps = 0, 5
+  assert pretrain.train_and_evaluate(cfg, copy)['step'] == 5
+
+
 def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_path):
   workdir, _, data_dir = trained
   copy = os.fspath(tmp_path / 'copy')

@@ -169,6 +169,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if not isinstance(found, dict) or not isinstance(found.get('trainer'), str):
     raise ConfigError(f'{path}: missing or not a run config (is {workdir} a workdir of '
                       'main.py?)')
+  if found['trainer'] == 'stages':  # a config of configs: the file as it is
+    return ml_collections.ConfigDict(found)
   try:
     config = config_schema.defaults(found['trainer'])
   except ConfigError:  # a trainer without a schema ('imported'): the file as it is

@@ -408,7 +408,7 @@ class Ham10000(common.ImageBuilder):
           f'could not download HAM10000 from Harvard Dataverse '
           f'({common.one_line(exc)}); download it from '
           f'https://doi.org/10.7910/DVN/DBW86T, unzip it into one directory and '
-          f'pass --manual_dir=DIR') from exc
+          f'pass --manual_dir=DIR (main.py: --config.data.manual_dir=DIR)') from exc
     return os.fspath(metadata), sorted(os.fspath(p) for p in extracted.values())
 
 

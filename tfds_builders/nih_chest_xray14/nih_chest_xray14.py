@@ -393,7 +393,8 @@ class NihChestXray14(common.ImageBuilder):
       raise DataError(
           f'could not download NIH ChestX-ray14 ({common.one_line(exc)}); '
           'download it from https://nihcc.app.box.com/v/ChestXray-NIHCC, unpack '
-          'it into one directory and pass --manual_dir=DIR') from exc
+          'it into one directory and pass --manual_dir=DIR (main.py: '
+          '--config.data.manual_dir=DIR)') from exc
     return Inputs(labels=os.fspath(tables['labels']),
                   train_val=os.fspath(tables['train_val']),
                   test=os.fspath(tables['test']),
