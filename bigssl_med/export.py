@@ -69,7 +69,8 @@ def _check_expressible(model: Mapping[str, Any], workdir: str) -> None:
   kind, _ = resnet.layout(model['depth'])
   if kind == 'basic' and not model['identity_shortcuts']:
     raise ConfigError(f'{where}.identity_shortcuts=False: this ResNet-{model["depth"]} has a '
-                      'projection in its first block, which torchvision\'s lacks')
+                      'projection in its first block, which torchvision\'s lacks (train with '
+                      '--config.model.identity_shortcuts=True to export one)')
 
 
 def to_torchvision(variables: Mapping[str, Any], model: Mapping[str, Any]

@@ -15,6 +15,7 @@
   counts a duration in epochs (its input repeats, then batches across epochs).
 """
 
+import logging
 import math
 from typing import Any, Callable
 
@@ -73,6 +74,8 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> optax.Sch
   if warmup_steps == 0:
     return optax.cosine_decay_schedule(peak, total_steps)
   if warmup_steps == total_steps:
+    logging.warning('The warm-up takes all %d steps: the learning rate ends at its peak %g '
+                    '(shorten optimizer.warmup_steps or warmup_epochs)', total_steps, peak)
     return optax.linear_schedule(0.0, peak, warmup_steps)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps, 0.0)
 

@@ -12,7 +12,7 @@ the step count start fresh. Leave init_from empty to pretrain from scratch.
 The raw HAM10000 files: `config.data.manual_dir` (the Dataverse release or the
 layout of ../shared/data/ham10000); the data set is built on first use.
 A user's own dermatology cases come through the `image_cases` builder
-(`--config.dataset=image_cases`) once it exists.
+(`--config.dataset=image_cases/NAME`, README "Data").
 """
 
 from bigssl_med import config_schema

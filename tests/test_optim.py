@@ -224,3 +224,14 @@ def test_run_length_from_epochs_caps_warmup_and_rejects_a_batch_larger_than_the_
   assert optim.run_length(cfg, 1000, 'images of x/train')[1:] == (391, 39)
   with pytest.raises(ConfigError, match=r'batch_size=256 is larger than the 9 images of x/train'):
     optim.run_length(cfg, 9, 'images of x/train')
+
+
+def test_a_warm_up_as_long_as_the_run_is_a_warning(caplog):
+  with caplog.at_level('WARNING'):
+    schedule = optim.warmup_cosine(0.4, 10, 10)
+  assert float(schedule(10)) == pytest.approx(0.4)
+  assert 'The warm-up takes all 10 steps: the learning rate ends at its peak 0.4' in caplog.text
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    optim.warmup_cosine(0.4, 10, 2)
+  assert not caplog.text

@@ -74,6 +74,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   groups = (sources.case_index(config.dataset, config.data.train_split, data_dir)
             if config.micle else None)
   num_units = len(groups) if config.micle else len(train_source)
+  if config.micle and all(len(group) < 2 for group in groups):
+    logging.warning('config.micle: no case of %s/%s has two images, so every pair is two '
+                    'views of one image, as in SimCLR', config.dataset, config.data.train_split)
   label_key = config.data.label_key if config.probe else ''
   num_classes = 0
   if label_key:
