@@ -198,3 +198,12 @@ def test_an_undefined_metric_never_becomes_the_best(tmp_path):
   assert best.step == 500 and stops == [False] * 5 and best.record['evals_since_best'] == 0
   best, stops = run([0.7, nan, nan], patience=2)  # NaN after a number: no improvement
   assert (best.step, best.record['value'], stops) == (100, 0.7, [False, False, True])
+
+
+def test_micle_on_one_image_per_case_is_a_warning(colours, tmp_path, caplog):
+  config = tiny_pretrain_config(os.fspath(colours), total_steps=1, probe=False,
+                                dataset='image_cases/colours')
+  with caplog.at_level('WARNING'):
+    pretrain.train_and_evaluate(config, os.fspath(tmp_path / 'micle'))
+  assert ('config.micle: no case of image_cases/colours/train has two images, so every pair '
+          'is two views of one image, as in SimCLR') in caplog.text
