@@ -126,7 +126,11 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
       init_keys=init_keys, model_sharding=repl, finalize_opt=init_opt_jit,
       partial_keys=partial_keys, model_config=config.model)
   if origin.startswith('resumed'):
-    _check_resumed_settings(workdir, config)
+    try:
+      _check_resumed_settings(workdir, config)
+    except ConfigError:
+      checkpointer.close()  # nothing more is read or written here
+      raise
   workdir_lib.write_config(workdir, config)  # this run goes on here: its config is the one
   return Start(variables=variables, opt=opt, data_state=data_state, origin=origin,
                checkpointer=checkpointer, tx=tx, shardings=shardings,
