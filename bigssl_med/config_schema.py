@@ -306,6 +306,13 @@ def setting_differences(saved, config) -> list[tuple[str, Any, Any]]:
   return found
 
 
+def describe_differences(differences: list[tuple[str, Any, Any]]) -> str:
+  """`key is OLD there, NEW asked` for the first of `setting_differences`, `and N more`."""
+  key, old, new = differences[0]
+  more = f' and {len(differences) - 1} more' if len(differences) > 1 else ''
+  return f'{key} is {old!r} there, {new!r} asked{more}'
+
+
 # Keys naming another run's folder (compared as paths).
 PATH_KEYS = ('init_from', 'teacher')
 

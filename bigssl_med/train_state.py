@@ -71,11 +71,9 @@ def _check_resumed_settings(workdir: str, config) -> None:
   differences = [d for d in config_schema.setting_differences(saved, config.to_dict())
                  if d[0] not in RESUMABLE_KEYS]
   if differences:
-    key, old, new = differences[0]
-    more = f' and {len(differences) - 1} more' if len(differences) > 1 else ''
     raise ConfigError(f'{workdir} holds a run with other settings, stopped before its end: '
-                      f'{key} is {old!r} there, {new!r} asked{more}; rerun it as it was to '
-                      'resume, or use a new workdir')
+                      f'{config_schema.describe_differences(differences)}; rerun it as it '
+                      'was to resume, or use a new workdir')
 
 
 def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,

@@ -62,10 +62,9 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict[st
   if isinstance(saved, dict):
     differences = config_schema.setting_differences(saved, config.to_dict())
     if differences:
-      key, old, new = differences[0]
-      more = f' and {len(differences) - 1} more' if len(differences) > 1 else ''
-      raise ConfigError(f'{workdir} holds a finished run with other settings: {key} is '
-                        f'{old!r} there, {new!r} asked{more}; run in a new workdir')
+      raise ConfigError(f'{workdir} holds a finished run with other settings: '
+                        f'{config_schema.describe_differences(differences)}; run in a new '
+                        'workdir')
   logging.info('Finished before: %s', path)
   return results
 

@@ -360,12 +360,18 @@ def test_training_works_without_tensorflow(small_ham10000, tmp_path):
   assert not (workdir / 'tensorboard').exists()
 
 
-def test_resuming_with_other_settings_is_a_one_line_error(trained, tmp_path):
-  workdir, _, data_dir = trained
+def _stopped_at_step_2(trained, tmp_path):
+  """A copy of the trained run as it was at step 2: (workdir, its config.json's text)."""
+  workdir, _, _ = trained
   copy = os.fspath(tmp_path / 'copy')
   shutil.copytree(os.path.join(workdir, 'checkpoints', '2'), os.path.join(copy, 'checkpoints', '2'))
   shutil.copy(os.path.join(workdir, 'config.json'), copy)
-  before = Path(copy, 'config.json').read_text()
+  return copy, Path(copy, 'config.json').read_text()
+
+
+def test_resuming_with_other_settings_is_a_one_line_error(trained, tmp_path):
+  data_dir = trained[2]
+  copy, before = _stopped_at_step_2(trained, tmp_path)
   cfg = tiny_config(data_dir)
   cfg.micle, cfg.temperature = False, 0.5
   with pytest.raises(ConfigError, match=r'holds a run with other settings, stopped before its '
@@ -380,11 +386,8 @@ def test_resuming_with_other_settings_is_a_one_line_error(trained, tmp_path):
 
 
 def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_path):
-  workdir, _, data_dir = trained
-  copy = os.fspath(tmp_path / 'copy')
-  shutil.copytree(os.path.join(workdir, 'checkpoints', '2'), os.path.join(copy, 'checkpoints', '2'))
-  shutil.copy(os.path.join(workdir, 'config.json'), copy)
-  before = Path(copy, 'config.json').read_text()
+  data_dir = trained[2]
+  copy, before = _stopped_at_step_2(trained, tmp_path)
   cfg = tiny_config(data_dir)
   cfg.model.width_multiplier = 0.25
   with pytest.raises(CheckpointError, match='does not match this run') as e:
