@@ -15,7 +15,9 @@ own --root.
 Values are separated by commas, or by semicolons where one of them holds a comma
 (`--set "init_from=/runs/pre/seed=0,lr=0.3;/runs/pre/seed=1,lr=0.3"`); an empty value
 is a value (`--set init_from=,/runs/pre/micle`: from scratch and from a run).
-`--launcher=slurm` submits each run with `sbatch launch/slurm.sbatch`;
+`--launcher=slurm` submits each run with `sbatch launch/slurm.sbatch` and keeps the job's
+id in `WORKDIR/slurm_job_id`; a rerun of the sweep leaves out a run whose job `squeue`
+still lists (pending or running), so two jobs never train one workdir.
 `--launcher=print` only prints the commands (for another scheduler).
 """
 
@@ -27,6 +29,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOB_ID_FILE = 'slurm_job_id'
 
 
 def grid(settings):
@@ -53,6 +56,48 @@ def commands(config, root, settings, extra):
     yield workdir, cmd
 
 
+def queued_job(workdir):
+  """'ID (STATE)' of the SLURM job last submitted for `workdir` while squeue lists it, else None."""
+  try:
+    with open(os.path.join(workdir, JOB_ID_FILE)) as f:
+      job = f.read().strip()
+  except OSError:
+    return None
+  if not job:
+    return None
+  try:
+    found = subprocess.run(['squeue', '--noheader', f'--jobs={job}', '--format=%T'],
+                           capture_output=True, text=True, check=False)
+  except OSError as e:
+    print(f'warning: squeue failed ({e}); {workdir} is submitted even if job {job} is queued',
+          file=sys.stderr, flush=True)
+    return None
+  # squeue exits non-zero for a job it no longer knows (finished long ago).
+  states = found.stdout.split() if found.returncode == 0 else []
+  return f'{job} ({states[0]})' if states else None
+
+
+def submit(workdir, cmd):
+  """sbatch `cmd` for `workdir`, keeping the job id there; False when sbatch failed."""
+  try:
+    out = subprocess.run(['sbatch', '--parsable', f'--job-name={os.path.basename(workdir)[:60]}',
+                          os.path.join(REPO, 'launch', 'slurm.sbatch')] + cmd[1:],
+                         check=True, capture_output=True, text=True).stdout
+  except subprocess.CalledProcessError as e:
+    print(f'error: sbatch failed for {workdir}: {e}: {e.stderr.strip()}', file=sys.stderr,
+          flush=True)
+    return False
+  except OSError as e:
+    print(f'error: sbatch failed for {workdir}: {e}', file=sys.stderr, flush=True)
+    return False
+  job = out.strip().split(';')[0]  # --parsable prints 'ID' or 'ID;CLUSTER'
+  print(f'submitted job {job}', flush=True)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, JOB_ID_FILE), 'w') as f:
+    f.write(job + '\n')
+  return True
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--config', required=True)
@@ -70,13 +115,12 @@ def main(argv=None):
     if launcher == 'print':
       print(line)
     elif launcher == 'slurm':
+      queued = queued_job(workdir)
+      if queued:
+        print(f'queued already as job {queued}: {workdir}', flush=True)
+        continue
       print(f'sbatch: {line}', flush=True)
-      try:
-        subprocess.run(['sbatch', f'--job-name={os.path.basename(workdir)[:60]}',
-                        os.path.join(REPO, 'launch', 'slurm.sbatch')] + cmd[1:], check=True)
-      except (OSError, subprocess.CalledProcessError) as e:
-        print(f'error: sbatch failed for {workdir}: {e}', file=sys.stderr, flush=True)
-        failed += 1
+      failed += not submit(workdir, cmd)
     else:
       print(f'==> {line}', flush=True)
       failed += subprocess.run(cmd).returncode != 0

@@ -49,6 +49,44 @@ def test_a_failed_sbatch_is_counted_not_a_traceback(monkeypatch, tmp_path, capsy
   assert len(err) == 2 and err[0].startswith('error: sbatch failed for /r/seed=0:')
 
 
+def _fake_slurm(tmp_path, queued):
+  """sbatch and squeue scripts on PATH: sbatch numbers its jobs from 100 and logs its
+  arguments; squeue lists the jobs in `queued` (a file of ids) as PENDING."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'sbatch').write_text(
+      '#!/bin/bash\nn=$(wc -l < "$LOG" 2>/dev/null || echo 0)\necho "$@" >> "$LOG"\n'
+      'echo "$((100 + n));cluster"\n')
+  (bin_dir / 'squeue').write_text(
+      '#!/bin/bash\njob=${2#--jobs=}\n'
+      'grep -qx "$job" "$QUEUED" || { echo "slurm_load_jobs error: Invalid job id" >&2; exit 1; }\n'
+      'echo PENDING\n')
+  for script in bin_dir.iterdir():
+    script.chmod(0o755)
+  return {'PATH': f'{bin_dir}:/usr/bin:/bin', 'LOG': str(tmp_path / 'sbatch.log'),
+          'QUEUED': str(queued)}
+
+
+def test_slurm_sweep_leaves_out_runs_whose_job_is_still_queued(monkeypatch, tmp_path, capsys):
+  queued = tmp_path / 'queued'
+  queued.write_text('')
+  for key, value in _fake_slurm(tmp_path, queued).items():
+    monkeypatch.setenv(key, value)
+  args = ['--config=c.py', f'--root={tmp_path / "runs"}', '--set', 'seed=0,1',
+          '--launcher=slurm']
+  assert sweep.main(args) == 0
+  assert [(tmp_path / 'runs' / f'seed={s}' / 'slurm_job_id').read_text() for s in (0, 1)] == [
+      '100\n', '101\n']
+  queued.write_text('101\n')   # job 100 has ended, 101 still waits
+  capsys.readouterr()
+  assert sweep.main(args) == 0
+  out = capsys.readouterr().out
+  assert f'queued already as job 101 (PENDING): {tmp_path / "runs" / "seed=1"}' in out
+  submitted = (tmp_path / 'sbatch.log').read_text().splitlines()
+  assert len(submitted) == 3 and '--workdir=' + str(tmp_path / 'runs' / 'seed=0') in submitted[2]
+  assert (tmp_path / 'runs' / 'seed=0' / 'slurm_job_id').read_text() == '102\n'
+
+
 SLURM_ONE_TASK_PER_NODE = {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_NNODES': '4',
                            'SLURM_PROCID': '1', 'SLURM_LOCALID': '0',
                            'SLURM_GPUS_ON_NODE': '8'}
