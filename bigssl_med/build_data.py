@@ -3,7 +3,7 @@ r"""Builds one of the project's TFDS data sets through TFDS's Python API.
 Usage:
 
   python -m bigssl_med.build_data NAME[/CONFIG] --manual_dir=DIR --data_dir=DIR \
-      [--max_side=N] [--skip_bad_images] [--overwrite]
+      [--max_side=N] [--skip_bad_images] [--overwrite] [--num_threads=N]
 
 NAME is a key of `tfds_builders.BUILDERS` (e.g. `ham10000`); CONFIG one of its
 builder configs: `original` or `side<N>` (the longest side images are stored at;
@@ -41,7 +41,7 @@ import tfds_builders
 
 def build(name: str, *, data_dir: str, manual_dir: str | None = None,
           overwrite: bool = False, max_side: int | None = None,
-          skip_bad_images: bool = False) -> str:
+          skip_bad_images: bool = False, num_threads: int | None = None) -> str:
   """Builds data set `name` into `data_dir` unless it is already built.
 
   Args:
@@ -56,6 +56,8 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
     max_side: store images with this longest side (antialiased downscaling).
     skip_bad_images: skip, count and list (in the data set's `metadata.json`)
       images that are missing or cannot be decoded instead of failing.
+    num_threads: threads that decode, resize and encode images (None: one per
+      core); the data set does not depend on it.
 
   Returns:
     The built data set's version directory, `data_dir/NAME/CONFIG/VERSION`.
@@ -89,7 +91,7 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
   try:
     builder = builder_cls(data_dir=staging, config=config,
                           file_format='array_record',
-                          skip_bad_images=skip_bad_images)
+                          skip_bad_images=skip_bad_images, num_threads=num_threads)
     builder.download_and_prepare(
         download_dir=os.path.join(data_dir, 'downloads'),
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
@@ -180,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--skip_bad_images', action='store_true',
                       help='skip missing or undecodable images (counted and '
                            'listed in metadata.json) instead of failing')
+  parser.add_argument('--num_threads', type=int, default=None,
+                      help='threads that decode, resize and encode images (default: one '
+                           'per core); the data set does not depend on it')
   args = parser.parse_args(argv)
   std_logging.basicConfig(level=std_logging.INFO,
                           format='%(levelname)s %(message)s')
@@ -187,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     path = build(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,
                  overwrite=args.overwrite, max_side=args.max_side,
-                 skip_bad_images=args.skip_bad_images)
+                 skip_bad_images=args.skip_bad_images, num_threads=args.num_threads)
   except DataError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

@@ -12,7 +12,9 @@
 * `read_table`: CSV (or tab-separated, optionally gzipped) files with a check of
   the required columns; the error names the file and the missing columns.
 * `encode_image` / `ImageStore`: read, check, convert and resize one image into the
-  encoded bytes a record stores.
+  encoded bytes a record stores; `in_order` runs that work on several threads
+  (`ImageBuilder(num_threads=...)`, all cores by default) and keeps the order, so a
+  build's records do not depend on the number of threads.
 * `hash_split` and `check_case_disjoint`: case-disjoint splits.
 * `with_progress`: progress lines while examples are generated.
 * `parse_label(s)`, `Item`, `check_unique_keys`, `generate_examples`: the
@@ -25,6 +27,8 @@ names the file and, where there is one, the row.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import csv
 import dataclasses
 import gzip
@@ -107,6 +111,9 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   Args (constructor, besides TFDS's `data_dir`, `config`, `file_format`, ...):
     skip_bad_images: skip (count and list in the metadata) images that are
       missing or cannot be decoded, instead of stopping the build.
+    num_threads: threads that read, decode, resize and encode images (Pillow
+      releases the GIL for that work); None for one per core. The records do not
+      depend on it.
   """
 
   BUILDER_CONFIGS = [ImageConfig(name=ORIGINAL)]
@@ -116,8 +123,12 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # registry, where names such as `chexpert` are taken by TFDS's own builders.
     super().__init_subclass__(skip_registration=skip_registration, **kwargs)
 
-  def __init__(self, *, skip_bad_images: bool = False, **kwargs):
+  def __init__(self, *, skip_bad_images: bool = False, num_threads: int | None = None,
+               **kwargs):
     self.skip_bad_images = bool(skip_bad_images)
+    self.num_threads = default_threads() if num_threads is None else int(num_threads)
+    if self.num_threads < 1:
+      raise DataError(f'num_threads must be at least 1, got {num_threads}')
     super().__init__(**kwargs)
 
   @classmethod
@@ -161,7 +172,7 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """An `ImageStore` for this build's config, recording skips in the metadata."""
     return ImageStore(max_side=getattr(self.builder_config, 'max_side', None),
                       channels=channels, skip_bad_images=self.skip_bad_images,
-                      metadata=self.info.metadata)
+                      metadata=self.info.metadata, threads=self.num_threads)
 
   def new_metadata(self) -> tfds.core.MetadataDict:
     """Metadata for `_info`: the build options, and the skipped-image list."""
@@ -330,19 +341,33 @@ def encode_image(data: bytes, *, name: str, max_side: int | None = None,
   return buffer.getvalue()
 
 
+@dataclasses.dataclass(frozen=True)
+class Failed:
+  """A file of one example that could not be stored: the file, the row naming it, why."""
+  path: str
+  where: str
+  error: DataError
+
+
 class ImageStore:
   """Reads image files into stored bytes; skips bad ones when asked to.
 
   A skipped image is appended to `metadata['skipped_images']` as
   `{'split', 'path', 'where', 'reason'}` and counted in
   `metadata['num_skipped_images']`; the build logs a warning for each.
+
+  `try_load` / `try_convert` do the work and may run on `threads` threads
+  (`in_order`); `keep` then decides, in the builder's thread and order, whether an
+  outcome is stored, skipped or an error, so the skip list is the same whatever the
+  number of threads.
   """
 
   def __init__(self, *, max_side: int | None, channels: int | None,
-               skip_bad_images: bool, metadata: dict | None):
+               skip_bad_images: bool, metadata: dict | None, threads: int = 1):
     self.max_side = max_side
     self.channels = channels
     self.skip_bad_images = skip_bad_images
+    self.threads = threads
     self._metadata = metadata if metadata is not None else {}
     self._metadata.setdefault('skipped_images', [])
     self._metadata.setdefault('num_skipped_images', 0)
@@ -359,21 +384,33 @@ class ImageStore:
       DataError: the file is missing or cannot be decoded and bad images are
         not skipped; the message names the file and `where`.
     """
-    return self.convert(lambda: read_image_file(path, where), path=path, where=where,
-                        split=split)
+    outcome = self.try_load(path, where=where)
+    return outcome if self.keep(outcome, split=split) else None
 
-  def convert(self, read: Callable[[], bytes], *, path: str, where: str,
-              split: str = '') -> bytes | None:
-    """Like `load`, with `read()` giving the encoded bytes (e.g. from an archive)."""
+  def try_load(self, path: str, *, where: str) -> bytes | Failed:
+    """The stored bytes of the image file `path`, or its `Failed` record (thread-safe)."""
+    return self.try_convert(lambda: read_image_file(path, where), path=path, where=where)
+
+  def try_convert(self, read: Callable[[], bytes], *, path: str, where: str) -> bytes | Failed:
+    """Like `try_load`, with `read()` giving the encoded bytes (e.g. from an archive)."""
     try:
-      data = read()
-      return encode_image(data, name=f'{path} ({where})', max_side=self.max_side,
+      return encode_image(read(), name=f'{path} ({where})', max_side=self.max_side,
                           channels=self.channels)
     except DataError as exc:
-      if not self.skip_bad_images:
-        raise
-      self.skip(path=path, where=where, split=split, reason=str(exc))
-      return None
+      return Failed(path, where, exc)
+
+  def keep(self, outcome: Any, *, split: str) -> bool:
+    """False for a `Failed` outcome, recorded as skipped; True for anything else.
+
+    Raises:
+      DataError: the failure, when bad images are not skipped.
+    """
+    if not isinstance(outcome, Failed):
+      return True
+    if not self.skip_bad_images:
+      raise outcome.error
+    self.skip(path=outcome.path, where=outcome.where, split=split, reason=str(outcome.error))
+    return False
 
   def skip(self, *, path: str, where: str, split: str, reason: str) -> None:
     """Records a skipped image."""
@@ -385,6 +422,41 @@ class ImageStore:
   @property
   def num_skipped(self) -> int:
     return len(self._metadata['skipped_images'])
+
+
+def default_threads() -> int:
+  """Image threads of a build by default: one per core this process may use."""
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def in_order(fn: Callable[[Any], Any], items: Iterable[Any], *,
+             threads: int) -> Iterator[tuple[Any, Any]]:
+  """Yields `(item, fn(item))` for `items`, in their order, with `fn` on `threads` threads.
+
+  At most `4 * threads` items are worked on ahead of the consumer, so memory does
+  not grow with the data set. An exception from `fn` is raised here when its item's
+  turn comes. With one thread, `fn` runs in the calling thread.
+  """
+  if threads <= 1:
+    for item in items:
+      yield item, fn(item)
+    return
+  pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix='build-images')
+  pending = collections.deque()
+  try:
+    for item in items:
+      pending.append((item, pool.submit(fn, item)))
+      if len(pending) >= 4 * threads:
+        first, future = pending.popleft()
+        yield first, future.result()
+    while pending:
+      first, future = pending.popleft()
+      yield first, future.result()
+  finally:
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_image_file(path: str, where: str) -> bytes:
@@ -467,9 +539,9 @@ def generate_examples(items: Sequence[Item], store: ImageStore,
       of a split was skipped (TFDS cannot write an empty split).
   """
   count = 0
-  for item in items:
-    image = store.load(item.path, where=item.where, split=item.split)
-    if image is None:  # A bad image, skipped and listed in the metadata.
+  for item, image in in_order(lambda item: store.try_load(item.path, where=item.where),
+                              items, threads=store.threads):
+    if not store.keep(image, split=item.split):  # skipped and listed in the metadata
       continue
     count += 1
     yield item.key, {'image': image, **item.features}

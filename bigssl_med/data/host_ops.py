@@ -375,6 +375,9 @@ def _decoding(name):
   try:
     yield
   except _DECODE_ERRORS as e:
-    detail = ' '.join(str(e).split()) or type(e).__name__
+    if isinstance(e, Image.UnidentifiedImageError):  # its text names an in-memory buffer
+      detail = 'not an image format Pillow reads'
+    else:
+      detail = ' '.join(str(e).split()) or type(e).__name__
     raise errors.DataError(
         f'cannot decode image {name or "<unnamed>"}: {detail}') from e

@@ -32,8 +32,9 @@ both stops the build with an error naming the patient and both rows.
 
 Images are stored as single-channel (grayscale) JPEG, re-encoded only when the
 config downscales them (`side512`, the default, or any `side<N>`) or when they are
-not 8-bit grayscale JPEGs; otherwise the published bytes are kept. Missing or undecodable images stop the build unless
-the config skips bad images (they are then listed in the metadata). Errors are
+not 8-bit grayscale JPEGs; otherwise the published bytes are kept. Missing or
+undecodable images stop the build unless the build skips bad images (they are then
+listed in the metadata). Errors are
 one-line `bigssl_med.errors.DataError`s naming the file and row.
 """
 

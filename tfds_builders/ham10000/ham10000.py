@@ -358,24 +358,29 @@ class Ham10000(common.ImageBuilder):
     }
 
   def _generate_examples(self, items, split, store):
-    for row, image_path, mask_path, where in common.with_progress(
-        items, total=len(items), what=f'ham10000 {split}'):
+    def load(item):  # on a worker thread: the stored image and mask, or a Failed
+      _, image_path, mask_path, where = item
       published = []  # the file's bytes, read once for the image and its size
 
-      def read(path=image_path, where=where):
-        published.append(common.read_image_file(path, where))
+      def read():
+        published.append(common.read_image_file(image_path, where))
         return published[-1]
 
-      image = store.convert(read, path=image_path, where=where, split=split)
-      if image is None:
-        continue
+      image = store.try_convert(read, path=image_path, where=where)
+      if isinstance(image, common.Failed):
+        return image
       try:
-        mask = load_mask(mask_path, where, _image_size(image), _image_size(published[-1]))
+        return image, load_mask(mask_path, where, _image_size(image),
+                                _image_size(published[-1]))
       except DataError as exc:
-        if not store.skip_bad_images:
-          raise
-        store.skip(path=mask_path, where=where, split=split, reason=str(exc))
+        return common.Failed(mask_path, where, exc)
+
+    for (row, *_), loaded in common.with_progress(
+        common.in_order(load, items, threads=store.threads), total=len(items),
+        what=f'ham10000 {split}'):
+      if not store.keep(loaded, split=split):
         continue
+      image, mask = loaded
       yield row.image_id, {
           'image': image,
           'mask': mask,

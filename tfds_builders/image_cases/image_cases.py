@@ -358,13 +358,19 @@ class ImageCases(common.ImageBuilder):
     config = self.builder_config
     index = {name: i for i, name in enumerate(config.class_names)}
     converted = self.info.metadata.get('gray_converted_images')
-    for case in common.with_progress(cases, total=len(cases),
-                                     what=f'image_cases {split}'):
+    def load(case):  # on a worker thread: (stored bytes or Failed, whether colour)
+      image = store.try_load(case.file, where=f'{cases_path} line {case.line}')
+      colour = (config.channels == 1 and not isinstance(image, common.Failed)
+                and _is_colour_file(case.file))
+      return image, colour
+
+    for case, (image, colour) in common.with_progress(
+        common.in_order(load, cases, threads=store.threads), total=len(cases),
+        what=f'image_cases {split}'):
       where = f'{cases_path} line {case.line}'
-      image = store.load(case.file, where=where, split=split)
-      if image is None:
+      if not store.keep(image, split=split):
         continue
-      if config.channels == 1 and _is_colour_file(case.file):
+      if colour:
         logging.warning('%s (%s) is a colour image; the set is stored gray (its first '
                         'images are), so it is stored as gray (luma)', case.file, where)
         converted.append({'split': split, 'path': case.path, 'where': where})

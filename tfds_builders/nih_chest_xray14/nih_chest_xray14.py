@@ -353,10 +353,11 @@ class NihChestXray14(common.ImageBuilder):
     }
 
   def _generate_examples(self, items, split: str, store: common.ImageStore):
-    for entry, path, where in common.with_progress(
-        items, total=len(items), what=f'nih_chest_xray14 {split}'):
-      image = store.load(path, where=where, split=split)
-      if image is None:
+    for (entry, _, _), image in common.with_progress(
+        common.in_order(lambda item: store.try_load(item[1], where=item[2]), items,
+                        threads=store.threads),
+        total=len(items), what=f'nih_chest_xray14 {split}'):
+      if not store.keep(image, split=split):
         continue
       yield entry.image_id, {
           'image': image,
