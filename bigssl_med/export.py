@@ -23,7 +23,8 @@ a PyTorch user must match:
 
 Architectures torchvision's ResNet cannot express are refused with a one-line error:
 selective kernels, the CIFAR stem, and SimCLR's projection in the first block of a
-ResNet-18/34 (`identity_shortcuts=False`). An existing output file is never replaced.
+ResNet-18/34 (`identity_shortcuts=False`). An existing output file is replaced only with
+`--overwrite`, and then only once the new file is complete.
 """
 
 import argparse
@@ -140,15 +141,19 @@ def _classifier(variables: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] |
   return kernel.T.astype(np.float32), bias.astype(np.float32)
 
 
-def export(workdir: str, out: str, checkpoint: str = 'auto') -> dict[str, str]:
+def export(workdir: str, out: str, checkpoint: str = 'auto',
+           overwrite: bool = False) -> dict[str, str]:
   """Writes `out` (safetensors, torchvision layout) from the run in `workdir`.
 
-  Returns the metadata written with it. Refuses an existing `out`.
+  Returns the metadata written with it. Refuses an existing `out` unless `overwrite`;
+  the file is written aside and renamed, so a failed export leaves `out` as it was.
   """
   if checkpoint not in CHECKPOINTS:
     raise UserError(f'checkpoint {checkpoint!r} is not one of {CHECKPOINTS}')
-  if os.path.exists(out):
-    raise UserError(f'{out}: already exists; export to a new file')
+  if os.path.exists(out) and not overwrite:
+    raise UserError(f'{out}: already exists; export to a new file, or pass --overwrite')
+  if os.path.isdir(out):
+    raise UserError(f'{out}: is a folder; --out names the .safetensors file to write')
   model = _run_model_config(workdir)
   _check_expressible(model, workdir)
   best = os.path.join(workdir, 'best')
@@ -187,14 +192,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       prog='python -m bigssl_med.export',
       description='Writes the ResNet of a run as a torchvision-layout .safetensors file.')
   parser.add_argument('--workdir', required=True, help='the run (pretrain, finetune, ...)')
-  parser.add_argument('--out', required=True, help='the .safetensors file to write (new)')
+  parser.add_argument('--out', required=True, help='the .safetensors file to write')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace an existing --out (once the new file is complete)')
   parser.add_argument('--checkpoint', choices=CHECKPOINTS, default='auto',
                       help="'best' (a fine-tuning run's selected model), 'latest' (the newest "
                            "checkpoint) or 'auto': best where there is one")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   try:
-    metadata = export(args.workdir, args.out, args.checkpoint)
+    metadata = export(args.workdir, args.out, args.checkpoint, overwrite=args.overwrite)
   except UserError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

@@ -142,6 +142,13 @@ def test_existing_files_and_missing_runs_are_one_line_errors(tmp_path, caplog):
   out.write_bytes(b'keep me')
   assert export.main(['--workdir', workdir, '--out', os.fspath(out)]) == 2
   assert out.read_bytes() == b'keep me'
+  assert export.main(['--workdir', workdir, '--out', os.fspath(tmp_path)]) == 2
+  # --overwrite replaces the file only once the new one is whole: a failed export keeps it.
+  with pytest.raises(CheckpointError, match='best: no such folder'):
+    export.export(workdir, os.fspath(out), checkpoint='best', overwrite=True)
+  assert out.read_bytes() == b'keep me'
+  assert export.main(['--workdir', workdir, '--out', os.fspath(out), '--overwrite']) == 0
+  assert 'conv1.weight' in convert.read_safetensors_file(os.fspath(out))
   with pytest.raises(ConfigError, match='config.json: missing.*is .* a run of this project'):
     export.export(os.fspath(tmp_path / 'nothing'), os.fspath(tmp_path / 'y.safetensors'))
   with pytest.raises(CheckpointError, match='best: no such folder'):
