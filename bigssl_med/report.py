@@ -101,6 +101,7 @@ EQUIVALENT = '≈'
 FEWER_CLASSES = '†'
 MISSING = '—'
 MAX_ROC_PANELS = 5
+MICRO_AVERAGED = 'micro-averaged one-vs-rest'  # the ROC panel of a multi-class task
 
 
 # ------------------------------------------------------------------------- Collecting.
@@ -898,7 +899,8 @@ def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') 
 
   For each row (initialisation), the run with predictions at its largest label fraction
   and, there, its first seed. Binary tasks: one panel; multi-class: the micro-averaged
-  one-vs-rest curve (every class's scores pooled); multi-label: one panel per label, at
+  one-vs-rest curve (every class's scores pooled), its legend giving the micro-AUC,
+  which is not the macro mean AUC of the tables; multi-label: one panel per label, at
   most five (CheXpert's competition labels when all are present).
   """
   trainers = {run['trainer'] for run in runs}
@@ -925,8 +927,9 @@ def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') 
     return False
   fig, axes = _figure(len(titles))
   for ax, title in zip(axes, titles):
+    auc_name = 'micro-AUC' if title == MICRO_AVERAGED else 'AUC'
     for label, fpr, tpr in panels[title]:
-      ax.plot(fpr, tpr, label=f'{label}: AUC {sk_metrics.auc(fpr, tpr):.3f}')
+      ax.plot(fpr, tpr, label=f'{label}: {auc_name} {sk_metrics.auc(fpr, tpr):.3f}')
     ax.plot([0, 1], [0, 1], linestyle='--', color='grey', linewidth=0.8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
@@ -973,7 +976,7 @@ def roc_curves(path: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
         raise ValueError(f'labels must be classes in [0, {num_columns}) for scores of '
                          f'shape {scores.shape}')
       one_hot = classes[:, None] == np.arange(num_columns)[None, :]
-      return [('micro-averaged one-vs-rest',
+      return [(MICRO_AVERAGED,
                *metrics_lib.roc_points(scores.ravel(), one_hot.ravel()))]
     if labels.shape != scores.shape:
       raise ValueError(f'labels have shape {labels.shape}, scores {scores.shape}')

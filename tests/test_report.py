@@ -263,6 +263,20 @@ def test_binary_roc_and_bad_predictions(tmp_path):
     report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
 
 
+def test_multiclass_roc_legend_says_micro_auc(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  write_run(tmp_path / 'a', 'derm', 'micle', 1.0, 0, 0.9, metric='auc_macro', predictions={
+      'scores': rng.random((60, 3)), 'labels': np.arange(60) % 3})
+  figures = []
+  figure = report._figure  # pylint: disable=protected-access
+  monkeypatch.setattr(report, '_figure', lambda n: figures.append(figure(n)) or figures[-1])
+  report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
+  (ax,) = figures[-1][1]
+  assert ax.get_title() == 'derm: micro-averaged one-vs-rest'
+  assert [t.get_text().split(': ', 1)[1][:10] for t in ax.get_legend().get_texts()] == [
+      'micro-AUC ']
+
+
 def test_main_exit_0(runs_root, tmp_path, capsys):
   out = tmp_path / 'cli' / 'summary.md'
   assert report.main([str(runs_root / 'ham'), str(runs_root / 'cxr'), '--out', str(out),
