@@ -267,17 +267,21 @@ def restore_model_item(item: epath.Path | str, sharding: jax.sharding.Sharding
                        ) -> dict[str, Any]:
   """The arrays of one saved model item (`.../model`, or a run's `best/`), on `sharding`."""
   item = epath.Path(absolute(os.fspath(item)))  # orbax refuses relative paths
-  checkpointer = ocp.StandardCheckpointer()
+  # The item's own handler: a Checkpointer would also look for the step's metadata file,
+  # which a CheckpointManager keeps one folder up, and log its absence.
+  handler = ocp.StandardCheckpointHandler()
   try:
-    metadata = checkpointer.metadata(item)
+    metadata = handler.metadata(item)
     tree = getattr(metadata, 'item_metadata', metadata)
     tree = getattr(tree, 'tree', tree)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                           tree)
-    return checkpointer.restore(item, target)
+    return handler.restore(item, args=ocp.args.StandardRestore(target))
   except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
     raise CheckpointError(f'{item}: cannot read the checkpoint{_damaged(e)}: '
                           f'{first_line(e)}') from e
+  finally:
+    handler.close()
 
 
 def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys: tuple[str, ...],
