@@ -61,6 +61,7 @@ def _augment() -> ml_collections.ConfigDict:
   a.hue = True                    # switch off hue / saturation jitter for grayscale X-rays
   a.saturation = True
   a.impl = 'simclrv2'             # multiplicative brightness ('simclrv1': additive)
+  a.rotation_deg = 0.0            # random rotation in [-r, r] degrees, first (0: off)
   return a
 
 
@@ -124,6 +125,10 @@ def finetune() -> ml_collections.ConfigDict:
   c.data.test_ten_crop = False    # test (and shift) by ten-crop test-time augmentation
   c.data.label_fraction = 1.0     # fraction of training cases with labels, in (0, 1]
   c.data.fraction_seed = 0        # which cases; nested over fractions for one seed
+  c.augment = _augment()          # on-device augmentation of the training crops: off by
+  c.augment.jitter_p = 0.0        # default (crops and flips only, SimCLRv2's fine-tuning);
+  c.augment.grayscale_p = 0.0     # finetune_derm / finetune_chexpert turn it on
+  c.augment.blur_p = 0.0
   c.model = _model()
   c.head_layers_kept = 1          # projection-head layers kept from init_from (SimCLRv2: 1)
   c.optimizer = _optimizer()
@@ -158,6 +163,7 @@ def linear_eval() -> ml_collections.ConfigDict:
   """
   c = finetune()
   c.trainer = 'linear_eval'
+  del c.augment                   # SimCLR's linear evaluation: crops and flips
   c.head_layers_kept = 0          # SimCLR evaluates the encoder's output
   c.num_epochs = 90.0
   return c
@@ -171,6 +177,7 @@ def distill() -> ml_collections.ConfigDict:
   """
   c = finetune()
   c.trainer = 'distill'
+  del c.augment                   # SimCLRv2's distillation: crops and flips
   c.teacher = ''                  # workdir of a finished finetune or linear_eval run
   c.distill_temperature = 1.0     # τ of CE(softmax(teacher/τ), softmax(student/τ))
   del c.data.label_fraction       # the student sees every training image, without labels

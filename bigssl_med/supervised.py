@@ -8,7 +8,8 @@ Tasks:
   CheXpert's uncertainty policies (U-Ignore, U-Zeros, U-Ones, LSR-Ones).
 
 Images arrive as uint8 random crops (training) or centre crops (evaluation) and are
-only scaled to [0, 1] here: fine-tuning uses crops and flips, no colour distortion.
+scaled to [0, 1] here; fine-tuning may also augment the training crops on the device
+(`augment_images`: rotation, colour jitter, blur, as `config.augment` asks).
 """
 
 from __future__ import annotations
@@ -36,19 +37,24 @@ class Task:
 
 
 def make_train_step(model, tx, schedule, task: Task, *, l2_heads: tuple[str, ...] = (),
-                    weight_decay: float = 0.0):
+                    weight_decay: float = 0.0, augment_images=None):
   """`(state, batch, key) -> (state, metrics)`; `batch` has `image` and `label`.
 
   `l2_heads`: top-level heads whose kernels the loss regularises by
   `optim.head_l2(params, weight_decay, l2_heads)` (the classifier under LARS, as SimCLR
   treats its supervised head); `metrics['loss']` is the task's loss alone.
+  `augment_images`: `(key, uint8 images) -> float images in [0, 1]` applied to the
+  training crops (`augment.from_config`), or None for none.
   """
 
   def train_step(state, batch, key):
     variables, opt = state['model'], state['opt']
-    images = augment.to_float(batch['image'])
     labels = batch['label']
     step_key = jax.random.fold_in(key, opt['step'])
+    if augment_images is None:
+      images = augment.to_float(batch['image'])
+    else:
+      images = augment_images(jax.random.fold_in(step_key, 1), batch['image'])
 
     def loss_fn(params):
       logits, updates = model.apply(

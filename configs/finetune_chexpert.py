@@ -7,6 +7,10 @@ Uncertain labels follow `task.uncertain` (U-Ones by default; ignore, zeros,
 lsr_ones); blanks count as negatives. The mean AUC is over CheXpert's five
 competition pathologies. CheXpert v1.0 has no public test split: the validation
 split selects the model and no test figure is written.
+
+The training crops are augmented as the MICLe paper fine-tunes (crop and flip on
+the host; rotation up to 45 degrees, colour jitter of strength 0.5 without hue and
+saturation, and SimCLR's Gaussian blur on the device; see finetune_derm.py).
 """
 
 from bigssl_med import config_schema
@@ -17,6 +21,12 @@ def get_config(arg: str = 'r50'):
   config_schema.set_model_variant(config, arg)
   config.dataset = 'chexpert'
   config.data.image_size = 224
+  config.augment.rotation_deg = 45.0
+  config.augment.color_strength = 0.5
+  config.augment.jitter_p = 0.8
+  config.augment.hue = False
+  config.augment.saturation = False
+  config.augment.blur_p = 0.5
   config.batch_size = 256
   config.num_epochs = 10.0
   config.optimizer.learning_rate = 0.1

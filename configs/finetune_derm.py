@@ -8,6 +8,13 @@ Every layer is fine-tuned from the encoder and the first projection-head layer o
 `init_from` (SimCLRv2's choice; `head_layers_kept`), or from random weights when
 `init_from` is empty (the scratch baseline). `init` names the initialisation in
 reports. Label fractions are fractions of lesions, nested for one `fraction_seed`.
+
+The training crops are augmented as the MICLe paper fine-tunes: random crop and
+flip (host), then on the device a random rotation, colour jitter and Gaussian blur.
+The paper names these ops, not their strengths; the rotation (up to 45 degrees) and
+jitter strength (0.5) are those it gives for chest X-ray pretraining, the blur is
+SimCLR's (p 0.5). `--config.augment.jitter_p=0 --config.augment.blur_p=0
+--config.augment.rotation_deg=0` fine-tunes on crops and flips alone.
 """
 
 from bigssl_med import config_schema
@@ -18,6 +25,10 @@ def get_config(arg: str = 'r50'):
   config_schema.set_model_variant(config, arg)
   config.dataset = 'ham10000'
   config.data.image_size = 224
+  config.augment.rotation_deg = 45.0
+  config.augment.color_strength = 0.5
+  config.augment.jitter_p = 0.8
+  config.augment.blur_p = 0.5
   config.batch_size = 256
   config.num_epochs = 50.0
   config.optimizer.learning_rate = 0.1

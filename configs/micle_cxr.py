@@ -4,9 +4,12 @@
       --config.init_from=WORKDIR_OF_AN_IMAGENET_RUN
 
 Positive pairs are two different images (studies, views) of one patient
-(`case_id`). Hue and saturation jitter are off: on grayscale radiographs they
-change nothing. Chest X-ray labels are multi-label, so SimCLR's single-label
-linear probe is off; evaluation reports the contrastive metrics.
+(`case_id`). The augmentation is the chest X-ray recipe of the MICLe paper:
+random crop and horizontal flip (host), a random rotation of up to 45 degrees,
+colour jitter of strength 0.5, and no Gaussian blur (it can erase the local texture
+a finding is read from). Hue and saturation jitter are off: on grayscale
+radiographs they change nothing. Chest X-ray labels are multi-label, so SimCLR's
+single-label linear probe is off; evaluation reports the contrastive metrics.
 
 `--config.dataset` may name any built chest X-ray set with `case_id`
 (`chexpert`, `nih_chest_xray14`, `mimic_cxr_jpg`).
@@ -24,6 +27,9 @@ def get_config(arg: str = 'r50'):
   config.data.label_key = ''
   config.augment.hue = False
   config.augment.saturation = False
+  config.augment.color_strength = 0.5
+  config.augment.blur_p = 0.0
+  config.augment.rotation_deg = 45.0
   config.batch_size = 1024
   config.num_epochs = 100.0
   config.optimizer.learning_rate = 0.3

@@ -313,7 +313,7 @@ def _uint8_batch(n=6, size=32, channels=3, seed=0):
 
 _JIT_AUGMENT = jax.jit(augment.simclr_augment,
                        static_argnames=('hue', 'saturation', 'jitter_p',
-                                        'grayscale_p', 'blur_p'))
+                                        'grayscale_p', 'blur_p', 'rotation_deg'))
 
 
 def test_simclr_augment_shape_range_and_determinism():
@@ -396,3 +396,80 @@ def test_simclr_augment_independent_of_sharding():
                           capture_output=True, text=True, timeout=300,
                           check=False)
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Rotation (the chest X-ray recipe).
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('shape', [(13, 17, 3), (16, 16, 1)])
+@pytest.mark.parametrize('degrees', [-45.0, -7.5, 0.0, 30.0, 90.0, 180.0])
+def test_rotate_matches_scipy_in_float64(shape, degrees):
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).random(shape)
+  want = scipy.ndimage.rotate(image, degrees, axes=(1, 0), reshape=False, order=1,
+                              mode='grid-constant', cval=0.0)
+  got = jax.jit(augment.rotate)(jnp.asarray(image, jnp.float32), degrees)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_rotate_turns_counter_clockwise_and_blackens_the_corners():
+  image = np.random.default_rng(1).random((8, 8, 3)).astype(np.float32)
+  np.testing.assert_allclose(augment.rotate(image, 90.0), np.rot90(image), atol=1e-5)
+  turned = np.asarray(augment.rotate(np.ones((33, 33, 3), np.float32), 45.0))
+  assert turned[0, 0].max() == 0.0 and turned[16, 16].min() == pytest.approx(1.0)
+
+
+def test_random_rotation_angle_range_and_key():
+  image = np.zeros((21, 21, 1), np.float32)
+  image[10, 10:] = 1.0  # a ray from the centre to the right edge
+  angles = []
+  for i in range(200):
+    turned = np.asarray(augment.random_rotation(jax.random.key(i), image, 30.0))[..., 0]
+    ys, xs = np.nonzero(turned > 0.5)
+    far = np.argmax(np.hypot(ys - 10, xs - 10))
+    angles.append(np.degrees(np.arctan2(10 - ys[far], xs[far] - 10)))
+  angles = np.asarray(angles)
+  assert angles.min() >= -31 and angles.max() <= 31
+  assert angles.min() < -20 and angles.max() > 20  # the whole range is drawn
+  np.testing.assert_array_equal(augment.random_rotation(jax.random.key(3), image, 30.0),
+                                augment.random_rotation(jax.random.key(3), image, 30.0))
+
+
+def test_simclr_augment_rotates_first_and_leaves_the_other_draws_alone():
+  images = _uint8_batch()
+  key = jax.random.key(4)
+  rotated = _JIT_AUGMENT(key, images, rotation_deg=45.0, jitter_p=0.0, grayscale_p=0.0,
+                         blur_p=0.0)
+  keys = jax.random.split(key, images.shape[0])
+  want = jax.vmap(lambda k, x: augment.random_rotation(jax.random.fold_in(k, 3), x, 45.0))(
+      keys, augment.to_float(images))
+  np.testing.assert_allclose(rotated, want, atol=1e-5)
+  # Without the rotation the jitter, grayscale and blur draw what they drew before.
+  plain = _JIT_AUGMENT(key, images)
+  np.testing.assert_array_equal(plain, _JIT_AUGMENT(key, images, rotation_deg=0.0))
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('rotation_deg', 200.0, r'config.augment.rotation_deg: rotation_deg must be in \[0, 180\]'),
+    ('color_strength', 2.0, r'config.augment.color_strength: colour-jitter strength must be'),
+    ('blur_p', 1.5, r'config.augment.blur_p must be a probability in \[0, 1\], got 1.5'),
+    ('impl', 'simclrv3', r"config.augment.impl: impl must be one of"),
+])
+def test_from_config_names_the_bad_key(key, value, message):
+  from bigssl_med import config_schema  # pylint: disable=g-import-not-at-top
+  from bigssl_med.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  a = config_schema.pretrain().augment
+  a[key] = value
+  with pytest.raises(ConfigError, match=message):
+    augment.from_config(a)
+
+
+def test_is_identity():
+  from bigssl_med import config_schema  # pylint: disable=g-import-not-at-top
+  assert augment.is_identity(config_schema.finetune().augment)
+  assert not augment.is_identity(config_schema.pretrain().augment)
+  a = config_schema.finetune().augment
+  a.rotation_deg = 10.0
+  assert not augment.is_identity(a)

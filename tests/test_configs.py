@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bigssl_med import config_schema
+from bigssl_med import augment, config_schema
 from bigssl_med.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -71,6 +71,17 @@ def test_medical_configs():
   assert not load('simclr_cxr').micle
   cxr = load('micle_cxr')
   assert not cxr.augment.hue and not cxr.augment.saturation and not cxr.probe
+  # The chest X-ray recipe: rotation up to 45 degrees, jitter strength 0.5, no blur.
+  for name in ('micle_cxr', 'simclr_cxr'):
+    a = load(name).augment
+    assert (a.rotation_deg, a.color_strength, a.blur_p) == (45.0, 0.5, 0.0), name
+  assert load('micle_derm').augment.rotation_deg == 0.0  # SimCLR's own augmentation
+  # Fine-tuning as the MICLe paper: rotation, colour and blur besides crops and flips.
+  for name in ('finetune_derm', 'finetune_chexpert'):
+    a = load(name).augment
+    assert (a.rotation_deg, a.color_strength, a.jitter_p, a.blur_p) == (45.0, 0.5, 0.8, 0.5)
+  assert augment.is_identity(load('finetune_nih14').augment)
+  assert 'augment' not in load('linear_eval_derm') and 'augment' not in load('distill_derm')
   demo = load('demo')
   assert demo.trainer == 'stages' and demo.order == ('pretrain', 'micle', 'scratch')
   assert demo.stages.pretrain.micle and demo.stages.pretrain.data.manual_dir

@@ -219,6 +219,52 @@ def test_step_regularises_the_l2_heads_in_its_loss(distill):
   assert losses[0] == losses[1]
 
 
+def test_step_trains_on_the_augmented_crops():
+  """With `augment_images`, the model sees what it returns, not the crops."""
+  model, tx = _TinyClassifier(), optax.sgd(1.0)
+  images = np.random.default_rng(0).integers(0, 256, (4, 2, 2, 3), np.uint8)
+  variables = model.init(jax.random.key(0), jnp.zeros((4, 2, 2, 3)), train=False)
+  task = supervised.Task(kind='multiclass', num_outputs=3)
+  keys = []
+
+  def black(key, crops):
+    keys.append(key)
+    return jnp.zeros(crops.shape, jnp.float32)
+
+  kernels = []
+  for augment_images, batch_images in [(black, images), (None, np.zeros_like(images)),
+                                       (None, images)]:
+    state = {'model': variables, 'opt': {'step': jnp.zeros((), jnp.int32),
+                                         'opt_state': tx.init(variables['params'])}}
+    step = supervised.make_train_step(model, tx, optax.constant_schedule(1.0), task,
+                                      augment_images=augment_images)
+    state, _ = step(state, {'image': batch_images, 'label': np.array([0, 1, 2, 0])},
+                    jax.random.key(1))
+    kernels.append(np.asarray(state['model']['params']['classifier']['kernel']))
+  np.testing.assert_array_equal(kernels[0], kernels[1])
+  assert not np.array_equal(kernels[0], kernels[2])
+  assert len(keys) == 1
+
+
+def test_finetune_config_augment_reaches_the_step(colours, tmp_path, monkeypatch):
+  seen = []
+  from_config = finetune.augment.from_config
+
+  def spy(a):
+    seen.append(a.to_dict())
+    return from_config(a)
+
+  monkeypatch.setattr(finetune.augment, 'from_config', spy)
+  cfg = tiny_config(colours, total_steps=2, eval_every_steps=2,
+                    **{'augment.rotation_deg': 30.0, 'augment.jitter_p': 0.8})
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'augmented'))
+  assert results['step'] == 2
+  assert [(a['rotation_deg'], a['jitter_p'], a['blur_p']) for a in seen] == [(30.0, 0.8, 0.0)]
+  finetune.train_and_evaluate(tiny_config(colours, total_steps=2, eval_every_steps=2),
+                              os.fspath(tmp_path / 'plain'))
+  assert len(seen) == 1  # crops and flips only: no augmentation traced
+
+
 def test_linear_eval_trains_only_the_classifier(colours, tmp_path):
   source = os.fspath(tmp_path / 'pretrained')
   pretrain.train_and_evaluate(

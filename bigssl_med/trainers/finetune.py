@@ -42,6 +42,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from bigssl_med import augment
 from bigssl_med import build_data
 from bigssl_med import checkpointing
 from bigssl_med import config_schema
@@ -318,7 +319,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def train_step(state, batch, key):
       return step_fn(state, teacher.variables, batch, key)
   else:
-    train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task, **l2),
+    augment_config = config.get('augment')
+    augment_images = (None if augment_config is None or augment.is_identity(augment_config)
+                      else augment.from_config(augment_config))
+    train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task,
+                                                    augment_images=augment_images, **l2),
                          in_shardings=(run.shardings, batch_sharding, repl),
                          out_shardings=(run.shardings, repl), donate_argnums=0)
   eval_steps = {}

@@ -37,16 +37,6 @@ from bigssl_med.errors import ConfigError
 _EVAL_SEED = 1234
 
 
-def augment_fn(config: ml_collections.ConfigDict):
-  """The on-device SimCLR augmentation that `config.augment` describes."""
-  a = config.augment
-  if a.impl not in ('simclrv1', 'simclrv2'):
-    raise ConfigError(f"config.augment.impl must be 'simclrv1' or 'simclrv2', got {a.impl!r}")
-  return functools.partial(augment.simclr_augment, strength=a.color_strength,
-                           jitter_p=a.jitter_p, grayscale_p=a.grayscale_p, blur_p=a.blur_p,
-                           hue=a.hue, saturation=a.saturation, impl=a.impl)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) pretraining in `workdir`; returns the final evaluation."""
   config_schema.validate(config)
@@ -112,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('Start at step %d: %s', start_step, origin)
 
   # ---------------------------------------------------------------- Steps.
-  augment_views = augment_fn(config)
+  augment_views = augment.from_config(config.augment)
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = jax.jit(
       contrastive.make_train_step(model, tx, schedule, augment_views=augment_views,
