@@ -213,6 +213,11 @@ def test_unet_output_and_parameter_layout():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   out = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
   assert out.shape == (2, 64, 64, 1) and out.dtype == jnp.float32
+  # Under bfloat16 compute the logits convolution (the last) still runs in float32.
+  jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x, train=False))(variables)
+  convs = [e for e in jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+  assert [v.aval.dtype for v in convs[-1].invars] == [jnp.float32, jnp.float32]
+  assert convs[-2].invars[0].aval.dtype == jnp.bfloat16
 
 
 # --------------------------------------------------------------------------- end to end

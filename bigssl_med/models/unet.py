@@ -86,9 +86,10 @@ class UNetDecoder(nn.Module):
       skip = skips[i] if i < len(skips) else None
       target = skip.shape[1:3] if skip is not None else size
       x = DecoderBlock(features, self.dtype, name=f'block{i}')(x, target, skip, train)
-    logits = nn.Conv(self.num_outputs, (3, 3), padding='SAME', kernel_init=head_conv_init,
-                     dtype=self.dtype, name='logits')(x)
-    return logits.astype(jnp.float32)
+    # The logits in float32 (one output channel: cheap), as the classifiers' are; in
+    # bfloat16 a logit near 10 would be off by up to 0.03.
+    return nn.Conv(self.num_outputs, (3, 3), padding='SAME', kernel_init=head_conv_init,
+                   dtype=jnp.float32, name='logits')(x.astype(jnp.float32))
 
 
 class UNet(nn.Module):
