@@ -125,6 +125,8 @@ def finetune() -> ml_collections.ConfigDict:
   c.data.test_ten_crop = False    # test (and shift) by ten-crop test-time augmentation
   c.data.label_fraction = 1.0     # fraction of training cases with labels, in (0, 1]
   c.data.fraction_seed = 0        # which cases; nested over fractions for one seed
+  c.data.holdout = 0.0            # > 0: validate on this fraction of the training cases
+  #                                 (fixed by case hash) instead of data.eval_split ('')
   c.augment = _augment()          # on-device augmentation of the training crops: off by
   c.augment.jitter_p = 0.0        # default (crops and flips only, SimCLRv2's fine-tuning);
   c.augment.grayscale_p = 0.0     # finetune_derm / finetune_chexpert turn it on

@@ -107,7 +107,8 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
                evaluate: Callable[[Any], dict[str, Any]]) -> tuple[dict[str, Any], int]:
   """Trains from `state['opt']['step']` to `total_steps`; returns the state and last step.
 
-  `evaluate(variables)` returns the metrics on `config.data.eval_split`; it runs
+  `evaluate(variables)` returns the validation metrics (on `config.data.eval_split`, or
+  on held-out training cases, logged as split 'holdout'); it runs
   every `config.eval_every_steps` and at the last step, the metrics are logged, and
   `best` selects. A run
   that stops early saves a checkpoint and returns. After the loop, a run that has
@@ -119,7 +120,7 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
     if best.done_at(step):
       return False
     found = evaluate(variables)
-    writer.write(step, config.data.eval_split, workdir_lib.scalars(found))
+    writer.write(step, config.data.eval_split or 'holdout', workdir_lib.scalars(found))
     return best.update(step, variables, found)
 
   running = start_step < total_steps and not best.stopped_early

@@ -5,8 +5,10 @@
 
 Uncertain labels follow `task.uncertain` (U-Ones by default; ignore, zeros,
 lsr_ones); blanks count as negatives. The mean AUC is over CheXpert's five
-competition pathologies. CheXpert v1.0 has no public test split: the validation
-split selects the model and no test figure is written.
+competition pathologies. CheXpert v1.0 has no public test split, so its official
+validation split (234 images) is the test split, evaluated once; the model is
+selected on 10% of the training patients held out by a fixed hash of the patient id
+(`data.holdout`), never trained on, the same for every seed and label fraction.
 
 The training crops are augmented as the MICLe paper fine-tunes (crop and flip on
 the host; rotation up to 45 degrees, colour jitter of strength 0.5 without hue and
@@ -20,6 +22,9 @@ def get_config(arg: str = 'r50'):
   config = config_schema.finetune()
   config_schema.set_model_variant(config, arg)
   config.dataset = 'chexpert'
+  config.data.holdout = 0.1
+  config.data.eval_split = ''
+  config.data.test_split = 'validation'
   config.data.image_size = 224
   config.augment.rotation_deg = 45.0
   config.augment.color_strength = 0.5

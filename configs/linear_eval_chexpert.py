@@ -5,7 +5,9 @@
 
 A linear layer on the standardised features of the frozen encoder of `init_from`,
 U-Ones for uncertain labels, mean AUC over CheXpert's five competition
-pathologies on the validation split (CheXpert v1.0 has no public test split).
+pathologies. CheXpert v1.0 has no public test split, so its official validation
+split is the test split; the model is selected on 10% of the training patients held
+out (`data.holdout`), as in finetune_chexpert.py.
 Add `--config.shift.dataset=nih_chest_xray14 --config.shift.label_map=...` to
 evaluate the same model on ChestX-ray14's shared findings.
 """
@@ -17,6 +19,9 @@ def get_config(arg: str = 'r50'):
   config = config_schema.linear_eval()
   config_schema.set_model_variant(config, arg)
   config.dataset = 'chexpert'
+  config.data.holdout = 0.1
+  config.data.eval_split = ''
+  config.data.test_split = 'validation'
   config.data.image_size = 224
   config.batch_size = 256
   config.num_epochs = 10.0

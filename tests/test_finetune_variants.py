@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bigssl_med import build_data, label_mapping, supervised
+from bigssl_med.data import fractions
 from bigssl_med.errors import ConfigError
 from bigssl_med.trainers import finetune, pretrain
 from test_finetune import _write_colour_cases, tiny_config
@@ -263,6 +264,28 @@ def test_finetune_config_augment_reaches_the_step(colours, tmp_path, monkeypatch
   finetune.train_and_evaluate(tiny_config(colours, total_steps=2, eval_every_steps=2),
                               os.fspath(tmp_path / 'plain'))
   assert len(seen) == 1  # crops and flips only: no augmentation traced
+
+
+def test_holdout_validates_on_training_cases_and_tests_on_the_validation_split(
+    colours, tmp_path):
+  cfg = tiny_config(colours, total_steps=4, eval_every_steps=2,
+                    **{'data.holdout': 0.25, 'data.eval_split': '',
+                       'data.test_split': 'validation'})
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'held'))
+  held = fractions.open_holdout('image_cases/colours', 'train', os.fspath(colours), 0.25)
+  assert 0 < len(held) < 64
+  assert results['labelled_images'] == 64 - len(held)
+  assert results['validation']['num_examples'] == len(held)
+  assert results['validation_split'] == 'image_cases/colours/train (held-out 0.25 of its cases)'
+  assert results['test']['num_examples'] == 16  # the validation split, tested once
+  rows = [json.loads(line) for line in (tmp_path / 'held' / 'metrics.jsonl').read_text()
+          .splitlines()]
+  assert [r['split'] for r in rows if r['split'] != 'train'] == [
+      'holdout', 'holdout', 'validation']  # the last: the test of the best model
+  with pytest.raises(ConfigError, match=r"data.eval_split is 'validation': pass "
+                                        r"--config.data.eval_split='' with it"):
+    finetune.train_and_evaluate(tiny_config(colours, **{'data.holdout': 0.25}),
+                                os.fspath(tmp_path / 'both'))
 
 
 def test_linear_eval_trains_only_the_classifier(colours, tmp_path):

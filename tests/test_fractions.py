@@ -101,3 +101,44 @@ def test_open_fraction_of_a_built_data_set(small_ham10000):
     previous = set(by_case)
     records = subset.__getitems__([0, len(subset) - 1])
     assert records[0]['image_id'] == subset[0]['image_id']
+
+
+def test_holdout_matches_an_independent_hash_and_its_size():
+  ids = [f'patient{i:05d}' for i in range(4000)]
+  held = [c for c in ids if fractions.is_held_out(c, 0.1)]
+  want = [c for c in ids
+          if int(__import__('hashlib').sha256(f'holdout:{c}'.encode()).hexdigest()[:16], 16)
+          < 0.1 * 2**64]
+  assert held == want
+  assert abs(len(held) / len(ids) - 0.1) < 0.02
+  # Growing holdouts are nested, and a case's fate does not depend on the others.
+  assert set(held) <= {c for c in ids if fractions.is_held_out(c, 0.2)}
+  assert not any(fractions.is_held_out(c, 0.0) for c in ids)
+
+
+@pytest.mark.parametrize('holdout', [-0.1, 1.0, 'ten', None])
+def test_bad_holdout_is_a_config_error(holdout):
+  with pytest.raises(ConfigError, match=r'^config.data.holdout must be a fraction of cases'):
+    fractions.check_holdout(holdout)
+
+
+def test_holdout_and_label_fractions_of_a_built_data_set(small_ham10000):
+  data_dir, _ = small_ham10000
+  full, all_groups = fractions.open_fraction('ham10000', 'train', data_dir, 1.0, seed=0)
+  every_case = {full[int(g[0])]['case_id'] for g in all_groups}
+  held = fractions.open_holdout('ham10000', 'train', data_dir, 0.2)
+  held_cases = {r['case_id'] for r in held}
+  assert held_cases == {c for c in every_case if fractions.is_held_out(c.decode(), 0.2)}
+  assert len(held) == sum(len(g) for g in all_groups
+                          if full[int(g[0])]['case_id'] in held_cases)  # whole cases
+  previous = set()
+  for fraction in (0.3, 1.0):
+    subset, groups = fractions.open_fraction('ham10000', 'train', data_dir, fraction, seed=5,
+                                             holdout=0.2)
+    cases = {subset[int(g[0])]['case_id'] for g in groups}
+    assert not cases & held_cases and previous <= cases
+    assert len(cases) == math.ceil(fraction * len(every_case - held_cases))
+    previous = cases
+  assert previous == every_case - held_cases
+  with pytest.raises(ConfigError, match='holds out 0 of the'):
+    fractions.open_holdout('ham10000', 'train', data_dir, 1e-9)

@@ -10,6 +10,13 @@ Each case gets a rank key `sha256(f'{seed}:{case_id}')`; a fraction `f` of `n`
 cases keeps the `ceil(f * n)` cases with the smallest keys. The subset depends
 only on the seed and the set of case ids, not on the order of the records, the
 number of hosts or which other fractions are drawn.
+
+A holdout (`is_held_out`) sets cases of the training split aside for model
+selection, for data sets whose other labelled split is the one results are reported
+on (CheXpert's official validation split). A case is held out when
+`sha256(f'holdout:{case_id}')`, read as a number in [0, 1), is below the holdout
+fraction: the same cases for every seed and label fraction, whatever other cases
+the split has. Label fractions are then drawn from the cases not held out.
 """
 
 from __future__ import annotations
@@ -80,16 +87,58 @@ def fraction_records(cases: Mapping[str, np.ndarray], fraction: float,
   return np.sort(np.concatenate([np.asarray(cases[c], np.int64) for c in chosen]))
 
 
-def open_fraction(name: str, split: str, data_dir: str, fraction: float, seed: int
-                  ) -> tuple[Sequence[dict], list[np.ndarray]]:
+def check_holdout(holdout: float) -> float:
+  """`holdout` as a float in [0, 1).
+
+  Raises:
+    ConfigError: it is not a number in [0, 1), naming `config.data.holdout`.
+  """
+  try:
+    value = float(holdout)
+  except (TypeError, ValueError):
+    value = math.nan
+  if not 0.0 <= value < 1.0:
+    raise ConfigError(f'config.data.holdout must be a fraction of cases in [0, 1) (0.1 for '
+                      f'10%), got {holdout!r}')
+  return value
+
+
+def is_held_out(case_id: str, holdout: float) -> bool:
+  """Whether `case_id` is among the cases a holdout of `holdout` sets aside."""
+  digest = hashlib.sha256(f'holdout:{case_id}'.encode('utf-8')).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64 < holdout
+
+
+def open_holdout(name: str, split: str, data_dir: str, holdout: float) -> Sequence[dict]:
+  """The records of the cases of `split` that a holdout of `holdout` sets aside.
+
+  Raises:
+    DataError: the data set or split is missing. ConfigError: a bad holdout, or one
+      that holds out no case or every case.
+  """
+  holdout = check_holdout(holdout)
+  cases = sources.cases(name, split, data_dir)
+  held = [c for c in cases if is_held_out(c, holdout)]
+  if not held or len(held) == len(cases):
+    raise ConfigError(f'config.data.holdout={holdout:g} holds out {len(held)} of the '
+                      f'{len(cases)} cases of {name}/{split}; it must leave some on either '
+                      'side')
+  indices = np.sort(np.concatenate([np.asarray(cases[c], np.int64) for c in held]))
+  return sources.Subset(sources.open_split(name, split, data_dir), indices)
+
+
+def open_fraction(name: str, split: str, data_dir: str, fraction: float, seed: int,
+                  holdout: float = 0.0) -> tuple[Sequence[dict], list[np.ndarray]]:
   """Opens the records of a label fraction of a split, grouped by case.
 
   Args:
     name: the data set (`NAME[/CONFIG]`).
     split: the split to draw from (usually 'train').
     data_dir: the TFDS data dir.
-    fraction: in (0, 1]; 1 opens the whole split.
+    fraction: in (0, 1]; 1 opens the whole split (less the holdout).
     seed: the draw (nested over fractions for one seed).
+    holdout: the fraction of cases set aside first (`is_held_out`; 0: none); the
+      label fraction is a fraction of the others.
 
   Returns:
     (source, groups): a random-access source over the chosen records (record
@@ -99,9 +148,15 @@ def open_fraction(name: str, split: str, data_dir: str, fraction: float, seed: i
     DataError: the data set or split is missing. ConfigError: a bad fraction.
   """
   fraction = check_fraction(fraction)
+  holdout = check_holdout(holdout)
   source = sources.open_split(name, split, data_dir)
   cases = sources.cases(name, split, data_dir)
-  if fraction == 1.0:
+  if holdout:
+    cases = {c: records for c, records in cases.items() if not is_held_out(c, holdout)}
+    if not cases:
+      raise ConfigError(f'config.data.holdout={holdout:g} holds out every case of '
+                        f'{name}/{split}')
+  if fraction == 1.0 and not holdout:
     return source, list(cases.values())
   indices = fraction_records(cases, fraction, seed)
   position = {int(record): i for i, record in enumerate(indices)}

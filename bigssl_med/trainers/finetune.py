@@ -3,7 +3,8 @@
 One linear function, in the order of `pretrain.py`: config, mesh, the labelled
 input (a case-level label fraction of the training split), model and optimiser,
 starting point (resume > init_from > scratch), the jitted step, and the loop.
-Every `eval_every_steps` the model is evaluated on `data.eval_split`; the best
+Every `eval_every_steps` the model is evaluated on `data.eval_split` (or, with
+`data.holdout`, on a fixed fraction of the training cases set aside); the best
 evaluation by the task's primary metric is kept (`WORKDIR/best/`, `best.json`),
 and with `early_stopping_patience` the run stops after that many evaluations
 without improvement. At the end the best model is evaluated once on
@@ -114,6 +115,20 @@ def mean_over(config: ml_collections.ConfigDict, task: supervised.Task) -> tuple
     raise ConfigError(f'config.task.mean_over names unknown labels {unknown}; labels of '
                       f'{config.dataset!r}: {list(task.names)}')
   return tuple(names)
+
+
+def _check_validation_split(config: ml_collections.ConfigDict) -> float:
+  """`config.data.holdout`, checked against `config.data.eval_split` (one of them names
+  the validation data)."""
+  holdout = fractions.check_holdout(config.data.holdout)
+  if holdout and config.data.eval_split:
+    raise ConfigError(f'config.data.holdout={holdout:g} takes the validation cases from '
+                      f'data.train_split, but data.eval_split is {config.data.eval_split!r}: '
+                      "pass --config.data.eval_split='' with it")
+  if not holdout and not config.data.eval_split:
+    raise ConfigError('config.data.eval_split is empty: name the validation split, or hold '
+                      'out training cases with config.data.holdout')
+  return holdout
 
 
 def _warn_missing_classes(source, key: str, task: supervised.Task, where: str) -> None:
@@ -272,8 +287,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fraction = 1.0 if distill else config.data.label_fraction
   fraction_seed = 0 if distill else config.data.fraction_seed
   train_name = f'{config.dataset}/{config.data.train_split}'
+  holdout = _check_validation_split(config)
   train_source, _ = fractions.open_fraction(config.dataset, config.data.train_split, data_dir,
-                                            fraction, fraction_seed)
+                                            fraction, fraction_seed, holdout)
+  if holdout:
+    eval_name = f'{train_name} (held-out {holdout:g} of its cases)'
+    eval_source = fractions.open_holdout(config.dataset, config.data.train_split, data_dir,
+                                         holdout)
+    logging.info('Validation: %d images of %s', len(eval_source), eval_name)
+  else:
+    eval_name = f'{config.dataset}/{config.data.eval_split}'
+    eval_source = sources.open_split(config.dataset, config.data.eval_split, data_dir)
   if task.kind == 'multiclass' and fraction < 1.0:
     _warn_missing_classes(train_source, label_key, task, train_name)
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
@@ -329,17 +353,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_steps = {}
   to_device = functools.partial(parallel.to_global, mesh=mesh)
 
-  def predict(variables, dataset: str, split: str, split_dir: str, split_spec, *,
+  def predict(variables, source, name: str, split_spec, *,
               ten_crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every record of `dataset/split`, in record order."""
+    """Logits and labels of every record of `source` (called `name`), in record order."""
     if ten_crop not in eval_steps:
       eval_steps[ten_crop] = jax.jit(
           supervised.make_eval_step(model, task, config.data.image_size if ten_crop else 0),
           in_shardings=(model_shardings, batch_sharding), out_shardings=batch_sharding)
-    source = sources.open_split(dataset, split, split_dir)
     images = pipeline.eval_image_dataset(
         source, split_spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
-        num_workers=config.data.num_workers, name=f'{dataset}/{split}', ten_crop=ten_crop)
+        num_workers=config.data.num_workers, name=name, ten_crop=ten_crop)
     logits, labels, masks = [], [], []
     for batch, _ in pipeline.device_prefetch(iter(images), to_device):
       logits.append(parallel.to_host(eval_steps[ten_crop](variables, batch)))
@@ -369,8 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
-      evaluate=lambda variables: evaluate(*predict(variables, config.dataset,
-                                                   config.data.eval_split, data_dir, spec)))
+      evaluate=lambda variables: evaluate(*predict(variables, eval_source, eval_name, spec)))
 
   # ---------------------------------------------------------------- Test, once.
   best_variables = best.restore(run.abstract_model)
@@ -378,8 +400,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ten_crop = config.data.test_ten_crop
   test: dict[str, Any] = {}
   if test_split and test_split in info.splits:
-    logits, labels = predict(best_variables, config.dataset, test_split, data_dir, spec,
-                             ten_crop=ten_crop)
+    logits, labels = predict(best_variables,
+                             sources.open_split(config.dataset, test_split, data_dir),
+                             f'{config.dataset}/{test_split}', spec, ten_crop=ten_crop)
     test = evaluate(logits, labels)
     writer.write(best.step, test_split, workdir_lib.scalars(test))
     if jax.process_index() == 0:
@@ -389,8 +412,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     test_split, ', '.join(sorted(info.splits)))
   shifted = None
   if shift is not None:
-    logits, labels = predict(best_variables, shift.dataset, shift.split, shift.data_dir,
-                             shift.spec(config), ten_crop=ten_crop)
+    logits, labels = predict(best_variables,
+                             sources.open_split(shift.dataset, shift.split, shift.data_dir),
+                             f'{shift.dataset}/{shift.split}', shift.spec(config),
+                             ten_crop=ten_crop)
     shifted = shift.evaluate(logits, labels)
     writer.write(best.step, f'shift/{shift.dataset}/{shift.split}',
                  workdir_lib.scalars(shifted['metrics']))
@@ -413,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'stopped_early': best.stopped_early, 'origin': origin,
       'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
       'stored_images': stored_images(info),
-      'validation': best.record['validation'], 'test': test,
+      'validation_split': eval_name, 'validation': best.record['validation'], 'test': test,
   }
   if distill:
     results['teacher'] = {'workdir': config.teacher, 'init': teacher.results.get('init'),
