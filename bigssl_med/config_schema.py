@@ -95,6 +95,15 @@ def _optimizer() -> ml_collections.ConfigDict:
   return o
 
 
+def _with_selection(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The keys of trainers that select a model on validation (`model_selection`)."""
+  c.eval_every_epochs = 0.0       # > 0: evaluate every this many epochs (eval_every_steps 0)
+  c.optimizer.schedule = 'cosine'  # or 'plateau': constant, x plateau_factor when the
+  c.optimizer.plateau_factor = 0.5  # validation metric has not improved for more than
+  c.optimizer.plateau_patience = 5  # plateau_patience evaluations (ReduceLROnPlateau)
+  return c
+
+
 def pretrain() -> ml_collections.ConfigDict:
   """SimCLR / MICLe pretraining (`trainer='pretrain'`)."""
   c = _common('pretrain')
@@ -153,7 +162,7 @@ def finetune() -> ml_collections.ConfigDict:
   c.shift.label_map = ''          # 'MODEL_LABEL=DATASET_LABEL,...' ('' : the shared names)
   c.shift.data_dir = ''           # '' : config.data.data_dir
   c.shift.manual_dir = ''
-  return c
+  return _with_selection(c)
 
 
 def linear_eval() -> ml_collections.ConfigDict:
@@ -225,7 +234,7 @@ def segment() -> ml_collections.ConfigDict:
   c.optimizer.weight_decay = 0.0
   c.optimizer.warmup_epochs = 0.0
   c.early_stopping_patience = 0   # evaluations without improvement before stopping (0: off)
-  return c
+  return _with_selection(c)
 
 
 # Encoders by short name: depth, width multiplier, selective-kernel ratio.

@@ -6,6 +6,8 @@
   (CheXpert, NIH ChestX-ray14, MIMIC-CXR): ROC AUC per finding over its labelled
   entries, and their mean over a chosen set of findings.
 - `binary_metrics`: ROC AUC and sensitivity at fixed specificities.
+- `softmax_cross_entropy` / `sigmoid_cross_entropy`: the validation loss, for model
+  selection on it and the plateau schedule.
 
 Every function validates its inputs and raises `ValueError` with a one-line message
 naming the argument at fault. Metrics that are undefined on the given labels (an AUC
@@ -15,6 +17,7 @@ for a class without positives or without negatives) are NaN, never an exception.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable, Mapping, Sequence
 import warnings
 
@@ -196,6 +199,36 @@ def sensitivity_at_specificity(scores, labels, specificity: float) -> float:
     return math.nan
   fpr, tpr, _ = sk_metrics.roc_curve(labels, scores, drop_intermediate=False)
   return float(tpr[fpr <= 1.0 - specificity + _RATE_TOLERANCE].max())
+
+
+def lower_is_better(metric: str) -> bool:
+  """Whether smaller values of `metric` are better: losses and error rates."""
+  return bool(re.search(r'loss|error', metric))
+
+
+def softmax_cross_entropy(logits, labels) -> float:
+  """Mean `-log softmax(logits)[label]` over the examples, in float64."""
+  logits = _float_matrix(logits, 'logits')
+  labels = _class_labels(labels, logits.shape[0], logits.shape[1])
+  top = logits.max(axis=1)
+  log_norm = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+  return float(np.mean(log_norm - logits[np.arange(len(labels)), labels]))
+
+
+def sigmoid_cross_entropy(logits, targets, mask=None) -> float:
+  """Mean binary cross-entropy of `sigmoid(logits)` against 0/1 `targets` over the
+  entries `mask` keeps (all when None), in float64; NaN when it keeps none."""
+  logits = _float_matrix(logits, 'logits')
+  targets = np.asarray(targets, np.float64)
+  keep = np.ones(logits.shape, bool) if mask is None else np.asarray(mask, bool)
+  if targets.shape != logits.shape or keep.shape != logits.shape:
+    raise ValueError(f'targets {targets.shape} and mask {keep.shape} must have the shape '
+                     f'of logits {logits.shape}')
+  if not keep.any():
+    return math.nan
+  # max(z, 0) - z t + log(1 + exp(-|z|)): stable for large |z|.
+  losses = np.maximum(logits, 0) - logits * targets + np.log1p(np.exp(-np.abs(logits)))
+  return float(losses[keep].mean())
 
 
 def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,12 @@
 """Training with model selection on validation: the loop the task trainers share.
 
-`BestModel` keeps the best validation evaluation by one metric, its variables in
-`WORKDIR/best/` and its record in `WORKDIR/best.json`, and counts evaluations
-without improvement for early stopping. `train_loop` runs the steps of a
-supervised trainer (finetune, linear_eval, distill, segment): logging, periodic
-validation and selection, checkpoints, SIGTERM, early stopping; it resumes
-where a restarted run stopped, without evaluating a step twice.
+`BestModel` keeps the best validation evaluation by one metric (higher is better,
+lower for a loss), its variables in `WORKDIR/best/` and its record in
+`WORKDIR/best.json`, and counts evaluations without improvement for early stopping
+and for the plateau schedule, whose learning-rate reductions it records.
+`train_loop` runs the steps of a supervised trainer (finetune, linear_eval, distill,
+segment): logging, periodic validation and selection, checkpoints, SIGTERM, early
+stopping; it resumes where a restarted run stopped, without evaluating a step twice.
 """
 
 import contextlib
@@ -20,6 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bigssl_med import checkpointing
+from bigssl_med import metrics as metrics_lib
+from bigssl_med import optim
 from bigssl_med import parallel
 from bigssl_med import preemption as preemption_lib
 from bigssl_med import workdir as workdir_lib
@@ -27,18 +30,59 @@ from bigssl_med.data import pipeline
 from bigssl_med.errors import ConfigError
 
 
-class BestModel:
-  """The best evaluation so far by `metric` (higher is better), persisted in `workdir`."""
+def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float
+                       ) -> tuple[int, tuple[float, int] | None]:
+  """`(eval_every steps, plateau)` of a trainer's config, for `train_loop` and `BestModel`.
 
-  def __init__(self, workdir: str, *, metric: str, patience: int):
+  Raises:
+    ConfigError: both eval_every_steps and eval_every_epochs set, or a plateau factor
+      outside (0, 1) or a negative plateau patience.
+  """
+  eval_every = optim.resolve_steps(
+      steps=config.eval_every_steps, epochs=config.eval_every_epochs,
+      steps_per_epoch=steps_per_epoch, what='eval_every_steps/eval_every_epochs',
+      allow_zero=True)
+  o = config.optimizer
+  if o.schedule != 'plateau':
+    return eval_every, None
+  if not 0.0 < o.plateau_factor < 1.0:
+    raise ConfigError(f'config.optimizer.plateau_factor must be in (0, 1), got '
+                      f'{o.plateau_factor}')
+  if o.plateau_patience < 0:
+    raise ConfigError(f'config.optimizer.plateau_patience must be >= 0, got '
+                      f'{o.plateau_patience}')
+  return eval_every, (float(o.plateau_factor), int(o.plateau_patience))
+
+
+class BestModel:
+  """The best evaluation so far by `metric`, persisted in `workdir`.
+
+  With `plateau=(factor, patience)` (the plateau schedule), the learning rate is
+  multiplied by `factor` once more than `patience` evaluations in a row have not
+  improved the metric (PyTorch's ReduceLROnPlateau, counted in evaluations, with a
+  strict comparison); the count restarts after each reduction. `record['lr_scales']`
+  lists `[step, scale]`: the scale of the steps after `step`, so a run resumed from
+  an earlier checkpoint replays the scales it trained with.
+  """
+
+  def __init__(self, workdir: str, *, metric: str, patience: int,
+               plateau: tuple[float, int] | None = None):
     self.metric = metric
     self.patience = patience
+    self.plateau = plateau
+    self.lower_is_better = metrics_lib.lower_is_better(metric)
     self.path = os.path.join(workdir, 'best.json')
     self.dir = os.path.join(workdir, 'best')
     self.record = workdir_lib.read_json(self.path) or {
         'step': -1, 'value': None, 'validation': {}, 'last_eval_step': 0,
         'evals_since_best': 0, 'stopped_early': False}
+    self.record.setdefault('lr_scales', [[0, 1.0]])
+    self.record.setdefault('evals_since_reduction', 0)
     self._saver = ocp.StandardCheckpointer()
+
+  def lr_scale_at(self, step: int) -> float:
+    """The learning-rate scale of the update made from step `step` (steps done)."""
+    return float([scale for since, scale in self.record['lr_scales'] if since <= step][-1])
 
   @property
   def step(self) -> int:
@@ -69,7 +113,8 @@ class BestModel:
                       'split without both classes?)', step, self.metric, value)
     # A NaN never beats a number; while there is no number yet, the newest model is
     # kept and patience is not spent (nothing can be compared).
-    improved = finite and (best is None or not np.isfinite(best) or value > best)
+    improved = finite and (best is None or not np.isfinite(best)
+                           or (value < best if self.lower_is_better else value > best))
     undecided = not finite and (best is None or not np.isfinite(best))
     if improved or undecided:
       self._save(step, variables)
@@ -78,6 +123,16 @@ class BestModel:
                   evals_since_best=0 if improved or undecided
                   else record['evals_since_best'] + 1)
     record['stopped_early'] = bool(self.patience and record['evals_since_best'] >= self.patience)
+    if self.plateau is not None:
+      factor, plateau_patience = self.plateau
+      stalled = 0 if improved or undecided else record['evals_since_reduction'] + 1
+      if stalled > plateau_patience:
+        scale = record['lr_scales'][-1][1] * factor
+        record['lr_scales'].append([step, scale])
+        logging.info('Step %d: %s has not improved for %d evaluations; learning rate x%g '
+                     '(now x%g of the schedule)', step, self.metric, stalled, factor, scale)
+        stalled = 0
+      record['evals_since_reduction'] = stalled
     workdir_lib.write_json(self.path, record)
     return record['stopped_early']
 
@@ -104,17 +159,20 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
                train_step: Callable,
                to_device: Callable, total_steps: int, checkpointer: checkpointing.Checkpointer,
                writer: workdir_lib.MetricWriter, best: BestModel,
-               evaluate: Callable[[Any], dict[str, Any]]) -> tuple[dict[str, Any], int]:
+               evaluate: Callable[[Any], dict[str, Any]],
+               eval_every: int | None = None) -> tuple[dict[str, Any], int]:
   """Trains from `state['opt']['step']` to `total_steps`; returns the state and last step.
 
+  `train_step(state, batch, key, lr_scale)` is given `best.lr_scale_at(step)`.
   `evaluate(variables)` returns the validation metrics (on `config.data.eval_split`, or
   on held-out training cases, logged as split 'holdout'); it runs
-  every `config.eval_every_steps` and at the last step, the metrics are logged, and
-  `best` selects. A run
+  every `eval_every` steps (default `config.eval_every_steps`; 0: only at the end)
+  and at the last step, the metrics are logged, and `best` selects. A run
   that stops early saves a checkpoint and returns. After the loop, a run that has
   no evaluation yet (resumed at its end) is evaluated once.
   """
   start_step = step = int(state['opt']['step'])
+  eval_every = config.eval_every_steps if eval_every is None else eval_every
 
   def select(step: int, variables) -> bool:
     if best.done_at(step):
@@ -135,7 +193,7 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
         contextlib.closing(prefetched) as batches):
     while running and step < total_steps:
       batch, last_data_state = next(batches)
-      state, train_metrics = train_step(state, batch, rng)
+      state, train_metrics = train_step(state, batch, rng, np.float32(best.lr_scale_at(step)))
       step += 1
       if step == start_step + 1:
         jax.block_until_ready(train_metrics)
@@ -145,8 +203,7 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
         writer.write(step, 'train', {**scalars,
                                      **writer.progress(step, scalars, config.batch_size)})
       stopped_early = False
-      if (config.eval_every_steps and step % config.eval_every_steps == 0) or (
-          step == total_steps):
+      if (eval_every and step % eval_every == 0) or step == total_steps:
         stopped_early = select(step, state['model'])
         writer.start_clock(step)
       stop = preemption.should_stop(step)

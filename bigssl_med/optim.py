@@ -67,6 +67,30 @@ def peak_learning_rate(base: float, scaling: str, batch_size: int) -> float:
   raise ConfigError(f"config.optimizer.lr_scaling must be 'linear' or 'sqrt', got {scaling!r}")
 
 
+def schedule_for(opt_config, peak: float, total_steps: int,
+                 warmup_steps: int) -> optax.Schedule:
+  """The schedule `opt_config.schedule` names (`cosine` when the config has no such key).
+
+  'cosine': `warmup_cosine`; 'plateau': linear warm-up, then the peak, which the
+  training loop lowers by `plateau_factor` whenever the validation metric stalls
+  (`model_selection.BestModel`), as PyTorch's ReduceLROnPlateau does.
+  """
+  name = opt_config.get('schedule', 'cosine')
+  if name == 'cosine':
+    return warmup_cosine(peak, total_steps, warmup_steps)
+  if name == 'plateau':
+    if opt_config.name == 'lars':
+      raise ConfigError("config.optimizer.schedule='plateau' needs optimizer.name 'momentum' "
+                        "or 'adamw' (LARS applies the learning rate before its momentum)")
+    if not 0 <= warmup_steps <= total_steps:
+      raise ConfigError(f'warm-up of {warmup_steps} steps does not fit in {total_steps} steps')
+    if warmup_steps == 0:
+      return optax.constant_schedule(peak)
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps),
+                                 optax.constant_schedule(peak)], [warmup_steps])
+  raise ConfigError(f"config.optimizer.schedule must be 'cosine' or 'plateau', got {name!r}")
+
+
 def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine to 0 at `total_steps`."""
   if not 0 <= warmup_steps <= total_steps:
@@ -81,13 +105,17 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> optax.Sch
 
 
 def gradient_step(state: Any, loss_fn: Callable, tx: optax.GradientTransformation,
-                  schedule: Callable) -> tuple[Any, dict[str, Any]]:
+                  schedule: Callable, lr_scale: Any = None) -> tuple[Any, dict[str, Any]]:
   """One optimiser step of a trainer's state; every jitted train step ends with it.
 
   Args:
     state: `{'model': {'params', 'batch_stats'}, 'opt': {'step', 'opt_state'}}`.
     loss_fn: `params -> (loss, (new batch_stats, metrics))`.
     tx, schedule: the optimiser and its learning-rate schedule.
+    lr_scale: None, or a scalar the update is multiplied by: the plateau schedule's
+      reductions. 'momentum' and 'adamw' apply the learning rate last (their momentum
+      and moments are kept unscaled), so this scales the learning rate; LARS scales
+      before its momentum, so `schedule_for` refuses the plateau schedule with it.
 
   Returns:
     The new state (step + 1) and the metrics with `learning_rate` added.
@@ -95,8 +123,13 @@ def gradient_step(state: Any, loss_fn: Callable, tx: optax.GradientTransformatio
   variables, opt = state['model'], state['opt']
   grads, (batch_stats, metrics) = jax.grad(loss_fn, has_aux=True)(variables['params'])
   updates, opt_state = tx.update(grads, opt['opt_state'], variables['params'])
+  learning_rate = schedule(opt['step'])
+  if lr_scale is not None:
+    lr_scale = jnp.asarray(lr_scale, jnp.float32)
+    updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
+    learning_rate = learning_rate * lr_scale
   params = optax.apply_updates(variables['params'], updates)
-  metrics['learning_rate'] = schedule(opt['step'])
+  metrics['learning_rate'] = learning_rate
   return ({'model': {'params': params, 'batch_stats': batch_stats},
            'opt': {'step': opt['step'] + 1, 'opt_state': opt_state}}, metrics)
 

@@ -366,11 +366,6 @@ def _number(value: Any, path: str, key: str) -> float:
 # ------------------------------------------------------------------------ Statistics.
 
 
-def lower_is_better(metric: str) -> bool:
-  """Whether smaller values of `metric` are better: losses and error rates."""
-  return bool(re.search(r'loss|error', metric))
-
-
 def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
               split: str = 'test', *, by_pretraining: bool = False) -> list[dict[str, Any]]:
   """Statistics over seeds of each data set, metric, row, label fraction and evaluation.
@@ -459,7 +454,7 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     finite = [cell for cell in column if math.isfinite(cell['mean'])]
     if not finite:
       continue
-    pick = min if lower_is_better(column[0]['metric']) else max
+    pick = min if metrics_lib.lower_is_better(column[0]['metric']) else max
     best_mean = pick(cell['mean'] for cell in finite)
     best = next(cell for cell in finite if cell['mean'] == best_mean)
     for cell in column:
@@ -677,7 +672,7 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
                          and (c['evaluated_on'], c['split']) == (on, on_split) for c in cells)]
     rows = list(dict.fromkeys(cell['row'] for cell in cells))
     by_place = {(cell['row'],) + _place(cell): cell for cell in cells}
-    direction = 'lower' if lower_is_better(name) else 'higher'
+    direction = 'lower' if metrics_lib.lower_is_better(name) else 'higher'
     lines += [f'## {dataset}: {name}', '',
               '| initialisation | ' + ' | '.join(_column_title(*c) for c in columns) + ' |',
               '|---|' + '---|' * len(columns)]

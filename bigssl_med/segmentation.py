@@ -110,9 +110,10 @@ def _intersection_and_total(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def make_train_step(model, tx, schedule, *, bce_weight: float = 1.0, dice_weight: float = 1.0,
                     smooth: float = SMOOTH, per_image: bool = False):
-  """`(state, batch, key) -> (state, metrics)`; `batch` has uint8 `image` and `mask`."""
+  """`(state, batch, key[, lr_scale]) -> (state, metrics)`; `batch` has uint8 `image` and
+  `mask`; `lr_scale` as `optim.gradient_step`."""
 
-  def train_step(state, batch, key):
+  def train_step(state, batch, key, lr_scale=None):
     del key  # the input pipeline did the random crops and flips
     variables = state['model']
     images = augment.to_float(batch['image'])
@@ -129,7 +130,7 @@ def make_train_step(model, tx, schedule, *, bce_weight: float = 1.0, dice_weight
       dice = jnp.where(total > 0, 2 * intersection / jnp.maximum(total, 1), 1.0).mean()
       return loss, (updates['batch_stats'], {'loss': loss, **parts, 'dice': dice})
 
-    return optim.gradient_step(state, loss_fn, tx, schedule)
+    return optim.gradient_step(state, loss_fn, tx, schedule, lr_scale)
 
   return train_step
 

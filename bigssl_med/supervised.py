@@ -44,10 +44,11 @@ def make_train_step(model, tx, schedule, task: Task, *, l2_heads: tuple[str, ...
   `optim.head_l2(params, weight_decay, l2_heads)` (the classifier under LARS, as SimCLR
   treats its supervised head); `metrics['loss']` is the task's loss alone.
   `augment_images`: `(key, uint8 images) -> float images in [0, 1]` applied to the
-  training crops (`augment.from_config`), or None for none.
+  training crops (`augment.from_config`), or None for none. `lr_scale`: the plateau
+  schedule's factor on the update (`optim.gradient_step`).
   """
 
-  def train_step(state, batch, key):
+  def train_step(state, batch, key, lr_scale=None):
     variables, opt = state['model'], state['opt']
     labels = batch['label']
     step_key = jax.random.fold_in(key, opt['step'])
@@ -74,7 +75,7 @@ def make_train_step(model, tx, schedule, task: Task, *, l2_heads: tuple[str, ...
       return (loss + optim.head_l2(params, weight_decay, l2_heads),
               (updates['batch_stats'], metrics))
 
-    return optim.gradient_step(state, loss_fn, tx, schedule)
+    return optim.gradient_step(state, loss_fn, tx, schedule, lr_scale)
 
   return train_step
 
@@ -86,11 +87,11 @@ def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: flo
   The teacher (inference mode) sees the student's augmented images; its softened
   predictions are the targets. Multi-class: `-sum_y softmax(t/τ)_y log softmax(s/τ)_y`;
   multi-label: sigmoid cross-entropy of `s/τ` against `sigmoid(t/τ)`. Averaged over
-  the batch (and labels); labels are not used. `l2_heads`, `weight_decay`: as
-  `make_train_step`.
+  the batch (and labels); labels are not used. `l2_heads`, `weight_decay`, `lr_scale`:
+  as `make_train_step`.
   """
 
-  def train_step(state, teacher_variables, batch, key):
+  def train_step(state, teacher_variables, batch, key, lr_scale=None):
     del key
     variables = state['model']
     images = augment.to_float(batch['image'])
@@ -111,7 +112,7 @@ def make_distill_step(model, teacher, tx, schedule, task: Task, temperature: flo
       return (loss + optim.head_l2(params, weight_decay, l2_heads),
               (updates['batch_stats'], {'loss': loss, 'teacher_agreement': jnp.mean(agree)}))
 
-    return optim.gradient_step(state, loss_fn, tx, schedule)
+    return optim.gradient_step(state, loss_fn, tx, schedule, lr_scale)
 
   return train_step
 

@@ -82,6 +82,22 @@ def test_medical_configs():
     assert (a.rotation_deg, a.color_strength, a.jitter_p, a.blur_p) == (45.0, 0.5, 0.8, 0.5)
   assert augment.is_identity(load('finetune_nih14').augment)
   assert 'augment' not in load('linear_eval_derm') and 'augment' not in load('distill_derm')
+
+
+def test_benchmark_config_is_the_transfer_learning_benchmarks_protocol():
+  c = load('benchmark_cxr')
+  assert (c.dataset, c.batch_size, c.optimizer.name, c.optimizer.weight_decay) == (
+      'nih_chest_xray14', 32, 'adamw', 0.0)
+  assert c.optimizer.learning_rate * c.batch_size / 256 == pytest.approx(2e-4)
+  assert (c.optimizer.schedule, c.optimizer.plateau_factor, c.optimizer.plateau_patience) == (
+      'plateau', 0.5, 5)
+  assert (c.task.primary_metric, c.early_stopping_patience, c.eval_every_epochs) == (
+      'loss', 10, 1.0)
+  assert c.data.test_ten_crop and c.augment.rotation_deg == 7.0 and c.head_layers_kept == 0
+  assert (c.augment.jitter_p, c.augment.grayscale_p, c.augment.blur_p) == (0.0, 0.0, 0.0)
+  x = load('benchmark_cxr', 'chexpert,r18')
+  assert (x.dataset, x.model.depth, x.task.uncertain, x.data.holdout, x.data.test_split) == (
+      'chexpert', 18, 'lsr_ones', 0.1, 'validation')
   demo = load('demo')
   assert demo.trainer == 'stages' and demo.order == ('pretrain', 'micle', 'scratch')
   assert demo.stages.pretrain.micle and demo.stages.pretrain.data.manual_dir

@@ -231,3 +231,20 @@ def test_flatten():
                           'num_examples': 3})
   assert flat == {'top1': 0.5, 'auc_per_class/a': pytest.approx(0.7),
                   'auc_per_class/b': pytest.approx(0.8), 'num_examples': 3.0}
+
+
+def test_validation_losses_match_float64_references():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (50, 4))
+  labels = rng.integers(0, 4, 50)
+  probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  assert metrics.softmax_cross_entropy(logits, labels) == pytest.approx(
+      -np.mean(np.log(probabilities[np.arange(50), labels])), rel=1e-12)
+  assert metrics.softmax_cross_entropy(np.array([[1000.0, 0.0]]), [1]) == pytest.approx(1000.0)
+  targets = (rng.random((50, 4)) < 0.3).astype(float)
+  mask = rng.random((50, 4)) < 0.8
+  p = 1 / (1 + np.exp(-logits))
+  want = -(targets * np.log(p) + (1 - targets) * np.log(1 - p))[mask].mean()
+  assert metrics.sigmoid_cross_entropy(logits, targets, mask) == pytest.approx(want, rel=1e-12)
+  assert metrics.sigmoid_cross_entropy(np.array([[-800.0]]), [[1.0]]) == pytest.approx(800.0)
+  assert math.isnan(metrics.sigmoid_cross_entropy(logits, targets, np.zeros((50, 4), bool)))

@@ -42,6 +42,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import scipy.special
 
 from bigssl_med import augment
 from bigssl_med import build_data
@@ -99,7 +100,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
   found = metrics_lib.multiclass_metrics(logits, labels, class_names=names)
   if len(names) == 2:
     logits = np.asarray(logits, np.float64)
-    positive = 1.0 / (1.0 + np.exp(logits[:, 0] - logits[:, 1]))  # softmax of class 1
+    positive = scipy.special.expit(logits[:, 1] - logits[:, 0])  # softmax of class 1
     found.update(metrics_lib.binary_metrics(positive, np.asarray(labels) == 1))
   return found
 
@@ -303,15 +304,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key,
                            label_shape)
-  _, total_steps, warmup_steps = optim.run_length(
+  steps_per_epoch, total_steps, warmup_steps = optim.run_length(
       config, len(train_source), f'labelled images of {train_name} (label_fraction {fraction:g})')
+  eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch)
   logging.info('%s: %d %s images (fraction %g), %s with %d outputs, %d steps', train_name,
                len(train_source), 'unlabelled' if distill else 'labelled', fraction,
                task.kind, task.num_outputs, total_steps)
 
   # ---------------------------------------------------------------- Model and optimiser.
   model = build_model(config, task.num_outputs, dtype)
-  schedule = optim.warmup_cosine(
+  schedule = optim.schedule_for(
+      config.optimizer,
       optim.peak_learning_rate(config.optimizer.learning_rate, config.optimizer.lr_scaling,
                                config.batch_size), total_steps, warmup_steps)
 
@@ -337,18 +340,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = jax.jit(
         supervised.make_distill_step(model, teacher.model, run.tx, schedule, task,
                                      config.distill_temperature, **l2),
-        in_shardings=(run.shardings, repl, batch_sharding, repl),  # the teacher: replicated
+        in_shardings=(run.shardings, repl, batch_sharding, repl, repl),  # teacher: replicated
         out_shardings=(run.shardings, repl), donate_argnums=0)
 
-    def train_step(state, batch, key):
-      return step_fn(state, teacher.variables, batch, key)
+    def train_step(state, batch, key, lr_scale):
+      return step_fn(state, teacher.variables, batch, key, lr_scale)
   else:
     augment_config = config.get('augment')
     augment_images = (None if augment_config is None or augment.is_identity(augment_config)
                       else augment.from_config(augment_config))
     train_step = jax.jit(supervised.make_train_step(model, run.tx, schedule, task,
                                                     augment_images=augment_images, **l2),
-                         in_shardings=(run.shardings, batch_sharding, repl),
+                         in_shardings=(run.shardings, batch_sharding, repl, repl),
                          out_shardings=(run.shardings, repl), donate_argnums=0)
   eval_steps = {}
   to_device = functools.partial(parallel.to_global, mesh=mesh)
@@ -373,17 +376,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     if task.kind == 'multiclass':
-      return classification_metrics(logits, labels, task.names)
+      return {**classification_metrics(logits, labels, task.names),
+              'loss': metrics_lib.softmax_cross_entropy(logits, labels)}
     targets, mask = supervised.eval_targets(labels, task.blank)
-    return metrics_lib.multilabel_metrics(logits, targets, mask=mask, label_names=task.names,
-                                          mean_over=averaged)
+    return {**metrics_lib.multilabel_metrics(logits, targets, mask=mask,
+                                             label_names=task.names, mean_over=averaged),
+            'loss': metrics_lib.sigmoid_cross_entropy(logits, targets, mask)}
 
   # ---------------------------------------------------------------- Loop, with model selection.
   writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
                                     tensorboard=config.tensorboard,
                                     resume_step=int(opt['step']))
   best = model_selection.BestModel(workdir, metric=primary,
-                                   patience=config.early_stopping_patience)
+                                   patience=config.early_stopping_patience, plateau=plateau)
 
   train_data = functools.partial(
       pipeline.image_dataset, train_source, spec, global_batch=config.batch_size, host_index=host,
@@ -392,7 +397,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
-      evaluate=lambda variables: evaluate(*predict(variables, eval_source, eval_name, spec)))
+      evaluate=lambda variables: evaluate(*predict(variables, eval_source, eval_name, spec)),
+      eval_every=eval_every)
 
   # ---------------------------------------------------------------- Test, once.
   best_variables = best.restore(run.abstract_model)

@@ -86,15 +86,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             config.data.label_fraction, config.data.fraction_seed)
   spec = segmentation_data.MaskSpec(config.data.image_size, config.data.crop_area_min,
                                     config.data.mask_key)
-  _, total_steps, warmup_steps = optim.run_length(
+  steps_per_epoch, total_steps, warmup_steps = optim.run_length(
       config, len(train_source), f'masked images of {train_name} '
       f'(label_fraction {config.data.label_fraction:g})')
   logging.info('%s: %d masked images (fraction %g), %d steps', train_name, len(train_source),
                config.data.label_fraction, total_steps)
+  eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch)
 
   # ---------------------------------------------------------------- Model and optimiser.
   model = models.unet_model(config.model, dtype=dtype, decoder_channels=config.decoder_channels)
-  schedule = optim.warmup_cosine(
+  schedule = optim.schedule_for(
+      config.optimizer,
       optim.peak_learning_rate(config.optimizer.learning_rate, config.optimizer.lr_scaling,
                                config.batch_size), total_steps, warmup_steps)
   run = train_state.start(
@@ -113,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                    dice_weight=config.loss.dice_weight,
                                    smooth=config.loss.dice_smooth,
                                    per_image=config.loss.dice_per_image),
-      in_shardings=(run.shardings, batch_sharding, repl),
+      in_shardings=(run.shardings, batch_sharding, repl, repl),
       out_shardings=(run.shardings, repl), donate_argnums=0)
   eval_step = jax.jit(segmentation.make_eval_step(model),
                       in_shardings=(model_shardings, batch_sharding), out_shardings=batch_sharding)
@@ -136,7 +138,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     tensorboard=config.tensorboard,
                                     resume_step=int(opt['step']))
   best = model_selection.BestModel(workdir, metric=PRIMARY_METRIC,
-                                   patience=config.early_stopping_patience)
+                                   patience=config.early_stopping_patience, plateau=plateau)
 
   train_data = functools.partial(
       segmentation_data.train_dataset, train_source, spec, global_batch=config.batch_size,
@@ -146,7 +148,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
-      evaluate=lambda variables: evaluate(variables, config.data.eval_split))
+      evaluate=lambda variables: evaluate(variables, config.data.eval_split),
+      eval_every=eval_every)
 
   # ---------------------------------------------------------------- Test, once.
   best_variables = best.restore(run.abstract_model)

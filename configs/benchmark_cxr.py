@@ -1,0 +1,68 @@
+"""The transfer-learning benchmark's fine-tuning protocol, on chest X-rays.
+
+  python main.py --config=configs/benchmark_cxr.py[:DATASET[,MODEL]] --workdir=... \
+      --config.init_from=IMPORTED_OR_PRETRAINED_WORKDIR --config.init=NAME --config.seed=S
+
+DATASET is `nih14` (ChestX-ray14, the default) or `chexpert`; MODEL a variant of
+`config_schema.MODEL_VARIANTS` (`r50` by default). Every layer is trained from the
+encoder of `init_from` (an imported torchvision-layout model, or a pretraining run)
+under a new linear classifier, as the benchmark fine-tunes its initialisations:
+
+- Adam, no weight decay, learning rate 2e-4 at batch 32 (`adamw`, 1.6e-3 x 32/256);
+- the learning rate halved once the validation loss has not improved for more than
+  5 evaluations (`optimizer.schedule='plateau'`), one evaluation per epoch;
+- the model of lowest validation loss kept (`task.primary_metric='loss'`), training
+  stopped after 10 evaluations without improvement, at most 1000 epochs;
+- training crops: random resized crop to 224 (area 0.08-1), flip, and a rotation within
+  7 degrees (on the device); testing by ten-crop of the 256 x 256 centre.
+
+ChestX-ray14: the official test list is the test split; validation is 10% of the
+train_val patients (the builder's split). CheXpert: the official validation split is
+the test split, validation is 10% of the training patients held out (`data.holdout`),
+uncertain labels follow LSR-Ones, and the mean AUC is over the five competition
+pathologies. A model imported from torchvision's layout standardises its input with
+ImageNet's mean and std (`model.input_normalization`, set by `bigssl_med.convert`).
+"""
+
+from bigssl_med import config_schema
+
+_DATASETS = ('nih14', 'chexpert')
+
+
+def get_config(arg: str = 'nih14'):
+  parts = [p.strip() for p in arg.split(',') if p.strip()]
+  dataset = next((p for p in parts if p in _DATASETS), 'nih14')
+  variants = [p for p in parts if p not in _DATASETS]
+  if len(variants) > 1:
+    raise ValueError(f'configs/benchmark_cxr.py takes DATASET[,MODEL], got {arg!r}')
+  config = config_schema.finetune()
+  config_schema.set_model_variant(config, variants[0] if variants else 'r50')
+  config.head_layers_kept = 0
+  config.data.image_size = 224
+  config.data.test_ten_crop = True
+  config.augment.rotation_deg = 7.0
+  config.batch_size = 32
+  config.num_epochs = 1000.0
+  config.optimizer.name = 'adamw'
+  config.optimizer.learning_rate = 1.6e-3   # x 32 / 256: 2e-4
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.schedule = 'plateau'
+  config.optimizer.plateau_factor = 0.5
+  config.optimizer.plateau_patience = 5
+  config.task.primary_metric = 'loss'
+  config.eval_every_steps = 0
+  config.eval_every_epochs = 1.0
+  config.early_stopping_patience = 10
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  if dataset == 'chexpert':
+    config.dataset = 'chexpert'
+    config.task.uncertain = 'lsr_ones'
+    config.task.mean_over = 'chexpert5'
+    config.data.holdout = 0.1
+    config.data.eval_split = ''
+    config.data.test_split = 'validation'
+  else:
+    config.dataset = 'nih_chest_xray14'
+  return config

@@ -1,0 +1,140 @@
+"""Model selection on a loss (lower is better) and the plateau schedule's reductions."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from bigssl_med import config_schema, model_selection, optim
+from bigssl_med.errors import ConfigError
+from bigssl_med.trainers import finetune
+from test_finetune import colours, tiny_config  # noqa: F401  pylint: disable=unused-import
+
+VARIABLES = {'w': np.zeros(2, np.float32)}
+
+
+def _best(tmp_path, metric='loss', patience=0, plateau=None):
+  workdir = tmp_path / f'run{len(list(tmp_path.iterdir()))}'
+  workdir.mkdir()
+  return model_selection.BestModel(os.fspath(workdir), metric=metric, patience=patience,
+                                   plateau=plateau)
+
+
+def test_a_loss_is_selected_by_its_minimum(tmp_path):
+  best = _best(tmp_path, patience=2)
+  stops = [best.update(10 * (k + 1), VARIABLES, {'loss': v})
+           for k, v in enumerate([0.9, 0.7, 0.8, 0.75])]
+  assert (best.step, best.record['value'], stops) == (20, 0.7, [False, False, False, True])
+  assert best.lower_is_better and not _best(tmp_path, metric='auc_mean').lower_is_better
+
+
+def test_plateau_halves_the_rate_after_patience_stalls_like_reduce_lr_on_plateau(tmp_path):
+  best = _best(tmp_path, plateau=(0.5, 2))
+  # PyTorch's ReduceLROnPlateau(factor=0.5, patience=2), stepped with the same losses
+  # (threshold 0), reduces after the 3rd stall in a row and then counts afresh.
+  losses = [1.0, 0.9, 0.95, 0.95, 0.95, 0.95, 0.8, 0.85, 0.85, 0.85, 0.85]
+  for k, loss in enumerate(losses):
+    best.update(k + 1, VARIABLES, {'loss': loss})
+  assert best.record['lr_scales'] == [[0, 1.0], [5, 0.5], [10, 0.25]]
+  assert [best.lr_scale_at(s) for s in (0, 4, 5, 9, 10, 11)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
+  # A restarted run reads the reductions back.
+  again = model_selection.BestModel(os.path.dirname(best.path), metric='loss', patience=0,
+                                    plateau=(0.5, 2))
+  assert again.lr_scale_at(7) == 0.5 and again.record['evals_since_reduction'] == 1
+
+
+def test_plateau_reductions_match_a_reference_implementation(tmp_path):
+  rng = np.random.default_rng(0)
+  losses = list(np.cumsum(rng.normal(-0.01, 0.05, 60)) + 5)
+  best = _best(tmp_path, plateau=(0.1, 3))
+  # Reference: ReduceLROnPlateau's rule written out (mode min, threshold 0, cooldown 0).
+  lr, best_loss, bad, want = 1.0, np.inf, 0, []
+  for step, loss in enumerate(losses, 1):
+    best.update(step, VARIABLES, {'loss': loss})
+    if loss < best_loss:
+      best_loss, bad = loss, 0
+    else:
+      bad += 1
+    if bad > 3:
+      lr, bad = lr * 0.1, 0
+    want.append(lr)
+  assert [best.lr_scale_at(s) for s in range(1, 61)] == pytest.approx(want)
+
+
+def test_selection_settings(tmp_path):
+  c = config_schema.finetune()
+  c.eval_every_steps, c.eval_every_epochs = 0, 1.0
+  c.optimizer.schedule = 'plateau'
+  assert model_selection.selection_settings(c, 12.4) == (12, (0.5, 5))
+  c.eval_every_steps = 5
+  with pytest.raises(ConfigError, match='both eval_every_steps/eval_every_epochs'):
+    model_selection.selection_settings(c, 12.4)
+  c.eval_every_epochs, c.optimizer.plateau_factor = 0.0, 1.5
+  with pytest.raises(ConfigError, match=r'plateau_factor must be in \(0, 1\), got 1.5'):
+    model_selection.selection_settings(c, 12.4)
+  c.optimizer.schedule = 'cosine'
+  assert model_selection.selection_settings(c, 12.4) == (5, None)
+
+
+def test_plateau_schedule_is_constant_after_warm_up_and_refuses_lars():
+  o = ml_collections.ConfigDict({'name': 'adamw', 'schedule': 'plateau'})
+  schedule = optim.schedule_for(o, 2.0, 100, 10)
+  assert [float(schedule(s)) for s in (0, 5, 10, 99)] == pytest.approx([0.0, 1.0, 2.0, 2.0])
+  o.name = 'lars'
+  with pytest.raises(ConfigError, match="needs optimizer.name 'momentum' or 'adamw'"):
+    optim.schedule_for(o, 2.0, 100, 10)
+  o.name, o.schedule = 'adamw', 'step'
+  with pytest.raises(ConfigError, match="must be 'cosine' or 'plateau', got 'step'"):
+    optim.schedule_for(o, 2.0, 100, 10)
+
+
+@pytest.mark.parametrize('name', ['momentum', 'adamw'])
+def test_lr_scale_scales_the_learning_rate(name):
+  """Scaling the update by s is the optimiser at learning rate s x lr, moments included."""
+  params = {'w': np.linspace(-1.0, 1.0, 6, dtype=np.float32).reshape(2, 3)}
+  o = ml_collections.ConfigDict({'name': name, 'momentum': 0.9, 'weight_decay': 1e-2})
+  scales = [1.0, 1.0, 0.5, 0.5, 0.25]
+  results = []
+  for scaled in (True, False):
+    lrs = iter(scales)
+    schedule = (optax.constant_schedule(0.1) if scaled
+                else lambda step: 0.1 * np.asarray(scales)[step])
+    tx = optim.build_optimizer(o, schedule, params)
+    state = {'model': {'params': params, 'batch_stats': {}},
+             'opt': {'step': 0, 'opt_state': tx.init(params)}}
+
+    def loss_fn(p):
+      return (p['w'] ** 3).sum(), ({}, {})
+
+    for _ in scales:
+      state, metrics = optim.gradient_step(state, loss_fn, tx, schedule,
+                                           next(lrs) if scaled else None)
+    results.append((np.asarray(state['model']['params']['w']),
+                    float(metrics['learning_rate'])))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+  assert results[0][1] == pytest.approx(results[1][1])
+
+
+def test_finetune_with_the_plateau_schedule_and_loss_selection(colours, tmp_path):  # noqa: F811
+  cfg = tiny_config(colours, total_steps=0, num_epochs=6.0, eval_every_steps=0,
+                    eval_every_epochs=1.0,
+                    **{'optimizer.name': 'adamw', 'optimizer.schedule': 'plateau',
+                       'optimizer.plateau_patience': 0, 'optimizer.learning_rate': 20.0,
+                       'task.primary_metric': 'loss'})
+  workdir = tmp_path / 'plateau'
+  results = finetune.train_and_evaluate(cfg, os.fspath(workdir))
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  validation = [r for r in rows if r['split'] == 'validation']
+  assert [r['step'] for r in validation] == [4 * k for k in range(1, 7)]  # 64 / 16 a epoch
+  best = json.loads((workdir / 'best.json').read_text())
+  assert best['value'] == min(r['loss'] for r in validation)
+  assert results['validation']['loss'] == best['value'] and 'loss' in results['test']
+  # Each logged rate is the peak (20 x 16/256) times the scale of that step's update.
+  scales = best['lr_scales']
+  assert len(scales) > 1  # the loss stalled at least once, and the rate was lowered
+  for row in (r for r in rows if r['split'] == 'train'):
+    scale = [s for since, s in scales if since <= row['step'] - 1][-1]
+    assert row['learning_rate'] == pytest.approx(20.0 * 16 / 256 * scale)
