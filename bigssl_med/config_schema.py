@@ -11,7 +11,7 @@ This module imports nothing heavy, so configs load fast.
 """
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -302,16 +302,31 @@ def is_bookkeeping(key: str) -> bool:
   return key in BOOKKEEPING_KEYS or key.rsplit('.', 1)[-1] in ('data_dir', 'manual_dir')
 
 
+def saved_settings(saved) -> dict[str, Any]:
+  """`leaves(saved)` of a `config.json`, completed with its trainer's defaults.
+
+  A config written before a key existed ran as the key's default says (every key is
+  added with the default that keeps the earlier behaviour), so the missing key takes
+  that value; keys of the saved trainer's schema only.
+  """
+  found = dict(leaves(saved))
+  trainer = saved.get('trainer') if isinstance(saved, Mapping) else None
+  if trainer in _DEFAULTS and trainer != 'stages':
+    for key, value in leaves(_DEFAULTS[trainer]().to_dict()):
+      found.setdefault(key, value)
+  return found
+
+
 def setting_differences(saved, config) -> list[tuple[str, Any, Any]]:
   """`(key, saved value, config's value)` of the settings that differ, bookkeeping aside.
 
-  `saved` is a config as its `config.json` holds it; keys only one side has (a config
-  written by another version) are not compared; numbers compare by value, tuples as
-  lists.
+  `saved` is a config as its `config.json` holds it, completed by `saved_settings`
+  (a key it lacks has its default); a key `config` lacks (one a later version retired)
+  is not compared; numbers compare by value, tuples as lists.
   """
   ours = dict(leaves(config))
   found = []
-  for key, old in leaves(saved):
+  for key, old in sorted(saved_settings(saved).items()):
     if key not in ours or is_bookkeeping(key):
       continue
     new = ours[key]

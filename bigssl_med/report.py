@@ -225,7 +225,8 @@ def _load_run(path: str) -> dict[str, Any] | None:
 
 
 def _settings(path: str) -> dict[str, str] | None:
-  """The run's config (`config.json` beside results.json) as `{dotted key: JSON value}`.
+  """The run's config (`config.json` beside results.json) as `{dotted key: JSON value}`,
+  keys it lacks (written by an earlier version) at their defaults.
 
   None when the file is absent, or unreadable (with a warning): such a run takes part
   in no comparison of settings.
@@ -242,7 +243,7 @@ def _settings(path: str) -> dict[str, str] | None:
     logging.warning('%s: not a JSON object; its settings are not compared.', path)
     return None
   return {key: json.dumps(value, sort_keys=True)
-          for key, value in config_schema.leaves(config)}
+          for key, value in config_schema.saved_settings(config).items()}
 
 
 def _is_setting(key: str) -> bool:

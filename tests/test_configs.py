@@ -122,6 +122,17 @@ def test_setting_differences_leave_out_bookkeeping_and_compare_values():
       ('optimizer.learning_rate', 0.2, 0.1), ('task.uncertain', 'zeros', 'ones')]
 
 
+def test_a_key_an_older_config_lacks_counts_as_its_default():
+  config = config_schema.finetune()
+  saved = json.loads(json.dumps(config.to_dict()))
+  del saved['augment'], saved['data']['holdout'], saved['optimizer']['schedule']
+  assert config_schema.setting_differences(saved, config) == []
+  config.augment.rotation_deg = 45.0  # a recipe that now augments: not the old run
+  config.optimizer.schedule = 'plateau'
+  assert config_schema.setting_differences(saved, config) == [
+      ('augment.rotation_deg', 0.0, 45.0), ('optimizer.schedule', 'cosine', 'plateau')]
+
+
 def test_setting_differences_compare_run_folders_as_paths(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   config = config_schema.finetune()

@@ -388,6 +388,19 @@ def test_runs_that_differ_in_a_setting_get_a_row_each(tmp_path):
         '', 'task.uncertain=ones', 'task.uncertain=zeros'}
 
 
+def test_runs_from_before_a_key_existed_pool_with_runs_at_its_default(tmp_path):
+  for seed in range(4):
+    workdir = tmp_path / f'seed={seed}'
+    write_run(workdir, 'ham10000', 'micle', 1.0, seed, 0.7 + seed / 100)
+    if seed < 2:  # written before augment.* and optimizer.schedule existed
+      _write_config(workdir, seed=seed)
+    else:
+      _write_config(workdir, seed=seed, augment__rotation_deg=0.0, augment__blur_p=0.0,
+                    optimizer__schedule='cosine')
+  (cell,) = report.summarize(report.collect([str(tmp_path)]))
+  assert (cell['row'], cell['n']) == ('micle', 4)
+
+
 def test_unfinished_runs_are_named_in_a_warning(tmp_path, caplog):
   for seed in range(3):
     write_run(tmp_path / f'seed={seed}', 'ham10000', 'micle', 1.0, seed, 0.8)
