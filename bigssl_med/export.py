@@ -150,10 +150,10 @@ def export(workdir: str, out: str, checkpoint: str = 'auto',
   """
   if checkpoint not in CHECKPOINTS:
     raise UserError(f'checkpoint {checkpoint!r} is not one of {CHECKPOINTS}')
-  if os.path.exists(out) and not overwrite:
-    raise UserError(f'{out}: already exists; export to a new file, or pass --overwrite')
   if os.path.isdir(out):
     raise UserError(f'{out}: is a folder; --out names the .safetensors file to write')
+  if os.path.exists(out) and not overwrite:
+    raise UserError(f'{out}: already exists; export to a new file, or pass --overwrite')
   model = _run_model_config(workdir)
   _check_expressible(model, workdir)
   best = os.path.join(workdir, 'best')

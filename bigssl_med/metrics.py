@@ -202,8 +202,12 @@ def sensitivity_at_specificity(scores, labels, specificity: float) -> float:
 
 
 def lower_is_better(metric: str) -> bool:
-  """Whether smaller values of `metric` are better: losses and error rates."""
-  return bool(re.search(r'loss|error', metric))
+  """Whether smaller values of `metric` are better: losses and error rates.
+
+  Judged by the metric's own name, before any `/` (`auc_per_class/<class>` is an AUC
+  whatever the class is called).
+  """
+  return bool(re.search(r'loss|error', metric.split('/', 1)[0]))
 
 
 def softmax_cross_entropy(logits, labels) -> float:

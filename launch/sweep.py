@@ -17,7 +17,8 @@ Values are separated by commas, or by semicolons where one of them holds a comma
 is a value (`--set init_from=,/runs/pre/micle`: from scratch and from a run).
 `--launcher=slurm` submits each run with `sbatch launch/slurm.sbatch` and keeps the job's
 id in `WORKDIR/slurm_job_id`; a rerun of the sweep leaves out a run whose job `squeue`
-still lists (pending or running), so two jobs never train one workdir.
+still lists (pending or running), so two jobs never train one workdir; when squeue
+cannot answer, the run is left out too.
 `--launcher=print` only prints the commands (for another scheduler).
 """
 
@@ -57,7 +58,8 @@ def commands(config, root, settings, extra):
 
 
 def queued_job(workdir):
-  """'ID (STATE)' of the SLURM job last submitted for `workdir` while squeue lists it, else None."""
+  """Why `workdir` must not get a new job: 'job ID is STATE' while squeue lists the job
+  last submitted for it, 'squeue failed ...' when squeue cannot say; None otherwise."""
   try:
     with open(os.path.join(workdir, JOB_ID_FILE)) as f:
       job = f.read().strip()
@@ -69,12 +71,15 @@ def queued_job(workdir):
     found = subprocess.run(['squeue', '--noheader', f'--jobs={job}', '--format=%T'],
                            capture_output=True, text=True, check=False)
   except OSError as e:
-    print(f'warning: squeue failed ({e}); {workdir} is submitted even if job {job} is queued',
-          file=sys.stderr, flush=True)
-    return None
-  # squeue exits non-zero for a job it no longer knows (finished long ago).
-  states = found.stdout.split() if found.returncode == 0 else []
-  return f'{job} ({states[0]})' if states else None
+    return f'squeue failed for job {job} ({e})'
+  if found.returncode != 0:
+    # A job squeue no longer knows (it ended a while ago) is 'Invalid job id'; anything
+    # else (a timeout of the controller) says nothing about the job.
+    if 'invalid job id' in found.stderr.lower():
+      return None
+    return f"squeue failed for job {job} ({' '.join(found.stderr.split()) or found.returncode})"
+  states = found.stdout.split()
+  return f'job {job} is {states[0]}' if states else None
 
 
 def submit(workdir, cmd):
@@ -117,7 +122,7 @@ def main(argv=None):
     elif launcher == 'slurm':
       queued = queued_job(workdir)
       if queued:
-        print(f'queued already as job {queued}: {workdir}', flush=True)
+        print(f'left out (rerun the sweep later): {workdir}: {queued}', flush=True)
         continue
       print(f'sbatch: {line}', flush=True)
       failed += not submit(workdir, cmd)

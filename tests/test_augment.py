@@ -446,9 +446,10 @@ def test_simclr_augment_rotates_first_and_leaves_the_other_draws_alone():
   want = jax.vmap(lambda k, x: augment.random_rotation(jax.random.fold_in(k, 3), x, 45.0))(
       keys, augment.to_float(images))
   np.testing.assert_allclose(rotated, want, atol=1e-5)
-  # Without the rotation the jitter, grayscale and blur draw what they drew before.
-  plain = _JIT_AUGMENT(key, images)
-  np.testing.assert_array_equal(plain, _JIT_AUGMENT(key, images, rotation_deg=0.0))
+  # With it, jitter, grayscale and blur draw what they draw without it: the augmentation
+  # of the rotated images without rotation.
+  np.testing.assert_allclose(_JIT_AUGMENT(key, images, rotation_deg=45.0),
+                             _JIT_AUGMENT(key, want), atol=1e-5)
 
 
 @pytest.mark.parametrize('key, value, message', [

@@ -142,7 +142,8 @@ def test_existing_files_and_missing_runs_are_one_line_errors(tmp_path, caplog):
   out.write_bytes(b'keep me')
   assert export.main(['--workdir', workdir, '--out', os.fspath(out)]) == 2
   assert out.read_bytes() == b'keep me'
-  assert export.main(['--workdir', workdir, '--out', os.fspath(tmp_path)]) == 2
+  with pytest.raises(UserError, match='is a folder; --out names the .safetensors file'):
+    export.export(workdir, os.fspath(tmp_path), overwrite=True)
   # --overwrite replaces the file only once the new one is whole: a failed export keeps it.
   with pytest.raises(CheckpointError, match='best: no such folder'):
     export.export(workdir, os.fspath(out), checkpoint='best', overwrite=True)

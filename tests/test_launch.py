@@ -59,6 +59,8 @@ def _fake_slurm(tmp_path, queued):
       'echo "$((100 + n));cluster"\n')
   (bin_dir / 'squeue').write_text(
       '#!/bin/bash\njob=${2#--jobs=}\n'
+      'if grep -qx TIMEOUT "$QUEUED"; then\n'
+      '  echo "slurm_load_jobs error: Socket timed out on send/recv operation" >&2; exit 1\nfi\n'
       'grep -qx "$job" "$QUEUED" || { echo "slurm_load_jobs error: Invalid job id" >&2; exit 1; }\n'
       'echo PENDING\n')
   for script in bin_dir.iterdir():
@@ -81,10 +83,18 @@ def test_slurm_sweep_leaves_out_runs_whose_job_is_still_queued(monkeypatch, tmp_
   capsys.readouterr()
   assert sweep.main(args) == 0
   out = capsys.readouterr().out
-  assert f'queued already as job 101 (PENDING): {tmp_path / "runs" / "seed=1"}' in out
+  seed1 = tmp_path / 'runs' / 'seed=1'
+  assert f'left out (rerun the sweep later): {seed1}: job 101 is PENDING' in out
   submitted = (tmp_path / 'sbatch.log').read_text().splitlines()
   assert len(submitted) == 3 and '--workdir=' + str(tmp_path / 'runs' / 'seed=0') in submitted[2]
   assert (tmp_path / 'runs' / 'seed=0' / 'slurm_job_id').read_text() == '102\n'
+  # squeue down (a controller timeout): nothing is submitted over a job it cannot see.
+  queued.write_text('TIMEOUT\n')
+  capsys.readouterr()
+  assert sweep.main(args) == 0
+  assert 'squeue failed for job 102 (slurm_load_jobs error: Socket timed out' in (
+      capsys.readouterr().out)
+  assert len((tmp_path / 'sbatch.log').read_text().splitlines()) == 3
 
 
 SLURM_ONE_TASK_PER_NODE = {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '4', 'SLURM_NNODES': '4',

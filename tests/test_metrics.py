@@ -248,3 +248,10 @@ def test_validation_losses_match_float64_references():
   assert metrics.sigmoid_cross_entropy(logits, targets, mask) == pytest.approx(want, rel=1e-12)
   assert metrics.sigmoid_cross_entropy(np.array([[-800.0]]), [[1.0]]) == pytest.approx(800.0)
   assert math.isnan(metrics.sigmoid_cross_entropy(logits, targets, np.zeros((50, 4), bool)))
+
+
+def test_lower_is_better_reads_the_metrics_own_name():
+  assert metrics.lower_is_better('loss') and metrics.lower_is_better('probe_loss')
+  assert metrics.lower_is_better('error_rate')
+  assert not metrics.lower_is_better('auc_mean')
+  assert not metrics.lower_is_better('auc_per_class/error_of_refraction')

@@ -280,7 +280,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   info = sources.dataset_info(config.dataset, data_dir)
   label_key, task = task_of(config, info)
   averaged = mean_over(config, task) if task.kind == 'multilabel' else ()
-  primary = config.task.primary_metric or ('top1' if task.kind == 'multiclass' else 'auc_mean')
+  headline = 'top1' if task.kind == 'multiclass' else 'auc_mean'
+  primary = config.task.primary_metric or headline  # the metric that selects the model
+  if not metrics_lib.lower_is_better(primary):
+    headline = primary  # ... and the one results lead with, unless it is a loss
   teacher = _Teacher(config, task, dtype, repl) if distill else None
   # The shifted data set is checked before training, so that a bad mapping fails fast.
   shift = _ShiftedData(config, task) if config.shift.dataset else None
@@ -439,7 +442,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'label_fraction': float(teacher_fraction if distill else fraction),
       'seed': int(config.seed),
       'fraction_seed': int(teacher.results.get('fraction_seed', 0) if distill else fraction_seed),
-      'primary_metric': primary, 'task': task.kind, 'label_names': list(task.names),
+      'primary_metric': headline, 'selected_on': primary, 'task': task.kind,
+      'label_names': list(task.names),
       'step': step, 'total_steps': total_steps, 'best_step': best.step,
       'stopped_early': best.stopped_early, 'origin': origin,
       'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
