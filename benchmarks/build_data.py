@@ -104,6 +104,8 @@ def main(argv=None):
   tfds.disable_progress_bar()
   size = tuple(int(x) for x in args.size.lower().split('x'))
   thread_counts = [int(t) for t in args.threads.split(',')]
+  if args.work_dir:
+    os.makedirs(args.work_dir, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=args.work_dir or None) as work:
     manual_dir = os.path.join(work, 'raw')
     t = time.perf_counter()

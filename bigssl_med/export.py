@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigssl_med import checkpointing, models
+from bigssl_med import checkpointing, files, models
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, ConfigError, UserError
 from bigssl_med.models import resnet
@@ -182,6 +182,7 @@ def export(workdir: str, out: str, checkpoint: str = 'auto',
   # safetensors writes an array's buffer as it lies in memory: transposed views must be copied.
   tensors = {k: np.array(v, order='C') for k, v in tensors.items()}  # 0-d stays 0-d
   safetensors_numpy.save_file(tensors, tmp, metadata=metadata)
+  files.usual_mode(tmp)  # safetensors writes it private
   os.replace(tmp, out)
   return metadata
 

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bigssl_med import checkpointing, supervised
+from bigssl_med import checkpointing, files, supervised
 from bigssl_med.data import host_ops
 from bigssl_med.data import pipeline
 from bigssl_med.errors import CheckpointError, ConfigError, DataError, UserError
@@ -372,19 +372,13 @@ def write_predictions(path: str, run: Run, items: Sequence[Item], columns: Seque
         if run.task.kind == 'multiclass':
           row.append(names[int(np.argmax(p))])
         writer.writerow(row)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a new file's usual mode
+    files.usual_mode(tmp)  # mkstemp makes it private
     os.replace(tmp, path)
   except OSError as e:
     raise DataError(f'{path}: cannot be written ({e.strerror or e})') from None
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
-
-
-def _umask() -> int:
-  mask = os.umask(0o022)
-  os.umask(mask)
-  return mask
 
 
 # ------------------------------------------------------------------------------- CLI.

@@ -129,6 +129,7 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
   """
   runs, seen, by_key = [], set(), {}
   for top in dirs:
+    found = skipped = 0
     for path in _results_files(top):
       real = os.path.realpath(path)
       if real in seen:
@@ -137,6 +138,13 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
       run = _load_run(path)
       if run is not None:
         runs.append(run)
+        found += 1
+      else:
+        skipped += 1
+    if skipped and not found:
+      logging.warning('%s: holds only results the report leaves out (pretraining runs, or '
+                      'files without a trainer); it compares fine-tuning, linear evaluation, '
+                      'distillation and segmentation runs', top)
   _mark_variants(runs)
   for run in runs:
     key = (run['dataset'], run['trainer'], run['init'], run['label_fraction'],

@@ -150,6 +150,9 @@ def test_existing_files_and_missing_runs_are_one_line_errors(tmp_path, caplog):
   assert out.read_bytes() == b'keep me'
   assert export.main(['--workdir', workdir, '--out', os.fspath(out), '--overwrite']) == 0
   assert 'conv1.weight' in convert.read_safetensors_file(os.fspath(out))
+  mask = os.umask(0o022)
+  os.umask(mask)
+  assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # as any new file, not private
   with pytest.raises(ConfigError, match='config.json: missing.*is .* a run of this project'):
     export.export(os.fspath(tmp_path / 'nothing'), os.fspath(tmp_path / 'y.safetensors'))
   with pytest.raises(CheckpointError, match='best: no such folder'):

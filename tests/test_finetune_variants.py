@@ -281,7 +281,8 @@ def test_holdout_validates_on_training_cases_and_tests_on_the_validation_split(
   rows = [json.loads(line) for line in (tmp_path / 'held' / 'metrics.jsonl').read_text()
           .splitlines()]
   assert [r['split'] for r in rows if r['split'] != 'train'] == [
-      'holdout', 'holdout', 'validation']  # the last: the test of the best model
+      'holdout', 'holdout', 'test']  # the last: the best model on the validation split
+  assert results['test_split'] == 'image_cases/colours/validation'
   with pytest.raises(ConfigError, match=r"data.eval_split is 'validation': pass "
                                         r"--config.data.eval_split='' with it"):
     finetune.train_and_evaluate(tiny_config(colours, **{'data.holdout': 0.25}),

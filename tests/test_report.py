@@ -286,6 +286,16 @@ def test_main_exit_0(runs_root, tmp_path, capsys):
   assert '## ham10000: loss' in out.read_text()
 
 
+def test_a_pretraining_workdir_among_others_is_named_in_a_warning(tmp_path, caplog):
+  write_run(tmp_path / 'ft', 'ham10000', 'micle', 1.0, 0, 0.8)
+  write_run(tmp_path / 'pre', 'ham10000', 'micle', 1.0, 0, 0.8, trainer='pretrain')
+  with caplog.at_level('WARNING'):
+    runs = report.collect([str(tmp_path / 'ft'), str(tmp_path / 'pre')])
+  assert len(runs) == 1
+  assert f'{tmp_path / "pre"}: holds only results the report leaves out' in caplog.text
+  assert f'{tmp_path / "ft"}:' not in caplog.text
+
+
 def test_cli_empty_dir_exits_2(tmp_path):
   empty = tmp_path / 'empty'
   empty.mkdir()

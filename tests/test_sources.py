@@ -76,6 +76,14 @@ def test_case_index_from_sidecar(built):
   assert max(len(g) for g in sources.case_index(NAME, 'train', data_dir)) == 3
 
 
+def test_case_index_has_the_mode_of_the_builds_other_files(built):
+  data_dir, _ = built
+  version_dir = sources.find_version_dir(NAME, data_dir)
+  mode = os.stat(os.path.join(version_dir, 'dataset_info.json')).st_mode & 0o777
+  assert os.stat(os.path.join(version_dir, sources.CASE_INDEX_FILE)).st_mode & 0o777 == mode
+  assert mode & 0o044  # readable by the group and others (umask 022 or looser)
+
+
 def test_case_index_scans_when_sidecar_missing(built, caplog):
   data_dir, _ = built
   expected = [g.tolist() for g in sources.case_index(NAME, 'train', data_dir)]

@@ -23,6 +23,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bigssl_med import files
 from bigssl_med.errors import DataError
 import tfds_builders
 
@@ -274,6 +275,7 @@ def write_case_index(version_dir: str) -> str:
   try:
     with os.fdopen(fd, 'w') as f:
       json.dump(content, f)
+    files.usual_mode(tmp_path)  # mkstemp makes it private; the build's other files are not
     os.replace(tmp_path, path)
   except BaseException:
     if os.path.exists(tmp_path):

@@ -413,7 +413,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                              sources.open_split(config.dataset, test_split, data_dir),
                              f'{config.dataset}/{test_split}', spec, ten_crop=ten_crop)
     test = evaluate(logits, labels)
-    writer.write(best.step, test_split, workdir_lib.scalars(test))
+    # Logged as 'test' whatever the split is called (CheXpert tests on 'validation').
+    writer.write(best.step, 'test', workdir_lib.scalars(test))
     if jax.process_index() == 0:
       _save_predictions(os.path.join(workdir, 'test_predictions.npz'), logits, labels, task)
   elif test_split:
@@ -448,7 +449,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'stopped_early': best.stopped_early, 'origin': origin,
       'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
       'stored_images': stored_images(info),
-      'validation_split': eval_name, 'validation': best.record['validation'], 'test': test,
+      'validation_split': eval_name, 'validation': best.record['validation'],
+      'test_split': f'{config.dataset}/{test_split}' if test else None, 'test': test,
   }
   if distill:
     results['teacher'] = {'workdir': config.teacher, 'init': teacher.results.get('init'),
