@@ -207,9 +207,9 @@ def list_images(images: str) -> tuple[list[Item], list[str]]:
 
 def _folder_images(folder: str) -> list[Item]:
   found = []
-  for root, subdirs, files in os.walk(folder):
+  for root, subdirs, names in os.walk(folder):
     subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
-    for name in files:
+    for name in names:
       if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
         found.append(os.path.relpath(os.path.join(root, name), folder))
   if not found:
