@@ -678,13 +678,18 @@ def _check_impl(impl):
     raise ValueError(f'impl must be one of {IMPLS}, got {impl!r}')
 
 
+def _static_float(value, name):
+  """`value` as a Python float; TypeError (naming `name`) for a traced or other value."""
+  try:
+    return float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError) as e:
+    raise TypeError(f'{name} must be a Python number (static under jit), '
+                    f'got {value!r}') from e
+
+
 def _static_strength(strength):
   """Returns `strength` as a float in [0, 1.25] or raises."""
-  try:
-    strength = float(strength)
-  except (TypeError, jax.errors.ConcretizationTypeError) as e:
-    raise TypeError('strength must be a Python number (static under jit), '
-                    f'got {strength!r}') from e
+  strength = _static_float(strength, 'strength')
   if not 0.0 <= strength <= 1.25:
     raise ValueError('colour-jitter strength must be in [0, 1.25] (contrast '
                      'and saturation factors 1 +- 0.8*strength must stay >= 0, '
@@ -694,11 +699,7 @@ def _static_strength(strength):
 
 def _static_rotation(degrees):
   """Returns `degrees` as a float in [0, 180] or raises."""
-  try:
-    degrees = float(degrees)
-  except (TypeError, jax.errors.ConcretizationTypeError) as e:
-    raise TypeError('rotation_deg must be a Python number (static under jit), '
-                    f'got {degrees!r}') from e
+  degrees = _static_float(degrees, 'rotation_deg')
   if not 0.0 <= degrees <= 180.0:
     raise ValueError(f'rotation_deg must be in [0, 180], got {degrees}')
   return degrees
