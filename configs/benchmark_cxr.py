@@ -20,8 +20,16 @@ ChestX-ray14: the official test list is the test split; validation is 10% of the
 train_val patients (the builder's split). CheXpert: the official validation split is
 the test split, validation is 10% of the training patients held out (`data.holdout`),
 uncertain labels follow LSR-Ones, and the mean AUC is over the five competition
-pathologies. A model imported from torchvision's layout standardises its input with
-ImageNet's mean and std (`model.input_normalization`, set by `bigssl_med.convert`).
+pathologies.
+
+The architecture is torchvision's, as the benchmark's initialisations are
+(`python -m bigssl_med.convert` imports them): its max-pooling windows
+(`model.stem_pool_padding='symmetric'`), ImageNet standardisation of the input
+(`model.input_normalization='imagenet'`) and, for ResNet-18/34, no projection in the
+first block (`model.identity_shortcuts=True`). From a SimCLR or MICLe run of this
+project, pass that run's settings instead (`--config.model.stem_pool_padding=same
+--config.model.input_normalization=none`); a mismatch is a one-line error naming
+the key.
 """
 
 from bigssl_med import config_schema
@@ -37,6 +45,9 @@ def get_config(arg: str = 'nih14'):
     raise ValueError(f'configs/benchmark_cxr.py takes DATASET[,MODEL], got {arg!r}')
   config = config_schema.finetune()
   config_schema.set_model_variant(config, variants[0] if variants else 'r50')
+  config.model.stem_pool_padding = 'symmetric'
+  config.model.input_normalization = 'imagenet'
+  config.model.identity_shortcuts = config.model.depth < 50
   config.head_layers_kept = 0
   config.data.image_size = 224
   config.data.test_ten_crop = True

@@ -94,10 +94,13 @@ def test_benchmark_config_is_the_transfer_learning_benchmarks_protocol():
   assert (c.task.primary_metric, c.early_stopping_patience, c.eval_every_epochs) == (
       'loss', 10, 1.0)
   assert c.data.test_ten_crop and c.augment.rotation_deg == 7.0 and c.head_layers_kept == 0
+  assert (c.model.stem_pool_padding, c.model.input_normalization) == ('symmetric', 'imagenet')
+  assert not c.model.identity_shortcuts  # ResNet-50: torchvision's has a projection
   assert (c.augment.jitter_p, c.augment.grayscale_p, c.augment.blur_p) == (0.0, 0.0, 0.0)
   x = load('benchmark_cxr', 'chexpert,r18')
   assert (x.dataset, x.model.depth, x.task.uncertain, x.data.holdout, x.data.test_split) == (
       'chexpert', 18, 'lsr_ones', 0.1, 'validation')
+  assert x.model.identity_shortcuts  # torchvision's ResNet-18
   demo = load('demo')
   assert demo.trainer == 'stages' and demo.order == ('pretrain', 'micle', 'scratch')
   assert demo.stages.pretrain.micle and demo.stages.pretrain.data.manual_dir
