@@ -82,8 +82,7 @@ def schedule_for(opt_config, peak: float, total_steps: int,
     if opt_config.name == 'lars':
       raise ConfigError("config.optimizer.schedule='plateau' needs optimizer.name 'momentum' "
                         "or 'adamw' (LARS applies the learning rate before its momentum)")
-    if not 0 <= warmup_steps <= total_steps:
-      raise ConfigError(f'warm-up of {warmup_steps} steps does not fit in {total_steps} steps')
+    _check_warmup(warmup_steps, total_steps)
     if warmup_steps == 0:
       return optax.constant_schedule(peak)
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps),
@@ -93,8 +92,7 @@ def schedule_for(opt_config, peak: float, total_steps: int,
 
 def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine to 0 at `total_steps`."""
-  if not 0 <= warmup_steps <= total_steps:
-    raise ConfigError(f'warm-up of {warmup_steps} steps does not fit in {total_steps} steps')
+  _check_warmup(warmup_steps, total_steps)
   if warmup_steps == 0:
     return optax.cosine_decay_schedule(peak, total_steps)
   if warmup_steps == total_steps:
@@ -102,6 +100,11 @@ def warmup_cosine(peak: float, total_steps: int, warmup_steps: int) -> optax.Sch
                     '(shorten optimizer.warmup_steps or warmup_epochs)', total_steps, peak)
     return optax.linear_schedule(0.0, peak, warmup_steps)
   return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, total_steps, 0.0)
+
+
+def _check_warmup(warmup_steps: int, total_steps: int) -> None:
+  if not 0 <= warmup_steps <= total_steps:
+    raise ConfigError(f'warm-up of {warmup_steps} steps does not fit in {total_steps} steps')
 
 
 def gradient_step(state: Any, loss_fn: Callable, tx: optax.GradientTransformation,

@@ -357,9 +357,9 @@ class ImageStore:
   `metadata['num_skipped_images']`; the build logs a warning for each.
 
   `try_load` / `try_convert` do the work and may run on `threads` threads
-  (`in_order`); `keep` then decides, in the builder's thread and order, whether an
-  outcome is stored, skipped or an error, so the skip list is the same whatever the
-  number of threads.
+  (`each`, through `in_order`); `keep` then decides, in the builder's thread and
+  order, whether an outcome is stored, skipped or an error, so the skip list is the
+  same whatever the number of threads.
   """
 
   def __init__(self, *, max_side: int | None, channels: int | None,
@@ -371,21 +371,6 @@ class ImageStore:
     self._metadata = metadata if metadata is not None else {}
     self._metadata.setdefault('skipped_images', [])
     self._metadata.setdefault('num_skipped_images', 0)
-
-  def load(self, path: str, *, where: str, split: str = '') -> bytes | None:
-    """The stored bytes of the image file `path`, or None when it is skipped.
-
-    Args:
-      path: the image file.
-      where: what refers to it (e.g. 'train.csv line 12'), for messages.
-      split: the split it belongs to, for the skip list.
-
-    Raises:
-      DataError: the file is missing or cannot be decoded and bad images are
-        not skipped; the message names the file and `where`.
-    """
-    outcome = self.try_load(path, where=where)
-    return outcome if self.keep(outcome, split=split) else None
 
   def try_load(self, path: str, *, where: str) -> bytes | Failed:
     """The stored bytes of the image file `path`, or its `Failed` record (thread-safe)."""
@@ -419,9 +404,18 @@ class ImageStore:
         {'split': split, 'path': path, 'where': where, 'reason': reason})
     self._metadata['num_skipped_images'] = len(self._metadata['skipped_images'])
 
-  @property
-  def num_skipped(self) -> int:
-    return len(self._metadata['skipped_images'])
+  def each(self, items: Sequence[Any], load: Callable[[Any], Any], *, split: str,
+           what: str) -> Iterator[tuple[Any, Any]]:
+    """`(item, load(item))` for the `items` whose load did not fail, in their order.
+
+    `load` (thread-safe: `try_load`, `try_convert` and the like) runs on `threads`
+    threads (`in_order`); a `Failed` outcome goes through `keep` (skipped and listed,
+    or raised). Progress is logged as `what`.
+    """
+    for item, loaded in with_progress(in_order(load, items, threads=self.threads),
+                                      total=len(items), what=what):
+      if self.keep(loaded, split=split):
+        yield item, loaded
 
 
 def default_threads() -> int:
@@ -532,17 +526,16 @@ def check_unique_keys(items: Iterable[Item]) -> None:
 
 def generate_examples(items: Sequence[Item], store: ImageStore,
                       name: str) -> Iterator[tuple[str, dict]]:
-  """Yields (key, example) for `items`, leaving out images `store` skips.
+  """Yields (key, example) for `items` (of one split), leaving out images `store` skips.
 
   Raises:
     DataError: from `store` for a bad image (unless skipped), or when every image
       of a split was skipped (TFDS cannot write an empty split).
   """
   count = 0
-  for item, image in in_order(lambda item: store.try_load(item.path, where=item.where),
-                              items, threads=store.threads):
-    if not store.keep(image, split=item.split):  # skipped and listed in the metadata
-      continue
+  split = items[0].split if items else ''
+  for item, image in store.each(items, lambda item: store.try_load(item.path, where=item.where),
+                                split=split, what=f'{name} {split}'):
     count += 1
     yield item.key, {'image': image, **item.features}
   if items and not count:

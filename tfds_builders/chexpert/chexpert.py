@@ -323,9 +323,7 @@ class Chexpert(common.ImageBuilder):
         logging.warning('CheXpert: %s has no rows; split %s is left out.',
                         tables[split], split)
         continue
-      generators[split] = common.with_progress(
-          self._generate_examples(split_items, store), total=len(split_items),
-          what=f'{self.name} {split}')
+      generators[split] = self._generate_examples(split_items, store)
     return generators
 
   def _generate_examples(self, items: Sequence[common.Item],

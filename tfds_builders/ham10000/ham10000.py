@@ -375,12 +375,8 @@ class Ham10000(common.ImageBuilder):
       except DataError as exc:
         return common.Failed(mask_path, where, exc)
 
-    for (row, *_), loaded in common.with_progress(
-        common.in_order(load, items, threads=store.threads), total=len(items),
-        what=f'ham10000 {split}'):
-      if not store.keep(loaded, split=split):
-        continue
-      image, mask = loaded
+    for (row, *_), (image, mask) in store.each(items, load, split=split,
+                                               what=f'ham10000 {split}'):
       yield row.image_id, {
           'image': image,
           'mask': mask,

@@ -358,18 +358,15 @@ class ImageCases(common.ImageBuilder):
     config = self.builder_config
     index = {name: i for i, name in enumerate(config.class_names)}
     converted = self.info.metadata.get('gray_converted_images')
-    def load(case):  # on a worker thread: (stored bytes or Failed, whether colour)
+    def load(case):  # on a worker thread: Failed, or (stored bytes, whether colour)
       image = store.try_load(case.file, where=f'{cases_path} line {case.line}')
-      colour = (config.channels == 1 and not isinstance(image, common.Failed)
-                and _is_colour_file(case.file))
-      return image, colour
+      if isinstance(image, common.Failed):
+        return image
+      return image, config.channels == 1 and _is_colour_file(case.file)
 
-    for case, (image, colour) in common.with_progress(
-        common.in_order(load, cases, threads=store.threads), total=len(cases),
-        what=f'image_cases {split}'):
+    for case, (image, colour) in store.each(cases, load, split=split,
+                                            what=f'image_cases {split}'):
       where = f'{cases_path} line {case.line}'
-      if not store.keep(image, split=split):
-        continue
       if colour:
         logging.warning('%s (%s) is a colour image; the set is stored gray (its first '
                         'images are), so it is stored as gray (luma)', case.file, where)

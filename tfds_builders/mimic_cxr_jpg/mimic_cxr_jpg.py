@@ -342,9 +342,7 @@ class MimicCxrJpg(common.ImageBuilder):
         logging.warning('MIMIC-CXR-JPG: %s lists no %s images; split %s is left '
                         'out.', inputs.split, split, split)
         continue
-      generators[split] = common.with_progress(
-          self._generate_examples(split_items, store), total=len(split_items),
-          what=f'{self.name} {split}')
+      generators[split] = self._generate_examples(split_items, store)
     return generators
 
   def _generate_examples(self, items: Sequence[common.Item],

@@ -353,12 +353,9 @@ class NihChestXray14(common.ImageBuilder):
     }
 
   def _generate_examples(self, items, split: str, store: common.ImageStore):
-    for (entry, _, _), image in common.with_progress(
-        common.in_order(lambda item: store.try_load(item[1], where=item[2]), items,
-                        threads=store.threads),
-        total=len(items), what=f'nih_chest_xray14 {split}'):
-      if not store.keep(image, split=split):
-        continue
+    for (entry, _, _), image in store.each(
+        items, lambda item: store.try_load(item[1], where=item[2]), split=split,
+        what=f'nih_chest_xray14 {split}'):
       yield entry.image_id, {
           'image': image,
           'image_id': entry.image_id,
