@@ -101,6 +101,7 @@ def _with_selection(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.optimizer.schedule = 'cosine'  # or 'plateau': constant, x plateau_factor when the
   c.optimizer.plateau_factor = 0.5  # validation metric has not improved for more than
   c.optimizer.plateau_patience = 5  # plateau_patience evaluations (ReduceLROnPlateau)
+  c.optimizer.plateau_threshold = 1e-4  # an improvement: by more than this, relative
   return c
 
 

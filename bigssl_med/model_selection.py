@@ -36,7 +36,7 @@ def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float
 
   Raises:
     ConfigError: both eval_every_steps and eval_every_epochs set, or a plateau factor
-      outside (0, 1) or a negative plateau patience.
+      outside (0, 1), or a negative plateau patience or threshold.
   """
   eval_every = optim.resolve_steps(
       steps=config.eval_every_steps, epochs=config.eval_every_epochs,
@@ -51,22 +51,29 @@ def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float
   if o.plateau_patience < 0:
     raise ConfigError(f'config.optimizer.plateau_patience must be >= 0, got '
                       f'{o.plateau_patience}')
-  return eval_every, (float(o.plateau_factor), int(o.plateau_patience))
+  if o.plateau_threshold < 0:
+    raise ConfigError(f'config.optimizer.plateau_threshold must be >= 0, got '
+                      f'{o.plateau_threshold}')
+  return eval_every, (float(o.plateau_factor), int(o.plateau_patience),
+                      float(o.plateau_threshold))
 
 
 class BestModel:
   """The best evaluation so far by `metric`, persisted in `workdir`.
 
-  With `plateau=(factor, patience)` (the plateau schedule), the learning rate is
-  multiplied by `factor` once more than `patience` evaluations in a row have not
-  improved the metric (PyTorch's ReduceLROnPlateau, counted in evaluations, with a
-  strict comparison); the count restarts after each reduction. `record['lr_scales']`
+  With `plateau=(factor, patience, threshold)` (the plateau schedule), the learning
+  rate is multiplied by `factor` once more than `patience` evaluations in a row have
+  not improved the metric by more than `threshold` relative to the best the schedule
+  has seen (PyTorch's ReduceLROnPlateau in its default relative mode, counted in
+  evaluations: a loss improves on `best` below `best * (1 - threshold)`); the count
+  restarts after each reduction. Model selection and early stopping compare strictly,
+  so a model can be kept while the schedule still counts a stall. `record['lr_scales']`
   lists `[step, scale]`: the scale of the steps after `step`, so a run resumed from
   an earlier checkpoint replays the scales it trained with.
   """
 
   def __init__(self, workdir: str, *, metric: str, patience: int,
-               plateau: tuple[float, int] | None = None):
+               plateau: tuple[float, int, float] | None = None):
     self.metric = metric
     self.patience = patience
     self.plateau = plateau
@@ -78,6 +85,7 @@ class BestModel:
         'evals_since_best': 0, 'stopped_early': False}
     self.record.setdefault('lr_scales', [[0, 1.0]])
     self.record.setdefault('evals_since_reduction', 0)
+    self.record.setdefault('plateau_best', self.record['value'])  # older best.json
     self._saver = ocp.StandardCheckpointer()
 
   def lr_scale_at(self, step: int) -> float:
@@ -124,8 +132,15 @@ class BestModel:
                   else record['evals_since_best'] + 1)
     record['stopped_early'] = bool(self.patience and record['evals_since_best'] >= self.patience)
     if self.plateau is not None:
-      factor, plateau_patience = self.plateau
-      stalled = 0 if improved or undecided else record['evals_since_reduction'] + 1
+      factor, plateau_patience, threshold = self.plateau
+      reference = record['plateau_best']
+      significant = finite and (
+          reference is None or not np.isfinite(reference)
+          or (value < reference * (1 - threshold) if self.lower_is_better
+              else value > reference * (1 + threshold)))
+      if significant:
+        record['plateau_best'] = float(value)
+      stalled = 0 if significant or undecided else record['evals_since_reduction'] + 1
       if stalled > plateau_patience:
         scale = record['lr_scales'][-1][1] * factor
         record['lr_scales'].append([step, scale])

@@ -9,10 +9,12 @@ encoder of `init_from` (an imported torchvision-layout model, or a pretraining r
 under a new linear classifier, as the benchmark fine-tunes its initialisations:
 
 - Adam, no weight decay, learning rate 2e-4 at batch 32 (`adamw`, 1.6e-3 x 32/256);
-- the learning rate halved once the validation loss has not improved for more than
-  5 evaluations (`optimizer.schedule='plateau'`), one evaluation per epoch;
+- the learning rate halved once the validation loss has not improved by more than
+  0.01% for more than 5 evaluations (`optimizer.schedule='plateau'`: ReduceLROnPlateau
+  with patience 10 // 2 and threshold 1e-4), one evaluation per epoch;
 - the model of lowest validation loss kept (`task.primary_metric='loss'`), training
-  stopped after 10 evaluations without improvement, at most 1000 epochs;
+  stopped once more than 10 evaluations in a row have not lowered it
+  (`early_stopping_patience=11`), at most 1000 epochs;
 - training crops: random resized crop to 224 (area 0.08-1), flip, and a rotation within
   7 degrees (on the device); testing by ten-crop of the 256 x 256 centre.
 
@@ -61,10 +63,11 @@ def get_config(arg: str = 'nih14'):
   config.optimizer.schedule = 'plateau'
   config.optimizer.plateau_factor = 0.5
   config.optimizer.plateau_patience = 5
+  config.optimizer.plateau_threshold = 1e-4
   config.task.primary_metric = 'loss'
   config.eval_every_steps = 0
   config.eval_every_epochs = 1.0
-  config.early_stopping_patience = 10
+  config.early_stopping_patience = 11   # the benchmark stops when its count exceeds 10
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   if dataset == 'chexpert':

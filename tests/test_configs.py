@@ -89,10 +89,11 @@ def test_benchmark_config_is_the_transfer_learning_benchmarks_protocol():
   assert (c.dataset, c.batch_size, c.optimizer.name, c.optimizer.weight_decay) == (
       'nih_chest_xray14', 32, 'adamw', 0.0)
   assert c.optimizer.learning_rate * c.batch_size / 256 == pytest.approx(2e-4)
-  assert (c.optimizer.schedule, c.optimizer.plateau_factor, c.optimizer.plateau_patience) == (
-      'plateau', 0.5, 5)
+  o = c.optimizer
+  assert (o.schedule, o.plateau_factor, o.plateau_patience, o.plateau_threshold) == (
+      'plateau', 0.5, 5, 1e-4)
   assert (c.task.primary_metric, c.early_stopping_patience, c.eval_every_epochs) == (
-      'loss', 10, 1.0)
+      'loss', 11, 1.0)
   assert c.data.test_ten_crop and c.augment.rotation_deg == 7.0 and c.head_layers_kept == 0
   assert (c.model.stem_pool_padding, c.model.input_normalization) == ('symmetric', 'imagenet')
   assert not c.model.identity_shortcuts  # ResNet-50: torchvision's has a projection

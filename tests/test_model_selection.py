@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from bigssl_med import config_schema, model_selection, optim
+from test_configs import load as load_config
 from bigssl_med.errors import ConfigError
 from bigssl_med.trainers import finetune
 from test_finetune import colours, tiny_config  # noqa: F401  pylint: disable=unused-import
@@ -32,9 +33,9 @@ def test_a_loss_is_selected_by_its_minimum(tmp_path):
 
 
 def test_plateau_halves_the_rate_after_patience_stalls_like_reduce_lr_on_plateau(tmp_path):
-  best = _best(tmp_path, plateau=(0.5, 2))
-  # PyTorch's ReduceLROnPlateau(factor=0.5, patience=2), stepped with the same losses
-  # (threshold 0), reduces after the 3rd stall in a row and then counts afresh.
+  best = _best(tmp_path, plateau=(0.5, 2, 0.0))
+  # PyTorch's ReduceLROnPlateau(factor=0.5, patience=2, threshold=0), stepped with the
+  # same losses, reduces after the 3rd stall in a row and then counts afresh.
   losses = [1.0, 0.9, 0.95, 0.95, 0.95, 0.95, 0.8, 0.85, 0.85, 0.85, 0.85]
   for k, loss in enumerate(losses):
     best.update(k + 1, VARIABLES, {'loss': loss})
@@ -42,14 +43,14 @@ def test_plateau_halves_the_rate_after_patience_stalls_like_reduce_lr_on_plateau
   assert [best.lr_scale_at(s) for s in (0, 4, 5, 9, 10, 11)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
   # A restarted run reads the reductions back.
   again = model_selection.BestModel(os.path.dirname(best.path), metric='loss', patience=0,
-                                    plateau=(0.5, 2))
+                                    plateau=(0.5, 2, 0.0))
   assert again.lr_scale_at(7) == 0.5 and again.record['evals_since_reduction'] == 1
 
 
 def test_plateau_reductions_match_a_reference_implementation(tmp_path):
   rng = np.random.default_rng(0)
   losses = list(np.cumsum(rng.normal(-0.01, 0.05, 60)) + 5)
-  best = _best(tmp_path, plateau=(0.1, 3))
+  best = _best(tmp_path, plateau=(0.1, 3, 0.0))
   # Reference: ReduceLROnPlateau's rule written out (mode min, threshold 0, cooldown 0).
   lr, best_loss, bad, want = 1.0, np.inf, 0, []
   for step, loss in enumerate(losses, 1):
@@ -64,11 +65,57 @@ def test_plateau_reductions_match_a_reference_implementation(tmp_path):
   assert [best.lr_scale_at(s) for s in range(1, 61)] == pytest.approx(want)
 
 
+@pytest.mark.parametrize('metric', ['loss', 'auc_mean'])
+def test_benchmark_schedule_and_early_stop_match_the_benchmarks_loop(tmp_path, metric):
+  """The benchmark's loop: ReduceLROnPlateau(factor=0.5, patience=5, threshold=1e-4, rel)
+  stepped on every validation value, the model kept on a strict improvement, and a stop
+  once more than 10 evaluations in a row brought none; written out in float64."""
+  c = load_config('benchmark_cxr')
+  _, plateau = model_selection.selection_settings(c, steps_per_epoch=10)
+  rng = np.random.default_rng(1)
+  # A clear descent; relative steps of 1e-5 (better models, too small for the
+  # schedule until ten add up); then no better value.
+  small_steps = np.cumprod(np.full(60, 1 - 1e-5))
+  loss = np.concatenate([np.linspace(2.0, 1.0, 40), small_steps,
+                         small_steps[-1] * (1 + 0.01 * rng.random(30))])
+  lower = metric == 'loss'
+  values = loss if lower else 3.0 - loss
+
+  def better(a, b, threshold):  # ReduceLROnPlateau's rel mode; threshold 0: strict
+    return a < b * (1 - threshold) if lower else a > b * (1 + threshold)
+
+  best = _best(tmp_path, metric=metric, patience=c.early_stopping_patience, plateau=plateau)
+  lr, bad, counter, want_lrs, stopped_at = 1.0, 0, 0, [], None
+  sched_best = kept = np.inf if lower else -np.inf
+  for epoch, value in enumerate(values, 1):
+    stop = best.update(epoch, VARIABLES, {metric: value})
+    if better(value, sched_best, 1e-4):
+      sched_best, bad = value, 0
+    else:
+      bad += 1
+    if bad > 5:
+      lr, bad = lr * 0.5, 0
+    want_lrs.append(lr)
+    if better(value, kept, 0.0):
+      kept, counter = value, 0
+    else:
+      counter += 1
+    assert stop == (counter > 10), epoch
+    if stop:
+      stopped_at = epoch
+      break
+  assert stopped_at == 111
+  assert [best.lr_scale_at(s) for s in range(1, stopped_at + 1)] == pytest.approx(want_lrs)
+  # The threshold mattered: without it, the small improvements would reset the count.
+  assert len(best.record['lr_scales']) >= 6
+  assert best.record['value'] == pytest.approx(kept)
+
+
 def test_selection_settings(tmp_path):
   c = config_schema.finetune()
   c.eval_every_steps, c.eval_every_epochs = 0, 1.0
   c.optimizer.schedule = 'plateau'
-  assert model_selection.selection_settings(c, 12.4) == (12, (0.5, 5))
+  assert model_selection.selection_settings(c, 12.4) == (12, (0.5, 5, 1e-4))
   c.eval_every_steps = 5
   with pytest.raises(ConfigError, match='both eval_every_steps/eval_every_epochs'):
     model_selection.selection_settings(c, 12.4)
