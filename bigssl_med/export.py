@@ -24,7 +24,8 @@ a PyTorch user must match:
 Architectures torchvision's ResNet cannot express are refused with a one-line error:
 selective kernels, the CIFAR stem, and SimCLR's projection in the first block of a
 ResNet-18/34 (`identity_shortcuts=False`). An existing output file is replaced only with
-`--overwrite`, and then only once the new file is complete.
+`--overwrite`, and then only once the new file is complete. The same model always
+exports to the same bytes (the metadata keys are sorted), so a checksum identifies it.
 """
 
 import argparse
@@ -182,9 +183,30 @@ def export(workdir: str, out: str, checkpoint: str = 'auto',
   # safetensors writes an array's buffer as it lies in memory: transposed views must be copied.
   tensors = {k: np.array(v, order='C') for k, v in tensors.items()}  # 0-d stays 0-d
   safetensors_numpy.save_file(tensors, tmp, metadata=metadata)
+  _sort_metadata(tmp)
   files.usual_mode(tmp)  # safetensors writes it private
   os.replace(tmp, out)
   return metadata
+
+
+def _sort_metadata(path: str) -> None:
+  """Rewrites the header of the safetensors file `path` with its metadata keys sorted.
+
+  safetensors writes the metadata in the order of a hash map, which changes from run to
+  run; sorted, the same model exports to the same bytes (a checksum can name it). The
+  header keeps its length (padded with spaces, as safetensors pads it), so the tensors
+  stay where they are.
+  """
+  with open(path, 'r+b') as f:
+    size = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(size), object_pairs_hook=dict)
+    if '__metadata__' in header:
+      header['__metadata__'] = dict(sorted(header['__metadata__'].items()))
+    text = json.dumps(header, separators=(',', ':'), ensure_ascii=False).encode('utf-8')
+    if len(text) > size:  # cannot happen for the same content; keep the file as written
+      return
+    f.seek(8)
+    f.write(text.ljust(size, b' '))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,6 +58,19 @@ def test_export_gives_back_the_torchvision_state_dict(tmp_path, depth, capsys):
   jax.tree.map(np.testing.assert_array_equal, again, original)
 
 
+def test_the_same_model_exports_to_the_same_bytes(tmp_path):
+  workdir, _, _, _ = _imported(tmp_path, 18)
+  outs = [os.fspath(tmp_path / f'model{k}.safetensors') for k in range(4)]
+  for out in outs:
+    export.export(workdir, out)
+  contents = {open(out, 'rb').read() for out in outs}  # pylint: disable=consider-using-with
+  assert len(contents) == 1
+  with open(outs[0], 'rb') as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
+  assert list(header['__metadata__']) == sorted(header['__metadata__'])
+  assert convert.read_safetensors_metadata(outs[0])['format'] == 'torchvision_resnet'
+
+
 def test_a_model_trained_here_comes_back_as_the_same_network(tmp_path):
   """This project's defaults (no input standardisation, SimCLR's pooling) survive the trip."""
   path = os.path.join(DATA, 'torchvision_r50_w32.pth')
