@@ -60,10 +60,13 @@ def write_collection(root: str, sources_: list[str], count: int, size: tuple[int
   lines = ['path,case_id,label']
   for i in range(count):
     with Image.open(sources_[i % len(sources_)]) as image:
-      enlarged = image.convert(mode).resize(size, Image.Resampling.BICUBIC)
+      enlarged = image.convert('L' if mode == 'RGB_GRAY' else mode)
+      enlarged = enlarged.resize(size, Image.Resampling.BICUBIC)
     pixels = np.asarray(enlarged, dtype=np.float32)
     pixels += rng.normal(0.0, noise, pixels.shape)
     enlarged = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+    if mode == 'RGB_GRAY':  # a gray scan in an RGB file, as some collections ship them
+      enlarged = enlarged.convert('RGB')
     name = f'images/{i:06d}.{"png" if image_format == "PNG" else "jpg"}'
     path = os.path.join(root, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -90,7 +93,8 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--source', required=True, help='folder of real images to enlarge')
   p.add_argument('--size', default='2320x2828', help='WIDTHxHEIGHT of the files written')
-  p.add_argument('--mode', choices=['L', 'RGB'], default='L')
+  p.add_argument('--mode', choices=['L', 'RGB', 'RGB_GRAY'], default='L',
+                 help='RGB_GRAY: gray images written as RGB files (stored gray)')
   p.add_argument('--format', choices=['JPEG', 'PNG'], default='JPEG')
   p.add_argument('--noise', type=float, default=3.0, help='Gaussian noise sigma, 0-255 scale')
   p.add_argument('--images', type=int, default=200)

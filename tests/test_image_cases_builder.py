@@ -10,7 +10,7 @@ from pathlib import Path
 import re
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 import pytest
 
 from bigssl_med import build_data
@@ -229,6 +229,44 @@ def test_a_later_colour_image_in_a_gray_set_is_listed_and_stored_gray(tmp_path):
                                                             f'{len(rows) + 1}'}]
   with Image.open(io.BytesIO(_records(data_dir)['train'][rows[-1]['path']]['image'])) as image:
     assert image.mode == 'L'
+
+
+@pytest.mark.parametrize('mode,colour', [('L', False), ('RGB_GRAY', False), ('RGB', True),
+                                         ('P', True), ('RGBA', True), ('I;16', False)])
+@pytest.mark.parametrize('max_side', [None, 9])
+def test_gray_encoding_stores_what_encode_image_stores_and_says_if_there_was_colour(
+    tmp_path, mode, colour, max_side):
+  rng = np.random.default_rng(0)
+  pixels = rng.integers(0, 256, (14, 20, 4), dtype=np.uint8)
+  image = {'L': Image.fromarray(pixels[..., 0]),
+           'RGB_GRAY': Image.fromarray(np.repeat(pixels[..., :1], 3, axis=-1)),
+           'RGB': Image.fromarray(pixels[..., :3]),
+           'P': Image.fromarray(pixels[..., :3]).convert('P'),
+           'RGBA': Image.fromarray(pixels),
+           'I;16': Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)}[mode]
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  data = buffer.getvalue()
+  stored, had_colour = common.encode_gray_image(data, name='x.png', max_side=max_side)
+  assert stored == common.encode_image(data, name='x.png', max_side=max_side, channels=1)
+  assert had_colour == colour
+  assert had_colour == (not image_cases.is_grayscale(image))
+
+
+def test_a_gray_set_decodes_each_image_once(tmp_path, monkeypatch):
+  root = tmp_path / 'mine'
+  rows = _single_label_tree(root, mode='RGB_GRAY')
+  config = image_cases.ImageCases.make_config(manual_dir=os.fspath(root))
+  assert config.channels == 1
+  loads = collections.Counter()
+  load = ImageFile.ImageFile.load
+  def counted(image):
+    loads[image.size] += bool(image.tile)  # tiles left to decode: this load decodes
+    return load(image)
+  monkeypatch.setattr(ImageFile.ImageFile, 'load', counted)
+  _build(root, tmp_path / 'data')
+  # Each image once, and the first ones once more where the build probes the channels.
+  assert sum(loads.values()) == len(rows) + min(len(rows), image_cases.CHANNEL_PROBES)
 
 
 def test_named_config_and_max_side(tmp_path):

@@ -327,6 +327,28 @@ def encode_image(data: bytes, *, name: str, max_side: int | None = None,
     DataError: the bytes are not a decodable image (names `name`).
   """
   image, image_format = host_ops.decode_pil(data, channels=channels, name=name)
+  return _stored_bytes(data, image, image_format, max_side)
+
+
+def encode_gray_image(data: bytes, *, name: str,
+                      max_side: int | None = None) -> tuple[bytes, bool]:
+  """`encode_image(channels=1)`, and whether the image had colour, from one decode.
+
+  Colour: channels that are not all equal (an RGB file of a gray image has none).
+  """
+  image, image_format = host_ops.decode_pil(data, name=name)  # 'L', or else 'RGB'
+  colour = False
+  if image.mode != 'L':
+    rgb = np.asarray(image)
+    colour = not (np.array_equal(rgb[..., 0], rgb[..., 1])
+                  and np.array_equal(rgb[..., 1], rgb[..., 2]))
+    image = image.convert('L')
+  return _stored_bytes(data, image, image_format, max_side), colour
+
+
+def _stored_bytes(data: bytes, image: Image.Image, image_format: str,
+                  max_side: int | None) -> bytes:
+  """What `encode_image` stores for `data`, decoded as `image` in the mode to store."""
   with Image.open(io.BytesIO(data)) as original:
     unchanged_mode = original.mode == image.mode
   if max_side is not None and max(image.size) > max_side:
@@ -375,6 +397,15 @@ class ImageStore:
   def try_load(self, path: str, *, where: str) -> bytes | Failed:
     """The stored bytes of the image file `path`, or its `Failed` record (thread-safe)."""
     return self.try_convert(lambda: read_image_file(path, where), path=path, where=where)
+
+  def try_load_gray(self, path: str, *, where: str) -> tuple[bytes, bool] | Failed:
+    """The stored one-channel bytes of `path` and whether the file had colour, or its
+    `Failed` record (thread-safe; one decode)."""
+    try:
+      return encode_gray_image(read_image_file(path, where), name=f'{path} ({where})',
+                               max_side=self.max_side)
+    except DataError as exc:
+      return Failed(path, where, exc)
 
   def try_convert(self, read: Callable[[], bytes], *, path: str, where: str) -> bytes | Failed:
     """Like `try_load`, with `read()` giving the encoded bytes (e.g. from an archive)."""

@@ -359,10 +359,11 @@ class ImageCases(common.ImageBuilder):
     index = {name: i for i, name in enumerate(config.class_names)}
     converted = self.info.metadata.get('gray_converted_images')
     def load(case):  # on a worker thread: Failed, or (stored bytes, whether colour)
-      image = store.try_load(case.file, where=f'{cases_path} line {case.line}')
-      if isinstance(image, common.Failed):
-        return image
-      return image, config.channels == 1 and _is_colour_file(case.file)
+      where = f'{cases_path} line {case.line}'
+      if config.channels == 1:
+        return store.try_load_gray(case.file, where=where)
+      image = store.try_load(case.file, where=where)
+      return image if isinstance(image, common.Failed) else (image, False)
 
     for case, (image, colour) in store.each(cases, load, split=split,
                                             what=f'image_cases {split}'):
@@ -381,15 +382,6 @@ class ImageCases(common.ImageBuilder):
       else:
         example['label'] = case.labels[0]
       yield case.path, example
-
-
-def _is_colour_file(path: str) -> bool:
-  """Whether the image file at `path` (known to decode) has colour: not `is_grayscale`.
-
-  A file in a gray mode is answered from its header; only colour-mode files are decoded.
-  """
-  with Image.open(path) as image:
-    return not is_grayscale(image)
 
 
 def _is_size_name(name: str) -> bool:
