@@ -184,10 +184,11 @@ def main(argv=None):
   record()
 
   # 2. The grain pipeline alone.
-  make_iterator = lambda: iter(pipeline.pair_dataset(
-      source, groups, spec, global_batch=args.batch, host_index=jax.process_index(),
-      host_count=jax.process_count(), seed=0, num_workers=args.workers,
-      name=f'{args.dataset}/{args.split}'))
+  def make_iterator():
+    return iter(pipeline.pair_dataset(
+        source, groups, spec, global_batch=args.batch, host_index=jax.process_index(),
+        host_count=jax.process_count(), seed=0, num_workers=args.workers,
+        name=f'{args.dataset}/{args.split}'))
   local_views = 2 * args.batch // jax.process_count()
   warmup = warmup_batches(args.workers)
   result['warmup_batches'] = warmup

@@ -134,7 +134,8 @@ def make_step(*, depth=50, width=1.0, sk_ratio=0.0, image_size=224, batch=256,
   if augment_on_device:
     augment_views = augment.simclr_augment
   else:
-    augment_views = lambda key, views: augment.to_float(views)
+    def augment_views(key, views):
+      return augment.to_float(views)
   step_fn = contrastive.make_train_step(model, tx, schedule, augment_views=augment_views,
                                         temperature=0.1, weight_decay=1e-6)
   batch_sharding = parallel.batch_sharding(mesh)
@@ -224,7 +225,8 @@ def main(argv=None):
   result = {
       'device': f'{n_dev} x {getattr(device, "device_kind", device.platform)}',
       'jax': jax.__version__, 'host': platform.node(),
-      'model': f'ResNet-{args.depth} x{args.width:g}' + (f' SK {args.sk_ratio:g}' if args.sk_ratio else ''),
+      'model': (f'ResNet-{args.depth} x{args.width:g}'
+                + (f' SK {args.sk_ratio:g}' if args.sk_ratio else '')),
       'image_size': size, 'pairs_per_step': args.batch, 'dtype': args.dtype,
       'augment': not args.no_augment, 'fused_bn': args.fused_bn,
       'lars_batched_norms': args.lars_batched_norms,

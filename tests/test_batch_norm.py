@@ -44,7 +44,8 @@ def test_values_and_gradients_match_float64_numpy(relu):
     y, mean, var = batch_norm.batch_norm_train(x, scale, bias, EPS, relu)
     return jnp.sum(w * y) + jnp.sum(u * mean) + jnp.sum(v * var)
 
-  as32 = lambda a: jnp.asarray(a, jnp.float32)
+  def as32(a):
+    return jnp.asarray(a, jnp.float32)
   value, grads = jax.value_and_grad(objective, argnums=(0, 1, 2))(as32(x), as32(scale),
                                                                    as32(bias))
   want = numpy_objective(x, scale, bias, w, u, v, relu)
@@ -145,7 +146,8 @@ def test_resnet_with_fused_bn_is_the_same_function(case):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # Leaves whose gradient is near zero differ by float32 rounding only: compare the
   # whole gradient, as one vector.
-  flat = lambda tree: np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
+  def flat(tree):
+    return np.concatenate([np.ravel(a) for a in jax.tree.leaves(tree)])
   assert jax.tree.structure(grads_fused) == jax.tree.structure(grads_plain)
   difference = np.abs(flat(grads_fused) - flat(grads_plain))
   assert difference.max() <= 1e-5 * np.abs(flat(grads_plain)).max()

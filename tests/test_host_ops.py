@@ -136,8 +136,9 @@ def test_crop_box_statistics(height, width):
 
 
 def test_crop_box_is_deterministic_for_a_seed():
-  draw = lambda seed: [host_ops.sample_crop_box(np.random.default_rng(seed),
-                                                100, 120) for _ in range(5)]
+  def draw(seed):
+    return [host_ops.sample_crop_box(np.random.default_rng(seed), 100, 120)
+            for _ in range(5)]
   assert draw(3) == draw(3)
   assert draw(3) != draw(4)
 

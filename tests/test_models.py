@@ -196,7 +196,8 @@ def test_invalid_depth_is_a_clear_error():
 ])
 @pytest.mark.parametrize('shape', [(2, 16, 16, 3), (1, 7, 9, 2), (2, 6, 5, 1)])
 def test_stem_max_pool_matches_xla_value_and_gradient(shape, padding, xla_padding):
-  reference = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=xla_padding)
+  def reference(x):
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=xla_padding)
   rng = np.random.default_rng(0)
   # Small integers: many ties, where the gradient must go to the first maximum.
   x = jnp.asarray(rng.integers(-2, 3, shape), jnp.float32)

@@ -189,7 +189,8 @@ def test_two_hosts_stop_together_resume_and_compute_what_one_host_computes(small
     # Every line written once, by process 0, with the uninterrupted run's values.
     logged = _without_rates(_metrics(two / name))
     if name == 'pretrain':
-      assert [e['step'] for e in logged if e['split'] == 'train'] == list(range(1, PRETRAIN_STEPS + 1))
+      steps = [e['step'] for e in logged if e['split'] == 'train']
+      assert steps == list(range(1, PRETRAIN_STEPS + 1))
     _assert_close(logged, _without_rates(_metrics(one / name)), f'{name}/metrics.jsonl')
     # The same results, but for timings and the workdirs' own paths.
     results_two = json.loads((two / name / 'results.json').read_text().replace(

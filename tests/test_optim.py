@@ -87,7 +87,8 @@ def test_lars_matches_simclr_reference(batched_norms):
             'zero': {'kernel': np.zeros((5,), np.float32)}}
   grads_seq = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params)
                for _ in range(3)]
-  schedule = lambda step: 0.5 + 0.25 * step
+  def schedule(step):
+    return 0.5 + 0.25 * step
   cfg = ml_collections.ConfigDict(dict(name='lars', momentum=0.9, weight_decay=1e-2,
                                        trust_coefficient=1e-3, lars_batched_norms=batched_norms))
   tx = optim.build_optimizer(cfg, schedule, params)
@@ -96,8 +97,9 @@ def test_lars_matches_simclr_reference(batched_norms):
   for g in grads_seq:
     updates, state = tx.update(g, state, p)
     p = jax.tree.map(lambda a, b: a + b, p, updates)
-  flat = lambda t: {'/'.join(getattr(k, 'key', str(k)) for k in path): v
-                    for path, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  def flat(t):
+    return {'/'.join(getattr(k, 'key', str(k)) for k in path): v
+            for path, v in jax.tree_util.tree_flatten_with_path(t)[0]}
   decayed = flat(optim.decay_mask(params))
   assert decayed == {'conv/kernel': True, 'bn/scale': False, 'bn/bias': False, 'zero/kernel': True}
   want = reference_lars(flat(params), [flat(g) for g in grads_seq], [schedule(i) for i in range(3)],

@@ -147,8 +147,9 @@ def test_hosts_read_disjoint_slices_of_the_same_global_batch():
 @pytest.mark.parametrize('num_workers', [0, 2])
 def test_resumed_iterator_continues_exactly(num_workers):
   source, groups = _source_and_groups(CASE_SIZES)
-  make = lambda: pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
-                                       host_count=1, seed=0, num_workers=num_workers)
+  def make():
+    return pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                 host_count=1, seed=0, num_workers=num_workers)
   uninterrupted = _batches(make(), 6)
   it = iter(make())
   for _ in range(4):
@@ -184,8 +185,9 @@ def test_resume_with_another_number_of_workers_gives_the_same_batches(saved_with
 
 def test_device_prefetch_reports_the_state_after_each_batch():
   source, groups = _source_and_groups(CASE_SIZES)
-  make = lambda: pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
-                                       host_count=1, seed=0, num_workers=0)
+  def make():
+    return pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                 host_count=1, seed=0, num_workers=0)
   reference = iter(make())
   states = []
   for _ in range(3):

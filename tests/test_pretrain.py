@@ -181,7 +181,8 @@ def test_init_from_loads_the_encoder_and_optionally_the_head(trained, tmp_path, 
   assert results['origin'] == 'initialised ' + ('encoder+head' if init_head else 'encoder') + \
       f' from {source}'
   src, new = _params_at(source, 4), _params_at(os.fspath(tmp_path / 'cont'), 1)
-  for a, b in zip(jax.tree.leaves(src['params']['encoder']), jax.tree.leaves(new['params']['encoder'])):
+  for a, b in zip(jax.tree.leaves(src['params']['encoder']),
+                  jax.tree.leaves(new['params']['encoder'])):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   same_head = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
       jax.tree.leaves(src['params']['head']), jax.tree.leaves(new['params']['head'])))
@@ -225,7 +226,8 @@ def test_batch_not_divisible_by_the_devices(small_ham10000, tmp_path):
 
 def test_missing_data_dir(tmp_path):
   with pytest.raises(DataError, match='does not exist.*build_data ham10000'):
-    pretrain.train_and_evaluate(tiny_config(os.fspath(tmp_path / 'nodata')), os.fspath(tmp_path / 'w'))
+    pretrain.train_and_evaluate(tiny_config(os.fspath(tmp_path / 'nodata')),
+                                os.fspath(tmp_path / 'w'))
 
 
 @pytest.mark.parametrize('trainer', ['pretrain', 'finetune', 'segment', 'stages'])
