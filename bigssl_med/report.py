@@ -1,7 +1,7 @@
 """Report of fine-tuning runs: label efficiency of each initialisation, over seeds.
 
     python -m bigssl_med.report DIR [DIR ...] --out report.md [--metric NAME] [--split test] \
-        [--by_pretraining]
+        [--by_pretraining] [--test welch|student]
 
 Each DIR is a run's workdir, a folder searched recursively for `results.json`, or a
 `results.json` itself. A run's `results.json` holds
@@ -33,8 +33,9 @@ seed S)` (runs without a pretraining seed, such as scratch, keep one row).
 Written next to `--out`:
 - `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
   a table of initialisations x label fractions; a cell is mean ± std over seeds, the
-  column's best in bold, the others with Welch's t-test p-value against it and `≈`
-  when p > 0.05 (not significantly different; no claim of equivalence). Null values
+  column's best in bold, the others with Welch's t-test p-value against it (`--test
+  student`: Student's two-sample t-test, pooled variance) and `≈` when p > 0.05 (not
+  significantly different; no claim of equivalence). Null values
   (an undefined AUC) are left out of the statistics and counted in the cell; `†`
   marks a mean over fewer classes than asked (`<metric>_classes` <
   `<metric>_of_classes`). Runs with `shift` add, right after the column of each label
@@ -376,7 +377,8 @@ def _number(value: Any, path: str, key: str) -> float:
 
 
 def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
-              split: str = 'test', *, by_pretraining: bool = False) -> list[dict[str, Any]]:
+              split: str = 'test', *, by_pretraining: bool = False,
+              test: str = 'welch') -> list[dict[str, Any]]:
   """Statistics over seeds of each data set, metric, row, label fraction and evaluation.
 
   A run whose `split` metrics are an empty dict (a data set without that split, such as
@@ -389,6 +391,7 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     split: the results.json key of the metrics (`test`, `validation`).
     by_pretraining: a row per pretraining run (`pretrain_seed`) of an initialisation
       instead of one pooling them.
+    test: 'welch' or 'student', the t-test of `p_value_vs_best` (`p_value`).
 
   Returns:
     One dict per cell, ordered by data set, metric, row, label fraction and evaluation:
@@ -404,8 +407,9 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     `num_undefined` (the NaN ones, left out of every statistic), `num_fewer_classes`
     (runs whose mean over classes is over fewer than asked), `mean`, `std` (ddof=1;
     None when n < 2), `is_best` (the column's best mean: highest, or lowest for losses
-    and errors), `p_value_vs_best` (Welch's t-test against the column's first best
-    row; None for the best rows and when either side has fewer than 2 defined values)
+    and errors), `p_value_vs_best` (`test`'s t-test, see `p_value`, against the
+    column's first best row; None for the best rows and when either side has fewer
+    than 2 defined values)
     and `equivalent_to_best` (p > ALPHA: not significantly different).
 
   Raises:
@@ -470,7 +474,7 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
       cell['is_best'] = cell['mean'] == best_mean
       if cell['is_best'] or cell['n'] < 2 or best['n'] < 2:
         continue
-      cell['p_value_vs_best'] = welch_p_value(_defined(cell), _defined(best))
+      cell['p_value_vs_best'] = p_value(_defined(cell), _defined(best), test)
       cell['equivalent_to_best'] = cell['p_value_vs_best'] > ALPHA
   return summary
 
@@ -567,11 +571,21 @@ def pretraining_spread(runs: Sequence[dict[str, Any]], metric: str | None = None
   return out
 
 
-def welch_p_value(a: Sequence[float], b: Sequence[float]) -> float:
-  """Two-sided p-value of Welch's t-test (unequal variances) of `a` against `b`."""
+# The t-tests of `p_value`, and how the report names them.
+TESTS = {
+    'welch': "Welch's t-test (scipy.stats.ttest_ind, equal_var=False)",
+    'student': "Student's two-sample t-test, pooled variance (scipy.stats.ttest_ind)",
+}
+
+
+def p_value(a: Sequence[float], b: Sequence[float], test: str = 'welch') -> float:
+  """Two-sided p-value of `a` against `b`: Welch's t-test (unequal variances) or
+  Student's independent two-sample t-test (`test='student'`, equal variances)."""
+  if test not in TESTS:
+    raise ValueError(f'test must be one of {sorted(TESTS)}, got {test!r}')
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')  # Both samples constant: scipy warns, p is NaN.
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return float(stats.ttest_ind(a, b, equal_var=test == 'student').pvalue)
 
 
 def _row_label(run: dict[str, Any], trainers: set[str], pretrain_seed: int | None = None
@@ -616,7 +630,7 @@ def _seed_label(run: dict[str, Any]):
 
 def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
                  metric: str | None = None, split: str = 'test', digits: int = 3,
-                 by_pretraining: bool = False) -> list[str]:
+                 by_pretraining: bool = False, test: str = 'welch') -> list[str]:
   """Writes the Markdown report, its CSVs and PNG plots; returns the paths written.
 
   Args:
@@ -625,12 +639,12 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
     metric: see `summarize`.
     split: see `summarize`; ROC curves read `<split>_predictions.npz`.
     digits: decimals of means and standard deviations in the tables.
-    by_pretraining: see `summarize`.
+    by_pretraining, test: see `summarize`.
   """
   if not runs:
     raise DataError('no fine-tuning runs to report')
   runs = with_metrics(runs, split)  # warns once about runs left out
-  summary = summarize(runs, metric, split, by_pretraining=by_pretraining)
+  summary = summarize(runs, metric, split, by_pretraining=by_pretraining, test=test)
   spread = pretraining_spread(runs, metric, split)
   out_dir = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(out_dir, exist_ok=True)
@@ -638,7 +652,7 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
   with open(out_path, 'w') as f:
     f.write(markdown(summary, split=split, digits=digits,
                      num_runs=sum(cell['n'] for cell in summary if not cell['shifted']),
-                     spread=spread))
+                     spread=spread, test=test))
   paths = [out_path, f'{stem}.csv']
   write_csv(summary, paths[1])
   if spread:
@@ -657,7 +671,7 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
 
 def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: int = 3,
              num_runs: int | None = None,
-             spread: Sequence[dict[str, Any]] = ()) -> str:
+             spread: Sequence[dict[str, Any]] = (), test: str = 'welch') -> str:
   """The Markdown tables of `summarize`'s cells, one per data set and metric.
 
   `spread` (from `pretraining_spread`) adds the section "Spread between pretraining
@@ -690,7 +704,7 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
       lines.append(f'| {_escape(row)} | ' + ' | '.join(texts) + ' |')
     lines += ['', f'Mean ± std over seeds (n = number of seeds; std with ddof=1) of '
               f'{name} on {split}. **Bold**: the best mean of the column ({direction} '
-              "is better). p: Welch's t-test (scipy.stats.ttest_ind, equal_var=False) "
+              f"is better). p: {TESTS[test]} "
               f"against the column's best; {EQUIVALENT}: p > {ALPHA}, not significantly "
               'different from the best (which does not show that they are equivalent); '
               'n/a: fewer than 2 seeds on one side, or both constant; '
@@ -1027,6 +1041,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='results.json key of the metrics (default: test)')
   parser.add_argument('--digits', type=int, default=3,
                       help='decimals of means and stds (default: 3)')
+  parser.add_argument('--test', choices=sorted(TESTS), default='welch',
+                      help="the t-test against each column's best: welch (unequal "
+                           "variances, the default) or student (pooled variance)")
   parser.add_argument('--by_pretraining', action='store_true',
                       help='a row per pretraining run (pretrain_seed) of each '
                            'initialisation instead of one pooling them')
@@ -1038,7 +1055,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       raise DataError(f'no {RESULTS_FILE} of a fine-tuning run under '
                       f'{", ".join(args.dirs)}')
     paths = write_report(runs, args.out, metric=args.metric, split=args.split,
-                         digits=args.digits, by_pretraining=args.by_pretraining)
+                         digits=args.digits, by_pretraining=args.by_pretraining,
+                         test=args.test)
   except UserError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

@@ -141,6 +141,40 @@ def test_summary_matches_numpy_and_scipy(runs_root):
              for c in summary) >= 1
 
 
+def _student_p(a, b):
+  """Two-sided p of Student's two-sample t-test, written out in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  dof = len(a) + len(b) - 2
+  pooled = ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / dof
+  t = (a.mean() - b.mean()) / np.sqrt(pooled * (1 / len(a) + 1 / len(b)))
+  return 2 * stats.t.sf(abs(t), dof)
+
+
+def test_student_t_test_on_request(runs_root, tmp_path):
+  runs = report.collect([str(runs_root)])
+  welch = report.summarize(runs)
+  student = report.summarize(runs, test='student')
+  checked = 0
+  for w, s in zip(welch, student):
+    assert (w['row'], w['label_fraction'], w['mean']) == (s['row'], s['label_fraction'],
+                                                          s['mean'])
+    if s['p_value_vs_best'] is None:
+      assert w['p_value_vs_best'] is None
+      continue
+    best = next(c for c in student if c['is_best'] and c['dataset'] == s['dataset']
+                and c['label_fraction'] == s['label_fraction'])
+    assert s['p_value_vs_best'] == pytest.approx(_student_p(s['values'], best['values']),
+                                                 rel=1e-9)
+    checked += 1
+  assert checked and any(w['p_value_vs_best'] != s['p_value_vs_best']
+                         for w, s in zip(welch, student))
+  out = tmp_path / 'r.md'
+  assert report.main([str(runs_root), '--out', str(out), '--test', 'student']) == 0
+  assert "p: Student's two-sample t-test, pooled variance" in out.read_text()
+  with pytest.raises(SystemExit):
+    report.main([str(runs_root), '--out', str(out), '--test', 'paired'])
+
+
 def test_summary_with_metric_and_lower_is_better(runs_root):
   runs = report.collect([str(runs_root / 'ham')])
   summary = report.summarize(runs, metric='loss')
