@@ -47,21 +47,33 @@ def test_plateau_halves_the_rate_after_patience_stalls_like_reduce_lr_on_plateau
   assert again.lr_scale_at(7) == 0.5 and again.record['evals_since_reduction'] == 1
 
 
+class ReduceLROnPlateau:
+  """PyTorch's ReduceLROnPlateau rule written out (relative threshold, no cooldown)."""
+
+  def __init__(self, factor, patience, threshold, lower=True):
+    self.factor, self.patience, self.threshold, self.lower = factor, patience, threshold, lower
+    self.lr, self.best, self.bad = 1.0, np.inf if lower else -np.inf, 0
+
+  def step(self, value):
+    if (value < self.best * (1 - self.threshold) if self.lower
+        else value > self.best * (1 + self.threshold)):
+      self.best, self.bad = value, 0
+    else:
+      self.bad += 1
+    if self.bad > self.patience:
+      self.lr, self.bad = self.lr * self.factor, 0
+    return self.lr
+
+
 def test_plateau_reductions_match_a_reference_implementation(tmp_path):
   rng = np.random.default_rng(0)
   losses = list(np.cumsum(rng.normal(-0.01, 0.05, 60)) + 5)
   best = _best(tmp_path, plateau=(0.1, 3, 0.0))
-  # Reference: ReduceLROnPlateau's rule written out (mode min, threshold 0, cooldown 0).
-  lr, best_loss, bad, want = 1.0, np.inf, 0, []
+  reference = ReduceLROnPlateau(0.1, 3, 0.0)
+  want = []
   for step, loss in enumerate(losses, 1):
     best.update(step, VARIABLES, {'loss': loss})
-    if loss < best_loss:
-      best_loss, bad = loss, 0
-    else:
-      bad += 1
-    if bad > 3:
-      lr, bad = lr * 0.1, 0
-    want.append(lr)
+    want.append(reference.step(loss))
   assert [best.lr_scale_at(s) for s in range(1, 61)] == pytest.approx(want)
 
 
@@ -81,22 +93,14 @@ def test_benchmark_schedule_and_early_stop_match_the_benchmarks_loop(tmp_path, m
   lower = metric == 'loss'
   values = loss if lower else 3.0 - loss
 
-  def better(a, b, threshold):  # ReduceLROnPlateau's rel mode; threshold 0: strict
-    return a < b * (1 - threshold) if lower else a > b * (1 + threshold)
-
   best = _best(tmp_path, metric=metric, patience=c.early_stopping_patience, plateau=plateau)
-  lr, bad, counter, want_lrs, stopped_at = 1.0, 0, 0, [], None
-  sched_best = kept = np.inf if lower else -np.inf
+  schedule = ReduceLROnPlateau(0.5, 5, 1e-4, lower)
+  counter, want_lrs, stopped_at = 0, [], None
+  kept = np.inf if lower else -np.inf
   for epoch, value in enumerate(values, 1):
     stop = best.update(epoch, VARIABLES, {metric: value})
-    if better(value, sched_best, 1e-4):
-      sched_best, bad = value, 0
-    else:
-      bad += 1
-    if bad > 5:
-      lr, bad = lr * 0.5, 0
-    want_lrs.append(lr)
-    if better(value, kept, 0.0):
+    want_lrs.append(schedule.step(value))
+    if value < kept if lower else value > kept:
       kept, counter = value, 0
     else:
       counter += 1
