@@ -73,13 +73,17 @@ class BestModel:
   """
 
   def __init__(self, workdir: str, *, metric: str, patience: int,
-               plateau: tuple[float, int, float] | None = None):
+               plateau: tuple[float, int, float] | None = None, fresh: bool = False):
+    """`fresh`: the run starts from its beginning (no checkpoint to resume from), so
+    what an earlier, interrupted attempt left in `best.json` and `best/` is removed."""
     self.metric = metric
     self.patience = patience
     self.plateau = plateau
     self.lower_is_better = metrics_lib.lower_is_better(metric)
     self.path = os.path.join(workdir, 'best.json')
     self.dir = os.path.join(workdir, 'best')
+    if fresh:
+      self._forget()
     self.record = workdir_lib.read_json(self.path) or {
         'step': -1, 'value': None, 'validation': {}, 'last_eval_step': 0,
         'evals_since_best': 0, 'stopped_early': False}
@@ -151,6 +155,16 @@ class BestModel:
     workdir_lib.write_json(self.path, record)
     return record['stopped_early']
 
+  def _forget(self) -> None:
+    """Removes an earlier attempt's record and model (process 0; every host waits)."""
+    if jax.process_index() == 0 and os.path.exists(self.path):
+      logging.info('%s: left by an attempt that stopped before its first checkpoint; this '
+                   'run starts afresh and selects its own model', self.path)
+      os.remove(self.path)  # first: a best/ without best.json is never read
+      for folder in (self.dir, self.dir + '.tmp'):
+        shutil.rmtree(folder, ignore_errors=True)
+    parallel.sync('best forgotten')
+
   def _save(self, step: int, variables: Any) -> None:
     """Every host calls orbax; process 0 moves the finished copy into place."""
     tmp = self.dir + '.tmp'
@@ -167,6 +181,35 @@ class BestModel:
 
   def restore(self, abstract_model: Any) -> Any:
     return self._saver.restore(self.dir, abstract_model)
+
+
+def start_logs(workdir: str, config: ml_collections.ConfigDict, *, metric: str,
+               plateau: tuple[float, int, float] | None, total_steps: int, resume_step: int,
+               resumed: bool) -> tuple[workdir_lib.MetricWriter, BestModel]:
+  """The metric writer and best model of a run that starts at `resume_step`.
+
+  A run that did not resume from a checkpoint starts its model selection afresh. In
+  `metrics.jsonl`, the rows an earlier attempt logged after `resume_step` are dropped
+  (the steps are run and logged again), except its validation rows of steps
+  `BestModel` has evaluated already (they are not evaluated again); test and shift
+  rows are dropped, as the test runs again before the run can finish.
+  """
+  best = BestModel(workdir, metric=metric, patience=config.early_stopping_patience,
+                   plateau=plateau, fresh=not resumed)
+  eval_split = config.data.eval_split or 'holdout'
+
+  def keep(row: dict[str, Any]) -> bool:
+    split, step = str(row.get('split')), int(row.get('step', 0))
+    if split == 'test' or split.startswith('shift/'):
+      return False
+    if split == eval_split:
+      return step <= max(resume_step, best.record['last_eval_step'])
+    return step <= resume_step
+
+  writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
+                                    tensorboard=config.tensorboard, resume_step=resume_step,
+                                    keep_row=keep)
+  return writer, best
 
 
 def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],

@@ -15,7 +15,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -121,9 +121,12 @@ def _tensorboard_writer(workdir: str):
   return metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
-def _drop_rows_after(path: str, step: int) -> None:
+def _drop_rows_after(path: str, step: int,
+                     keep_row: Callable[[dict[str, Any]], bool] | None = None) -> None:
   """Rewrites the metrics file at `path` without its rows of steps after `step` (and
-  without a last line cut short by a crash)."""
+  without a last line cut short by a crash); `keep_row(row)`, when given, decides
+  instead which rows stay."""
+  keep_row = keep_row or (lambda row: int(row.get('step', 0)) <= step)
   try:
     with open(path) as f:
       lines = f.read().splitlines()
@@ -135,11 +138,11 @@ def _drop_rows_after(path: str, step: int) -> None:
       row = json.loads(line)
     except ValueError:
       continue
-    if isinstance(row, dict) and int(row.get('step', 0)) <= step:
+    if isinstance(row, dict) and keep_row(row):
       kept.append(line)
   if len(kept) == len(lines):
     return
-  logging.info('%s: %d row(s) after step %d dropped; the resumed run logs those steps again',
+  logging.info('%s: %d row(s) after step %d dropped; the run logs those steps again',
                path, len(lines) - len(kept), step)
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
@@ -151,9 +154,11 @@ class MetricWriter:
   """Appends to `metrics.jsonl`, writes TensorBoard scalars and prints progress lines."""
 
   def __init__(self, workdir: str, *, total_steps: int, tensorboard: bool = True,
-               resume_step: int | None = None):
+               resume_step: int | None = None,
+               keep_row: Callable[[dict[str, Any]], bool] | None = None):
     """`resume_step`: the step the run restarts from; rows logged after it (by a run
-    that stopped before its next checkpoint) are dropped, as the run logs them again."""
+    that stopped before its next checkpoint) are dropped, as the run logs them again.
+    `keep_row(row)`, when given, decides instead which earlier rows stay."""
     self._primary = jax.process_index() == 0
     self._total_steps = total_steps
     self._jsonl = None
@@ -162,7 +167,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       path = os.path.join(workdir, 'metrics.jsonl')
       if resume_step is not None:
-        _drop_rows_after(path, resume_step)
+        _drop_rows_after(path, resume_step, keep_row)
       self._jsonl = open(path, 'a')
       if tensorboard:
         self._tb = _tensorboard_writer(workdir)

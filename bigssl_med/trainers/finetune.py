@@ -387,11 +387,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             'loss': metrics_lib.sigmoid_cross_entropy(logits, targets, mask)}
 
   # ---------------------------------------------------------------- Loop, with model selection.
-  writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
-                                    tensorboard=config.tensorboard,
-                                    resume_step=int(opt['step']))
-  best = model_selection.BestModel(workdir, metric=primary,
-                                   patience=config.early_stopping_patience, plateau=plateau)
+  writer, best = model_selection.start_logs(
+      workdir, config, metric=primary, plateau=plateau, total_steps=total_steps,
+      resume_step=int(opt['step']), resumed=origin.startswith('resumed'))
 
   train_data = functools.partial(
       pipeline.image_dataset, train_source, spec, global_batch=config.batch_size, host_index=host,
@@ -458,8 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                           'model': teacher.config.model.to_dict()}
   if shifted is not None:
     results['shift'] = shifted
+  checkpointer.close()  # the last checkpoint is committed before the run reads as finished
   workdir_lib.write_json(results_path, results)
-  checkpointer.close()
   writer.close()
   return results
 

@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              'trainer': 'pretrain', 'dataset': config.dataset,
              'train': last_metrics, config.data.eval_split or 'eval': eval_metrics,
              'eval_seconds': time.perf_counter() - t0}
+  checkpointer.close()  # the last checkpoint is committed before the run reads as finished
   workdir_lib.write_json(results_path, results)
-  checkpointer.close()
   writer.close()
   return results

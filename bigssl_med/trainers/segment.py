@@ -134,11 +134,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return segmentation.dice_metrics(np.concatenate(counts)[np.concatenate(valid) > 0])
 
   # ---------------------------------------------------------------- Loop, with model selection.
-  writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
-                                    tensorboard=config.tensorboard,
-                                    resume_step=int(opt['step']))
-  best = model_selection.BestModel(workdir, metric=PRIMARY_METRIC,
-                                   patience=config.early_stopping_patience, plateau=plateau)
+  writer, best = model_selection.start_logs(
+      workdir, config, metric=PRIMARY_METRIC, plateau=plateau, total_steps=total_steps,
+      resume_step=int(opt['step']), resumed=origin.startswith('resumed'))
 
   train_data = functools.partial(
       segmentation_data.train_dataset, train_source, spec, global_batch=config.batch_size,
@@ -176,7 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'validation': best.record['validation'],
       'test': test,
   }
+  checkpointer.close()  # the last checkpoint is committed before the run reads as finished
   workdir_lib.write_json(results_path, results)
-  checkpointer.close()
   writer.close()
   return results

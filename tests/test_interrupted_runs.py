@@ -1,0 +1,102 @@
+"""Runs cut off at an unlucky moment, then run again: what was written stays right.
+
+A kill is simulated by raising `Killed` from inside the run at the moment named: no
+checkpoint, `best.json` or results file is written after it, as after a SIGKILL.
+"""
+
+import json
+import os
+
+import pytest
+
+from bigssl_med import checkpointing, model_selection
+from bigssl_med import workdir as workdir_lib
+from bigssl_med.trainers import finetune
+from test_finetune import colours, tiny_config  # noqa: F401  pylint: disable=unused-import
+
+
+class Killed(BaseException):
+  """The process dies here."""
+
+
+def _kill_after_update_of(step, monkeypatch):
+  update = model_selection.BestModel.update
+
+  def dying(self, at, variables, found):
+    out = update(self, at, variables, found)
+    if at == step:
+      raise Killed
+    return out
+  monkeypatch.setattr(model_selection.BestModel, 'update', dying)
+
+
+def _rows(workdir, split):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [row for row in map(json.loads, f) if row['split'] == split]
+
+
+def test_a_rerun_with_other_settings_does_not_keep_a_killed_attempts_best_model(
+    colours, tmp_path, monkeypatch):  # noqa: F811
+  workdir = os.fspath(tmp_path / 'run')
+  _kill_after_update_of(30, monkeypatch)  # before the first checkpoint (step 40)
+  with pytest.raises(Killed):
+    finetune.train_and_evaluate(tiny_config(colours, checkpoint_every_steps=40), workdir)
+  assert os.path.exists(os.path.join(workdir, 'best.json'))
+  monkeypatch.undo()
+  # Rerun at another learning rate: nothing to resume, so the run starts afresh.
+  other = {'checkpoint_every_steps': 40, 'optimizer.learning_rate': 1e-4}
+  rerun = finetune.train_and_evaluate(tiny_config(colours, **other), workdir)
+  clean = finetune.train_and_evaluate(tiny_config(colours, **other),
+                                      os.fspath(tmp_path / 'clean'))
+  for key in ('best_step', 'validation', 'test'):
+    assert rerun[key] == clean[key], key
+  assert [r['step'] for r in _rows(workdir, 'validation')] == [10, 20, 30, 40]
+
+
+def test_validation_rows_of_steps_evaluated_before_a_kill_are_kept(
+    colours, tmp_path, monkeypatch):  # noqa: F811
+  workdir = os.fspath(tmp_path / 'run')
+  _kill_after_update_of(30, monkeypatch)  # checkpoint at 20; 30 evaluated, not saved
+  with pytest.raises(Killed):
+    finetune.train_and_evaluate(tiny_config(colours), workdir)
+  monkeypatch.undo()
+  results = finetune.train_and_evaluate(tiny_config(colours), workdir)
+  uninterrupted = os.fspath(tmp_path / 'uninterrupted')
+  finetune.train_and_evaluate(tiny_config(colours), uninterrupted)
+  assert _rows(workdir, 'validation') == _rows(uninterrupted, 'validation')
+  assert [r['step'] for r in _rows(workdir, 'train')] == [10, 20, 30, 40]
+  assert results['best_step'] in [r['step'] for r in _rows(workdir, 'validation')]
+
+
+def test_a_kill_after_testing_leaves_one_test_row(colours, tmp_path, monkeypatch):  # noqa: F811
+  workdir = os.fspath(tmp_path / 'run')
+  save = finetune._save_predictions  # pylint: disable=protected-access
+
+  def dying(*args, **kwargs):
+    save(*args, **kwargs)
+    raise Killed  # before results.json
+  monkeypatch.setattr(finetune, '_save_predictions', dying)
+  with pytest.raises(Killed):
+    finetune.train_and_evaluate(tiny_config(colours), workdir)
+  monkeypatch.undo()
+  finetune.train_and_evaluate(tiny_config(colours), workdir)
+  assert len(_rows(workdir, 'test')) == 1
+
+
+def test_the_last_checkpoint_is_committed_before_results_json(
+    colours, tmp_path, monkeypatch):  # noqa: F811
+  events = []
+  close, write_json = checkpointing.Checkpointer.close, workdir_lib.write_json
+
+  def closing(self):
+    events.append('checkpoint committed')
+    return close(self)
+
+  def writing(path, value):
+    if os.path.basename(path) == 'results.json':
+      events.append('results.json')
+    return write_json(path, value)
+  monkeypatch.setattr(checkpointing.Checkpointer, 'close', closing)
+  monkeypatch.setattr(workdir_lib, 'write_json', writing)
+  finetune.train_and_evaluate(tiny_config(colours), os.fspath(tmp_path / 'run'))
+  assert events == ['checkpoint committed', 'results.json']
