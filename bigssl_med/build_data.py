@@ -17,18 +17,21 @@ apache-beam is needed.
 
 A build is staged in a temporary directory inside DATA_DIR and moved into place only
 once complete, so a failed build (or a failed --overwrite rebuild) never touches an
-earlier complete build. Without --overwrite, an existing complete build is kept.
+earlier complete build. Without --overwrite, an existing complete build is kept. A
+build killed outright leaves nothing that counts: its staging directory (locked while
+the build runs) is removed by the next build of that data set, and an earlier build
+set aside by a rebuild killed before the new one took its place is put back.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging as std_logging
 import os
 import shutil
 import sys
 import tempfile
-import uuid
 from typing import Sequence
 
 from absl import logging
@@ -79,6 +82,7 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
                                    manual_dir=manual_dir)
   full_name = f'{base}/{config.name}'
   version_dir = sources.version_dir_of(full_name, data_dir)
+  sources.restore_set_aside_build(version_dir)
   if sources.is_complete_build(version_dir) and not overwrite:
     if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
       sources.write_case_index(version_dir)
@@ -87,7 +91,9 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
     return version_dir
 
   os.makedirs(data_dir, exist_ok=True)
+  _remove_dead_staging(data_dir, base)
   staging = tempfile.mkdtemp(prefix=f'.build-{base}-', dir=data_dir)
+  lock = _lock(staging)
   try:
     builder = builder_cls(data_dir=staging, config=config,
                           file_format='array_record',
@@ -100,6 +106,8 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
     _move_into_place(built_dir, version_dir)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+    if lock is not None:
+      lock.close()
   logging.info('Built %s in %s', full_name, version_dir)
   return version_dir
 
@@ -210,12 +218,44 @@ def _check_manual_dir(manual_dir: str) -> str:
   return manual_dir
 
 
+_LOCK_FILE = '.lock'
+
+
+def _lock(staging: str):
+  """An exclusive lock on `staging`, held while the build runs (None where the file
+  system has no locks): a staging directory whose lock is free was left by a build
+  that died."""
+  handle = open(os.path.join(staging, _LOCK_FILE), 'w')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.close()
+    return None
+  return handle
+
+
+def _remove_dead_staging(data_dir: str, base: str) -> None:
+  """Removes the staging directories of builds of `base` that died (lock free)."""
+  for entry in os.listdir(data_dir):
+    path = os.path.join(data_dir, entry)
+    if not entry.startswith(f'.build-{base}-') or not os.path.isdir(path):
+      continue
+    try:
+      with open(os.path.join(path, _LOCK_FILE), 'a') as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: its build is gone
+    except OSError:  # a live build holds it, or no lock to take: left alone
+      continue
+    logging.info('Removing %s, left by a build that stopped before it finished', path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _move_into_place(built_dir: str, version_dir: str) -> None:
   """Renames `built_dir` to `version_dir`, replacing any earlier build last."""
   os.makedirs(os.path.dirname(version_dir), exist_ok=True)
   old = None
   if os.path.exists(version_dir):
-    old = f'{version_dir}.old-{uuid.uuid4().hex[:8]}'
+    old = sources.set_aside_path(version_dir)
+    shutil.rmtree(old, ignore_errors=True)  # left by a rebuild killed after its swap
     os.rename(version_dir, old)
   try:
     os.rename(built_dir, version_dir)

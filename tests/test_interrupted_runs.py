@@ -1,18 +1,20 @@
-"""Runs cut off at an unlucky moment, then run again: what was written stays right.
+"""Runs and builds cut off at an unlucky moment, then run again: what was written stays right.
 
 A kill is simulated by raising `Killed` from inside the run at the moment named: no
 checkpoint, `best.json` or results file is written after it, as after a SIGKILL.
 """
 
+import fcntl
 import json
 import os
 
 import pytest
 
-from bigssl_med import checkpointing, model_selection
+from bigssl_med import build_data, checkpointing, model_selection
 from bigssl_med import workdir as workdir_lib
+from bigssl_med.data import sources
 from bigssl_med.trainers import finetune
-from test_finetune import colours, tiny_config  # noqa: F401  pylint: disable=unused-import
+from test_finetune import _write_colour_cases, colours, tiny_config  # noqa: F401
 
 
 class Killed(BaseException):
@@ -100,3 +102,37 @@ def test_the_last_checkpoint_is_committed_before_results_json(
   monkeypatch.setattr(workdir_lib, 'write_json', writing)
   finetune.train_and_evaluate(tiny_config(colours), os.fspath(tmp_path / 'run'))
   assert events == ['checkpoint committed', 'results.json']
+
+
+def test_a_build_set_aside_by_a_killed_rebuild_is_put_back(colours):  # noqa: F811
+  version_dir = sources.find_version_dir('image_cases/colours', os.fspath(colours))
+  # The state a rebuild killed between its two renames leaves: the earlier, complete
+  # build set aside, nothing in its place.
+  os.rename(version_dir, sources.set_aside_path(version_dir))
+  try:
+    assert sources.find_version_dir('image_cases/colours', os.fspath(colours)) == version_dir
+  finally:
+    if not os.path.exists(version_dir):
+      os.rename(sources.set_aside_path(version_dir), version_dir)
+  assert not os.path.exists(sources.set_aside_path(version_dir))
+
+
+def test_staging_left_by_a_dead_build_is_removed_and_a_live_one_kept(tmp_path):
+  raw = tmp_path / 'raw'
+  _write_colour_cases(raw, per_split=(4, 2, 2))
+  data_dir = tmp_path / 'data'
+  dead = data_dir / '.build-image_cases-dead'
+  live = data_dir / '.build-image_cases-live'
+  for staging in (dead, live):
+    (staging / 'image_cases').mkdir(parents=True)
+    (staging / 'image_cases' / 'part.array_record').write_bytes(b'x' * 100)
+  (dead / '.lock').touch()
+  other_data_set = data_dir / '.build-ham10000-dead'
+  other_data_set.mkdir()
+  with open(live / '.lock', 'w') as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a build still running
+    build_data.build('image_cases/colours', data_dir=os.fspath(data_dir),
+                     manual_dir=os.fspath(raw))
+    assert not dead.exists() and live.exists() and other_data_set.exists()
+  assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith('.build-')) == [
+      '.build-ham10000-dead', '.build-image_cases-live']  # the build's own is gone

@@ -50,6 +50,25 @@ def is_complete_build(version_dir: str) -> bool:
   return os.path.isfile(os.path.join(version_dir, 'dataset_info.json'))
 
 
+def set_aside_path(version_dir: str) -> str:
+  """Where `build_data --overwrite` keeps the earlier build while the new one moves in."""
+  return f'{version_dir}.old'
+
+
+def restore_set_aside_build(version_dir: str | None) -> None:
+  """Puts back an earlier build that a rebuild set aside and did not replace (killed
+  between its two renames), so a complete build is never lost."""
+  if version_dir is None or os.path.exists(version_dir):
+    return
+  old = set_aside_path(version_dir)
+  if is_complete_build(old):
+    logging.warning('%s: put back in place (a rebuild set it aside, then stopped)', old)
+    try:
+      os.rename(old, version_dir)
+    except OSError:  # another process put it back first
+      pass
+
+
 def split_name(name: str) -> tuple[str, str | None]:
   """`'chexpert/side320'` -> `('chexpert', 'side320')`; `'ham10000'` -> `('ham10000', None)`."""
   base, _, config = name.partition('/')
@@ -93,6 +112,7 @@ def find_version_dir(name: str, data_dir: str) -> str:
                     f'{name}); {how}')
   version_dir = version_dir_of(name, data_dir)
   if version_dir is not None:
+    restore_set_aside_build(version_dir)
     if is_complete_build(version_dir):
       return version_dir
     raise DataError(f'data set {name} is not built in {data_dir} (no '
