@@ -508,3 +508,33 @@ def test_real_nih_sample(tmp_path):
   info = sources.dataset_info(f'{NAME}/nih_sample_folders', os.fspath(data_dir))
   assert {s: info.splits[s].num_examples for s in info.splits} == {
       'train': 600, 'validation': 200, 'test': 200}
+
+
+@pytest.mark.parametrize('column,first,second,what', [
+    ('label', 'Melanoma', 'melanoma', 'class name'),
+    ('label', '1', '1.0', 'class name'),
+    ('labels', 'Effusion|Mass', 'effusion', 'class name'),
+    ('case_id', 'HAM_0006321', 'ham_0006321', 'case_id'),
+])
+def test_a_name_spelled_two_ways_is_an_error(tmp_path, column, first, second, what):
+  root = tmp_path / 'mine'
+  label = 'labels' if column == 'labels' else 'label'
+  rows = [{'path': f'img/{i}.png', 'case_id': f'case{i}', label: 'b'} for i in range(4)]
+  rows[1][column], rows[3][column] = first, second
+  for row in rows:
+    write_image(root / row['path'], seed=int(row['path'][4]))
+  write_cases(root, rows)
+  spelled = second.split('|')[0] if column != 'labels' else second
+  with pytest.raises(DataError, match=rf"cases.csv line 5: {what} '{spelled}' is "
+                                      rf"'{first.split('|')[0]}' \(line 3\) spelled another"):
+    image_cases.read_cases(os.fspath(root))
+
+
+def test_names_that_only_look_alike_are_kept(tmp_path):
+  root = tmp_path / 'mine'
+  rows = [{'path': f'img/{i}.png', 'case_id': f'case{i}', 'label': name}
+          for i, name in enumerate(['1', '10', 'Mel', 'Mel-2'])]
+  for i, row in enumerate(rows):
+    write_image(root / row['path'], seed=i)
+  write_cases(root, rows)
+  assert image_cases.read_cases(os.fspath(root)).class_names == ('1', '10', 'Mel', 'Mel-2')

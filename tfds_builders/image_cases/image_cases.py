@@ -168,6 +168,7 @@ def read_cases(manual_dir: str) -> CasesTable:
     cases.append(case)
   if not cases:
     raise DataError(f'{path}: no rows after the header')
+  _check_one_spelling(cases, path, multi_label=has_labels)
   if has_split:
     common.check_case_disjoint((c.case_id, c.split, f'{path} line {c.line}')
                                for c in cases)
@@ -186,6 +187,38 @@ def is_grayscale(image: Image.Image) -> bool:
   rgb = np.asarray(image.convert('RGB'))
   return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
               np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
+def _spelling_key(name: str) -> str:
+  """What two spellings of one name share: letter case aside, and a number's value
+  (`1` and `1.0`)."""
+  try:
+    return repr(float(name))
+  except ValueError:
+    return name.casefold()
+
+
+def _check_one_spelling(cases: Sequence[Case], path: str, *, multi_label: bool) -> None:
+  """Fails when a class name or a case id is spelled two ways (`Melanoma` and
+  `melanoma`, `1` and `1.0`; `HAM_1` and `ham_1`): as two classes, or a case split
+  over two splits, it would be silently wrong. Warns about a multi-label class name
+  holding `;` or `,` (classes are separated by `|`)."""
+  for what, names_of in (('class name', lambda c: c.labels),
+                         ('case_id', lambda c: (c.case_id,))):
+    first = {}
+    for case in cases:
+      for name in names_of(case):
+        key = _spelling_key(name) if what == 'class name' else name.casefold()
+        seen = first.setdefault(key, (name, case.line))
+        if seen[0] != name:
+          raise DataError(f'{path} line {case.line}: {what} {name!r} is {seen[0]!r} (line '
+                          f'{seen[1]}) spelled another way; spell it one way')
+  for case in cases if multi_label else ():
+    odd = [name for name in case.labels if ';' in name or ',' in name]
+    if odd:
+      logging.warning('%s line %d: class name %r holds a separator; labels separates '
+                      'classes with |', path, case.line, odd[0])
+      break
 
 
 def detect_channels(cases: Sequence[Case], probes: int = CHANNEL_PROBES) -> int:
