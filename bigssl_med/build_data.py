@@ -84,6 +84,7 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
   version_dir = sources.version_dir_of(full_name, data_dir)
   sources.restore_set_aside_build(version_dir)
   if sources.is_complete_build(version_dir) and not overwrite:
+    _check_unchanged(builder_cls, version_dir, manual_dir)
     if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
       sources.write_case_index(version_dir)
     logging.info('%s is already built in %s (--overwrite rebuilds it).',
@@ -136,8 +137,7 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
   import jax  # pylint: disable=g-import-not-at-top  (the CLI itself needs no JAX)
   data_dir = os.fspath(data_dir) or default_data_dir()
   try:
-    sources.find_version_dir(name, data_dir)
-    return data_dir
+    version_dir = sources.find_version_dir(name, data_dir)
   except DataError:
     if not build_if_missing:
       raise
@@ -146,6 +146,10 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
                       f'project\'s builders ({", ".join(sorted(tfds_builders.BUILDERS))}): build '
                       'it with TFDS in the array_record format (tfds build NAME '
                       '--file_format=array_record --data_dir=...)') from None
+  else:
+    _check_unchanged(tfds_builders.BUILDERS.get(sources.split_name(name)[0]), version_dir,
+                     manual_dir)
+    return data_dir
   if jax.process_count() == 1:
     logging.info('%s is not built in %s: building it from %s.', name, data_dir,
                  manual_dir or 'its public download')
@@ -216,6 +220,13 @@ def _check_manual_dir(manual_dir: str) -> str:
   if not os.listdir(manual_dir):
     raise DataError(f'manual_dir {manual_dir} is empty')
   return manual_dir
+
+
+def _check_unchanged(builder_cls, version_dir: str, manual_dir: str | None) -> None:
+  """The builder's check that a build matches its raw files, where it has one."""
+  check = getattr(builder_cls, 'check_unchanged', None)
+  if check is not None and manual_dir:
+    check(version_dir, manual_dir)
 
 
 _LOCK_FILE = '.lock'

@@ -538,3 +538,19 @@ def test_names_that_only_look_alike_are_kept(tmp_path):
     write_image(root / row['path'], seed=i)
   write_cases(root, rows)
   assert image_cases.read_cases(os.fspath(root)).class_names == ('1', '10', 'Mel', 'Mel-2')
+
+
+def test_a_build_from_an_edited_cases_csv_is_not_silently_kept(tmp_path):
+  root = tmp_path / 'mine'
+  rows = _single_label_tree(root)
+  data_dir = tmp_path / 'data'
+  _build(root, data_dir)
+  _build(root, data_dir)  # unchanged: kept
+  rows[0]['label'] = 'nevus' if rows[0]['label'] != 'nevus' else 'bcc'
+  write_cases(root, rows)
+  with pytest.raises(DataError, match=r'was built from another version of .*cases.csv \(it has '
+                                      r'changed since\): rebuild it with --overwrite'):
+    _build(root, data_dir)
+  with pytest.raises(DataError, match='was built from another version'):
+    build_data.ensure_built(NAME, data_dir=os.fspath(data_dir), manual_dir=os.fspath(root))
+  assert build_data.ensure_built(NAME, data_dir=os.fspath(data_dir)) == os.fspath(data_dir)

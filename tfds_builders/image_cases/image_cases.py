@@ -55,6 +55,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import json
 import os
 import re
 from typing import Sequence
@@ -72,6 +73,8 @@ REQUIRED_COLUMNS = ('path', 'case_id')
 SPLIT_NAMES = ('train', 'validation', 'test')
 SPLIT_ALIASES = {'train': 'train', 'validation': 'validation',
                  'val': 'validation', 'valid': 'validation', 'test': 'test'}
+# metadata.json: the MD5 of the cases.csv a build was made from.
+CASES_DIGEST = 'cases_csv_md5'
 # How many listed images (that exist and decode) decide the channel count.
 CHANNEL_PROBES = 16
 _CONFIG_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
@@ -361,12 +364,28 @@ class ImageCases(common.ImageBuilder):
         metadata=metadata,
     )
 
+  @classmethod
+  def check_unchanged(cls, version_dir: str, manual_dir: str) -> None:
+    """Fails when the build in `version_dir` was made from another `cases.csv` than
+    `manual_dir`'s (edited since), so that an edit is never silently ignored."""
+    path = os.path.join(manual_dir, CASES_FILE)
+    try:
+      with open(os.path.join(version_dir, 'metadata.json')) as f:
+        recorded = json.load(f).get(CASES_DIGEST)
+    except (OSError, ValueError):
+      return
+    if recorded and os.path.isfile(path) and common.md5_file(path) != recorded:
+      raise DataError(f'{version_dir} was built from another version of {path} (it has '
+                      'changed since): rebuild it with --overwrite, or build under a new '
+                      'name (image_cases/NAME)')
+
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = common.manual_dir_or_none(dl_manager)
     if manual_dir is None:
       raise DataError('image_cases needs --manual_dir: a directory with a '
                       f'{CASES_FILE} listing the images')
     table = read_cases(manual_dir)
+    self.info.metadata[CASES_DIGEST] = common.md5_file(table.path)
     config = self.builder_config
     if (table.class_names != tuple(config.class_names) or
         table.multi_label != config.multi_label):
