@@ -39,6 +39,7 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import csv
 import dataclasses
@@ -61,7 +62,8 @@ from bigssl_med.errors import CheckpointError, ConfigError, DataError, UserError
 from bigssl_med.trainers import finetune
 from tfds_builders import common
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.tif', '.tiff',
+                    '.webp', '.gif')
 PATH_COLUMN = 'path'
 PREDICTED_COLUMN = 'predicted'
 DEFAULT_BATCH_SIZE = 64
@@ -206,12 +208,20 @@ def list_images(images: str) -> tuple[list[Item], list[str]]:
 
 
 def _folder_images(folder: str) -> list[Item]:
-  found = []
+  found, passed_over = [], collections.Counter()
   for root, subdirs, names in os.walk(folder):
     subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
     for name in names:
-      if not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS):
+      if name.startswith('.'):
+        continue
+      if name.lower().endswith(IMAGE_EXTENSIONS):
         found.append(os.path.relpath(os.path.join(root, name), folder))
+      else:
+        passed_over[os.path.splitext(name)[1].lower() or '(no extension)'] += 1
+  if passed_over:
+    logging.warning('%s: %d file(s) passed over, not named as images (%s); list them in a '
+                    'CSV to score them', folder, sum(passed_over.values()),
+                    ', '.join(f'{n} {ext}' for ext, n in sorted(passed_over.items())))
   if not found:
     raise DataError(f'{folder}: no image files ({", ".join(IMAGE_EXTENSIONS)}) in it or '
                     'its subfolders')

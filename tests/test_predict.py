@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -69,25 +70,31 @@ def test_csv_predictions_match_the_runs_test_predictions(run, tmp_path, capsys):
   assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # as any new file, not private
 
 
-def test_folder_input_is_recursive_sorted_and_skips_hidden_and_other_files(run, tmp_path):
+def test_folder_input_is_recursive_sorted_and_skips_hidden_and_other_files(run, tmp_path,
+                                                                          caplog):
   workdir, raw, test_paths = run
   folder = tmp_path / 'images'
   for i, path in enumerate(test_paths[:6]):
     target = folder / ('sub' if i % 2 else 'top') / f'{i}.PNG'
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(raw / path, target)
+  with Image.open(raw / test_paths[6]) as image:  # WebP, lossless: the same pixels
+    image.save(folder / 'top' / '6.webp', lossless=True)
   (folder / 'notes.txt').write_text('not an image')
   (folder / '.hidden.png').write_bytes(b'not an image either')
   (folder / '.cache').mkdir()
   shutil.copy(raw / test_paths[0], folder / '.cache' / 'x.png')
   out = tmp_path / 'p.csv'
-  assert predict.main(['--workdir', str(workdir), '--images', str(folder), '--out',
-                       str(out)]) == 0
+  with caplog.at_level(logging.WARNING):
+    assert predict.main(['--workdir', str(workdir), '--images', str(folder), '--out',
+                         str(out)]) == 0
+  assert '1 file(s) passed over, not named as images (1 .txt)' in caplog.text
   rows = _read(out)
-  expected = sorted(f'{"sub" if i % 2 else "top"}/{i}.PNG' for i in range(6))
+  names = [f'{"sub" if i % 2 else "top"}/{i}.PNG' for i in range(6)] + ['top/6.webp']
+  expected = sorted(names)
   assert [r['path'] for r in rows] == [os.path.join(str(folder), p) for p in expected]
   saved = np.load(workdir / 'test_predictions.npz')['scores']
-  by_name = {f'{"sub" if i % 2 else "top"}/{i}.PNG': saved[i] for i in range(6)}
+  by_name = {name: saved[i] for i, name in enumerate(names)}
   np.testing.assert_allclose(_scores(rows), [by_name[p] for p in expected], atol=1e-4)
 
 
