@@ -37,8 +37,9 @@ Formats (`--format`; found from the file when left out):
 Writes `WORKDIR/checkpoints/0/model` (orbax; `{'params', 'batch_stats'}` with
 `encoder` and, when imported, `head`: the layout of a pretraining checkpoint) and
 `WORKDIR/config.json` (`trainer: 'imported'`, the `model` config of the imported
-architecture, and where it came from). A WORKDIR that already holds a run is left
-untouched.
+architecture, and where it came from), both at once: WORKDIR is written beside its
+place and then renamed, so an import cut off half-way leaves nothing. A WORKDIR that
+already holds a run, or any file, is left untouched.
 """
 
 import argparse
@@ -48,7 +49,9 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import sys
+import tempfile
 import zipfile
 from typing import Any, Mapping, Sequence
 
@@ -58,7 +61,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from bigssl_med import checkpointing, config_schema, models
+from bigssl_med import checkpointing, config_schema, files, models
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, UserError
 from bigssl_med.models import heads, resnet
@@ -686,24 +689,39 @@ def write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[st
                   source: dict[str, Any]) -> str:
   """Writes the imported model as `WORKDIR/checkpoints/0/model` and `WORKDIR/config.json`.
 
-  Refuses a workdir that already holds checkpoints or a config.json: nothing there is
-  overwritten. Returns the checkpoint item's path.
+  Refuses a workdir that already holds checkpoints or a config.json, or any other
+  file: nothing there is overwritten. Both are written into a folder beside the
+  workdir, which then takes its name, so an import cut off half-way leaves no
+  checkpoint without the config that describes it. Returns the checkpoint item's path.
   """
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  config_path = os.path.join(workdir, 'config.json')
-  if (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)) or os.path.exists(config_path):
+  workdir = os.path.abspath(workdir)
+  if (os.path.isdir(os.path.join(workdir, 'checkpoints'))
+      or os.path.exists(os.path.join(workdir, 'config.json'))):
     raise CheckpointError(f'{workdir}: already holds a run (checkpoints/ or config.json); '
                           'import into a new workdir')
+  if os.path.exists(workdir) and (not os.path.isdir(workdir) or os.listdir(workdir)):
+    raise CheckpointError(f'{workdir}: exists and is not an empty folder; import into a new '
+                          'workdir')
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  item = os.path.abspath(os.path.join(ckpt_dir, '0', 'model'))
-  os.makedirs(os.path.dirname(item), exist_ok=True)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(item, jax.tree.map(np.asarray, variables))
-  checkpointer.wait_until_finished()
-  checkpointer.close()
-  workdir_lib.write_json(config_path, {'trainer': 'imported', 'seed': 0, 'model': model_config,
-                                       'source': source})
-  return item
+  parent = os.path.dirname(workdir)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.import-', dir=parent)
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(staging, 'checkpoints', '0', 'model'),
+                      jax.tree.map(np.asarray, variables))
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    workdir_lib.write_json(os.path.join(staging, 'config.json'),
+                           {'trainer': 'imported', 'seed': 0, 'model': model_config,
+                            'source': source})
+    files.usual_mode(staging, folder=True)
+    if os.path.isdir(workdir):
+      os.rmdir(workdir)  # empty (checked above)
+    os.rename(staging, workdir)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return os.path.join(workdir, 'checkpoints', '0', 'model')
 
 
 def describe(model_config: Mapping[str, Any]) -> str:

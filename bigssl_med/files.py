@@ -9,9 +9,10 @@ readable by the group, as the rest of its files are.
 import os
 
 
-def usual_mode(path: str) -> None:
-  """Sets `path`'s mode to a new file's usual one (`0o666 & ~umask`)."""
-  os.chmod(path, 0o666 & ~_umask())
+def usual_mode(path: str, *, folder: bool = False) -> None:
+  """Sets `path`'s mode to a new file's usual one (`0o666 & ~umask`), or with
+  `folder` a new folder's (`0o777 & ~umask`; `tempfile.mkdtemp` makes them private)."""
+  os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
 def _umask() -> int:

@@ -389,6 +389,32 @@ def test_command_writes_a_workdir_that_init_from_accepts(tmp_path, capsys):
   assert 'no such file' in capsys.readouterr().err
 
 
+def test_an_import_cut_off_before_its_config_leaves_no_workdir(tmp_path, monkeypatch):
+  class Killed(BaseException):
+    pass
+
+  def dying(path, value):
+    raise Killed  # after the checkpoint, before config.json
+  variables, model_config = convert.load(os.path.join(DATA, 'torchvision_r18_w32.pth'))
+  workdir = tmp_path / 'imported'
+  workdir.mkdir()  # an empty folder is fine
+  monkeypatch.setattr(convert.workdir_lib, 'write_json', dying)
+  with pytest.raises(Killed):
+    convert.write_workdir(os.fspath(workdir), variables, model_config, {})
+  monkeypatch.undo()
+  # Nothing in the workdir: init_from finds no checkpoint without its config, and a
+  # second import goes ahead.
+  assert list(workdir.iterdir()) == []
+  convert.write_workdir(os.fspath(workdir), variables, model_config, {})
+  assert sorted(p.name for p in workdir.iterdir()) == ['checkpoints', 'config.json']
+  assert oct(workdir.stat().st_mode & 0o777) != oct(0o700)
+  assert [p.name for p in tmp_path.iterdir() if p.name.startswith('.')] == []
+  (tmp_path / 'notes').mkdir()
+  (tmp_path / 'notes' / 'README').write_text('mine')
+  with pytest.raises(CheckpointError, match='exists and is not an empty folder'):
+    convert.write_workdir(os.fspath(tmp_path / 'notes'), variables, model_config, {})
+
+
 def test_an_import_of_an_earlier_convert_is_refused_by_init_from(tmp_path):
   imported = tmp_path / 'imported'
   assert convert.main(['--checkpoint', os.path.join(DATA, 'torchvision_r50_w32.pth'),
