@@ -223,10 +223,10 @@ def _check_manual_dir(manual_dir: str) -> str:
 
 
 def _check_unchanged(builder_cls, version_dir: str, manual_dir: str | None) -> None:
-  """The builder's check that a build matches its raw files, where it has one."""
-  check = getattr(builder_cls, 'check_unchanged', None)
-  if check is not None and manual_dir:
-    check(version_dir, manual_dir)
+  """The builder's check that a build matches its raw files (a project builder's,
+  given the raw files)."""
+  if builder_cls is not None and manual_dir:
+    builder_cls.check_unchanged(version_dir, manual_dir)
 
 
 _LOCK_FILE = '.lock'

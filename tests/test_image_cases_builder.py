@@ -250,7 +250,7 @@ def test_gray_encoding_stores_what_encode_image_stores_and_says_if_there_was_col
   stored, had_colour = common.encode_gray_image(data, name='x.png', max_side=max_side)
   assert stored == common.encode_image(data, name='x.png', max_side=max_side, channels=1)
   assert had_colour == colour
-  assert had_colour == (not image_cases.is_grayscale(image))
+  assert had_colour == (not common.is_grayscale(image))
 
 
 def test_a_gray_set_decodes_each_image_once(tmp_path, monkeypatch):

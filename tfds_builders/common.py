@@ -132,6 +132,13 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(**kwargs)
 
   @classmethod
+  def check_unchanged(cls, version_dir: str, manual_dir: str) -> None:
+    """Fails when the build in `version_dir` no longer matches the raw files in
+    `manual_dir` (a builder of files users edit checks it; published releases do not
+    change)."""
+    del version_dir, manual_dir
+
+  @classmethod
   def make_config(cls, config: str | None = None, *, max_side: int | None = None,
                   manual_dir: str | None = None) -> ImageConfig:
     """The config to build for the given build options.
@@ -330,18 +337,25 @@ def encode_image(data: bytes, *, name: str, max_side: int | None = None,
   return _stored_bytes(data, image, image_format, max_side)
 
 
+_GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
+
+
+def is_grayscale(image: Image.Image) -> bool:
+  """Whether a decoded image has one channel, or colour channels all equal."""
+  if image.mode in _GRAY_MODES:
+    return True
+  rgb = np.asarray(image.convert('RGB'))
+  return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
+              np.array_equal(rgb[..., 1], rgb[..., 2]))
+
+
 def encode_gray_image(data: bytes, *, name: str,
                       max_side: int | None = None) -> tuple[bytes, bool]:
-  """`encode_image(channels=1)`, and whether the image had colour, from one decode.
-
-  Colour: channels that are not all equal (an RGB file of a gray image has none).
-  """
+  """`encode_image(channels=1)`, and whether the image had colour (`is_grayscale`
+  false), from one decode."""
   image, image_format = host_ops.decode_pil(data, name=name)  # 'L', or else 'RGB'
-  colour = False
+  colour = not is_grayscale(image)
   if image.mode != 'L':
-    rgb = np.asarray(image)
-    colour = not (np.array_equal(rgb[..., 0], rgb[..., 1])
-                  and np.array_equal(rgb[..., 1], rgb[..., 2]))
     image = image.convert('L')
   return _stored_bytes(data, image, image_format, max_side), colour
 

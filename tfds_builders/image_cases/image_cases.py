@@ -58,7 +58,7 @@ import io
 import json
 import os
 import re
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 from absl import logging
 import numpy as np
@@ -78,8 +78,6 @@ CASES_DIGEST = 'cases_csv_md5'
 # How many listed images (that exist and decode) decide the channel count.
 CHANNEL_PROBES = 16
 _CONFIG_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
-_GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N',
-               'F')
 
 _DESCRIPTION = """\
 Images of the user's own data set, listed with their cases and class labels in
@@ -183,15 +181,6 @@ def read_cases(manual_dir: str) -> CasesTable:
                     multi_label=has_labels, has_split=has_split)
 
 
-def is_grayscale(image: Image.Image) -> bool:
-  """Whether a decoded image has one channel, or colour channels all equal."""
-  if image.mode in _GRAY_MODES:
-    return True
-  rgb = np.asarray(image.convert('RGB'))
-  return bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and
-              np.array_equal(rgb[..., 1], rgb[..., 2]))
-
-
 def _spelling_key(name: str) -> str:
   """What two spellings of one name share: letter case aside, and a number's value
   (`1` and `1.0`)."""
@@ -206,22 +195,24 @@ def _check_one_spelling(cases: Sequence[Case], path: str, *, multi_label: bool) 
   `melanoma`, `1` and `1.0`; `HAM_1` and `ham_1`): as two classes, or a case split
   over two splits, it would be silently wrong. Warns about a multi-label class name
   holding `;` or `,` (classes are separated by `|`)."""
-  for what, names_of in (('class name', lambda c: c.labels),
-                         ('case_id', lambda c: (c.case_id,))):
-    first = {}
-    for case in cases:
-      for name in names_of(case):
-        key = _spelling_key(name) if what == 'class name' else name.casefold()
-        seen = first.setdefault(key, (name, case.line))
-        if seen[0] != name:
-          raise DataError(f'{path} line {case.line}: {what} {name!r} is {seen[0]!r} (line '
-                          f'{seen[1]}) spelled another way; spell it one way')
-  for case in cases if multi_label else ():
-    odd = [name for name in case.labels if ';' in name or ',' in name]
-    if odd:
-      logging.warning('%s line %d: class name %r holds a separator; labels separates '
-                      'classes with |', path, case.line, odd[0])
-      break
+  _check_spellings(((name, c.line) for c in cases for name in c.labels), 'class name',
+                   _spelling_key, path)
+  _check_spellings(((c.case_id, c.line) for c in cases), 'case_id', str.casefold, path)
+  odd = [(name, c.line) for c in cases for name in c.labels if ';' in name or ',' in name]
+  if multi_label and odd:
+    logging.warning('%s line %d: class name %r holds a separator; labels separates '
+                    'classes with |', path, odd[0][1], odd[0][0])
+
+
+def _check_spellings(names: Iterable[tuple[str, int]], what: str,
+                     key: Callable[[str], str], path: str) -> None:
+  """Fails at the first `(name, line)` whose `key` an earlier, other name shares."""
+  first = {}
+  for name, line in names:
+    seen, seen_line = first.setdefault(key(name), (name, line))
+    if seen != name:
+      raise DataError(f'{path} line {line}: {what} {name!r} is {seen!r} (line '
+                      f'{seen_line}) spelled another way; spell it one way')
 
 
 def detect_channels(cases: Sequence[Case], probes: int = CHANNEL_PROBES) -> int:
@@ -239,7 +230,7 @@ def detect_channels(cases: Sequence[Case], probes: int = CHANNEL_PROBES) -> int:
         data = f.read()
       with Image.open(io.BytesIO(data)) as image:
         image.load()
-        gray = is_grayscale(image)
+        gray = common.is_grayscale(image)
     except (OSError, ValueError, SyntaxError, EOFError,
             Image.DecompressionBombError):
       continue
