@@ -42,7 +42,7 @@ def _data() -> ml_collections.ConfigDict:
   d.data_dir = ''                 # TFDS data dir ('' = TFDS default, ~/tensorflow_datasets)
   d.manual_dir = ''               # raw files to build the data set from when it is not built yet
   d.build_if_missing = True       # build from manual_dir (or download) when absent
-  d.train_split = 'train'
+  d.train_split = 'train'         # a split, slice or sum ('train+unlabeled', 'train[:10%]')
   d.eval_split = 'validation'
   d.image_size = 224
   d.crop_area_min = 0.08          # random resized crop: area in [crop_area_min, 1]

@@ -19,7 +19,9 @@ def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
   """`(state, batch, key) -> (state, metrics)` for one global batch of positive pairs.
 
   `batch['views']` is uint8 `[B, 2, S, S, C]`; the two views of row i are interleaved
-  into one `[2B, ...]` forward pass (BatchNorm sees both views, as in SimCLR).
+  into one `[2B, ...]` forward pass (BatchNorm sees both views, as in SimCLR). With a
+  linear probe, `batch['label']` is int `[B]`; a label of -1 (an unlabeled image) is
+  left out of the probe's loss and accuracy.
   """
 
   def train_step(state, batch, key):
@@ -40,10 +42,13 @@ def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
       total = loss
       if logits is not None:
         labels = jnp.repeat(batch['label'], 2)
-        probe_loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        labeled = labels >= 0
+        count = jnp.maximum(jnp.sum(labeled), 1)
+        per_image = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        probe_loss = jnp.sum(jnp.where(labeled, per_image, 0.0)) / count
         total = total + probe_loss + optim.head_l2(params, weight_decay)
         metrics['probe_loss'] = probe_loss
-        metrics['probe_accuracy'] = jnp.mean(jnp.argmax(logits, -1) == labels)
+        metrics['probe_accuracy'] = jnp.sum((jnp.argmax(logits, -1) == labels) & labeled) / count
       metrics['loss'] = total
       return total, (updates['batch_stats'], metrics)
 
@@ -67,7 +72,8 @@ def make_eval_steps(model, *, augment_views, temperature: float):
 
   def images_step(variables, batch):
     _, _, logits = model.apply(variables, augment.to_float(batch['image']), train=False)
-    correct = (jnp.argmax(logits, -1) == batch['label']) * batch['mask']
-    return {'correct': jnp.sum(correct), 'count': jnp.sum(batch['mask'])}
+    counted = batch['mask'] * (batch['label'] >= 0)  # padding and unlabeled images left out
+    correct = (jnp.argmax(logits, -1) == batch['label']) * counted
+    return {'correct': jnp.sum(correct), 'count': jnp.sum(counted)}
 
   return pairs_step, images_step

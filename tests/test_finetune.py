@@ -207,3 +207,26 @@ def test_micle_on_one_image_per_case_is_a_warning(colours, tmp_path, caplog):
     pretrain.train_and_evaluate(config, os.fspath(tmp_path / 'micle'))
   assert ('config.micle: no case of image_cases/colours/train has two images, so every pair '
           'is two views of one image, as in SimCLR') in caplog.text
+
+
+@pytest.mark.parametrize('trainer,key', [('finetune', 'train_split'),
+                                         ('linear_eval', 'eval_split'),
+                                         ('distill', 'test_split')])
+def test_a_split_of_unlabeled_images_is_refused_where_labels_count(colours, tmp_path, trainer,
+                                                                    key):
+  workdir = tmp_path / 'work'
+  config = tiny_config(colours, trainer=trainer, **{f'data.{key}': 'train+unlabeled'})
+  with pytest.raises(ConfigError, match=rf"^config.data.{key}='train\+unlabeled' takes in "
+                                        r'split unlabeled, whose images have no labels'):
+    finetune.train_and_evaluate(config, os.fspath(workdir))
+  assert not workdir.exists()
+  # A student learns from the teacher, so its training split may hold unlabeled images.
+  config = tiny_config(colours, trainer='distill', **{'data.train_split': 'train+unlabeled'})
+  with pytest.raises(ConfigError, match='config.teacher is empty'):
+    finetune.train_and_evaluate(config, os.fspath(workdir))
+  # ... unless its validation cases are held out of that split.
+  config = tiny_config(colours, trainer='distill', **{'data.train_split': 'train+unlabeled',
+                                                      'data.holdout': 0.2,
+                                                      'data.eval_split': ''})
+  with pytest.raises(ConfigError, match=r"^config.data.train_split='train\+unlabeled' takes"):
+    finetune.train_and_evaluate(config, os.fspath(workdir))

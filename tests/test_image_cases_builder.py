@@ -554,3 +554,158 @@ def test_a_build_from_an_edited_cases_csv_is_not_silently_kept(tmp_path):
   with pytest.raises(DataError, match='was built from another version'):
     build_data.ensure_built(NAME, data_dir=os.fspath(data_dir), manual_dir=os.fspath(root))
   assert build_data.ensure_built(NAME, data_dir=os.fspath(data_dir)) == os.fspath(data_dir)
+
+
+# Lists made on Windows, in Excel or elsewhere.
+
+
+def test_a_csv_that_is_not_utf8_is_an_error_naming_the_line(tmp_path):
+  root = tmp_path / 'mine'
+  write_image(root / 'a.png')
+  write_image(root / 'b.png')
+  root.joinpath('cases.csv').write_bytes(
+      'path,case_id,label\na.png,p,nevus\nb.png,q,caf\u00e9-au-lait\n'.encode('cp1252'))
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, root / 'cases.csv', 'line 3 (byte 0xe9) is not UTF-8',
+                         'CSV UTF-8')
+
+
+def test_backslash_paths_tilde_and_letter_case_find_their_files(tmp_path, monkeypatch, caplog):
+  root = tmp_path / 'mine'
+  monkeypatch.setenv('HOME', os.fspath(tmp_path / 'home'))
+  written = {'img\\p1\\a.png': root / 'img' / 'p1' / 'a.png',
+             '~/photos/b.png': tmp_path / 'home' / 'photos' / 'b.png',
+             'img/p2/c.jpg': root / 'img' / 'p2' / 'C.JPG',
+             'IMG/P2/d.png': root / 'img' / 'p2' / 'd.png',
+             'img/p3/e.png': root / 'img' / 'p3' / 'e.png'}
+  for i, file in enumerate(written.values()):
+    write_image(file, seed=i, image_format='JPEG' if file.suffix == '.JPG' else 'PNG')
+  rows = [{'path': path, 'case_id': f'p{i}', 'label': 'x' if i % 2 else 'y', 'split': 'train'}
+          for i, path in enumerate(written)]
+  write_cases(root, rows)
+  data_dir = tmp_path / 'data'
+  with caplog.at_level('WARNING'):
+    _build(root, data_dir)
+  records = _records(data_dir)['train']
+  assert sorted(records) == sorted(written)  # image ids: the paths as written
+  for path, file in written.items():
+    assert records[path]['image'] == file.read_bytes()
+  assert re.search(r'image_cases train: 2 image file\(s\) found only with letter case ignored '
+                   r'\(first: .*cases.csv line 4, read from .*C.JPG\)', caplog.text)
+
+
+def test_names_matching_two_files_letter_case_aside_are_not_guessed(tmp_path):
+  root = tmp_path / 'mine'
+  write_image(root / 'A.png')
+  write_image(root / 'a.PNG', seed=1)
+  write_image(root / 'b.png')
+  path = write_cases(root, [{'path': 'a.png', 'case_id': 'p', 'label': 'x', 'split': 'train'},
+                            {'path': 'b.png', 'case_id': 'q', 'label': 'y', 'split': 'train'}])
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, f'{path} line 2', 'not found', root / 'a.png')
+
+
+def test_a_windows_drive_path_is_an_error_naming_the_line(tmp_path):
+  root = tmp_path / 'mine'
+  path = write_cases(root, [{'path': 'C:\\derm\\a.jpg', 'case_id': 'p', 'label': 'x'}])
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, f'{path} line 2', 'C:\\derm\\a.jpg is a Windows path')
+
+
+# Unlabeled images.
+
+
+def _with_unlabeled(root: Path, column: str = 'label') -> tuple[list[dict], dict[str, str]]:
+  """cases.csv with labeled and unlabeled rows; returns (rows, case_id -> split)."""
+  ids = _case_ids_by_split(1)
+  split_of = {ids['train'][0]: 'train', ids['validation'][0]: 'validation',
+              ids['test'][0]: 'test', 'only_unlabeled': 'unlabeled'}
+  value = 'nevus' if column == 'label' else 'effusion|mass'
+  rows = []
+  for case_id, split in split_of.items():
+    if split != 'unlabeled':  # a labeled image, split by case hash (empty cell)
+      rows.append({'path': f'{case_id}/labeled.png', 'case_id': case_id, column: value,
+                   'split': ''})
+    for k, spelled in enumerate(('unlabeled', 'Unlabelled')):
+      rows.append({'path': f'{case_id}/u{k}.png', 'case_id': case_id, column: '',
+                   'split': spelled})
+  for i, row in enumerate(rows):
+    write_image(root / row['path'], seed=i)
+  write_cases(root, rows)
+  return rows, split_of
+
+
+@pytest.mark.parametrize('column', ['label', 'labels'])
+def test_unlabeled_images_form_their_own_split(tmp_path, column, caplog):
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows, split_of = _with_unlabeled(root, column)
+  with caplog.at_level('WARNING'):
+    _build(root, data_dir)
+  records = _records(data_dir)
+  train_case = next(c for c, s in split_of.items() if s == 'train')
+  assert {s: sorted(r) for s, r in records.items()} == {
+      'train': [f'{train_case}/labeled.png'],
+      'validation': [f'{c}/labeled.png' for c, s in split_of.items() if s == 'validation'],
+      'test': [f'{c}/labeled.png' for c, s in split_of.items() if s == 'test'],
+      # Those of a train case and of a case with no labeled image are kept.
+      'unlabeled': sorted(f'{c}/u{k}.png' for c in (train_case, 'only_unlabeled')
+                          for k in range(2))}
+  for record in records['unlabeled'].values():
+    if column == 'label':
+      assert record['label'] == -1
+    else:
+      assert np.isnan(record['labels']).all() and record['labels'].shape == (2,)
+  for split in ('train', 'validation', 'test'):
+    for record in records[split].values():
+      if column == 'label':
+        assert record['label'] == 0
+      else:
+        np.testing.assert_array_equal(record['labels'], [1, 1])
+  metadata = sources.dataset_info(NAME, os.fspath(data_dir)).metadata
+  left_out = {entry['path'] for entry in metadata['unlabeled_images_left_out']}
+  assert left_out == {f'{c}/u{k}.png' for c, s in split_of.items()
+                      if s in ('validation', 'test') for k in range(2)}
+  assert metadata['num_unlabeled_images_left_out'] == 4
+  assert '4 unlabeled image(s) left out' in caplog.text
+  # A MICLe unit of train+unlabeled is a case, whichever split its images are in.
+  cases = sources.cases(NAME, 'train+unlabeled', os.fspath(data_dir))
+  assert {k: len(v) for k, v in cases.items()} == {train_case: 3, 'only_unlabeled': 2}
+  os.remove(os.path.join(sources.find_version_dir(NAME, os.fspath(data_dir)),
+                         sources.CASE_INDEX_FILE))
+  scanned = sources.cases(NAME, 'train+unlabeled', os.fspath(data_dir))
+  assert {k: v.tolist() for k, v in scanned.items()} == {k: v.tolist() for k, v in cases.items()}
+  source = sources.open_split(NAME, 'train+unlabeled', os.fspath(data_dir))
+  assert [source[i]['case_id'].decode() for i in cases[train_case]] == [train_case] * 3
+  with pytest.raises(DataError, match="has no split 'nope'; available splits: test, train, "
+                                      'unlabeled, validation'):
+    sources.open_split(NAME, 'train+nope', os.fspath(data_dir))
+
+
+def test_a_label_on_an_unlabeled_row_and_no_labeled_row_are_errors(tmp_path):
+  root = tmp_path / 'mine'
+  write_image(root / 'a.png')
+  rows = [{'path': 'a.png', 'case_id': 'p', 'label': 'nevus', 'split': 'unlabeled'}]
+  path = write_cases(root, rows)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, f'{path} line 2', "label 'nevus' on a row of split unlabeled")
+  rows[0]['label'] = ''
+  write_cases(root, rows)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, path, 'every row is split unlabeled')
+
+
+def test_a_case_split_by_hash_and_by_hand_two_ways_is_an_error(tmp_path):
+  root = tmp_path / 'mine'
+  case_id = _case_ids_by_split(1)['test'][0]
+  rows = [{'path': 'a.png', 'case_id': case_id, 'label': 'x', 'split': ''},
+          {'path': 'b.png', 'case_id': case_id, 'label': 'x', 'split': 'train'}]
+  path = write_cases(root, rows)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, f'case {case_id} is in two splits',
+                         f'test ({path} line 2 by case hash)', f'train ({path} line 3)')

@@ -89,7 +89,7 @@ def _step_setup(mesh, probe=True, fast=False):
                                      temperature=0.1, weight_decay=1e-6)
   repl, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   jitted = jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl))
-  return jax.device_put(state, repl), jitted, data
+  return jax.device_put(state, repl), jitted, data, model
 
 
 def _two_steps(num_devices, fast=False):
@@ -98,7 +98,7 @@ def _two_steps(num_devices, fast=False):
   batches = [{'views': rng.integers(0, 256, (16, 2, 16, 16, 3), dtype=np.uint8),
               'label': rng.integers(0, 3, (16,)).astype(np.int32)} for _ in range(2)]
   mesh = parallel.data_mesh(jax.devices()[:num_devices])
-  state, step, data = _step_setup(mesh, fast=fast)
+  state, step, data, _ = _step_setup(mesh, fast=fast)
   losses = []
   for b in batches:
     state, metrics = step(state, jax.device_put(b, data), jax.random.key(7))
@@ -124,6 +124,36 @@ def test_fused_bn_and_batched_lars_norms_give_the_same_steps():
 
 
 # --------------------------------------------------------------------------- a run
+
+
+def test_the_probe_leaves_unlabeled_images_out_of_its_loss_and_accuracy():
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  state, step, data, model = _step_setup(mesh)
+  rng = np.random.default_rng(1)
+  views = rng.integers(0, 256, (16, 2, 16, 16, 3), dtype=np.uint8)
+  labels = rng.integers(0, 3, (16,)).astype(np.int32)
+  labels[::3] = -1  # unlabeled images (image_cases split unlabeled)
+  key = jax.random.key(7)
+  variables = jax.device_get(state['model'])
+  _, metrics = step(state, jax.device_put({'views': views, 'label': labels}, data), key)
+  # The step's forward pass, outside it: the same augmentation key and batch statistics.
+  images = augment.simclr_augment(jax.random.fold_in(key, 0), views.reshape(32, 16, 16, 3))
+  (_, _, logits), _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
+  logits = np.asarray(logits, np.float64)
+  targets = np.repeat(labels, 2)
+  kept = targets >= 0
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  want_loss = -log_p[kept, targets[kept]].mean()
+  want_accuracy = (logits.argmax(-1)[kept] == targets[kept]).mean()
+  np.testing.assert_allclose(float(metrics['probe_loss']), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['probe_accuracy']), want_accuracy, rtol=1e-6)
+
+  _, images_step = contrastive.make_eval_steps(model, augment_views=augment.simclr_augment,
+                                               temperature=0.1)
+  batch = {'image': views[:, 0], 'label': labels, 'mask': np.arange(16) < 12}
+  counts = images_step(variables, batch)
+  assert int(counts['count']) == 8  # 12 real images, 4 of them unlabeled
 
 
 def test_run_writes_the_workdir_contract(trained):
@@ -428,15 +458,17 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(trained, tmp_path, d
 
 
 def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path):
-  """MICLe over the NIH sample's patients, built by `image_cases` (grayscale)."""
+  """MICLe over the NIH sample's patients, built by `image_cases` (grayscale), a quarter of
+  the images unlabeled: pretraining on train+unlabeled, the probe on the labeled ones."""
   sample = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / (
       'nih_chestxray14_sample')
   if not sample.is_dir():
     pytest.skip(f'{sample} is absent: the real chest X-ray sample comes with '
                 '../shared/data (see its README)')
-  lines = ['path,case_id,label']
-  for path in sorted(sample.glob('*/*/*.png')):
-    lines.append(f'{path},{path.name[:8]},{path.parent.name.split("_", 1)[1]}')
+  lines = ['path,case_id,label,split']
+  for i, path in enumerate(sorted(sample.glob('*/*/*.png'))):
+    label = path.parent.name.split('_', 1)[1]
+    lines.append(f'{path},{path.name[:8]},' + (',unlabeled' if i % 4 == 0 else f'{label},'))
   manual_dir = tmp_path / 'raw'
   manual_dir.mkdir()
   (manual_dir / 'cases.csv').write_text('\n'.join(lines) + '\n')
@@ -446,8 +478,10 @@ def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path):
   info = sources.dataset_info('image_cases/nih_sample', os.fspath(data_dir))
   assert info.features['image'].shape[-1] == 1
   assert info.features['label'].names == ['abnormal', 'normal']
+  assert info.splits['unlabeled'].num_examples > 0
   cfg = tiny_config(os.fspath(data_dir), dataset='image_cases/nih_sample',
                     total_steps=2, eval_batches=1)
+  cfg.data.train_split = 'train+unlabeled'
   cfg.augment.hue = False
   cfg.augment.saturation = False
   results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))

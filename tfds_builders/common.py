@@ -37,6 +37,7 @@ import io
 import math
 import os
 import re
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -240,10 +241,10 @@ def read_table(path: str, required: Sequence[str]) -> tuple[list[str], list[Row]
     (column names, rows).
 
   Raises:
-    DataError: the file cannot be read or parsed, lacks a header, misses required
-      columns (the message names the file and every missing column), or has a row
-      with more fields than the header or fewer than its named columns (the
-      message names the line).
+    DataError: the file cannot be read or parsed (for text that is not UTF-8 the
+      message names the line), lacks a header, misses required columns (the message
+      names the file and every missing column), or has a row with more fields than
+      the header or fewer than its named columns (the message names the line).
   """
   try:
     opener = gzip.open if path.endswith('.gz') else open
@@ -278,9 +279,26 @@ def read_table(path: str, required: Sequence[str]) -> tuple[list[str], list[Row]
           raise DataError(f'{path} line {reader.line_num}: {len(values)} fields but the '
                           f'header has {len(columns)} (no {columns[len(values)]!r} field)')
         rows.append(Row(line=reader.line_num, fields=tuple(values), columns=positions))
-  except (OSError, EOFError, UnicodeDecodeError, csv.Error) as exc:
+  except UnicodeDecodeError as exc:
+    raise DataError(f'{path}: {_first_bad_byte(path, opener)} is not UTF-8 text; save the '
+                    'file as UTF-8 (in Excel: CSV UTF-8)') from exc
+  except (OSError, EOFError, csv.Error) as exc:
     raise DataError(f'{path}: cannot read table ({one_line(exc)})') from exc
   return columns, rows
+
+
+def _first_bad_byte(path: str, opener: Callable[..., Any]) -> str:
+  """`line N (byte 0xXX)`: where `path` first stops being UTF-8 ('a byte' if unknown)."""
+  try:
+    with opener(path, 'rb') as f:
+      data = f.read()
+    data.decode('utf-8-sig')
+  except UnicodeDecodeError as exc:
+    line = data.count(b'\n', 0, exc.start) + 1
+    return f'line {line} (byte 0x{data[exc.start]:02x})'
+  except (OSError, EOFError):
+    pass
+  return 'a byte'
 
 
 def find_file(root: str, names: Sequence[str], what: str) -> str:
@@ -496,6 +514,47 @@ def in_order(fn: Callable[[Any], Any], items: Iterable[Any], *,
       yield first, future.result()
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CaseBlindFinder:
+  """Finds files listed with other letter case than on disk (`a.jpg` for `A.JPG`), as
+  lists made on Windows or macOS are; thread-safe, each folder listed once."""
+
+  def __init__(self):
+    self._listings: dict[str, dict[str, list[str]]] = {}
+    self._lock = threading.Lock()
+
+  def find(self, path: str) -> str:
+    """`path` when it exists; else the one existing file that `path` names when letter
+    case is ignored; else `path` (so that reading it reports it missing)."""
+    if os.path.lexists(path):
+      return path
+    head, missing = path, []
+    while not os.path.isdir(head):
+      head, tail = os.path.split(head)
+      if not tail:
+        return path
+      missing.append(tail)
+    for name in reversed(missing):
+      matches = self._listing(head).get(name.casefold(), [])
+      if len(matches) != 1:
+        return path
+      head = os.path.join(head, matches[0])
+    return head if os.path.isfile(head) else path
+
+  def _listing(self, folder: str) -> dict[str, list[str]]:
+    with self._lock:
+      listing = self._listings.get(folder)
+    if listing is None:
+      listing = collections.defaultdict(list)
+      try:
+        for name in sorted(os.listdir(folder)):
+          listing[name.casefold()].append(name)
+      except OSError:
+        pass
+      with self._lock:
+        self._listings[folder] = listing
+    return listing
 
 
 def read_image_file(path: str, where: str) -> bytes:

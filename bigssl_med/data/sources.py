@@ -24,12 +24,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bigssl_med import files
-from bigssl_med.errors import DataError
+from bigssl_med.errors import ConfigError, DataError
 import tfds_builders
 
 CASE_INDEX_FILE = 'case_index.json'
 CASE_INDEX_FORMAT_VERSION = 1
 _SCAN_CHUNK = 1024
+# The split of images without labels (image_cases), for pretraining and distillation.
+UNLABELED_SPLIT = 'unlabeled'
 
 
 def build_command(name: str, data_dir: str) -> str:
@@ -146,7 +148,8 @@ def open_split(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]
 
   `source[i]` is a dict of NumPy values; image features (`image`, and `mask`
   where the data set has one) are the encoded bytes as stored, Text features are
-  `bytes`. TFDS slicing syntax (`'train[:10%]'`) is accepted.
+  `bytes`. TFDS slicing syntax (`'train[:10%]'`) and sums of splits
+  (`'train+unlabeled'`: the records of each, in that order) are accepted.
 
   Raises:
     DataError: the data set is not built in `data_dir` (says how to build it),
@@ -178,7 +181,9 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   sliced split such as 'train[:10%]') computed by scanning the records'
   `case_id`, with a logged notice. A data set without a `case_id` feature (a TFDS
   catalog set such as `imagenet2012`) has one case per record, keyed by the
-  record's index ('0', '1', ...), also with a logged notice.
+  record's index ('0', '1', ...), also with a logged notice. For a sum of splits
+  (`'train+unlabeled'`) the indices are into the records of each split in turn, and
+  a case with records in several of them is one case.
 
   Raises:
     DataError: data set or split missing, or a `case_index.json` that does not
@@ -194,8 +199,10 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
     return {str(i): np.asarray([i], np.int64) for i in range(num_records)}
   path = os.path.join(version_dir, CASE_INDEX_FILE)
   if '[' not in split and os.path.exists(path):
-    num_records = builder.info.splits[split].num_examples
-    case_ids = _read_case_ids(path, name, split, num_records, data_dir)
+    case_ids = []
+    for part in split_parts(split):
+      num_records = builder.info.splits[part].num_examples
+      case_ids += _read_case_ids(path, name, part, num_records, data_dir)
   else:
     logging.info('Notice: no %s for %s split %s in %s; scanning the case_id of '
                  'every record.', CASE_INDEX_FILE, name, split, version_dir)
@@ -308,12 +315,30 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return tfds.builder_from_directory(find_version_dir(name, data_dir))
 
 
+def split_parts(split: str) -> list[str]:
+  """The splits a split string names, slices left off: `'train[:10%]+unlabeled'` gives
+  `['train', 'unlabeled']`."""
+  return [part.split('[', 1)[0].strip() for part in split.split('+')]
+
+
+def check_labeled(split: str, what: str) -> None:
+  """Fails when `split` takes in the `unlabeled` split, whose images have no labels.
+
+  Raises:
+    ConfigError: naming `what` (the config key) and `split`.
+  """
+  if UNLABELED_SPLIT in split_parts(split):
+    raise ConfigError(f'{what}={split!r} takes in split {UNLABELED_SPLIT}, whose images have '
+                      'no labels: training on labels and evaluation need labeled splits '
+                      '(unlabeled images serve pretraining and distillation)')
+
+
 def _check_split(info: tfds.core.DatasetInfo, name: str, split: str) -> None:
-  base = split.split('[', 1)[0]
-  if base not in info.splits:
-    available = ', '.join(sorted(info.splits)) or 'none'
-    raise DataError(f'data set {name} has no split {base!r}; available splits: '
-                    f'{available}')
+  for base in split_parts(split):
+    if base not in info.splits:
+      available = ', '.join(sorted(info.splits)) or 'none'
+      raise DataError(f'data set {name} has no split {base!r}; available splits: '
+                      f'{available}')
 
 
 def _skip_image_decoders(info: tfds.core.DatasetInfo) -> dict[str, Any]:

@@ -3,13 +3,17 @@
 Input: `manual_dir/cases.csv` (comma- or tab-separated) with the columns
 
 * `path`: the image file, relative to manual_dir or absolute; images may lie
-  anywhere. Any format Pillow decodes (JPEG, PNG, BMP, TIFF, ...).
+  anywhere. Any format Pillow decodes (JPEG, PNG, BMP, TIFF, ...). `~` is the
+  home directory; on Linux and macOS, `\\` separates folders as `/` does (a list
+  made on Windows), and a file whose name matches only when letter case is
+  ignored (`a.jpg` listed, `A.JPG` on disk) is read, with a warning.
 * `case_id`: what groups images (a patient, a lesion, a study): the unit that
   splits keep together and that MICLe draws positive pairs from.
 * exactly one of `label` (single-label: one class name per image) or `labels`
   (multi-label: `|`-separated class names, empty for no positive class);
-* optionally `split`: `train`, `validation` (or `val`, `valid`) or `test`,
-  case-insensitive.
+* optionally `split`: `train`, `validation` (or `val`, `valid`), `test` or
+  `unlabeled` (or `unlabelled`), case-insensitive; empty: by case hash, as
+  without the column.
 
 Other columns are ignored. The class names are the distinct names in the
 file, sorted; they become `label` (`tfds.features.ClassLabel`) or `labels`
@@ -34,8 +38,18 @@ images replicated). A later colour image in a set stored gray is stored as gray
 Splits. Without a `split` column, by case: the case's SHA-256 hash bucket
 `int(hashlib.sha256(case_id.encode()).hexdigest(), 16) % 100` gives 0-79
 `train`, 80-89 `validation`, 90-99 `test` (`tfds_builders.common.hash_split`).
-With one, as given; a case in two splits is an error. A split with no images
-is left out.
+With one, as given (an empty cell: by case hash); a case in two of `train`,
+`validation` and `test` is an error. A split with no images is left out.
+
+Unlabeled images (for pretraining: `data.train_split='train+unlabeled'`) are the
+rows whose split is `unlabeled`; their `label` or `labels` cell must be empty.
+They are stored with `label` -1 or `labels` all NaN (unknown), and fine-tuning
+refuses the split. An unlabeled image of a case that has labeled images in
+`validation` or `test` is left out, with a warning, so that no validation or test
+case is seen in pretraining; such images are listed in
+`metadata['unlabeled_images_left_out']` (count in
+`metadata['num_unlabeled_images_left_out']`). An unlabeled image of a `train`
+case is kept: in `train+unlabeled`, MICLe pairs it with the case's training images.
 
 Records: `image` (the file's bytes when it already is an 8-bit JPEG or PNG in
 the stored mode and within max_side, else converted and re-encoded: PNG stays
@@ -44,10 +58,12 @@ what TFDS would use for arrays), `image_id` (the path as written in cases.csv,
 also the example key), `case_id`, and `label` or `labels`.
 
 Errors are one-line `bigssl_med.errors.DataError`s naming cases.csv and the
-line: missing columns, both or neither of `label` and `labels`, an empty path,
-case_id or label, an unknown split, a path listed twice (both lines named), a
-missing or undecodable image (skipped and listed in the metadata instead with
-`skip_bad_images`).
+line: text that is not UTF-8, missing columns, both or neither of `label` and
+`labels`, an empty path, case_id or label, a label on an unlabeled row, an
+unknown split, a Windows drive path (`C:\\...`) on another system, a path listed
+twice (both lines named), a class name or case_id spelled two ways, no labeled
+row, a missing or undecodable image (skipped and listed in the metadata instead
+with `skip_bad_images`).
 """
 
 from __future__ import annotations
@@ -70,14 +86,19 @@ from tfds_builders import common
 
 CASES_FILE = 'cases.csv'
 REQUIRED_COLUMNS = ('path', 'case_id')
-SPLIT_NAMES = ('train', 'validation', 'test')
+UNLABELED = 'unlabeled'  # bigssl_med.data.sources.UNLABELED_SPLIT
+SPLIT_NAMES = ('train', 'validation', 'test', UNLABELED)
 SPLIT_ALIASES = {'train': 'train', 'validation': 'validation',
-                 'val': 'validation', 'valid': 'validation', 'test': 'test'}
+                 'val': 'validation', 'valid': 'validation', 'test': 'test',
+                 UNLABELED: UNLABELED, 'unlabelled': UNLABELED}
+# Splits whose cases no unlabeled image may share (they would be seen in pretraining).
+HELD_OUT_SPLITS = ('validation', 'test')
 # metadata.json: the MD5 of the cases.csv a build was made from.
 CASES_DIGEST = 'cases_csv_md5'
 # How many listed images (that exist and decode) decide the channel count.
 CHANNEL_PROBES = 16
 _CONFIG_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
+_WINDOWS_DRIVE_RE = re.compile(r'^[A-Za-z]:[\\/]')
 
 _DESCRIPTION = """\
 Images of the user's own data set, listed with their cases and class labels in
@@ -87,7 +108,8 @@ cases.csv (see the `tfds_builders.image_cases` module docstring).
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Put a cases.csv in a directory and pass that directory as --manual_dir. Columns:
 path (relative to that directory, or absolute), case_id, and label (one class)
-or labels (|-separated classes); optionally split (train/validation/test).
+or labels (|-separated classes); optionally split (train/validation/test, or
+unlabeled for images without a label).
 """
 
 
@@ -114,8 +136,9 @@ class Case:
     path: the image path as written.
     file: the image path resolved against manual_dir, normalised.
     case_id: the case.
-    labels: its class names (one for single-label data).
-    split: 'train', 'validation' or 'test'.
+    labels: its class names (one for single-label data; none when unlabeled).
+    split: 'train', 'validation', 'test' or 'unlabeled'.
+    hashed: whether the split comes from the case hash (no split given).
   """
   line: int
   path: str
@@ -123,26 +146,43 @@ class Case:
   case_id: str
   labels: tuple[str, ...]
   split: str
+  hashed: bool = False
+
+  @property
+  def labeled(self) -> bool:
+    return self.split != UNLABELED
 
 
 @dataclasses.dataclass(frozen=True)
 class CasesTable:
-  """cases.csv, read and checked."""
+  """cases.csv, read and checked.
+
+  Attributes:
+    path: the file.
+    cases: its rows to store, in order.
+    class_names: the sorted class names.
+    multi_label: whether it has a `labels` column (else `label`).
+    has_split: whether it has a `split` column.
+    left_out: the unlabeled rows left out, their cases being in validation or test.
+  """
   path: str
   cases: list[Case]
   class_names: tuple[str, ...]
   multi_label: bool
   has_split: bool
+  left_out: list[Case] = dataclasses.field(default_factory=list)
 
 
 def read_cases(manual_dir: str) -> CasesTable:
   """Reads and checks `manual_dir/cases.csv`.
 
   Raises:
-    DataError: the file is missing or has no rows; it misses `path` or
-      `case_id`, has both or neither of `label` and `labels`; or a row has an
-      empty path, case_id or label, an unknown split or a path listed before,
-      or puts a case in two splits. Messages name the file and line.
+    DataError: the file is missing, is not UTF-8 or has no labeled rows; it
+      misses `path` or `case_id`, has both or neither of `label` and `labels`; or
+      a row has an empty path, case_id or label, a label though unlabeled, an
+      unknown split, a Windows drive path (on another system) or a path listed
+      before, spells a class name or case_id another way, or puts a case in two
+      of train, validation and test. Messages name the file and line.
   """
   path = os.path.join(manual_dir, CASES_FILE)
   if not os.path.isfile(path):
@@ -170,15 +210,24 @@ def read_cases(manual_dir: str) -> CasesTable:
   if not cases:
     raise DataError(f'{path}: no rows after the header')
   _check_one_spelling(cases, path, multi_label=has_labels)
+  labeled = [c for c in cases if c.labeled]
+  if not labeled:
+    raise DataError(f'{path}: every row is split {UNLABELED}; image_cases needs labeled '
+                    'images too (they make the class names)')
   if has_split:
-    common.check_case_disjoint((c.case_id, c.split, f'{path} line {c.line}')
-                               for c in cases)
-  class_names = tuple(sorted({name for c in cases for name in c.labels}))
+    common.check_case_disjoint(
+        (c.case_id, c.split, f'{path} line {c.line}' + (' by case hash' if c.hashed else ''))
+        for c in labeled)
+  class_names = tuple(sorted({name for c in labeled for name in c.labels}))
   if not class_names:
     raise DataError(f'{path}: no class names in column labels (every row is '
                     'empty)')
+  held_out = {c.case_id for c in labeled if c.split in HELD_OUT_SPLITS}
+  left_out = [c for c in cases if not c.labeled and c.case_id in held_out]
+  if left_out:
+    cases = [c for c in cases if c.labeled or c.case_id not in held_out]
   return CasesTable(path=path, cases=cases, class_names=class_names,
-                    multi_label=has_labels, has_split=has_split)
+                    multi_label=has_labels, has_split=has_split, left_out=left_out)
 
 
 def _spelling_key(name: str) -> str:
@@ -221,12 +270,12 @@ def detect_channels(cases: Sequence[Case], probes: int = CHANNEL_PROBES) -> int:
   Images that are missing or cannot be decoded are passed over (the build
   reports them); with none to look at, 3.
   """
-  looked = 0
+  looked, finder = 0, common.CaseBlindFinder()
   for case in cases:
     if looked == probes:
       break
     try:
-      with open(case.file, 'rb') as f:
+      with open(finder.find(case.file), 'rb') as f:
         data = f.read()
       with Image.open(io.BytesIO(data)) as image:
         image.load()
@@ -377,6 +426,15 @@ class ImageCases(common.ImageBuilder):
                       f'{CASES_FILE} listing the images')
     table = read_cases(manual_dir)
     self.info.metadata[CASES_DIGEST] = common.md5_file(table.path)
+    self.info.metadata['num_unlabeled_images_left_out'] = len(table.left_out)
+    self.info.metadata['unlabeled_images_left_out'] = [
+        {'path': c.path, 'where': f'{table.path} line {c.line}', 'case_id': c.case_id}
+        for c in table.left_out]
+    if table.left_out:
+      first = table.left_out[0]
+      logging.warning('%s: %d unlabeled image(s) left out, their cases having labeled '
+                      'images in validation or test (first: line %d, case %s)',
+                      table.path, len(table.left_out), first.line, first.case_id)
     config = self.builder_config
     if (table.class_names != tuple(config.class_names) or
         table.multi_label != config.multi_label):
@@ -386,31 +444,38 @@ class ImageCases(common.ImageBuilder):
     by_split = collections.defaultdict(list)
     for case in table.cases:
       by_split[case.split].append(case)
-    empty = [split for split in SPLIT_NAMES if not by_split[split]]
+    empty = [split for split in SPLIT_NAMES[:3] if not by_split[split]]
     if empty:  # TFDS cannot write an empty split.
       logging.warning('image_cases from %s: no images in split(s) %s; they are '
                       'left out.', table.path, ', '.join(empty))
     store = self.image_store(channels=config.channels)
+    finder = common.CaseBlindFinder()
     return {
-        split: self._generate_examples(by_split[split], split, store, table.path)
+        split: self._generate_examples(by_split[split], split, store, table.path, finder)
         for split in SPLIT_NAMES if by_split[split]
     }
 
   def _generate_examples(self, cases: Sequence[Case], split: str,
-                         store: common.ImageStore, cases_path: str):
+                         store: common.ImageStore, cases_path: str,
+                         finder: common.CaseBlindFinder):
     config = self.builder_config
     index = {name: i for i, name in enumerate(config.class_names)}
     converted = self.info.metadata.get('gray_converted_images')
-    def load(case):  # on a worker thread: Failed, or (stored bytes, whether colour)
-      where = f'{cases_path} line {case.line}'
+    def load(case):  # on a worker thread: Failed, or (stored bytes, whether colour, file)
+      where, file = f'{cases_path} line {case.line}', finder.find(case.file)
       if config.channels == 1:
-        return store.try_load_gray(case.file, where=where)
-      image = store.try_load(case.file, where=where)
-      return image if isinstance(image, common.Failed) else (image, False)
+        loaded = store.try_load_gray(file, where=where)
+      else:
+        loaded = store.try_load(file, where=where)
+        loaded = loaded if isinstance(loaded, common.Failed) else (loaded, False)
+      return loaded if isinstance(loaded, common.Failed) else loaded + (file,)
 
-    for case, (image, colour) in store.each(cases, load, split=split,
-                                            what=f'image_cases {split}'):
+    other_case = []
+    for case, (image, colour, file) in store.each(cases, load, split=split,
+                                                  what=f'image_cases {split}'):
       where = f'{cases_path} line {case.line}'
+      if file != case.file:
+        other_case.append((where, file))
       if colour:
         logging.warning('%s (%s) is a colour image; the set is stored gray (its first '
                         'images are), so it is stored as gray (luma)', case.file, where)
@@ -419,12 +484,18 @@ class ImageCases(common.ImageBuilder):
       example = {'image': image, 'image_id': case.path, 'case_id': case.case_id}
       if config.multi_label:
         labels = np.zeros(len(config.class_names), dtype=np.float32)
+        if not case.labeled:
+          labels[:] = np.nan
         for name in case.labels:
           labels[index[name]] = 1.0
         example['labels'] = labels
       else:
-        example['label'] = case.labels[0]
+        example['label'] = case.labels[0] if case.labeled else -1
       yield case.path, example
+    if other_case:
+      logging.warning('image_cases %s: %d image file(s) found only with letter case '
+                      'ignored (first: %s, read from %s); correct cases.csv to silence this',
+                      split, len(other_case), *other_case[0])
 
 
 def _is_size_name(name: str) -> bool:
@@ -445,25 +516,46 @@ def _parse_row(row: common.Row, path: str, manual_dir: str, *,
     raise DataError(f'{where}: empty path')
   if not case_id:
     raise DataError(f'{where}: empty case_id')
-  if multi_label:
-    text = row.get('labels')
+  text = row.get('split') if has_split else ''
+  hashed = not text
+  split = common.hash_split(case_id) if hashed else SPLIT_ALIASES.get(text.lower())
+  if split is None:
+    raise DataError(f'{where}: unknown split {text!r}; expected train, validation (or '
+                    f'val, valid), test, {UNLABELED}, or empty (by case hash)')
+  column = 'labels' if multi_label else 'label'
+  text = row.get(column)
+  if split == UNLABELED:
+    if text:
+      raise DataError(f'{where}: {column} {text!r} on a row of split {UNLABELED}; leave '
+                      f'{column} empty for an image without a label, or give the row '
+                      'another split')
+    labels = ()
+  elif multi_label:
     labels = tuple(name.strip() for name in text.split('|')) if text else ()
     if not all(labels):
       raise DataError(f'{where}: empty class name in labels {text!r}')
     labels = tuple(sorted(set(labels)))
   else:
-    label = row.get('label')
-    if not label:
-      raise DataError(f'{where}: empty label')
-    labels = (label,)
-  if has_split:
-    text = row.get('split')
-    split = SPLIT_ALIASES.get(text.lower())
-    if split is None:
-      raise DataError(f'{where}: unknown split {text!r}; expected train, '
-                      'validation (or val, valid) or test')
-  else:
-    split = common.hash_split(case_id)
-  file = os.path.normpath(os.path.join(manual_dir, image_path))
-  return Case(line=row.line, path=image_path, file=file, case_id=case_id,
-              labels=labels, split=split)
+    if not text:
+      raise DataError(f'{where}: empty label (an image without a label goes in split '
+                      f'{UNLABELED})')
+    labels = (text,)
+  return Case(line=row.line, path=image_path, file=_file_of(image_path, manual_dir, where),
+              case_id=case_id, labels=labels, split=split, hashed=hashed)
+
+
+def _file_of(image_path: str, manual_dir: str, where: str) -> str:
+  """The file a cases.csv path names: `~` expanded, relative to manual_dir, normalised;
+  on a system whose separator is `/`, a `\\` separates folders too unless a file has
+  that very name.
+
+  Raises:
+    DataError: a Windows drive path (`C:\\...`) on another system.
+  """
+  file = os.path.normpath(os.path.join(manual_dir, os.path.expanduser(image_path)))
+  if os.sep == '/' and '\\' in image_path and not os.path.exists(file):
+    if _WINDOWS_DRIVE_RE.match(image_path):
+      raise DataError(f'{where}: {image_path} is a Windows path; give paths relative to '
+                      'manual_dir (or absolute on this machine)')
+    file = os.path.normpath(os.path.join(manual_dir, image_path.replace('\\', '/')))
+  return file
