@@ -26,7 +26,6 @@ set aside by a rebuild killed before the new one took its place is put back.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging as std_logging
 import os
 import shutil
@@ -37,6 +36,7 @@ from typing import Sequence
 from absl import logging
 import tensorflow_datasets as tfds
 
+from bigssl_med import staging as staging_lib
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
 import tfds_builders
@@ -92,9 +92,9 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
     return version_dir
 
   os.makedirs(data_dir, exist_ok=True)
-  _remove_dead_staging(data_dir, base)
+  staging_lib.remove_dead(data_dir, f'.build-{base}-', 'a build')
   staging = tempfile.mkdtemp(prefix=f'.build-{base}-', dir=data_dir)
-  lock = _lock(staging)
+  lock = staging_lib.hold(staging)
   try:
     builder = builder_cls(data_dir=staging, config=config,
                           file_format='array_record',
@@ -227,37 +227,6 @@ def _check_unchanged(builder_cls, version_dir: str, manual_dir: str | None) -> N
   given the raw files)."""
   if builder_cls is not None and manual_dir:
     builder_cls.check_unchanged(version_dir, manual_dir)
-
-
-_LOCK_FILE = '.lock'
-
-
-def _lock(staging: str):
-  """An exclusive lock on `staging`, held while the build runs (None where the file
-  system has no locks): a staging directory whose lock is free was left by a build
-  that died."""
-  handle = open(os.path.join(staging, _LOCK_FILE), 'w')  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except OSError:
-    handle.close()
-    return None
-  return handle
-
-
-def _remove_dead_staging(data_dir: str, base: str) -> None:
-  """Removes the staging directories of builds of `base` that died (lock free)."""
-  for entry in os.listdir(data_dir):
-    path = os.path.join(data_dir, entry)
-    if not entry.startswith(f'.build-{base}-') or not os.path.isdir(path):
-      continue
-    try:
-      with open(os.path.join(path, _LOCK_FILE), 'a') as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: its build is gone
-    except OSError:  # a live build holds it, or no lock to take: left alone
-      continue
-    logging.info('Removing %s, left by a build that stopped before it finished', path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _move_into_place(built_dir: str, version_dir: str) -> None:

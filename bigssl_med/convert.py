@@ -62,6 +62,7 @@ import ml_dtypes
 import numpy as np
 
 from bigssl_med import checkpointing, config_schema, files, models
+from bigssl_med import staging as staging_lib
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, UserError
 from bigssl_med.models import heads, resnet
@@ -692,7 +693,9 @@ def write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[st
   Refuses a workdir that already holds checkpoints or a config.json, or any other
   file: nothing there is overwritten. Both are written into a folder beside the
   workdir, which then takes its name, so an import cut off half-way leaves no
-  checkpoint without the config that describes it. Returns the checkpoint item's path.
+  checkpoint without the config that describes it; such a folder, left by an import that
+  was killed, is removed by the next import into the same workdir. Returns the checkpoint
+  item's path.
   """
   workdir = os.path.abspath(workdir)
   if (os.path.isdir(os.path.join(workdir, 'checkpoints'))
@@ -705,7 +708,10 @@ def write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[st
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   parent = os.path.dirname(workdir)
   os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(workdir)}.import-', dir=parent)
+  prefix = f'.{os.path.basename(workdir)}.import-'
+  staging_lib.remove_dead(parent, prefix, 'an import')
+  staging = tempfile.mkdtemp(prefix=prefix, dir=parent)
+  lock = staging_lib.hold(staging)
   try:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(staging, 'checkpoints', '0', 'model'),
@@ -718,8 +724,12 @@ def write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[st
     files.usual_mode(staging, folder=True)
     if os.path.isdir(workdir):
       os.rmdir(workdir)  # empty (checked above)
+    staging_lib.release(staging, lock)
+    lock = None
     os.rename(staging, workdir)
   finally:
+    if lock is not None:
+      lock.close()
     shutil.rmtree(staging, ignore_errors=True)
   return os.path.join(workdir, 'checkpoints', '0', 'model')
 

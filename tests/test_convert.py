@@ -7,6 +7,7 @@ here with TensorFlow's name-based saver op, under SimCLR's variable names.
 """
 
 import collections
+import fcntl
 import json
 import logging
 import os
@@ -413,6 +414,24 @@ def test_an_import_cut_off_before_its_config_leaves_no_workdir(tmp_path, monkeyp
   (tmp_path / 'notes' / 'README').write_text('mine')
   with pytest.raises(CheckpointError, match='exists and is not an empty folder'):
     convert.write_workdir(os.fspath(tmp_path / 'notes'), variables, model_config, {})
+
+
+def test_staging_left_by_a_killed_import_is_removed_and_a_live_one_kept(tmp_path):
+  variables, model_config = convert.load(os.path.join(DATA, 'torchvision_r18_w32.pth'))
+  dead, live = tmp_path / '.imported.import-dead', tmp_path / '.imported.import-live'
+  for staging in (dead, live):  # what SIGKILL leaves: no finally ran
+    (staging / 'checkpoints' / '0').mkdir(parents=True)
+    (staging / '.lock').touch()
+  other = tmp_path / '.other.import-dead'
+  other.mkdir()
+  (other / '.lock').touch()
+  with open(live / '.lock', 'r+') as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # an import still running
+    convert.write_workdir(os.fspath(tmp_path / 'imported'), variables, model_config, {})
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      '.imported.import-live', '.other.import-dead', 'imported']
+  assert sorted(p.name for p in (tmp_path / 'imported').iterdir()) == [
+      'checkpoints', 'config.json']  # no lock file arrives with the import
 
 
 def test_an_import_of_an_earlier_convert_is_refused_by_init_from(tmp_path):
