@@ -71,6 +71,17 @@ def test_decode_16_bit_png_is_scaled_to_8_bits():
   np.testing.assert_array_equal(out[..., 0], [[0, 1, 255, 128]])
 
 
+def test_a_16_bit_image_of_12_bit_values_is_a_warning(caplog):
+  raw = np.array([[0, 1000, 4095, 2048]], dtype=np.uint16)  # raw DICOM values
+  with caplog.at_level('WARNING'):
+    out = host_ops.decode_image(_encode(raw), channels=1, name='cxr/0001.png')
+    host_ops.decode_image(_encode(raw * 16), channels=1, name='cxr/0002.png')  # scaled up
+  np.testing.assert_array_equal(out[..., 0], [[0, 4, 16, 8]])  # as PNG defines: dark
+  assert ('cxr/0001.png: a 16-bit image whose values reach only 4095 (12 bits or fewer)'
+          in caplog.text)
+  assert 'cxr/0002.png' not in caplog.text
+
+
 def test_decode_rgba_drops_alpha():
   rgba = np.concatenate([_rgb(), np.full((32, 40, 1), 7, np.uint8)], -1)
   np.testing.assert_array_equal(host_ops.decode_image(_encode(rgba)), _rgb())

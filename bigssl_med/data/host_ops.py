@@ -17,6 +17,7 @@ import contextlib
 import io
 import math
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -31,6 +32,8 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
 # TensorFlow's decode_png(dtype=uint8) does (65535 -> 255).
 _WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 _GRAY_MODES = ('1', 'L', 'LA', 'La') + _WIDE_GRAY_MODES
+# Wide images whose values stay below this hold raw 12-bit (or narrower) data.
+_TWELVE_BITS = 4096
 
 
 # ----------------------------------------------------------------------------
@@ -59,7 +62,7 @@ def decode_image(data, *, channels=3, name=''):
   _check_channels(channels)
   with _decoding(name):
     image = _open(data)
-    return _to_array(_as_8bit(image, channels), channels)
+    return _to_array(_as_8bit(image, channels, name), channels)
 
 
 def decode_pil(data, *, channels=None, name=''):
@@ -85,7 +88,7 @@ def decode_pil(data, *, channels=None, name=''):
     image = _open(data)
     image_format = image.format
     image.load()
-    image = _as_8bit(image, channels or 3)
+    image = _as_8bit(image, channels or 3, name)
     if channels == 3 and image.mode != 'RGB':
       image = image.convert('RGB')
   return image, image_format
@@ -333,17 +336,27 @@ def _open(data_or_pil):
                   f'{type(data_or_pil).__name__}')
 
 
-def _as_8bit(image, channels):
+def _as_8bit(image, channels, name=''):
   """The image in mode 'L' or 'RGB' ('L' kept for gray, even if channels=3).
 
   Gray stays one channel until `_to_array`, so that resizing costs a third. A
   floating-point image has no range to scale from: an error (`_decoding` names it).
+  A 16-bit image whose values all fit in 12 bits (raw DICOM values, which a 16-bit PNG
+  should hold scaled up) comes out nearly black: a warning names it (`name`), for the
+  first few such images of a process.
   """
   if image.mode == 'F':
     raise ValueError('a 32-bit floating-point image has no defined 8-bit range; store it '
                      'as 8- or 16-bit')
   if image.mode in _WIDE_GRAY_MODES:
     wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    top = int(wide.max(initial=0))
+    if 0 < top < _TWELVE_BITS:
+      logging.log_first_n(
+          logging.WARNING, '%s: a 16-bit image whose values reach only %d (12 bits or '
+          'fewer) is scaled by 65535, as 16-bit PNG defines, and comes out nearly black; '
+          'if it holds raw DICOM values, scale them to the 16-bit range first', 5,
+          name or 'an image', top)
     return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
   if image.mode == 'L':
     return image
