@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from bigssl_med.data import splits
 from bigssl_med.errors import ConfigError
 
 
@@ -387,6 +388,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = values.get(name)
     if value is not None and value <= 0:
       raise ConfigError(f'config.{name} must be positive, got {value!r}')
+  _check_unlabeled_splits(config.trainer, values)
+
+
+def _check_unlabeled_splits(trainer: str, values: Mapping[str, Any]) -> None:
+  """Fails where a split of images without labels (`unlabeled`) is used for labels.
+
+  Pretraining may train on it, though not with the probe alone; a distillation student
+  may train on it (it learns from its teacher) unless the validation cases are held out
+  of its training split; every other use trains on labels or evaluates.
+  """
+  if trainer == 'pretrain':
+    split = values['data.train_split']
+    if values['probe'] and splits.only_unlabeled(split):
+      raise ConfigError(f'config.probe learns from labels, but config.data.train_split='
+                        f'{split!r} has none: set config.probe=False, or add labeled images '
+                        f'(train+{splits.UNLABELED})')
+    return
+  keys = ['data.train_split', 'data.eval_split', 'data.test_split']
+  if trainer == 'distill' and not values.get('data.holdout'):
+    keys.remove('data.train_split')
+  if values.get('shift.dataset'):
+    keys.append('shift.split')
+  for key in keys:
+    split = values.get(key)
+    if isinstance(split, str) and splits.has_unlabeled(split):
+      raise ConfigError(f'config.{key}={split!r} takes in split {splits.UNLABELED}, whose '
+                        'images have no labels: training on labels and evaluation need '
+                        'labeled splits (unlabeled images serve pretraining and distillation)')
 
 
 # Keys that divide a step count or size an image: 0 or less is never meant.

@@ -20,8 +20,8 @@ def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
 
   `batch['views']` is uint8 `[B, 2, S, S, C]`; the two views of row i are interleaved
   into one `[2B, ...]` forward pass (BatchNorm sees both views, as in SimCLR). With a
-  linear probe, `batch['label']` is int `[B]`; a label of -1 (an unlabeled image) is
-  left out of the probe's loss and accuracy.
+  linear probe, `batch['label']` is int `[B, 2]`, the label of each view's image; a label
+  of -1 (an unlabeled image) is left out of the probe's loss and accuracy.
   """
 
   def train_step(state, batch, key):
@@ -41,7 +41,7 @@ def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
                  'contrastive_accuracy': losses.contrastive_accuracy(logits_ab)}
       total = loss
       if logits is not None:
-        labels = jnp.repeat(batch['label'], 2)
+        labels = batch['label'].reshape(2 * b)
         labeled = labels >= 0
         count = jnp.maximum(jnp.sum(labeled), 1)
         per_image = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))

@@ -12,7 +12,10 @@ label names, and `best/` holds the weights of the model selected on validation.
 * a folder, searched recursively for `.jpg`, `.jpeg`, `.png`, `.bmp`, `.tif` and
   `.tiff` files (any case; hidden files and folders are skipped), in sorted order, or
 * a CSV (or tab-separated) file with a `path` column; relative paths are relative to
-  the CSV's folder, and every other column is copied to the output.
+  the CSV's folder, and every other column is copied to the output. Paths are read as
+  `image_cases` reads its list: `~` is the home directory, `\\` separates folders as
+  `/` does, and a file named only letter case aside (`a.jpg` for `A.JPG`) is read, with
+  a warning.
 
 Images are preprocessed as the run's test images were: made what the data set
 stores (gray or RGB, the longest side at most its `max_side`; results.json
@@ -233,17 +236,24 @@ def _csv_images(path: str) -> tuple[list[Item], list[str]]:
   columns, rows = common.read_table(path, (PATH_COLUMN,))
   extra = [c for c in dict.fromkeys(columns) if c and c != PATH_COLUMN]
   base = os.path.dirname(path)
-  items = []
+  items, finder, other_case = [], common.CaseBlindFinder(), []
   for row in rows:
     value = row.get(PATH_COLUMN)
     if not value:
       raise DataError(f'{row.where(path)}: empty {PATH_COLUMN}')
     values = row.values
-    items.append(Item(path=value, file=os.path.join(base, os.path.expanduser(value)),
-                      where=row.where(path),
+    listed = common.listed_file(value, base, row.where(path))
+    file = finder.find(listed)
+    if file != listed:
+      other_case.append((row.where(path), file))
+    items.append(Item(path=value, file=file, where=row.where(path),
                       columns=tuple((c, values.get(c, '')) for c in extra)))
   if not items:
     raise DataError(f'{path}: no rows after the header')
+  if other_case:
+    logging.warning('%d image file(s) found only with letter case ignored (first: %s, read '
+                    'from %s); correct %s to silence this', len(other_case), *other_case[0],
+                    path)
   return items, extra
 
 

@@ -121,6 +121,14 @@ def test_second_run_returns_the_results_without_retraining(finetuned, colours):
     finetune.train_and_evaluate(changed, os.fspath(workdir))
 
 
+def test_a_relative_workdir(colours, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  results = finetune.train_and_evaluate(tiny_config(colours, total_steps=4, eval_every_steps=2),
+                                        os.path.join('runs', 'relative'))
+  assert results['step'] in (2, 4)
+  assert (tmp_path / 'runs' / 'relative' / 'best').is_dir()
+
+
 def test_early_stopping_stops_and_tests_the_best(colours, tmp_path):
   cfg = tiny_config(colours, total_steps=200, eval_every_steps=4, early_stopping_patience=2,
                     **{'optimizer.learning_rate': 0.0})  # nothing improves after step 4
@@ -209,14 +217,16 @@ def test_micle_on_one_image_per_case_is_a_warning(colours, tmp_path, caplog):
           'is two views of one image, as in SimCLR') in caplog.text
 
 
-@pytest.mark.parametrize('trainer,key', [('finetune', 'train_split'),
-                                         ('linear_eval', 'eval_split'),
-                                         ('distill', 'test_split')])
+@pytest.mark.parametrize('trainer,key', [('finetune', 'data.train_split'),
+                                         ('linear_eval', 'data.eval_split'),
+                                         ('distill', 'data.test_split'),
+                                         ('finetune', 'shift.split')])
 def test_a_split_of_unlabeled_images_is_refused_where_labels_count(colours, tmp_path, trainer,
                                                                     key):
   workdir = tmp_path / 'work'
-  config = tiny_config(colours, trainer=trainer, **{f'data.{key}': 'train+unlabeled'})
-  with pytest.raises(ConfigError, match=rf"^config.data.{key}='train\+unlabeled' takes in "
+  config = tiny_config(colours, trainer=trainer, **{key: 'train+unlabeled',
+                                                    'shift.dataset': 'image_cases/colours'})
+  with pytest.raises(ConfigError, match=rf"^config.{key}='train\+unlabeled' takes in "
                                         r'split unlabeled, whose images have no labels'):
     finetune.train_and_evaluate(config, os.fspath(workdir))
   assert not workdir.exists()

@@ -576,6 +576,7 @@ def test_backslash_paths_tilde_and_letter_case_find_their_files(tmp_path, monkey
   monkeypatch.setenv('HOME', os.fspath(tmp_path / 'home'))
   written = {'img\\p1\\a.png': root / 'img' / 'p1' / 'a.png',
              '~/photos/b.png': tmp_path / 'home' / 'photos' / 'b.png',
+             '~\\photos\\f.png': tmp_path / 'home' / 'photos' / 'f.png',
              'img/p2/c.jpg': root / 'img' / 'p2' / 'C.JPG',
              'IMG/P2/d.png': root / 'img' / 'p2' / 'd.png',
              'img/p3/e.png': root / 'img' / 'p3' / 'e.png'}
@@ -592,7 +593,22 @@ def test_backslash_paths_tilde_and_letter_case_find_their_files(tmp_path, monkey
   for path, file in written.items():
     assert records[path]['image'] == file.read_bytes()
   assert re.search(r'image_cases train: 2 image file\(s\) found only with letter case ignored '
-                   r'\(first: .*cases.csv line 4, read from .*C.JPG\)', caplog.text)
+                   r'\(first: .*cases.csv line 5, read from .*C.JPG\)', caplog.text)
+
+
+def test_one_file_listed_twice_in_other_letter_case_is_an_error(tmp_path):
+  root = tmp_path / 'mine'
+  write_image(root / 'img' / 'A.png')
+  write_image(root / 'img' / 'b.png', seed=1)
+  path = write_cases(root, [
+      {'path': 'img/A.png', 'case_id': 'p', 'label': 'x', 'split': 'train'},
+      {'path': 'img/b.png', 'case_id': 'q', 'label': 'y', 'split': 'train'},
+      {'path': 'img/a.png', 'case_id': 'r', 'label': 'x', 'split': 'test'}])  # A.png again
+  with pytest.raises(DataError) as excinfo:
+    _build(root, tmp_path / 'data')
+  _assert_one_line_error(excinfo, f'{path} line 4: image img/a.png is the file of {path} line 2',
+                         'other letter case')
+  assert not (tmp_path / 'data' / NAME).exists()
 
 
 def test_names_matching_two_files_letter_case_aside_are_not_guessed(tmp_path):
@@ -607,12 +623,13 @@ def test_names_matching_two_files_letter_case_aside_are_not_guessed(tmp_path):
   _assert_one_line_error(excinfo, f'{path} line 2', 'not found', root / 'a.png')
 
 
-def test_a_windows_drive_path_is_an_error_naming_the_line(tmp_path):
+@pytest.mark.parametrize('listed', ['C:\\derm\\a.jpg', 'c:/derm/a.jpg'])
+def test_a_windows_drive_path_is_an_error_naming_the_line(tmp_path, listed):
   root = tmp_path / 'mine'
-  path = write_cases(root, [{'path': 'C:\\derm\\a.jpg', 'case_id': 'p', 'label': 'x'}])
+  path = write_cases(root, [{'path': listed, 'case_id': 'p', 'label': 'x'}])
   with pytest.raises(DataError) as excinfo:
     image_cases.read_cases(os.fspath(root))
-  _assert_one_line_error(excinfo, f'{path} line 2', 'C:\\derm\\a.jpg is a Windows path')
+  _assert_one_line_error(excinfo, f'{path} line 2', f'{listed} is a Windows path')
 
 
 # Unlabeled images.

@@ -52,6 +52,7 @@ def _batches(ds, n):
 
 def test_micle_batches_hold_each_case_once_and_pair_distinct_images():
   source, groups = _source_and_groups(CASE_SIZES)
+  source = [dict(example, label=r % 3) for r, example in enumerate(source)]  # per image
   case_of = {int(r): c for c, g in enumerate(groups) for r in g}
   ds = pipeline.pair_dataset(source, groups, SPEC, global_batch=8, host_index=0, host_count=1,
                              seed=0, num_workers=0)
@@ -67,7 +68,7 @@ def test_micle_batches_hold_each_case_once_and_pair_distinct_images():
         assert a != b, 'a case with several images must pair two different images'
       else:
         assert a == b
-    np.testing.assert_array_equal(batch['label'], [c % 3 for c in cases])
+    np.testing.assert_array_equal(batch['label'], [[a % 3, b % 3] for a, b in records])
     seen_cases.update(cases)
   assert len(seen_cases) == 20
 

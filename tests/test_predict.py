@@ -14,7 +14,7 @@ import pytest
 
 from bigssl_med import build_data, predict, supervised
 from bigssl_med.data import host_ops, sources
-from bigssl_med.errors import CheckpointError, ConfigError
+from bigssl_med.errors import CheckpointError, ConfigError, DataError
 from bigssl_med.trainers import finetune
 from test_finetune import _write_colour_cases, tiny_config
 
@@ -160,6 +160,26 @@ def test_bad_images_name_the_file_and_line_unless_skipped(run, tmp_path, capsys,
   assert predict.main(args) == 2
   assert capsys.readouterr().err.startswith(
       f'error: {listing} line 2: cannot decode image {broken}')
+
+
+def test_a_csv_made_on_windows_finds_its_files(tmp_path, caplog):
+  files = [tmp_path / 'scans' / 'p1' / 'a.png', tmp_path / 'scans' / 'P2' / 'B.PNG']
+  for file in files:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_bytes(b'')
+  listing = _write_csv(tmp_path / 'list.csv', ['path', 'note'],
+                       [['scans\\p1\\a.png', 'x'], ['scans/p2/b.png', 'y']])
+  with caplog.at_level('WARNING'):
+    items, extra = predict.list_images(str(listing))
+  assert [(i.path, i.file, i.columns) for i in items] == [
+      ('scans\\p1\\a.png', str(files[0]), (('note', 'x'),)),
+      ('scans/p2/b.png', str(files[1]), (('note', 'y'),))]
+  assert extra == ['note']
+  assert (f'1 image file(s) found only with letter case ignored (first: {listing} line 3, '
+          f'read from {files[1]})') in caplog.text
+  _write_csv(listing, ['path'], [['D:\\scans\\a.png']])
+  with pytest.raises(DataError, match=r'line 2: D:\\scans\\a.png is a Windows path'):
+    predict.list_images(str(listing))
 
 
 def test_csv_errors(run, tmp_path, capsys):

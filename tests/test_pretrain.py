@@ -96,7 +96,7 @@ def _two_steps(num_devices, fast=False):
   """Losses and model variables after two train steps on `num_devices` devices."""
   rng = np.random.default_rng(0)
   batches = [{'views': rng.integers(0, 256, (16, 2, 16, 16, 3), dtype=np.uint8),
-              'label': rng.integers(0, 3, (16,)).astype(np.int32)} for _ in range(2)]
+              'label': rng.integers(0, 3, (16, 2)).astype(np.int32)} for _ in range(2)]
   mesh = parallel.data_mesh(jax.devices()[:num_devices])
   state, step, data, _ = _step_setup(mesh, fast=fast)
   losses = []
@@ -131,8 +131,9 @@ def test_the_probe_leaves_unlabeled_images_out_of_its_loss_and_accuracy():
   state, step, data, model = _step_setup(mesh)
   rng = np.random.default_rng(1)
   views = rng.integers(0, 256, (16, 2, 16, 16, 3), dtype=np.uint8)
-  labels = rng.integers(0, 3, (16,)).astype(np.int32)
-  labels[::3] = -1  # unlabeled images (image_cases split unlabeled)
+  labels = rng.integers(0, 3, (16, 2)).astype(np.int32)  # each view's image's label
+  labels[::3, 0] = -1  # unlabeled images (image_cases split unlabeled)
+  labels[1::4, 1] = -1
   key = jax.random.key(7)
   variables = jax.device_get(state['model'])
   _, metrics = step(state, jax.device_put({'views': views, 'label': labels}, data), key)
@@ -140,7 +141,7 @@ def test_the_probe_leaves_unlabeled_images_out_of_its_loss_and_accuracy():
   images = augment.simclr_augment(jax.random.fold_in(key, 0), views.reshape(32, 16, 16, 3))
   (_, _, logits), _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
   logits = np.asarray(logits, np.float64)
-  targets = np.repeat(labels, 2)
+  targets = labels.reshape(32)
   kept = targets >= 0
   log_p = logits - logits.max(-1, keepdims=True)
   log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
@@ -151,9 +152,18 @@ def test_the_probe_leaves_unlabeled_images_out_of_its_loss_and_accuracy():
 
   _, images_step = contrastive.make_eval_steps(model, augment_views=augment.simclr_augment,
                                                temperature=0.1)
-  batch = {'image': views[:, 0], 'label': labels, 'mask': np.arange(16) < 12}
+  batch = {'image': views[:, 0], 'label': labels[:, 0], 'mask': np.arange(16) < 12}
   counts = images_step(variables, batch)
   assert int(counts['count']) == 8  # 12 real images, 4 of them unlabeled
+
+
+def test_the_probe_needs_labeled_images(tmp_path):
+  config = tiny_config(os.fspath(tmp_path / 'data'), dataset='image_cases/mine',
+                       **{'data.train_split': 'unlabeled'})
+  with pytest.raises(ConfigError, match=r"^config.probe learns from labels, but "
+                                        r"config.data.train_split='unlabeled' has none"):
+    pretrain.train_and_evaluate(config, os.fspath(tmp_path / 'work'))
+  assert not (tmp_path / 'work').exists()
 
 
 def test_run_writes_the_workdir_contract(trained):
@@ -457,7 +467,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(trained, tmp_path, d
   assert sorted(os.listdir(copy / 'checkpoints')) == ['2', '4']  # nothing removed
 
 
-def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path):
+def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path, caplog):
   """MICLe over the NIH sample's patients, built by `image_cases` (grayscale), a quarter of
   the images unlabeled: pretraining on train+unlabeled, the probe on the labeled ones."""
   sample = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / (
@@ -488,3 +498,10 @@ def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path):
   assert results['step'] == 2
   assert np.isfinite(results['validation']['contrastive_loss'])
   assert 0.0 <= results['validation']['probe_top1'] <= 1.0
+  # Evaluated on images without labels: contrastive metrics, and no probe top-1.
+  cfg.data.eval_split = 'unlabeled'
+  with caplog.at_level('WARNING'):
+    results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'work_unlabeled'))
+  assert np.isfinite(results['unlabeled']['contrastive_loss'])
+  assert np.isnan(results['unlabeled']['probe_top1'])
+  assert 'image_cases/nih_sample/unlabeled has no labeled image: no probe top-1' in caplog.text

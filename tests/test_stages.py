@@ -48,6 +48,11 @@ def test_stage_configs_are_validated_by_their_trainers():
   with pytest.raises(ConfigError, match="config.stages.micle: config key 'model.dropout' is not "
                                         "used by trainer 'finetune'"):
     config_schema.validate(config)
+  config = _demo_config()  # a later stage's split of unlabeled images: before any stage runs
+  config.stages.micle.data.train_split = 'train+unlabeled'
+  with pytest.raises(ConfigError, match=r"config.stages.micle: config.data.train_split="
+                                        r"'train\+unlabeled' takes in split unlabeled"):
+    config_schema.validate(config)
 
 
 def test_demo_runs_every_stage_on_the_real_ham10000(ham10000_data_dir, tmp_path_factory):

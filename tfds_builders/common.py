@@ -51,6 +51,7 @@ from bigssl_med.errors import DataError
 
 ORIGINAL = 'original'
 _SIDE_RE = re.compile(r'^side(?P<side>[1-9][0-9]*)$')
+_WINDOWS_DRIVE_RE = re.compile(r'^[A-Za-z]:[\\/]')
 _JPEG_QUALITY = 95
 _MIN_SIDE = 8
 
@@ -514,6 +515,25 @@ def in_order(fn: Callable[[Any], Any], items: Iterable[Any], *,
       yield first, future.result()
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
+
+
+def listed_file(listed: str, root: str, where: str) -> str:
+  """The file that a path listed in a table names: `~` expanded, relative to `root`,
+  normalised. Where the separator is `/`, a `\\` separates folders too (a list made on
+  Windows), unless a file has that very name.
+
+  Raises:
+    DataError: a Windows drive path (`C:\\...`) where there are none (names `where`).
+  """
+  file = os.path.normpath(os.path.join(root, os.path.expanduser(listed)))
+  if os.sep == '/' and ('\\' in listed or _WINDOWS_DRIVE_RE.match(listed)):
+    if os.path.lexists(file):
+      return file
+    if _WINDOWS_DRIVE_RE.match(listed):
+      raise DataError(f'{where}: {listed} is a Windows path; give paths relative to the '
+                      "list's folder (or absolute on this machine)")
+    file = os.path.normpath(os.path.join(root, os.path.expanduser(listed.replace('\\', '/'))))
+  return file
 
 
 class CaseBlindFinder:

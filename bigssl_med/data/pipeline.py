@@ -141,7 +141,9 @@ class TrainPositions(grain.MapDataset):
 
 
 class _LoadPair(grain.transforms.Map):
-  """`(unit, position)` -> `{'views': uint8 [2, S, S, C], 'label'?}`."""
+  """`(unit, position)` -> `{'views': uint8 [2, S, S, C], 'label'?: int32 [2]}`: each
+  view's own image's label (MICLe pairs two images, which may differ in label, or lack
+  one: -1)."""
 
   def __init__(self, source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, seed: int,
                name: str):
@@ -164,7 +166,9 @@ class _LoadPair(grain.transforms.Map):
     views = [self._view(rng, ex, record) for ex, record in ((ex1, first), (ex2, second))]
     out = {'views': np.stack(views)}
     if self._spec.label_key:
-      out['label'] = np.int32(_label(ex1, self._spec.label_key, f'{self._name} record {first}'))
+      out['label'] = np.asarray(
+          [_label(ex, self._spec.label_key, f'{self._name} record {record}')
+           for ex, record in ((ex1, first), (ex2, second))], np.int32)
     return out
 
   def _view(self, rng, example, record):
@@ -183,7 +187,7 @@ def pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpec, *,
                  global_batch: int,
                  host_index: int, host_count: int, seed: int, num_workers: int,
                  name: str = 'data', start_batch: int = 0) -> grain.IterDataset:
-  """Endless batches `{'views': uint8 [b, 2, S, S, C], 'label'?: int32 [b]}` for this host.
+  """Endless batches `{'views': uint8 [b, 2, S, S, C], 'label'?: int32 [b, 2]}` for this host.
 
   Args:
     source: random-access records with encoded `image` bytes (a TFDS data source).

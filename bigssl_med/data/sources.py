@@ -24,14 +24,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bigssl_med import files
-from bigssl_med.errors import ConfigError, DataError
+from bigssl_med.data import splits
+from bigssl_med.errors import DataError
 import tfds_builders
 
 CASE_INDEX_FILE = 'case_index.json'
 CASE_INDEX_FORMAT_VERSION = 1
 _SCAN_CHUNK = 1024
-# The split of images without labels (image_cases), for pretraining and distillation.
-UNLABELED_SPLIT = 'unlabeled'
 
 
 def build_command(name: str, data_dir: str) -> str:
@@ -200,7 +199,7 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   path = os.path.join(version_dir, CASE_INDEX_FILE)
   if '[' not in split and os.path.exists(path):
     case_ids = []
-    for part in split_parts(split):
+    for part in splits.parts(split):
       num_records = builder.info.splits[part].num_examples
       case_ids += _read_case_ids(path, name, part, num_records, data_dir)
   else:
@@ -315,26 +314,8 @@ def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
   return tfds.builder_from_directory(find_version_dir(name, data_dir))
 
 
-def split_parts(split: str) -> list[str]:
-  """The splits a split string names, slices left off: `'train[:10%]+unlabeled'` gives
-  `['train', 'unlabeled']`."""
-  return [part.split('[', 1)[0].strip() for part in split.split('+')]
-
-
-def check_labeled(split: str, what: str) -> None:
-  """Fails when `split` takes in the `unlabeled` split, whose images have no labels.
-
-  Raises:
-    ConfigError: naming `what` (the config key) and `split`.
-  """
-  if UNLABELED_SPLIT in split_parts(split):
-    raise ConfigError(f'{what}={split!r} takes in split {UNLABELED_SPLIT}, whose images have '
-                      'no labels: training on labels and evaluation need labeled splits '
-                      '(unlabeled images serve pretraining and distillation)')
-
-
 def _check_split(info: tfds.core.DatasetInfo, name: str, split: str) -> None:
-  for base in split_parts(split):
+  for base in splits.parts(split):
     if base not in info.splits:
       available = ', '.join(sorted(info.splits)) or 'none'
       raise DataError(f'data set {name} has no split {base!r}; available splits: '

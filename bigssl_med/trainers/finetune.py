@@ -260,11 +260,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.trainer not in TRAINER_NAMES:
     raise ConfigError(f'config.trainer={config.trainer!r} is not one of {TRAINER_NAMES}')
   distill = config.trainer == 'distill'
-  # A student learns from its teacher: its training split may hold unlabeled images, unless
-  # the validation cases are held out of it.
-  for key in ('eval_split', 'test_split') + (
-      () if distill and not config.data.holdout else ('train_split',)):
-    sources.check_labeled(config.data[key], f'config.data.{key}')
   workdir_lib.start(workdir, config)
   results_path = os.path.join(workdir, 'results.json')
   previous = workdir_lib.finished_results(workdir, config)

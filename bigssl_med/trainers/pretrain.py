@@ -153,7 +153,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for batch, _ in pipeline.device_prefetch(iter(images), to_device):
         m = images_step(variables, batch)
         correct, count = correct + float(m['correct']), count + float(m['count'])
-      results['probe_top1'] = correct / max(count, 1.0)
+      if not count:
+        logging.warning('%s has no labeled image: no probe top-1', name)
+      results['probe_top1'] = correct / count if count else float('nan')
     return results
 
   # ---------------------------------------------------------------- Loop.

@@ -81,12 +81,13 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from bigssl_med.data import splits
 from bigssl_med.errors import DataError
 from tfds_builders import common
 
 CASES_FILE = 'cases.csv'
 REQUIRED_COLUMNS = ('path', 'case_id')
-UNLABELED = 'unlabeled'  # bigssl_med.data.sources.UNLABELED_SPLIT
+UNLABELED = splits.UNLABELED
 SPLIT_NAMES = ('train', 'validation', 'test', UNLABELED)
 SPLIT_ALIASES = {'train': 'train', 'validation': 'validation',
                  'val': 'validation', 'valid': 'validation', 'test': 'test',
@@ -98,7 +99,6 @@ CASES_DIGEST = 'cases_csv_md5'
 # How many listed images (that exist and decode) decide the channel count.
 CHANNEL_PROBES = 16
 _CONFIG_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
-_WINDOWS_DRIVE_RE = re.compile(r'^[A-Za-z]:[\\/]')
 
 _DESCRIPTION = """\
 Images of the user's own data set, listed with their cases and class labels in
@@ -449,20 +449,19 @@ class ImageCases(common.ImageBuilder):
       logging.warning('image_cases from %s: no images in split(s) %s; they are '
                       'left out.', table.path, ', '.join(empty))
     store = self.image_store(channels=config.channels)
-    finder = common.CaseBlindFinder()
+    files = _ListedFiles()
     return {
-        split: self._generate_examples(by_split[split], split, store, table.path, finder)
+        split: self._generate_examples(by_split[split], split, store, table.path, files)
         for split in SPLIT_NAMES if by_split[split]
     }
 
   def _generate_examples(self, cases: Sequence[Case], split: str,
-                         store: common.ImageStore, cases_path: str,
-                         finder: common.CaseBlindFinder):
+                         store: common.ImageStore, cases_path: str, files: '_ListedFiles'):
     config = self.builder_config
     index = {name: i for i, name in enumerate(config.class_names)}
     converted = self.info.metadata.get('gray_converted_images')
     def load(case):  # on a worker thread: Failed, or (stored bytes, whether colour, file)
-      where, file = f'{cases_path} line {case.line}', finder.find(case.file)
+      where, file = f'{cases_path} line {case.line}', files.find(case.file)
       if config.channels == 1:
         loaded = store.try_load_gray(file, where=where)
       else:
@@ -474,6 +473,7 @@ class ImageCases(common.ImageBuilder):
     for case, (image, colour, file) in store.each(cases, load, split=split,
                                                   what=f'image_cases {split}'):
       where = f'{cases_path} line {case.line}'
+      files.claim(file, case, where)
       if file != case.file:
         other_case.append((where, file))
       if colour:
@@ -496,6 +496,29 @@ class ImageCases(common.ImageBuilder):
       logging.warning('image_cases %s: %d image file(s) found only with letter case '
                       'ignored (first: %s, read from %s); correct cases.csv to silence this',
                       split, len(other_case), *other_case[0])
+
+
+class _ListedFiles:
+  """The files that rows name, found letter case aside where need be; one file per row."""
+
+  def __init__(self):
+    self._finder = common.CaseBlindFinder()
+    self._claimed: dict[str, str] = {}
+
+  def find(self, file: str) -> str:
+    """`file`, or the one file it names letter case aside (thread-safe)."""
+    return self._finder.find(file)
+
+  def claim(self, file: str, case: Case, where: str) -> None:
+    """Records that the row `where` stores `file`.
+
+    Raises:
+      DataError: another row stores it (its path spelled in other letter case).
+    """
+    earlier = self._claimed.setdefault(file, where)
+    if earlier != where:
+      raise DataError(f'{where}: image {case.path} is the file of {earlier} ({file}) in '
+                      'other letter case; list each image once')
 
 
 def _is_size_name(name: str) -> bool:
@@ -540,22 +563,6 @@ def _parse_row(row: common.Row, path: str, manual_dir: str, *,
       raise DataError(f'{where}: empty label (an image without a label goes in split '
                       f'{UNLABELED})')
     labels = (text,)
-  return Case(line=row.line, path=image_path, file=_file_of(image_path, manual_dir, where),
-              case_id=case_id, labels=labels, split=split, hashed=hashed)
-
-
-def _file_of(image_path: str, manual_dir: str, where: str) -> str:
-  """The file a cases.csv path names: `~` expanded, relative to manual_dir, normalised;
-  on a system whose separator is `/`, a `\\` separates folders too unless a file has
-  that very name.
-
-  Raises:
-    DataError: a Windows drive path (`C:\\...`) on another system.
-  """
-  file = os.path.normpath(os.path.join(manual_dir, os.path.expanduser(image_path)))
-  if os.sep == '/' and '\\' in image_path and not os.path.exists(file):
-    if _WINDOWS_DRIVE_RE.match(image_path):
-      raise DataError(f'{where}: {image_path} is a Windows path; give paths relative to '
-                      'manual_dir (or absolute on this machine)')
-    file = os.path.normpath(os.path.join(manual_dir, image_path.replace('\\', '/')))
-  return file
+  return Case(line=row.line, path=image_path,
+              file=common.listed_file(image_path, manual_dir, where), case_id=case_id,
+              labels=labels, split=split, hashed=hashed)
