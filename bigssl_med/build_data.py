@@ -26,7 +26,6 @@ set aside by a rebuild killed before the new one took its place is put back.
 from __future__ import annotations
 
 import argparse
-import logging as std_logging
 import os
 import shutil
 import sys
@@ -36,6 +35,7 @@ from typing import Sequence
 from absl import logging
 import tensorflow_datasets as tfds
 
+from bigssl_med import cli
 from bigssl_med import staging as staging_lib
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
@@ -198,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='threads that decode, resize and encode images (default: one '
                            'per core); the data set does not depend on it')
   args = parser.parse_args(argv)
-  std_logging.basicConfig(level=std_logging.INFO,
-                          format='%(levelname)s %(message)s')
+  cli.log_info_to_stderr()
   logging.set_verbosity(logging.INFO)
   try:
     path = build(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir,

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from bigssl_med import checkpointing, config_schema, files, models
+from bigssl_med import checkpointing, cli, config_schema, files, models
 from bigssl_med import staging as staging_lib
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, UserError
@@ -777,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='simclr_tf1: the selective-kernel ratio, where there are SK layers '
                            '(default: SimCLRv2\'s 0.0625)')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  cli.log_info_to_stderr()
   try:
     format_ = args.format or detect_format(args.checkpoint)
     variables, model_config = load(args.checkpoint, format_, prefix=args.prefix, ema=args.ema,

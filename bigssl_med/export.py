@@ -39,7 +39,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigssl_med import checkpointing, files, models
+from bigssl_med import checkpointing, cli, files, models
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, ConfigError, UserError
 from bigssl_med.models import resnet
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="'best' (a fine-tuning run's selected model), 'latest' (the newest "
                            "checkpoint) or 'auto': best where there is one")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  cli.log_info_to_stderr()
   try:
     metadata = export(args.workdir, args.out, args.checkpoint, overwrite=args.overwrite)
   except UserError as exc:

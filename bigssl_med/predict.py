@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bigssl_med import checkpointing, files, supervised
+from bigssl_med import checkpointing, cli, files, supervised
 from bigssl_med.data import host_ops
 from bigssl_med.data import pipeline
 from bigssl_med.errors import CheckpointError, ConfigError, DataError, UserError
@@ -430,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--num_threads', type=int, default=4,
                       help='threads decoding images (default: 4)')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  cli.log_info_to_stderr()
   try:
     items, columns = list_images(args.images)
     run = load_run(args.workdir)

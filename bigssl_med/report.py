@@ -80,6 +80,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as sk_metrics
 
+from bigssl_med import cli
 from bigssl_med import config_schema
 from bigssl_med import metrics as metrics_lib
 from bigssl_med.errors import DataError, UserError
@@ -1048,7 +1049,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help='a row per pretraining run (pretrain_seed) of each '
                            'initialisation instead of one pooling them')
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
+  cli.log_info_to_stderr()
   try:
     runs = collect(args.dirs)
     if not runs:

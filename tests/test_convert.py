@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import zipfile
 
@@ -155,6 +156,19 @@ def test_torchvision_import_reads_safetensors_files(tmp_path):
   (tmp_path / 'bad.safetensors').write_text('not tensors')
   with pytest.raises(CheckpointError, match=r'bad\.safetensors: not a readable safetensors'):
     convert.load(os.fspath(tmp_path / 'bad.safetensors'))
+
+
+def test_the_command_shows_what_an_import_leaves_out(tmp_path):
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  state = ref.torchvision_state_dict(18, WIDTH, seed=3, num_classes=5)  # with fc.*
+  path = os.fspath(tmp_path / 'model.safetensors')
+  safetensors_numpy.save_file(state, path)
+  result = subprocess.run([sys.executable, '-m', 'bigssl_med.convert', '--checkpoint', path,
+                           '--workdir', os.fspath(tmp_path / 'imported')],
+                          capture_output=True, text=True, check=False, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(DATA)))  # the repository
+  assert result.returncode == 0, result.stderr
+  assert 'model.safetensors: left out 2 tensors beside the ResNet: fc.* (2)' in result.stderr
 
 
 def test_torchvision_import_finds_wrapped_and_prefixed_state_dicts():
