@@ -515,6 +515,7 @@ def test_real_nih_sample(tmp_path):
     ('label', '1', '1.0', 'class name'),
     ('labels', 'Effusion|Mass', 'effusion', 'class name'),
     ('case_id', 'HAM_0006321', 'ham_0006321', 'case_id'),
+    ('case_id', '13', '13.0', 'case_id'),
 ])
 def test_a_name_spelled_two_ways_is_an_error(tmp_path, column, first, second, what):
   root = tmp_path / 'mine'

@@ -241,12 +241,13 @@ def _spelling_key(name: str) -> str:
 
 def _check_one_spelling(cases: Sequence[Case], path: str, *, multi_label: bool) -> None:
   """Fails when a class name or a case id is spelled two ways (`Melanoma` and
-  `melanoma`, `1` and `1.0`; `HAM_1` and `ham_1`): as two classes, or a case split
-  over two splits, it would be silently wrong. Warns about a multi-label class name
-  holding `;` or `,` (classes are separated by `|`)."""
+  `melanoma`, `1` and `1.0`; `HAM_1` and `ham_1`, `13` and `13.0` as a spreadsheet
+  may write it): as two classes, or a case split over two splits, it would be silently
+  wrong. Warns about a multi-label class name holding `;` or `,` (classes are
+  separated by `|`)."""
   _check_spellings(((name, c.line) for c in cases for name in c.labels), 'class name',
                    _spelling_key, path)
-  _check_spellings(((c.case_id, c.line) for c in cases), 'case_id', str.casefold, path)
+  _check_spellings(((c.case_id, c.line) for c in cases), 'case_id', _spelling_key, path)
   odd = [(name, c.line) for c in cases for name in c.labels if ';' in name or ',' in name]
   if multi_label and odd:
     logging.warning('%s line %d: class name %r holds a separator; labels separates '
