@@ -81,7 +81,7 @@ class BestModel:
     self.plateau = plateau
     self.lower_is_better = metrics_lib.lower_is_better(metric)
     self.path = os.path.join(workdir, 'best.json')
-    self.dir = os.path.abspath(os.path.join(workdir, 'best'))  # orbax: absolute paths only
+    self.dir = checkpointing.absolute(os.path.join(workdir, 'best'))
     if fresh:
       self._forget()
     self.record = workdir_lib.read_json(self.path) or {

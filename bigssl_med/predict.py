@@ -250,10 +250,7 @@ def _csv_images(path: str) -> tuple[list[Item], list[str]]:
                       columns=tuple((c, values.get(c, '')) for c in extra)))
   if not items:
     raise DataError(f'{path}: no rows after the header')
-  if other_case:
-    logging.warning('%d image file(s) found only with letter case ignored (first: %s, read '
-                    'from %s); correct %s to silence this', len(other_case), *other_case[0],
-                    path)
+  common.warn_found_ignoring_case(other_case, 'predict', path)
   return items, extra
 
 

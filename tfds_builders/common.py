@@ -577,6 +577,15 @@ class CaseBlindFinder:
     return listing
 
 
+def warn_found_ignoring_case(found: Sequence[tuple[str, str]], what: str, listing: str) -> None:
+  """One warning for the listed images `(where, file)` that `CaseBlindFinder` found only
+  with letter case ignored (none: no warning)."""
+  if found:
+    logging.warning('%s: %d image file(s) found only with letter case ignored (first: %s, '
+                    'read from %s); correct %s to silence this', what, len(found), *found[0],
+                    listing)
+
+
 def read_image_file(path: str, where: str) -> bytes:
   """The bytes of an image file; DataError naming the file and `where` if unreadable."""
   try:

@@ -445,7 +445,7 @@ class ImageCases(common.ImageBuilder):
     by_split = collections.defaultdict(list)
     for case in table.cases:
       by_split[case.split].append(case)
-    empty = [split for split in SPLIT_NAMES[:3] if not by_split[split]]
+    empty = [split for split in SPLIT_NAMES if split != UNLABELED and not by_split[split]]
     if empty:  # TFDS cannot write an empty split.
       logging.warning('image_cases from %s: no images in split(s) %s; they are '
                       'left out.', table.path, ', '.join(empty))
@@ -493,10 +493,7 @@ class ImageCases(common.ImageBuilder):
       else:
         example['label'] = case.labels[0] if case.labeled else -1
       yield case.path, example
-    if other_case:
-      logging.warning('image_cases %s: %d image file(s) found only with letter case '
-                      'ignored (first: %s, read from %s); correct cases.csv to silence this',
-                      split, len(other_case), *other_case[0])
+    common.warn_found_ignoring_case(other_case, f'image_cases {split}', cases_path)
 
 
 class _ListedFiles:
