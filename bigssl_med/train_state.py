@@ -18,6 +18,7 @@ import optax
 from bigssl_med import checkpointing, config_schema
 from bigssl_med import parallel
 from bigssl_med import workdir as workdir_lib
+from bigssl_med.data import sources
 from bigssl_med.errors import ConfigError
 
 COMPUTE_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
@@ -76,9 +77,27 @@ def _check_resumed_settings(workdir: str, config) -> None:
                       'was to resume, or use a new workdir')
 
 
+DATA_FILE = 'data.json'
+
+
+def _check_resumed_data(workdir: str, data: dict[str, Any]) -> None:
+  """Fails when a resumed run reads another build of its data set than it was trained on.
+
+  The checkpoint's input position points into the records as built then; a run
+  whose workdir has no `data.json` (written by an earlier version) is not checked.
+  """
+  path = os.path.join(workdir, DATA_FILE)
+  differs = sources.fingerprint_differences(workdir_lib.read_json(path), data)
+  if differs:
+    raise ConfigError(f'{workdir} holds a run stopped before its end on another build of its '
+                      f'data: {differs}; rebuild the data set as it was to resume, use a new '
+                      f'workdir, or delete {path} to go on with the data as it is now')
+
+
 def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
           mesh: jax.sharding.Mesh, make_tx: Callable[[Any], optax.GradientTransformation],
-          init_keys: tuple[str, ...], partial_keys: tuple[str, ...] = ()) -> Start:
+          init_keys: tuple[str, ...], partial_keys: tuple[str, ...] = (),
+          data: dict[str, Any] | None = None) -> Start:
   """Builds or restores the state of a run of `model` in `workdir`.
 
   Args:
@@ -88,6 +107,8 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
     mesh: the device mesh; everything is replicated over it.
     make_tx: the optimiser for the (abstract) parameters.
     init_keys, partial_keys: what `init_from` loads (see `restore_or_initialize`).
+    data: the `sources.fingerprint` of the data set the run trains on, written to
+      `workdir/data.json`; a resumed run must read the build it was trained on.
   """
   size = config.data.image_size
 
@@ -126,10 +147,14 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
   if origin.startswith('resumed'):
     try:
       _check_resumed_settings(workdir, config)
+      if data is not None:
+        _check_resumed_data(workdir, data)
     except ConfigError:
       checkpointer.close()  # nothing more is read or written here
       raise
   workdir_lib.write_config(workdir, config)  # this run goes on here: its config is the one
+  if data is not None:
+    workdir_lib.write_json(os.path.join(workdir, DATA_FILE), data)
   return Start(variables=variables, opt=opt, data_state=data_state, origin=origin,
                checkpointer=checkpointer, tx=tx, shardings=shardings,
                abstract_model=abstract_model)

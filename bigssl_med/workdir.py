@@ -1,6 +1,7 @@
 """The files a run writes in its workdir, besides checkpoints.
 
 - `config.json`: the resolved config;
+- `data.json`: the build of the data set the run trains on (`train_state.start`);
 - `metrics.jsonl`: one JSON object per logged step and split (`step`, `split`, metrics);
 - TensorBoard events through clu's metric writer when TensorFlow is importable
   (clu's writers import it); otherwise a one-line notice, and everything else works;

@@ -9,6 +9,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from bigssl_med import build_data, checkpointing, config_schema, model_selection
+from bigssl_med.data import sources
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
 from conftest import override
@@ -88,7 +89,7 @@ def test_scratch_fine_tune_beats_chance_on_separable_data(finetuned):
   assert results['test']['num_examples'] == 16
 
 
-def test_workdir_has_best_model_selection_and_predictions(finetuned):
+def test_workdir_has_best_model_selection_and_predictions(finetuned, colours):
   workdir, results = finetuned
   best = json.loads((workdir / 'best.json').read_text())
   assert best['step'] == results['best_step'] and best['last_eval_step'] == 40
@@ -97,6 +98,9 @@ def test_workdir_has_best_model_selection_and_predictions(finetuned):
   validation = [e for e in evals if e['split'] == 'validation']
   assert [e['step'] for e in validation] == [10, 20, 30, 40]
   assert best['value'] == max(e['top1'] for e in validation)
+  # The build it trained on, which a resumed run must read again.
+  assert json.loads((workdir / 'data.json').read_text()) == sources.fingerprint(
+      'image_cases/colours', os.fspath(colours))
   predictions = np.load(workdir / 'test_predictions.npz')
   assert predictions['scores'].shape == (16, 2)
   np.testing.assert_allclose(predictions['scores'].sum(1), 1.0, rtol=1e-5)

@@ -427,6 +427,38 @@ def test_resuming_with_other_settings_is_a_one_line_error(trained, tmp_path):
   assert pretrain.train_and_evaluate(cfg, copy)['step'] == 5
 
 
+def test_resuming_on_another_build_of_the_data_is_a_one_line_error(trained, tmp_path):
+  from conftest import write_many_lesions  # pylint: disable=g-import-not-at-top
+  workdir, _, data_dir = trained
+  copy, before = _stopped_at_step_2(trained, tmp_path)
+  shutil.copy(os.path.join(workdir, 'data.json'), copy)
+  recorded = json.loads(Path(copy, 'data.json').read_text())
+  assert recorded == sources.fingerprint('ham10000', data_dir)
+  assert recorded['dataset'] == 'ham10000/original/1.1.0'
+  # The same lesions and a few more, built again: the saved stream position would
+  # point into other records.
+  more = os.fspath(tmp_path / 'more')
+  build_data.build('ham10000', data_dir=more,
+                   manual_dir=os.fspath(write_many_lesions(tmp_path / 'raw', 210)))
+  with pytest.raises(ConfigError, match=r"on another build of its data: ham10000/original/1.1.0 "
+                                        r"split '\w+' had \d+ records of \d+ bytes there, "
+                                        r"\d+ records of \d+ bytes now; rebuild the data set as "
+                                        r"it was to resume, use a new workdir, or delete "
+                                        r".*data.json to go on") as e:
+    pretrain.train_and_evaluate(tiny_config(more), copy)
+  assert '\n' not in str(e.value)
+  assert Path(copy, 'config.json').read_text() == before
+  assert json.loads(Path(copy, 'data.json').read_text()) == recorded
+  # The same build moved elsewhere is the same data: the run goes on.
+  moved = os.fspath(tmp_path / 'moved')
+  shutil.copytree(data_dir, moved)
+  assert pretrain.train_and_evaluate(tiny_config(moved, total_steps=3), copy)['step'] == 3
+  # Deleting data.json accepts the data as it is now, and records it.
+  os.remove(os.path.join(copy, 'data.json'))
+  assert pretrain.train_and_evaluate(tiny_config(more, total_steps=4), copy)['step'] == 4
+  assert json.loads(Path(copy, 'data.json').read_text()) == sources.fingerprint('ham10000', more)
+
+
 def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_path):
   data_dir = trained[2]
   copy, before = _stopped_at_step_2(trained, tmp_path)

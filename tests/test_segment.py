@@ -13,7 +13,7 @@ import pytest
 
 from bigssl_med import build_data, checkpointing, config_schema, models, parallel, segmentation
 from bigssl_med import train_state
-from bigssl_med.data import segmentation_data
+from bigssl_med.data import segmentation_data, sources
 from bigssl_med.errors import ConfigError, DataError
 from bigssl_med.models import resnet
 from bigssl_med.trainers import segment
@@ -308,6 +308,8 @@ def test_segmentation_learns_the_discs(segmented):
   assert results['validation']['dice'] >= 0.8, results['validation']
   assert results['test']['dice'] >= 0.8, results['test']
   assert results['validation']['num_examples'] == 10 and results['test']['num_examples'] == 9
+  assert json.loads((workdir / 'data.json').read_text()) == sources.fingerprint(
+      config.dataset, config.data.data_dir)
   assert results['label_fraction'] == 0.5 and results['labelled_images'] == 39  # of 77
   # The report pools runs from several pretraining runs by these.
   assert results['init_from'] == config.init_from and results['pretrain_seed'] == 0

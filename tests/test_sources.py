@@ -152,6 +152,32 @@ def test_unknown_split_names_available_splits(built):
       'validation')
 
 
+def test_fingerprint_says_how_two_builds_differ(built):
+  data_dir, _ = built
+  now = sources.fingerprint('ham10000', data_dir)
+  assert set(now['splits']) == {'train', 'validation', 'test'}
+  assert all(s['num_examples'] > 0 and s['num_bytes'] > 0 for s in now['splits'].values())
+  assert sources.fingerprint_differences(now, now) == ''
+  assert sources.fingerprint_differences(None, now) == ''  # nothing saved: nothing to compare
+  other = json.loads(json.dumps(now))
+  other['dataset'] = 'ham10000/original/1.0.0'
+  assert sources.fingerprint_differences(other, now) == (
+      'data set ham10000/original/1.0.0 there, ham10000/original/1.1.0 now')
+  other = json.loads(json.dumps(now))
+  other['splits']['unlabeled'] = other['splits'].pop('validation')
+  assert sources.fingerprint_differences(other, now) == (
+      "ham10000/original/1.1.0 had a split 'unlabeled' there, none now")
+  del other['splits']['unlabeled']
+  assert sources.fingerprint_differences(other, now) == (
+      "ham10000/original/1.1.0 has a split 'validation' now, none there")
+  other = json.loads(json.dumps(now))
+  other['splits']['train']['num_bytes'] += 1
+  n, b = now['splits']['train']['num_examples'], now['splits']['train']['num_bytes']
+  assert sources.fingerprint_differences(other, now) == (
+      f"ham10000/original/1.1.0 split 'train' had {n} records of {b + 1} bytes there, "
+      f'{n} records of {b} bytes now')
+
+
 def test_group_by_case():
   groups = sources.group_by_case(['b', 'a', 'b', 'c', 'a', 'b'])
   assert [g.tolist() for g in groups] == [[0, 2, 5], [1, 4], [3]]

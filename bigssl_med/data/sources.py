@@ -211,6 +211,40 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   return group_cases(case_ids)
 
 
+def fingerprint(name: str, data_dir: str) -> dict[str, Any]:
+  """What tells one build of a data set from another: name, config, version and the
+  records and bytes of each split, not where it lies.
+
+  A run records it in its workdir (`data.json`) and a resumed run compares: the
+  stream's saved position points into the records as they were built, so another
+  build (more images, another size) would go on with other examples, unsaid.
+  """
+  info = dataset_info(name, data_dir)
+  return {'dataset': info.full_name,
+          'splits': {split: {'num_examples': int(s.num_examples), 'num_bytes': int(s.num_bytes)}
+                     for split, s in sorted(info.splits.items())}}
+
+
+def fingerprint_differences(saved: Any, now: dict[str, Any]) -> str:
+  """The first way `now` differs from a `saved` fingerprint, in words; '' when alike."""
+  if not isinstance(saved, dict) or not isinstance(saved.get('splits'), dict):
+    return ''  # nothing readable to compare
+  if saved.get('dataset') != now['dataset']:
+    return f'data set {saved.get("dataset")} there, {now["dataset"]} now'
+  before, after = saved['splits'], now['splits']
+  for split in sorted(set(before) | set(after)):
+    if split not in after:
+      return f'{now["dataset"]} had a split {split!r} there, none now'
+    if split not in before:
+      return f'{now["dataset"]} has a split {split!r} now, none there'
+    was, now_split = before[split], after[split]
+    if was != now_split:
+      def said(s):
+        return f'{s.get("num_examples")} records of {s.get("num_bytes")} bytes'
+      return f'{now["dataset"]} split {split!r} had {said(was)} there, {said(now_split)} now'
+  return ''
+
+
 def has_cases(info: tfds.core.DatasetInfo) -> bool:
   """Whether the data set's records say which case (patient, lesion) they belong to."""
   return 'case_id' in info.features

@@ -93,7 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = train_state.start(
       model, config=config, workdir=workdir, mesh=mesh,
       make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
-      init_keys=('encoder', 'head') if config.init_head else ('encoder',))
+      init_keys=('encoder', 'head') if config.init_head else ('encoder',),
+      data=sources.fingerprint(config.dataset, data_dir))
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, tx = run.checkpointer, run.tx
   model_shardings, state_shardings = run.shardings['model'], run.shardings
