@@ -66,6 +66,7 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -269,14 +270,19 @@ def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
   fraction; a config key (bookkeeping aside) that takes two values there is a setting
   under study (a label policy, a learning rate ...), and every run of that
   initialisation gets `key=value` for it, in key order. A key that changes only from
-  one label fraction to another (epochs per fraction) is not one. Runs without
-  `config.json` get no variant.
+  one label fraction to another (epochs per fraction) is not one. Runs without a
+  readable `config.json` get no variant where their initialisation's other runs
+  study no setting, and the variant `UNKNOWN_SETTINGS` where they do: a row of its
+  own, not pooled with runs whose settings may differ.
   """
   groups = collections.defaultdict(list)
   for run in runs:
-    if run['settings'] is not None:
-      groups[(run['dataset'], run['trainer'], run['init'])].append(run)
-  for group in groups.values():
+    groups[(run['dataset'], run['trainer'], run['init'])].append(run)
+  unknown = []
+  for everything in groups.values():
+    group = [run for run in everything if run['settings'] is not None]
+    if not group:
+      continue
     keys = [key for key in set().union(*(run['settings'] for run in group))
             if _is_setting(key)]
     values = collections.defaultdict(lambda: collections.defaultdict(set))
@@ -289,6 +295,19 @@ def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
       run['variant'] = ', '.join(
           f"{key}={_setting_text(run['settings'].get(key, ABSENT_SETTING))}"
           for key in studied)
+    if studied:
+      for run in everything:
+        if run['settings'] is None:
+          run['variant'] = UNKNOWN_SETTINGS
+          unknown.append(run['workdir'])
+  if unknown:
+    logging.warning('Runs without a readable %s, among runs of their initialisation that '
+                    'differ in a setting, get a row "(%s)" of their own: %s', CONFIG_FILE,
+                    UNKNOWN_SETTINGS, ', '.join(unknown))
+
+
+# The variant of a run without a readable config.json among runs that study a setting.
+UNKNOWN_SETTINGS = 'settings unknown: no readable config.json'
 
 
 def _setting_text(value: str) -> str:
@@ -472,7 +491,8 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     best_mean = pick(cell['mean'] for cell in finite)
     best = next(cell for cell in finite if cell['mean'] == best_mean)
     for cell in column:
-      cell['is_best'] = cell['mean'] == best_mean
+      # Means of one set of scores summed in another order differ in the last bits.
+      cell['is_best'] = math.isclose(cell['mean'], best_mean, rel_tol=1e-9, abs_tol=1e-12)
       if cell['is_best'] or cell['n'] < 2 or best['n'] < 2:
         continue
       cell['p_value_vs_best'] = p_value(_defined(cell), _defined(best), test)
@@ -584,9 +604,22 @@ def p_value(a: Sequence[float], b: Sequence[float], test: str = 'welch') -> floa
   Student's independent two-sample t-test (`test='student'`, equal variances)."""
   if test not in TESTS:
     raise ValueError(f'test must be one of {sorted(TESTS)}, got {test!r}')
+  if np.ptp(a) == 0 and np.ptp(b) == 0:
+    # No spread on either side: t is undefined (0/0, or a difference over rounding
+    # noise that scipy turns into p ~ 0 with a warning).
+    return math.nan
   with warnings.catch_warnings():
-    warnings.simplefilter('ignore')  # Both samples constant: scipy warns, p is NaN.
+    warnings.simplefilter('ignore')  # scipy's precision-loss notice for nearly constant data
     return float(stats.ttest_ind(a, b, equal_var=test == 'student').pvalue)
+
+
+def file_names(names: Sequence[str]) -> list[str]:
+  """A file-name part for each of `names`: its letters, digits and `._-`, the rest `_`;
+  names that come out alike get a part of their SHA-1 each, so no file is written twice."""
+  safe = [re.sub(r'[^A-Za-z0-9._-]+', '_', name) for name in names]
+  counts = collections.Counter(safe)
+  return [f'{s}_{hashlib.sha1(name.encode()).hexdigest()[:8]}' if counts[s] > 1 else s
+          for name, s in zip(names, safe)]
 
 
 def _row_label(run: dict[str, Any], trainers: set[str], pretrain_seed: int | None = None
@@ -652,15 +685,16 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
   stem = os.path.splitext(out_path)[0]
   with open(out_path, 'w') as f:
     f.write(markdown(summary, split=split, digits=digits,
-                     num_runs=sum(cell['n'] for cell in summary if not cell['shifted']),
+                     num_runs=sum(cell['n'] + cell['num_undefined'] for cell in summary
+                                  if not cell['shifted']),
                      spread=spread, test=test))
   paths = [out_path, f'{stem}.csv']
   write_csv(summary, paths[1])
   if spread:
     paths.append(f'{stem}_pretraining_spread.csv')
     write_spread_csv(spread, paths[-1])
-  for dataset in sorted({cell['dataset'] for cell in summary}):
-    safe = re.sub(r'[^A-Za-z0-9._-]+', '_', dataset)
+  datasets = sorted({cell['dataset'] for cell in summary})
+  for dataset, safe in zip(datasets, file_names(datasets)):
     path = f'{stem}_label_efficiency_{safe}.png'
     plot_label_efficiency([c for c in summary if c['dataset'] == dataset], path)
     paths.append(path)
@@ -1040,7 +1074,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="metric to tabulate (default: each run's primary_metric)")
   parser.add_argument('--split', default='test',
                       help='results.json key of the metrics (default: test)')
-  parser.add_argument('--digits', type=int, default=3,
+  parser.add_argument('--digits', type=_digits, default=3,
                       help='decimals of means and stds (default: 3)')
   parser.add_argument('--test', choices=sorted(TESTS), default='welch',
                       help="the t-test against each column's best: welch (unequal "
@@ -1068,6 +1102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path in paths:
     print(path)
   return 0
+
+
+def _digits(text: str) -> int:
+  """`--digits`: a count of decimals, 0 to 15."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a whole number') from None
+  if not 0 <= value <= 15:
+    raise argparse.ArgumentTypeError(f'{value} is not between 0 and 15')
+  return value
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -432,6 +433,33 @@ def test_runs_that_differ_in_a_setting_get_a_row_each(tmp_path):
         '', 'task.uncertain=ones', 'task.uncertain=zeros'}
 
 
+def test_a_run_without_config_json_among_variants_gets_a_row_of_its_own(tmp_path, caplog):
+  for lr, found in ((0.1, [0.81, 0.82, 0.83]), (0.3, [0.83, 0.84, 0.835])):
+    for seed, value in enumerate(found):
+      workdir = tmp_path / f'lr={lr}' / f'seed={seed}'
+      write_run(workdir, 'ham10000', 'micle', 1.0, seed, value)
+      _write_config(workdir, seed=seed, optimizer__learning_rate=lr)
+  lost = tmp_path / 'lr=0.3' / 'seed=2'
+  (lost / 'config.json').unlink()  # its settings are unknown: either row could be its own
+  (lost / 'results.json').write_text(
+      (lost / 'results.json').read_text().replace('0.835', '0.85'))
+  with caplog.at_level('WARNING'):
+    summary = report.summarize(report.collect([str(tmp_path)]))
+  rows = {c['row']: c for c in summary}
+  assert sorted(rows) == ['micle (optimizer.learning_rate=0.1)',
+                          'micle (optimizer.learning_rate=0.3)',
+                          'micle (settings unknown: no readable config.json)']
+  assert rows['micle (optimizer.learning_rate=0.3)']['n'] == 2
+  assert rows['micle (settings unknown: no readable config.json)']['values'] == [0.85]
+  assert f'get a row "(settings unknown: no readable config.json)" of their own: {lost}' in (
+      caplog.text)
+  # Where no setting is under study, such a run pools with the others, unsaid.
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    (cell,) = report.summarize(report.collect([str(tmp_path / 'lr=0.3')]))
+  assert (cell['row'], cell['n']) == ('micle', 3) and not caplog.text
+
+
 def test_runs_from_before_a_key_existed_pool_with_runs_at_its_default(tmp_path):
   for seed in range(4):
     workdir = tmp_path / f'seed={seed}'
@@ -487,6 +515,64 @@ def test_undefined_values_are_left_out_and_counted(tmp_path):
   assert '**0.750 ± 0.071 (n=2, 1 NaN)**' in text
   assert 'K NaN: K runs whose value is undefined' in text
   assert report.format_p(float('nan')) == 'p=n/a'
+
+
+def test_constant_samples_give_no_p_value_and_tied_means_are_both_best(tmp_path, capsys):
+  # 0.7 is not a binary fraction: scipy's t-test of two constant samples then divides
+  # a difference by rounding noise and answers p ~ 1e-30.
+  for init, found in (('micle', [0.75] * 3), ('scratch', [0.7] * 3), ('simclr', [0.5] * 3)):
+    for seed, value in enumerate(found):
+      write_run(tmp_path / init / str(seed), 'ham10000', init, 1.0, seed, value)
+  cells = {c['init']: c for c in report.summarize(report.collect([str(tmp_path)]))}
+  assert cells['micle']['is_best'] and np.isnan(cells['scratch']['p_value_vs_best'])
+  assert np.isnan(report.p_value([0.7] * 3, [0.75] * 3))
+  assert np.isnan(report.p_value([0.7] * 3, [0.7] * 3, 'student'))
+  with warnings.catch_warnings():  # scipy's notice for a sample without spread
+    warnings.simplefilter('ignore')
+    want = stats.ttest_ind([0.5] * 3, [0.75, 0.76, 0.74], equal_var=False).pvalue
+  assert report.p_value([0.5] * 3, [0.75, 0.76, 0.74]) == pytest.approx(want)
+  # One set of scores in another order: means that differ in the last bits, both best.
+  for init, found in (('micle', [0.1, 0.2, 0.3]), ('simclr', [0.3, 0.2, 0.1])):
+    for seed, value in enumerate(found):
+      write_run(tmp_path / 'tie' / init / str(seed), 'ham10000', init, 1.0, seed, value)
+  cells = report.summarize(report.collect([str(tmp_path / 'tie')]))
+  assert cells[0]['mean'] != cells[1]['mean']
+  assert all(c['is_best'] for c in cells)
+  assert report.main([str(tmp_path / 'tie'), '--out', str(tmp_path / 'r.md')]) == 0
+  assert (tmp_path / 'r.md').read_text().count('**0.200 ± 0.100 (n=3)**') == 2
+
+
+def test_the_run_count_includes_undefined_values(tmp_path):
+  for seed, value in enumerate([0.8, None, float('nan')]):
+    write_run(tmp_path / str(seed), 'ham10000', 'micle', 1.0, seed, 0.0)
+    path = tmp_path / str(seed) / 'results.json'
+    results = json.loads(path.read_text())
+    results['test']['top1'] = value
+    path.write_text(json.dumps(results))
+  report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
+  assert '\n3 runs.\n' in (tmp_path / 'r.md').read_text()
+
+
+def test_data_sets_whose_names_sanitise_alike_get_a_plot_each(tmp_path):
+  assert report.file_names(['image_cases/derm', 'ham10000']) == ['image_cases_derm', 'ham10000']
+  names = report.file_names(['dérm', 'dörm'])
+  assert len(set(names)) == 2 and all(re.fullmatch(r'd_rm_[0-9a-f]{8}', n) for n in names)
+  for dataset in ('dérm', 'dörm'):
+    write_run(tmp_path / dataset, dataset, 'micle', 1.0, 0, 0.8)
+  paths = report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'out' / 'r.md'))
+  plots = [p for p in paths if '_label_efficiency_' in p]
+  assert len(set(plots)) == 2 and all(os.path.isfile(p) for p in plots)
+
+
+@pytest.mark.parametrize('digits', ['-1', '16', 'two'])
+def test_bad_digits_is_a_one_line_error(runs_root, tmp_path, digits):
+  result = subprocess.run(
+      [sys.executable, '-m', 'bigssl_med.report', str(runs_root / 'ham'), '--out',
+       str(tmp_path / 'r.md'), '--digits', digits], capture_output=True, text=True,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert result.returncode == 2
+  assert ': error: argument --digits: ' in result.stderr.strip().splitlines()[-1], result.stderr
+  assert 'Traceback' not in result.stderr and not os.path.exists(tmp_path / 'r.md')
 
 
 def test_means_over_fewer_classes_are_marked(tmp_path):
