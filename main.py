@@ -6,7 +6,6 @@ Bad input (a data set, a config key, a checkpoint) ends with a one-line error an
 exit status 2; a SIGTERM saves a checkpoint and exits with status 143.
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -62,20 +61,13 @@ def _exit_with_flag_error(error: BaseException):
   sys.exit(2)
 
 
-class _QuietLibraries(std_logging.Filter):
-  """Keeps INFO lines of this project; libraries (orbax, TFDS, ...) show warnings only."""
-
-  def filter(self, record):
-    return (record.levelno >= std_logging.WARNING or 'bigssl_med' in record.pathname or
-            record.pathname.endswith('main.py'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
-  if logging.get_verbosity() <= logging.INFO:  # --verbosity=1 shows every library's INFO
-    logging.get_absl_handler().addFilter(_QuietLibraries())
   # Imported here so that `--help` and flag errors are fast.
+  from bigssl_med import cli  # pylint: disable=g-import-not-at-top
+  if logging.get_verbosity() <= logging.INFO:  # --verbosity=1 shows every library's INFO
+    logging.get_absl_handler().addFilter(cli.QuietLibraries())
   from bigssl_med import parallel  # pylint: disable=g-import-not-at-top
   from bigssl_med import trainers  # pylint: disable=g-import-not-at-top
   from bigssl_med.errors import UserError  # pylint: disable=g-import-not-at-top
@@ -97,6 +89,7 @@ def main(argv):
     sys.exit(143)
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
+    cli.silence_after_error()
     sys.exit(2)
   logging.info('Results: %s', results)
 

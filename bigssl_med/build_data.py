@@ -247,4 +247,4 @@ def _move_into_place(built_dir: str, version_dir: str) -> None:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))

@@ -18,11 +18,15 @@ Where the starting weights come from, in this order (`restore_or_initialize`):
 3. the random initialisation.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
 import re
+import sys
+import time
 from typing import Any, Callable
 
 import grain
@@ -110,7 +114,8 @@ class Checkpointer:
     if has_data:
       items['data'] = grain.checkpoint.CheckpointRestore(_DataState())
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+      with quiet_failed_reads():
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
       if isinstance(e, (ValueError, KeyError, TypeError)) and not _READ_ERROR.match(
           first_line(e)):
@@ -149,25 +154,69 @@ def _damaged(e: Exception) -> str:
                                         or _READ_ERROR.match(first_line(cause))) else ''
 
 
-def first_line(e: Exception, limit: int = 300) -> str:
-  """The first line of `e`'s message, without tensorstore's spec dump, at most `limit` long."""
+def first_line(e: BaseException, limit: int = 300) -> str:
+  """The first line of `e`'s message, without tensorstore's spec dump, at most `limit` long.
+
+  Where orbax wraps a tensorstore read error (`e.__cause__`) in a message of its own
+  (which array index it was reading), the read error's status line is the one that
+  says what is wrong, and is taken instead.
+  """
   text = str(e).strip()
-  line = text.splitlines()[0].split(' [tensorstore_spec')[0] if text else type(e).__name__
+  line = text.splitlines()[0] if text else type(e).__name__
+  line = line.split(' [tensorstore_spec')[0].split(' See full TensorStore details')[0]
+  cause = e.__cause__
+  if cause is not None and not _READ_ERROR.match(line):
+    cause_line = first_line(cause, limit)
+    if _READ_ERROR.match(cause_line):
+      line = cause_line
   return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
-def _find_model_item(path: str) -> epath.Path:
-  """The `model` item folder that `init_from` names: a workdir, its checkpoints or one step."""
+# How long a failed read waits for the reads still in flight to fail in turn.
+_SETTLE_S = 0.5
+
+
+@contextlib.contextmanager
+def quiet_failed_reads():
+  """Keeps what a failed orbax restore's leftover reads print out of stderr.
+
+  When one array of a damaged checkpoint cannot be read, orbax stops its event loop
+  while tensorstore still reads the others; each of those then fails into the closed
+  loop and prints a traceback ('Event loop is closed'), from a few lines to
+  thousands, around the one-line error. Within this block stderr is held: on success
+  what was written goes on to stderr; on failure the block waits `_SETTLE_S` for the
+  reads in flight and drops it, and the error raised says what went wrong. (The
+  failed reads' coroutines report once more when deleted, at exit:
+  `cli.silence_after_error` quiets that.)
+  """
+  real, held = sys.stderr, io.StringIO()
+  sys.stderr = held
+  try:
+    yield
+  except BaseException:
+    time.sleep(_SETTLE_S)
+    sys.stderr = real
+    raise
+  sys.stderr = real
+  real.write(held.getvalue())
+
+
+def find_model_item(path: str, name: str | None = None) -> epath.Path:
+  """The `model` item folder that `path` names: a workdir, its checkpoints or one step.
+
+  `name`: how errors name `path` (default `init_from='PATH'`, the config key).
+  """
+  name = name or f'init_from={path!r}'
   p = epath.Path(absolute(path))
   if not p.exists():
-    raise CheckpointError(f'init_from={path!r}: no such file or directory')
+    raise CheckpointError(f'{name}: no such file or directory')
   if (p / 'model').is_dir():
     return p / 'model'
   if (p / 'checkpoints').is_dir():
     p = p / 'checkpoints'
   steps = [int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / 'model').is_dir()]
   if not steps:
-    raise CheckpointError(f'init_from={path!r}: no checkpoint found (expected a workdir, '
+    raise CheckpointError(f'{name}: no checkpoint found (expected a workdir, '
                           'its checkpoints/ folder or a step folder holding model/)')
   return p / str(max(steps)) / 'model'
 
@@ -260,7 +309,7 @@ def check_encoder_architecture(init_from: str, model_config: Any) -> None:
 
 def load_model_variables(path: str, sharding: jax.sharding.Sharding) -> dict[str, Any]:
   """Loads `{'params', 'batch_stats'}` of the newest checkpoint at `path`, placed on `sharding`."""
-  return restore_model_item(_find_model_item(path), sharding)
+  return restore_model_item(find_model_item(path), sharding)
 
 
 def restore_model_item(item: epath.Path | str, sharding: jax.sharding.Sharding
@@ -276,7 +325,8 @@ def restore_model_item(item: epath.Path | str, sharding: jax.sharding.Sharding
     tree = getattr(tree, 'tree', tree)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
                           tree)
-    return handler.restore(item, args=ocp.args.StandardRestore(target))
+    with quiet_failed_reads():
+      return handler.restore(item, args=ocp.args.StandardRestore(target))
   except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
     raise CheckpointError(f'{item}: cannot read the checkpoint{_damaged(e)}: '
                           f'{first_line(e)}') from e

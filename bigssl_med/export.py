@@ -25,7 +25,9 @@ Architectures torchvision's ResNet cannot express are refused with a one-line er
 selective kernels, the CIFAR stem, and SimCLR's projection in the first block of a
 ResNet-18/34 (`identity_shortcuts=False`). An existing output file is replaced only with
 `--overwrite`, and then only once the new file is complete. The same model always
-exports to the same bytes (the metadata keys are sorted), so a checksum identifies it.
+exports to the same bytes (the metadata keys are sorted, and `source` says where in the
+run the weights lay, `best` or `checkpoints/N`, not where the run lies), so a checksum
+identifies it.
 """
 
 import argparse
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -162,31 +165,57 @@ def export(workdir: str, out: str, checkpoint: str = 'auto',
     raise CheckpointError(f'{best}: no such folder (only fine-tuning runs keep a best model)')
   device = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
   if checkpoint != 'latest' and os.path.isdir(best):
-    source, variables = best, checkpointing.restore_model_item(best, device)
+    item = best
   else:
-    source = workdir
-    variables = checkpointing.load_model_variables(workdir, device)
+    item = checkpointing.find_model_item(workdir, f'--workdir={workdir}')
+  variables = checkpointing.restore_model_item(item, device)
+  # Where in the run the weights come from ('best', 'checkpoints/1200'), not where the
+  # run lies on this machine: the bytes are the model's alone, and a shared file names
+  # no local folder.
+  source = os.path.relpath(os.path.dirname(item) if os.path.basename(item) == 'model'
+                           else item, checkpointing.absolute(workdir))
   tensors = to_torchvision(variables, model)
   if model['stem_pool_padding'] != 'symmetric':
     logging.warning('%s: trained with SimCLR\'s max-pooling windows (stem_pool_padding=%r); '
                     'torchvision\'s sit one pixel off, so in torchvision this network computes '
                     'a different function (bigssl_med.convert reads the file back as it is)',
                     workdir, model['stem_pool_padding'])
-  metadata = {'format': 'torchvision_resnet', 'source': os.path.abspath(source),
+  metadata = {'format': 'torchvision_resnet', 'source': source,
               'depth': str(model['depth']), 'width_multiplier': str(model['width_multiplier']),
               'input_normalization': model['input_normalization'],
               'stem_pool_padding': model['stem_pool_padding'],
               'fc': str('fc.weight' in tensors).lower()}
-  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  tmp = f'{out}.tmp'
   # safetensors writes an array's buffer as it lies in memory: transposed views must be copied.
   tensors = {k: np.array(v, order='C') for k, v in tensors.items()}  # 0-d stays 0-d
-  safetensors_numpy.save_file(tensors, tmp, metadata=metadata)
-  _sort_metadata(tmp)
-  files.usual_mode(tmp)  # safetensors writes it private
-  os.replace(tmp, out)
+  _write_file(out, tensors, metadata)
   return metadata
+
+
+def _write_file(out: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
+  """Writes the safetensors file `out` aside in its folder, then renames it over `out`.
+
+  Raises:
+    UserError: `out` cannot be written (no such folder possible, disk full, no
+      permission), naming it and why; nothing is left behind.
+  """
+  from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(os.path.abspath(out))
+  tmp = None
+  try:
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(out)}.', suffix='.tmp', dir=folder)
+    os.close(fd)
+    safetensors_numpy.save_file(tensors, tmp, metadata=metadata)
+    _sort_metadata(tmp)
+    files.usual_mode(tmp)  # mkstemp and safetensors make it private
+    os.replace(tmp, out)
+    tmp = None
+  except Exception as e:  # pylint: disable=broad-except  (OSError, and safetensors' own)
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else checkpointing.first_line(e)
+    raise UserError(f'{out}: cannot be written ({reason})') from None
+  finally:
+    if tmp is not None and os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _sort_metadata(path: str) -> None:
@@ -230,9 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   print(f'{args.out}: ResNet-{metadata["depth"]} x{float(metadata["width_multiplier"]):g} in '
         f'torchvision\'s layout{" with fc" if metadata["fc"] == "true" else ""} from '
-        f'{metadata["source"]}\n{json.dumps(metadata, sort_keys=True)}')
+        f'{os.path.join(args.workdir, metadata["source"])}\n{json.dumps(metadata, sort_keys=True)}')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))

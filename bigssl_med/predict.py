@@ -18,8 +18,8 @@ label names, and `best/` holds the weights of the model selected on validation.
   a warning.
 
 Images are preprocessed as the run's test images were: made what the data set
-stores (gray or RGB, the longest side at most its `max_side`; results.json
-`stored_images`), then the centre crop of
+stores (gray or RGB, the longest side at most its `max_side`, re-encoded where a
+build re-encodes; results.json `stored_images`), then the centre crop of
 `bigssl_med.data.pipeline.eval_crop(data.image_size, ten_crop)`, and with ten-crop
 the probabilities averaged over the four corners, the centre and their mirrors
 (`bigssl_med.supervised.make_eval_step`). `--ten_crop` / `--no_ten_crop` override
@@ -143,7 +143,8 @@ def load_run(workdir: str) -> Run:
   try:
     with ocp.StandardCheckpointer() as checkpointer:
       _check_fits(best, checkpointer.metadata(best), abstract)
-      variables = checkpointer.restore(best, abstract)
+      with checkpointing.quiet_failed_reads():
+        variables = checkpointer.restore(best, abstract)
   except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
@@ -258,9 +259,10 @@ def load_image(item: Item, side: int, proportion: float,
                stored: dict[str, Any] | None = None) -> np.ndarray:
   """The uint8 `[side, side, 3]` evaluation crop of `item`'s file.
 
-  `stored` (results.json `stored_images`): the file is first made what the data set
-  stores, `channels` (gray or RGB) at a longest side of at most `max_side`, as the
-  run's test images were; only the store's JPEG re-encoding is not replayed.
+  `stored` (results.json `stored_images`): the file is first made the bytes the data
+  set would store for it (`tfds_builders.common.encode_image`: `channels`, gray or
+  RGB, at a longest side of at most `max_side`, and re-encoded where a build
+  re-encodes), so its pixels are those the run's test images had.
 
   Raises:
     DataError: naming the file (and the CSV line) when it is missing or undecodable.
@@ -273,8 +275,8 @@ def load_image(item: Item, side: int, proportion: float,
     raise DataError(f'{prefix}cannot read image {item.file}: {e.strerror or e}') from None
   try:
     if stored:
-      image, _ = host_ops.decode_pil(data, channels=stored.get('channels'), name=item.file)
-      data = host_ops.downscale(image, stored.get('max_side'))
+      data = common.encode_image(data, name=item.file, max_side=stored.get('max_side'),
+                                 channels=stored.get('channels'))
     return host_ops.center_crop(data, side, proportion, channels=3, name=item.file)
   except DataError as e:
     raise DataError(f'{prefix}{e}') from None
@@ -429,6 +431,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
   cli.log_info_to_stderr()
   try:
+    if os.path.isfile(args.images) and os.path.exists(args.out) and os.path.samefile(
+        args.images, args.out):
+      raise UserError(f'--out {args.out} is the --images list itself: write the '
+                      'predictions to another file')
     items, columns = list_images(args.images)
     run = load_run(args.workdir)
     output_columns(run.task, columns)  # a clash fails before the images are read
@@ -445,4 +451,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))

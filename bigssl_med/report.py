@@ -1116,4 +1116,4 @@ def _digits(text: str) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(cli.run(main))

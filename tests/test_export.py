@@ -8,6 +8,9 @@ torchvision forward of `reference_resnets.py`.
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +72,15 @@ def test_the_same_model_exports_to_the_same_bytes(tmp_path):
     header = json.loads(f.read(int.from_bytes(f.read(8), 'little')))
   assert list(header['__metadata__']) == sorted(header['__metadata__'])
   assert convert.read_safetensors_metadata(outs[0])['format'] == 'torchvision_resnet'
+  # A copy of the run elsewhere (another machine, another user's folder) too: the file
+  # says where in the run the weights lay, not where the run lies.
+  copy = os.fspath(tmp_path / 'elsewhere' / 'copy')
+  shutil.copytree(workdir, copy)
+  assert export.export(copy, os.fspath(tmp_path / 'copy.safetensors'))['source'] == (
+      'checkpoints/0')
+  with open(tmp_path / 'copy.safetensors', 'rb') as f:
+    assert f.read() in contents
+  assert os.fspath(tmp_path).encode() not in contents.pop()
 
 
 def test_a_model_trained_here_comes_back_as_the_same_network(tmp_path):
@@ -183,3 +195,51 @@ def test_existing_files_and_missing_runs_are_one_line_errors(tmp_path, caplog):
     metadata = export.export(workdir, os.fspath(tmp_path / 'same.safetensors'))
   assert metadata['stem_pool_padding'] == 'same'
   assert 'computes a different function' in caplog.text
+
+
+def test_an_output_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+  workdir, _, _, _ = _imported(tmp_path, 18)
+  (tmp_path / 'file').write_text('')
+  (tmp_path / 'locked').mkdir()
+  os.chmod(tmp_path / 'locked', 0o500)
+  try:
+    for out in (tmp_path / 'file' / 'model.safetensors', tmp_path / 'locked' / 'm.safetensors'):
+      if out.parent.name == 'locked' and os.access(out.parent, os.W_OK):
+        continue  # root writes anywhere
+      assert export.main(['--workdir', workdir, '--out', os.fspath(out)]) == 2
+      err = capsys.readouterr().err
+      assert err.startswith(f'error: {out}: cannot be written (') and err.count('\n') == 1
+  finally:
+    os.chmod(tmp_path / 'locked', 0o700)
+  assert os.listdir(tmp_path / 'locked') == []
+  # safetensors' own failure (here: a tensor it cannot store) leaves no file behind.
+  with pytest.raises(UserError, match=r'x.safetensors: cannot be written \('):
+    export._write_file(os.fspath(tmp_path / 'out' / 'x.safetensors'),  # pylint: disable=protected-access
+                       {'a': np.zeros(2, object)}, {})
+  assert os.listdir(tmp_path / 'out') == []
+
+
+def test_a_run_without_checkpoints_is_named_by_its_workdir(tmp_path):
+  workdir, _, _, _ = _imported(tmp_path, 18)
+  shutil.rmtree(os.path.join(workdir, 'checkpoints'))
+  with pytest.raises(CheckpointError, match=f'^--workdir={workdir}: no checkpoint found'):
+    export.export(workdir, os.fspath(tmp_path / 'x.safetensors'))
+
+
+def test_a_damaged_checkpoint_is_one_line_on_stderr_and_nothing_more(tmp_path):
+  """orbax's reads still in flight when one fails print tracebacks, up to thousands of
+  lines, at random; the command's stderr is its one-line error alone."""
+  workdir, _, _, _ = _imported(tmp_path, 50)
+  data = os.path.join(workdir, 'checkpoints', '0', 'model', 'ocdbt.process_0', 'd')
+  for name in os.listdir(data):
+    with open(os.path.join(data, name), 'r+b') as f:
+      f.truncate(10)
+  for _ in range(3):
+    result = subprocess.run(
+        [sys.executable, '-m', 'bigssl_med.export', f'--workdir={workdir}',
+         f'--out={tmp_path / "x.safetensors"}'], capture_output=True, text=True, timeout=120,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2
+    assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1, (
+        result.stderr[:3000])
+    assert 'cannot read the checkpoint (damaged or cut short?): OUT_OF_RANGE: ' in result.stderr

@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from bigssl_med.data import host_ops, sources
 from bigssl_med.errors import CheckpointError, ConfigError, DataError
 from bigssl_med.trainers import finetune
 from test_finetune import _write_colour_cases, tiny_config
+from tfds_builders import common
 
 
 @pytest.fixture(scope='module')
@@ -78,8 +80,8 @@ def test_folder_input_is_recursive_sorted_and_skips_hidden_and_other_files(run, 
     target = folder / ('sub' if i % 2 else 'top') / f'{i}.PNG'
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(raw / path, target)
-  with Image.open(raw / test_paths[6]) as image:  # WebP, lossless: the same pixels
-    image.save(folder / 'top' / '6.webp', lossless=True)
+  with Image.open(raw / test_paths[6]) as image:  # WebP, lossless: the same pixels,
+    image.save(folder / 'top' / '6.webp', lossless=True)  # which a build stores as JPEG
   (folder / 'notes.txt').write_text('not an image')
   (folder / '.hidden.png').write_bytes(b'not an image either')
   (folder / '.cache').mkdir()
@@ -95,7 +97,18 @@ def test_folder_input_is_recursive_sorted_and_skips_hidden_and_other_files(run, 
   assert [r['path'] for r in rows] == [os.path.join(str(folder), p) for p in expected]
   saved = np.load(workdir / 'test_predictions.npz')['scores']
   by_name = {name: saved[i] for i, name in enumerate(names)}
-  np.testing.assert_allclose(_scores(rows), [by_name[p] for p in expected], atol=1e-4)
+  got = dict(zip(expected, _scores(rows)))
+  webp = got.pop('top/6.webp')
+  np.testing.assert_allclose(list(got.values()), [by_name[p] for p in got], atol=1e-4)
+  # The WebP is scored as a build would store it, re-encoded as JPEG (quality 95).
+  np.testing.assert_allclose(webp, by_name['top/6.webp'], atol=0.02)
+  item = predict.Item(path='', file=os.fspath(folder / 'top' / '6.webp'), where='', columns=())
+  with open(folder / 'top' / '6.webp', 'rb') as f:
+    stored = Image.open(io.BytesIO(common.encode_image(f.read(), name='6.webp')))
+  assert stored.format == 'JPEG'
+  np.testing.assert_array_equal(
+      predict.load_image(item, 16, 0.875, {'max_side': None, 'channels': 3}),
+      host_ops.center_crop(stored, 16, 0.875, channels=3))
 
 
 def test_ten_crop_changes_the_preprocessing_but_still_classifies(run, tmp_path):
@@ -202,6 +215,15 @@ def test_csv_errors(run, tmp_path, capsys):
                        str(out)]) == 2
   assert f'error: {empty}: no image files' in capsys.readouterr().err
   assert not out.exists()
+  # The list itself as --out (a link to it too): refused, the list kept.
+  listing = _write_csv(tmp_path / 'list.csv', ['path'], [[str(raw / test_paths[0])]])
+  before = listing.read_text()
+  (tmp_path / 'link.csv').symlink_to(listing)
+  for target in (listing, tmp_path / 'link.csv'):
+    assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out',
+                         str(target)]) == 2
+    assert 'is the --images list itself' in capsys.readouterr().err
+  assert listing.read_text() == before
 
 
 def test_unfinished_other_trainer_and_mismatched_workdirs(run, tmp_path, capsys):
@@ -307,6 +329,30 @@ def test_images_are_stored_as_the_data_set_stores_them_before_the_crop(tmp_path)
   assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out',
                        str(out)]) == 0
   assert np.abs(_scores(_read(out)) - saved).max() > 1e-4
+
+
+def test_new_jpegs_reach_the_model_with_the_pixels_a_build_stores(tmp_path):
+  """A data set of JPEGs stored at a smaller side is re-encoded by its build: predict
+  replays that, so a listed file's crop is the stored record's crop, pixel for pixel."""
+  rng = np.random.default_rng(1)
+  (tmp_path / 'raw' / 'images').mkdir(parents=True)
+  lines = ['path,case_id,label,split']
+  for i in range(8):
+    pixels = rng.integers(0, 256, (40, 30, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / 'raw' / 'images' / f'{i}.jpg', quality=80)
+    lines.append(f'images/{i}.jpg,c{i},{"red" if i % 2 else "green"},'
+                 f'{("train", "test")[i % 2]}')
+  (tmp_path / 'raw' / 'cases.csv').write_text('\n'.join(lines) + '\n')
+  build_data.build('image_cases/colours', data_dir=os.fspath(tmp_path / 'data'),
+                   manual_dir=os.fspath(tmp_path / 'raw'), max_side=24)
+  source = sources.open_split('image_cases/colours', 'test', os.fspath(tmp_path / 'data'))
+  for i in range(len(source)):
+    name = source[i]['image_id'].decode()
+    item = predict.Item(path=name, file=os.fspath(tmp_path / 'raw' / name), where='',
+                        columns=())
+    got = predict.load_image(item, 16, 0.875, {'max_side': 24, 'channels': 3})
+    want = host_ops.center_crop(source[i]['image'], 16, 0.875, channels=3)
+    np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 def test_a_gray_data_set_sees_new_colour_images_in_gray(tmp_path):

@@ -248,7 +248,8 @@ class _Teacher:
                             abstract, jax.tree.map(lambda _: model_sharding, abstract))
     best = os.path.join(workdir, 'best')
     try:
-      self.variables = ocp.StandardCheckpointer().restore(best, abstract)
+      with checkpointing.quiet_failed_reads():
+        self.variables = ocp.StandardCheckpointer().restore(best, abstract)
     except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
       raise CheckpointError(f'{best}: cannot restore the teacher\'s model as its config.json '
                             f'describes it ({checkpointing.first_line(e)})') from e
