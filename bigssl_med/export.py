@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -199,23 +198,13 @@ def _write_file(out: str, tensors: dict[str, np.ndarray], metadata: dict[str, st
       permission), naming it and why; nothing is left behind.
   """
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
-  folder = os.path.dirname(os.path.abspath(out))
-  tmp = None
   try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(out)}.', suffix='.tmp', dir=folder)
-    os.close(fd)
-    safetensors_numpy.save_file(tensors, tmp, metadata=metadata)
-    _sort_metadata(tmp)
-    files.usual_mode(tmp)  # mkstemp and safetensors make it private
-    os.replace(tmp, out)
-    tmp = None
+    with files.written_whole(out) as tmp:
+      safetensors_numpy.save_file(tensors, tmp, metadata=metadata)
+      _sort_metadata(tmp)
   except Exception as e:  # pylint: disable=broad-except  (OSError, and safetensors' own)
     reason = e.strerror if isinstance(e, OSError) and e.strerror else checkpointing.first_line(e)
     raise UserError(f'{out}: cannot be written ({reason})') from None
-  finally:
-    if tmp is not None and os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def _sort_metadata(path: str) -> None:

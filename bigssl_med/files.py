@@ -1,12 +1,50 @@
-"""File modes of what the project writes: a new file's usual mode.
+"""How the project writes files: whole or not at all, with a new file's usual mode.
 
-`tempfile.mkstemp` (atomic writes) and some writers (safetensors) create files only
-their owner can read; `usual_mode` gives such a file the mode `open()` would have
-given it, `0o666` less the umask, so a data set or model on a shared disk stays
-readable by the group, as the rest of its files are.
+`written_whole(path)` gives a temporary path beside `path` to write, and renames it
+over `path` once the block ends without error, so a reader (or a rerun after a
+crash) sees the old file or the new one, never half of one.
+
+`tempfile.mkstemp` and some writers (safetensors) create files only their owner can
+read; `usual_mode` gives such a file the mode `open()` would have given it, `0o666`
+less the umask, so a data set or model on a shared disk stays readable by the group,
+as the rest of its files are.
 """
 
+import contextlib
 import os
+import tempfile
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def written_whole(path: str) -> Iterator[str]:
+  """Yields a temporary path in `path`'s folder (made if missing) to write `path` to.
+
+  When the block ends without error the file gets the usual mode and replaces `path`
+  in one rename; when it raises, the temporary file is removed and `path` is left as
+  it was. The temporary name ends in `path`'s extension, for writers that choose the
+  format by it (matplotlib's `savefig`).
+
+  Raises:
+    OSError: the folder cannot be made or written, or `path` cannot be replaced (a
+      folder, say), with `path` as its `filename`.
+  """
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  name = os.path.basename(path)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix=f'.tmp{os.path.splitext(name)[1]}',
+                             dir=folder)
+  os.close(fd)
+  try:
+    yield tmp
+    usual_mode(tmp)  # mkstemp makes it private
+    try:
+      os.replace(tmp, path)
+    except OSError as e:  # named by `path`, not by the temporary file
+      raise type(e)(e.errno, e.strerror, path) from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def usual_mode(path: str, *, folder: bool = False) -> None:

@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from typing import Any, Sequence
 
 import jax
@@ -374,15 +373,8 @@ def write_predictions(path: str, run: Run, items: Sequence[Item], columns: Seque
   """
   header = output_columns(run.task, columns)
   names = run.task.names
-  folder = os.path.dirname(os.path.abspath(path))
   try:
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp',
-                               dir=folder)
-  except OSError as e:
-    raise DataError(f'{path}: cannot be written ({e.strerror or e})') from None
-  try:
-    with os.fdopen(fd, 'w', newline='') as f:
+    with files.written_whole(path) as tmp, open(tmp, 'w', newline='') as f:
       writer = csv.writer(f)
       writer.writerow(header)
       for item, p in zip(items, probabilities):
@@ -391,13 +383,8 @@ def write_predictions(path: str, run: Run, items: Sequence[Item], columns: Seque
         if run.task.kind == 'multiclass':
           row.append(names[int(np.argmax(p))])
         writer.writerow(row)
-    files.usual_mode(tmp)  # mkstemp makes it private
-    os.replace(tmp, path)
   except OSError as e:
     raise DataError(f'{path}: cannot be written ({e.strerror or e})') from None
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------- CLI.

@@ -83,6 +83,7 @@ from sklearn import metrics as sk_metrics
 
 from bigssl_med import cli
 from bigssl_med import config_schema
+from bigssl_med import files
 from bigssl_med import metrics as metrics_lib
 from bigssl_med.errors import DataError, UserError
 
@@ -166,11 +167,11 @@ def _results_files(top: str) -> list[str]:
   if not os.path.isdir(top):
     raise DataError(f'{top} does not exist')
   found, unfinished = [], []
-  for root, subdirs, files in os.walk(top):
+  for root, subdirs, names in os.walk(top):
     subdirs.sort()
-    if RESULTS_FILE in files:
+    if RESULTS_FILE in names:
       found.append(os.path.join(root, RESULTS_FILE))
-    elif CONFIG_FILE in files and _trainer_of(os.path.join(root, CONFIG_FILE)) not in (
+    elif CONFIG_FILE in names and _trainer_of(os.path.join(root, CONFIG_FILE)) not in (
         None, *SKIPPED_TRAINERS, 'stages'):
       unfinished.append(root)
   if unfinished:
@@ -683,7 +684,7 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
   out_dir = os.path.dirname(os.path.abspath(out_path))
   os.makedirs(out_dir, exist_ok=True)
   stem = os.path.splitext(out_path)[0]
-  with open(out_path, 'w') as f:
+  with files.written_whole(out_path) as tmp, open(tmp, 'w') as f:
     f.write(markdown(summary, split=split, digits=digits,
                      num_runs=sum(cell['n'] + cell['num_undefined'] for cell in summary
                                   if not cell['shifted']),
@@ -873,7 +874,7 @@ SPREAD_CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', '
 def write_csv(summary: Sequence[dict[str, Any]], path: str,
               columns: Sequence[str] = CSV_COLUMNS) -> None:
   """One row per cell (or entry); lists are `;`-separated, None is empty."""
-  with open(path, 'w', newline='') as f:
+  with files.written_whole(path) as tmp, open(tmp, 'w', newline='') as f:
     writer = csv.writer(f)
     writer.writerow(columns)
     for cell in summary:
@@ -944,7 +945,8 @@ def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
     ax.set_title(f"{mine[0]['dataset']}: {name}")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize='small')
-  fig.savefig(path, dpi=100)
+  with files.written_whole(path) as tmp:
+    fig.savefig(tmp, dpi=100)
 
 
 def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') -> bool:
@@ -990,7 +992,8 @@ def plot_roc(runs: Sequence[dict[str, Any]], path: str, *, split: str = 'test') 
     ax.set_ylabel('true positive rate')
     ax.set_title(f'{dataset}: {title}', fontsize='medium')
     ax.legend(fontsize='x-small', loc='lower right')
-  fig.savefig(path, dpi=100)
+  with files.written_whole(path) as tmp:
+    fig.savefig(tmp, dpi=100)
   return True
 
 

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from bigssl_med import config_schema
+from bigssl_med import files
 from bigssl_med.errors import ConfigError
 
 
@@ -79,11 +80,9 @@ def write_json(path: str, obj: Any) -> None:
   """Writes JSON atomically (temp file + rename), on the primary host only."""
   if jax.process_index() != 0:
     return
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
+  with files.written_whole(path) as tmp, open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_to_builtin)
     f.write('\n')
-  os.replace(tmp, path)
 
 
 def read_json(path: str) -> Any:
@@ -145,10 +144,8 @@ def _drop_rows_after(path: str, step: int,
     return
   logging.info('%s: %d row(s) after step %d dropped; the run logs those steps again',
                path, len(lines) - len(kept), step)
-  tmp = f'{path}.tmp'
-  with open(tmp, 'w') as f:
+  with files.written_whole(path) as tmp, open(tmp, 'w') as f:
     f.write(''.join(line + '\n' for line in kept))
-  os.replace(tmp, path)
 
 
 class MetricWriter:

@@ -280,7 +280,6 @@ def test_a_relative_workdir_works(run, tmp_path, monkeypatch):
 
 # orbax's abandoned reads of a damaged checkpoint end with errors pytest reports as
 # unraisable; the command itself fails with one line.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_config_files_of_other_versions_and_damaged_best_models(run, tmp_path, capsys):
   workdir, raw, _ = run
   copy = tmp_path / 'copy'

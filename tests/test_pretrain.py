@@ -485,7 +485,6 @@ def _cut_files(folder):
 ])
 # orbax's reads of the other items are abandoned when one fails; their coroutines end
 # with errors pytest reports as unraisable. The run itself fails with one line.
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(trained, tmp_path, damage, message):
   workdir, _, data_dir = trained
   copy = tmp_path / 'copy'

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections.abc
 import json
 import os
-import tempfile
 from typing import Any, Sequence
 
 from absl import logging
@@ -331,16 +330,8 @@ def write_case_index(version_dir: str) -> str:
       'splits': splits,
   }
   path = os.path.join(version_dir, CASE_INDEX_FILE)
-  fd, tmp_path = tempfile.mkstemp(prefix='.case_index-', dir=version_dir)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(content, f)
-    files.usual_mode(tmp_path)  # mkstemp makes it private; the build's other files are not
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
+  with files.written_whole(path) as tmp, open(tmp, 'w') as f:
+    json.dump(content, f)
   return path
 
 

@@ -1,0 +1,54 @@
+"""bigssl_med.files: files written whole or not at all, with a new file's usual mode."""
+
+import os
+
+import pytest
+
+from bigssl_med import files
+
+
+def _usual_mode():
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
+def test_a_file_is_replaced_whole_with_the_usual_mode(tmp_path):
+  path = tmp_path / 'new' / 'report.png'
+  with files.written_whole(os.fspath(path)) as tmp:
+    assert os.path.dirname(tmp) == os.fspath(path.parent)  # one file system: one rename
+    assert tmp.endswith('.png') and not path.exists()
+    with open(tmp, 'w') as f:
+      f.write('new')
+  assert path.read_text() == 'new'
+  assert os.stat(path).st_mode & 0o777 == _usual_mode()  # not mkstemp's 0o600
+  assert os.listdir(path.parent) == ['report.png']
+
+
+def test_a_failed_write_leaves_the_old_file_and_nothing_else(tmp_path):
+  path = tmp_path / 'results.json'
+  path.write_text('old')
+  with pytest.raises(RuntimeError, match='killed'):
+    with files.written_whole(os.fspath(path)) as tmp:
+      with open(tmp, 'w') as f:
+        f.write('half')
+      raise RuntimeError('killed')
+  assert path.read_text() == 'old'
+  assert os.listdir(tmp_path) == ['results.json']
+
+
+def test_a_folder_that_cannot_be_made_is_an_os_error(tmp_path):
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(OSError):
+    with files.written_whole(os.fspath(tmp_path / 'file' / 'x.csv')):
+      pass
+
+
+def test_a_folder_in_the_way_is_an_os_error_naming_it(tmp_path):
+  (tmp_path / 'out.md').mkdir()
+  with pytest.raises(IsADirectoryError) as e:
+    with files.written_whole(os.fspath(tmp_path / 'out.md')) as tmp:
+      with open(tmp, 'w') as f:
+        f.write('x')
+  assert e.value.filename == os.fspath(tmp_path / 'out.md')
+  assert os.listdir(tmp_path) == ['out.md']
