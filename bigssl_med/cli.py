@@ -6,20 +6,21 @@ import sys
 from typing import Callable
 
 
-# The folder holding this package, `tfds_builders` and `main.py`.
+# The folders of this package and of `tfds_builders` (installed beside each other).
 _PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _OURS = tuple(os.path.join(_PROJECT, name) for name in ('bigssl_med', 'tfds_builders'))
 
 
 class QuietLibraries(logging.Filter):
-  """Passes this project's INFO records; of the libraries' (orbax, JAX, TFDS), warnings
-  and errors only."""
+  """Passes the INFO records of this project and of the script run (`main.py`); of the
+  libraries' (orbax, JAX, TFDS), warnings and errors only."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.levelno >= logging.WARNING:
       return True
     path = os.path.abspath(record.pathname)
-    return (path == os.path.join(_PROJECT, 'main.py')
+    script = getattr(sys.modules.get('__main__'), '__file__', None)
+    return ((script is not None and path == os.path.abspath(script))
             or any(path.startswith(folder + os.sep) for folder in _OURS))
 
 
