@@ -94,6 +94,24 @@ def read_json(path: str) -> Any:
     return None
 
 
+def last_row(workdir: str, split: str, step: int) -> dict[str, float] | None:
+  """The metrics of the last `metrics.jsonl` row of `split` at `step` (without `step`
+  and `split`), or None when there is none."""
+  found = None
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(row, dict) and row.get('split') == split and row.get('step') == step:
+          found = {k: v for k, v in row.items() if k not in ('step', 'split')}
+  except FileNotFoundError:
+    return None
+  return found
+
+
 def scalars(found: Mapping[str, Any]) -> dict[str, float]:
   """The float metrics of an evaluation (per-class dicts flattened as `name/class`)."""
   out = {}

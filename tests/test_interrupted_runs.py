@@ -13,8 +13,9 @@ import pytest
 from bigssl_med import build_data, checkpointing, model_selection
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import sources
-from bigssl_med.trainers import finetune
+from bigssl_med.trainers import finetune, pretrain
 from test_finetune import _write_colour_cases, colours, tiny_config  # noqa: F401
+from test_pretrain import tiny_config as tiny_pretrain_config
 
 
 class Killed(BaseException):
@@ -102,6 +103,38 @@ def test_the_last_checkpoint_is_committed_before_results_json(
   monkeypatch.setattr(workdir_lib, 'write_json', writing)
   finetune.train_and_evaluate(tiny_config(colours), os.fspath(tmp_path / 'run'))
   assert events == ['checkpoint committed', 'results.json']
+
+
+def test_a_pretraining_run_killed_before_results_json_logs_its_last_steps_once(
+    small_ham10000, tmp_path, monkeypatch):
+  """Killed after the final evaluation (the last checkpoint committed), the rerun resumes
+  at the last step: one row per step and split, and the last training metrics in
+  results.json, as an uninterrupted run has them."""
+  data_dir, _ = small_ham10000
+  config = tiny_pretrain_config(data_dir, **{'data.eval_split': 'validation'})
+  clean = pretrain.train_and_evaluate(config, os.fspath(tmp_path / 'clean'))
+  workdir = os.fspath(tmp_path / 'run')
+  write_json = workdir_lib.write_json
+
+  def dying(path, value):
+    if os.path.basename(path) == 'results.json':
+      raise Killed
+    return write_json(path, value)
+  with monkeypatch.context() as patch:
+    patch.setattr(workdir_lib, 'write_json', dying)
+    with pytest.raises(Killed):
+      pretrain.train_and_evaluate(config, workdir)
+  assert [r['step'] for r in _rows(workdir, 'validation')] == [4]
+  rerun = pretrain.train_and_evaluate(config, workdir)
+
+  def without_timing(row):
+    return {k: v for k, v in row.items() if not k.endswith('_per_sec')}
+  for split in ('train', 'validation'):
+    assert [without_timing(r) for r in _rows(workdir, split)] == [
+        without_timing(r) for r in _rows(os.fspath(tmp_path / 'clean'), split)], split
+  assert without_timing(rerun['train']) == without_timing(clean['train'])
+  assert rerun['validation'] == clean['validation']
+  assert rerun['origin'].startswith('resumed from')
 
 
 def test_a_build_set_aside_by_a_killed_rebuild_is_put_back(colours):  # noqa: F811

@@ -160,8 +160,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
 
   # ---------------------------------------------------------------- Loop.
+  results_path = os.path.join(workdir, 'results.json')
+  previous = workdir_lib.read_json(results_path)
+  finished = isinstance(previous, dict) and previous.get('step') == total_steps
+
+  def keep_row(row: dict[str, Any]) -> bool:
+    """Rows up to the resumed step, less an unfinished run's final evaluation (the
+    last checkpoint is saved before it: the run evaluates again)."""
+    step = int(row.get('step', 0))
+    if (not finished and step == total_steps and config.data.eval_split
+        and row.get('split') == config.data.eval_split):
+      return False
+    return step <= start_step
+
   writer = workdir_lib.MetricWriter(workdir, total_steps=total_steps,
-                                    tensorboard=config.tensorboard, resume_step=start_step)
+                                    tensorboard=config.tensorboard, resume_step=start_step,
+                                    keep_row=keep_row)
   def train_data(start_batch: int):
     return pipeline.pair_dataset(
         train_source, groups, spec, global_batch=config.batch_size, host_index=host,
@@ -209,13 +223,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise preemption_lib.Preempted(step)
 
   # ---------------------------------------------------------------- Final evaluation.
-  results_path = os.path.join(workdir, 'results.json')
-  previous = workdir_lib.read_json(results_path)
-  if previous and previous.get('step') == total_steps:
+  if finished:
     logging.info('Step %d reached and evaluated before: %s', total_steps, results_path)
     checkpointer.close()
     writer.close()
     return previous
+  if not last_metrics:  # resumed at the last step: its training row was logged before
+    last_metrics = workdir_lib.last_row(workdir, 'train', total_steps) or {}
   t0 = time.perf_counter()
   eval_metrics = evaluate(state['model'])
   if eval_metrics:
