@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -176,29 +177,67 @@ def first_line(e: BaseException, limit: int = 300) -> str:
 _SETTLE_S = 0.5
 
 
+class _NativeThreadsHeld(io.TextIOBase):
+  """`sys.stderr` while restores run: what threads Python did not start (tensorstore's
+  callbacks) write is held back; every other thread writes through at once."""
+
+  def __init__(self, real):
+    super().__init__()
+    self.real, self.held, self.failed, self.users = real, [], False, 0
+
+  def write(self, text: str) -> int:
+    if isinstance(threading.current_thread(), getattr(threading, '_DummyThread', ())):
+      self.held.append(text)
+      return len(text)
+    return self.real.write(text)
+
+  def flush(self) -> None:
+    self.real.flush()
+
+  def __getattr__(self, name: str) -> Any:  # encoding, fileno, isatty ... of the real one
+    return getattr(self.real, name)
+
+
+_HOLDING = threading.Lock()
+_held: list[_NativeThreadsHeld] = []  # the one in place, while restores run
+
+
 @contextlib.contextmanager
 def quiet_failed_reads():
   """Keeps what a failed orbax restore's leftover reads print out of stderr.
 
   When one array of a damaged checkpoint cannot be read, orbax stops its event loop
   while tensorstore still reads the others; each of those then fails into the closed
-  loop and prints a traceback ('Event loop is closed'), from a few lines to
-  thousands, around the one-line error. Within this block stderr is held: on success
-  what was written goes on to stderr; on failure the block waits `_SETTLE_S` for the
-  reads in flight and drops it, and the error raised says what went wrong. (The
-  failed reads' coroutines report once more when deleted, at exit:
-  `cli.silence_after_error` quiets that.)
+  loop and prints a traceback ('Event loop is closed') from one of tensorstore's
+  threads, from a few lines to thousands, around the one-line error. Within this
+  block (any number at once, in any threads) what those threads write to stderr is
+  held; the program's own threads write through. On failure the block waits
+  `_SETTLE_S` for the reads in flight, and what was held is dropped once the last
+  block ends (the error raised says what went wrong); otherwise it goes on to stderr.
+  The failed reads' coroutines report once more when deleted, at exit:
+  `cli.silence_after_error` quiets that.
   """
-  real, held = sys.stderr, io.StringIO()
-  sys.stderr = held
+  with _HOLDING:
+    if not _held:
+      _held.append(_NativeThreadsHeld(sys.stderr))
+      sys.stderr = _held[0]
+    hold = _held[0]
+    hold.users += 1
   try:
     yield
   except BaseException:
+    hold.failed = True
     time.sleep(_SETTLE_S)
-    sys.stderr = real
     raise
-  sys.stderr = real
-  real.write(held.getvalue())
+  finally:
+    with _HOLDING:
+      hold.users -= 1
+      if not hold.users:
+        _held.clear()
+        if sys.stderr is hold:
+          sys.stderr = hold.real
+        if not hold.failed:
+          hold.real.write(''.join(hold.held))
 
 
 def find_model_item(path: str, name: str | None = None) -> epath.Path:
