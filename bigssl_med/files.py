@@ -22,25 +22,30 @@ def written_whole(path: str) -> Iterator[str]:
 
   When the block ends without error the file gets the usual mode and replaces `path`
   in one rename; when it raises, the temporary file is removed and `path` is left as
-  it was. The temporary name ends in `path`'s extension, for writers that choose the
-  format by it (matplotlib's `savefig`).
+  it was. A `path` that is a symbolic link is written through: the file it points to
+  is replaced, the link stays. The temporary name ends in `path`'s extension, for
+  writers that choose the format by it (matplotlib's `savefig`).
 
   Raises:
     OSError: the folder cannot be made or written, or `path` cannot be replaced (a
       folder, say), with `path` as its `filename`.
   """
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  name = os.path.basename(path)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix=f'.tmp{os.path.splitext(name)[1]}',
-                             dir=folder)
-  os.close(fd)
+  target = os.path.realpath(path)
+  name = os.path.basename(target)
+  try:
+    folder = os.path.dirname(target)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix=f'.tmp{os.path.splitext(name)[1]}',
+                               dir=folder)
+    os.close(fd)
+  except OSError as e:  # named by `path`, not by a folder or a temporary file
+    raise type(e)(e.errno, e.strerror, path) from None
   try:
     yield tmp
     usual_mode(tmp)  # mkstemp makes it private
     try:
-      os.replace(tmp, path)
-    except OSError as e:  # named by `path`, not by the temporary file
+      os.replace(tmp, target)
+    except OSError as e:
       raise type(e)(e.errno, e.strerror, path) from None
   finally:
     if os.path.exists(tmp):

@@ -107,8 +107,10 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
     mesh: the device mesh; everything is replicated over it.
     make_tx: the optimiser for the (abstract) parameters.
     init_keys, partial_keys: what `init_from` loads (see `restore_or_initialize`).
-    data: the `sources.fingerprint` of the data set the run trains on, written to
-      `workdir/data.json`; a resumed run must read the build it was trained on.
+    data: the `sources.fingerprint` of the splits the run trains and selects on,
+      written to `workdir/data.json`; a resumed run must read the build it was
+      trained on. None: neither checked nor written (a finished run, returning its
+      results).
   """
   size = config.data.image_size
 

@@ -37,11 +37,25 @@ def test_a_failed_write_leaves_the_old_file_and_nothing_else(tmp_path):
   assert os.listdir(tmp_path) == ['results.json']
 
 
-def test_a_folder_that_cannot_be_made_is_an_os_error(tmp_path):
+def test_a_folder_that_cannot_be_made_is_an_os_error_naming_the_file(tmp_path):
   (tmp_path / 'file').write_text('')
-  with pytest.raises(OSError):
-    with files.written_whole(os.fspath(tmp_path / 'file' / 'x.csv')):
+  path = os.fspath(tmp_path / 'file' / 'x.csv')
+  with pytest.raises(OSError) as e:
+    with files.written_whole(path):
       pass
+  assert e.value.filename == path
+
+
+def test_a_link_is_written_through(tmp_path):
+  (tmp_path / 'shared').mkdir()
+  (tmp_path / 'shared' / 'report.md').write_text('old')
+  (tmp_path / 'report.md').symlink_to(tmp_path / 'shared' / 'report.md')
+  with files.written_whole(os.fspath(tmp_path / 'report.md')) as tmp:
+    with open(tmp, 'w') as f:
+      f.write('new')
+  assert (tmp_path / 'report.md').is_symlink()
+  assert (tmp_path / 'shared' / 'report.md').read_text() == 'new'
+  assert sorted(os.listdir(tmp_path / 'shared')) == ['report.md']
 
 
 def test_a_folder_in_the_way_is_an_os_error_naming_it(tmp_path):

@@ -100,7 +100,7 @@ def test_workdir_has_best_model_selection_and_predictions(finetuned, colours):
   assert best['value'] == max(e['top1'] for e in validation)
   # The build it trained on, which a resumed run must read again.
   assert json.loads((workdir / 'data.json').read_text()) == sources.fingerprint(
-      'image_cases/colours', os.fspath(colours))
+      'image_cases/colours', os.fspath(colours), ('train', 'validation'))
   predictions = np.load(workdir / 'test_predictions.npz')
   assert predictions['scores'].shape == (16, 2)
   np.testing.assert_allclose(predictions['scores'].sum(1), 1.0, rtol=1e-5)

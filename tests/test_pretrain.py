@@ -433,7 +433,7 @@ def test_resuming_on_another_build_of_the_data_is_a_one_line_error(trained, tmp_
   copy, before = _stopped_at_step_2(trained, tmp_path)
   shutil.copy(os.path.join(workdir, 'data.json'), copy)
   recorded = json.loads(Path(copy, 'data.json').read_text())
-  assert recorded == sources.fingerprint('ham10000', data_dir)
+  assert recorded == sources.fingerprint('ham10000', data_dir, ('train', 'validation'))
   assert recorded['dataset'] == 'ham10000/original/1.1.0'
   # The same lesions and a few more, built again: the saved stream position would
   # point into other records.
@@ -456,7 +456,13 @@ def test_resuming_on_another_build_of_the_data_is_a_one_line_error(trained, tmp_
   # Deleting data.json accepts the data as it is now, and records it.
   os.remove(os.path.join(copy, 'data.json'))
   assert pretrain.train_and_evaluate(tiny_config(more, total_steps=4), copy)['step'] == 4
-  assert json.loads(Path(copy, 'data.json').read_text()) == sources.fingerprint('ham10000', more)
+  assert json.loads(Path(copy, 'data.json').read_text()) == sources.fingerprint(
+      'ham10000', more, ('train', 'validation'))
+  # A finished run returns its results, whatever the data is now.
+  finished = os.fspath(tmp_path / 'finished')
+  shutil.copytree(workdir, finished)
+  assert pretrain.train_and_evaluate(tiny_config(more), finished)['step'] == 4
+  assert Path(finished, 'data.json').read_text() == Path(workdir, 'data.json').read_text()
 
 
 def test_resuming_with_another_architecture_is_a_one_line_error(trained, tmp_path):

@@ -309,7 +309,7 @@ def test_segmentation_learns_the_discs(segmented):
   assert results['test']['dice'] >= 0.8, results['test']
   assert results['validation']['num_examples'] == 10 and results['test']['num_examples'] == 9
   assert json.loads((workdir / 'data.json').read_text()) == sources.fingerprint(
-      config.dataset, config.data.data_dir)
+      config.dataset, config.data.data_dir, ('train', 'validation'))
   assert results['label_fraction'] == 0.5 and results['labelled_images'] == 39  # of 77
   # The report pools runs from several pretraining runs by these.
   assert results['init_from'] == config.init_from and results['pretrain_seed'] == 0

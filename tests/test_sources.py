@@ -154,8 +154,9 @@ def test_unknown_split_names_available_splits(built):
 
 def test_fingerprint_says_how_two_builds_differ(built):
   data_dir, _ = built
-  now = sources.fingerprint('ham10000', data_dir)
+  now = sources.fingerprint('ham10000', data_dir, ('train[:50%]+test', 'validation', ''))
   assert set(now['splits']) == {'train', 'validation', 'test'}
+  assert set(sources.fingerprint('ham10000', data_dir, ('train',))['splits']) == {'train'}
   assert all(s['num_examples'] > 0 and s['num_bytes'] > 0 for s in now['splits'].values())
   assert sources.fingerprint_differences(now, now) == ''
   assert sources.fingerprint_differences(None, now) == ''  # nothing saved: nothing to compare

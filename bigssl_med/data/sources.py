@@ -210,18 +210,22 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   return group_cases(case_ids)
 
 
-def fingerprint(name: str, data_dir: str) -> dict[str, Any]:
-  """What tells one build of a data set from another: name, config, version and the
-  records and bytes of each split, not where it lies.
+def fingerprint(name: str, data_dir: str, read: Sequence[str]) -> dict[str, Any]:
+  """What tells one build of the splits a run reads from another: the data set's name,
+  config and version, and the records and bytes of each split, not where it lies.
 
-  A run records it in its workdir (`data.json`) and a resumed run compares: the
+  `read`: the split strings the run trains and selects its model on (slices and sums
+  allowed, empty ones ignored); other splits may change between attempts of a run.
+  A run records this in its workdir (`data.json`) and a resumed run compares: the
   stream's saved position points into the records as they were built, so another
   build (more images, another size) would go on with other examples, unsaid.
   """
   info = dataset_info(name, data_dir)
+  names = sorted({part for split in read if split for part in splits.parts(split)})
   return {'dataset': info.full_name,
-          'splits': {split: {'num_examples': int(s.num_examples), 'num_bytes': int(s.num_bytes)}
-                     for split, s in sorted(info.splits.items())}}
+          'splits': {split: {'num_examples': int(info.splits[split].num_examples),
+                             'num_bytes': int(info.splits[split].num_bytes)}
+                     for split in names if split in info.splits}}
 
 
 def fingerprint_differences(saved: Any, now: dict[str, Any]) -> str:

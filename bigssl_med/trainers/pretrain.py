@@ -90,11 +90,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   schedule = optim.warmup_cosine(peak_lr, total_steps, warmup_steps)
 
   # ---------------------------------------------------------------- Starting point.
+  results_path = os.path.join(workdir, 'results.json')
+  previous = workdir_lib.read_json(results_path)
+  finished = isinstance(previous, dict) and previous.get('step') == total_steps
   run = train_state.start(
       model, config=config, workdir=workdir, mesh=mesh,
       make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
       init_keys=('encoder', 'head') if config.init_head else ('encoder',),
-      data=sources.fingerprint(config.dataset, data_dir))
+      # A finished run returns its results, whatever the data is now.
+      data=None if finished else sources.fingerprint(
+          config.dataset, data_dir, (config.data.train_split, config.data.eval_split)))
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, tx = run.checkpointer, run.tx
   model_shardings, state_shardings = run.shardings['model'], run.shardings
@@ -160,10 +165,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return results
 
   # ---------------------------------------------------------------- Loop.
-  results_path = os.path.join(workdir, 'results.json')
-  previous = workdir_lib.read_json(results_path)
-  finished = isinstance(previous, dict) and previous.get('step') == total_steps
-
   def keep_row(row: dict[str, Any]) -> bool:
     """Rows up to the resumed step, less an unfinished run's final evaluation (the
     last checkpoint is saved before it: the run evaluates again)."""
