@@ -139,18 +139,22 @@ def _tensorboard_writer(workdir: str):
   return metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
 
+def _step(row: dict[str, Any]) -> int:
+  return int(row.get('step', 0))
+
+
 def _drop_rows_after(path: str, step: int,
-                     keep_row: Callable[[dict[str, Any]], bool] | None = None) -> None:
+                     keep_row: Callable[[dict[str, Any]], bool] | None = None) -> int:
   """Rewrites the metrics file at `path` without its rows of steps after `step` (and
   without a last line cut short by a crash); `keep_row(row)`, when given, decides
-  instead which rows stay."""
-  keep_row = keep_row or (lambda row: int(row.get('step', 0)) <= step)
+  instead which rows stay. Returns the number of rows kept after `step`."""
+  keep_row = keep_row or (lambda row: _step(row) <= step)
   try:
     with open(path) as f:
       lines = f.read().splitlines()
   except FileNotFoundError:
-    return
-  kept = []
+    return 0
+  kept, ahead = [], 0
   for line in lines:
     try:
       row = json.loads(line)
@@ -158,12 +162,37 @@ def _drop_rows_after(path: str, step: int,
       continue
     if isinstance(row, dict) and keep_row(row):
       kept.append(line)
+      ahead += _step(row) > step
   if len(kept) == len(lines):
-    return
+    return ahead
   logging.info('%s: %d row(s) after step %d dropped; the run logs those steps again',
                path, len(lines) - len(kept), step)
   with files.written_whole(path) as tmp, open(tmp, 'w') as f:
     f.write(''.join(line + '\n' for line in kept))
+  return ahead
+
+
+def _put_ahead_rows_in_place(path: str, step: int, start: int) -> None:
+  """Moves the rows of steps after `step` that a resumed run kept from its earlier
+  attempt (evaluations it does not repeat), among the first `start` lines of the
+  metrics file at `path`, to where an uninterrupted run writes them: before the first
+  row written since whose step is later, so after that step's training row."""
+  with open(path) as f:
+    lines = f.read().splitlines()
+  try:
+    steps = [_step(json.loads(line)) for line in lines]
+  except (ValueError, TypeError, AttributeError):
+    return  # not a file this writer wrote: left as it is
+  earlier = [line for line, s in zip(lines[:start], steps) if s <= step]
+  ahead = [(s, line) for line, s in zip(lines[:start], steps) if s > step]
+  merged = []
+  for line, s in zip(lines[start:], steps[start:]):
+    while ahead and ahead[0][0] < s:
+      merged.append(ahead.pop(0)[1])
+    merged.append(line)
+  merged += [line for _, line in ahead]
+  with files.written_whole(path) as tmp, open(tmp, 'w') as f:
+    f.write(''.join(line + '\n' for line in earlier + merged))
 
 
 class MetricWriter:
@@ -174,17 +203,21 @@ class MetricWriter:
                keep_row: Callable[[dict[str, Any]], bool] | None = None):
     """`resume_step`: the step the run restarts from; rows logged after it (by a run
     that stopped before its next checkpoint) are dropped, as the run logs them again.
-    `keep_row(row)`, when given, decides instead which earlier rows stay."""
+    `keep_row(row)`, when given, decides instead which earlier rows stay; those of
+    steps after `resume_step` move to where an uninterrupted run writes them when
+    the writer closes (till then they stay where they were, so a new kill loses none)."""
     self._primary = jax.process_index() == 0
     self._total_steps = total_steps
     self._jsonl = None
     self._tb = None
+    self._path = os.path.join(workdir, 'metrics.jsonl')
+    self._reorder = None  # (resume_step, lines before this run's) when rows were kept ahead
     if self._primary:
       os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, 'metrics.jsonl')
-      if resume_step is not None:
-        _drop_rows_after(path, resume_step, keep_row)
-      self._jsonl = open(path, 'a')
+      if resume_step is not None and _drop_rows_after(self._path, resume_step, keep_row):
+        with open(self._path) as f:
+          self._reorder = (resume_step, len(f.read().splitlines()))
+      self._jsonl = open(self._path, 'a')
       if tensorboard:
         self._tb = _tensorboard_writer(workdir)
     self._last_time = None
@@ -223,6 +256,10 @@ class MetricWriter:
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
+      self._jsonl = None
+      if self._reorder is not None:
+        _put_ahead_rows_in_place(self._path, *self._reorder)
+        self._reorder = None
     if self._tb is not None:
       self._tb.flush()
       self._tb.close()

@@ -69,6 +69,12 @@ def test_validation_rows_of_steps_evaluated_before_a_kill_are_kept(
   assert _rows(workdir, 'validation') == _rows(uninterrupted, 'validation')
   assert [r['step'] for r in _rows(workdir, 'train')] == [10, 20, 30, 40]
   assert results['best_step'] in [r['step'] for r in _rows(workdir, 'validation')]
+  # In the order an uninterrupted run writes them: step 30's validation row, kept from
+  # the killed attempt, follows step 30's training row again.
+  def order(path):
+    with open(os.path.join(path, 'metrics.jsonl')) as f:
+      return [(row['step'], row['split']) for row in map(json.loads, f)]
+  assert order(workdir) == order(uninterrupted)
 
 
 def test_a_kill_after_testing_leaves_one_test_row(colours, tmp_path, monkeypatch):  # noqa: F811
