@@ -1,8 +1,9 @@
 """How the project writes files: whole or not at all, with a new file's usual mode.
 
 `written_whole(path)` gives a temporary path beside `path` to write, and renames it
-over `path` once the block ends without error, so a reader (or a rerun after a
-crash) sees the old file or the new one, never half of one.
+over `path` once the block ends without error (the file synced to disk first), so a
+reader (or a rerun after a crash or a power cut) sees the old file or the new one,
+never half of one.
 
 `tempfile.mkstemp` and some writers (safetensors) create files only their owner can
 read; `usual_mode` gives such a file the mode `open()` would have given it, `0o666`
@@ -43,13 +44,33 @@ def written_whole(path: str) -> Iterator[str]:
   try:
     yield tmp
     usual_mode(tmp)  # mkstemp makes it private
+    _sync(tmp)  # the bytes reach the disk before the name points at them
     try:
       os.replace(tmp, target)
     except OSError as e:
       raise type(e)(e.errno, e.strerror, path) from None
+    _sync(folder, folder=True)  # and the rename itself
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def _sync(path: str, *, folder: bool = False) -> None:
+  """fsync of the file (or folder) at `path`, so a power cut cannot leave a renamed
+  file empty; a file system that cannot sync a folder (some network mounts) is let be."""
+  try:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, 'O_DIRECTORY', 0) if folder else 0))
+  except OSError:
+    if folder:
+      return
+    raise
+  try:
+    os.fsync(fd)
+  except OSError:
+    if not folder:
+      raise
+  finally:
+    os.close(fd)
 
 
 def usual_mode(path: str, *, folder: bool = False) -> None:

@@ -66,3 +66,15 @@ def test_a_folder_in_the_way_is_an_os_error_naming_it(tmp_path):
         f.write('x')
   assert e.value.filename == os.fspath(tmp_path / 'out.md')
   assert os.listdir(tmp_path) == ['out.md']
+
+
+def test_the_bytes_and_the_rename_are_synced_to_disk(tmp_path, monkeypatch):
+  synced = []
+  fsync = os.fsync
+  monkeypatch.setattr(os, 'fsync', lambda fd: (synced.append(os.readlink(
+      f'/proc/self/fd/{fd}')), fsync(fd)))
+  path = tmp_path / 'results.json'
+  with files.written_whole(os.fspath(path)) as tmp:
+    with open(tmp, 'w') as f:
+      f.write('{}')
+  assert synced == [tmp, os.fspath(tmp_path)]
