@@ -163,16 +163,15 @@ def export(workdir: str, out: str, checkpoint: str = 'auto',
   if checkpoint == 'best' and not os.path.isdir(best):
     raise CheckpointError(f'{best}: no such folder (only fine-tuning runs keep a best model)')
   device = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  # `source`: where in the run the weights lie ('best', 'checkpoints/1200'), not where
+  # the run lies on this machine: the bytes are the model's alone, and a shared file
+  # names no local folder.
   if checkpoint != 'latest' and os.path.isdir(best):
-    item = best
+    item, source = best, 'best'
   else:
     item = checkpointing.find_model_item(workdir, f'--workdir={workdir}')
+    source = os.path.relpath(item.parent, checkpointing.absolute(workdir))
   variables = checkpointing.restore_model_item(item, device)
-  # Where in the run the weights come from ('best', 'checkpoints/1200'), not where the
-  # run lies on this machine: the bytes are the model's alone, and a shared file names
-  # no local folder.
-  source = os.path.relpath(os.path.dirname(item) if os.path.basename(item) == 'model'
-                           else item, checkpointing.absolute(workdir))
   tensors = to_torchvision(variables, model)
   if model['stem_pool_padding'] != 'symmetric':
     logging.warning('%s: trained with SimCLR\'s max-pooling windows (stem_pool_padding=%r); '

@@ -60,17 +60,13 @@ def _sync(path: str, *, folder: bool = False) -> None:
   file empty; a file system that cannot sync a folder (some network mounts) is let be."""
   try:
     fd = os.open(path, os.O_RDONLY | (getattr(os, 'O_DIRECTORY', 0) if folder else 0))
-  except OSError:
-    if folder:
-      return
-    raise
-  try:
-    os.fsync(fd)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
   except OSError:
     if not folder:
       raise
-  finally:
-    os.close(fd)
 
 
 def usual_mode(path: str, *, folder: bool = False) -> None:

@@ -264,6 +264,10 @@ def _is_setting(key: str) -> bool:
               or config_schema.is_bookkeeping(key))
 
 
+# The variant of a run without a readable config.json among runs that study a setting.
+UNKNOWN_SETTINGS = 'settings unknown: no readable config.json'
+
+
 def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
   """Sets each run's `variant`: the settings that tell it apart from its init's other runs.
 
@@ -306,9 +310,6 @@ def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
                     'differ in a setting, get a row "(%s)" of their own: %s', CONFIG_FILE,
                     UNKNOWN_SETTINGS, ', '.join(unknown))
 
-
-# The variant of a run without a readable config.json among runs that study a setting.
-UNKNOWN_SETTINGS = 'settings unknown: no readable config.json'
 
 
 def _setting_text(value: str) -> str:
@@ -681,8 +682,6 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
   runs = with_metrics(runs, split)  # warns once about runs left out
   summary = summarize(runs, metric, split, by_pretraining=by_pretraining, test=test)
   spread = pretraining_spread(runs, metric, split)
-  out_dir = os.path.dirname(os.path.abspath(out_path))
-  os.makedirs(out_dir, exist_ok=True)
   stem = os.path.splitext(out_path)[0]
   with files.written_whole(out_path) as tmp, open(tmp, 'w') as f:
     f.write(markdown(summary, split=split, digits=digits,

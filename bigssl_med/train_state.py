@@ -80,6 +80,13 @@ def _check_resumed_settings(workdir: str, config) -> None:
 DATA_FILE = 'data.json'
 
 
+def data_fingerprint(config: ml_collections.ConfigDict, data_dir: str) -> dict[str, Any]:
+  """`sources.fingerprint` of the splits a run trains and selects its model on
+  (`config.data.train_split` and `eval_split`), for `start`'s `data`."""
+  return sources.fingerprint(config.dataset, data_dir,
+                             (config.data.train_split, config.data.eval_split))
+
+
 def _check_resumed_data(workdir: str, data: dict[str, Any]) -> None:
   """Fails when a resumed run reads another build of its data set than it was trained on.
 

@@ -28,6 +28,7 @@ from bigssl_med.errors import ConfigError
 
 
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+METRICS_FILE = 'metrics.jsonl'
 
 
 def start(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -94,22 +95,31 @@ def read_json(path: str) -> Any:
     return None
 
 
+def _read_rows(path: str) -> tuple[int, list[tuple[str, dict[str, Any]]]]:
+  """The lines of the metrics file at `path` and its rows: (number of lines, [(line,
+  row)] of the lines that are JSON objects; a line cut short by a crash is not)."""
+  try:
+    with open(path) as f:
+      lines = f.read().splitlines()
+  except FileNotFoundError:
+    return 0, []
+  rows = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict):
+      rows.append((line, row))
+  return len(lines), rows
+
+
 def last_row(workdir: str, split: str, step: int) -> dict[str, float] | None:
   """The metrics of the last `metrics.jsonl` row of `split` at `step` (without `step`
   and `split`), or None when there is none."""
-  found = None
-  try:
-    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-      for line in f:
-        try:
-          row = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(row, dict) and row.get('split') == split and row.get('step') == step:
-          found = {k: v for k, v in row.items() if k not in ('step', 'split')}
-  except FileNotFoundError:
-    return None
-  return found
+  found = [row for _, row in _read_rows(os.path.join(workdir, METRICS_FILE))[1]
+           if row.get('split') == split and row.get('step') == step]
+  return {k: v for k, v in found[-1].items() if k not in ('step', 'split')} if found else None
 
 
 def scalars(found: Mapping[str, Any]) -> dict[str, float]:
@@ -144,49 +154,33 @@ def _step(row: dict[str, Any]) -> int:
 
 
 def _drop_rows_after(path: str, step: int,
-                     keep_row: Callable[[dict[str, Any]], bool] | None = None) -> int:
+                     keep_row: Callable[[dict[str, Any]], bool] | None = None
+                     ) -> tuple[int, int]:
   """Rewrites the metrics file at `path` without its rows of steps after `step` (and
   without a last line cut short by a crash); `keep_row(row)`, when given, decides
-  instead which rows stay. Returns the number of rows kept after `step`."""
+  instead which rows stay. Returns (rows kept, rows kept of steps after `step`)."""
   keep_row = keep_row or (lambda row: _step(row) <= step)
-  try:
-    with open(path) as f:
-      lines = f.read().splitlines()
-  except FileNotFoundError:
-    return 0
-  kept, ahead = [], 0
-  for line in lines:
-    try:
-      row = json.loads(line)
-    except ValueError:
-      continue
-    if isinstance(row, dict) and keep_row(row):
-      kept.append(line)
-      ahead += _step(row) > step
-  if len(kept) == len(lines):
-    return ahead
-  logging.info('%s: %d row(s) after step %d dropped; the run logs those steps again',
-               path, len(lines) - len(kept), step)
-  with files.written_whole(path) as tmp, open(tmp, 'w') as f:
-    f.write(''.join(line + '\n' for line in kept))
-  return ahead
+  num_lines, rows = _read_rows(path)
+  kept = [(line, row) for line, row in rows if keep_row(row)]
+  ahead = sum(_step(row) > step for _, row in kept)
+  if len(kept) < num_lines:
+    logging.info('%s: %d row(s) after step %d dropped; the run logs those steps again',
+                 path, num_lines - len(kept), step)
+    with files.written_whole(path) as tmp, open(tmp, 'w') as f:
+      f.write(''.join(line + '\n' for line, _ in kept))
+  return len(kept), ahead
 
 
 def _put_ahead_rows_in_place(path: str, step: int, start: int) -> None:
   """Moves the rows of steps after `step` that a resumed run kept from its earlier
-  attempt (evaluations it does not repeat), among the first `start` lines of the
+  attempt (evaluations it does not repeat), among the first `start` rows of the
   metrics file at `path`, to where an uninterrupted run writes them: before the first
   row written since whose step is later, so after that step's training row."""
-  with open(path) as f:
-    lines = f.read().splitlines()
-  try:
-    steps = [_step(json.loads(line)) for line in lines]
-  except (ValueError, TypeError, AttributeError):
-    return  # not a file this writer wrote: left as it is
-  earlier = [line for line, s in zip(lines[:start], steps) if s <= step]
-  ahead = [(s, line) for line, s in zip(lines[:start], steps) if s > step]
+  rows = [(_step(row), line) for line, row in _read_rows(path)[1]]
+  earlier = [line for s, line in rows[:start] if s <= step]
+  ahead = [(s, line) for s, line in rows[:start] if s > step]
   merged = []
-  for line, s in zip(lines[start:], steps[start:]):
+  for s, line in rows[start:]:
     while ahead and ahead[0][0] < s:
       merged.append(ahead.pop(0)[1])
     merged.append(line)
@@ -210,13 +204,14 @@ class MetricWriter:
     self._total_steps = total_steps
     self._jsonl = None
     self._tb = None
-    self._path = os.path.join(workdir, 'metrics.jsonl')
-    self._reorder = None  # (resume_step, lines before this run's) when rows were kept ahead
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._reorder = None  # (resume_step, rows before this run's) when rows were kept ahead
     if self._primary:
       os.makedirs(workdir, exist_ok=True)
-      if resume_step is not None and _drop_rows_after(self._path, resume_step, keep_row):
-        with open(self._path) as f:
-          self._reorder = (resume_step, len(f.read().splitlines()))
+      if resume_step is not None:
+        kept, ahead = _drop_rows_after(self._path, resume_step, keep_row)
+        if ahead:
+          self._reorder = (resume_step, kept)
       self._jsonl = open(self._path, 'a')
       if tensorboard:
         self._tb = _tensorboard_writer(workdir)

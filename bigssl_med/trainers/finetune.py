@@ -329,8 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = train_state.start(
       model, config=config, workdir=workdir, mesh=mesh, make_tx=make_tx,
       init_keys=('encoder', 'head') if config.head_layers_kept else ('encoder',),
-      partial_keys=('head',), data=sources.fingerprint(
-          config.dataset, data_dir, (config.data.train_split, config.data.eval_split)))
+      partial_keys=('head',), data=train_state.data_fingerprint(config, data_dir))
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, model_shardings = run.checkpointer, run.shardings['model']
   logging.info('Start at step %d: %s', int(opt['step']), origin)

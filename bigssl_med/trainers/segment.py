@@ -102,8 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = train_state.start(
       model, config=config, workdir=workdir, mesh=mesh,
       make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
-      init_keys=('encoder',), data=sources.fingerprint(
-          config.dataset, data_dir, (config.data.train_split, config.data.eval_split)))
+      init_keys=('encoder',), data=train_state.data_fingerprint(config, data_dir))
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, model_shardings = run.checkpointer, run.shardings['model']
   logging.info('Start at step %d: %s', int(opt['step']), origin)
