@@ -36,6 +36,8 @@ def pytest_configure(config):
                   r'Exception ignored in. None[\s\S]*Event loop is closed'):
     config.addinivalue_line('filterwarnings',
                             f'ignore:{message}:pytest.PytestUnraisableExceptionWarning')
+  config.addinivalue_line('filterwarnings', "ignore:coroutine '_read_array_index_and_device_put'"
+                                            ' was never awaited:RuntimeWarning')
 
 
 REAL_HAM10000 = (Path(__file__).resolve().parents[1].parent / 'shared' / 'data' /
