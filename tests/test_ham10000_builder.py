@@ -422,6 +422,35 @@ def test_skip_bad_images_lists_them_in_metadata(fake_ham10000, tmp_path):
              if r['image_id'] == image_id))
 
 
+@pytest.mark.parametrize('how', ['missing', 'undecodable'])
+def test_skipping_every_image_of_a_split_is_an_error(fake_ham10000, tmp_path, how):
+  rows = [row for row in fake_ham10000.rows
+          if ham10000.split_for_case(row['lesion_id']) == 'validation']
+  for row in rows:
+    path = fake_ham10000.images[row['image_id']]
+    if how == 'missing':
+      os.remove(path)
+    else:
+      path.write_bytes(b'\xff\xd8 truncated')
+  data_dir = tmp_path / 'data'
+  with pytest.raises(DataError) as excinfo:
+    _build(fake_ham10000, data_dir, skip_bad_images=True)
+  _assert_one_line_error(excinfo, f'all {len(rows)} images of split validation', 'skipped',
+                         rows[0]['image_id'])
+  with pytest.raises(DataError, match='not built'):
+    sources.dataset_info(NAME, os.fspath(data_dir))
+
+
+@pytest.mark.parametrize('blank', [',,,,,,', '   ', ''])
+def test_blank_metadata_rows_are_ignored(fake_ham10000, tmp_path, blank):
+  lines = fake_ham10000.metadata.read_text().splitlines()
+  lines[4:4] = [blank]
+  fake_ham10000.metadata.write_text('\n'.join(lines + [blank]) + '\n')
+  data_dir = tmp_path / 'data'
+  _build(fake_ham10000, data_dir)
+  assert sum(len(r) for r in _records(data_dir).values()) == len(fake_ham10000.rows)
+
+
 def test_side_config_downscales_images_and_masks(fake_ham10000, tmp_path):
   data_dir = tmp_path / 'data'
   version_dir = build_data.build(f'{NAME}/side16', data_dir=os.fspath(data_dir),

@@ -295,7 +295,7 @@ def test_named_config_and_max_side(tmp_path):
                                                   'side16']
 
 
-@pytest.mark.parametrize('name', ['my set', '..', 'a/b'])
+@pytest.mark.parametrize('name', ['my set', '..', 'a/b', 'side1', 'side7'])
 def test_bad_config_name(tmp_path, name):
   root = tmp_path / 'mine'
   _single_label_tree(root)
@@ -438,6 +438,22 @@ def test_bad_images_error_or_skip(tmp_path):
   assert 'not found' in entry['reason']
   assert 'cannot decode' in skipped[f'{cases} line {rows.index(broken) + 2}'][
       'reason']
+
+
+def test_skipping_every_image_of_a_split_is_an_error(tmp_path):
+  root = tmp_path / 'mine'
+  rows = _single_label_tree(root)
+  test_rows = [row for row in rows if row['split_expected'] == 'test']
+  os.remove(root / test_rows[0]['path'])
+  for row in test_rows[1:]:
+    (root / row['path']).write_bytes(b'not an image')
+  data_dir = tmp_path / 'data'
+  with pytest.raises(DataError) as excinfo:
+    _build(root, data_dir, skip_bad_images=True)
+  _assert_one_line_error(excinfo, f'all {len(test_rows)} images of split test', 'skipped',
+                         root / test_rows[0]['path'])
+  with pytest.raises(DataError, match='not built'):
+    sources.dataset_info(NAME, os.fspath(data_dir))
 
 
 # The real NIH sample (../shared/data/nih_chestxray14_sample) as a user's data.

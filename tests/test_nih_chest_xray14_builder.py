@@ -338,6 +338,30 @@ def test_skip_bad_images_lists_them(fake, tmp_path):
   assert 'cannot decode' in skipped[f'{fake.labels} line 2']['reason']
 
 
+@pytest.mark.parametrize('how', ['missing', 'undecodable'])
+def test_skipping_every_image_of_a_split_is_an_error(fake, tmp_path, how):
+  """With every test image gone (an archive not unpacked), the build must not end as
+  a complete data set without its test split."""
+  test_rows = [row for row in fake.rows if row['split'] == 'test']
+  for row in test_rows:
+    if how == 'missing':
+      os.remove(fake.images[row['image_id']])
+    else:
+      fake.images[row['image_id']].write_bytes(b'\x89PNG\r\n\x1a\n garbage')
+  data_dir = tmp_path / 'data'
+  with pytest.raises(DataError) as excinfo:
+    _build(fake, data_dir, skip_bad_images=True)
+  _assert_one_line_error(excinfo, f'all {len(test_rows)} images of split test',
+                         'skipped', test_rows[0]['image_id'])
+  with pytest.raises(DataError, match='not built'):
+    sources.dataset_info(NAME, os.fspath(data_dir))
+
+
+def test_a_patient_id_of_digits_outside_ascii_is_kept_as_written():
+  assert nih.case_id_of('42') == '00000042'
+  assert nih.case_id_of('\u00b2') == '\u00b2'  # str.isdigit() is True; int() fails
+
+
 def test_listed_image_not_in_label_file(fake, tmp_path):
   with open(fake.test, 'a') as f:
     f.write('\n00012345_000.png\n')

@@ -89,11 +89,16 @@ def config_name(max_side: int | None) -> str:
   return ORIGINAL if max_side is None else f'side{int(max_side)}'
 
 
+def is_size_name(name: str) -> bool:
+  """Whether `name` has the form of a size config: `original` or `side<N>`."""
+  return name == ORIGINAL or _SIDE_RE.match(name) is not None
+
+
 def max_side_of(name: str) -> int | None:
   """Inverse of `config_name`.
 
   Raises:
-    DataError: `name` is neither `original` nor `side<N>`.
+    DataError: `name` is neither `original` nor `side<N>`, or N is below 8.
   """
   if name == ORIGINAL:
     return None
@@ -101,7 +106,11 @@ def max_side_of(name: str) -> int | None:
   if match is None:
     raise DataError(f'unknown builder config {name!r}; expected {ORIGINAL!r} or '
                     "'side<N>' (images stored with longest side N)")
-  return int(match['side'])
+  side = int(match['side'])
+  if side < _MIN_SIDE:
+    raise DataError(f'builder config {name!r}: the longest side must be at least '
+                    f'{_MIN_SIDE}, got {side}')
+  return side
 
 
 class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -475,11 +484,42 @@ class ImageStore:
     `load` (thread-safe: `try_load`, `try_convert` and the like) runs on `threads`
     threads (`in_order`); a `Failed` outcome goes through `keep` (skipped and listed,
     or raised). Progress is logged as `what`.
+
+    Raises:
+      DataError: a bad image when bad images are not skipped, or every one of
+        `items` skipped (TFDS cannot write an empty split).
     """
+    kept, first_failure = 0, None
     for item, loaded in with_progress(in_order(load, items, threads=self.threads),
                                       total=len(items), what=what):
       if self.keep(loaded, split=split):
+        kept += 1
         yield item, loaded
+      elif first_failure is None:
+        first_failure = loaded
+    if items and not kept:
+      raise DataError(f'{what}: all {len(items)} images of split {split} were skipped '
+                      f'as missing or undecodable (first: {first_failure.path}, '
+                      f'{first_failure.where}); nothing to write')
+
+
+def check_no_split_emptied(by_split: dict[str, Sequence[Any]],
+                           skipped: dict[str, list[str]], what: str) -> None:
+  """Fails for a split whose every listed image was skipped before decoding (a
+  missing file): TFDS would leave the split out and the build look complete.
+
+  Args:
+    by_split: the items kept for each split.
+    skipped: the messages of the images skipped for each split, in their order.
+    what: the data set, for the message.
+
+  Raises:
+    DataError: a split with skipped images and none kept.
+  """
+  for split, items in by_split.items():
+    if not items and skipped.get(split):
+      raise DataError(f'{what}: all {len(skipped[split])} images of split {split} were '
+                      f'skipped as missing (first: {skipped[split][0]}); nothing to write')
 
 
 def default_threads() -> int:
@@ -665,16 +705,10 @@ def generate_examples(items: Sequence[Item], store: ImageStore,
     DataError: from `store` for a bad image (unless skipped), or when every image
       of a split was skipped (TFDS cannot write an empty split).
   """
-  count = 0
   split = items[0].split if items else ''
   for item, image in store.each(items, lambda item: store.try_load(item.path, where=item.where),
                                 split=split, what=f'{name} {split}'):
-    count += 1
     yield item.key, {'image': image, **item.features}
-  if items and not count:
-    raise DataError(f'{name}: all {len(items)} images of split {items[0].split} '
-                    'were skipped as missing or undecodable (first: '
-                    f'{items[0].path}, {items[0].where}); nothing to write')
 
 
 # ----------------------------------------------------------------------------

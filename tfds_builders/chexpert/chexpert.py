@@ -32,7 +32,9 @@ both stops the build with an error naming the patient and both rows.
 
 Images are stored as single-channel (grayscale) JPEG, re-encoded only when the
 config downscales them (`side512`, the default, or any `side<N>`) or when they are
-not 8-bit grayscale JPEGs; otherwise the published bytes are kept. Missing or
+not 8-bit grayscale JPEGs; otherwise the published bytes are kept. A file that is
+in fact a PNG is stored as a one-channel PNG (lossless stays lossless; the input
+pipeline decodes either, whatever the feature's `jpeg` format says). Missing or
 undecodable images stop the build unless the build skips bad images (they are then
 listed in the metadata). Errors are
 one-line `bigssl_med.errors.DataError`s naming the file and row.

@@ -351,7 +351,7 @@ class ImageCases(common.ImageBuilder):
       raise DataError('image_cases needs --manual_dir: a directory with a '
                       f'{CASES_FILE} listing the images (columns path, case_id, '
                       'label or labels, optional split)')
-    if config is None or _is_size_name(config):
+    if config is None or common.is_size_name(config):
       sized = super().make_config(config, max_side=max_side)
       name, max_side = sized.name, sized.max_side
     else:
@@ -517,15 +517,6 @@ class _ListedFiles:
     if earlier != where:
       raise DataError(f'{where}: image {case.path} is the file of {earlier} ({file}) in '
                       'other letter case; list each image once')
-
-
-def _is_size_name(name: str) -> bool:
-  """Whether `name` is `original` or `side<N>`."""
-  try:
-    common.max_side_of(name)
-  except DataError:
-    return False
-  return True
 
 
 def _parse_row(row: common.Row, path: str, manual_dir: str, *,

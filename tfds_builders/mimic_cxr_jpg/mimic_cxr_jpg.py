@@ -27,7 +27,8 @@ Any other label value stops the build with an error naming file, line and column
 Splits: train -> 'train', validate -> 'validation', test -> 'test'. A patient
 listed in two splits stops the build with an error naming the patient and both
 rows. Images are stored as single-channel JPEG (the published bytes unless the
-config downscales them or they are not 8-bit grayscale JPEGs);
+config downscales them or they are not 8-bit grayscale JPEGs; a file that is in
+fact a PNG as a one-channel PNG);
 missing or undecodable images stop the build unless the config skips bad images
 (they are then listed in the metadata). Errors are one-line
 `bigssl_med.errors.DataError`s naming the file and row.

@@ -174,7 +174,8 @@ class Inputs(NamedTuple):
 def case_id_of(patient_id: str) -> str:
   """`Patient ID` as `case_id`: digits zero-padded to 8, anything else as is."""
   patient_id = patient_id.strip()
-  return f'{int(patient_id):08d}' if patient_id.isdigit() else patient_id
+  is_number = patient_id.isascii() and patient_id.isdigit()
+  return f'{int(patient_id):08d}' if is_number else patient_id
 
 
 def train_val_split(case_id: str) -> str:
@@ -331,6 +332,7 @@ class NihChestXray14(common.ImageBuilder):
     images = index_images(inputs.roots)
     store = self.image_store(channels=1)
     by_split = {split: [] for split in SPLIT_NAMES}
+    missing = {split: [] for split in SPLIT_NAMES}
     for entry, split, _ in assigned:
       where = f'{inputs.labels} line {entry.line}'
       path = images.get(entry.image_id)
@@ -340,8 +342,10 @@ class NihChestXray14(common.ImageBuilder):
         if not store.skip_bad_images:
           raise DataError(message)
         store.skip(path=entry.image_id, where=where, split=split, reason=message)
+        missing[split].append(message)
         continue
       by_split[split].append((entry, path, where))
+    common.check_no_split_emptied(by_split, missing, 'nih_chest_xray14')
     empty = [split for split, items in by_split.items() if not items]
     if empty:  # TFDS cannot write an empty split; only tiny inputs get here.
       logging.warning('nih_chest_xray14: no images in split(s) %s; they are '
