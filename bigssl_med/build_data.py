@@ -40,6 +40,7 @@ from bigssl_med import staging as staging_lib
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
 import tfds_builders
+from tfds_builders import common
 
 
 def build(name: str, *, data_dir: str, manual_dir: str | None = None,
@@ -82,18 +83,20 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
                                    manual_dir=manual_dir)
   full_name = f'{base}/{config.name}'
   version_dir = sources.version_dir_of(full_name, data_dir)
-  sources.restore_set_aside_build(version_dir)
-  if sources.is_complete_build(version_dir) and not overwrite:
-    _check_unchanged(builder_cls, version_dir, manual_dir)
-    if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
-      sources.write_case_index(version_dir)
-    logging.info('%s is already built in %s (--overwrite rebuilds it).',
-                 full_name, version_dir)
-    return version_dir
-
-  os.makedirs(data_dir, exist_ok=True)
-  staging_lib.remove_dead(data_dir, f'.build-{base}-', 'a build')
-  staging = tempfile.mkdtemp(prefix=f'.build-{base}-', dir=data_dir)
+  try:
+    staging_lib.remove_dead(data_dir, f'.build-{base}-', 'a build')
+    sources.restore_set_aside_build(version_dir)
+    if sources.is_complete_build(version_dir) and not overwrite:
+      _check_unchanged(builder_cls, version_dir, manual_dir)
+      if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
+        sources.write_case_index(version_dir)
+      logging.info('%s is already built in %s (--overwrite rebuilds it).',
+                   full_name, version_dir)
+      return version_dir
+    os.makedirs(data_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.build-{base}-', dir=data_dir)
+  except OSError as exc:
+    raise DataError(f'data_dir {data_dir}: {common.one_line(exc)}') from exc
   lock = staging_lib.hold(staging)
   try:
     builder = builder_cls(data_dir=staging, config=config,
@@ -104,7 +107,12 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     built_dir = os.fspath(builder.data_dir)
     sources.write_case_index(built_dir)
-    _move_into_place(built_dir, version_dir)
+    if not _move_into_place(built_dir, version_dir, overwrite=overwrite):
+      logging.info('%s was built in %s by another build meanwhile; keeping it '
+                   '(--overwrite replaces it).', full_name, version_dir)
+      return version_dir
+  except OSError as exc:
+    raise DataError(f'building {full_name} in {data_dir}: {common.one_line(exc)}') from exc
   finally:
     shutil.rmtree(staging, ignore_errors=True)
     if lock is not None:
@@ -207,6 +215,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except DataError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print(f'error: interrupted; {args.name} was not built (an earlier complete build is '
+          'kept)', file=sys.stderr)
+    return 130
   print(path)
   return 0
 
@@ -228,22 +240,31 @@ def _check_unchanged(builder_cls, version_dir: str, manual_dir: str | None) -> N
     builder_cls.check_unchanged(version_dir, manual_dir)
 
 
-def _move_into_place(built_dir: str, version_dir: str) -> None:
-  """Renames `built_dir` to `version_dir`, replacing any earlier build last."""
+def _move_into_place(built_dir: str, version_dir: str, *, overwrite: bool) -> bool:
+  """Renames `built_dir` to `version_dir`, replacing any earlier build last.
+
+  Builds of the same data set take turns here (a lock on the folder holding
+  `version_dir`, as `sources.restore_set_aside_build` takes). Returns
+  False, leaving `built_dir` where it is, when a complete build is in place and
+  `overwrite` is off: another build finished first.
+  """
   os.makedirs(os.path.dirname(version_dir), exist_ok=True)
-  old = None
-  if os.path.exists(version_dir):
+  with staging_lib.exclusive(os.path.dirname(version_dir)):
+    sources.restore_set_aside_build(version_dir, lock=False)
+    if not overwrite and sources.is_complete_build(version_dir):
+      return False
     old = sources.set_aside_path(version_dir)
     shutil.rmtree(old, ignore_errors=True)  # left by a rebuild killed after its swap
-    os.rename(version_dir, old)
-  try:
-    os.rename(built_dir, version_dir)
-  except BaseException:
-    if old is not None:
-      os.rename(old, version_dir)
-    raise
-  if old is not None:
+    if os.path.exists(version_dir):
+      os.rename(version_dir, old)
+    try:
+      os.rename(built_dir, version_dir)
+    except BaseException:
+      if os.path.exists(old):
+        os.rename(old, version_dir)
+      raise
     shutil.rmtree(old, ignore_errors=True)
+  return True
 
 
 if __name__ == '__main__':

@@ -8,10 +8,11 @@ from live ones and remove only those. Where the file system has no locks, nothin
 locked and nothing removed.
 """
 
+import contextlib
 import fcntl
 import os
 import shutil
-from typing import IO
+from typing import IO, Iterator
 
 from absl import logging
 
@@ -19,14 +20,42 @@ LOCK_FILE = '.lock'
 
 
 def hold(folder: str) -> IO | None:
-  """Locks `folder` until the returned handle is closed (None where there are no locks)."""
-  handle = open(os.path.join(folder, LOCK_FILE), 'w')  # pylint: disable=consider-using-with
+  """Locks `folder` until the returned handle is closed (None where there are no locks).
+
+  The lock file is locked under another name, then renamed to `LOCK_FILE`: a
+  `remove_dead` running meanwhile never finds it unlocked.
+  """
+  unnamed = os.path.join(folder, LOCK_FILE + '.new')
+  handle = open(unnamed, 'w')  # pylint: disable=consider-using-with
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(unnamed, os.path.join(folder, LOCK_FILE))
   except OSError:
     handle.close()
+    try:
+      os.remove(unnamed)
+    except OSError:
+      pass
     return None
   return handle
+
+
+@contextlib.contextmanager
+def exclusive(folder: str) -> Iterator[None]:
+  """Holds an exclusive `flock` on the folder itself, waiting for it, for the `with`
+  block: writers that rename entries of the same folder take turns, and no lock file
+  is left behind. Where the folder cannot be locked (no locks), nothing is held."""
+  fd = None
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+  except OSError:
+    pass
+  try:
+    yield
+  finally:
+    if fd is not None:
+      os.close(fd)
 
 
 def release(folder: str, handle: IO | None) -> None:

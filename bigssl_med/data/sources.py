@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from bigssl_med import files
+from bigssl_med import staging
 from bigssl_med.data import splits
 from bigssl_med.errors import DataError
 import tfds_builders
@@ -55,18 +56,30 @@ def set_aside_path(version_dir: str) -> str:
   return f'{version_dir}.old'
 
 
-def restore_set_aside_build(version_dir: str | None) -> None:
+def restore_set_aside_build(version_dir: str | None, *, lock: bool = True) -> None:
   """Puts back an earlier build that a rebuild set aside and did not replace (killed
-  between its two renames), so a complete build is never lost."""
+  between its two renames), so a complete build is never lost.
+
+  Args:
+    version_dir: the build's place (None: nothing to do).
+    lock: lock the folder holding `version_dir` first (`staging.exclusive`), as a
+      build does for its two renames, so that a rebuild between them is waited for
+      rather than undone; False for a caller holding that lock.
+  """
   if version_dir is None or os.path.exists(version_dir):
     return
   old = set_aside_path(version_dir)
-  if is_complete_build(old):
-    logging.warning('%s: put back in place (a rebuild set it aside, then stopped)', old)
-    try:
-      os.rename(old, version_dir)
-    except OSError:  # another process put it back first
-      pass
+  if not is_complete_build(old):
+    return
+  if lock:
+    with staging.exclusive(os.path.dirname(version_dir)):
+      restore_set_aside_build(version_dir, lock=False)
+    return
+  logging.warning('%s: put back in place (a rebuild set it aside, then stopped)', old)
+  try:
+    os.rename(old, version_dir)
+  except OSError:  # another process, without locks, put it back first
+    pass
 
 
 def split_name(name: str) -> tuple[str, str | None]:

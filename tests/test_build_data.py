@@ -1,0 +1,164 @@
+"""`python -m bigssl_med.build_data`: where builds go, and what a failure leaves."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+import threading
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from bigssl_med import build_data
+from bigssl_med import staging
+from bigssl_med.data import sources
+from bigssl_med.errors import DataError
+
+NAME = 'image_cases/tiny'
+
+
+def _raw(root: Path, cases: int = 4) -> Path:
+  """A small image_cases tree: `cases` cases of one gray image each."""
+  rows = ['path,case_id,label']
+  for i in range(cases):
+    root.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((12, 10), 20 * i, np.uint8)).save(root / f'{i}.png')
+    rows.append(f'{i}.png,c{i},{"ab"[i % 2]}')
+  (root / 'cases.csv').write_text('\n'.join(rows) + '\n')
+  return root
+
+
+def _build(raw: Path, data_dir: Path, **kwargs) -> str:
+  return build_data.build(NAME, data_dir=os.fspath(data_dir), manual_dir=os.fspath(raw),
+                          **kwargs)
+
+
+def _num_records(data_dir: Path) -> int:
+  info = sources.dataset_info(NAME, os.fspath(data_dir))
+  return sum(split.num_examples for split in info.splits.values())
+
+
+def _run_main(argv, capsys) -> tuple[int, str]:
+  status = build_data.main(argv)
+  return status, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize('where', ['file', 'file/sub'])
+def test_a_data_dir_that_cannot_be_a_folder_is_a_one_line_error(tmp_path, capsys, where):
+  raw = _raw(tmp_path / 'raw')
+  (tmp_path / 'file').write_text('not a folder')
+  data_dir = tmp_path / where
+  status, last = _run_main([NAME, f'--manual_dir={raw}', f'--data_dir={data_dir}'], capsys)
+  assert status == 2
+  assert last.startswith('error: data_dir ') and os.fspath(data_dir) in last, last
+
+
+def test_a_data_dir_that_cannot_be_written_is_a_one_line_error(tmp_path, monkeypatch):
+  raw = _raw(tmp_path / 'raw')
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, 'Permission denied', os.fspath(tmp_path / 'data' / '.build-x'))
+
+  monkeypatch.setattr(build_data.tempfile, 'mkdtemp', refuse)
+  with pytest.raises(DataError, match='Permission denied') as excinfo:
+    _build(raw, tmp_path / 'data')
+  assert '\n' not in str(excinfo.value)
+
+
+def test_an_interrupted_build_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+  raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
+  _build(raw, data_dir)
+  real = build_data.tfds_builders.BUILDERS['image_cases']
+
+  class Interrupted(real):  # pylint: disable=abstract-method
+
+    def download_and_prepare(self, *args, **kwargs):
+      raise KeyboardInterrupt
+
+  monkeypatch.setitem(build_data.tfds_builders.BUILDERS, 'image_cases', Interrupted)
+  status, last = _run_main([NAME, '--overwrite', f'--manual_dir={raw}',
+                            f'--data_dir={data_dir}'], capsys)
+  assert status == 130
+  assert last.startswith('error: interrupted') and NAME in last, last
+  assert _num_records(data_dir) == 4
+  assert not [p for p in os.listdir(data_dir) if p.startswith('.build-')]
+
+
+def test_a_dead_builds_staging_is_removed_even_when_nothing_is_rebuilt(tmp_path):
+  raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
+  _build(raw, data_dir)
+  dead = data_dir / '.build-image_cases-dead'
+  (dead / 'incomplete').mkdir(parents=True)
+  (dead / staging.LOCK_FILE).write_text('')  # its writer's lock, now free
+  _build(raw, data_dir)
+  assert not dead.exists()
+
+
+def test_a_staging_folder_is_never_removed_while_its_writer_takes_the_lock(tmp_path,
+                                                                           monkeypatch):
+  folder = tmp_path / '.build-image_cases-live'
+  folder.mkdir()
+  real_flock = fcntl.flock
+  raced = []
+
+  def flock(fd, operation):  # another build's remove_dead, just before the lock is taken
+    if not raced:
+      raced.append(True)
+      staging.remove_dead(os.fspath(tmp_path), '.build-image_cases-', 'a build')
+    return real_flock(fd, operation)
+
+  monkeypatch.setattr(staging.fcntl, 'flock', flock)
+  handle = staging.hold(os.fspath(folder))
+  monkeypatch.undo()
+  assert raced and folder.is_dir() and handle is not None
+  assert os.listdir(folder) == [staging.LOCK_FILE]
+  staging.remove_dead(os.fspath(tmp_path), '.build-image_cases-', 'a build')
+  assert folder.is_dir()  # held
+  handle.close()
+  staging.remove_dead(os.fspath(tmp_path), '.build-image_cases-', 'a build')
+  assert not folder.exists()
+
+
+def test_a_reader_between_a_rebuilds_two_renames_waits_for_it(tmp_path, monkeypatch):
+  """A reader that finds the earlier build set aside puts it back only after the
+  rebuild's swap, which then finds its place taken: the reader must wait instead."""
+  raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
+  version_dir = _build(raw, data_dir)
+  _raw(raw, cases=6)
+  real_rename = os.rename
+  reader = []
+
+  def rename(src, dst):
+    real_rename(src, dst)
+    if dst == sources.set_aside_path(version_dir):
+      thread = threading.Thread(target=sources.restore_set_aside_build, args=(version_dir,))
+      thread.start()
+      thread.join(timeout=1.0)  # without the lock, it puts the old build back now
+      reader.append(thread)
+
+  monkeypatch.setattr(build_data.os, 'rename', rename)
+  assert _build(raw, data_dir, overwrite=True) == version_dir
+  reader[0].join()
+  assert _num_records(data_dir) == 6
+  assert sorted(os.listdir(os.path.dirname(version_dir))) == [os.path.basename(version_dir)]
+
+
+def test_of_two_builds_at_once_without_overwrite_the_first_to_finish_is_kept(tmp_path,
+                                                                            monkeypatch):
+  raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
+  other_raw = _raw(tmp_path / 'other', cases=6)
+  real_move = build_data._move_into_place
+  first = []
+
+  def move(built_dir, version_dir, *, overwrite):
+    if not first:  # the other build finishes while this one writes its records
+      first.append(None)
+      first[0] = _build(other_raw, data_dir)
+    return real_move(built_dir, version_dir, overwrite=overwrite)
+
+  monkeypatch.setattr(build_data, '_move_into_place', move)
+  assert _build(raw, data_dir) == first[0]
+  assert _num_records(data_dir) == 6
+  assert not [p for p in os.listdir(data_dir) if p.startswith('.build-')]
