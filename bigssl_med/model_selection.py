@@ -114,7 +114,7 @@ class BestModel:
 
   def update(self, step: int, variables: Any, found: dict[str, Any]) -> bool:
     """Keeps `variables` when `found[metric]` improves; True when patience runs out."""
-    value = found.get(self.metric)
+    value = workdir_lib.scalars(found).get(self.metric)  # per-class ones as `name/class`
     if value is None:
       raise ConfigError(f'config.task.primary_metric={self.metric!r} is not among the metrics '
                         f'{sorted(workdir_lib.scalars(found))}')

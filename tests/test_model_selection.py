@@ -191,3 +191,21 @@ def test_finetune_with_the_plateau_schedule_and_loss_selection(colours, tmp_path
   for row in (r for r in rows if r['split'] == 'train'):
     scale = [s for since, s in scales if since <= row['step'] - 1][-1]
     assert row['learning_rate'] == pytest.approx(20.0 * 16 / 256 * scale)
+
+
+def test_a_per_class_metric_selects_the_model(tmp_path):
+  best = _best(tmp_path, metric='auc_per_class/b')
+  for step, auc in ((10, 0.6), (20, 0.9), (30, 0.7)):
+    best.update(step, VARIABLES, {'top1': 0.5, 'auc_per_class': {'a': 0.5, 'b': auc}})
+  assert (best.step, best.record['value']) == (20, 0.9)
+
+
+def test_an_unknown_primary_metric_fails_before_training_naming_the_metrics(
+    colours, tmp_path):  # noqa: F811
+  cfg = tiny_config(colours, **{'task.primary_metric': 'auc_mean'})  # a multi-label metric
+  workdir = tmp_path / 'run'
+  with pytest.raises(ConfigError) as excinfo:
+    finetune.train_and_evaluate(cfg, os.fspath(workdir))
+  message = str(excinfo.value)
+  assert "primary_metric='auc_mean'" in message and "'top1'" in message and '\n' not in message
+  assert not (workdir / 'checkpoints').exists() and not (workdir / 'metrics.jsonl').exists()

@@ -34,7 +34,7 @@ import collections
 import functools
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -103,6 +103,21 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
     positive = scipy.special.expit(logits[:, 1] - logits[:, 0])  # softmax of class 1
     found.update(metrics_lib.binary_metrics(positive, np.asarray(labels) == 1))
   return found
+
+
+def _check_metric_exists(metric: str, evaluate: Callable[..., dict[str, Any]],
+                         task: supervised.Task) -> None:
+  """Fails before training when `metric` (config.task.primary_metric) is not one of
+  the metrics `evaluate` gives, found by evaluating one example of every class."""
+  k = task.num_outputs
+  if task.kind == 'multiclass':
+    example = np.eye(k, dtype=np.float32), np.arange(k)
+  else:
+    example = np.zeros((2, k), np.float32), np.stack([np.zeros(k), np.ones(k)]).astype(np.float32)
+  names = workdir_lib.scalars(evaluate(*example))
+  if metric not in names:
+    raise ConfigError(f'config.task.primary_metric={metric!r} is not a metric of this '
+                      f'{task.kind} task; its metrics are {sorted(names)}')
 
 
 def mean_over(config: ml_collections.ConfigDict, task: supervised.Task) -> tuple[str, ...]:
@@ -285,6 +300,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   primary = config.task.primary_metric or headline  # the metric that selects the model
   if not metrics_lib.lower_is_better(primary):
     headline = primary  # ... and the one results lead with, unless it is a loss
+
+  def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    if task.kind == 'multiclass':
+      return {**classification_metrics(logits, labels, task.names),
+              'loss': metrics_lib.softmax_cross_entropy(logits, labels)}
+    targets, mask = supervised.eval_targets(labels, task.blank)
+    return {**metrics_lib.multilabel_metrics(logits, targets, mask=mask,
+                                             label_names=task.names, mean_over=averaged),
+            'loss': metrics_lib.sigmoid_cross_entropy(logits, targets, mask)}
+
+  _check_metric_exists(primary, evaluate, task)
   teacher = _Teacher(config, task, dtype, repl) if distill else None
   # The shifted data set is checked before training, so that a bad mapping fails fast.
   shift = _ShiftedData(config, task) if config.shift.dataset else None
@@ -377,15 +403,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       masks.append(parallel.to_host(batch['mask']))
     keep = np.concatenate(masks) > 0
     return np.concatenate(logits)[keep], np.concatenate(labels)[keep]
-
-  def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    if task.kind == 'multiclass':
-      return {**classification_metrics(logits, labels, task.names),
-              'loss': metrics_lib.softmax_cross_entropy(logits, labels)}
-    targets, mask = supervised.eval_targets(labels, task.blank)
-    return {**metrics_lib.multilabel_metrics(logits, targets, mask=mask,
-                                             label_names=task.names, mean_over=averaged),
-            'loss': metrics_lib.sigmoid_cross_entropy(logits, targets, mask)}
 
   # ---------------------------------------------------------------- Loop, with model selection.
   writer, best = model_selection.start_logs(
