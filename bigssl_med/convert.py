@@ -87,12 +87,19 @@ class _StorageType:
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
   del unused  # requires_grad, backward hooks, metadata
-  itemsize = storage.dtype.itemsize
+  size, stride = tuple(size), tuple(stride)
+  if any(n == 0 for n in size):
+    return np.zeros(size, storage.dtype)
+  # The last element's index: a damaged file may declare more than its storage holds.
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if offset < 0 or min(stride, default=0) < 0 or last >= len(storage):
+    raise ValueError(f'a tensor of shape {size} at offset {offset} needs {last + 1} elements '
+                     f'of its storage, which has {len(storage)}')
   flat = storage[offset:]
   if not size:
     return np.array(flat[0])
   return np.lib.stride_tricks.as_strided(
-      flat, shape=tuple(size), strides=tuple(s * itemsize for s in stride)).copy()
+      flat, shape=size, strides=tuple(s * storage.dtype.itemsize for s in stride)).copy()
 
 
 def _rebuild_parameter(data, *unused):
@@ -100,11 +107,32 @@ def _rebuild_parameter(data, *unused):
   return data
 
 
+class Opaque:
+  """Stands for an object of any other class in a `torch.save` file (a training
+  checkpoint's `args`, its scheduler, ...): built from nothing the file says, so no
+  code of the file runs. A state dict that holds one is an error (`find_state_dict`)."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+  def __call__(self, *args, **kwargs):  # a function of the file, "called" while unpickling
+    return Opaque()
+
+
+def _opaque_class(module: str, name: str) -> type:
+  return type(f'{module}.{name}', (Opaque,), {})
+
+
 class _TorchUnpickler(pickle.Unpickler):
   """Unpickles a `torch.save` zip archive's `data.pkl` into NumPy arrays.
 
-  Only the classes a saved state dict uses are allowed (as `torch.load`'s
-  `weights_only`): anything else is an error, never code run from the file.
+  Tensors and the dicts around them become NumPy arrays and dicts; any other class or
+  function the file names becomes an `Opaque` stand-in (never the real one: no code
+  of the file runs, as with `torch.load`'s `weights_only`), so a training checkpoint
+  holding `args` or a scheduler beside its state dict is read.
   """
 
   def __init__(self, data: bytes, archive: zipfile.ZipFile, root: str, path: str):
@@ -124,8 +152,7 @@ class _TorchUnpickler(pickle.Unpickler):
       return _rebuild_parameter
     if module == 'torch' and name in _TORCH_DTYPES:
       return _StorageType(_TORCH_DTYPES[name])
-    raise CheckpointError(f'{self._path}: holds a {module}.{name}, which a file of weights '
-                          'does not (only state dicts of tensors are read)')
+    return _opaque_class(module, name)
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and pid and pid[0] == 'storage'):
@@ -172,9 +199,20 @@ def read_torch_file(path: str) -> Any:
   try:
     obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
+    unsafe = re.search(r'GLOBAL ([\w.]+)', str(e))
+    if unsafe:  # torch.load reads other objects only by running the file's code
+      raise CheckpointError(
+          f'{path}: an older PyTorch file (before 1.6) that holds a {unsafe.group(1)} beside '
+          'its tensors, which torch.load reads only by running code from the file; if you '
+          'trust it, save its state dict alone: torch.save(torch.load(FILE, '
+          'weights_only=False)["state_dict"], NEW_FILE)') from e
     raise CheckpointError(f'{path}: torch.load failed: {str(e).splitlines()[0]}') from e
-  return jax.tree.map(lambda t: t.float().numpy() if t.is_floating_point() else t.numpy(),
-                      obj, is_leaf=lambda t: isinstance(t, torch.Tensor))
+  def to_numpy(leaf):
+    if not isinstance(leaf, torch.Tensor):
+      return leaf  # an epoch, an architecture's name, an optimiser's settings
+    return leaf.float().numpy() if leaf.is_floating_point() else leaf.numpy()
+
+  return jax.tree.map(to_numpy, obj, is_leaf=lambda t: isinstance(t, torch.Tensor))
 
 
 def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
@@ -199,15 +237,33 @@ def read_safetensors_metadata(path: str) -> dict[str, str]:
     raise CheckpointError(f'{path}: not a readable safetensors file: {e}') from e
 
 
-def exported_architecture(path: str) -> dict[str, str]:
-  """`input_normalization` and `stem_pool_padding` of a file `bigssl_med.export` wrote.
+def is_safetensors_file(path: str) -> bool:
+  """Whether `path` is named `*.safetensors` or starts as a safetensors file does (an
+  8-byte header length, then the JSON header), whatever its name."""
+  if path.lower().endswith('.safetensors'):
+    return True
+  try:
+    with open(path, 'rb') as f:
+      start = f.read(9)
+      size = os.fstat(f.fileno()).st_size
+  except OSError:
+    return False
+  return (len(start) == 9 and start[8:] == b'{'
+          and int.from_bytes(start[:8], 'little') <= size - 8)
+
+
+def exported_architecture(path: str) -> dict[str, Any]:
+  """`input_normalization`, `stem_pool_padding` and `width_multiplier` of a file
+  `bigssl_med.export` wrote.
 
   Empty for other files. Export records them in the file's metadata (`format:
   torchvision_resnet`) because torchvision's layout cannot show them, and a model
   trained here has this project's defaults (no input standardisation, SimCLR's
-  max-pooling windows) where a torchvision model has others.
+  max-pooling windows) where a torchvision model has others; the width multiplier
+  because one such as 0.1 rounds each layer's channels on its own (`64 x 0.1` is
+  6 but `128 x 0.1` is 13), which the stem's channels alone do not give back.
   """
-  if not path.endswith('.safetensors'):
+  if not is_safetensors_file(path):
     return {}
   metadata = read_safetensors_metadata(path)
   if metadata.get('format') != EXPORT_FORMAT:
@@ -219,12 +275,19 @@ def exported_architecture(path: str) -> dict[str, str]:
     if value not in allowed:
       raise CheckpointError(f'{path}: metadata {key}={value!r} is not one of {allowed}')
     found[key] = value
+  if 'width_multiplier' in metadata:
+    try:
+      found['width_multiplier'] = float(metadata['width_multiplier'])
+    except ValueError:
+      raise CheckpointError(f'{path}: metadata width_multiplier='
+                            f'{metadata["width_multiplier"]!r} is not a number') from None
   return found
 
 
 def read_weights_file(path: str) -> Any:
-  """A `.safetensors` file's tensors, or the object a `torch.save` file holds."""
-  if path.endswith('.safetensors'):
+  """A safetensors file's tensors, or the object a `torch.save` file holds (a
+  safetensors file is told apart by its contents too, whatever its name)."""
+  if is_safetensors_file(path):
     return read_safetensors_file(path)
   return read_torch_file(path)
 
@@ -272,17 +335,39 @@ def find_state_dict(obj: Any, path: str, prefix: str | None = None
     names = sorted(repr(full(key) if prefixes.count(key[1]) > 1 else key[1]) for key in found)
     raise CheckpointError(f'{path}: holds several ResNets, key prefixes {", ".join(names)}: '
                           'choose one with --prefix')
-  (_, p), d = next(iter(found.items()))
+  (where, p), d = next(iter(found.items()))
+  beside = sorted(k for k in d if isinstance(k, str) and not k.startswith(p))
+  if beside:
+    logging.info('%s: left out %d keys outside the prefix %r: %s', path, len(beside),
+                 full((where, p)), ', '.join(beside[:3]) + (', ...' if len(beside) > 3 else ''))
+  for k, v in d.items():
+    if isinstance(k, str) and k.startswith(p) and isinstance(v, Opaque):
+      raise CheckpointError(f'{path}: {k} holds a {type(v).__name__}, not a tensor')
   return {k[len(p):]: np.asarray(v) for k, v in d.items()
           if isinstance(k, str) and k.startswith(p)}
 
 
-def _torchvision_layout(sd: Mapping[str, np.ndarray], path: str) -> tuple[int, float]:
-  """(depth, width_multiplier) of a torchvision-layout state dict."""
+def _torchvision_layout(sd: Mapping[str, np.ndarray], path: str,
+                        width_multiplier: float | None = None) -> tuple[int, float]:
+  """(depth, width_multiplier) of a torchvision-layout state dict; the width from the
+  stem's channels unless given (an export's metadata), which they must then match."""
   stem = sd['conv1.weight']
   if stem.ndim != 4 or stem.shape[2:] != (7, 7) or stem.shape[1] != 3:
     raise CheckpointError(f'{path}: conv1.weight has shape {stem.shape}; torchvision\'s '
                           'ResNets have a 7x7 stem on RGB images, (64 x width, 3, 7, 7)')
+  first = sd.get('layer1.0.conv1.weight')
+  middle = sd.get('layer1.0.conv2.weight')
+  if middle is not None and middle.ndim == 4 and middle.shape[1] != middle.shape[0]:
+    raise CheckpointError(f'{path}: layer1.0.conv2.weight has shape {middle.shape}, a grouped '
+                          'convolution (ResNeXt), which this importer does not read')
+  if ('layer1.0.conv3.weight' in sd and first is not None and first.ndim == 4
+      and first.shape[0] != stem.shape[0]):
+    raise CheckpointError(f'{path}: layer1.0.conv1.weight has {first.shape[0]} channels where '
+                          f'the stem has {stem.shape[0]}: a wide ResNet\'s bottlenecks '
+                          '(wide_resnet50_2), which this importer does not read')
+  if width_multiplier is not None and resnet.channels(64, width_multiplier) != stem.shape[0]:
+    raise CheckpointError(f'{path}: width_multiplier={width_multiplier:g} in the metadata, but '
+                          f'conv1.weight has {stem.shape[0]} channels')
   counts = []
   for g in range(1, 5):
     blocks = {int(m.group(1)) for k in sd for m in [re.match(rf'layer{g}\.(\d+)\.', k)] if m}
@@ -294,7 +379,7 @@ def _torchvision_layout(sd: Mapping[str, np.ndarray], path: str) -> tuple[int, f
   if not depths:
     raise CheckpointError(f'{path}: {kind} blocks {tuple(counts)} per layer match no ResNet '
                           f'depth of {resnet.DEPTHS}')
-  return depths[0], stem.shape[0] / 64
+  return depths[0], (stem.shape[0] / 64 if width_multiplier is None else width_multiplier)
 
 
 def _put(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
@@ -309,7 +394,8 @@ _TORCHVISION_MODULES = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'laye
 
 def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *,
                        input_normalization: str = 'imagenet',
-                       stem_pool_padding: str = 'symmetric'
+                       stem_pool_padding: str = 'symmetric',
+                       width_multiplier: float | None = None
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
   """`({'params': {'encoder': ...}, 'batch_stats': {...}}, model config)` of a state dict.
 
@@ -321,9 +407,10 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *
   `input_normalization` is what the model expects of its input (see
   `resnet.INPUT_NORMALIZATIONS`): ImageNet's standardisation unless it was trained on
   [0, 1] images. `stem_pool_padding`: torchvision's max-pooling ('symmetric') unless
-  the file says otherwise (`exported_architecture`).
+  the file says otherwise (`exported_architecture`). `width_multiplier`: found from
+  the stem unless given (an export's metadata).
   """
-  depth, width = _torchvision_layout(sd, path)
+  depth, width = _torchvision_layout(sd, path, width_multiplier)
   params, stats = {}, {}
   used = set()
 
@@ -401,14 +488,8 @@ def read_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
   except ImportError:
     raise CheckpointError(f'{path}: reading a TensorFlow checkpoint needs TensorFlow '
                           '(pip install tensorflow-cpu)') from None
-  prefix = tf_checkpoint_prefix(path)
-  if os.path.isdir(path):
-    prefix = tf.train.latest_checkpoint(path)
-    if prefix is None:
-      indexes = sorted(f for f in os.listdir(path) if f.endswith('.index'))
-      if not indexes:
-        raise CheckpointError(f'{path}: no TensorFlow checkpoint (*.index) in this folder')
-      prefix = os.path.join(path, indexes[-1][:-len('.index')])
+  prefix = resolve_tf_checkpoint(path)
+  logging.info('Reading the TensorFlow checkpoint %s', prefix)
   try:
     reader = tf.train.load_checkpoint(prefix)
     names = [n for n in reader.get_variable_to_shape_map() if not n.endswith(_SLOTS)]
@@ -416,6 +497,27 @@ def read_tf_checkpoint(path: str) -> dict[str, np.ndarray]:
   except (tf.errors.OpError, ValueError, IndexError) as e:  # IndexError: a shard cut short
     raise CheckpointError(f'{prefix}: not a readable TensorFlow checkpoint: '
                           f'{str(e).splitlines()[0]}') from e
+
+
+def resolve_tf_checkpoint(path: str) -> str:
+  """The checkpoint prefix `path` names: itself (or the prefix of its `.index` or
+  `.data-*` file), or for a folder the checkpoint its `checkpoint` file names, else
+  the one of the highest step (`model.ckpt-10` after `model.ckpt-9`)."""
+  if not os.path.isdir(path):
+    return tf_checkpoint_prefix(path)
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  prefix = tf.train.latest_checkpoint(path)
+  if prefix is not None:
+    return prefix
+  prefixes = [f[:-len('.index')] for f in os.listdir(path) if f.endswith('.index')]
+  if not prefixes:
+    raise CheckpointError(f'{path}: no TensorFlow checkpoint (*.index) in this folder')
+
+  def step(name):
+    found = re.search(r'-(\d+)$', name)
+    return (int(found.group(1)) if found else -1, name)
+
+  return os.path.join(path, max(prefixes, key=step))
 
 
 def _tf_layers(variables: Mapping[str, np.ndarray], prefix: str
@@ -677,7 +779,8 @@ def load(path: str, kind: str | None = None, *, prefix: str | None = None, ema: 
         find_state_dict(read_weights_file(path), path, prefix), path,
         input_normalization=(input_normalization or exported.get('input_normalization')
                              or 'imagenet'),
-        stem_pool_padding=exported.get('stem_pool_padding', 'symmetric'))
+        stem_pool_padding=exported.get('stem_pool_padding', 'symmetric'),
+        width_multiplier=exported.get('width_multiplier'))
   if kind == 'simclr_tf1':
     variables, model_config = import_simclr_tf1(read_tf_checkpoint(path), path, ema=ema,
                                                 sk_ratio=sk_ratio)
@@ -697,7 +800,16 @@ def write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[st
   was killed, is removed by the next import into the same workdir. Returns the checkpoint
   item's path.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = os.path.realpath(workdir)  # a link to an empty folder: written through
+  try:
+    return _write_workdir(workdir, variables, model_config, source)
+  except OSError as e:
+    raise CheckpointError(f'{workdir}: cannot write the import: '
+                          f'{checkpointing.first_line(e)}') from e
+
+
+def _write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[str, Any],
+                   source: dict[str, Any]) -> str:
   if (os.path.isdir(os.path.join(workdir, 'checkpoints'))
       or os.path.exists(os.path.join(workdir, 'config.json'))):
     raise CheckpointError(f'{workdir}: already holds a run (checkpoints/ or config.json); '
@@ -783,7 +895,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     variables, model_config = load(args.checkpoint, format_, prefix=args.prefix, ema=args.ema,
                                    sk_ratio=args.sk_ratio,
                                    input_normalization=args.input_normalization)
-    source = {'checkpoint': os.path.abspath(args.checkpoint), 'format': format_,
+    checkpoint = (resolve_tf_checkpoint(args.checkpoint) if format_ == 'simclr_tf1'
+                  else args.checkpoint)  # a folder's: the checkpoint read
+    source = {'checkpoint': os.path.abspath(checkpoint), 'format': format_,
               'prefix': args.prefix, 'ema': args.ema}
     write_workdir(args.workdir, variables, model_config, source)
   except UserError as exc:

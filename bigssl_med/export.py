@@ -155,6 +155,9 @@ def export(workdir: str, out: str, checkpoint: str = 'auto',
     raise UserError(f'checkpoint {checkpoint!r} is not one of {CHECKPOINTS}')
   if os.path.isdir(out):
     raise UserError(f'{out}: is a folder; --out names the .safetensors file to write')
+  if not out.lower().endswith('.safetensors'):
+    raise UserError(f'{out}: name it *.safetensors: the file is written in the safetensors '
+                    'format (torch.load does not read it; safetensors.torch.load_file does)')
   if os.path.exists(out) and not overwrite:
     raise UserError(f'{out}: already exists; export to a new file, or pass --overwrite')
   model = _run_model_config(workdir)

@@ -91,12 +91,27 @@ def test_torch_reader_reads_a_state_dict_exactly():
     np.testing.assert_array_equal(state[key], value, err_msg=key)
 
 
-def test_torch_reader_refuses_code_and_old_files_without_pytorch(tmp_path, monkeypatch):
+class _MakesAFolder:
+  """Unpickled by pickle itself, this would call os.makedirs(folder)."""
+
+  def __init__(self, folder):
+    self.folder = folder
+
+  def __reduce__(self):
+    return os.makedirs, (self.folder,)
+
+
+def test_torch_reader_runs_no_code_and_refuses_old_files_without_pytorch(tmp_path, monkeypatch):
   evil = tmp_path / 'evil.pth'
+  made = tmp_path / 'made_by_the_file'
   with zipfile.ZipFile(evil, 'w') as z:
-    z.writestr('evil/data.pkl', pickle.dumps(collections.Counter('ab'), protocol=2))
-  with pytest.raises(CheckpointError, match=r'evil\.pth: holds a collections\.Counter'):
-    convert.read_torch_file(os.fspath(evil))
+    z.writestr('evil/data.pkl', pickle.dumps(
+        {'run': _MakesAFolder(os.fspath(made)), 'counts': collections.Counter('ab')},
+        protocol=2))
+  obj = convert.read_torch_file(os.fspath(evil))
+  assert not made.exists()
+  assert isinstance(obj['run'], convert.Opaque) and isinstance(obj['counts'], convert.Opaque)
+  assert type(obj['counts']).__name__ == 'collections.Counter'
   old = tmp_path / 'old.pth'
   old.write_bytes(pickle.dumps({'conv1.weight': 1}))
   monkeypatch.setitem(sys.modules, 'torch', None)
@@ -121,6 +136,51 @@ def test_a_damaged_torch_file_is_a_one_line_error(tmp_path):
                                             r'or cut short\?\): Bad CRC-32') as e:
     convert.read_torch_file(os.fspath(damaged))
   assert '\n' not in str(e.value)
+
+
+def test_a_tensor_larger_than_its_stored_data_is_a_one_line_error(tmp_path):
+  source = os.path.join(DATA, 'torchvision_r18_w32.pth')
+  damaged = tmp_path / 'cut.pth'
+  with zipfile.ZipFile(source) as archive, zipfile.ZipFile(damaged, 'w') as out:
+    largest = max((i for i in archive.infolist() if '/data/' in i.filename),
+                  key=lambda i: i.file_size).filename
+    for info in archive.infolist():  # a valid zip whose largest tensor lost its data
+      data = archive.read(info.filename)
+      out.writestr(info, data[:8] if info.filename == largest else data)
+  with pytest.raises(CheckpointError, match=r'cut\.pth: cannot read its tensors .* needs '
+                                            r'\d+ elements of its storage, which has 2') as e:
+    convert.read_torch_file(os.fspath(damaged))
+  assert '\n' not in str(e.value)
+
+
+def test_a_training_checkpoint_with_args_beside_its_state_dict_is_read(monkeypatch, caplog):
+  """As timm's and torchvision's training scripts save: `args`, epoch and optimiser
+  beside a `module.`-prefixed state dict."""
+  monkeypatch.setitem(sys.modules, 'torch', None)
+  path = os.path.join(DATA, 'training_checkpoint_r18_w32.pth')
+  obj = convert.read_torch_file(path)
+  assert type(obj['args']).__name__ == 'argparse.Namespace' and obj['epoch'] == 3
+  got, model_config = convert.load(path, prefix='module.')
+  want, want_config = convert.load(os.path.join(DATA, 'torchvision_r18_w32.pth'))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert model_config == want_config
+
+
+def test_an_object_inside_the_state_dict_is_an_error_naming_its_key():
+  state = {'conv1.weight': convert.Opaque(), 'layer1.0.conv1.weight': np.zeros(1)}
+  with pytest.raises(CheckpointError, match=r'f\.pth: conv1\.weight holds a .*Opaque, not a '
+                                            'tensor'):
+    convert.find_state_dict(state, 'f.pth')
+
+
+def test_an_old_pytorch_training_checkpoint_is_read_with_pytorch():
+  pytest.importorskip('torch', reason='PyTorch reads files older than PyTorch 1.6')
+  path = os.path.join(DATA, 'legacy_checkpoint_r18_w32.pth')
+  obj = convert.read_torch_file(path)
+  assert (obj['epoch'], obj['arch']) == (200, 'resnet18')
+  got, _ = convert.load(path, prefix='module.')
+  want, _ = convert.load(os.path.join(DATA, 'torchvision_r18_w32.pth'))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 # ------------------------------------------------------------- torchvision's layout.
@@ -243,6 +303,20 @@ def test_torchvision_import_names_what_does_not_fit(edit, message):
 # ------------------------------------------------------------- SimCLR's TF1 layout.
 
 
+@pytest.mark.parametrize('change, message', [
+    ('wide', r'layer1\.0\.conv1\.weight has 4 channels where the stem has 2: a wide ResNet'),
+    ('grouped', r'layer1\.0\.conv2\.weight has shape \(2, 1, 3, 3\), a grouped convolution '
+                r'\(ResNeXt\)')])
+def test_wide_resnets_and_resnext_are_named(change, message):
+  state = ref.torchvision_state_dict(50, WIDTH, seed=1)
+  if change == 'wide':  # wide_resnet50_2: twice the bottleneck channels
+    state['layer1.0.conv1.weight'] = np.zeros((4, 2, 1, 1), np.float32)
+  else:
+    state['layer1.0.conv2.weight'] = np.zeros((2, 1, 3, 3), np.float32)
+  with pytest.raises(CheckpointError, match=message):
+    convert.import_torchvision(state, 'f.pth')
+
+
 def _save_tf_checkpoint(variables, prefix):
   tf = pytest.importorskip('tensorflow', reason='TensorFlow writes the SimCLR fixtures')
   names = sorted(variables)
@@ -328,6 +402,22 @@ def test_simclr_tf1_index_and_data_files_name_the_checkpoint(tmp_path):
                                             r'checkpoint') as e:
     convert.load(prefix)
   assert '\n' not in str(e.value)
+
+
+def test_a_tf_folder_without_its_checkpoint_file_gives_its_highest_step(tmp_path, capsys):
+  for step, seed in ((9, 1), (10, 2)):
+    variables = ref.simclr_tf1_variables(18, 1 / 8, seed=seed, extras=False, head_layers=0,
+                                         cifar_stem=True)
+    _save_tf_checkpoint(variables, tmp_path / 'ckpts' / f'model.ckpt-{step}')
+  folder = os.fspath(tmp_path / 'ckpts')
+  assert convert.resolve_tf_checkpoint(folder) == os.path.join(folder, 'model.ckpt-10')
+  got, _ = convert.load(folder)
+  want, _ = convert.load(os.path.join(folder, 'model.ckpt-10'))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  workdir = tmp_path / 'imported'
+  assert convert.main([f'--checkpoint={folder}', f'--workdir={workdir}']) == 0
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['source']['checkpoint'] == os.path.join(folder, 'model.ckpt-10')
 
 
 def test_simclr_tf1_ema_weights_and_encoder_only_checkpoints(tmp_path):
@@ -428,6 +518,19 @@ def test_an_import_cut_off_before_its_config_leaves_no_workdir(tmp_path, monkeyp
   (tmp_path / 'notes' / 'README').write_text('mine')
   with pytest.raises(CheckpointError, match='exists and is not an empty folder'):
     convert.write_workdir(os.fspath(tmp_path / 'notes'), variables, model_config, {})
+
+
+def test_workdir_paths_that_cannot_be_written_are_one_line_errors(tmp_path, capsys):
+  source = os.path.join(DATA, 'torchvision_r18_w32.pth')
+  (tmp_path / 'afile').write_text('')
+  assert convert.main([f'--checkpoint={source}', f'--workdir={tmp_path}/afile/sub']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1].startswith('error: ') and 'afile/sub: cannot write the import' in err[-1]
+  # A link to an empty folder is written through.
+  (tmp_path / 'target').mkdir()
+  os.symlink(tmp_path / 'target', tmp_path / 'link')
+  assert convert.main([f'--checkpoint={source}', f'--workdir={tmp_path}/link']) == 0
+  assert (tmp_path / 'target' / 'config.json').is_file()
 
 
 def test_staging_left_by_a_killed_import_is_removed_and_a_live_one_kept(tmp_path):

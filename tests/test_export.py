@@ -107,6 +107,38 @@ def test_a_model_trained_here_comes_back_as_the_same_network(tmp_path):
   assert (told['input_normalization'], told['stem_pool_padding']) == ('imagenet', 'same')
 
 
+def test_a_width_whose_layers_round_apart_comes_back_from_its_metadata(tmp_path):
+  """At width 0.1 the stem has 6 channels but the next layers 13, 26, 51: 6/64 is not
+  the width, the metadata is."""
+  model_config = convert._model_config(depth=18, width_multiplier=0.1,
+                                       stem_pool_padding='symmetric', identity_shortcuts=True,
+                                       input_normalization='imagenet', head_layers=0)
+  encoder = resnet.ResNet(**models.encoder_architecture(model_config))
+  init = encoder.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  variables = {c: {'encoder': init[c]} for c in ('params', 'batch_stats')}
+  workdir = os.fspath(tmp_path / 'run')
+  convert.write_workdir(workdir, variables, model_config, {'checkpoint': 'none'})
+  out = os.fspath(tmp_path / 'w01.safetensors')
+  export.export(workdir, out)
+  again, again_config = convert.load(out)
+  jax.tree.map(np.testing.assert_array_equal, again, variables)
+  assert again_config['width_multiplier'] == 0.1
+
+
+def test_an_export_is_named_safetensors_and_read_back_whatever_its_name(tmp_path):
+  workdir, *_ = _imported(tmp_path, 18)
+  with pytest.raises(UserError, match=r'model\.pt: name it \*\.safetensors'):
+    export.export(workdir, os.fspath(tmp_path / 'model.pt'))
+  out = tmp_path / 'model.safetensors'
+  export.export(workdir, os.fspath(out))
+  renamed = tmp_path / 'model.bin'
+  os.rename(out, renamed)
+  got, got_config = convert.load(os.fspath(renamed))
+  want, want_config = convert.load(os.path.join(DATA, 'torchvision_r18_w32.pth'))
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert got_config == want_config
+
+
 def test_linear_classifier_becomes_fc_with_feature_standardisation_folded(tmp_path):
   rng = np.random.default_rng(0)
   features, classes = resnet.feature_dim(50, 1 / 32), 3

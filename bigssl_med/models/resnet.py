@@ -52,7 +52,7 @@ def feature_dim(depth: int, width_multiplier: float = 1) -> int:
   """Size of the pooled features of `ResNet(depth, width_multiplier)`."""
   kind, _ = layout(depth)
   expansion = 4 if kind == 'bottleneck' else 1
-  return _channels(512, width_multiplier) * expansion
+  return channels(512, width_multiplier) * expansion
 
 
 def layout(depth: int) -> tuple[str, tuple[int, ...]]:
@@ -62,7 +62,8 @@ def layout(depth: int) -> tuple[str, tuple[int, ...]]:
   return _LAYOUTS[depth]
 
 
-def _channels(base: int, width_multiplier: float) -> int:
+def channels(base: int, width_multiplier: float) -> int:
+  """A layer's channels: `base` (64, 128, 256, 512) times the width, rounded, at least 1."""
   return max(1, int(round(base * width_multiplier)))
 
 
@@ -336,7 +337,7 @@ class ResNet(nn.Module):
                        f'{tuple(INPUT_NORMALIZATIONS)}')
     block = BottleneckBlock if kind == 'bottleneck' else BasicBlock
     expansion = 4 if kind == 'bottleneck' else 1
-    width = _channels(64, self.width_multiplier)
+    width = channels(64, self.width_multiplier)
     statistics = INPUT_NORMALIZATIONS[self.input_normalization]
     if statistics is not None:
       if x.shape[-1] != len(statistics[0]):
@@ -364,7 +365,7 @@ class ResNet(nn.Module):
       x = max_pool_3x3_s2(x, self.stem_pool_padding)
 
     for g, num_blocks in enumerate(blocks_per_group):
-      features = _channels(64 * 2**g, self.width_multiplier)
+      features = channels(64 * 2**g, self.width_multiplier)
       for b in range(num_blocks):
         strides = 2 if g > 0 and b == 0 else 1
         reshapes = strides > 1 or x.shape[-1] != expansion * features

@@ -7,8 +7,14 @@
   seed 1, a 10-class `fc`), as torchvision's own files hold them.
 - `torch_tensors.pth`: tensors that exercise the reader: a transposed view, a slice of a
   larger storage, bfloat16, float16, int64 scalar, a Parameter, nested dicts.
+- `training_checkpoint_r18_w32.pth`: the ResNet-18 state dict as a training script saves
+  it: under `state_dict` with DataParallel's `module.` prefix, beside the epoch, the
+  optimiser's state and the script's `argparse.Namespace`.
+- `legacy_checkpoint_r18_w32.pth`: the same without `args`, in the format of PyTorch
+  before 1.6 (`_use_new_zipfile_serialization=False`), as older published files are.
 """
 
+import argparse
 import collections
 import os
 import sys
@@ -39,7 +45,24 @@ def main():
       'nested': {'inner': collections.OrderedDict(x=torch.ones(2, 2, dtype=torch.float64))},
       'epoch': 3,
   }, os.path.join(HERE, 'torch_tensors.pth'))
+  training_checkpoints()
+
+
+def training_checkpoints():
+  state = reference_resnets.torchvision_state_dict(18, 1 / 32, seed=1, num_classes=10)
+  wrapped = collections.OrderedDict((f'module.{k}', torch.from_numpy(np.asarray(v)))
+                                    for k, v in state.items())
+  optimizer = {'state': {}, 'param_groups': [{'lr': 0.03, 'momentum': 0.9, 'params': [0, 1]}]}
+  torch.save({'epoch': 3, 'arch': 'resnet18', 'state_dict': wrapped, 'optimizer': optimizer,
+              'args': argparse.Namespace(model='resnet18', lr=0.03)},
+             os.path.join(HERE, 'training_checkpoint_r18_w32.pth'))
+  torch.save({'epoch': 200, 'arch': 'resnet18', 'state_dict': wrapped, 'optimizer': optimizer},
+             os.path.join(HERE, 'legacy_checkpoint_r18_w32.pth'),
+             _use_new_zipfile_serialization=False)
 
 
 if __name__ == '__main__':
-  main()
+  if sys.argv[1:] == ['--training_checkpoints']:  # only the two files added later
+    training_checkpoints()
+  else:
+    main()
