@@ -1,8 +1,12 @@
 """The sweep launcher builds one main.py command per grid point, each with its workdir;
 under SLURM with one task per node, each process takes its node's GPUs."""
 
+import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,19 +47,21 @@ def test_values_with_commas_and_empty_values(capsys):
 
 def test_a_failed_sbatch_is_counted_not_a_traceback(monkeypatch, tmp_path, capsys):
   monkeypatch.setenv('PATH', str(tmp_path))  # no sbatch on the PATH
-  assert sweep.main(['--config=c.py', '--root=/r', '--set', 'seed=0,1',
+  assert sweep.main(['--config=c.py', f'--root={tmp_path}', '--set', 'seed=0,1',
                      '--launcher=slurm']) == 1
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 2 and err[0].startswith('error: sbatch failed for /r/seed=0:')
+  assert len(err) == 2 and err[0].startswith(f'error: sbatch failed for {tmp_path}/seed=0:')
 
 
 def _fake_slurm(tmp_path, queued):
   """sbatch and squeue scripts on PATH: sbatch numbers its jobs from 100 and logs its
-  arguments; squeue lists the jobs in `queued` (a file of ids) as PENDING."""
+  arguments (after $SBATCH_DELAY seconds); squeue lists the jobs in `queued` (a file of
+  ids) as PENDING."""
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()
   (bin_dir / 'sbatch').write_text(
-      '#!/bin/bash\nn=$(wc -l < "$LOG" 2>/dev/null || echo 0)\necho "$@" >> "$LOG"\n'
+      '#!/bin/bash\nsleep "${SBATCH_DELAY:-0}"\n'
+      'n=$(wc -l < "$LOG" 2>/dev/null || echo 0)\necho "$@" >> "$LOG"\n'
       'echo "$((100 + n));cluster"\n')
   (bin_dir / 'squeue').write_text(
       '#!/bin/bash\njob=${2#--jobs=}\n'
@@ -137,3 +143,127 @@ def test_path_values_do_not_nest_workdirs(capsys):
   workdirs = [next(a for a in shlex.split(line) if a.startswith('--workdir='))
               for line in capsys.readouterr().out.strip().splitlines()]
   assert workdirs == ['--workdir=/r/init_from=', '--workdir=/r/init_from=p_micle']
+
+
+def _sweep_error(capsys, *args):
+  """The one line a sweep that must not start writes (nothing is printed or run)."""
+  with pytest.raises(SystemExit) as e:
+    sweep.main(['--config=c.py', '--root=/r', '--dry_run', *args])
+  captured = capsys.readouterr()
+  assert e.value.code and not captured.out, captured.out
+  message = str(e.value.code) + captured.err
+  assert len(message.strip().splitlines()) == 1 and message.startswith('error: '), message
+  return message
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['--set', 'seed=0', '--set', 'seed=1'], '--set gives seed twice'),
+    (['--set', 'seed+stages.micle.seed=0', '--set', 'seed=1'], '--set gives seed twice'),
+    (['--set', 'seed=0,1', '--', '--config.seed=7'],
+     '--config.seed=7 after -- sets seed, which --set varies'),
+    (['--set', 'seed=0,1', '--', '--config.seed', '7'], 'after -- sets seed'),
+    (['--set', 'seed=0', '--', '--workdir=/w'], "the sweep makes each run's workdir"),
+    (['--set', 'seed=0', '--', '--dry_run'], '--dry_run is an option of the sweep'),
+    (['--set', 'seed=1,1'], "--set gives seed the value '1' twice"),
+    (['--set', 'init_from=/a/b_c,/a_b/c,a/b/c'],
+     "init_from='/a/b_c' and init_from='/a_b/c' would share the workdir 'init_from=a_b_c'"),
+    (['--set', 'init_from=/' + 'p' * 300], 'bytes, over the 255 a file system allows'),
+    (['--sett', 'seed=1'], 'unrecognized arguments: --sett seed=1'),
+    (['--dry', '--set', 'seed=1'], 'unrecognized arguments: --dry'),
+    (['--set', 'seed=0', '--config.lr=1'], 'unrecognized arguments: --config.lr=1'),
+    (['--set', 'seed+=0'], '--set needs KEY=V1,V2'),
+])
+def test_a_sweep_that_would_mislead_is_a_one_line_error(capsys, args, expected):
+  assert expected in _sweep_error(capsys, *args)
+
+
+def test_linked_keys_take_one_value_per_point(capsys):
+  assert sweep.main(['--config=configs/demo.py', '--root=/r', '--set',
+                     'stages.pretrain.seed+stages.micle.seed+stages.scratch.seed=0,1',
+                     '--set', 'stages.micle.optimizer.learning_rate=0.1', '--dry_run']) == 0
+  lines = [shlex.split(line) for line in capsys.readouterr().out.strip().splitlines()]
+  assert [line[3:] for line in lines] == [[
+      f'--workdir=/r/stages.pretrain+micle+scratch.seed={s},'
+      'stages.micle.optimizer.learning_rate=0.1', f'--config.stages.pretrain.seed={s}',
+      f'--config.stages.micle.seed={s}', f'--config.stages.scratch.seed={s}',
+      '--config.stages.micle.optimizer.learning_rate=0.1'] for s in (0, 1)]
+  assert sweep.axis_name(('seed', 'stages.micle.seed')) == 'seed+stages.micle.seed'
+  assert sweep.axis_name(('a.b.c', 'a.d')) == 'a.b.c+d'
+
+
+def test_slurm_workdir_is_made_before_sbatch(monkeypatch, tmp_path, capsys):
+  queued = tmp_path / 'queued'
+  queued.write_text('')
+  for key, value in _fake_slurm(tmp_path, queued).items():
+    monkeypatch.setenv(key, value)
+  root = tmp_path / 'runs'
+  root.mkdir()
+  (root / 'seed=0').write_text('')  # a file where the workdir should be
+  assert sweep.main(['--config=c.py', f'--root={root}', '--set', 'seed=0,1',
+                     '--launcher=slurm']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f'error: cannot make {root}/seed=0: ')
+  submitted = (tmp_path / 'sbatch.log').read_text().splitlines()
+  assert len(submitted) == 1 and f'--workdir={root}/seed=1' in submitted[0]
+  assert (root / 'seed=1' / 'slurm_job_id').read_text() == '100\n'
+
+
+def test_two_slurm_sweeps_at_once_submit_each_run_once(tmp_path):
+  queued = tmp_path / 'queued'
+  queued.write_text('100\n101\n')  # every job the fake sbatch hands out stays pending
+  env = {**os.environ, **_fake_slurm(tmp_path, queued), 'SBATCH_DELAY': '2'}
+  cmd = [sys.executable, str(Path(sweep.__file__)), '--config=c.py',
+         f'--root={tmp_path / "runs"}', '--set', 'seed=0', '--launcher=slurm']
+  sweeps = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]
+  outs = [s.communicate(timeout=60)[0] for s in sweeps]
+  assert [s.returncode for s in sweeps] == [0, 0]
+  assert len((tmp_path / 'sbatch.log').read_text().splitlines()) == 1, outs
+  assert sum('left out (rerun the sweep later)' in out for out in outs) == 1, outs
+
+
+FAKE_MAIN = """import os, signal, sys, time
+log = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'log')
+def stop(signum, _):
+  with open(log, 'a') as f:
+    f.write(signal.Signals(signum).name + '\\n')
+  sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+with open(log + '.pid', 'w') as f:
+  f.write(str(os.getpid()))
+with open(log, 'a') as f:
+  f.write(' '.join(sys.argv[1:]) + '\\n')
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize('signum, status', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_local_sweep_stops_its_run(tmp_path, signum, status):
+  (tmp_path / 'main.py').write_text(FAKE_MAIN)
+  log = tmp_path / 'log'
+  code = (f'import sys; sys.path.insert(0, {str(Path(sweep.__file__).parent)!r}); '
+          f'import sweep; sweep.REPO = {str(tmp_path)!r}; '
+          f"sys.exit(sweep.main(['--config=c.py', '--root=/r', '--set', 'seed=0,1']))")
+  run = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while not (log.exists() and log.read_text().endswith('\n')) and time.time() < deadline:
+    time.sleep(0.1)
+  run.send_signal(signum)
+  try:
+    out, err = run.communicate(timeout=30)
+  finally:  # no fake run outlives the test, whatever the sweep did
+    run.kill()
+    try:
+      pid = int((tmp_path / 'log.pid').read_text())
+      if str(tmp_path) in Path(f'/proc/{pid}/cmdline').read_text():  # still the fake run
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError):
+      pass
+  assert run.returncode == status, (out, err)
+  # The run got the signal and ended; the next point was not started.
+  assert log.read_text().splitlines() == [
+      '--config=c.py --workdir=/r/seed=0 --config.seed=0', signal.Signals(signum).name]
+  assert err.strip() == f'stopped by {signal.Signals(signum).name}'
+
