@@ -267,3 +267,25 @@ def test_a_signal_to_the_local_sweep_stops_its_run(tmp_path, signum, status):
       '--config=c.py --workdir=/r/seed=0 --config.seed=0', signal.Signals(signum).name]
   assert err.strip() == f'stopped by {signal.Signals(signum).name}'
 
+
+def test_tpu_vm_quotes_the_repo_for_the_remote_shell(tmp_path):
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  # gcloud runs --command as the remote shell would; python says where it runs and with what.
+  (bin_dir / 'gcloud').write_text('#!/bin/bash\nfor a in "$@"; do case $a in --command=*) '
+                                  'exec bash -c "${a#--command=}";; esac; done\nexit 3\n')
+  (bin_dir / 'python').write_text('#!/bin/bash\npwd\nprintf "%s\\n" "$@"\n')
+  for script in bin_dir.iterdir():
+    script.chmod(0o755)
+  (tmp_path / 'my repo').mkdir()
+  (tmp_path / 'bigssl_med').mkdir()
+  script = str(Path(sweep.__file__).parent / 'tpu_vm.sh')
+  env = {**os.environ, 'PATH': f'{bin_dir}:/usr/bin:/bin', 'HOME': str(tmp_path)}
+  for repo, expected in (('~/my repo', tmp_path / 'my repo'), (None, tmp_path / 'bigssl_med'),
+                         (str(tmp_path / 'my repo'), tmp_path / 'my repo')):
+    run = subprocess.run([script, 'tpu', 'zone', '--config=a b.py', '--workdir=/w'],
+                         env={**env, **({'REPO_DIR': repo} if repo else {})},
+                         capture_output=True, text=True, check=False, cwd='/')
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [str(expected), 'main.py', '--config=a b.py',
+                                       '--workdir=/w']
