@@ -2,6 +2,7 @@
 
 Parses flags, starts multi-host JAX when several hosts run, and hands the config to
 the trainer that `config.trainer` names. A workdir that holds a checkpoint resumes.
+One run at a time uses a workdir: a second one ends with a one-line error at once.
 Bad input (a data set, a config key, a checkpoint) ends with a one-line error and
 exit status 2; a SIGTERM saves a checkpoint and exits with status 143.
 """
@@ -61,6 +62,25 @@ def _exit_with_flag_error(error: BaseException):
   sys.exit(2)
 
 
+def run(config, workdir: str):
+  """Runs `config.trainer` in `workdir`, holding the workdir's lock; returns its results.
+
+  The config is validated before the workdir is made or locked; another run holding
+  the lock (`bigssl_med.workdir.locked`) is a `WorkdirInUse` error before anything is
+  written.
+  """
+  from bigssl_med import config_schema  # pylint: disable=g-import-not-at-top
+  from bigssl_med import trainers  # pylint: disable=g-import-not-at-top
+  from bigssl_med import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  from bigssl_med.errors import UserError  # pylint: disable=g-import-not-at-top
+  if config.get('trainer') not in trainers.TRAINERS:
+    raise UserError(f'config.trainer={config.get("trainer")!r} is not one of '
+                    f'{sorted(trainers.TRAINERS)}')
+  config_schema.validate(config)
+  with workdir_lib.locked(workdir):
+    return trainers.TRAINERS[config.trainer](config, workdir)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -69,7 +89,6 @@ def main(argv):
   if logging.get_verbosity() <= logging.INFO:  # --verbosity=1 shows every library's INFO
     logging.get_absl_handler().addFilter(cli.QuietLibraries())
   from bigssl_med import parallel  # pylint: disable=g-import-not-at-top
-  from bigssl_med import trainers  # pylint: disable=g-import-not-at-top
   from bigssl_med.errors import UserError  # pylint: disable=g-import-not-at-top
   from bigssl_med.preemption import Preempted  # pylint: disable=g-import-not-at-top
 
@@ -80,10 +99,7 @@ def main(argv):
     _exit_with_flag_error(e)
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    if config.get('trainer') not in trainers.TRAINERS:
-      raise UserError(f'config.trainer={config.get("trainer")!r} is not one of '
-                      f'{sorted(trainers.TRAINERS)}')
-    results = trainers.TRAINERS[config.trainer](config, _WORKDIR.value)
+    results = run(config, _WORKDIR.value)
   except Preempted as e:
     logging.warning('%s', e)
     sys.exit(143)

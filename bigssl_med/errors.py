@@ -19,3 +19,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
   """A checkpoint that is missing or does not match the model it should initialise."""
+
+
+class WorkdirInUse(UserError):
+  """Another run holds the workdir's lock."""

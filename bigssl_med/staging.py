@@ -5,7 +5,8 @@ place. A writer killed outright (SIGKILL, a lost machine) cannot remove its stag
 folder; `hold` takes an exclusive `flock` on the folder's `.lock` file for as long as
 the writer lives, so `remove_dead` can tell the folders of dead writers (lock free)
 from live ones and remove only those. Where the file system has no locks, nothing is
-locked and nothing removed.
+locked and nothing removed. `try_lock` locks one file without waiting (a workdir's
+lock, held by the run using it).
 """
 
 import contextlib
@@ -36,6 +37,28 @@ def hold(folder: str) -> IO | None:
       os.remove(unnamed)
     except OSError:
       pass
+    return None
+  return handle
+
+
+def try_lock(path: str) -> IO | None:
+  """Locks the file at `path` (created if missing; its contents are left as they are)
+  with an exclusive `flock`, without waiting, until the returned handle is closed.
+
+  Returns:
+    the handle, or None where the file system has no locks.
+  Raises:
+    BlockingIOError: another open file of it (another process) holds the lock.
+    OSError: the file cannot be opened.
+  """
+  handle = open(path, 'a+')  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.close()
+    raise
+  except OSError:  # ENOLCK, EOPNOTSUPP, ...: no locks here
+    handle.close()
     return None
   return handle
 

@@ -6,17 +6,21 @@
 - TensorBoard events through clu's metric writer when TensorFlow is importable
   (clu's writers import it); otherwise a one-line notice, and everything else works;
 - progress lines (steps/s, images/s, ETA) on the log;
-- `results.json`: the final evaluation.
+- `results.json`: the final evaluation;
+- `.lock`: locked (`flock`) by the run using the workdir (`locked`), so that a second
+  run on it stops at once.
 Only the primary host writes.
 """
 
+import contextlib
 import json
 import logging
 import math
 import os
 import re
+import socket
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import ml_collections
@@ -24,11 +28,67 @@ import numpy as np
 
 from bigssl_med import config_schema
 from bigssl_med import files
-from bigssl_med.errors import ConfigError
+from bigssl_med import parallel
+from bigssl_med import staging
+from bigssl_med.errors import ConfigError, WorkdirInUse
 
 
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 METRICS_FILE = 'metrics.jsonl'
+LOCK_FILE = '.lock'
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+  """Holds `workdir`'s lock for the `with` block: one run at a time uses a workdir.
+
+  An exclusive `flock` on `WORKDIR/.lock` (the workdir is created if missing), taken
+  without waiting; the file holds the holder's process id and host. With several
+  hosts only process 0 locks (the workdir is shared); where the file system has no
+  locks, or for a URL (which `start` refuses), the run goes on unlocked, said once on
+  the log. The runs a run makes inside its workdir (the stages of `trainer='stages'`)
+  take no lock of their own: this one covers them.
+
+  Raises:
+    WorkdirInUse: another process holds the lock; nothing has been written.
+  """
+  handle, busy = None, ''
+  if jax.process_index() == 0 and not _URL.match(os.fspath(workdir)):
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+      handle = staging.try_lock(path)
+      if handle is None:
+        logging.warning('%s: this file system has no locks; going on without one (make sure '
+                        'no other run uses %s meanwhile)', path, workdir)
+    except BlockingIOError:
+      busy = _holder(path)
+    except OSError as e:
+      logging.warning('%s: cannot lock it (%s); going on without a lock', path, e)
+  if handle is not None:
+    os.ftruncate(handle.fileno(), 0)
+    handle.write(f'{os.getpid()} {socket.gethostname()}\n')
+    handle.flush()
+  if parallel.primary_value(int(bool(busy))):  # every host stops when process 0 does
+    raise WorkdirInUse(f'another run is using {workdir} ({busy or "see the log of process 0"}):'
+                       ' wait for it to end, or use another workdir')
+  try:
+    yield
+  finally:
+    if handle is not None:
+      handle.close()
+
+
+def _holder(path: str) -> str:
+  """Who holds the lock file at `path`, in words, from what the holder wrote there."""
+  try:
+    with open(path) as f:
+      pid, host = (f.read().split() + ['', ''])[:2]
+  except OSError:
+    pid = host = ''
+  if pid.isdigit():
+    return f'process {pid}{" on " + host if host else ""} holds {path}'
+  return f'{path} is locked'
 
 
 def start(workdir: str, config: ml_collections.ConfigDict) -> None:
