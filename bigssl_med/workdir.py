@@ -13,6 +13,7 @@ Only the primary host writes.
 """
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -144,6 +145,13 @@ def write_json(path: str, obj: Any) -> None:
   with files.written_whole(path) as tmp, open(tmp, 'w') as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=_to_builtin)
     f.write('\n')
+
+
+def digest(obj: Any) -> str:
+  """SHA-256 of `obj` as `write_json` writes it, keys sorted: the same for results
+  returned by a run and for its `results.json` read back."""
+  builtin = json.loads(json.dumps(obj, default=_to_builtin))
+  return hashlib.sha256(json.dumps(builtin, sort_keys=True).encode()).hexdigest()
 
 
 def read_json(path: str) -> Any:

@@ -15,9 +15,11 @@ WORKDIR/NAME and a report:
    lesion-disjoint test split.
 
 The settings are those of configs/ham10000_small.py: the demo is one cell of
-the comparison in docs/results.md. Running it again on the same workdir resumes
-where it stopped and does not redo finished stages. Any key can be overridden, e.g.
-`--config.stages.pretrain.total_steps=50`.
+the comparison in docs/results.md. Running it again on the same workdir (moved or
+not) resumes where it stopped and does not redo finished stages. Any key can be
+overridden, e.g. `--config.stages.pretrain.total_steps=50`; pretraining extended
+after `micle` trained from it stops at `micle` with a one-line error (remove
+WORKDIR/micle to fine-tune again from the new encoder).
 """
 
 import importlib.util
