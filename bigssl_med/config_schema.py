@@ -206,7 +206,8 @@ def segment() -> ml_collections.ConfigDict:
   `init_from` (a pretraining workdir or checkpoint: the encoder) or from random
   weights; loss `bce_weight * BCE + dice_weight * soft Dice`; the validation Dice
   selects the model. Adam (`adamw` without weight decay) with a cosine schedule, as
-  the transfer-learning benchmark trains its segmentation models.
+  the transfer-learning benchmark trains its segmentation models (its code: the Dice
+  loss alone for most tasks, `bce_weight=0`, and the lowest validation loss selects).
   """
   c = _common('segment')
   c.init = ''                     # the initialisation's name in reports ('' : from init_from)

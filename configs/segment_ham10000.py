@@ -4,14 +4,17 @@
       --config.init_from=PRETRAINING_WORKDIR --config.init=micle \
       --config.data.label_fraction=0.1 --config.seed=0
 
-The transfer-learning benchmark's segmentation protocol on HAM10000's lesion masks
-(Tschandl et al. 2020): segmentation_models' U-Net (decoder channels 256, 128, 64,
-32, 16) on the encoder of `init_from` (or random weights when `init_from` is empty,
-the scratch baseline), 224 x 224 inputs, BCE + soft Dice loss, Adam at 2e-4 (batch
-32) with a cosine decay, evaluated on the validation split about once an epoch
-(~8,000 training images / 32) with early stopping, and the best model tested once
-by the mean per-image Dice. The argument picks the encoder (`r50`, `r50x2`, ...,
-see `config_schema.MODEL_VARIANTS`); label fractions are fractions of lesions.
+The transfer-learning benchmark's U-Net and Dice metric on HAM10000's lesion masks
+(Tschandl et al. 2020; not one of the benchmark's segmentation tasks, and a training
+recipe of this project's: README, Segmentation): segmentation_models' U-Net (decoder
+channels 256, 128, 64, 32, 16) on the encoder of `init_from` (or random weights when
+`init_from` is empty, the scratch baseline), 224 x 224 inputs, BCE + soft Dice loss
+(`loss.bce_weight=0`: the Dice loss alone, as the benchmark's code trains most of its
+tasks), Adam at 2e-4 (batch 32) with a cosine decay, evaluated on the validation
+split about once an epoch (~8,000 training images / 32) with early stopping, and the
+best model tested once by the mean per-image Dice. The argument picks the encoder
+(`r50`, `r50x2`, ..., see `config_schema.MODEL_VARIANTS`); label fractions are
+fractions of lesions.
 """
 
 from bigssl_med import config_schema

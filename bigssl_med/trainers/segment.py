@@ -1,8 +1,10 @@
 """Binary segmentation with a U-Net on the ResNet encoder (`config.trainer = 'segment'`).
 
-The transfer-learning benchmark's segmentation protocol: segmentation_models' U-Net
-(`bigssl_med.models.UNet`) on the project's encoder, trained with BCE + soft Dice
-(`bigssl_med.segmentation`), evaluated by the hard Dice coefficient. One linear
+The transfer-learning benchmark's segmentation network and metric:
+segmentation_models' U-Net (`bigssl_med.models.UNet`) on the project's encoder,
+trained with BCE + soft Dice (`bigssl_med.segmentation`; the weights are
+`config.loss`), evaluated by the hard Dice coefficient; the model is selected on the
+validation Dice (the benchmark's code keeps the lowest validation loss). One linear
 function, in the order of `finetune.py`: config, mesh, the masked input (a
 case-level label fraction of the training split, `data.mask_key` masks), model and
 optimiser, starting point (resume > init_from's encoder > scratch), the jitted
