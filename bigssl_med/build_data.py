@@ -36,6 +36,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 
 from bigssl_med import cli
+from bigssl_med import files
 from bigssl_med import staging as staging_lib
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
@@ -107,6 +108,7 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     built_dir = os.fspath(builder.data_dir)
     sources.write_case_index(built_dir)
+    files.sync_tree(built_dir)  # on disk before it takes an earlier build's place
     if not _move_into_place(built_dir, version_dir, overwrite=overwrite):
       logging.info('%s was built in %s by another build meanwhile; keeping it '
                    '(--overwrite replaces it).', full_name, version_dir)

@@ -55,6 +55,16 @@ def written_whole(path: str) -> Iterator[str]:
       os.remove(tmp)
 
 
+def sync_tree(folder: str) -> None:
+  """fsync of every file and folder under `folder` (and of `folder`), before it is
+  renamed into place: a power cut after the rename cannot leave it holding files
+  that never reached the disk."""
+  for parent, _, names in os.walk(folder, topdown=False):
+    for name in names:
+      _sync(os.path.join(parent, name))
+    _sync(parent, folder=True)
+
+
 def _sync(path: str, *, folder: bool = False) -> None:
   """fsync of the file (or folder) at `path`, so a power cut cannot leave a renamed
   file empty; a file system that cannot sync a folder (some network mounts) is let be."""

@@ -12,6 +12,7 @@ from PIL import Image
 import pytest
 
 from bigssl_med import build_data
+from bigssl_med import files
 from bigssl_med import staging
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
@@ -162,3 +163,21 @@ def test_of_two_builds_at_once_without_overwrite_the_first_to_finish_is_kept(tmp
   assert _build(raw, data_dir) == first[0]
   assert _num_records(data_dir) == 6
   assert not [p for p in os.listdir(data_dir) if p.startswith('.build-')]
+
+
+def test_a_build_reaches_the_disk_before_it_takes_its_place(tmp_path, monkeypatch):
+  raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
+  synced, real_fsync = [], os.fsync
+
+  def fsync(fd):
+    synced.append(os.readlink(f'/proc/self/fd/{fd}'))
+    return real_fsync(fd)
+
+  monkeypatch.setattr(files.os, 'fsync', fsync)
+  version_dir = _build(raw, data_dir)
+  staged = {rel.split(os.sep, 1)[1]  # the staging folder's name left out
+            for rel in (os.path.relpath(p, os.path.realpath(data_dir)) for p in synced)
+            if rel.startswith('.build-') and os.sep in rel}
+  built = {os.path.relpath(os.path.join(parent, name), data_dir)
+           for parent, _, names in os.walk(version_dir) for name in names}
+  assert built and built <= staged, built - staged
