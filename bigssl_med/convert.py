@@ -834,6 +834,7 @@ def _write_workdir(workdir: str, variables: dict[str, Any], model_config: dict[s
                            {'trainer': 'imported', 'seed': 0, 'model': model_config,
                             'source': source})
     files.usual_mode(staging, folder=True)
+    files.sync_tree(staging)  # on disk before it takes the workdir's name
     if os.path.isdir(workdir):
       os.rmdir(workdir)  # empty (checked above)
     staging_lib.release(staging, lock)
