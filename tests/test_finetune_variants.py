@@ -1,6 +1,7 @@
 """Linear evaluation, distillation, ten-crop testing and distribution-shift evaluation."""
 
 import json
+import logging
 import os
 
 import flax.linen as nn
@@ -310,7 +311,7 @@ def test_linear_eval_trains_only_the_classifier(colours, tmp_path):
   assert 'feature_bn' in best['batch_stats']
 
 
-def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path):
+def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path, caplog):
   teacher_dir, teacher_results = teacher
   cfg = tiny_config(colours, trainer='distill', teacher=os.fspath(teacher_dir),
                     **{'model.width_multiplier': 0.0625})
@@ -325,9 +326,15 @@ def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path):
   assert agreement[-1] >= 0.8
   # A teacher of another data set, or no teacher: one-line errors.
   other = tiny_config(colours, trainer='distill', teacher=os.fspath(teacher_dir),
-                      dataset='image_cases/couleurs')
-  with pytest.raises(ConfigError, match='was trained on'):
+                      dataset='image_cases/couleurs', **{'data.image_size': 32})
+  with caplog.at_level(logging.WARNING), pytest.raises(ConfigError, match='was trained on'):
     finetune.train_and_evaluate(other, os.fspath(tmp_path / 'other'))
+  assert 'trained on 16-pixel images; here it scores the student\'s 32-pixel' in caplog.text
+  # A run of another trainer, a distillation among them, is named as such.
+  again = tiny_config(colours, trainer='distill', teacher=os.fspath(tmp_path / 'student'))
+  with pytest.raises(ConfigError, match=r"is a run of the 'distill' trainer; a teacher is a "
+                                        'finished finetune or linear_eval run'):
+    finetune.train_and_evaluate(again, os.fspath(tmp_path / 'again'))
   other.teacher = os.fspath(tmp_path / 'nowhere')
   with pytest.raises(ConfigError, match='config.json: missing'):
     finetune.train_and_evaluate(other, os.fspath(tmp_path / 'other2'))

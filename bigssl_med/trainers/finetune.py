@@ -245,9 +245,18 @@ class _Teacher:
     workdir = checkpointing.absolute(config.teacher)
     self.config = read_run_config(workdir)
     self.results = workdir_lib.read_json(os.path.join(workdir, 'results.json')) or {}
-    if self.config.trainer not in ('finetune', 'linear_eval') or not self.results.get('best_step'):
+    if self.config.trainer not in ('finetune', 'linear_eval'):
+      raise ConfigError(f'config.teacher={workdir!r} is a run of the '
+                        f'{self.config.trainer!r} trainer; a teacher is a finished finetune or '
+                        'linear_eval run')
+    if not self.results.get('best_step'):
       raise ConfigError(f'config.teacher={workdir!r} is not a finished finetune or linear_eval '
                         'run (no results.json with best_step)')
+    teacher_size = self.config.data.get('image_size')
+    if teacher_size and teacher_size != config.data.image_size:
+      logging.warning('config.teacher=%r was trained on %d-pixel images; here it scores the '
+                      'student\'s %d-pixel views (config.data.image_size)', workdir, teacher_size,
+                      config.data.image_size)
     if self.config.dataset != config.dataset:
       raise ConfigError(f'config.teacher={workdir!r} was trained on {self.config.dataset!r}, '
                         f'not config.dataset={config.dataset!r}')
