@@ -134,6 +134,9 @@ def finetune() -> ml_collections.ConfigDict:
   c.data.label_key = ''           # '' : `label` if the data set has it, else `labels`
   c.data.test_split = 'test'      # evaluated once, with the best validation checkpoint
   c.data.test_ten_crop = False    # test (and shift) by ten-crop test-time augmentation
+  c.data.eval_resize = 'square'   # evaluation views: 'square' (SimCLR's central square of
+  #                                 the shorter side) or 'squash' (the whole image resized to
+  #                                 a square, bilinear, as the transfer-learning benchmark)
   c.data.label_fraction = 1.0     # fraction of training cases with labels, in (0, 1]
   c.data.fraction_seed = 0        # which cases; nested over fractions for one seed
   c.data.holdout = 0.0            # > 0: validate on this fraction of the training cases
@@ -152,6 +155,8 @@ def finetune() -> ml_collections.ConfigDict:
   c.task = ml_collections.ConfigDict()
   c.task.uncertain = 'ones'       # multi-label -1 labels: ignore | zeros | ones | lsr_ones
   c.task.blank = 'zeros'          # multi-label blank (NaN) labels: zeros | ignore
+  c.task.eval_uncertain = 'ignore'  # -1 labels in the validation loss: ignore | train_policy
+  #                                 (task.uncertain's targets); AUCs and test always ignore
   c.task.mean_over = ''           # multi-label mean AUC over these names ('a,b'; '' all,
   #                                 'chexpert5': CheXpert's 5 competition pathologies)
   c.task.primary_metric = ''      # '' : top1 (multi-class) or auc_mean (multi-label)

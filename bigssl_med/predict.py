@@ -19,8 +19,10 @@ label names, and `best/` holds the weights of the model selected on validation.
 
 Images are preprocessed as the run's test images were: made what the data set
 stores (gray or RGB, the longest side at most its `max_side`, re-encoded where a
-build re-encodes; results.json `stored_images`), then the centre crop of
-`bigssl_med.data.pipeline.eval_crop(data.image_size, ten_crop)`, and with ten-crop
+build re-encodes; results.json `stored_images`), then the evaluation view of
+`bigssl_med.data.pipeline.eval_view`: the size of `eval_crop(data.image_size,
+ten_crop)`, made as the run's `data.eval_resize` says (its config.json: SimCLR's
+central square, or the whole image squashed to a square), and with ten-crop
 the probabilities averaged over the four corners, the centre and their mirrors
 (`bigssl_med.supervised.make_eval_step`). `--ten_crop` / `--no_ten_crop` override
 the run's own `ten_crop` (its results.json), the default.
@@ -58,7 +60,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bigssl_med import checkpointing, cli, files, supervised
-from bigssl_med.data import host_ops
 from bigssl_med.data import pipeline
 from bigssl_med.errors import CheckpointError, ConfigError, DataError, UserError
 from bigssl_med.trainers import finetune
@@ -255,8 +256,11 @@ def _csv_images(path: str) -> tuple[list[Item], list[str]]:
 
 
 def load_image(item: Item, side: int, proportion: float,
-               stored: dict[str, Any] | None = None) -> np.ndarray:
-  """The uint8 `[side, side, 3]` evaluation crop of `item`'s file.
+               stored: dict[str, Any] | None = None, resize: str = 'square') -> np.ndarray:
+  """The uint8 `[side, side, 3]` evaluation view of `item`'s file.
+
+  `side`, `proportion` and `resize` (config.data.eval_resize) as
+  `bigssl_med.data.pipeline.eval_view` takes them.
 
   `stored` (results.json `stored_images`): the file is first made the bytes the data
   set would store for it (`tfds_builders.common.encode_image`: `channels`, gray or
@@ -276,7 +280,7 @@ def load_image(item: Item, side: int, proportion: float,
     if stored:
       data = common.encode_image(data, name=item.file, max_side=stored.get('max_side'),
                                  channels=stored.get('channels'))
-    return host_ops.center_crop(data, side, proportion, channels=3, name=item.file)
+    return pipeline.eval_view(data, side, proportion, resize, channels=3, name=item.file)
   except DataError as e:
     raise DataError(f'{prefix}{e}') from None
 
@@ -306,6 +310,7 @@ def predict(run: Run, items: Sequence[Item], *, ten_crop: bool | None = None,
   if ten_crop is None:
     ten_crop = bool(run.results.get('ten_crop', False))
   side, proportion = pipeline.eval_crop(run.image_size, ten_crop)
+  resize = pipeline.check_eval_resize(run.config.data.eval_resize)
   step = jax.jit(supervised.make_eval_step(run.model, run.task,
                                            ten_crop_size=run.image_size if ten_crop else 0))
 
@@ -313,7 +318,7 @@ def predict(run: Run, items: Sequence[Item], *, ten_crop: bool | None = None,
 
   def load(item):
     try:
-      return load_image(item, side, proportion, stored)
+      return load_image(item, side, proportion, stored, resize)
     except DataError as e:
       if not skip_bad_images:
         raise

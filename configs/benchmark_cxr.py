@@ -16,7 +16,11 @@ under a new linear classifier, as the benchmark fine-tunes its initialisations:
   stopped once more than 10 evaluations in a row have not lowered it
   (`early_stopping_patience=11`), at most 1000 epochs;
 - training crops: random resized crop to 224 (area 0.08-1), flip, and a rotation within
-  7 degrees (on the device); testing by ten-crop of the 256 x 256 centre.
+  7 degrees (on the device);
+- evaluation of the whole image squashed to 256 x 256 whatever its aspect ratio,
+  bilinear (`data.eval_resize='squash'`, its `Resize((256, 256))`): the central 224 for
+  validation, ten crops of 224 for testing (`data.test_ten_crop`); `bigssl_med.predict`
+  does the same.
 
 ChestX-ray14: the official test list is the test split; validation is 10% of the
 train_val patients (the builder's split). CheXpert: the official validation split is
@@ -53,6 +57,7 @@ def get_config(arg: str = 'nih14'):
   config.head_layers_kept = 0
   config.data.image_size = 224
   config.data.test_ten_crop = True
+  config.data.eval_resize = 'squash'
   config.augment.rotation_deg = 7.0
   config.batch_size = 32
   config.num_epochs = 1000.0

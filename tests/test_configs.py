@@ -95,6 +95,8 @@ def test_benchmark_config_is_the_transfer_learning_benchmarks_protocol():
   assert (c.task.primary_metric, c.early_stopping_patience, c.eval_every_epochs) == (
       'loss', 11, 1.0)
   assert c.data.test_ten_crop and c.augment.rotation_deg == 7.0 and c.head_layers_kept == 0
+  assert c.data.eval_resize == 'squash'  # its Resize((256, 256)), whatever the aspect ratio
+  assert config_schema.finetune().data.eval_resize == 'square'
   assert (c.model.stem_pool_padding, c.model.input_normalization) == ('symmetric', 'imagenet')
   assert not c.model.identity_shortcuts  # ResNet-50: torchvision's has a projection
   assert (c.augment.jitter_p, c.augment.grayscale_p, c.augment.blur_p) == (0.0, 0.0, 0.0)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bigssl_med.data import host_ops
 from bigssl_med.data import pipeline
 from bigssl_med.errors import ConfigError, DataError
 
@@ -252,6 +253,47 @@ def test_eval_images_cover_every_record_once_with_padding_masked():
         else:
           assert not image.any()
   assert sorted(seen) == list(range(13))
+
+
+def _encoded(pixels: np.ndarray) -> bytes:
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format='PNG')
+  return buf.getvalue()
+
+
+@pytest.mark.parametrize('shape', [(200, 300, 3), (310, 180)])  # wide RGB, tall gray
+def test_squash_view_is_torchvision_s_resize_then_centre_crop(shape):
+  pixels = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+  data = _encoded(pixels)
+  # The benchmark's code: Image.open(path).convert('RGB'), Resize((256, 256)) (PIL
+  # bilinear), then CenterCrop(224) (offset round(32 / 2)) or TenCrop(224).
+  squashed = np.asarray(Image.open(io.BytesIO(data)).convert('RGB').resize(
+      (256, 256), Image.Resampling.BILINEAR))
+  single, ten = pipeline.eval_crop(224), pipeline.eval_crop(224, ten_crop=True)
+  np.testing.assert_array_equal(pipeline.eval_view(data, *single, 'squash'),
+                                squashed[16:240, 16:240])
+  np.testing.assert_array_equal(pipeline.eval_view(data, *ten, 'squash'), squashed)
+  # 'square' stays SimCLR's central square, which differs on a non-square image.
+  square = pipeline.eval_view(data, *single, 'square')
+  np.testing.assert_array_equal(square, host_ops.center_crop(data, 224, 0.875))
+  assert square.shape == (224, 224, 3) and not np.array_equal(square, squashed[16:240, 16:240])
+  # The evaluation pipeline makes its views so, padding aside.
+  source = [{'image': data, 'label': 1}] * 3
+  for ten_crop, want in ((False, squashed[16:240, 16:240]), (True, squashed)):
+    spec = pipeline.ViewSpec(image_size=224, label_key='label', eval_resize='squash')
+    batch = next(iter(pipeline.eval_image_dataset(source, spec, global_batch=4, host_index=0,
+                                                  host_count=1, ten_crop=ten_crop)))
+    assert list(batch['mask']) == [1, 1, 1, 0]
+    for image in batch['image'][:3]:
+      np.testing.assert_array_equal(image, want)
+
+
+def test_an_unknown_eval_resize_is_a_one_line_config_error():
+  spec = pipeline.ViewSpec(image_size=8, label_key='label', eval_resize='stretch')
+  with pytest.raises(ConfigError, match=r"^config.data.eval_resize='stretch' is not one of "
+                                        r'square, squash$'):
+    pipeline.eval_image_dataset([{'image': _png(0), 'label': 0}], spec, global_batch=1,
+                                host_index=0, host_count=1)
 
 
 def test_eval_pairs_use_whole_batches_only():

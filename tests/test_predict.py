@@ -132,6 +132,58 @@ def test_ten_crop_changes_the_preprocessing_but_still_classifies(run, tmp_path):
   assert np.mean(ten.argmax(1) == labels) >= 0.8
 
 
+def test_a_squash_run_is_predicted_with_the_whole_image_squashed(run, tmp_path):
+  """`data.eval_resize='squash'` in a run's config.json: predict resizes the whole image
+  to 18 x 18 (16 / 0.875), bilinear, and scores its central 16 (or its ten crops)."""
+  workdir, _, _ = run
+  copy = tmp_path / 'squash'
+  shutil.copytree(workdir, copy)
+  config = json.loads((copy / 'config.json').read_text())
+  assert config['data']['eval_resize'] == 'square'
+  config['data']['eval_resize'] = 'squash'
+  (copy / 'config.json').write_text(json.dumps(config))
+  square, squash = predict.load_run(str(workdir)), predict.load_run(str(copy))
+  pixels = np.zeros((20, 34, 3), np.uint8)  # wide: a green left, a red right half
+  pixels[:, :17, 1], pixels[:, 17:, 0] = 200, 230
+  pixels += np.random.default_rng(0).integers(0, 25, pixels.shape).astype(np.uint8)
+  path = tmp_path / 'wide.png'
+  Image.fromarray(pixels).save(path)
+  squashed = np.asarray(Image.fromarray(pixels).resize((18, 18), Image.Resampling.BILINEAR))
+  item = predict.Item(path='wide.png', file=os.fspath(path))
+  stored = squash.results['stored_images']
+  np.testing.assert_array_equal(predict.load_image(item, 16, 0.875, stored, 'squash'),
+                                squashed[1:17, 1:17])
+  for ten_crop, view in ((False, squashed[1:17, 1:17]), (True, squashed)):
+    step = supervised.make_eval_step(squash.model, squash.task, 16 if ten_crop else 0)
+    logits = np.asarray(step(squash.variables, {'image': view[None]}), np.float64)
+    want = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    _, got = predict.predict(squash, [item], ten_crop=ten_crop)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    _, other = predict.predict(square, [item], ten_crop=ten_crop)  # the same weights
+    assert np.abs(other - got).max() > 1e-4
+
+
+def test_a_squash_run_tests_as_predict_predicts(run, tmp_path):
+  """The trainer's test views follow data.eval_resize as predict's do (ten-crop here)."""
+  _, raw, test_paths = run
+  data_dir = tmp_path / 'data'
+  build_data.build('image_cases/colours', data_dir=os.fspath(data_dir),
+                   manual_dir=os.fspath(raw))
+  workdir = tmp_path / 'work'
+  config = tiny_config(data_dir, total_steps=4, eval_every_steps=0,
+                       **{'data.eval_resize': 'squash', 'data.test_ten_crop': True})
+  finetune.train_and_evaluate(config, os.fspath(workdir))
+  items = [predict.Item(path=p, file=str(raw / p)) for p in test_paths]
+  _, got = predict.predict(predict.load_run(str(workdir)), items)
+  saved = np.load(workdir / 'test_predictions.npz')['scores']
+  np.testing.assert_allclose(got, saved, atol=1e-5)
+  config = json.loads((workdir / 'config.json').read_text())
+  config['data']['eval_resize'] = 'square'
+  (workdir / 'config.json').write_text(json.dumps(config))
+  _, square = predict.predict(predict.load_run(str(workdir)), items)
+  assert np.abs(square - saved).max() > 1e-4
+
+
 def test_multi_label_models_give_sigmoids_and_no_predicted_column(run, tmp_path):
   workdir, raw, test_paths = run
   loaded = predict.load_run(str(workdir))

@@ -1,4 +1,4 @@
-"""Host-side image ops: decode, SimCLR's random crop, centre crop and flip.
+"""Host-side image ops: decode, SimCLR's random crop, centre crops and flip.
 
 NumPy and Pillow only (no JAX): these run in the input pipeline's workers. The
 per-pixel augmentations (colour jitter, grayscale, blur) run on the accelerator
@@ -10,7 +10,9 @@ Semantics follow SimCLR's `data_util.py` (`crop_and_resize`,
 TensorFlow's `sample_distorted_bounding_box` kernel. Two deliberate
 differences: the crop is resized by Pillow's bicubic filter, which is
 antialiased when shrinking (TensorFlow's bicubic resize is not), and the result
-is rounded to uint8 (SimCLR keeps float32).
+is rounded to uint8 (SimCLR keeps float32). `squash_crop` is the other
+evaluation view, the transfer-learning benchmark's (torchvision's `Resize((S, S))`
+then `CenterCrop`).
 """
 
 import contextlib
@@ -264,6 +266,39 @@ def center_crop(data_or_pil, size, crop_proportion=0.875, *, channels=3,
     return _crop_and_resize(image, (left, top, left + crop_w, top + crop_h),
                             size, channels,
                             draft=not isinstance(data_or_pil, Image.Image))
+
+
+def squash_crop(data_or_pil, size, crop_proportion=0.875, *, channels=3, name=''):
+  """The whole image squashed to a square, then its centre: torchvision's evaluation view.
+
+  The image, whatever its aspect ratio, is resized to `S x S` with
+  `S = round(size / crop_proportion)` (256 for 224) by Pillow's bilinear filter,
+  antialiased when shrinking, as torchvision's `Resize((S, S))` does on a PIL image;
+  then the central `size x size` is cut out at offset `round((S - size) / 2)`
+  (torchvision's `CenterCrop`). With `crop_proportion=1` the squashed image is the
+  view (ten-crop evaluation cuts its crops on the device). The image is always
+  decoded at full size (no JPEG draft), so the view is exactly that computation on
+  the decoded pixels.
+
+  Args:
+    data_or_pil: encoded image bytes or a `PIL.Image.Image`.
+    size: output height and width.
+    crop_proportion: `size` over the squashed side, in (0, 1].
+    channels: 3 or 1, as in `decode_image`.
+    name: file or record name, for error messages.
+
+  Returns:
+    np.uint8 `[size, size, channels]`.
+  """
+  _check_channels(channels)
+  if not 0 < crop_proportion <= 1:
+    raise ValueError(f'crop_proportion must be in (0, 1], got {crop_proportion}')
+  squashed = max(size, int(round(size / crop_proportion)))
+  with _decoding(name):
+    image = _as_8bit(_open(data_or_pil), channels, name)
+    image = image.resize((squashed, squashed), Image.Resampling.BILINEAR)
+  offset = int(round((squashed - size) / 2.0))
+  return _to_array(image.crop((offset, offset, offset + size, offset + size)), channels)
 
 
 def center_crop_shape(height, width, crop_proportion=0.875, aspect_ratio=1.0):

@@ -40,6 +40,7 @@ class ViewSpec:
   crop_area_min: float = 0.08
   label_key: str = ''
   label_shape: tuple[int, ...] = ()  # () : an int class; (K,) : a float vector (multi-label)
+  eval_resize: str = 'square'  # evaluation views: one of EVAL_RESIZES (`eval_view`)
 
 
 def as_text(x) -> str:
@@ -286,6 +287,36 @@ def eval_crop(image_size: int, ten_crop: bool = False) -> tuple[int, float]:
   return image_size, CENTRE_CROP_PROPORTION
 
 
+# How an evaluation view is made of the whole image (`config.data.eval_resize`).
+EVAL_RESIZES = ('square', 'squash')
+
+
+def check_eval_resize(resize: str) -> str:
+  """`resize` when it is one of `EVAL_RESIZES`; a one-line ConfigError otherwise."""
+  if resize not in EVAL_RESIZES:
+    raise ConfigError(f'config.data.eval_resize={resize!r} is not one of '
+                      f'{", ".join(EVAL_RESIZES)}')
+  return resize
+
+
+def eval_view(data, side: int, proportion: float, resize: str = 'square', *,
+              channels: int = 3, name: str = '') -> np.ndarray:
+  """The uint8 `[side, side, channels]` evaluation view of an encoded image.
+
+  `(side, proportion)` come from `eval_crop`. `resize='square'`: SimCLR's centre
+  crop, the central square of `proportion` of the shorter side resized (bicubic)
+  to `side` (`host_ops.center_crop`). `resize='squash'`: the transfer-learning
+  benchmark's, the whole image resized (bilinear) to a square of
+  `round(side / proportion)`, aspect ratio not kept, and its central `side`
+  (`host_ops.squash_crop`): the squashed 256 x 256 itself for ten-crop at 224, its
+  central 224 for a single view. Evaluation in training and `bigssl_med.predict`
+  both make their views here.
+  """
+  if check_eval_resize(resize) == 'squash':
+    return host_ops.squash_crop(data, side, proportion, channels=channels, name=name)
+  return host_ops.center_crop(data, side, proportion, channels=channels, name=name)
+
+
 class _LoadCentreCrop(grain.transforms.Map):
 
   def __init__(self, source, spec: ViewSpec, channels: int, name: str, ten_crop: bool = False):
@@ -294,6 +325,7 @@ class _LoadCentreCrop(grain.transforms.Map):
     self._channels = channels
     self._name = name
     self._size, self._proportion = eval_crop(spec.image_size, ten_crop)
+    self._resize = check_eval_resize(spec.eval_resize)
 
   def map(self, record):
     size = self._size
@@ -303,8 +335,8 @@ class _LoadCentreCrop(grain.transforms.Map):
         out['label'] = _padding_label(self._spec)
       return out
     example = self._source[record]
-    image = host_ops.center_crop(example['image'], size, self._proportion,
-                                 name=f'{self._name} record {record}')
+    image = eval_view(example['image'], size, self._proportion, self._resize,
+                      channels=self._channels, name=f'{self._name} record {record}')
     out = {'image': image, 'mask': np.float32(1)}
     if self._spec.label_key:
       out['label'] = _label_value(example, self._spec, f'{self._name} record {record}')
@@ -314,10 +346,11 @@ class _LoadCentreCrop(grain.transforms.Map):
 def eval_image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index: int,
                        host_count: int, channels: int = 3, num_workers: int = 0,
                        name: str = 'data', ten_crop: bool = False) -> grain.IterDataset:
-  """One pass of centre-cropped images: `{'image', 'mask', 'label'?}` batches.
+  """One pass of evaluation views: `{'image', 'mask', 'label'?}` batches.
 
   The last global batch is padded with `mask == 0` rows so every record counts once.
-  With `ten_crop`, images are the larger views of `eval_crop(..., ten_crop=True)`.
+  Views are `eval_view`'s as `spec.eval_resize` says; with `ten_crop`, the larger
+  views of `eval_crop(..., ten_crop=True)`.
   """
   ds = EvalPositions(len(source), global_batch=global_batch, host_index=host_index,
                    host_count=host_count)

@@ -9,9 +9,10 @@ evaluation by the task's primary metric is kept (`WORKDIR/best/`, `best.json`),
 and with `early_stopping_patience` the run stops after that many evaluations
 without improvement. At the end the best model is evaluated once on
 `data.test_split` (with `data.test_ten_crop`, by ten-crop test-time
-augmentation), and, with `shift.dataset`, on another data set through a label
-mapping (`bigssl_med.label_mapping`); `results.json` and `test_predictions.npz`
-hold what `python -m bigssl_med.report` reads.
+augmentation; every evaluation view as `data.eval_resize` says), and, with
+`shift.dataset`, on another data set through a label mapping
+(`bigssl_med.label_mapping`); `results.json` and `test_predictions.npz` hold what
+`python -m bigssl_med.report` reads.
 
 The three trainers differ in what they train and on what:
 
@@ -284,6 +285,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   config_schema.validate(config)
   if config.trainer not in TRAINER_NAMES:
     raise ConfigError(f'config.trainer={config.trainer!r} is not one of {TRAINER_NAMES}')
+  pipeline.check_eval_resize(config.data.eval_resize)
   distill = config.trainer == 'distill'
   workdir_lib.start(workdir, config)
   results_path = os.path.join(workdir, 'results.json')
@@ -342,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _warn_missing_classes(train_source, label_key, task, train_name)
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key,
-                           label_shape)
+                           label_shape, eval_resize=config.data.eval_resize)
   steps_per_epoch, total_steps, warmup_steps = optim.run_length(
       config, len(train_source), f'labelled images of {train_name} (label_fraction {fraction:g})')
   eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch)
@@ -524,7 +526,7 @@ class _ShiftedData:
   def spec(self, config: ml_collections.ConfigDict) -> pipeline.ViewSpec:
     shape = (self.num_labels,) if self.task.kind == 'multilabel' else ()
     return pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min,
-                             self.label_key, shape)
+                             self.label_key, shape, eval_resize=config.data.eval_resize)
 
   def evaluate(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
     """Metrics on the shifted data and what was mapped."""
