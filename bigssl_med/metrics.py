@@ -220,8 +220,9 @@ def softmax_cross_entropy(logits, labels) -> float:
 
 
 def sigmoid_cross_entropy(logits, targets, mask=None) -> float:
-  """Mean binary cross-entropy of `sigmoid(logits)` against 0/1 `targets` over the
-  entries `mask` keeps (all when None), in float64; NaN when it keeps none."""
+  """Mean binary cross-entropy of `sigmoid(logits)` against `targets` in [0, 1] (0/1, or
+  soft ones) over the entries `mask` keeps (all when None), in float64; NaN when it
+  keeps none."""
   logits = _float_matrix(logits, 'logits')
   targets = np.asarray(targets, np.float64)
   keep = np.ones(logits.shape, bool) if mask is None else np.asarray(mask, bool)

@@ -217,13 +217,13 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
                train_step: Callable,
                to_device: Callable, total_steps: int, checkpointer: checkpointing.Checkpointer,
                writer: workdir_lib.MetricWriter, best: BestModel,
-               evaluate: Callable[[Any], dict[str, Any]],
+               evaluate: Callable[[Any, int], dict[str, Any]],
                eval_every: int | None = None) -> tuple[dict[str, Any], int]:
   """Trains from `state['opt']['step']` to `total_steps`; returns the state and last step.
 
   `train_step(state, batch, key, lr_scale)` is given `best.lr_scale_at(step)`.
-  `evaluate(variables)` returns the validation metrics (on `config.data.eval_split`, or
-  on held-out training cases, logged as split 'holdout'); it runs
+  `evaluate(variables, step)` returns the validation metrics of the model at `step` (on
+  `config.data.eval_split`, or on held-out training cases, logged as split 'holdout'); it runs
   every `eval_every` steps (default `config.eval_every_steps`; 0: only at the end)
   and at the last step, the metrics are logged, and `best` selects. A run
   that stops early saves a checkpoint and returns. After the loop, a run that has
@@ -235,7 +235,7 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
   def select(step: int, variables) -> bool:
     if best.done_at(step):
       return False
-    found = evaluate(variables)
+    found = evaluate(variables, step)
     writer.write(step, config.data.eval_split or 'holdout', workdir_lib.scalars(found))
     return best.update(step, variables, found)
 

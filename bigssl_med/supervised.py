@@ -168,8 +168,9 @@ def eval_targets(labels: np.ndarray, blank: str) -> tuple[np.ndarray, np.ndarray
   """Multi-label evaluation targets and mask from stored labels (host NumPy).
 
   Positives (1) and negatives (0) count; uncertain (-1) entries are left out of
-  the AUCs; blank (NaN) entries count as negatives with `blank='zeros'` and are
-  left out with `blank='ignore'`.
+  the AUCs (and of the loss, unless `policy_targets` gives the validation loss's);
+  blank (NaN) entries count as negatives with `blank='zeros'` and are left out with
+  `blank='ignore'`.
   """
   labels = np.asarray(labels, np.float64)
   blank_entries = np.isnan(labels)
@@ -178,3 +179,33 @@ def eval_targets(labels: np.ndarray, blank: str) -> tuple[np.ndarray, np.ndarray
     mask |= blank_entries
   targets = np.where(labels == 1, 1.0, 0.0)
   return targets, mask
+
+
+# What the validation loss does with uncertain (-1) labels (`config.task.eval_uncertain`):
+# leave them out, as the AUCs do, or count them with the training policy's targets.
+EVAL_UNCERTAIN = ('ignore', 'train_policy')
+# Folded into a run's seed for the validation draws, apart from the training keys.
+_VALIDATION_DRAWS = 0x76616C
+
+
+def validation_key(seed: int, step: int) -> jax.Array:
+  """The PRNG key of the validation draws of the evaluation at `step` of a run of `seed`."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _VALIDATION_DRAWS), step)
+
+
+def policy_targets(labels: np.ndarray, task: Task, *, seed: int, step: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Targets (float64) and mask of stored labels under the task's training policy.
+
+  The validation loss's with `config.task.eval_uncertain='train_policy'`:
+  `label_policies.apply_policy(labels, task.uncertain, blank=task.blank)` on the
+  host. LSR-Ones draws each uncertain entry's target from uniform [0.55, 0.85) with
+  `validation_key(seed, step)`: the draws of one evaluation are fixed by the run's
+  seed and the step evaluated (a resumed run that evaluates that step again repeats
+  them), and each evaluation draws afresh, as the transfer-learning benchmark's code
+  draws them every time it reads an image.
+  """
+  key = validation_key(seed, step) if task.uncertain == 'lsr_ones' else None
+  targets, mask = label_policies.apply_policy(np.asarray(labels, np.float32), task.uncertain,
+                                              key, blank=task.blank)
+  return np.asarray(targets, np.float64), np.asarray(mask, bool)

@@ -26,7 +26,11 @@ ChestX-ray14: the official test list is the test split; validation is 10% of the
 train_val patients (the builder's split). CheXpert: the official validation split is
 the test split, validation is 10% of the training patients held out (`data.holdout`),
 uncertain labels follow LSR-Ones, and the mean AUC is over the five competition
-pathologies.
+pathologies. As its code gives the validation set the training policy, the validation
+loss (which selects the model, halves the learning rate and stops the run) counts the
+uncertain labels with LSR-Ones' targets, drawn afresh at each evaluation from the seed
+and the step (`task.eval_uncertain='train_policy'`); the AUCs, and the test split (the
+official validation set, which has no uncertain labels), leave them out.
 
 The architecture is torchvision's, as the benchmark's initialisations are
 (`python -m bigssl_med.convert` imports them): its max-pooling windows
@@ -78,6 +82,7 @@ def get_config(arg: str = 'nih14'):
   if dataset == 'chexpert':
     config.dataset = 'chexpert'
     config.task.uncertain = 'lsr_ones'
+    config.task.eval_uncertain = 'train_policy'   # its validation set has LSR-Ones' labels
     config.task.mean_over = 'chexpert5'
     config.data.holdout = 0.1
     config.data.eval_split = ''

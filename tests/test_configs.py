@@ -104,6 +104,8 @@ def test_benchmark_config_is_the_transfer_learning_benchmarks_protocol():
   assert (x.dataset, x.model.depth, x.task.uncertain, x.data.holdout, x.data.test_split) == (
       'chexpert', 18, 'lsr_ones', 0.1, 'validation')
   assert x.model.identity_shortcuts  # torchvision's ResNet-18
+  # Its CheXpert validation set has LSR-Ones' labels: so does the validation loss here.
+  assert (x.task.eval_uncertain, c.task.eval_uncertain) == ('train_policy', 'ignore')
   demo = load('demo')
   assert demo.trainer == 'stages' and demo.order == ('pretrain', 'micle', 'scratch')
   assert demo.stages.pretrain.micle and demo.stages.pretrain.data.manual_dir

@@ -8,7 +8,7 @@ from PIL import Image
 import pytest
 from sklearn import metrics as sk_metrics
 
-from bigssl_med import build_data, checkpointing, config_schema, model_selection
+from bigssl_med import build_data, checkpointing, config_schema, model_selection, supervised
 from bigssl_med.data import sources
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
@@ -154,6 +154,89 @@ def test_multi_label_fine_tune_reports_mean_auc(tmp_path):
     finetune.train_and_evaluate(
         tiny_config(tmp_path / 'data', dataset='image_cases/multi',
                     **{'task.mean_over': 'green,blue'}), os.fspath(tmp_path / 'w2'))
+
+
+class _WithUncertain:
+  """A split whose `labels` are uncertain (-1) in places: the first label of every third
+  record and the last of every fourth."""
+
+  def __init__(self, source):
+    self._source = source
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, record):
+    example = dict(self._source[record])
+    labels = np.array(example['labels'], np.float32)
+    if record % 3 == 0:
+      labels[0] = -1.0
+    if record % 4 == 0:
+      labels[-1] = -1.0
+    example['labels'] = labels
+    return example
+
+
+def _bce(logits, targets, mask):
+  """Mean sigmoid cross-entropy over `mask`, from its definition (NumPy, float64)."""
+  p = 1 / (1 + np.exp(-logits))
+  losses = -(targets * np.log(p) + (1 - targets) * np.log(1 - p))
+  return losses[mask].mean()
+
+
+@pytest.mark.parametrize('policy', ['ones', 'lsr_ones'])
+def test_train_policy_validation_loss_counts_uncertain_labels(tmp_path, monkeypatch, policy):
+  """task.eval_uncertain='train_policy': the validation loss counts uncertain labels with
+  the training policy's targets; the AUCs, and the test split's loss, leave them out."""
+  _write_colour_cases(tmp_path / 'raw', multi_label=True)
+  build_data.build('image_cases/multi', data_dir=os.fspath(tmp_path / 'data'),
+                   manual_dir=os.fspath(tmp_path / 'raw'))
+  open_split = sources.open_split
+  monkeypatch.setattr(sources, 'open_split', lambda *a, **k: _WithUncertain(open_split(*a, **k)))
+  # Validation and test on one split, evaluated once (step 4): one model, one set of logits.
+  cfg = tiny_config(tmp_path / 'data', dataset='image_cases/multi', total_steps=4,
+                    eval_every_steps=0, seed=5,
+                    **{'task.uncertain': policy, 'task.eval_uncertain': 'train_policy',
+                       'data.test_split': 'validation', 'optimizer.learning_rate': 2.0})
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
+  assert results['best_step'] == 4
+  saved = np.load(tmp_path / 'work' / 'test_predictions.npz')
+  scores = saved['scores'].astype(np.float64)
+  logits = np.log(scores) - np.log1p(-scores)
+  source = _WithUncertain(open_split('image_cases/multi', 'validation',
+                                     os.fspath(tmp_path / 'data')))
+  labels = np.stack([source[i]['labels'] for i in range(len(source))]).astype(np.float64)
+  uncertain = labels == -1
+  assert uncertain.sum() >= 8 and not np.isnan(labels).any()
+  targets = np.where(uncertain, 1.0, labels)
+  if policy == 'lsr_ones':  # the draws of the evaluation at step 4 of seed 5
+    task = supervised.Task('multilabel', labels.shape[1], uncertain='lsr_ones')
+    drawn, _ = supervised.policy_targets(labels, task, seed=5, step=4)
+    assert ((drawn[uncertain] >= 0.55) & (drawn[uncertain] < 0.85)).all()
+    targets = np.where(uncertain, drawn, labels)
+  validation, test = results['validation'], results['test']
+  # (The scores are float32: the logits recovered from them are good to about 1e-7.)
+  want = _bce(logits, targets, np.ones_like(uncertain))
+  assert validation['loss'] == pytest.approx(want, rel=2e-6)
+  ignored = _bce(logits, labels, ~uncertain)
+  assert test['loss'] == pytest.approx(ignored, rel=2e-6)
+  assert abs(want - ignored) > 1e-5
+  for key in ('auc_mean', 'auc_per_class'):  # the AUCs leave uncertain labels out
+    assert validation[key] == test[key]
+  np.testing.assert_array_equal(saved['mask'], ~uncertain)
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('task.eval_uncertain', 'always', "config.task.eval_uncertain='always' is not one of "
+                                      'ignore, train_policy'),
+    ('data.eval_resize', 'stretch', "config.data.eval_resize='stretch' is not one of "
+                                    'square, squash'),
+])
+def test_unknown_evaluation_settings_are_one_line_errors(colours, tmp_path, key, value,
+                                                         message):
+  with pytest.raises(ConfigError, match=f'^{message}$'):
+    finetune.train_and_evaluate(tiny_config(colours, **{key: value}), os.fspath(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
 
 
 def test_fine_tune_from_a_pretraining_run(small_ham10000, tmp_path):

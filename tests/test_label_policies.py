@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bigssl_med import label_policies
+from bigssl_med import label_policies, supervised
 from bigssl_med.errors import ConfigError
 
 NAN = np.nan
@@ -152,3 +152,36 @@ def test_policy_then_loss():
   got = label_policies.masked_sigmoid_bce(logits, targets, mask)
   np.testing.assert_allclose(float(got), reference_bce(logits, np.nan_to_num(LABELS), KNOWN),
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize('blank', ['zeros', 'ignore'])
+def test_validation_policy_targets_are_the_training_policy_s(blank):
+  """`supervised.policy_targets`: the targets of task.eval_uncertain='train_policy'."""
+  task = supervised.Task('multilabel', 4, uncertain='ones', blank=blank)
+  targets, mask = supervised.policy_targets(LABELS, task, seed=0, step=10)
+  want = np.where(UNCERTAIN, 1.0, np.nan_to_num(LABELS))  # U-Ones by hand
+  want_mask = KNOWN | UNCERTAIN | (BLANK & (blank == 'zeros'))
+  np.testing.assert_array_equal(mask, want_mask)
+  np.testing.assert_array_equal(targets[want_mask], want[want_mask])
+  assert targets.dtype == np.float64
+  # The evaluation's own targets (AUCs, test) leave uncertain labels out.
+  _, eval_mask = supervised.eval_targets(LABELS, blank)
+  np.testing.assert_array_equal(eval_mask, want_mask & ~UNCERTAIN)
+
+
+def test_validation_lsr_ones_draws_are_fixed_by_seed_and_step():
+  task = supervised.Task('multilabel', 4, uncertain='lsr_ones')
+  labels = np.tile(LABELS, (50, 1))
+  uncertain, known = np.tile(UNCERTAIN, (50, 1)), np.tile(KNOWN, (50, 1))
+  targets, mask = supervised.policy_targets(labels, task, seed=3, step=100)
+  assert mask.all()
+  soft = targets[uncertain]
+  assert (soft >= 0.55).all() and (soft < 0.85).all() and soft.std() > 0.05
+  np.testing.assert_array_equal(targets[known], labels[known])
+  np.testing.assert_array_equal(targets[np.isnan(labels)], 0.0)
+  again, _ = supervised.policy_targets(labels, task, seed=3, step=100)  # a resumed run
+  np.testing.assert_array_equal(again, targets)
+  for seed, step in ((3, 200), (4, 100)):  # another evaluation, another run
+    other, _ = supervised.policy_targets(labels, task, seed=seed, step=step)
+    assert not np.isin(other[uncertain], soft).any()
+    np.testing.assert_array_equal(other[~uncertain], targets[~uncertain])

@@ -74,6 +74,9 @@ def task_of(config: ml_collections.ConfigDict, info) -> tuple[str, supervised.Ta
     raise ConfigError(f'data set {config.dataset!r} has no label feature {key!r} '
                       f'(config.data.label_key); features: {sorted(info.features)}')
   feature = info.features[key]
+  if config.task.eval_uncertain not in supervised.EVAL_UNCERTAIN:
+    raise ConfigError(f'config.task.eval_uncertain={config.task.eval_uncertain!r} is not one '
+                      f'of {", ".join(supervised.EVAL_UNCERTAIN)}')
   if hasattr(feature, 'num_classes'):
     return key, supervised.Task('multiclass', feature.num_classes, tuple(feature.names))
   shape = tuple(getattr(feature, 'shape', ()))
@@ -312,14 +315,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not metrics_lib.lower_is_better(primary):
     headline = primary  # ... and the one results lead with, unless it is a loss
 
-  def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+  def evaluate(logits: np.ndarray, labels: np.ndarray, loss_targets=None) -> dict[str, Any]:
+    """Metrics of `logits`; `loss_targets`: `(targets, mask)` of the loss (multi-label),
+    when not those of the AUCs."""
     if task.kind == 'multiclass':
       return {**classification_metrics(logits, labels, task.names),
               'loss': metrics_lib.softmax_cross_entropy(logits, labels)}
     targets, mask = supervised.eval_targets(labels, task.blank)
+    loss_targets, loss_mask = (targets, mask) if loss_targets is None else loss_targets
     return {**metrics_lib.multilabel_metrics(logits, targets, mask=mask,
                                              label_names=task.names, mean_over=averaged),
-            'loss': metrics_lib.sigmoid_cross_entropy(logits, targets, mask)}
+            'loss': metrics_lib.sigmoid_cross_entropy(logits, loss_targets, loss_mask)}
 
   _check_metric_exists(primary, evaluate, task)
   teacher = _Teacher(config, task, dtype, repl) if distill else None
@@ -415,6 +421,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     keep = np.concatenate(masks) > 0
     return np.concatenate(logits)[keep], np.concatenate(labels)[keep]
 
+  def validate(variables, step: int) -> dict[str, Any]:
+    """Validation metrics; with task.eval_uncertain='train_policy' the loss counts the
+    uncertain labels as training does (`supervised.policy_targets`), the AUCs do not."""
+    logits, labels = predict(variables, eval_source, eval_name, spec)
+    loss_targets = None
+    if task.kind == 'multilabel' and config.task.eval_uncertain == 'train_policy':
+      loss_targets = supervised.policy_targets(labels, task, seed=config.seed, step=step)
+    return evaluate(logits, labels, loss_targets)
+
   # ---------------------------------------------------------------- Loop, with model selection.
   writer, best = model_selection.start_logs(
       workdir, config, metric=primary, plateau=plateau, total_steps=total_steps,
@@ -427,8 +442,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
-      evaluate=lambda variables: evaluate(*predict(variables, eval_source, eval_name, spec)),
-      eval_every=eval_every)
+      evaluate=validate, eval_every=eval_every)
 
   # ---------------------------------------------------------------- Test, once.
   best_variables = best.restore(run.abstract_model)

@@ -148,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config=config, state={'model': variables, 'opt': opt}, data_state=data_state,
       train_data=train_data, train_step=train_step, to_device=to_device,
       total_steps=total_steps, checkpointer=checkpointer, writer=writer, best=best,
-      evaluate=lambda variables: evaluate(variables, config.data.eval_split),
+      evaluate=lambda variables, step: evaluate(variables, config.data.eval_split),
       eval_every=eval_every)
 
   # ---------------------------------------------------------------- Test, once.
