@@ -9,7 +9,10 @@ Four measurements, each printed as one line and together as one JSON object:
    hold smaller files; and views/s of the pipeline worker's own function
    (record reads, the pair's choice, two crops, the stack);
 2. pipeline: views/s out of the grain pipeline (`pair_dataset`, MICLe or SimCLR
-   pairs) with `--workers` processes, no device involved;
+   pairs) with `--workers` processes, no device involved; and the hand-over alone:
+   pairs of the same shape made without decoding (a constant fill), batched in the
+   same worker processes (`pipeline.batched`), the ceiling of what grain passes to
+   this process;
 3. augment: the jitted on-device augmentation alone, and the step with and
    without it, so its share of the step;
 4. loop: the whole pretrain loop (grain pipeline -> `device_prefetch` -> step) in
@@ -39,6 +42,7 @@ import platform
 import sys
 import time
 
+import grain
 import jax
 import numpy as np
 from PIL import Image
@@ -99,6 +103,16 @@ def host_rates(source, groups, spec: pipeline.ViewSpec, count: int) -> dict:
           'host_first_image_shape': list(host_ops.decode_image(images[0]).shape),
           'host_crop_images_per_sec_per_core_at_600x450': published,
           'host_worker_views_per_sec_per_core': worker}
+
+
+class _Filled(grain.transforms.Map):
+  """Index -> a pair of views of `shape` filled with the index (no decoding)."""
+
+  def __init__(self, shape):
+    self._shape = shape
+
+  def map(self, element):
+    return {'views': np.full(self._shape, element % 256, np.uint8)}
 
 
 def warmup_batches(workers: int) -> int:
@@ -197,6 +211,17 @@ def main(argv=None):
        make_iterator, args.loop_steps, local_views, warmup)
   print(f"pipeline, {args.workers} workers: {result['pipeline_views_per_sec']:,.0f} views/s "
         f"(second half {result['pipeline_views_per_sec_second_half']:,.0f})")
+  record()
+
+  def make_handover():
+    filled = grain.MapDataset.range(2**62).map(
+        _Filled((2, args.image_size, args.image_size, 3)))
+    return iter(pipeline.batched(filled, local_views // 2, args.workers))
+  (result['handover_views_per_sec'],
+   result['handover_views_per_sec_second_half']) = pipeline_rate(
+       make_handover, args.loop_steps, local_views, warmup)
+  print(f"hand-over alone, {args.workers} workers: {result['handover_views_per_sec']:,.0f} "
+        f"views/s (second half {result['handover_views_per_sec_second_half']:,.0f})")
   record()
 
   # 3. Device augmentation's share of the step.

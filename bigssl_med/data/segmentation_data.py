@@ -162,8 +162,7 @@ def train_dataset(source, spec: MaskSpec, *, global_batch: int, host_index: int,
                                       host_index=host_index, host_count=host_count, seed=seed,
                                       start_batch=start_batch)
   ds = positions.map(_LoadTrainPair(source, spec, seed, name))
-  ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
-  return pipeline.with_workers(ds, num_workers)
+  return pipeline.batched(ds, global_batch // host_count, num_workers)
 
 
 def eval_dataset(source, spec: MaskSpec, *, global_batch: int, host_index: int,
@@ -172,5 +171,4 @@ def eval_dataset(source, spec: MaskSpec, *, global_batch: int, host_index: int,
   ds = pipeline.EvalPositions(len(source), global_batch=global_batch, host_index=host_index,
                               host_count=host_count)
   ds = ds.map(_LoadEvalPair(source, spec, name))
-  ds = ds.batch(global_batch // host_count, drop_remainder=True).to_iter_dataset()
-  return pipeline.with_workers(ds, num_workers)
+  return pipeline.batched(ds, global_batch // host_count, num_workers)
