@@ -206,23 +206,21 @@ def main(argv=None):
   local_views = 2 * args.batch // jax.process_count()
   warmup = warmup_batches(args.workers)
   result['warmup_batches'] = warmup
-  (result['pipeline_views_per_sec'],
-   result['pipeline_views_per_sec_second_half']) = pipeline_rate(
-       make_iterator, args.loop_steps, local_views, warmup)
-  print(f"pipeline, {args.workers} workers: {result['pipeline_views_per_sec']:,.0f} views/s "
-        f"(second half {result['pipeline_views_per_sec_second_half']:,.0f})")
-  record()
+
+  def measure(key, what, make):
+    result[key], result[f'{key}_second_half'] = pipeline_rate(
+        make, args.loop_steps, local_views, warmup)
+    print(f'{what}, {args.workers} workers: {result[key]:,.0f} views/s (second half '
+          f'{result[f"{key}_second_half"]:,.0f})')
+    record()
 
   def make_handover():
     filled = grain.MapDataset.range(2**62).map(
         _Filled((2, args.image_size, args.image_size, 3)))
     return iter(pipeline.batched(filled, local_views // 2, args.workers))
-  (result['handover_views_per_sec'],
-   result['handover_views_per_sec_second_half']) = pipeline_rate(
-       make_handover, args.loop_steps, local_views, warmup)
-  print(f"hand-over alone, {args.workers} workers: {result['handover_views_per_sec']:,.0f} "
-        f"views/s (second half {result['handover_views_per_sec_second_half']:,.0f})")
-  record()
+
+  measure('pipeline_views_per_sec', 'pipeline', make_iterator)
+  measure('handover_views_per_sec', 'hand-over alone', make_handover)
 
   # 3. Device augmentation's share of the step.
   kwargs = dict(depth=args.depth, width=args.width, image_size=args.image_size,
