@@ -311,12 +311,15 @@ def test_linear_eval_trains_only_the_classifier(colours, tmp_path):
   assert 'feature_bn' in best['batch_stats']
 
 
-def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path, caplog):
+def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path, caplog,
+                                                monkeypatch):
   teacher_dir, teacher_results = teacher
-  cfg = tiny_config(colours, trainer='distill', teacher=os.fspath(teacher_dir),
+  monkeypatch.chdir(teacher_dir.parent)  # the teacher named relative to here
+  cfg = tiny_config(colours, trainer='distill', teacher=teacher_dir.name,
                     **{'model.width_multiplier': 0.0625})
   results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'student'))
   assert results['trainer'] == 'distill' and results['init'] == 'distilled from scratch'
+  assert results['teacher']['workdir'] == os.fspath(teacher_dir)  # findable from anywhere
   assert results['labelled_images'] == 0
   assert results['teacher']['test'] == teacher_results['test']
   assert results['test']['top1'] >= 0.8

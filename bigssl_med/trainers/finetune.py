@@ -247,6 +247,7 @@ class _Teacher:
       raise ConfigError('config.teacher is empty: distillation needs the workdir of a finished '
                         'finetune or linear_eval run')
     workdir = checkpointing.absolute(config.teacher)
+    self.workdir = os.fspath(workdir)  # where it lies, whatever the current directory
     self.config = read_run_config(workdir)
     self.results = workdir_lib.read_json(os.path.join(workdir, 'results.json')) or {}
     if self.config.trainer not in ('finetune', 'linear_eval'):
@@ -494,7 +495,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'test_split': f'{config.dataset}/{test_split}' if test else None, 'test': test,
   }
   if distill:
-    results['teacher'] = {'workdir': config.teacher, 'init': teacher.results.get('init'),
+    results['teacher'] = {'workdir': teacher.workdir, 'init': teacher.results.get('init'),
                           'test': teacher.results.get('test'),
                           'model': teacher.config.model.to_dict()}
   if shifted is not None:
