@@ -242,14 +242,16 @@ def _drop_rows_after(path: str, step: int,
 def _put_ahead_rows_in_place(path: str, step: int, start: int) -> None:
   """Moves the rows of steps after `step` that a resumed run kept from its earlier
   attempt (evaluations it does not repeat), among the first `start` rows of the
-  metrics file at `path`, to where an uninterrupted run writes them: before the first
-  row written since whose step is later, so after that step's training row."""
-  rows = [(_step(row), line) for line, row in _read_rows(path)[1]]
-  earlier = [line for s, line in rows[:start] if s <= step]
-  ahead = [(s, line) for s, line in rows[:start] if s > step]
+  metrics file at `path`, to where an uninterrupted run writes them: after that step's
+  training row, before the next steps' rows and before any row that is not a training
+  row (the resumed run's later evaluations, and the test and shift rows written after
+  the loop, at the best step)."""
+  rows = [(_step(row), row.get('split'), line) for line, row in _read_rows(path)[1]]
+  earlier = [line for s, _, line in rows[:start] if s <= step]
+  ahead = [(s, line) for s, _, line in rows[:start] if s > step]
   merged = []
-  for s, line in rows[start:]:
-    while ahead and ahead[0][0] < s:
+  for s, split, line in rows[start:]:
+    while ahead and (ahead[0][0] < s or split != 'train'):
       merged.append(ahead.pop(0)[1])
     merged.append(line)
   merged += [line for _, line in ahead]

@@ -56,10 +56,11 @@ def test_a_rerun_with_other_settings_does_not_keep_a_killed_attempts_best_model(
   assert [r['step'] for r in _rows(workdir, 'validation')] == [10, 20, 30, 40]
 
 
+@pytest.mark.parametrize('killed_at', [30, 40])  # 40: the last, before its test row
 def test_validation_rows_of_steps_evaluated_before_a_kill_are_kept(
-    colours, tmp_path, monkeypatch):  # noqa: F811
+    colours, tmp_path, monkeypatch, killed_at):  # noqa: F811
   workdir = os.fspath(tmp_path / 'run')
-  _kill_after_update_of(30, monkeypatch)  # checkpoint at 20; 30 evaluated, not saved
+  _kill_after_update_of(killed_at, monkeypatch)  # checkpoint at 20; evaluated, not saved
   with pytest.raises(Killed):
     finetune.train_and_evaluate(tiny_config(colours), workdir)
   monkeypatch.undo()
@@ -69,8 +70,8 @@ def test_validation_rows_of_steps_evaluated_before_a_kill_are_kept(
   assert _rows(workdir, 'validation') == _rows(uninterrupted, 'validation')
   assert [r['step'] for r in _rows(workdir, 'train')] == [10, 20, 30, 40]
   assert results['best_step'] in [r['step'] for r in _rows(workdir, 'validation')]
-  # In the order an uninterrupted run writes them: step 30's validation row, kept from
-  # the killed attempt, follows step 30's training row again.
+  # In the order an uninterrupted run writes them: the validation row kept from the
+  # killed attempt follows its step's training row again (and precedes step 40's test).
   def order(path):
     with open(os.path.join(path, 'metrics.jsonl')) as f:
       return [(row['step'], row['split']) for row in map(json.loads, f)]
