@@ -477,6 +477,23 @@ class ImageStore:
         {'split': split, 'path': path, 'where': where, 'reason': reason})
     self._metadata['num_skipped_images'] = len(self._metadata['skipped_images'])
 
+  def check_no_split_emptied(self, by_split: dict[str, Sequence[Any]], what: str) -> None:
+    """Fails for a split left without items by the images skipped so far (files found
+    missing before decoding): TFDS would leave the split out and the build look complete.
+
+    Args:
+      by_split: the items kept for each split.
+      what: the data set, for the message.
+
+    Raises:
+      DataError: a split with skipped images and none kept.
+    """
+    for split, items in by_split.items():
+      skipped = [entry for entry in self._metadata['skipped_images'] if entry['split'] == split]
+      if not items and skipped:
+        raise DataError(f'{what}: all {len(skipped)} images of split {split} were skipped '
+                        f'as missing (first: {skipped[0]["reason"]}); nothing to write')
+
   def each(self, items: Sequence[Any], load: Callable[[Any], Any], *, split: str,
            what: str) -> Iterator[tuple[Any, Any]]:
     """`(item, load(item))` for the `items` whose load did not fail, in their order.
@@ -501,25 +518,6 @@ class ImageStore:
       raise DataError(f'{what}: all {len(items)} images of split {split} were skipped '
                       f'as missing or undecodable (first: {first_failure.path}, '
                       f'{first_failure.where}); nothing to write')
-
-
-def check_no_split_emptied(by_split: dict[str, Sequence[Any]],
-                           skipped: dict[str, list[str]], what: str) -> None:
-  """Fails for a split whose every listed image was skipped before decoding (a
-  missing file): TFDS would leave the split out and the build look complete.
-
-  Args:
-    by_split: the items kept for each split.
-    skipped: the messages of the images skipped for each split, in their order.
-    what: the data set, for the message.
-
-  Raises:
-    DataError: a split with skipped images and none kept.
-  """
-  for split, items in by_split.items():
-    if not items and skipped.get(split):
-      raise DataError(f'{what}: all {len(skipped[split])} images of split {split} were '
-                      f'skipped as missing (first: {skipped[split][0]}); nothing to write')
 
 
 def default_threads() -> int:

@@ -330,7 +330,6 @@ class Ham10000(common.ImageBuilder):
     index = index_files(roots)
     name = os.path.basename(metadata_path)
     by_split = {split: [] for split in SPLIT_NAMES}
-    skipped = {split: [] for split in SPLIT_NAMES}
     store = self.image_store(channels=3)
     for row in rows:
       where = f'{name} line {row.line}, image_id {row.image_id}'
@@ -347,11 +346,10 @@ class Ham10000(common.ImageBuilder):
         if not store.skip_bad_images:
           raise DataError(message)
         store.skip(path=file_name, where=where, split=split, reason=message)
-        skipped[split].append(message)
         continue
       by_split[split].append(
           (row, index.images[row.image_id], index.masks[row.image_id], where))
-    common.check_no_split_emptied(by_split, skipped, 'ham10000')
+    store.check_no_split_emptied(by_split, 'ham10000')
     empty = [split for split, items in by_split.items() if not items]
     if empty:  # TFDS cannot write an empty split; only tiny inputs get here.
       logging.warning('HAM10000 from %s: no lesion hashes into split(s) %s; '

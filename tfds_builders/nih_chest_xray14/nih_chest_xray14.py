@@ -332,7 +332,6 @@ class NihChestXray14(common.ImageBuilder):
     images = index_images(inputs.roots)
     store = self.image_store(channels=1)
     by_split = {split: [] for split in SPLIT_NAMES}
-    missing = {split: [] for split in SPLIT_NAMES}
     for entry, split, _ in assigned:
       where = f'{inputs.labels} line {entry.line}'
       path = images.get(entry.image_id)
@@ -342,10 +341,9 @@ class NihChestXray14(common.ImageBuilder):
         if not store.skip_bad_images:
           raise DataError(message)
         store.skip(path=entry.image_id, where=where, split=split, reason=message)
-        missing[split].append(message)
         continue
       by_split[split].append((entry, path, where))
-    common.check_no_split_emptied(by_split, missing, 'nih_chest_xray14')
+    store.check_no_split_emptied(by_split, 'nih_chest_xray14')
     empty = [split for split, items in by_split.items() if not items]
     if empty:  # TFDS cannot write an empty split; only tiny inputs get here.
       logging.warning('nih_chest_xray14: no images in split(s) %s; they are '
