@@ -118,9 +118,6 @@ class Opaque:
   def __setstate__(self, state):
     del state
 
-  def __call__(self, *args, **kwargs):  # a function of the file, "called" while unpickling
-    return Opaque()
-
 
 def _opaque_class(module: str, name: str) -> type:
   return type(f'{module}.{name}', (Opaque,), {})
