@@ -311,6 +311,14 @@ def test_linear_eval_trains_only_the_classifier(colours, tmp_path):
   assert 'feature_bn' in best['batch_stats']
 
 
+def test_linear_eval_without_init_from_warns(colours, tmp_path, caplog):
+  cfg = tiny_config(colours, trainer='linear_eval', total_steps=2)
+  with caplog.at_level(logging.WARNING):
+    results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'random'))
+  assert results['init'] == 'scratch'
+  assert 'no config.init_from: the classifier is trained on a frozen, randomly' in caplog.text
+
+
 def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path, caplog,
                                                 monkeypatch):
   teacher_dir, teacher_results = teacher

@@ -291,6 +291,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ConfigError(f'config.trainer={config.trainer!r} is not one of {TRAINER_NAMES}')
   pipeline.check_eval_resize(config.data.eval_resize)
   distill = config.trainer == 'distill'
+  if config.trainer == 'linear_eval' and not config.init_from:
+    logging.warning('config.trainer=\'linear_eval\' with no config.init_from: the classifier '
+                    'is trained on a frozen, randomly initialised encoder (a random-features '
+                    'baseline); set init_from to evaluate a pretrained one')
   workdir_lib.start(workdir, config)
   results_path = os.path.join(workdir, 'results.json')
   previous = workdir_lib.finished_results(workdir, config)
