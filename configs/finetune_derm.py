@@ -11,9 +11,13 @@ reports. Label fractions are fractions of lesions, nested for one `fraction_seed
 
 The training crops are augmented as the MICLe paper fine-tunes: random crop and
 flip (host), then on the device a random rotation, colour jitter and Gaussian blur.
-The paper names these ops, not their strengths; the rotation (up to 45 degrees) and
-jitter strength (0.5) are those it gives for chest X-ray pretraining, the blur is
-SimCLR's (p 0.5). `--config.augment.jitter_p=0 --config.augment.blur_p=0
+The strengths are this project's choice: the rotation (up to 45 degrees) and jitter
+strength (0.5) of the chest X-ray pretraining recipe, and SimCLR's blur (p 0.5).
+
+HAM10000 (dermatoscopic images, 7 diagnoses) stands in for the MICLe paper's
+dermatology data set, which is private (digital-camera images of 26 skin conditions
+and 'Other'): top-1 here is not comparable with the paper's. A user's own cases come
+through the `image_cases` builder. `--config.augment.jitter_p=0 --config.augment.blur_p=0
 --config.augment.rotation_deg=0` fine-tunes on crops and flips alone.
 """
 

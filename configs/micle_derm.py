@@ -9,6 +9,9 @@ The two views of a positive pair come from two different images of one lesion
 project's format): encoder and projection head are loaded, the optimiser and
 the step count start fresh. Leave init_from empty to pretrain from scratch.
 
+HAM10000 (dermatoscopic images, 7 diagnoses) stands in for the MICLe paper's private
+dermatology cases (digital-camera images, several per case).
+
 The raw HAM10000 files: `config.data.manual_dir` (the Dataverse release or the
 layout of ../shared/data/ham10000); the data set is built on first use.
 A user's own dermatology cases come through the `image_cases` builder
