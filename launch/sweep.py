@@ -27,7 +27,9 @@ Linked keys name the workdir with their common leading and trailing parts writte
 `stages.pretrain+micle+scratch.seed=1`.
 Before anything runs, it is an error to give a key twice or a value of a key twice, for
 two points to get one workdir name (`init_from=/a/b_c` and `init_from=/a_b/c` both name
-`init_from=a_b_c`), or for a name to be longer than the 255 bytes a file system allows.
+`init_from=a_b_c`), for a name to be longer than the 255 bytes a file system allows, or
+for a key of --set or of an EXTRA `--config.KEY` flag not to be in the config (a config
+of stages has its keys under `stages.NAME.`).
 
 `--launcher=local` (the default) runs the points one after another; a SIGTERM or
 SIGINT to the sweep goes to the running main.py (which saves a checkpoint on SIGTERM),
@@ -42,6 +44,7 @@ squeue to the id written, lets two sweeps on one root at once submit each run on
 
 import argparse
 import fcntl
+import importlib.util
 import itertools
 import os
 import shlex
@@ -122,6 +125,44 @@ def check(settings, extra):
       return (f'the workdir name {name!r} is {len(name.encode())} bytes, over the '
               f'{NAME_MAX} a file system allows: give shorter values (a symlink to a path)')
     named[name] = point
+  return None
+
+
+def load_config(spec):
+  """The config `main.py --config=SPEC` starts from: `PATH[:ARG]`'s `get_config(ARG)`."""
+  path, *arg = spec.split(':', 1)
+  if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # the configs import bigssl_med
+  module_spec = importlib.util.spec_from_file_location('sweep_config', path)
+  if module_spec is None:
+    raise ImportError(f'{path} is not a Python file')
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(*arg)
+
+
+def unknown_key(spec, settings, extra):
+  """The reason a key of --set or of an EXTRA `--config.KEY=...` flag is not in the
+  config (a one-line message), or None; every run would fail on it."""
+  try:
+    config = load_config(spec)
+  except Exception as e:  # pylint: disable=broad-except (main.py would fail on it too)
+    return f'--config={spec}: cannot load it: {type(e).__name__}: {e}'
+  keys = [(f'--set {k}', k) for axis, _ in settings for k in axis]
+  for flag in extra:
+    name = flag.lstrip('-').split('=', 1)[0]
+    if flag.startswith('--config.'):
+      keys.append((f'{flag.split("=", 1)[0]} after --', name[len('config.'):]))
+  for where, key in keys:
+    node = config
+    for part in key.split('.'):
+      if not (hasattr(node, 'keys') and part in node.keys()):
+        hint = ''
+        if getattr(config, 'trainer', None) == 'stages' and 'stages' in config.keys():
+          hint = (f' (a config of stages: set stages.NAME.{key} for a stage NAME of '
+                  f'{", ".join(config.stages.keys())})')
+        return f'{where}: {spec} has no config key {key!r}{hint}'
+      node = node[part]
   return None
 
 
@@ -246,7 +287,7 @@ def main(argv=None):
   p.add_argument('--launcher', choices=['local', 'slurm', 'print'], default='local')
   p.add_argument('--dry_run', action='store_true', help='same as --launcher=print')
   args = p.parse_args(ours)
-  problem = check(args.settings, extra)
+  problem = check(args.settings, extra) or unknown_key(args.config, args.settings, extra)
   if problem:
     sys.exit(f'error: {problem}')
   launcher = 'print' if args.dry_run else args.launcher

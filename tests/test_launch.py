@@ -16,9 +16,11 @@ import sweep  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from bigssl_med import parallel  # noqa: E402
 
+CONFIG = str(Path(__file__).resolve().parents[1] / 'configs' / 'micle_derm.py')
+
 
 def test_grid_and_commands(capsys):
-  assert sweep.main(['--config=configs/demo.py', '--root=/runs/x', '--set', 'seed=0,1',
+  assert sweep.main(['--config=configs/micle_derm.py', '--root=/runs/x', '--set', 'seed=0,1',
                      '--set', 'optimizer.learning_rate=0.3,1.0', '--dry_run', '--',
                      '--config.total_steps=10']) == 0
   lines = capsys.readouterr().out.strip().splitlines()
@@ -29,16 +31,16 @@ def test_grid_and_commands(capsys):
 
 def test_bad_set_is_an_error():
   with pytest.raises(SystemExit):
-    sweep.main(['--config=c.py', '--root=/r', '--set', 'seed'])
+    sweep.main([f'--config={CONFIG}', '--root=/r', '--set', 'seed'])
 
 
 def test_values_with_commas_and_empty_values(capsys):
-  assert sweep.main(['--config=c.py', '--root=/r', '--set',
+  assert sweep.main([f'--config={CONFIG}', '--root=/r', '--set',
                      'init_from=/p/seed=0,lr=0.3;/p/seed=1,lr=0.3', '--dry_run']) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert [shlex.split(line)[-1] for line in lines] == ['--config.init_from=/p/seed=0,lr=0.3',
                                                       '--config.init_from=/p/seed=1,lr=0.3']
-  assert sweep.main(['--config=c.py', '--root=/r', '--set', 'init_from=,/p/micle',
+  assert sweep.main([f'--config={CONFIG}', '--root=/r', '--set', 'init_from=,/p/micle',
                      '--dry_run']) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert [shlex.split(line)[-1] for line in lines] == ['--config.init_from=',
@@ -47,7 +49,7 @@ def test_values_with_commas_and_empty_values(capsys):
 
 def test_a_failed_sbatch_is_counted_not_a_traceback(monkeypatch, tmp_path, capsys):
   monkeypatch.setenv('PATH', str(tmp_path))  # no sbatch on the PATH
-  assert sweep.main(['--config=c.py', f'--root={tmp_path}', '--set', 'seed=0,1',
+  assert sweep.main([f'--config={CONFIG}', f'--root={tmp_path}', '--set', 'seed=0,1',
                      '--launcher=slurm']) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 2 and err[0].startswith(f'error: sbatch failed for {tmp_path}/seed=0:')
@@ -80,7 +82,7 @@ def test_slurm_sweep_leaves_out_runs_whose_job_is_still_queued(monkeypatch, tmp_
   queued.write_text('')
   for key, value in _fake_slurm(tmp_path, queued).items():
     monkeypatch.setenv(key, value)
-  args = ['--config=c.py', f'--root={tmp_path / "runs"}', '--set', 'seed=0,1',
+  args = [f'--config={CONFIG}', f'--root={tmp_path / "runs"}', '--set', 'seed=0,1',
           '--launcher=slurm']
   assert sweep.main(args) == 0
   assert [(tmp_path / 'runs' / f'seed={s}' / 'slurm_job_id').read_text() for s in (0, 1)] == [
@@ -138,7 +140,7 @@ def test_initialize_distributed_passes_the_node_gpus(monkeypatch):
 
 
 def test_path_values_do_not_nest_workdirs(capsys):
-  assert sweep.main(['--config=c.py', '--root=/r', '--set', 'init_from=,/p/micle',
+  assert sweep.main([f'--config={CONFIG}', '--root=/r', '--set', 'init_from=,/p/micle',
                      '--dry_run']) == 0
   workdirs = [next(a for a in shlex.split(line) if a.startswith('--workdir='))
               for line in capsys.readouterr().out.strip().splitlines()]
@@ -148,7 +150,7 @@ def test_path_values_do_not_nest_workdirs(capsys):
 def _sweep_error(capsys, *args):
   """The one line a sweep that must not start writes (nothing is printed or run)."""
   with pytest.raises(SystemExit) as e:
-    sweep.main(['--config=c.py', '--root=/r', '--dry_run', *args])
+    sweep.main([f'--config={CONFIG}', '--root=/r', '--dry_run', *args])
   captured = capsys.readouterr()
   assert e.value.code and not captured.out, captured.out
   message = str(e.value.code) + captured.err
@@ -172,9 +174,18 @@ def _sweep_error(capsys, *args):
     (['--dry', '--set', 'seed=1'], 'unrecognized arguments: --dry'),
     (['--set', 'seed=0', '--config.lr=1'], 'unrecognized arguments: --config.lr=1'),
     (['--set', 'seed+=0'], '--set needs KEY=V1,V2'),
+    (['--set', 'sed=0,1'], "--set sed: {config} has no config key 'sed'"),
+    (['--set', 'optimizer.lr=0.1'], "has no config key 'optimizer.lr'"),
+    (['--set', 'seed=0,1', '--', '--config.data.imagesize=64'],
+     "--config.data.imagesize after --: {config} has no config key 'data.imagesize'"),
+    (['--config=/nowhere/c.py', '--set', 'seed=0'],
+     '--config=/nowhere/c.py: cannot load it: FileNotFoundError'),
+    (['--config=configs/demo.py', '--set', 'seed=0,1'],
+     "has no config key 'seed' (a config of stages: set stages.NAME.seed for a stage NAME "
+     'of micle, pretrain, scratch)'),
 ])
 def test_a_sweep_that_would_mislead_is_a_one_line_error(capsys, args, expected):
-  assert expected in _sweep_error(capsys, *args)
+  assert expected.format(config=CONFIG) in _sweep_error(capsys, *args)
 
 
 def test_linked_keys_take_one_value_per_point(capsys):
@@ -199,7 +210,7 @@ def test_slurm_workdir_is_made_before_sbatch(monkeypatch, tmp_path, capsys):
   root = tmp_path / 'runs'
   root.mkdir()
   (root / 'seed=0').write_text('')  # a file where the workdir should be
-  assert sweep.main(['--config=c.py', f'--root={root}', '--set', 'seed=0,1',
+  assert sweep.main([f'--config={CONFIG}', f'--root={root}', '--set', 'seed=0,1',
                      '--launcher=slurm']) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith(f'error: cannot make {root}/seed=0: ')
@@ -212,7 +223,7 @@ def test_two_slurm_sweeps_at_once_submit_each_run_once(tmp_path):
   queued = tmp_path / 'queued'
   queued.write_text('100\n101\n')  # every job the fake sbatch hands out stays pending
   env = {**os.environ, **_fake_slurm(tmp_path, queued), 'SBATCH_DELAY': '2'}
-  cmd = [sys.executable, str(Path(sweep.__file__)), '--config=c.py',
+  cmd = [sys.executable, str(Path(sweep.__file__)), f'--config={CONFIG}',
          f'--root={tmp_path / "runs"}', '--set', 'seed=0', '--launcher=slurm']
   sweeps = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -244,7 +255,7 @@ def test_a_signal_to_the_local_sweep_stops_its_run(tmp_path, signum, status):
   log = tmp_path / 'log'
   code = (f'import sys; sys.path.insert(0, {str(Path(sweep.__file__).parent)!r}); '
           f'import sweep; sweep.REPO = {str(tmp_path)!r}; '
-          f"sys.exit(sweep.main(['--config=c.py', '--root=/r', '--set', 'seed=0,1']))")
+          f"sys.exit(sweep.main([f'--config={CONFIG}', '--root=/r', '--set', 'seed=0,1']))")
   run = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 60
@@ -264,7 +275,7 @@ def test_a_signal_to_the_local_sweep_stops_its_run(tmp_path, signum, status):
   assert run.returncode == status, (out, err)
   # The run got the signal and ended; the next point was not started.
   assert log.read_text().splitlines() == [
-      '--config=c.py --workdir=/r/seed=0 --config.seed=0', signal.Signals(signum).name]
+      f'--config={CONFIG} --workdir=/r/seed=0 --config.seed=0', signal.Signals(signum).name]
   assert err.strip() == f'stopped by {signal.Signals(signum).name}'
 
 
