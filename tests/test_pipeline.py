@@ -3,10 +3,13 @@
 import contextlib
 import io
 import json
+import os
 import pickle
 import sys
 import threading
+import time
 
+import grain
 import numpy as np
 import pytest
 from PIL import Image
@@ -303,6 +306,48 @@ def test_eval_pairs_use_whole_batches_only():
   assert len(list(ds)) == 2
   assert pipeline.eval_pair_dataset(source, groups, SPEC, global_batch=32, host_index=0,
                                     host_count=1, seed=0) is None
+  first = pipeline.eval_pair_dataset(source, groups, SPEC, global_batch=8, host_index=0,
+                                     host_count=1, seed=0, max_batches=1)
+  (only,) = list(first)  # the stream ends after it: nothing is left made ahead
+  np.testing.assert_array_equal(only['views'], next(iter(ds))['views'])
+
+
+class _Filled:
+  """Position -> an array of `shape` filled with it (no decoding: a fast producer)."""
+
+  def __init__(self, shape):
+    self.shape = shape
+
+  def __call__(self, position):
+    return np.full(self.shape, position % 251, np.uint8)
+
+
+def _our_shared_memory(nbytes: int) -> int:
+  """Segments in /dev/shm of exactly `nbytes` (a size no other test's batches have)."""
+  folder = '/dev/shm'
+  count = 0
+  for name in os.listdir(folder):
+    with contextlib.suppress(OSError):
+      count += os.path.getsize(os.path.join(folder, name)) == nbytes
+  return count
+
+
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs /dev/shm (Linux)')
+def test_workers_make_a_bounded_number_of_batches_ahead():
+  # grain's default read-ahead (500 elements) would be 500 batches a worker here.
+  shape, batch, workers = (1, 100_003), 4, 2
+  ds = pipeline.batched(grain.MapDataset.range(10**9).map(_Filled(shape)), batch, workers)
+  iterator = iter(ds)
+  try:
+    for i in range(3):
+      np.testing.assert_array_equal(next(iterator)[:, 0, 0], [(4 * i + j) % 251
+                                                               for j in range(4)])
+    time.sleep(3)  # the workers run ahead as far as they may
+    held = _our_shared_memory(batch * shape[1])
+  finally:
+    iterator.close()
+  assert held <= workers * 8, held
+  assert pipeline.read_options(2).prefetch_buffer_size <= 2
 
 
 def test_batch_larger_than_the_data_is_a_config_error():

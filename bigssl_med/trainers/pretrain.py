@@ -137,15 +137,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     name = f'{config.dataset}/{config.data.eval_split}'
     pairs = pipeline.eval_pair_dataset(
         eval_source, eval_groups, spec, global_batch=config.batch_size, host_index=host,
-        host_count=hosts, seed=_EVAL_SEED, num_workers=config.data.num_workers, name=name)
+        host_count=hosts, seed=_EVAL_SEED, num_workers=config.data.num_workers, name=name,
+        max_batches=config.eval_batches)
     if pairs is None:
       logging.warning('%s has fewer units than one batch of %d: no contrastive evaluation',
                       name, config.batch_size)
     else:
       sums, n = {}, 0
       for i, (batch, _) in enumerate(pipeline.device_prefetch(iter(pairs), to_device)):
-        if config.eval_batches and i >= config.eval_batches:
-          break
         m = pairs_step(variables, batch, jax.random.key(_EVAL_SEED + i))
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in m.items()}
         n += 1
