@@ -10,11 +10,15 @@ A checkpoint step holds three items:
 Where the starting weights come from, in this order (`restore_or_initialize`):
 1. the newest checkpoint in this run's workdir (resume: weights, optimiser, step
    and data position);
-2. `config.init_from` (another workdir, its `checkpoints/` folder, or one step folder):
-   encoder weights, and the head's when asked; fresh optimiser and step 0. Where the
-   run that wrote it left a `config.json`, its encoder architecture
-   (`models.ARCHITECTURE_KEYS`) must be this run's: a different `stem_pool_padding`, say,
-   has the same shapes but computes another function;
+2. `config.init_from` (another workdir, its `checkpoints/` folder, one step folder, or a
+   run's selected model `best/`): encoder weights, and the head's when asked; fresh
+   optimiser and step 0. Where the run that wrote it left a `config.json`, its encoder
+   architecture (`models.ARCHITECTURE_KEYS`) must be this run's: a different
+   `stem_pool_padding`, say, has the same shapes but computes another function. The
+   workdir of a run trained on labels (`SUPERVISED_TRAINERS`) is refused: its newest
+   checkpoint is not its selected model, and a label-efficiency study would count
+   neither its labels nor its method; name its `best/` or a step folder to start from it.
+   A pretraining run without its results yet (unfinished) gives a warning;
 3. the random initialisation.
 """
 
@@ -240,8 +244,12 @@ def quiet_failed_reads():
           hold.real.write(''.join(hold.held))
 
 
+SUPERVISED_TRAINERS = ('finetune', 'linear_eval', 'distill', 'segment')
+
+
 def find_model_item(path: str, name: str | None = None) -> epath.Path:
-  """The `model` item folder that `path` names: a workdir, its checkpoints or one step.
+  """The `model` item folder that `path` names: a workdir, its checkpoints, one step, or
+  a run's selected model (`best/`, beside its `best.json`).
 
   `name`: how errors name `path` (default `init_from='PATH'`, the config key).
   """
@@ -251,6 +259,8 @@ def find_model_item(path: str, name: str | None = None) -> epath.Path:
     raise CheckpointError(f'{name}: no such file or directory')
   if (p / 'model').is_dir():
     return p / 'model'
+  if p.name == 'best' and (p.parent / 'best.json').is_file():
+    return p
   if (p / 'checkpoints').is_dir():
     p = p / 'checkpoints'
   steps = [int(c.name) for c in p.iterdir() if c.name.isdigit() and (c / 'model').is_dir()]
@@ -267,6 +277,45 @@ def _run_config_path(path: str) -> epath.Path | None:
     if (d / 'config.json').is_file() and (d / 'checkpoints').is_dir():
       return d / 'config.json'
   return None
+
+
+def init_source(init_from: str) -> dict[str, Any]:
+  """What `init_from` names, checked as a starting point (see the module docstring).
+
+  Returns `{'item': the model item folder, 'step': its step (None if unknown),
+  'trainer': the trainer of the run holding it (None without its config.json)}`.
+
+  Raises:
+    CheckpointError: `init_from` is the workdir (or checkpoints folder) of a run
+      trained on labels, or names no checkpoint.
+  """
+  named = epath.Path(absolute(init_from))
+  item = find_model_item(init_from)
+  explicit = (named / 'model').is_dir() or item == named  # a step folder, or best/
+  step = int(item.parent.name) if item.parent.name.isdigit() else None
+  if item.name == 'best':
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+      step = int(json.loads((item.parent / 'best.json').read_text())['step'])
+  config_path = _run_config_path(os.fspath(named))
+  run = None
+  if config_path is not None:
+    with contextlib.suppress(OSError, ValueError):
+      run = json.loads(config_path.read_text())
+  trainer = run.get('trainer') if isinstance(run, dict) else None
+  trainer = trainer if isinstance(trainer, str) else None
+  if trainer in SUPERVISED_TRAINERS and not explicit:
+    data = run.get('data') if isinstance(run.get('data'), dict) else {}
+    raise CheckpointError(
+        f'init_from={init_from!r} is a {trainer} run (trained on the labels of '
+        f'{run.get("dataset")!r}, label fraction {data.get("label_fraction", "?")}), not '
+        f'a pretraining run: to start from it, name its selected model '
+        f'(init_from={os.path.join(os.fspath(config_path.parent), "best")!r}) or a step '
+        'folder of its checkpoints')
+  if (trainer == 'pretrain' and not explicit
+      and not (config_path.parent / 'results.json').is_file()):
+    logging.warning('init_from=%r is a pretraining run without results.json (unfinished?): '
+                    'starting from its newest checkpoint, step %s', init_from, step)
+  return {'item': item, 'step': step, 'trainer': trainer}
 
 
 def init_name(init_from: str) -> str:
@@ -462,12 +511,14 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
     return model, opt, data_state, f'resumed from {checkpointer.directory / str(step)}'
   model, opt = init_fn()
   if init_from:
+    source = init_source(init_from)
     if model_config is not None and 'encoder' in init_keys:
       check_encoder_architecture(init_from, model_config)
-    loaded = load_model_variables(init_from, model_sharding)
+    loaded = restore_model_item(source['item'], model_sharding)
     model = merge_pretrained(model, loaded, keys=init_keys, source=init_from,
                              partial=partial_keys)
     opt = finalize_opt(model)
-    logging.info('Initialised %s from %s', '+'.join(init_keys), init_from)
-    return model, opt, None, f'initialised {"+".join(init_keys)} from {init_from}'
+    at = '' if source['step'] is None else f' (step {source["step"]})'
+    logging.info('Initialised %s from %s%s', '+'.join(init_keys), init_from, at)
+    return model, opt, None, f'initialised {"+".join(init_keys)} from {init_from}{at}'
   return model, opt, None, 'initialised from scratch'

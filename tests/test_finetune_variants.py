@@ -14,7 +14,7 @@ import pytest
 
 from bigssl_med import build_data, label_mapping, supervised
 from bigssl_med.data import fractions
-from bigssl_med.errors import ConfigError
+from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
 from test_finetune import _write_colour_cases, tiny_config
 from test_pretrain import tiny_config as tiny_pretrain_config
@@ -309,6 +309,35 @@ def test_linear_eval_trains_only_the_classifier(colours, tmp_path):
     assert all(jax.tree.leaves(chex_equal)), collection
   assert set(best['params']) == {'encoder', 'classifier'}
   assert 'feature_bn' in best['batch_stats']
+
+
+def test_init_from_a_run_trained_on_labels_names_its_model(teacher, colours, tmp_path):
+  teacher_dir, teacher_results = teacher
+  cfg = tiny_config(colours, init_from=os.fspath(teacher_dir), total_steps=2)
+  with pytest.raises(CheckpointError, match=(
+      rf"^init_from='{teacher_dir}' is a finetune run \(trained on the labels of "
+      r"'image_cases/colours', label fraction 1.0\), not a pretraining run: to start from "
+      rf"it, name its selected model \(init_from='{teacher_dir}/best'\) or a step folder")):
+    finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'from_workdir'))
+  assert not list((tmp_path / 'from_workdir').glob('checkpoints/[0-9]*'))  # nothing trained
+  cfg.init_from = os.fspath(teacher_dir / 'best')  # named: the selected model
+  results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'from_best'))
+  assert results['origin'] == (f'initialised encoder from {teacher_dir}/best '
+                               f'(step {teacher_results["best_step"]})')
+
+
+def test_init_from_an_unfinished_pretraining_run_warns(colours, tmp_path, caplog):
+  source = tmp_path / 'pretrained'
+  pretrain.train_and_evaluate(
+      tiny_pretrain_config(os.fspath(colours), dataset='image_cases/colours', micle=False,
+                           probe=False, total_steps=2), os.fspath(source))
+  (source / 'results.json').unlink()  # as a run stopped before its end leaves it
+  cfg = tiny_config(colours, init_from=os.fspath(source), total_steps=2)
+  with caplog.at_level(logging.WARNING):
+    results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'tuned'))
+  assert (f"init_from='{source}' is a pretraining run without results.json (unfinished?): "
+          'starting from its newest checkpoint, step 2') in caplog.text
+  assert results['origin'] == f'initialised encoder from {source} (step 2)'
 
 
 def test_linear_eval_without_init_from_warns(colours, tmp_path, caplog):

@@ -219,7 +219,7 @@ def test_init_from_loads_the_encoder_and_optionally_the_head(trained, tmp_path, 
   cfg.optimizer.learning_rate = 0.0  # the weights stay as loaded
   results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'cont'))
   assert results['origin'] == 'initialised ' + ('encoder+head' if init_head else 'encoder') + \
-      f' from {source}'
+      f' from {source} (step 4)'
   src, new = _params_at(source, 4), _params_at(os.fspath(tmp_path / 'cont'), 1)
   for a, b in zip(jax.tree.leaves(src['params']['encoder']),
                   jax.tree.leaves(new['params']['encoder'])):

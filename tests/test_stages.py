@@ -68,7 +68,8 @@ def test_a_stage_started_from_an_earlier_stage_that_changed_since_is_an_error(
   assert workdir_lib.read_json(f'{workdir}/micle/stage_inputs.json') == inputs
   shutil.rmtree(f'{workdir}/micle')  # as the error says
   again = stages.train_and_evaluate(_tiny_stages(colours, pretrain_steps=3), workdir)
-  assert again['stages']['micle']['origin'] == f'initialised encoder from {workdir}/pretrain'
+  assert again['stages']['micle']['origin'] == (
+      f'initialised encoder from {workdir}/pretrain (step 3)')
 
 
 def test_a_moved_stages_workdir_reruns_from_any_current_directory(
