@@ -30,9 +30,13 @@ from bigssl_med.data import pipeline
 from bigssl_med.errors import ConfigError
 
 
-def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float
-                       ) -> tuple[int, tuple[float, int] | None]:
+def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float,
+                       total_steps: int) -> tuple[int, tuple[float, int] | None]:
   """`(eval_every steps, plateau)` of a trainer's config, for `train_loop` and `BestModel`.
+
+  A run of `total_steps` that would evaluate only at its end while early stopping or the
+  plateau schedule is asked for (which act on evaluations) gets a warning: a short run
+  (a small label fraction, counted in steps) may not reach `eval_every_steps`.
 
   Raises:
     ConfigError: both eval_every_steps and eval_every_epochs set, or a plateau factor
@@ -43,6 +47,12 @@ def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float
       steps_per_epoch=steps_per_epoch, what='eval_every_steps/eval_every_epochs',
       allow_zero=True)
   o = config.optimizer
+  if ((config.early_stopping_patience or o.schedule == 'plateau')
+      and not 0 < eval_every < total_steps):
+    logging.warning('this run of %d steps evaluates only at its end (eval_every %d steps): no '
+                    'model selection, no early stopping%s; set eval_every_epochs or a smaller '
+                    'eval_every_steps', total_steps, eval_every,
+                    ', no plateau steps' if o.schedule == 'plateau' else '')
   if o.schedule != 'plateau':
     return eval_every, None
   if not 0.0 < o.plateau_factor < 1.0:

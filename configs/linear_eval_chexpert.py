@@ -28,7 +28,8 @@ def get_config(arg: str = 'r50'):
   config.optimizer.learning_rate = 0.1
   config.task.uncertain = 'ones'
   config.task.mean_over = 'chexpert5'
-  config.eval_every_steps = 1000
+  config.eval_every_steps = 0
+  config.eval_every_epochs = 1.0  # at any label fraction: the run length is in epochs
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   return config

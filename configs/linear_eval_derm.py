@@ -22,7 +22,8 @@ def get_config(arg: str = 'r50'):
   config.batch_size = 256
   config.num_epochs = 90.0
   config.optimizer.learning_rate = 0.1
-  config.eval_every_steps = 500
+  config.eval_every_steps = 0
+  config.eval_every_epochs = 5.0  # at any label fraction: the run length is in epochs
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   return config

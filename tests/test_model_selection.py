@@ -1,6 +1,7 @@
 """Model selection on a loss (lower is better) and the plateau schedule's reductions."""
 
 import json
+import logging
 import os
 
 import ml_collections
@@ -83,7 +84,7 @@ def test_benchmark_schedule_and_early_stop_match_the_benchmarks_loop(tmp_path, m
   stepped on every validation value, the model kept on a strict improvement, and a stop
   once more than 10 evaluations in a row brought none; written out in float64."""
   c = load_config('benchmark_cxr')
-  _, plateau = model_selection.selection_settings(c, steps_per_epoch=10)
+  _, plateau = model_selection.selection_settings(c, steps_per_epoch=10, total_steps=1000)
   rng = np.random.default_rng(1)
   # A clear descent; relative steps of 1e-5 (better models, too small for the
   # schedule until ten add up); then no better value.
@@ -119,15 +120,31 @@ def test_selection_settings(tmp_path):
   c = config_schema.finetune()
   c.eval_every_steps, c.eval_every_epochs = 0, 1.0
   c.optimizer.schedule = 'plateau'
-  assert model_selection.selection_settings(c, 12.4) == (12, (0.5, 5, 1e-4))
+  assert model_selection.selection_settings(c, 12.4, 1000) == (12, (0.5, 5, 1e-4))
   c.eval_every_steps = 5
   with pytest.raises(ConfigError, match='both eval_every_steps/eval_every_epochs'):
-    model_selection.selection_settings(c, 12.4)
+    model_selection.selection_settings(c, 12.4, 1000)
   c.eval_every_epochs, c.optimizer.plateau_factor = 0.0, 1.5
   with pytest.raises(ConfigError, match=r'plateau_factor must be in \(0, 1\), got 1.5'):
-    model_selection.selection_settings(c, 12.4)
+    model_selection.selection_settings(c, 12.4, 1000)
   c.optimizer.schedule = 'cosine'
-  assert model_selection.selection_settings(c, 12.4) == (5, None)
+  assert model_selection.selection_settings(c, 12.4, 1000) == (5, None)
+
+
+@pytest.mark.parametrize('every, epochs, total, patience, warns', [
+    (1000, 0.0, 790, 5, True),     # CheXpert's 10 epochs at a 10% label fraction
+    (1000, 0.0, 790, 0, False),    # no early stopping asked for: evaluating once is the plan
+    (0, 0.0, 790, 5, True),
+    (0, 1.0, 790, 5, False),       # every epoch, at any fraction
+    (100, 0.0, 790, 5, False),
+])
+def test_a_run_that_evaluates_only_at_its_end_warns(caplog, every, epochs, total, patience,
+                                                     warns):
+  c = config_schema.finetune()
+  c.eval_every_steps, c.eval_every_epochs, c.early_stopping_patience = every, epochs, patience
+  with caplog.at_level(logging.WARNING):
+    model_selection.selection_settings(c, 79.0, total)
+  assert ('evaluates only at its end' in caplog.text) == warns, caplog.text
 
 
 def test_plateau_schedule_is_constant_after_warm_up_and_refuses_lars():

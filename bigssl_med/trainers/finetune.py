@@ -358,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            label_shape, eval_resize=config.data.eval_resize)
   steps_per_epoch, total_steps, warmup_steps = optim.run_length(
       config, len(train_source), f'labelled images of {train_name} (label_fraction {fraction:g})')
-  eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch)
+  eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch,
+                                                          total_steps)
   logging.info('%s: %d %s images (fraction %g), %s with %d outputs, %d steps', train_name,
                len(train_source), 'unlabelled' if distill else 'labelled', fraction,
                task.kind, task.num_outputs, total_steps)

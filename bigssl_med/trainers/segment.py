@@ -93,7 +93,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f'(label_fraction {config.data.label_fraction:g})')
   logging.info('%s: %d masked images (fraction %g), %d steps', train_name, len(train_source),
                config.data.label_fraction, total_steps)
-  eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch)
+  eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch,
+                                                          total_steps)
 
   # ---------------------------------------------------------------- Model and optimiser.
   model = models.unet_model(config.model, dtype=dtype, decoder_channels=config.decoder_channels)
