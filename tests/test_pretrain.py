@@ -1,7 +1,9 @@
 """The pretrain trainer: sharded step equality, workdir contract, resume, init_from, errors."""
 
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -210,6 +212,19 @@ def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(trained, tmp_p
       np.testing.assert_allclose(m['loss'], want[m['step']]['loss'], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(_params_at(workdir, 4)), jax.tree.leaves(_params_at(resumed, 4))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_an_eval_split_smaller_than_a_batch_is_said_at_the_start(trained, tmp_path, caplog):
+  _, _, data_dir = trained
+  cfg = tiny_config(data_dir, batch_size=48, total_steps=1, probe=False)
+  with caplog.at_level(logging.WARNING):
+    results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'big_batch'))
+  warned = [r for r in caplog.records if 'fewer than one batch of 48' in r.getMessage()]
+  assert len(warned) == 1, caplog.text
+  assert re.fullmatch(r'ham10000/validation has \d+ cases, fewer than one batch of 48: its '
+                      r'contrastive metrics \(whole batches only\) will not be evaluated',
+                      warned[0].getMessage())
+  assert results['validation'] == {}
 
 
 @pytest.mark.parametrize('init_head', [True, False])

@@ -128,6 +128,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_source = sources.open_split(config.dataset, config.data.eval_split, data_dir)
     eval_groups = (sources.case_index(config.dataset, config.data.eval_split, data_dir)
                    if config.micle else None)
+    units = len(eval_source) if eval_groups is None else len(eval_groups)
+    if units < config.batch_size:
+      logging.warning('%s/%s has %d %s, fewer than one batch of %d: its contrastive metrics '
+                      '(whole batches only) will not be evaluated%s', config.dataset,
+                      config.data.eval_split, units, 'cases' if config.micle else 'images',
+                      config.batch_size, '; the probe\'s top-1 will' if label_key else '')
 
   def evaluate(variables) -> dict[str, float]:
     """Contrastive metrics on `eval_split` pairs and, with the probe, its top-1."""
@@ -139,10 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         eval_source, eval_groups, spec, global_batch=config.batch_size, host_index=host,
         host_count=hosts, seed=_EVAL_SEED, num_workers=config.data.num_workers, name=name,
         max_batches=config.eval_batches)
-    if pairs is None:
-      logging.warning('%s has fewer units than one batch of %d: no contrastive evaluation',
-                      name, config.batch_size)
-    else:
+    if pairs is not None:  # else: too few units for a batch, as the start-up said
       sums, n = {}, 0
       for i, (batch, _) in enumerate(pipeline.device_prefetch(iter(pairs), to_device)):
         m = pairs_step(variables, batch, jax.random.key(_EVAL_SEED + i))
