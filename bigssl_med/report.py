@@ -18,7 +18,9 @@ weights come from, and `shift`, the best model evaluated on another data set, ar
 optional). Files without `trainer`, or from the `pretrain` trainer, are skipped. Beside
 it, `test_predictions.npz` (`<split>_predictions.npz`) may hold `scores` `[N, K]`
 probabilities, `labels` (`[N]` classes or `[N, K]` multi-label targets), optionally
-`mask` `[N, K]` and `class_names`, for ROC curves.
+`mask` `[N, K]` and `class_names`, for ROC curves, and `image_id` and `case_id` `[N]`
+(strings naming each row's record; files written before them lack them, and the
+report does not need them).
 
 Runs of one initialisation that differ in a setting (the workdir's `config.json`: a
 key such as `task.uncertain` or `optimizer.learning_rate` that takes two values among

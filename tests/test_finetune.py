@@ -112,6 +112,28 @@ def test_workdir_has_best_model_selection_and_predictions(finetuned, colours):
   assert 0.0 <= results['test']['sensitivity_at_specificity_0.9'] <= 1.0
 
 
+def test_test_predictions_name_the_image_and_case_of_each_row(tmp_path):
+  """13 test records in batches of 8: the padding of the last batch is left out, and each
+  row's image_id and case_id are those of the record its label and scores come from."""
+  _write_colour_cases(tmp_path / 'raw', per_split=(64, 16, 13))
+  data_dir = os.fspath(tmp_path / 'data')
+  build_data.build('image_cases/colours', data_dir=data_dir,
+                   manual_dir=os.fspath(tmp_path / 'raw'))
+  cfg = tiny_config(data_dir, total_steps=2, eval_every_steps=0, batch_size=8)
+  finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
+  saved = np.load(tmp_path / 'work' / 'test_predictions.npz', allow_pickle=False)
+  source = sources.open_split('image_cases/colours', 'test', data_dir)
+  records = [source[i] for i in range(len(source))]
+  assert saved['scores'].shape == (13, 2)
+  assert list(saved['image_id']) == [r['image_id'].decode() for r in records]
+  assert list(saved['case_id']) == [r['case_id'].decode() for r in records]
+  np.testing.assert_array_equal(saved['labels'], [r['label'] for r in records])
+  # The generated images alternate red and green by case number: ids and labels agree.
+  red = list(saved['class_names']).index('red')
+  for case_id, label in zip(saved['case_id'], saved['labels']):
+    assert (label == red) == (int(case_id[len('case'):]) % 2 == 0), (case_id, label)
+
+
 def test_second_run_returns_the_results_without_retraining(finetuned, colours):
   workdir, results = finetuned
   mtime = os.path.getmtime(workdir / 'metrics.jsonl')

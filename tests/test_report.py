@@ -594,6 +594,22 @@ def test_means_over_fewer_classes_are_marked(tmp_path):
   assert '†: in some runs the mean is over fewer classes than asked' in text
 
 
+def test_predictions_with_and_without_record_ids_give_the_same_curves(tmp_path):
+  """Fine-tuning writes each row's image_id and case_id; files from before lack them."""
+  old = multiclass_predictions(0)
+  ids = {'image_id': np.array([f'ISIC_{i:07d}' for i in range(len(old['labels']))]),
+         'case_id': np.array([f'HAM_{i // 2:07d}' for i in range(len(old['labels']))])}
+  write_run(tmp_path / 'old', 'ham10000', 'micle', 1.0, 0, 0.8, predictions=old)
+  write_run(tmp_path / 'new', 'ham10000', 'micle', 1.0, 1, 0.8, predictions={**old, **ids})
+  (before,), (after,) = (report.roc_curves(str(tmp_path / run / 'test_predictions.npz'))
+                         for run in ('old', 'new'))
+  assert before[0] == after[0] == report.MICRO_AVERAGED
+  np.testing.assert_array_equal(before[1], after[1])
+  np.testing.assert_array_equal(before[2], after[2])
+  paths = report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
+  assert os.path.basename(paths[-1]) == 'r_roc_ham10000.png'
+
+
 def _predictions_file(tmp_path, name, content):
   write_run(tmp_path / name, 'pcam', name, 1.0, 0, 0.9, metric='auc')
   path = tmp_path / name / 'test_predictions.npz'

@@ -358,14 +358,15 @@ class _LoadCentreCrop(grain.transforms.Map):
   def map(self, record):
     size = self._size
     if record < 0:  # padding
-      out = {'image': np.zeros((size, size, self._channels), np.uint8), 'mask': np.float32(0)}
+      out = {'image': np.zeros((size, size, self._channels), np.uint8), 'mask': np.float32(0),
+             'record': np.int32(-1)}
       if self._spec.label_key:
         out['label'] = _padding_label(self._spec)
       return out
     example = self._source[record]
     image = eval_view(example['image'], size, self._proportion, self._resize,
                       channels=self._channels, name=f'{self._name} record {record}')
-    out = {'image': image, 'mask': np.float32(1)}
+    out = {'image': image, 'mask': np.float32(1), 'record': np.int32(record)}
     if self._spec.label_key:
       out['label'] = _label_value(example, self._spec, f'{self._name} record {record}')
     return out
@@ -374,9 +375,11 @@ class _LoadCentreCrop(grain.transforms.Map):
 def eval_image_dataset(source, spec: ViewSpec, *, global_batch: int, host_index: int,
                        host_count: int, channels: int = 3, num_workers: int = 0,
                        name: str = 'data', ten_crop: bool = False) -> grain.IterDataset:
-  """One pass of evaluation views: `{'image', 'mask', 'label'?}` batches.
+  """One pass of evaluation views: `{'image', 'mask', 'record', 'label'?}` batches.
 
-  The last global batch is padded with `mask == 0` rows so every record counts once.
+  The last global batch is padded with `mask == 0` rows so every record counts once;
+  `record` is each row's index in `source` (-1 for padding), so that whatever the
+  batch's rows are gathered into can be matched with the records' other features.
   Views are `eval_view`'s as `spec.eval_resize` says; with `ten_crop`, the larger
   views of `eval_crop(..., ten_crop=True)`.
   """

@@ -161,8 +161,18 @@ def _warn_missing_classes(source, key: str, task: supervised.Task, where: str) -
 
 
 def _iterate(source, chunk: int = 512):
-  for start in range(0, len(source), chunk):
-    yield from source.__getitems__(list(range(start, min(start + chunk, len(source)))))
+  yield from _read(source, range(len(source)), chunk)
+
+
+def _read(source, records, chunk: int = 512):
+  """The records `records` of `source`, in that order, read `chunk` at a time."""
+  records = list(records)
+  for start in range(0, len(records), chunk):
+    keys = records[start:start + chunk]
+    if hasattr(source, '__getitems__'):
+      yield from source.__getitems__(keys)
+    else:
+      yield from (source[k] for k in keys)
 
 
 TRAINER_NAMES = ('finetune', 'linear_eval', 'distill')
@@ -410,8 +420,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   to_device = functools.partial(parallel.to_global, mesh=mesh)
 
   def predict(variables, source, name: str, split_spec, *,
-              ten_crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of every record of `source` (called `name`), in record order."""
+              ten_crop: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits, labels and record indices of every record of `source` (called `name`),
+    padding left out: one row per record, each row's index in `source` beside it."""
     if ten_crop not in eval_steps:
       eval_steps[ten_crop] = jax.jit(
           supervised.make_eval_step(model, task, config.data.image_size if ten_crop else 0),
@@ -419,18 +430,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     images = pipeline.eval_image_dataset(
         source, split_spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
         num_workers=config.data.num_workers, name=name, ten_crop=ten_crop)
-    logits, labels, masks = [], [], []
+    logits, labels, masks, records = [], [], [], []
     for batch, _ in pipeline.device_prefetch(iter(images), to_device):
       logits.append(parallel.to_host(eval_steps[ten_crop](variables, batch)))
       labels.append(parallel.to_host(batch['label']))
       masks.append(parallel.to_host(batch['mask']))
+      records.append(parallel.to_host(batch['record']))
     keep = np.concatenate(masks) > 0
-    return np.concatenate(logits)[keep], np.concatenate(labels)[keep]
+    return (np.concatenate(logits)[keep], np.concatenate(labels)[keep],
+            np.concatenate(records)[keep])
 
   def validate(variables, step: int) -> dict[str, Any]:
     """Validation metrics; with task.eval_uncertain='train_policy' the loss counts the
     uncertain labels as training does (`supervised.policy_targets`), the AUCs do not."""
-    logits, labels = predict(variables, eval_source, eval_name, spec)
+    logits, labels, _ = predict(variables, eval_source, eval_name, spec)
     loss_targets = None
     if task.kind == 'multilabel' and config.task.eval_uncertain == 'train_policy':
       loss_targets = supervised.policy_targets(labels, task, seed=config.seed, step=step)
@@ -456,23 +469,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ten_crop = config.data.test_ten_crop
   test: dict[str, Any] = {}
   if test_split and test_split in info.splits:
-    logits, labels = predict(best_variables,
-                             sources.open_split(config.dataset, test_split, data_dir),
-                             f'{config.dataset}/{test_split}', spec, ten_crop=ten_crop)
+    test_source = sources.open_split(config.dataset, test_split, data_dir)
+    logits, labels, records = predict(best_variables, test_source,
+                                      f'{config.dataset}/{test_split}', spec, ten_crop=ten_crop)
     test = evaluate(logits, labels)
     # Logged as 'test' whatever the split is called (CheXpert tests on 'validation').
     writer.write(best.step, 'test', workdir_lib.scalars(test))
     if jax.process_index() == 0:
-      _save_predictions(os.path.join(workdir, 'test_predictions.npz'), logits, labels, task)
+      _save_predictions(os.path.join(workdir, 'test_predictions.npz'), logits, labels, task,
+                        ids=_record_ids(test_source, records, info.features))
   elif test_split:
     logging.warning('%s has no split %r: no test evaluation (splits: %s)', config.dataset,
                     test_split, ', '.join(sorted(info.splits)))
   shifted = None
   if shift is not None:
-    logits, labels = predict(best_variables,
-                             sources.open_split(shift.dataset, shift.split, shift.data_dir),
-                             f'{shift.dataset}/{shift.split}', shift.spec(config),
-                             ten_crop=ten_crop)
+    logits, labels, _ = predict(best_variables,
+                                sources.open_split(shift.dataset, shift.split, shift.data_dir),
+                                f'{shift.dataset}/{shift.split}', shift.spec(config),
+                                ten_crop=ten_crop)
     shifted = shift.evaluate(logits, labels)
     writer.write(best.step, f'shift/{shift.dataset}/{shift.split}',
                  workdir_lib.scalars(shifted['metrics']))
@@ -569,15 +583,36 @@ class _ShiftedData:
     return out
 
 
+# The records' features `test_predictions.npz` holds beside each row's scores.
+ID_FEATURES = ('image_id', 'case_id')
+
+
+def _record_ids(source, records: np.ndarray, features) -> dict[str, np.ndarray]:
+  """`{feature: str array}` of the `ID_FEATURES` the data set has, for `source`'s records
+  `records` in that order."""
+  keys = [key for key in ID_FEATURES if key in features]
+  ids = {key: [] for key in keys}
+  if keys:
+    for record in _read(source, [int(r) for r in records]):
+      for key in keys:
+        ids[key].append(pipeline.as_text(record[key]))
+  return {key: np.asarray(values, dtype=str) for key, values in ids.items()}
+
+
 def _save_predictions(path: str, logits: np.ndarray, labels: np.ndarray,
-                      task: supervised.Task) -> None:
-  """Test-set probabilities and labels for reports (ROC curves)."""
+                      task: supervised.Task, ids: dict[str, np.ndarray] | None = None) -> None:
+  """Test-set probabilities and labels for reports (ROC curves); `ids` (`_record_ids`):
+  each row's `image_id` and `case_id`, where the data set has them."""
+  ids = ids or {}
+  for key, values in ids.items():
+    if len(values) != len(logits):
+      raise ValueError(f'{len(values)} {key} values for {len(logits)} rows of predictions')
   if task.kind == 'multiclass':
     shifted = logits - logits.max(axis=1, keepdims=True)
     scores = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
     np.savez(path, scores=scores, labels=labels.astype(np.int64),
-             class_names=np.asarray(task.names))
+             class_names=np.asarray(task.names), **ids)
   else:
     targets, mask = supervised.eval_targets(labels, task.blank)
     np.savez(path, scores=1.0 / (1.0 + np.exp(-logits)), labels=targets, mask=mask,
-             class_names=np.asarray(task.names))
+             class_names=np.asarray(task.names), **ids)
