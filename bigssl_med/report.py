@@ -10,13 +10,16 @@ Each DIR is a run's workdir, a folder searched recursively for `results.json`, o
      "label_fraction": 0.1, "seed": 0, "primary_metric": "top1",
      "pretrain_seed": 1,
      "validation": {"top1": 0.8, ...}, "test": {"top1": 0.79, ...},
-     "shift": {"dataset": "derm7pt", "split": "test", "metrics": {"top1": 0.6, ...}}}
+     "shift": {"dataset": "derm7pt", "split": "test", "label_names": ["melanoma", ...],
+               "metrics": {"top1": 0.6, ...}}}
 
 (`init` names the starting weights: scratch, supervised, simclr, micle or any string;
 `label_fraction` is in (0, 1]; `pretrain_seed`, the seed of the pretraining run the
 weights come from, and `shift`, the best model evaluated on another data set, are
-optional). Files without `trainer`, or from the `pretrain` trainer, are skipped. Beside
-it, `test_predictions.npz` (`<split>_predictions.npz`) may hold `scores` `[N, K]`
+optional; `shift.label_names` lists the shifted data set's labels its metrics are over,
+the ones the label mapping reaches, and older files without it are read through
+`shift.label_map`). Files without `trainer`, or from the `pretrain` trainer, are
+skipped. Beside it, `test_predictions.npz` (`<split>_predictions.npz`) may hold `scores` `[N, K]`
 probabilities, `labels` (`[N]` classes or `[N, K]` multi-label targets), optionally
 `mask` `[N, K]` and `class_names`, for ROC curves, and `image_id` and `case_id` `[N]`
 (strings naming each row's record; files written before them lack them, and the
@@ -42,8 +45,10 @@ Written next to `--out`:
   marks a mean over fewer classes than asked (`<metric>_classes` <
   `<metric>_of_classes`). Runs with `shift` add, right after the column of each label
   fraction, a column `FRACTION → SHIFT_DATASET` (`/SPLIT` unless the split is `test`)
-  of the same metric on the shifted data set, with its own best and p-values (test
-  reports only: the shift is evaluated once, with the test split). When an
+  `(over LABELS)` of the metric on the shifted data set, over the labels the mapping
+  reaches only (`LABELS` names them, or counts them when the names are long; runs
+  whose mappings reach other labels get columns of their own), with its own best and
+  p-values (test reports only: the shift is evaluated once, with the test split). When an
   initialisation has runs from two or more pretraining runs, a section "Spread
   between pretraining runs" puts, per column, the std of the per-pretraining-run
   means next to each initialisation's pooled mean minus the column's best, so a
@@ -51,7 +56,8 @@ Written next to `--out`:
   runs of one;
 - `report.csv`: one row per data set, metric, row, label fraction and evaluation
   (`evaluated_on`: the data set the metric was measured on, with `split`; a shifted
-  evaluation has `shifted` True);
+  evaluation has `shifted` True and in `shift_labels` the labels its metric is over,
+  `;`-separated);
 - `report_pretraining_spread.csv`: that section's rows, when it is written;
 - `report_label_efficiency_<dataset>.png`: the metric against the label fraction
   (shifted evaluations dashed);
@@ -336,6 +342,11 @@ def _check_shift(shift: Any, path: str) -> None:
   if not isinstance(shift.get('metrics'), dict):
     raise DataError(f"{path}: key 'shift.metrics' must be an object, "
                     f"got {shift.get('metrics')!r}")
+  names = shift.get('label_names')
+  if names is not None and (not isinstance(names, list)
+                            or not all(isinstance(n, str) for n in names)):
+    raise DataError(f"{path}: key 'shift.label_names' must be a list of strings, got "
+                    f'{names!r}')
 
 
 def metric_value(run: dict[str, Any], metric: str, split: str = 'test') -> float:
@@ -354,11 +365,13 @@ def metric_value(run: dict[str, Any], metric: str, split: str = 'test') -> float
   return _number(value, run['path'], f'{split}.{metric}')
 
 
-def shift_value(run: dict[str, Any], metric: str) -> tuple[str, str, float] | None:
-  """`(shift data set, its split, value of metric)` of `run`'s shift evaluation.
+def shift_value(run: dict[str, Any], metric: str
+                ) -> tuple[str, str, float, tuple[str, ...]] | None:
+  """`(shift data set, its split, value of metric, labels)` of `run`'s shift evaluation.
 
-  None when the run has no `shift`, or its shift metrics lack `metric` (a metric of
-  the training data set only, such as the AUC of a class the mapping leaves out).
+  `labels` (`shift_labels`): the shifted data set's labels the value is over. None when
+  the run has no `shift`, or its shift metrics lack `metric` (a metric of the training
+  data set only, such as the AUC of a class the mapping leaves out).
 
   Raises:
     DataError: naming the file and the key when the value is not a number.
@@ -371,7 +384,23 @@ def shift_value(run: dict[str, Any], metric: str) -> tuple[str, str, float] | No
     logging.debug('%s: no shift.metrics.%s', run['path'], metric)
     return None
   return (shift['dataset'], shift.get('split', 'test'),
-          _number(value, run['path'], f'shift.metrics.{metric}'))
+          _number(value, run['path'], f'shift.metrics.{metric}'), shift_labels(shift, metric))
+
+
+def shift_labels(shift: dict[str, Any], metric: str) -> tuple[str, ...]:
+  """The shifted data set's labels (classes) that `metric` of a `shift` entry is over.
+
+  `shift.label_names` where recorded, else the labels `shift.label_map` maps onto
+  (results.json files written before `label_names`); () for a value of one label
+  (`auc_per_class/NAME`) or when neither is recorded.
+  """
+  if metric not in shift['metrics'] and '/' in metric:
+    return ()
+  names = shift.get('label_names')
+  if names is None:
+    label_map = shift.get('label_map')
+    names = list(label_map.values()) if isinstance(label_map, dict) else []
+  return tuple(dict.fromkeys(str(n) for n in names))
 
 
 _ABSENT = object()
@@ -420,7 +449,9 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
   Returns:
     One dict per cell, ordered by data set, metric, row, label fraction and evaluation:
     `dataset`, `metric`, `split` (of the data set evaluated on), `evaluated_on` (the
-    data set the metric was measured on: `dataset`, or the shift's), `shifted`, `row`
+    data set the metric was measured on: `dataset`, or the shift's), `shifted`,
+    `shift_labels` (of a shifted cell, the labels its metric is over: `shift_labels`;
+    runs whose shifted metric is over other labels are cells of their own), `row`
     (the row label: the init, `init (trainer)` when the data set has runs of several
     trainers, and with `by_pretraining` `init (pretraining seed S)` or `init (trainer,
     pretraining seed S)`), `pooled_row` (the label without the pretraining seed),
@@ -452,30 +483,31 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     where = (run['dataset'], name, row, pooled, run['init'], run['trainer'], run['variant'],
              group, run['label_fraction'])
     entry = (_run_order(run), _seed_label(run), run['pretrain_seed'])
-    cells[where + (False, run['dataset'], split)].append(
+    cells[where + (False, run['dataset'], split, ())].append(
         entry + (metric_value(run, name, split),
                  _fewer_classes(run['results'][split], name)))
     shifted = shift_value(run, name) if split == 'test' else None
     if shifted is not None:
-      cells[where + (True, shifted[0], shifted[1])].append(
+      cells[where + (True, shifted[0], shifted[1], shifted[3])].append(
           entry + (shifted[2], _fewer_classes(run['results']['shift']['metrics'], name)))
 
   def order(key):
-    dataset, name, _, pooled, init, _, _, group, fraction, shifted, evaluated_on, on_split = key
+    (dataset, name, _, pooled, init, _, _, group, fraction, shifted, evaluated_on, on_split,
+     labels) = key
     return (dataset, name, _row_order(init, pooled), _pretrain_order(group), fraction,
-            shifted, evaluated_on, on_split)
+            shifted, evaluated_on, on_split, labels)
 
   summary = []
   for key in sorted(cells, key=order):
     (dataset, name, row, pooled, init, trainer, variant, group, fraction, shifted,
-     evaluated_on, on_split) = key
+     evaluated_on, on_split, labels) = key
     _, seeds, pretrain_seeds, values, fewer = zip(*sorted(cells[key], key=lambda c: c[0]))
     values = np.asarray(values, dtype=np.float64)
     defined = values[np.isfinite(values)]
     summary.append({
         'dataset': dataset, 'metric': name, 'split': on_split, 'evaluated_on': evaluated_on,
-        'shifted': shifted, 'row': row, 'pooled_row': pooled, 'init': init,
-        'trainer': trainer, 'variant': variant, 'pretrain_seed': group,
+        'shifted': shifted, 'shift_labels': list(labels), 'row': row, 'pooled_row': pooled,
+        'init': init, 'trainer': trainer, 'variant': variant, 'pretrain_seed': group,
         'pretrain_seeds': sorted({p for p in pretrain_seeds if p is not None}),
         'label_fraction': fraction, 'seeds': list(seeds), 'values': values.tolist(),
         'n': len(defined), 'num_undefined': len(values) - len(defined),
@@ -539,7 +571,7 @@ def with_metrics(runs: Sequence[dict[str, Any]], split: str) -> list[dict[str, A
 def _column(cell: dict[str, Any]) -> tuple:
   """What a cell is compared within: data set, metric, label fraction and evaluation."""
   return (cell['dataset'], cell['metric'], cell['label_fraction'], cell['shifted'],
-          cell['evaluated_on'], cell['split'])
+          cell['evaluated_on'], cell['split'], tuple(cell['shift_labels']))
 
 
 def pretraining_spread(runs: Sequence[dict[str, Any]], metric: str | None = None,
@@ -548,8 +580,8 @@ def pretraining_spread(runs: Sequence[dict[str, Any]], metric: str | None = None
 
   For every column (data set, metric, label fraction, evaluation) in which some row has
   runs from two or more pretraining runs, one dict per pooled row of that column:
-  `dataset`, `metric`, `split`, `evaluated_on`, `shifted`, `row`, `init`, `trainer`,
-  `label_fraction`, `pretrain_seeds`, `pretraining_means` (the mean over fine-tuning
+  `dataset`, `metric`, `split`, `evaluated_on`, `shifted`, `shift_labels`, `row`, `init`,
+  `trainer`, `label_fraction`, `pretrain_seeds`, `pretraining_means` (the mean over fine-tuning
   seeds of each pretraining run, in that order), `pretraining_std` (their std, ddof=1;
   None with fewer than 2 pretraining runs), `mean` and `n` (pooled over every run of
   the row), `best_row`, `difference_to_best` (`mean` minus the best pooled mean; 0 for
@@ -586,6 +618,7 @@ def pretraining_spread(runs: Sequence[dict[str, Any]], metric: str | None = None
       out.append({
           'dataset': cell['dataset'], 'metric': cell['metric'], 'split': cell['split'],
           'evaluated_on': cell['evaluated_on'], 'shifted': cell['shifted'],
+          'shift_labels': cell['shift_labels'],
           'row': cell['row'], 'init': cell['init'], 'trainer': cell['trainer'],
           'variant': cell['variant'], 'label_fraction': cell['label_fraction'],
           'pretrain_seeds': [p for p, _ in found[cell['row']]],
@@ -722,14 +755,15 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
     tables[(cell['dataset'], cell['metric'])].append(cell)
   for (dataset, name), cells in tables.items():
     fractions = sorted({cell['label_fraction'] for cell in cells})
-    shifts = sorted({(cell['evaluated_on'], cell['split']) for cell in cells
-                     if cell['shifted']})
+    shifts = sorted({(cell['evaluated_on'], cell['split'], tuple(cell['shift_labels']))
+                     for cell in cells if cell['shifted']})
     columns = []
     for fraction in fractions:
-      columns.append((fraction, False, dataset, split))
-      columns += [(fraction, True, on, on_split) for on, on_split in shifts
+      columns.append((fraction, False, dataset, split, ()))
+      columns += [(fraction, True) + shift for shift in shifts
                   if any(c['shifted'] and c['label_fraction'] == fraction
-                         and (c['evaluated_on'], c['split']) == (on, on_split) for c in cells)]
+                         and (c['evaluated_on'], c['split'], tuple(c['shift_labels'])) == shift
+                         for c in cells)]
     rows = list(dict.fromkeys(cell['row'] for cell in cells))
     by_place = {(cell['row'],) + _place(cell): cell for cell in cells}
     direction = 'lower' if metrics_lib.lower_is_better(name) else 'higher'
@@ -752,15 +786,34 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
 
 
 def _place(cell: dict[str, Any]) -> tuple:
-  return (cell['label_fraction'], cell['shifted'], cell['evaluated_on'], cell['split'])
+  return (cell['label_fraction'], cell['shifted'], cell['evaluated_on'], cell['split'],
+          tuple(cell['shift_labels']))
 
 
-def _column_title(fraction: float, shifted: bool, evaluated_on: str, split: str) -> str:
-  """`10%`, or `10% → DATASET` (`/SPLIT` unless test) for a shifted evaluation."""
+# Longer lists of a shifted column's labels are counted, not named.
+MAX_LABELS_TEXT = 40
+
+
+def over_labels(labels: Sequence[str]) -> str:
+  """`over A, B` for the labels a shifted metric is over, `over N labels` when long;
+  '' for none."""
+  if not labels:
+    return ''
+  text = ', '.join(labels)
+  if len(text) > MAX_LABELS_TEXT:
+    text = f'{len(labels)} labels'
+  return f'over {text}'
+
+
+def _column_title(fraction: float, shifted: bool, evaluated_on: str, split: str,
+                  labels: Sequence[str] = ()) -> str:
+  """`10%`, or `10% → DATASET` (`/SPLIT` unless test) `(over LABELS)` for a shifted
+  evaluation (`over_labels`)."""
   if not shifted:
     return percent(fraction)
+  over = over_labels(labels)
   return f'{percent(fraction)} → {_escape(evaluated_on)}' + (
-      '' if split == 'test' else f'/{_escape(split)}')
+      '' if split == 'test' else f'/{_escape(split)}') + (f' ({_escape(over)})' if over else '')
 
 
 def _table_notes(cells: Sequence[dict[str, Any]]) -> str:
@@ -775,9 +828,11 @@ def _table_notes(cells: Sequence[dict[str, Any]]) -> str:
               'a class without positives or without negatives in the split has no AUC '
               'and is left out (results.json `<metric>_classes` of `<metric>_of_classes`).')
   if any(cell['shifted'] for cell in cells):
-    notes += (' FRACTION → DATA SET: the same models evaluated on another data set '
-              '(distribution shift: results.json `shift`, its label mapping), the same '
-              'metric; best and p-values within that column.')
+    notes += (' FRACTION → DATA SET (over LABELS): the same models evaluated on another '
+              'data set (distribution shift: results.json `shift`, its label mapping), the '
+              'metric computed over the labels the mapping reaches only (results.json '
+              '`shift.label_names`), so a mean over labels is not the in-distribution '
+              "column's; best and p-values within that column.")
   if any(cell['pretrain_seed'] is not None for cell in cells):
     notes += (' (pretraining seed S): the runs fine-tuned from pretraining run S; n counts '
               'their fine-tuning seeds.')
@@ -808,7 +863,7 @@ def spread_markdown(spread: Sequence[dict[str, Any]], digits: int = 3) -> list[s
     if entry['best_row'] == entry['row']:
       within = MISSING
     column = _column_title(entry['label_fraction'], entry['shifted'], entry['evaluated_on'],
-                           entry['split'])
+                           entry['split'], entry['shift_labels'])
     lines.append(
         f"| {_escape(entry['dataset'])} | {_escape(entry['metric'])} | {column} | "
         f"{_escape(entry['row'])} | {per_run} | "
@@ -862,14 +917,14 @@ def _escape(text: str) -> str:
   return text.replace('|', '\\|')
 
 
-CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'init', 'trainer',
-               'variant', 'pretrain_seed', 'label_fraction', 'mean', 'std', 'n',
+CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'shift_labels', 'init',
+               'trainer', 'variant', 'pretrain_seed', 'label_fraction', 'mean', 'std', 'n',
                'num_undefined', 'num_fewer_classes', 'p_value_vs_best', 'is_best',
                'equivalent_to_best', 'seeds', 'values')
-SPREAD_CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'init',
-                      'trainer', 'variant', 'label_fraction', 'pretrain_seeds', 'pretraining_means',
-                      'pretraining_std', 'mean', 'n', 'best_row', 'difference_to_best',
-                      'within_spread')
+SPREAD_CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'shift_labels',
+                      'init', 'trainer', 'variant', 'label_fraction', 'pretrain_seeds',
+                      'pretraining_means', 'pretraining_std', 'mean', 'n', 'best_row',
+                      'difference_to_best', 'within_spread')
 
 
 def write_csv(summary: Sequence[dict[str, Any]], path: str,
@@ -912,7 +967,7 @@ def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
   """The metric against the label fraction (log axis), one line per row, std bars.
 
   `cells` are `summarize`'s of one data set; each metric gets its own panel. Shifted
-  evaluations are dashed lines `row → DATASET`.
+  evaluations are dashed lines `row → DATASET (over LABELS)`.
   """
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   names = list(dict.fromkeys(cell['metric'] for cell in cells))
@@ -921,14 +976,17 @@ def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
     mine = [cell for cell in cells if cell['metric'] == name]
     lines = collections.defaultdict(list)
     for cell in mine:
-      lines[(cell['shifted'], cell['evaluated_on'], cell['split'], cell['row'])].append(cell)
+      lines[(cell['shifted'], cell['evaluated_on'], cell['split'],
+             tuple(cell['shift_labels']), cell['row'])].append(cell)
     colours = {}  # a row's shifted lines share its colour
-    for (shifted, evaluated_on, split, row), line in sorted(
-        lines.items(), key=lambda item: item[0][:3]):
+    for (shifted, evaluated_on, split, labels, row), line in sorted(
+        lines.items(), key=lambda item: item[0][:4]):
       line = sorted(line, key=lambda c: c['label_fraction'])
       label = row
       if shifted:
         label += f' → {evaluated_on}' + ('' if split == 'test' else f'/{split}')
+        if labels:
+          label += f' ({over_labels(labels)})'
       drawn = ax.errorbar([c['label_fraction'] for c in line], [c['mean'] for c in line],
                           yerr=[c['std'] or 0.0 for c in line], marker='o', capsize=3,
                           label=label, linestyle='--' if shifted else '-',

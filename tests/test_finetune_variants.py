@@ -175,6 +175,7 @@ def test_ten_crop_test_and_shift_evaluation(teacher):
   shift = results['shift']
   assert shift['dataset'] == 'image_cases/couleurs' and shift['images'] == 16
   assert shift['label_map'] == {'red': 'rouge', 'green': 'vert'}
+  assert shift['label_names'] == ['rouge', 'vert']  # the classes the metrics are over
   assert shift['images_left_out'] == 0
   # The same test images under other names: the same accuracy.
   assert shift['metrics']['top1'] == pytest.approx(results['test']['top1'])

@@ -850,7 +850,9 @@ def test_shift_columns_follow_their_fraction(tmp_path):
   report.write_report(runs, str(out))
   text = out.read_text()
   header, rows = _table_rows(text, 'ham10000: top1')
-  assert header == '| initialisation | 10% | 10% → derm7pt | 100% | 100% → derm7pt |'
+  # These results.json name no label_names: the labels the label_map reaches instead.
+  assert header == ('| initialisation | 10% | 10% → derm7pt (over melanoma) | 100% | '
+                    '100% → derm7pt (over melanoma) |')
   assert list(rows) == ['scratch', 'simclr', 'micle']
   assert rows['scratch'][1] == rows['scratch'][3] == '—'
   assert rows['micle'][1] == '**0.560 ± 0.010 (n=3)**'
@@ -867,6 +869,58 @@ def test_shift_columns_follow_their_fraction(tmp_path):
   assert {r['evaluated_on'] for r in csv_rows if r['shifted'] == 'False'} == {'ham10000'}
   # Validation reports have no shift columns: the shift is evaluated with the test split.
   assert not any(c['shifted'] for c in report.summarize(runs, split='validation'))
+
+
+NIH14 = ['Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule',
+         'Pneumonia', 'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis',
+         'Pleural_Thickening', 'Hernia']
+
+
+def test_shift_columns_name_the_labels_their_mean_is_over(tmp_path):
+  """A CheXpert auc_mean over five labels, on ChestX-ray14 over the mapped labels only."""
+  shifts = {'one': ['No Finding'], 'all': NIH14}
+  for seed in range(2):
+    for name, labels in shifts.items():
+      write_run(tmp_path / name / str(seed), 'chexpert', name, 1.0, seed, 0.8 + seed / 100,
+                metric='auc_mean',
+                shift={'dataset': 'nih_chest_xray14', 'split': 'test', 'label_names': labels,
+                       'label_map': {n: n for n in labels},
+                       'metrics': {'auc_mean': 0.6 + seed / 100,
+                                   'auc_per_class': {n: 0.6 for n in labels}}})
+  runs = report.collect([str(tmp_path)])
+  cells = report.summarize(runs)
+  assert {tuple(c['shift_labels']) for c in cells if c['shifted']} == {
+      ('No Finding',), tuple(NIH14)}
+  assert all(c['shift_labels'] == [] for c in cells if not c['shifted'])
+  # Two mappings, two columns: a mean over one label is no mean over fourteen.
+  assert all(c['is_best'] for c in cells if c['shifted'])
+  report.write_report(runs, str(tmp_path / 'r.md'))
+  header, rows = _table_rows((tmp_path / 'r.md').read_text(), 'chexpert: auc_mean')
+  assert header == ('| initialisation | 100% | 100% → nih_chest_xray14 (over 14 labels) | '
+                    '100% → nih_chest_xray14 (over No Finding) |')
+  assert rows['one'][1] == '—' and rows['all'][2] == '—'
+  assert rows['one'][2] == '**0.605 ± 0.007 (n=2)**'
+  assert 'the labels the mapping reaches only' in (tmp_path / 'r.md').read_text()
+  with open(tmp_path / 'r.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == list(report.CSV_COLUMNS)
+  assert sorted(r['shift_labels'] for r in rows) == ['', '', ';'.join(NIH14), 'No Finding']
+  # A per-label value is over that label alone: no list of the mapping's labels.
+  write_run(tmp_path / 'per_label', 'chexpert', 'one', 1.0, 0, 0.8, metric='auc_mean',
+            test={'auc_per_class': {'No Finding': 0.8}},
+            shift={'dataset': 'nih_chest_xray14', 'label_names': NIH14,
+                   'metrics': {'auc_per_class': {'No Finding': 0.7}}})
+  cells = report.summarize(report.collect([str(tmp_path / 'per_label')]),
+                           metric='auc_per_class/No Finding')
+  assert [(c['mean'], c['shift_labels']) for c in cells if c['shifted']] == [(0.7, [])]
+  assert report.over_labels(['Effusion', 'Edema']) == 'over Effusion, Edema'
+  assert report.over_labels([]) == ''
+  write_run(tmp_path / 'bad', 'chexpert', 'x', 1.0, 0, 0.8, metric='auc_mean',
+            shift={'dataset': 'nih_chest_xray14', 'label_names': 'Edema',
+                   'metrics': {'auc_mean': 0.6}})
+  with pytest.raises(DataError, match=r"bad/results.json: key 'shift.label_names' must be a "
+                                      r"list of strings, got 'Edema'$"):
+    report.collect([str(tmp_path / 'bad')])
 
 
 def test_old_results_and_bad_new_keys(tmp_path):

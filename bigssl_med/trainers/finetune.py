@@ -563,7 +563,8 @@ class _ShiftedData:
                              self.label_key, shape, eval_resize=config.data.eval_resize)
 
   def evaluate(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Metrics on the shifted data and what was mapped."""
+    """Metrics on the shifted data and what was mapped; `label_names`: the shifted data
+    set's labels (classes) the mapping reaches, in its order, which the metrics are over."""
     out = {'dataset': self.dataset, 'split': self.split, 'label_map': self.label_map.as_dict(),
            'images': int(len(labels))}
     if self.task.kind == 'multiclass':
@@ -580,6 +581,7 @@ class _ShiftedData:
                                                                   self.label_map)
       out['metrics'] = metrics_lib.multilabel_metrics(logits, targets, mask=mask,
                                                       label_names=names)
+    out['label_names'] = list(names)  # what the metrics are over: the mapped labels only
     return out
 
 
