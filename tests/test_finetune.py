@@ -9,7 +9,7 @@ import pytest
 from sklearn import metrics as sk_metrics
 
 from bigssl_med import build_data, checkpointing, config_schema, model_selection, supervised
-from bigssl_med.data import sources
+from bigssl_med.data import fractions, sources
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
 from conftest import override
@@ -176,6 +176,47 @@ def test_multi_label_fine_tune_reports_mean_auc(tmp_path):
     finetune.train_and_evaluate(
         tiny_config(tmp_path / 'data', dataset='image_cases/multi',
                     **{'task.mean_over': 'green,blue'}), os.fspath(tmp_path / 'w2'))
+
+
+@pytest.fixture(scope='module')
+def multi_colours(tmp_path_factory):
+  """Labels red, green and round; 'round' only with green, on every fourth case."""
+  root = tmp_path_factory.mktemp('multi_colours')
+  _write_colour_cases(root / 'raw', multi_label=True)
+  build_data.build('image_cases/multi', data_dir=os.fspath(root / 'data'),
+                   manual_dir=os.fspath(root / 'raw'))
+  return root / 'data'
+
+
+def test_a_label_without_a_positive_training_example_is_a_warning(multi_colours, tmp_path,
+                                                                  caplog):
+  # Fraction seed 24 draws 10 of the 64 training cases, none of them 'green|round'.
+  chosen = fractions.select_cases([f'case{n:04d}' for n in range(64)], 0.15, 24)
+  assert len(chosen) == 10 and not any(int(c[len('case'):]) % 4 == 1 for c in chosen)
+  cfg = tiny_config(multi_colours, dataset='image_cases/multi', total_steps=1,
+                    eval_every_steps=0, batch_size=8,
+                    **{'data.label_fraction': 0.15, 'data.fraction_seed': 24})
+  with caplog.at_level('WARNING'):
+    finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
+  warnings = [r.getMessage() for r in caplog.records if 'no positive training' in r.getMessage()]
+  assert warnings == ["image_cases/multi/train: no positive training example of label(s) round "
+                      "(uncertain labels counted as task.uncertain='ones' makes them); the "
+                      'classifier cannot learn them (raise config.data.label_fraction)']
+
+
+@pytest.mark.parametrize('policy, missing', [('ones', 'round'), ('lsr_ones', 'round'),
+                                             ('zeros', 'green, round'),
+                                             ('ignore', 'green, round')])
+def test_uncertain_labels_count_as_positive_where_the_policy_makes_them_so(caplog, policy,
+                                                                         missing):
+  """'green' is only ever uncertain; 'round' never positive (blank or 0)."""
+  source = [{'labels': np.array([-1.0, 1.0, np.nan], np.float32)},
+            {'labels': np.array([-1.0, 0.0, 0.0], np.float32)}]
+  task = supervised.Task('multilabel', 3, ('green', 'red', 'round'), uncertain=policy)
+  with caplog.at_level('WARNING'):
+    finetune._warn_missing_classes(source, 'labels', task, 'data/train')
+  assert [r.getMessage().split(' (')[0] for r in caplog.records] == [
+      f'data/train: no positive training example of label(s) {missing}']
 
 
 class _WithUncertain:

@@ -152,12 +152,31 @@ def _check_validation_split(config: ml_collections.ConfigDict) -> float:
 
 
 def _warn_missing_classes(source, key: str, task: supervised.Task, where: str) -> None:
-  """Warns when a class has no training example (a label fraction too small)."""
-  counts = collections.Counter(int(r[key]) for r in _iterate(source))
-  missing = [task.names[i] for i in range(task.num_outputs) if not counts[i]]
+  """Warns when a class has no training example, or (multi-label) a label no positive
+  one (a label fraction too small).
+
+  A multi-label entry is positive when the task's training targets make it one: 1, and
+  uncertain (-1) under the `ones` and `lsr_ones` policies (`supervised.policy_targets`).
+  """
+  if task.kind == 'multiclass':
+    counts = collections.Counter(int(r[key]) for r in _iterate(source))
+    missing = [task.names[i] for i in range(task.num_outputs) if not counts[i]]
+    if missing:
+      logging.warning('%s: no training example of class(es) %s; the classifier cannot learn '
+                      'them (raise config.data.label_fraction)', where, ', '.join(missing))
+    return
+  labels = np.asarray([r[key] for r in _iterate(source)], np.float32)
+  if not len(labels):
+    return
+  targets, mask = supervised.policy_targets(labels.reshape(len(labels), -1), task, seed=0,
+                                            step=0)
+  positive = (mask & (targets > 0)).any(axis=0)
+  missing = [task.names[i] for i in range(task.num_outputs) if not positive[i]]
   if missing:
-    logging.warning('%s: no training example of class(es) %s; the classifier cannot learn '
-                    'them (raise config.data.label_fraction)', where, ', '.join(missing))
+    logging.warning('%s: no positive training example of label(s) %s (uncertain labels '
+                    "counted as task.uncertain='%s' makes them); the classifier cannot learn "
+                    'them (raise config.data.label_fraction)', where, ', '.join(missing),
+                    task.uncertain)
 
 
 def _iterate(source, chunk: int = 512):
@@ -361,7 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     eval_name = f'{config.dataset}/{config.data.eval_split}'
     eval_source = sources.open_split(config.dataset, config.data.eval_split, data_dir)
-  if task.kind == 'multiclass' and fraction < 1.0:
+  if fraction < 1.0:
     _warn_missing_classes(train_source, label_key, task, train_name)
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key,
