@@ -123,7 +123,11 @@ class BestModel:
     return step <= self.record['last_eval_step']
 
   def update(self, step: int, variables: Any, found: dict[str, Any]) -> bool:
-    """Keeps `variables` when `found[metric]` improves; True when patience runs out."""
+    """Keeps `variables` when `found[metric]` improves; True when patience runs out.
+
+    Logs one line: the step, the metric's value, and whether it is the new best or
+    else the best so far and its step.
+    """
     value = workdir_lib.scalars(found).get(self.metric)  # per-class ones as `name/class`
     if value is None:
       raise ConfigError(f'config.task.primary_metric={self.metric!r} is not among the metrics '
@@ -144,6 +148,13 @@ class BestModel:
     record.update(last_eval_step=step,
                   evals_since_best=0 if improved or undecided
                   else record['evals_since_best'] + 1)
+    if improved or undecided:
+      logging.info('Step %d: validation %s %.6g, the new best', step, self.metric, value)
+    else:
+      since = record['evals_since_best']
+      logging.info('Step %d: validation %s %.6g; best so far %.6g at step %d (%d evaluation%s '
+                   'without improvement)', step, self.metric, value, record['value'],
+                   record['step'], since, '' if since == 1 else 's')
     record['stopped_early'] = bool(self.patience and record['evals_since_best'] >= self.patience)
     if self.plateau is not None:
       factor, plateau_patience, threshold = self.plateau

@@ -155,6 +155,24 @@ def test_a_relative_workdir(colours, tmp_path, monkeypatch):
   assert (tmp_path / 'runs' / 'relative' / 'best').is_dir()
 
 
+def test_each_validation_and_the_end_of_the_run_are_logged(colours, tmp_path, caplog):
+  cfg = tiny_config(colours, total_steps=6, eval_every_steps=2,
+                    **{'optimizer.learning_rate': 0.0})  # nothing improves after step 2
+  with caplog.at_level('INFO'):
+    results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path))
+  lines = [r.getMessage() for r in caplog.records
+           if r.getMessage().startswith(('Step ', 'Done at step'))]
+  value = results['validation']['top1']
+  assert lines == [
+      f'Step 2: validation top1 {value:.6g}, the new best',
+      f'Step 4: validation top1 {value:.6g}; best so far {value:.6g} at step 2 (1 evaluation '
+      'without improvement)',
+      f'Step 6: validation top1 {value:.6g}; best so far {value:.6g} at step 2 (2 evaluations '
+      'without improvement)',
+      f'Done at step 6: best validation top1 {value:.6g} (step 2); test top1 '
+      f"{results['test']['top1']:.6g} on image_cases/colours/test"]
+
+
 def test_early_stopping_stops_and_tests_the_best(colours, tmp_path):
   cfg = tiny_config(colours, total_steps=200, eval_every_steps=4, early_stopping_patience=2,
                     **{'optimizer.learning_rate': 0.0})  # nothing improves after step 4

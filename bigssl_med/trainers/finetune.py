@@ -541,7 +541,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpointer.close()  # the last checkpoint is committed before the run reads as finished
   workdir_lib.write_json(results_path, results)
   writer.close()
+  logging.info('%s', _summary(results, primary))
   return results
+
+
+def _summary(results: dict[str, Any], selected_on: str) -> str:
+  """One line of a finished run: the selected model's validation and test metric."""
+  validation = workdir_lib.scalars(results['validation']).get(selected_on, float('nan'))
+  line = (f"Done at step {results['step']}: best validation {selected_on} {validation:.6g} "
+          f"(step {results['best_step']}); ")
+  headline = results['primary_metric']
+  test = workdir_lib.scalars(results['test']).get(headline) if results['test'] else None
+  if test is None:
+    return line + 'no test evaluation'
+  return line + f"test {headline} {test:.6g} on {results['test_split']}"
 
 
 class _ShiftedData:
