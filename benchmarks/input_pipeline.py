@@ -177,7 +177,7 @@ def main(argv=None):
 
   data_dir = build_data.ensure_built(args.dataset, data_dir=args.data_dir,
                                      manual_dir=args.manual_dir or None,
-                                     build_if_missing=True)
+                                     build_if_missing=True, manual_dir_key='--manual_dir')
   source = sources.open_split(args.dataset, args.split, data_dir)
   groups = None if args.simclr else sources.case_index(args.dataset, args.split, data_dir)
   result = {'dataset': f'{args.dataset}/{args.split}', 'records': len(source),

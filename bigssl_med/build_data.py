@@ -129,10 +129,13 @@ def default_data_dir() -> str:
 
 
 def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None,
-                 build_if_missing: bool = False) -> str:
+                 build_if_missing: bool = False,
+                 manual_dir_key: str = 'config.data.manual_dir') -> str:
   """Returns the data dir once data set `name` is built there.
 
-  With several hosts, process 0 builds while the others wait, then all check.
+  With several hosts, process 0 builds while the others wait, then all check. The log
+  line and errors about a missing data set name the configs of its builder that are
+  built in the data dir (`sources.built_configs`).
 
   Args:
     name: the data set.
@@ -140,9 +143,12 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
     manual_dir: raw files for `build` (None: the builder downloads if it can).
     build_if_missing: build the data set when it is missing; otherwise a missing
       data set is an error that gives the build command.
+    manual_dir_key: what the caller calls `manual_dir`, for the error of a builder
+      that cannot download (`DOWNLOADS` False) given none.
 
   Raises:
-    DataError: not built and `build_if_missing` is False, or the build failed.
+    DataError: not built and `build_if_missing` is False, or not built and its
+      builder needs a manual_dir that was not given, or the build failed.
   """
   import jax  # pylint: disable=g-import-not-at-top  (the CLI itself needs no JAX)
   data_dir = os.fspath(data_dir) or default_data_dir()
@@ -160,17 +166,25 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
     _check_unchanged(tfds_builders.BUILDERS.get(sources.split_name(name)[0]), version_dir,
                      manual_dir)
     return data_dir
+  base = sources.split_name(name)[0]
+  if not manual_dir and not tfds_builders.BUILDERS[base].DOWNLOADS:
+    raise DataError(f'data set {name} is not built in {data_dir} and {base} cannot be '
+                    f'downloaded: it needs {manual_dir_key} (its raw files)'
+                    f'{sources.built_here(name, data_dir, "; ")}')
+  source = manual_dir or 'its public download'
+  built = sources.built_here(name, data_dir, ' (')
+  built += ')' if built else ''
   if jax.process_count() == 1:
-    logging.info('%s is not built in %s: building it from %s.', name, data_dir,
-                 manual_dir or 'its public download')
+    logging.info('%s is not built in %s: building it from %s%s.', name, data_dir, source,
+                 built)
     build(name, data_dir=data_dir, manual_dir=manual_dir)
     return data_dir
   # Process 0 builds; the others wait, then learn whether it succeeded.
   from bigssl_med import parallel  # pylint: disable=g-import-not-at-top
   failure = None
   if jax.process_index() == 0:
-    logging.info('%s is not built in %s: building it from %s (the other hosts wait).', name,
-                 data_dir, manual_dir or 'its public download')
+    logging.info('%s is not built in %s: building it from %s%s (the other hosts wait).', name,
+                 data_dir, source, built)
     try:
       build(name, data_dir=data_dir, manual_dir=manual_dir)
     except Exception as e:  # pylint: disable=broad-except  (re-raised below, on every host)

@@ -16,6 +16,7 @@ from bigssl_med import files
 from bigssl_med import staging
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
+import tfds_builders
 
 NAME = 'image_cases/tiny'
 
@@ -181,3 +182,53 @@ def test_a_build_reaches_the_disk_before_it_takes_its_place(tmp_path, monkeypatc
   built = {os.path.relpath(os.path.join(parent, name), data_dir)
            for parent, _, names in os.walk(version_dir) for name in names}
   assert built and built <= staged, built - staged
+
+
+def _fake_build(data_dir: Path, name: str) -> None:
+  """A folder that reads as a complete build of `name` (NAME/CONFIG)."""
+  version_dir = Path(sources.version_dir_of(name, os.fspath(data_dir)))
+  version_dir.mkdir(parents=True)
+  (version_dir / 'dataset_info.json').write_text('{}')
+
+
+@pytest.mark.parametrize('build_if_missing', [True, False])
+def test_a_missing_data_set_without_download_or_manual_dir_says_what_is_built(
+    tmp_path, build_if_missing):
+  data_dir = tmp_path / 'data'
+  for name in ('chexpert/side64', 'chexpert/original', 'nih_chest_xray14/side64'):
+    _fake_build(data_dir, name)
+  (data_dir / 'chexpert' / 'side128').mkdir()  # an unfinished build is not listed
+  with pytest.raises(DataError) as e:
+    build_data.ensure_built('chexpert', data_dir=os.fspath(data_dir),
+                            build_if_missing=build_if_missing)
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.endswith('; built here: chexpert/original, chexpert/side64'), message
+  if build_if_missing:
+    assert message == (f'data set chexpert is not built in {data_dir} and chexpert cannot be '
+                       'downloaded: it needs config.data.manual_dir (its raw files); built '
+                       'here: chexpert/original, chexpert/side64')
+  else:
+    assert message.startswith(f'data set chexpert is not built in {data_dir} (no ')
+  # Nothing built of it: nothing listed. The caller names its own manual_dir key.
+  with pytest.raises(DataError, match=r'^data set mimic_cxr_jpg is not built in .* and '
+                                      r'mimic_cxr_jpg cannot be downloaded: it needs '
+                                      r'config.shift.manual_dir \(its raw files\)$'):
+    build_data.ensure_built('mimic_cxr_jpg', data_dir=os.fspath(data_dir),
+                            build_if_missing=True, manual_dir_key='config.shift.manual_dir')
+  assert not any(p.name.startswith('.build-') for p in data_dir.iterdir())
+
+
+def test_a_missing_data_set_with_a_download_is_built_from_it(tmp_path, monkeypatch, caplog):
+  data_dir = tmp_path / 'data'
+  _fake_build(data_dir, 'nih_chest_xray14/side64')
+  built = []
+  monkeypatch.setattr(build_data, 'build', lambda name, **kwargs: built.append((name, kwargs)))
+  with caplog.at_level('INFO'):
+    assert build_data.ensure_built('nih_chest_xray14', data_dir=os.fspath(data_dir),
+                                   build_if_missing=True) == os.fspath(data_dir)
+  assert built == [('nih_chest_xray14', {'data_dir': os.fspath(data_dir), 'manual_dir': None})]
+  assert (f'nih_chest_xray14 is not built in {data_dir}: building it from its public download '
+          '(built here: nih_chest_xray14/side64).') in caplog.text
+  assert [name for name, cls in tfds_builders.BUILDERS.items() if cls.DOWNLOADS] == [
+      'ham10000', 'medmnist', 'nih_chest_xray14']

@@ -128,6 +128,9 @@ class ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """
 
   BUILDER_CONFIGS = [ImageConfig(name=ORIGINAL)]
+  # Whether the builder fetches its raw files itself when it is given no manual_dir;
+  # the others (registration or credentials required, or the user's own files) need one.
+  DOWNLOADS = False
 
   def __init_subclass__(cls, skip_registration: bool = True, **kwargs):
     # Builders are looked up in `tfds_builders.BUILDERS`, never in TFDS's global

@@ -107,6 +107,30 @@ def version_dir_of(name: str, data_dir: str) -> str | None:
   return os.path.join(*parts, str(builder_cls.VERSION))
 
 
+def built_configs(name: str, data_dir: str) -> list[str]:
+  """`NAME/CONFIG` of each complete build of data set `name`'s builder (any config, the
+  builder's version) under `data_dir`, sorted; [] for a name that is not one of the
+  project's builders or a builder without configs."""
+  base, _ = split_name(name)
+  builder_cls = tfds_builders.BUILDERS.get(base)
+  if builder_cls is None or not builder_cls.BUILDER_CONFIGS:
+    return []
+  root = os.path.join(os.path.abspath(os.fspath(data_dir)), base)
+  try:
+    entries = sorted(os.listdir(root))
+  except OSError:
+    return []
+  return [f'{base}/{entry}' for entry in entries if not entry.startswith('.')
+          and is_complete_build(os.path.join(root, entry, str(builder_cls.VERSION)))]
+
+
+def built_here(name: str, data_dir: str, prefix: str = ' ') -> str:
+  """`{prefix}built here: NAME/A, NAME/B` for the configs of `name`'s builder built in
+  `data_dir` (`built_configs`); '' when there are none."""
+  built = built_configs(name, data_dir)
+  return f'{prefix}built here: {", ".join(built)}' if built else ''
+
+
 def find_version_dir(name: str, data_dir: str) -> str:
   """Returns the directory of the built data set `name` under `data_dir`.
 
@@ -116,7 +140,8 @@ def find_version_dir(name: str, data_dir: str) -> str:
 
   Raises:
     DataError: the data dir or a complete build is missing; the message says
-      where it looked and the command that builds the data set.
+      where it looked, the command that builds the data set and the configs of
+      its builder that are built there (`built_configs`).
   """
   data_dir = os.path.abspath(os.fspath(data_dir))
   how = f'build it with: {build_command(name, data_dir)}'
@@ -129,7 +154,8 @@ def find_version_dir(name: str, data_dir: str) -> str:
     if is_complete_build(version_dir):
       return version_dir
     raise DataError(f'data set {name} is not built in {data_dir} (no '
-                    f'{os.path.join(version_dir, "dataset_info.json")}); {how}')
+                    f'{os.path.join(version_dir, "dataset_info.json")}); {how}'
+                    f'{built_here(name, data_dir, "; ")}')
   dataset_dir = os.path.join(data_dir, name)
   versions = []
   if os.path.isdir(dataset_dir):

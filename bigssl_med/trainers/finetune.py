@@ -565,7 +565,7 @@ class _ShiftedData:
     self.dataset, self.split = c.dataset, c.split
     self.data_dir = build_data.ensure_built(
         c.dataset, data_dir=c.data_dir or config.data.data_dir, manual_dir=c.manual_dir,
-        build_if_missing=config.data.build_if_missing)
+        build_if_missing=config.data.build_if_missing, manual_dir_key='config.shift.manual_dir')
     info = sources.dataset_info(c.dataset, self.data_dir)
     if c.split not in info.splits:
       raise ConfigError(f'config.shift.split={c.split!r}: {c.dataset!r} has splits '

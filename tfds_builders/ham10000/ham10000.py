@@ -294,6 +294,7 @@ class Ham10000(common.ImageBuilder):
                          description='Images and masks as published.'),
   ]
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+  DOWNLOADS = True  # the public release, from Harvard Dataverse
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(

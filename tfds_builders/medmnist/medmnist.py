@@ -608,6 +608,7 @@ class Medmnist(common.ImageBuilder):
   }
   BUILDER_CONFIGS = CONFIGS
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+  DOWNLOADS = True  # each config's file, from Zenodo, checked against its MD5
 
   @classmethod
   def make_config(cls, config: str | None = None, *,

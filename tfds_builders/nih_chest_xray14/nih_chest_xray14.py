@@ -272,6 +272,7 @@ class NihChestXray14(common.ImageBuilder):
   }
   BUILDER_CONFIGS = common.downscaled_configs(512, 'Images as published (1024x1024 PNG).')
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+  DOWNLOADS = True  # the release's archives (IMAGE_ARCHIVE_URLS)
 
   def _info(self) -> tfds.core.DatasetInfo:
     metadata = self.new_metadata()
