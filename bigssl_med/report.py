@@ -570,8 +570,7 @@ def with_metrics(runs: Sequence[dict[str, Any]], split: str) -> list[dict[str, A
 
 def _column(cell: dict[str, Any]) -> tuple:
   """What a cell is compared within: data set, metric, label fraction and evaluation."""
-  return (cell['dataset'], cell['metric'], cell['label_fraction'], cell['shifted'],
-          cell['evaluated_on'], cell['split'], tuple(cell['shift_labels']))
+  return (cell['dataset'], cell['metric']) + _place(cell)
 
 
 def pretraining_spread(runs: Sequence[dict[str, Any]], metric: str | None = None,
@@ -755,15 +754,13 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
     tables[(cell['dataset'], cell['metric'])].append(cell)
   for (dataset, name), cells in tables.items():
     fractions = sorted({cell['label_fraction'] for cell in cells})
-    shifts = sorted({(cell['evaluated_on'], cell['split'], tuple(cell['shift_labels']))
-                     for cell in cells if cell['shifted']})
+    places = {_place(cell) for cell in cells}
+    shifts = sorted({place[2:] for place in places if place[1]})  # (on, split, labels)
     columns = []
     for fraction in fractions:
       columns.append((fraction, False, dataset, split, ()))
       columns += [(fraction, True) + shift for shift in shifts
-                  if any(c['shifted'] and c['label_fraction'] == fraction
-                         and (c['evaluated_on'], c['split'], tuple(c['shift_labels'])) == shift
-                         for c in cells)]
+                  if (fraction, True) + shift in places]
     rows = list(dict.fromkeys(cell['row'] for cell in cells))
     by_place = {(cell['row'],) + _place(cell): cell for cell in cells}
     direction = 'lower' if metrics_lib.lower_is_better(name) else 'higher'
@@ -786,6 +783,7 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
 
 
 def _place(cell: dict[str, Any]) -> tuple:
+  """A cell's column within its table: label fraction and evaluation."""
   return (cell['label_fraction'], cell['shifted'], cell['evaluated_on'], cell['split'],
           tuple(cell['shift_labels']))
 
