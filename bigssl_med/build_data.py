@@ -89,7 +89,9 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
     sources.restore_set_aside_build(version_dir)
     if sources.is_complete_build(version_dir) and not overwrite:
       _check_unchanged(builder_cls, version_dir, manual_dir)
-      if not os.path.exists(os.path.join(version_dir, sources.CASE_INDEX_FILE)):
+      if not sources.index_is_current(version_dir):
+        logging.info('Writing %s of %s (it lacks the features this version indexes).',
+                     sources.CASE_INDEX_FILE, full_name)
         sources.write_case_index(version_dir)
       logging.info('%s is already built in %s (--overwrite rebuilds it).',
                    full_name, version_dir)

@@ -141,6 +141,8 @@ def finetune() -> ml_collections.ConfigDict:
   c.data.fraction_seed = 0        # which cases; nested over fractions for one seed
   c.data.holdout = 0.0            # > 0: validate on this fraction of the training cases
   #                                 (fixed by case hash) instead of data.eval_split ('')
+  c.data.views = ''               # chest X-rays: 'frontal' or 'lateral' images only, in
+  #                                 every split ('' : all images; bigssl_med.data.views)
   c.augment = _augment()          # on-device augmentation of the training crops: off by
   c.augment.jitter_p = 0.0        # default (crops and flips only, SimCLRv2's fine-tuning);
   c.augment.grayscale_p = 0.0     # finetune_derm / finetune_chexpert turn it on
@@ -160,6 +162,10 @@ def finetune() -> ml_collections.ConfigDict:
   c.task.mean_over = ''           # multi-label mean AUC over these names ('a,b'; '' all,
   #                                 'chexpert5': CheXpert's 5 competition pathologies)
   c.task.primary_metric = ''      # '' : top1 (multi-class) or auc_mean (multi-label)
+  c.task.eval_unit = 'image'      # what validation and test metrics count: 'image', 'study'
+  #                                 (CheXpert, MIMIC-CXR) or 'case' (bigssl_med.eval_units)
+  c.task.eval_reduce = 'max'      # a study's or case's probabilities: 'max' or 'mean' of its
+  #                                 images'
   c.early_stopping_patience = 0   # evaluations without improvement before stopping (0: off)
   c.num_epochs = 30.0
   c.eval_every_steps = 100

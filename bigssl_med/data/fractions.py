@@ -28,6 +28,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from bigssl_med.data import sources
+from bigssl_med.data import views as views_lib
 from bigssl_med.errors import ConfigError
 
 
@@ -109,15 +110,20 @@ def is_held_out(case_id: str, holdout: float) -> bool:
   return int.from_bytes(digest[:8], 'big') / 2.0**64 < holdout
 
 
-def open_holdout(name: str, split: str, data_dir: str, holdout: float) -> Sequence[dict]:
-  """The records of the cases of `split` that a holdout of `holdout` sets aside.
+def open_holdout(name: str, split: str, data_dir: str, holdout: float,
+                 views: str = '') -> Sequence[dict]:
+  """The records of the cases of `split` that a holdout of `holdout` sets aside; with
+  `views` ('frontal', 'lateral'; `bigssl_med.data.views`), only their images of it.
+
+  The cases held out are the same whatever `views` is.
 
   Raises:
     DataError: the data set or split is missing. ConfigError: a bad holdout, or one
       that holds out no case or every case.
   """
   holdout = check_holdout(holdout)
-  cases = sources.cases(name, split, data_dir)
+  cases = views_lib.keep_cases(sources.cases(name, split, data_dir),
+                               views_lib.keep(name, split, data_dir, views))
   held = [c for c in cases if is_held_out(c, holdout)]
   if not held or len(held) == len(cases):
     raise ConfigError(f'config.data.holdout={holdout:g} holds out {len(held)} of the '
@@ -128,7 +134,8 @@ def open_holdout(name: str, split: str, data_dir: str, holdout: float) -> Sequen
 
 
 def open_fraction(name: str, split: str, data_dir: str, fraction: float, seed: int,
-                  holdout: float = 0.0) -> tuple[Sequence[dict], list[np.ndarray]]:
+                  holdout: float = 0.0, views: str = ''
+                  ) -> tuple[Sequence[dict], list[np.ndarray]]:
   """Opens the records of a label fraction of a split, grouped by case.
 
   Args:
@@ -139,6 +146,9 @@ def open_fraction(name: str, split: str, data_dir: str, fraction: float, seed: i
     seed: the draw (nested over fractions for one seed).
     holdout: the fraction of cases set aside first (`is_held_out`; 0: none); the
       label fraction is a fraction of the others.
+    views: '' (every image), or 'frontal' or 'lateral' (`bigssl_med.data.views`):
+      only the images of that view are opened, and the fraction is drawn from the
+      cases that have one.
 
   Returns:
     (source, groups): a random-access source over the chosen records (record
@@ -150,13 +160,14 @@ def open_fraction(name: str, split: str, data_dir: str, fraction: float, seed: i
   fraction = check_fraction(fraction)
   holdout = check_holdout(holdout)
   source = sources.open_split(name, split, data_dir)
-  cases = sources.cases(name, split, data_dir)
+  cases = views_lib.keep_cases(sources.cases(name, split, data_dir),
+                               views_lib.keep(name, split, data_dir, views))
   if holdout:
     cases = {c: records for c, records in cases.items() if not is_held_out(c, holdout)}
     if not cases:
       raise ConfigError(f'config.data.holdout={holdout:g} holds out every case of '
                         f'{name}/{split}')
-  if fraction == 1.0 and not holdout:
+  if fraction == 1.0 and not holdout and not views:
     return source, list(cases.values())
   indices = fraction_records(cases, fraction, seed)
   position = {int(record): i for i, record in enumerate(indices)}

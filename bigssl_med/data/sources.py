@@ -5,10 +5,18 @@ later, in the input pipeline. Nothing here imports TensorFlow, grain or JAX.
 
 `case_index.json` (written next to `dataset_info.json` by `write_case_index` at the
 end of a build) records, for each split, the `case_id` of every record in record
-order, so that grouping records by case (MICLe) needs no scan of the records:
+order, so that grouping records by case (MICLe) needs no scan of the records, and
+the same for the small features of `INDEX_FEATURES` the data set has (the chest
+X-ray view and the study), which select records by view (`bigssl_med.data.views`)
+and group predictions by study (`bigssl_med.eval_units`):
 
     {"format_version": 1, "dataset": NAME, "version": "1.0.0",
-     "splits": {"train": {"num_records": N, "case_ids": ["HAM_...", ...]}, ...}}
+     "splits": {"train": {"num_records": N, "case_ids": ["HAM_...", ...],
+                          "features": {"study": ["study1", ...], ...}}, ...}}
+
+An index written before `features` existed lacks them: they are then read by a scan
+of the records, and `python -m bigssl_med.build_data NAME --data_dir=...` on the
+finished build adds them to the index without rebuilding.
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ import tfds_builders
 CASE_INDEX_FILE = 'case_index.json'
 CASE_INDEX_FORMAT_VERSION = 1
 _SCAN_CHUNK = 1024
+# Per-record features `case_index.json` keeps beside `case_id`, where a data set has
+# them: the view of a chest X-ray (CheXpert's `frontal_lateral`, MIMIC-CXR's and
+# ChestX-ray14's `view_position`) and its study (CheXpert's `study` within the patient,
+# MIMIC-CXR's `study_id`).
+INDEX_FEATURES = ('frontal_lateral', 'view_position', 'study', 'study_id')
 
 
 def build_command(name: str, data_dir: str) -> str:
@@ -239,7 +252,7 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
     case_ids = []
     for part in splits.parts(split):
       num_records = builder.info.splits[part].num_examples
-      case_ids += _read_case_ids(path, name, part, num_records, data_dir)
+      case_ids += _read_index(path, name, part, num_records, data_dir)['case_ids']
   else:
     logging.info('Notice: no %s for %s split %s in %s; scanning the case_id of '
                  'every record.', CASE_INDEX_FILE, name, split, version_dir)
@@ -247,6 +260,62 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
         split, decoders=_skip_image_decoders(builder.info))
     case_ids = scan_case_ids(source)
   return group_cases(case_ids)
+
+
+def record_features(name: str, split: str, data_dir: str,
+                    keys: Sequence[str]) -> dict[str, list[str]]:
+  """`{feature: [its value as text for each record of split, in record order]}`.
+
+  Read from `case_index.json` where the build recorded them (`case_id` and the
+  `INDEX_FEATURES`);
+  otherwise (an index written before these features were kept, a sliced split, a
+  feature that is not indexed) by scanning the records, with a logged notice. A sum
+  of splits gives the values of each in turn.
+
+  Raises:
+    DataError: the data set, the split or a feature is missing, or a
+      `case_index.json` that does not match the split (says to rebuild).
+  """
+  builder = _builder(name, data_dir)
+  _check_split(builder.info, name, split)
+  missing = [key for key in keys if key not in builder.info.features]
+  if missing:
+    raise DataError(f'data set {name} has no feature {", ".join(missing)}; its features: '
+                    f'{", ".join(sorted(builder.info.features))}')
+  path = os.path.join(os.fspath(builder.data_dir), CASE_INDEX_FILE)
+  values = {key: [] for key in keys}
+  if '[' not in split and os.path.exists(path):
+    for part in splits.parts(split):
+      entry = _read_index(path, name, part, builder.info.splits[part].num_examples, data_dir)
+      indexed = {'case_id': entry['case_ids'], **entry['features']}
+      if not all(key in indexed for key in keys):
+        break
+      for key in keys:
+        values[key] += [str(v) for v in indexed[key]]
+    else:
+      return values
+  logging.info('Notice: %s of %s split %s not in its %s; scanning every record (`python -m '
+               'bigssl_med.build_data %s --data_dir=%s` adds them to the index).',
+               ', '.join(keys), name, split, CASE_INDEX_FILE, name, os.path.abspath(data_dir))
+  source = builder.as_data_source(split, decoders=_skip_image_decoders(builder.info))
+  return scan_features(source, keys)
+
+
+def index_is_current(version_dir: str) -> bool:
+  """Whether the build in `version_dir` has a `case_index.json` that holds every
+  `INDEX_FEATURES` feature the data set has (False when unreadable)."""
+  path = os.path.join(version_dir, CASE_INDEX_FILE)
+  if not os.path.exists(path):
+    return False
+  try:
+    info = tfds.builder_from_directory(version_dir).info
+    wanted = [key for key in INDEX_FEATURES if key in info.features]
+    with open(path) as f:
+      entries = json.load(f)['splits']
+    return all(key in (entries[split].get('features') or {})
+               for split in info.splits for key in wanted)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return False
 
 
 def fingerprint(name: str, data_dir: str, read: Sequence[str]) -> dict[str, Any]:
@@ -340,14 +409,20 @@ class Subset(collections.abc.Sequence):
 
 def scan_case_ids(source: Sequence[dict[str, Any]]) -> list[str]:
   """Reads `case_id` of every record of a data source, in record order."""
-  case_ids = []
+  return scan_features(source, ('case_id',))['case_id']
+
+
+def scan_features(source: Sequence[dict[str, Any]],
+                  keys: Sequence[str]) -> dict[str, list[str]]:
+  """Reads the features `keys` of every record of a data source as text, in record order."""
+  values = {key: [] for key in keys}
   for start in range(0, len(source), _SCAN_CHUNK):
-    keys = list(range(start, min(start + _SCAN_CHUNK, len(source))))
-    for record in source.__getitems__(keys):
-      case_id = record['case_id']
-      case_ids.append(case_id.decode('utf-8') if isinstance(case_id, bytes)
-                      else str(case_id))
-  return case_ids
+    indices = list(range(start, min(start + _SCAN_CHUNK, len(source))))
+    for record in source.__getitems__(indices):
+      for key in keys:
+        value = record[key]
+        values[key].append(value.decode('utf-8') if isinstance(value, bytes) else str(value))
+  return values
 
 
 def write_case_index(version_dir: str) -> str:
@@ -360,12 +435,14 @@ def write_case_index(version_dir: str) -> str:
   """
   version_dir = os.fspath(version_dir)
   builder = tfds.builder_from_directory(version_dir)
+  indexed = [key for key in INDEX_FEATURES if key in builder.info.features]
   splits = {}
   for split in sorted(builder.info.splits):
     source = builder.as_data_source(
         split, decoders=_skip_image_decoders(builder.info))
-    case_ids = scan_case_ids(source)
-    splits[split] = {'num_records': len(case_ids), 'case_ids': case_ids}
+    values = scan_features(source, ('case_id', *indexed))
+    case_ids = values.pop('case_id')
+    splits[split] = {'num_records': len(case_ids), 'case_ids': case_ids, 'features': values}
   content = {
       'format_version': CASE_INDEX_FORMAT_VERSION,
       'dataset': builder.info.name,
@@ -397,9 +474,10 @@ def _skip_image_decoders(info: tfds.core.DatasetInfo) -> dict[str, Any]:
           if isinstance(feature, tfds.features.Image)}
 
 
-def _read_case_ids(path: str, name: str, split: str, num_records: int,
-                   data_dir: str) -> list[str]:
-  """Reads and checks the `split` entry of a case_index.json."""
+def _read_index(path: str, name: str, split: str, num_records: int,
+                data_dir: str) -> dict[str, Any]:
+  """Reads and checks the `split` entry of a case_index.json: `case_ids` (text) and
+  `features` (`{feature: values}`, absent or partial in an older index)."""
   rebuild = (f'rebuild with: {build_command(name, os.path.abspath(data_dir))} '
              f'--overwrite')
   try:
@@ -407,6 +485,7 @@ def _read_case_ids(path: str, name: str, split: str, num_records: int,
       entry = json.load(f)['splits'][split]
     case_ids = entry['case_ids']
     recorded = int(entry['num_records'])
+    features = dict(entry.get('features') or {})
   except (OSError, ValueError, KeyError, TypeError) as exc:
     detail = ' '.join(str(exc).split())
     raise DataError(f'{path}: unreadable case index for split {split} '
@@ -414,4 +493,8 @@ def _read_case_ids(path: str, name: str, split: str, num_records: int,
   if recorded != num_records or len(case_ids) != num_records:
     raise DataError(f'{path}: case index lists {len(case_ids)} records for split '
                     f'{split} but the split has {num_records}; {rebuild}')
-  return [str(case_id) for case_id in case_ids]
+  for key, values in features.items():
+    if not isinstance(values, list) or len(values) != num_records:
+      raise DataError(f'{path}: case index feature {key} of split {split} does not list '
+                      f'{num_records} records; {rebuild}')
+  return {'case_ids': [str(case_id) for case_id in case_ids], 'features': features}

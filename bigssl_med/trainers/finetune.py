@@ -12,7 +12,11 @@ without improvement. At the end the best model is evaluated once on
 augmentation; every evaluation view as `data.eval_resize` says), and, with
 `shift.dataset`, on another data set through a label mapping
 (`bigssl_med.label_mapping`); `results.json` and `test_predictions.npz` hold what
-`python -m bigssl_med.report` reads.
+`python -m bigssl_med.report` reads. With `data.views` ('frontal' or 'lateral') every
+split is read with only the chest X-rays of that view (`bigssl_med.data.views`); with
+`task.eval_unit` ('study' or 'case') the validation, test and shift metrics count each
+study or case once, its images' probabilities combined by `task.eval_reduce`
+(`bigssl_med.eval_units`).
 
 The three trainers differ in what they train and on what:
 
@@ -49,6 +53,7 @@ from bigssl_med import augment
 from bigssl_med import build_data
 from bigssl_med import checkpointing
 from bigssl_med import config_schema
+from bigssl_med import eval_units
 from bigssl_med import label_mapping
 from bigssl_med import label_policies
 from bigssl_med import metrics as metrics_lib
@@ -62,6 +67,7 @@ from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import fractions
 from bigssl_med.data import pipeline
 from bigssl_med.data import sources
+from bigssl_med.data import views as views_lib
 from bigssl_med.errors import CheckpointError, ConfigError
 
 _MEAN_OVER = {'chexpert5': metrics_lib.CHEXPERT_COMPETITION}
@@ -362,6 +368,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             'loss': metrics_lib.sigmoid_cross_entropy(logits, loss_targets, loss_mask)}
 
   _check_metric_exists(primary, evaluate, task)
+  views, unit = config.data.views, config.task.eval_unit
+  views_lib.view_feature(views, info.features, config.dataset)
+  eval_units.unit_features(unit, info.features, config.dataset)
+  eval_units.check_reduce(config.task.eval_reduce)
   teacher = _Teacher(config, task, dtype, repl) if distill else None
   # The shifted data set is checked before training, so that a bad mapping fails fast.
   shift = _ShiftedData(config, task) if config.shift.dataset else None
@@ -371,15 +381,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_name = f'{config.dataset}/{config.data.train_split}'
   holdout = _check_validation_split(config)
   train_source, _ = fractions.open_fraction(config.dataset, config.data.train_split, data_dir,
-                                            fraction, fraction_seed, holdout)
+                                            fraction, fraction_seed, holdout, views)
   if holdout:
     eval_name = f'{train_name} (held-out {holdout:g} of its cases)'
-    eval_source = fractions.open_holdout(config.dataset, config.data.train_split, data_dir,
-                                         holdout)
+    eval_split = config.data.train_split
+    eval_source = fractions.open_holdout(config.dataset, eval_split, data_dir, holdout, views)
     logging.info('Validation: %d images of %s', len(eval_source), eval_name)
   else:
-    eval_name = f'{config.dataset}/{config.data.eval_split}'
-    eval_source = sources.open_split(config.dataset, config.data.eval_split, data_dir)
+    eval_split = config.data.eval_split
+    eval_name = f'{config.dataset}/{eval_split}'
+    eval_source = views_lib.open_split(config.dataset, eval_split, data_dir, views)
   if fraction < 1.0:
     _warn_missing_classes(train_source, label_key, task, train_name)
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
@@ -459,10 +470,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return (np.concatenate(logits)[keep], np.concatenate(labels)[keep],
             np.concatenate(records)[keep])
 
+  units_of = {}  # (data set, split, data dir) -> the unit of each record of its source
+
+  def per_unit(predicted, source, dataset: str, split: str, where: str, data_dir=data_dir):
+    """`predict`'s `(logits, labels, records)`, one row per unit of `task.eval_unit`
+    (`eval_units.combine`; records are then the units' names)."""
+    if unit == 'image':
+      return predicted
+    logits, labels, records = predicted
+    key = (dataset, split, data_dir)
+    if key not in units_of:
+      units_of[key] = eval_units.unit_keys(
+          dataset, split, data_dir, unit, eval_units.split_indices(source, np.arange(len(source))))
+    return eval_units.combine(logits, labels, units_of[key][records], kind=task.kind,
+                              reduce=config.task.eval_reduce, where=where)
+
   def validate(variables, step: int) -> dict[str, Any]:
     """Validation metrics; with task.eval_uncertain='train_policy' the loss counts the
     uncertain labels as training does (`supervised.policy_targets`), the AUCs do not."""
-    logits, labels, _ = predict(variables, eval_source, eval_name, spec)
+    logits, labels, _ = per_unit(predict(variables, eval_source, eval_name, spec), eval_source,
+                                 config.dataset, eval_split, eval_name)
     loss_targets = None
     if task.kind == 'multilabel' and config.task.eval_uncertain == 'train_policy':
       loss_targets = supervised.policy_targets(labels, task, seed=config.seed, step=step)
@@ -488,24 +515,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ten_crop = config.data.test_ten_crop
   test: dict[str, Any] = {}
   if test_split and test_split in info.splits:
-    test_source = sources.open_split(config.dataset, test_split, data_dir)
-    logits, labels, records = predict(best_variables, test_source,
-                                      f'{config.dataset}/{test_split}', spec, ten_crop=ten_crop)
+    test_source = views_lib.open_split(config.dataset, test_split, data_dir, views)
+    test_name = f'{config.dataset}/{test_split}'
+    logits, labels, records = per_unit(
+        predict(best_variables, test_source, test_name, spec, ten_crop=ten_crop), test_source,
+        config.dataset, test_split, test_name)
     test = evaluate(logits, labels)
     # Logged as 'test' whatever the split is called (CheXpert tests on 'validation').
     writer.write(best.step, 'test', workdir_lib.scalars(test))
     if jax.process_index() == 0:
+      ids = ({'unit_id': records} if unit != 'image' else
+             _record_ids(test_source, records, info.features))
       _save_predictions(os.path.join(workdir, 'test_predictions.npz'), logits, labels, task,
-                        ids=_record_ids(test_source, records, info.features))
+                        ids=ids)
   elif test_split:
     logging.warning('%s has no split %r: no test evaluation (splits: %s)', config.dataset,
                     test_split, ', '.join(sorted(info.splits)))
   shifted = None
   if shift is not None:
-    logits, labels, _ = predict(best_variables,
-                                sources.open_split(shift.dataset, shift.split, shift.data_dir),
-                                f'{shift.dataset}/{shift.split}', shift.spec(config),
-                                ten_crop=ten_crop)
+    shift_source = views_lib.open_split(shift.dataset, shift.split, shift.data_dir, views)
+    shift_name = f'{shift.dataset}/{shift.split}'
+    logits, labels, _ = per_unit(
+        predict(best_variables, shift_source, shift_name, shift.spec(config), ten_crop=ten_crop),
+        shift_source, shift.dataset, shift.split, shift_name, data_dir=shift.data_dir)
     shifted = shift.evaluate(logits, labels)
     writer.write(best.step, f'shift/{shift.dataset}/{shift.split}',
                  workdir_lib.scalars(shifted['metrics']))
@@ -528,6 +560,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'step': step, 'total_steps': total_steps, 'best_step': best.step,
       'stopped_early': best.stopped_early, 'origin': origin,
       'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
+      'views': views or 'all', 'eval_unit': unit,
+      'eval_reduce': config.task.eval_reduce if unit != 'image' else None,
       'stored_images': stored_images(info),
       'validation_split': eval_name, 'validation': best.record['validation'],
       'test_split': f'{config.dataset}/{test_split}' if test else None, 'test': test,
@@ -585,6 +619,8 @@ class _ShiftedData:
                     (str(i) for i in range(self.num_labels)))
     else:
       names = tuple(feature.names)
+    views_lib.view_feature(config.data.views, info.features, c.dataset)
+    eval_units.unit_features(config.task.eval_unit, info.features, c.dataset)
     self.task = task
     self.label_map = label_mapping.resolve(c.label_map, task.names, names,
                                            multi_label=multi_label, target=repr(c.dataset))
