@@ -1,7 +1,8 @@
 """Predictions of a finished fine-tuning run's best model on new images.
 
     python -m bigssl_med.predict --workdir DIR --images FOLDER_OR_CSV --out predictions.csv \
-        [--batch_size 64] [--ten_crop | --no_ten_crop] [--skip_bad_images] [--num_threads 4]
+        [--path_column path] [--image_root DIR] [--batch_size 64] \
+        [--ten_crop | --no_ten_crop] [--skip_bad_images] [--num_threads 4]
 
 DIR is the workdir of a finished `finetune`, `linear_eval` or `distill` run: its
 `config.json` rebuilds the model (in float32), `results.json` gives the task and the
@@ -11,11 +12,19 @@ label names, and `best/` holds the weights of the model selected on validation.
 
 * a folder, searched recursively for `.jpg`, `.jpeg`, `.png`, `.bmp`, `.tif` and
   `.tiff` files (any case; hidden files and folders are skipped), in sorted order, or
-* a CSV (or tab-separated) file with a `path` column; relative paths are relative to
-  the CSV's folder, and every other column is copied to the output. Paths are read as
-  `image_cases` reads its list: `~` is the home directory, `\\` separates folders as
-  `/` does, and a file named only letter case aside (`a.jpg` for `A.JPG`) is read, with
-  a warning.
+* a CSV (or tab-separated) file with a column of image paths, `path` or the one
+  `--path_column` names; relative paths are relative to `--image_root` (by default the
+  CSV's folder), absolute ones are used as they are, and every other column is copied
+  to the output. Paths are read as `image_cases` reads its list: `~` is the home
+  directory, `\\` separates folders as `/` does, and a file named only letter case
+  aside (`a.jpg` for `A.JPG`) is read, with a warning.
+
+A data set's own list can be read as it is published: CheXpert's `valid.csv` names
+the column `Path`, and its paths (`CheXpert-v1.0-small/valid/patient64541/...`) are
+relative to the folder that holds `CheXpert-v1.0-small`:
+
+    python -m bigssl_med.predict --workdir DIR --out predictions.csv \
+        --images ROOT/CheXpert-v1.0-small/valid.csv --path_column Path --image_root ROOT
 
 Images are preprocessed as the run's test images were: made what the data set
 stores (gray or RGB, the longest side at most its `max_side`, re-encoded where a
@@ -27,18 +36,20 @@ the probabilities averaged over the four corners, the centre and their mirrors
 (`bigssl_med.supervised.make_eval_step`). `--ten_crop` / `--no_ten_crop` override
 the run's own `ten_crop` (its results.json), the default.
 
-The output CSV has one row per image: `path` (as listed in the CSV, or the folder
-joined with the path found under it), the CSV's other columns, one column per label
-with its probability (softmax for a multi-class model, sigmoid for a multi-label
-one) and, for a multi-class model, `predicted`, the most probable class. It is
-written to a temporary file and renamed, so an earlier output is replaced whole or
-not at all.
+The output CSV has one row per image: `path` (the path as listed in the CSV's path
+column, whatever that column's name, or the folder joined with the path found under
+it), the CSV's other columns, one column per label with its probability (softmax for
+a multi-class model, sigmoid for a multi-label one) and, for a multi-class model,
+`predicted`, the most probable class. Another CSV column with the name of one the
+output adds (`path`, a label, `predicted`) is an error. The output is written to a
+temporary file and renamed, so an earlier output is replaced whole or not at all.
 
 A missing or undecodable image is a one-line error naming the file (and the CSV
 line); with `--skip_bad_images` such images are listed in a warning and left out.
 Every other bad input (a workdir of an unfinished run or of another trainer, a
-checkpoint that does not fit the config) is also a one-line `error: ...` and exit
-status 2.
+checkpoint that does not fit the config, a CSV without the path column, which the
+error names with the columns the CSV has, `--image_root` with a folder) is also a
+one-line `error: ...` and exit status 2.
 """
 
 from __future__ import annotations
@@ -197,18 +208,33 @@ class Item:
   columns: tuple[tuple[str, str], ...] = ()  # the CSV's other columns
 
 
-def list_images(images: str) -> tuple[list[Item], list[str]]:
+def list_images(images: str, path_column: str = PATH_COLUMN,
+                image_root: str | None = None) -> tuple[list[Item], list[str]]:
   """The images of a folder or CSV, and the CSV's other column names (none for a folder).
 
+  Args:
+    images: a folder, or a CSV (or tab-separated) file.
+    path_column: the CSV's column of image paths.
+    image_root: the folder relative paths in the CSV are relative to; None: the
+      CSV's folder.
+
   Raises:
-    DataError: `images` does not exist or holds no image, or is a CSV without a `path`
-      column or with an empty path (naming the line).
+    DataError: `images` does not exist or holds no image, is a CSV without
+      `path_column` (naming the file and the columns it has) or with an empty path
+      (naming the line), or is a folder while `image_root` is given; `image_root` is
+      not a folder.
   """
   if os.path.isdir(images):
+    if image_root is not None:
+      raise DataError(f'--image_root applies to a CSV of images; --images {images} is a '
+                      'folder')
     return _folder_images(images), []
   if not os.path.isfile(images):
     raise DataError(f'--images {images} does not exist')
-  return _csv_images(images)
+  if image_root is not None and not os.path.isdir(image_root):
+    raise DataError(f'--image_root {image_root} is not a folder')
+  return _csv_images(images, path_column,
+                     os.path.dirname(images) if image_root is None else image_root)
 
 
 def _folder_images(folder: str) -> list[Item]:
@@ -233,15 +259,19 @@ def _folder_images(folder: str) -> list[Item]:
   return [Item(path=p, file=p) for p in paths]
 
 
-def _csv_images(path: str) -> tuple[list[Item], list[str]]:
-  columns, rows = common.read_table(path, (PATH_COLUMN,))
-  extra = [c for c in dict.fromkeys(columns) if c and c != PATH_COLUMN]
-  base = os.path.dirname(path)
+def _csv_images(path: str, path_column: str, base: str) -> tuple[list[Item], list[str]]:
+  try:
+    columns, rows = common.read_table(path, (path_column,))
+  except DataError as e:
+    if not str(e).startswith(f'{path}: missing column(s) '):
+      raise
+    raise DataError(f'{e}; --path_column names the column of image paths') from None
+  extra = [c for c in dict.fromkeys(columns) if c and c != path_column]
   items, finder, other_case = [], common.CaseBlindFinder(), []
   for row in rows:
-    value = row.get(PATH_COLUMN)
+    value = row.get(path_column)
     if not value:
-      raise DataError(f'{row.where(path)}: empty {PATH_COLUMN}')
+      raise DataError(f'{row.where(path)}: empty {path_column}')
     values = row.values
     listed = common.listed_file(value, base, row.where(path))
     file = finder.find(listed)
@@ -356,15 +386,19 @@ def predict(run: Run, items: Sequence[Item], *, ten_crop: bool | None = None,
 def output_columns(task: supervised.Task, columns: Sequence[str]) -> list[str]:
   """The output CSV's header: path, the input CSV's `columns`, labels, `predicted`.
 
+  Args:
+    task: the run's task (its label names).
+    columns: the input CSV's columns other than its path column.
+
   Raises:
     DataError: one of `columns` has the name of a column the output adds.
   """
   added = list(task.names) + ([PREDICTED_COLUMN] if task.kind == 'multiclass' else [])
-  clash = [c for c in columns if c in added]
+  clash = [c for c in columns if c == PATH_COLUMN or c in added]
   if clash:
     raise DataError(f'the --images CSV has column(s) {", ".join(clash)}, which the output '
-                    'uses for the probabilities of the labels and the predicted class; '
-                    'rename them')
+                    'uses for the image paths, the probabilities of the labels and the '
+                    'predicted class; rename them')
   return [PATH_COLUMN, *columns, *added]
 
 
@@ -404,8 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--workdir', required=True,
                       help='workdir of a finished finetune, linear_eval or distill run')
   parser.add_argument('--images', required=True,
-                      help='folder searched recursively for images, or a CSV with a path '
-                           'column (relative to the CSV; other columns are copied)')
+                      help='folder searched recursively for images, or a CSV with a column '
+                           'of image paths (other columns are copied)')
+  parser.add_argument('--path_column', default=PATH_COLUMN,
+                      help=f"the CSV's column of image paths (default: {PATH_COLUMN}); the "
+                           f'output names it {PATH_COLUMN}')
+  parser.add_argument('--image_root',
+                      help="folder the CSV's relative paths are relative to (default: the "
+                           "CSV's folder)")
   parser.add_argument('--out', required=True, help='CSV of predictions to write')
   parser.add_argument('--batch_size', type=int, default=DEFAULT_BATCH_SIZE,
                       help=f'images per step (default: {DEFAULT_BATCH_SIZE})')
@@ -427,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.images, args.out):
       raise UserError(f'--out {args.out} is the --images list itself: write the '
                       'predictions to another file')
-    items, columns = list_images(args.images)
+    items, columns = list_images(args.images, args.path_column, args.image_root)
     run = load_run(args.workdir)
     output_columns(run.task, columns)  # a clash fails before the images are read
     kept, probabilities = predict(run, items, ten_crop=args.ten_crop,

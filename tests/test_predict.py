@@ -278,6 +278,82 @@ def test_csv_errors(run, tmp_path, capsys):
   assert listing.read_text() == before
 
 
+def test_a_chexpert_layout_list_is_read_with_path_column_and_image_root(run, tmp_path,
+                                                                        monkeypatch, capsys):
+  """CheXpert's valid.csv: a `Path` column, paths relative to the CSV's parent folder."""
+  workdir, raw, test_paths = run
+  root = tmp_path / 'chexpert'
+  listed = []
+  for i, path in enumerate(test_paths[:5]):
+    name = f'CheXpert-v1.0-small/valid/patient{64541 + i}/study1/view1_frontal.png'
+    (root / name).parent.mkdir(parents=True)
+    shutil.copy(raw / path, root / name)
+    listed.append(name)
+  listed.append(str(raw / test_paths[5]))  # an absolute path is used as it is
+  header = ['Path', 'Sex', 'Age', 'Frontal/Lateral', 'AP/PA']
+  fields = [[p, 'Female' if i % 2 else 'Male', str(60 + i), 'Frontal', 'AP']
+            for i, p in enumerate(listed)]
+  listing = _write_csv(root / 'CheXpert-v1.0-small' / 'valid.csv', header, fields)
+  plain = _write_csv(tmp_path / 'plain.csv', ['path'], [[str(raw / p)] for p in test_paths[:6]])
+  out, want = tmp_path / 'chexpert.csv', tmp_path / 'plain_out.csv'
+  assert predict.main(['--workdir', str(workdir), '--images', str(plain), '--out',
+                       str(want)]) == 0
+  args = ['--workdir', str(workdir), '--images', str(listing), '--out', str(out),
+          '--path_column', 'Path']
+  assert predict.main(args + ['--image_root', str(root)]) == 0
+  rows = _read(out)
+  assert list(rows[0]) == ['path', *header[1:], 'green', 'red', 'predicted']
+  assert [[r[c] for c in ['path', *header[1:]]] for r in rows] == fields
+  np.testing.assert_allclose(_scores(rows), _scores(_read(want)), atol=1e-6)
+  # A relative --image_root is relative to the working folder.
+  monkeypatch.chdir(tmp_path)
+  assert predict.main(args + ['--image_root', 'chexpert']) == 0
+  np.testing.assert_allclose(_scores(_read(out)), _scores(_read(want)), atol=1e-6)
+  # Without --image_root the paths are relative to the CSV's own folder: not there.
+  assert predict.main(args) == 2
+  assert capsys.readouterr().err.startswith(
+      f'error: {listing} line 2: cannot read image '
+      f'{root / "CheXpert-v1.0-small" / listed[0]}: No such file')
+  items, extra = predict.list_images(str(listing), 'Path')
+  assert extra == header[1:]
+  assert items[0].file == str(root / 'CheXpert-v1.0-small' / listed[0])
+  assert items[5].file == listed[5]
+
+
+def test_path_column_and_image_root_errors(run, tmp_path, capsys):
+  workdir, raw, test_paths = run
+  listing = _write_csv(tmp_path / 'valid.csv', ['Path', 'Sex'],
+                       [[str(raw / test_paths[0]), 'Male']])
+  out = tmp_path / 'p.csv'
+
+  def error(*args):
+    assert predict.main(['--workdir', str(workdir), '--images', str(listing), '--out',
+                         str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    return err
+
+  for args, column in (((), 'path'), (('--path_column', 'File'), 'File')):
+    assert error(*args) == (f'error: {listing}: missing column(s) {column} (found: Path, '
+                            'Sex); --path_column names the column of image paths\n')
+  empty = _write_csv(tmp_path / 'empty.csv', ['Path', 'Sex'], [[' ', 'Male']])
+  with pytest.raises(DataError, match=re.escape(f'{empty} line 2: empty Path')):
+    predict.list_images(str(empty), 'Path')
+  # The output's `path` is the listed path: another input column of that name is refused.
+  _write_csv(listing, ['Path', 'path'], [[str(raw / test_paths[0]), 'x']])
+  assert 'the --images CSV has column(s) path, which the output uses' in error(
+      '--path_column', 'Path')
+  # --image_root: for a CSV only, and a folder.
+  folder = str(raw / 'images')
+  assert predict.main(['--workdir', str(workdir), '--images', folder, '--out', str(out),
+                       '--image_root', str(raw)]) == 2
+  assert capsys.readouterr().err == (f'error: --image_root applies to a CSV of images; '
+                                     f'--images {folder} is a folder\n')
+  assert error('--path_column', 'Path', '--image_root', str(tmp_path / 'nowhere')) == (
+      f'error: --image_root {tmp_path / "nowhere"} is not a folder\n')
+  assert not out.exists()
+
+
 def test_unfinished_other_trainer_and_mismatched_workdirs(run, tmp_path, capsys):
   workdir, raw, test_paths = run
   images = str(raw / 'images')
