@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -19,7 +20,7 @@ from bigssl_med.data import fractions, sources, views
 from bigssl_med.errors import ConfigError, DataError
 from bigssl_med.trainers import finetune
 from test_chexpert_builder import HEADER, LABELS
-from test_finetune import colours, tiny_config  # noqa: F401  (colours: a fixture)
+from test_finetune import _write_colour_cases, tiny_config
 
 SMALL = 'CheXpert-v1.0-small'
 
@@ -71,6 +72,16 @@ def cxr(tmp_path_factory):
   return rows, os.fspath(root / 'data')
 
 
+@pytest.fixture(scope='module')
+def colours(tmp_path_factory):
+  """Separable colour images, one per case, without views or studies."""
+  root = tmp_path_factory.mktemp('colours_protocol')
+  _write_colour_cases(root / 'raw')
+  build_data.build('image_cases/colours', data_dir=os.fspath(root / 'data'),
+                   manual_dir=os.fspath(root / 'raw'))
+  return root / 'data'
+
+
 def cxr_config(data_dir, **overrides):
   settings = {'data.holdout': 0.25, 'data.eval_split': '', 'data.test_split': 'validation',
               'task.mean_over': 'chexpert5', 'total_steps': 12, 'eval_every_steps': 12,
@@ -100,7 +111,6 @@ def test_an_index_without_the_features_is_scanned_then_completed_by_build_data(
     cxr, tmp_path, caplog):
   rows, data_dir = cxr
   copy = tmp_path / 'data'
-  import shutil  # pylint: disable=g-import-not-at-top
   shutil.copytree(data_dir, copy)
   version_dir = sources.find_version_dir('chexpert', os.fspath(copy))
   index = Path(version_dir) / sources.CASE_INDEX_FILE
