@@ -40,8 +40,10 @@ The output CSV has one row per image: `path` (the path as listed in the CSV's pa
 column, whatever that column's name, or the folder joined with the path found under
 it), the CSV's other columns, one column per label with its probability (softmax for
 a multi-class model, sigmoid for a multi-label one) and, for a multi-class model,
-`predicted`, the most probable class. Another CSV column with the name of one the
-output adds (`path`, a label, `predicted`) is an error. The output is written to a
+`predicted`, the most probable class. A CSV column with the name of one the output
+adds (`path`, a label, `predicted`) is copied as `NAME (input)`: CheXpert's
+`valid.csv` holds the radiologists' labels under the names of the probabilities a
+CheXpert model gives, and both are kept, side by side. The output is written to a
 temporary file and renamed, so an earlier output is replaced whole or not at all.
 
 A missing or undecodable image is a one-line error naming the file (and the CSV
@@ -383,23 +385,33 @@ def predict(run: Run, items: Sequence[Item], *, ten_crop: bool | None = None,
   return kept, 1.0 / (1.0 + np.exp(-logits))
 
 
+# The suffix of an input column copied under another name (`output_columns`).
+INPUT_SUFFIX = ' (input)'
+
+
 def output_columns(task: supervised.Task, columns: Sequence[str]) -> list[str]:
   """The output CSV's header: path, the input CSV's `columns`, labels, `predicted`.
+
+  An input column with the name of one the output adds (`path`, a label, `predicted`)
+  is copied as `NAME (input)`.
 
   Args:
     task: the run's task (its label names).
     columns: the input CSV's columns other than its path column.
 
   Raises:
-    DataError: one of `columns` has the name of a column the output adds.
+    DataError: an input column has the name another one takes (`NAME (input)` beside
+      `NAME`, where NAME is an output column).
   """
   added = list(task.names) + ([PREDICTED_COLUMN] if task.kind == 'multiclass' else [])
-  clash = [c for c in columns if c == PATH_COLUMN or c in added]
-  if clash:
-    raise DataError(f'the --images CSV has column(s) {", ".join(clash)}, which the output '
-                    'uses for the image paths, the probabilities of the labels and the '
-                    'predicted class; rename them')
-  return [PATH_COLUMN, *columns, *added]
+  taken = {PATH_COLUMN, *added}
+  copied = [f'{c}{INPUT_SUFFIX}' if c in taken else c for c in columns]
+  twice = sorted({c for c in copied if copied.count(c) > 1})
+  if twice:
+    raise DataError(f'the --images CSV has column(s) {", ".join(twice)} beside columns '
+                    f'copied under that name (a column named like an output column is '
+                    f'copied as NAME{INPUT_SUFFIX}); rename them')
+  return [PATH_COLUMN, *copied, *added]
 
 
 def write_predictions(path: str, run: Run, items: Sequence[Item], columns: Sequence[str],
@@ -407,7 +419,7 @@ def write_predictions(path: str, run: Run, items: Sequence[Item], columns: Seque
   """Writes the output CSV through a temporary file in its folder and a rename.
 
   Raises:
-    DataError: a CSV column has the name of an output column (`output_columns`), or
+    DataError: two input columns would be copied under one name (`output_columns`), or
       `path` cannot be written.
   """
   header = output_columns(run.task, columns)
@@ -470,6 +482,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     items, columns = list_images(args.images, args.path_column, args.image_root)
     run = load_run(args.workdir)
     output_columns(run.task, columns)  # a clash fails before the images are read
+    renamed = [c for c in columns if f'{c}{INPUT_SUFFIX}' in output_columns(run.task, columns)]
+    if renamed:
+      logging.info('Input column(s) %s named like output columns: copied as NAME%s.',
+                   ', '.join(renamed), INPUT_SUFFIX)
     kept, probabilities = predict(run, items, ten_crop=args.ten_crop,
                                   batch_size=args.batch_size,
                                   skip_bad_images=args.skip_bad_images,

@@ -196,6 +196,9 @@ def test_multi_label_models_give_sigmoids_and_no_predicted_column(run, tmp_path)
   np.testing.assert_allclose(logit[:, 1] - logit[:, 0],
                              np.log(softmax[:, 1]) - np.log(softmax[:, 0]), atol=1e-4)
   assert predict.output_columns(multi.task, ['note']) == ['path', 'note', 'green', 'red']
+  # A data set's own list holds its labels under the names of the probabilities.
+  assert predict.output_columns(multi.task, ['red', 'path', 'Sex']) == [
+      'path', 'red (input)', 'path (input)', 'Sex', 'green', 'red']
   predict.write_predictions(str(tmp_path / 'm.csv'), multi, kept, [], sigmoid)
   assert list(_read(tmp_path / 'm.csv')[0]) == ['path', 'green', 'red']
 
@@ -252,7 +255,8 @@ def test_csv_errors(run, tmp_path, capsys):
   out = tmp_path / 'p.csv'
   cases = [
       (['file'], [[test_paths[0]]], 'missing column(s) path'),
-      (['path', 'red'], [[str(raw / test_paths[0]), 'x']], 'has column(s) red'),
+      (['path', 'red', 'red (input)'], [[str(raw / test_paths[0]), 'x', 'y']],
+       'has column(s) red (input) beside columns copied under that name'),
       (['path', 'note'], [[' ', 'x']], 'line 2: empty path'),
   ]
   for header, rows, message in cases:
@@ -290,8 +294,9 @@ def test_a_chexpert_layout_list_is_read_with_path_column_and_image_root(run, tmp
     shutil.copy(raw / path, root / name)
     listed.append(name)
   listed.append(str(raw / test_paths[5]))  # an absolute path is used as it is
-  header = ['Path', 'Sex', 'Age', 'Frontal/Lateral', 'AP/PA']
-  fields = [[p, 'Female' if i % 2 else 'Male', str(60 + i), 'Frontal', 'AP']
+  # The list's labels have the names of the model's labels (CheXpert's observations).
+  header = ['Path', 'Sex', 'Age', 'Frontal/Lateral', 'AP/PA', 'red']
+  fields = [[p, 'Female' if i % 2 else 'Male', str(60 + i), 'Frontal', 'AP', str(i % 2)]
             for i, p in enumerate(listed)]
   listing = _write_csv(root / 'CheXpert-v1.0-small' / 'valid.csv', header, fields)
   plain = _write_csv(tmp_path / 'plain.csv', ['path'], [[str(raw / p)] for p in test_paths[:6]])
@@ -302,8 +307,9 @@ def test_a_chexpert_layout_list_is_read_with_path_column_and_image_root(run, tmp
           '--path_column', 'Path']
   assert predict.main(args + ['--image_root', str(root)]) == 0
   rows = _read(out)
-  assert list(rows[0]) == ['path', *header[1:], 'green', 'red', 'predicted']
-  assert [[r[c] for c in ['path', *header[1:]]] for r in rows] == fields
+  copied = ['Sex', 'Age', 'Frontal/Lateral', 'AP/PA', 'red (input)']
+  assert list(rows[0]) == ['path', *copied, 'green', 'red', 'predicted']
+  assert [[r[c] for c in ['path', *copied]] for r in rows] == fields
   np.testing.assert_allclose(_scores(rows), _scores(_read(want)), atol=1e-6)
   # A relative --image_root is relative to the working folder.
   monkeypatch.chdir(tmp_path)
@@ -339,10 +345,12 @@ def test_path_column_and_image_root_errors(run, tmp_path, capsys):
   empty = _write_csv(tmp_path / 'empty.csv', ['Path', 'Sex'], [[' ', 'Male']])
   with pytest.raises(DataError, match=re.escape(f'{empty} line 2: empty Path')):
     predict.list_images(str(empty), 'Path')
-  # The output's `path` is the listed path: another input column of that name is refused.
-  _write_csv(listing, ['Path', 'path'], [[str(raw / test_paths[0]), 'x']])
-  assert 'the --images CSV has column(s) path, which the output uses' in error(
-      '--path_column', 'Path')
+  # The output's `path` is the listed path: another input column of that name is copied
+  # as `path (input)`, unless the CSV has that one too.
+  _write_csv(listing, ['Path', 'path', 'path (input)'], [[str(raw / test_paths[0]), 'x', 'y']])
+  assert error('--path_column', 'Path') == (
+      'error: the --images CSV has column(s) path (input) beside columns copied under that '
+      'name (a column named like an output column is copied as NAME (input)); rename them\n')
   # --image_root: for a CSV only, and a folder.
   folder = str(raw / 'images')
   assert predict.main(['--workdir', str(workdir), '--images', folder, '--out', str(out),
