@@ -23,7 +23,13 @@ skipped. Beside it, `test_predictions.npz` (`<split>_predictions.npz`) may hold 
 probabilities, `labels` (`[N]` classes or `[N, K]` multi-label targets), optionally
 `mask` `[N, K]` and `class_names`, for ROC curves, and `image_id` and `case_id` `[N]`
 (strings naming each row's record; files written before them lack them, and the
-report does not need them).
+report does not need them), or `unit_id` for rows of studies or cases.
+
+Runs evaluated by another protocol (results.json `views`: frontal or lateral images
+only; `eval_unit`: metrics per study or case, combined by `eval_reduce`) are another
+data set to the report, named with it: `chexpert (frontal; per study, max)`. Their
+figures are not comparable with per-image ones on every image, so they never share a
+table.
 
 Runs of one initialisation that differ in a setting (the workdir's `config.json`: a
 key such as `task.uncertain` or `optimizer.learning_rate` that takes two values among
@@ -235,13 +241,26 @@ def _load_run(path: str) -> dict[str, Any] | None:
       raise DataError(f"{path}: key '{key}' must be an integer or null, got {value!r}")
   _check_shift(results.get('shift'), path)
   return {'path': path, 'workdir': os.path.dirname(path), 'trainer': trainer,
-          'dataset': results['dataset'], 'init': results['init'],
+          'dataset': results['dataset'] + protocol(results), 'init': results['init'],
           'label_fraction': float(fraction), 'seed': seed,
           'fraction_seed': results.get('fraction_seed'),
           'pretrain_seed': results.get('pretrain_seed'),
           'primary_metric': results['primary_metric'], 'results': results,
           'settings': _settings(os.path.join(os.path.dirname(path), CONFIG_FILE)),
           'variant': ''}
+
+
+def protocol(results: dict[str, Any]) -> str:
+  """` (frontal; per study, max)`: how a run's metrics were taken, where not from every
+  image, one by one (results.json `views`, `eval_unit`, `eval_reduce`); '' otherwise."""
+  parts = []
+  views = results.get('views')
+  if isinstance(views, str) and views not in ('', 'all'):
+    parts.append(views)
+  unit = results.get('eval_unit')
+  if isinstance(unit, str) and unit not in ('', 'image'):
+    parts.append(f"per {unit}, {results.get('eval_reduce') or 'max'}")
+  return f" ({'; '.join(parts)})" if parts else ''
 
 
 def _settings(path: str) -> dict[str, str] | None:

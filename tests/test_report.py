@@ -275,6 +275,25 @@ def test_mixed_trainers_get_separate_rows(tmp_path):
   assert [c['row'] for c in summary] == ['micle (finetune)', 'micle (linear_eval)']
 
 
+def test_runs_of_another_evaluation_protocol_get_a_table_of_their_own(tmp_path):
+  """Per-study or frontal-only metrics never share a column with per-image ones."""
+  protocols = {'image': {}, 'study': {'eval_unit': 'study', 'eval_reduce': 'max'},
+               'frontal': {'views': 'frontal', 'eval_unit': 'image'},
+               'both': {'views': 'frontal', 'eval_unit': 'study', 'eval_reduce': 'mean'}}
+  for name, extra in protocols.items():
+    for init, value in (('micle', 0.8), ('scratch', 0.7)):
+      for seed in range(2):
+        write_run(tmp_path / name / init / str(seed), 'chexpert', init, 0.1, seed,
+                  value + 0.01 * seed, metric='auc_mean', **extra)
+  summary = report.summarize(report.collect([str(tmp_path)]))
+  assert sorted({c['dataset'] for c in summary}) == [
+      'chexpert', 'chexpert (frontal)', 'chexpert (frontal; per study, mean)',
+      'chexpert (per study, max)']
+  assert all(c['n'] == 2 and c['row'] in ('micle', 'scratch') for c in summary)
+  paths = report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
+  assert f'{tmp_path}/r_label_efficiency_chexpert_per_study_max_.png' in paths
+
+
 def test_no_predictions_skips_roc(tmp_path, caplog):
   write_run(tmp_path / 'a', 'ham10000', 'micle', 1.0, 0, 0.8)
   with caplog.at_level('INFO'):
