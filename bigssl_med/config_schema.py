@@ -110,6 +110,8 @@ def pretrain() -> ml_collections.ConfigDict:
   """SimCLR / MICLe pretraining (`trainer='pretrain'`)."""
   c = _common('pretrain')
   c.data = _data()
+  c.data.views = ''               # chest X-rays: 'frontal' or 'lateral' images only ('' : all;
+  #                                 bigssl_med.data.views)
   c.augment = _augment()
   c.model = _model()
   c.optimizer = _optimizer()

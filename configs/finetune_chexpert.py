@@ -10,6 +10,10 @@ validation split (234 images) is the test split, evaluated once; the model is
 selected on 10% of the training patients held out by a fixed hash of the patient id
 (`data.holdout`), never trained on, the same for every seed and label fraction.
 
+Every view is read, and AUCs are per image; `--config.data.views=frontal` reads frontal
+images only, and `--config.task.eval_unit=study` scores each study once (the highest
+probability among its images; `task.eval_reduce`).
+
 The training crops are augmented as the MICLe paper fine-tunes (crop and flip on
 the host; rotation up to 45 degrees, colour jitter of strength 0.5 without hue and
 saturation, and SimCLR's Gaussian blur on the device; see finetune_derm.py).

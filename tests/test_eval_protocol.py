@@ -18,9 +18,11 @@ from sklearn import metrics as sk_metrics
 from bigssl_med import build_data, eval_units
 from bigssl_med.data import fractions, sources, views
 from bigssl_med.errors import ConfigError, DataError
-from bigssl_med.trainers import finetune
+from bigssl_med.data import pipeline
+from bigssl_med.trainers import finetune, pretrain
 from test_chexpert_builder import HEADER, LABELS
 from test_finetune import _write_colour_cases, tiny_config
+from test_pretrain import tiny_config as tiny_pretrain_config
 
 SMALL = 'CheXpert-v1.0-small'
 
@@ -162,6 +164,33 @@ def test_views_select_images_and_fractions_stay_case_level_and_nested(cxr):
   held_ids = [r['image_id'].decode() for r in held]
   assert held_ids and all('frontal' in i and fractions.is_held_out(i.split('/')[1], 0.2)
                           for i in held_ids)
+
+
+@pytest.mark.parametrize('micle', [True, False])
+def test_pretraining_on_one_view_pairs_only_images_of_it(cxr, tmp_path, monkeypatch, micle):
+  rows, data_dir = cxr
+  seen = []
+  original = pipeline.pair_dataset
+
+  def spy(source, groups, *args, **kwargs):
+    seen.append(([r['image_id'].decode() for r in source], groups))
+    return original(source, groups, *args, **kwargs)
+
+  monkeypatch.setattr(pipeline, 'pair_dataset', spy)
+  cfg = tiny_pretrain_config(data_dir, dataset='chexpert', micle=micle, probe=False,
+                             batch_size=8, total_steps=2, **{'data.views': 'lateral',
+                                                              'data.eval_split': ''})
+  results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
+  assert results['views'] == 'lateral'
+  images, groups = seen[0]
+  lateral = [r for r in rows if r['split'] == 'train' and not r['frontal']]
+  assert sorted(images) == sorted(r['image_id'] for r in lateral)
+  if micle:  # each case: the positions of its lateral images in the source
+    patients = [[images[i].split('/')[1] for i in group] for group in groups]
+    assert all(len(set(p)) == 1 for p in patients)
+    assert sorted(p[0] for p in patients) == sorted({r['patient'] for r in lateral})
+  else:
+    assert groups is None
 
 
 def test_views_on_a_data_set_without_views_is_a_one_line_error(tmp_path):

@@ -99,6 +99,23 @@ def open_split(name: str, split: str, data_dir: str, views: str) -> Sequence[dic
   return source if mask is None else sources.Subset(source, np.flatnonzero(mask))
 
 
+def open_cases(name: str, split: str, data_dir: str, views: str, *, by_case: bool
+               ) -> tuple[Sequence[dict[str, Any]], list[np.ndarray] | None]:
+  """The records of `split` (only those of `views`, unless '') and, with `by_case`,
+  their positions in that source grouped by case (`sources.case_index` order)."""
+  source = sources.open_split(name, split, data_dir)
+  mask = keep(name, split, data_dir, views)
+  if mask is None:
+    return source, (sources.case_index(name, split, data_dir) if by_case else None)
+  kept = np.flatnonzero(mask)
+  if not by_case:
+    return sources.Subset(source, kept), None
+  position = np.full(len(mask), -1, np.int64)
+  position[kept] = np.arange(len(kept))
+  cases = keep_cases(sources.cases(name, split, data_dir), mask)
+  return sources.Subset(source, kept), [position[records] for records in cases.values()]
+
+
 def _counts(values: Sequence[str]) -> str:
   counts = {}
   for value in values:

@@ -31,6 +31,7 @@ from bigssl_med import train_state
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import pipeline
 from bigssl_med.data import sources
+from bigssl_med.data import views as views_lib
 from bigssl_med.errors import ConfigError
 
 # Fixed seeds of the evaluation crops and augmentations, so evaluations compare.
@@ -54,15 +55,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   data_dir = build_data.ensure_built(config.dataset, data_dir=config.data.data_dir,
                                      manual_dir=config.data.manual_dir,
                                      build_if_missing=config.data.build_if_missing)
-  train_source = sources.open_split(config.dataset, config.data.train_split, data_dir)
   info = sources.dataset_info(config.dataset, data_dir)
   if config.micle and not sources.has_cases(info):
     raise ConfigError(f'config.micle pairs two images of one case, but data set '
                       f'{config.dataset!r} has no case_id feature: set config.micle=False '
                       '(SimCLR: two views of one image)')
+  views_lib.view_feature(config.data.views, info.features, config.dataset)
   # MICLe draws cases (groups of records); SimCLR draws records (groups=None).
-  groups = (sources.case_index(config.dataset, config.data.train_split, data_dir)
-            if config.micle else None)
+  train_source, groups = views_lib.open_cases(config.dataset, config.data.train_split,
+                                              data_dir, config.data.views, by_case=config.micle)
   num_units = len(groups) if config.micle else len(train_source)
   if config.micle and all(len(group) < 2 for group in groups):
     logging.warning('config.micle: no case of %s/%s has two images, so every pair is two '
@@ -125,9 +126,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   eval_source = None
   if config.data.eval_split:
-    eval_source = sources.open_split(config.dataset, config.data.eval_split, data_dir)
-    eval_groups = (sources.case_index(config.dataset, config.data.eval_split, data_dir)
-                   if config.micle else None)
+    eval_source, eval_groups = views_lib.open_cases(
+        config.dataset, config.data.eval_split, data_dir, config.data.views,
+        by_case=config.micle)
     units = len(eval_source) if eval_groups is None else len(eval_groups)
     if units < config.batch_size:
       logging.warning('%s/%s has %d %s, fewer than one batch of %d: its contrastive metrics '
@@ -238,6 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.write(step, config.data.eval_split, eval_metrics)
   results = {'step': step, 'total_steps': total_steps, 'origin': origin,
              'trainer': 'pretrain', 'dataset': config.dataset,
+             'views': config.data.views or 'all',
              'train': last_metrics, config.data.eval_split or 'eval': eval_metrics,
              'eval_seconds': time.perf_counter() - t0}
   checkpointer.close()  # the last checkpoint is committed before the run reads as finished
