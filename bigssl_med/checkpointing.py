@@ -20,6 +20,11 @@ Where the starting weights come from, in this order (`restore_or_initialize`):
    neither its labels nor its method; name its `best/` or a step folder to start from it.
    A pretraining run without its results yet (unfinished) gives a warning;
 3. the random initialisation.
+
+A run that starts from 2. or 3. records which in `WORKDIR/initialised_from.json`
+(`INIT_FILE`) before its first checkpoint; a resumed run reads it back, so its
+results name the checkpoint and step it was initialised from, even where the source
+run has gone on since.
 """
 
 import contextlib
@@ -40,6 +45,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from bigssl_med import models
+from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError
 
 
@@ -282,8 +288,9 @@ def _run_config_path(path: str) -> epath.Path | None:
 def init_source(init_from: str) -> dict[str, Any]:
   """What `init_from` names, checked as a starting point (see the module docstring).
 
-  Returns `{'item': the model item folder, 'step': its step (None if unknown),
-  'trainer': the trainer of the run holding it (None without its config.json)}`.
+  Returns `{'item': the model item folder, 'checkpoint': the step folder or `best/`
+  holding it, 'step': its step (None if unknown), 'trainer': the trainer of the run
+  holding it (None without its config.json)}`.
 
   Raises:
     CheckpointError: `init_from` is the workdir (or checkpoints folder) of a run
@@ -315,7 +322,8 @@ def init_source(init_from: str) -> dict[str, Any]:
       and not (config_path.parent / 'results.json').is_file()):
     logging.warning('init_from=%r is a pretraining run without results.json (unfinished?): '
                     'starting from its newest checkpoint, step %s', init_from, step)
-  return {'item': item, 'step': step, 'trainer': trainer}
+  checkpoint = item if item.name == 'best' else item.parent
+  return {'item': item, 'checkpoint': checkpoint, 'step': step, 'trainer': trainer}
 
 
 def init_name(init_from: str) -> str:
@@ -480,12 +488,34 @@ def check_same_structure(expected: Any, got: Any, prefix: str, source: str,
     raise CheckpointError(f'{source} has {prefix}{extra[0]} that this model lacks: {why}')
 
 
+INIT_FILE = 'initialised_from.json'
+
+
+def recorded_init(workdir: str, init_from: str) -> dict[str, Any] | None:
+  """What the run in `workdir` was initialised from, as its `INIT_FILE` records it.
+
+  `{'init_from': config.init_from as given, 'checkpoint': the step folder or `best/`
+  loaded, 'step': its step}`, or None for random weights. In a workdir written before
+  the record existed, a run with `init_from` gets its checkpoint and step as None
+  (unknown), with a warning.
+  """
+  recorded = workdir_lib.read_json(os.path.join(workdir, INIT_FILE))
+  if isinstance(recorded, dict):
+    return recorded
+  if not init_from:
+    return None
+  logging.warning('%s: no %s (written by an earlier version): the checkpoint and step of '
+                  'init_from=%r this run started from are unknown', workdir, INIT_FILE, init_from)
+  return {'init_from': init_from, 'checkpoint': None, 'step': None}
+
+
 def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], tuple[Any, Any]],
                           abstract_model: Any, abstract_opt: Any, init_from: str,
                           init_keys: tuple[str, ...], model_sharding: jax.sharding.Sharding,
                           finalize_opt: Callable[[Any], Any],
                           partial_keys: tuple[str, ...] = (),
-                          model_config: Any = None) -> tuple[Any, Any, bytes | None, str]:
+                          model_config: Any = None
+                          ) -> tuple[Any, Any, bytes | None, str, dict[str, Any] | None]:
   """Starting point of a run, in the one priority order of this module's docstring.
 
   Args:
@@ -503,13 +533,18 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
       at `init_from` (`check_encoder_architecture`); None skips that check.
 
   Returns:
-    `(model_variables, opt, data_state, origin)`; origin says which case applied.
+    `(model_variables, opt, data_state, origin, initialised_from)`; origin says which
+    case applied, in words; initialised_from is what the run was first initialised
+    from (`recorded_init`), written to the workdir's `INIT_FILE` when not resumed.
   """
+  workdir = os.fspath(checkpointer.directory.parent)
   step = checkpointer.latest_step()
   if step is not None:
     model, opt, data_state = checkpointer.restore(step, model=abstract_model, opt=abstract_opt)
-    return model, opt, data_state, f'resumed from {checkpointer.directory / str(step)}'
+    return (model, opt, data_state, f'resumed from {checkpointer.directory / str(step)}',
+            recorded_init(workdir, init_from))
   model, opt = init_fn()
+  record = None
   if init_from:
     source = init_source(init_from)
     if model_config is not None and 'encoder' in init_keys:
@@ -520,5 +555,10 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
     opt = finalize_opt(model)
     at = '' if source['step'] is None else f' (step {source["step"]})'
     logging.info('Initialised %s from %s%s', '+'.join(init_keys), init_from, at)
-    return model, opt, None, f'initialised {"+".join(init_keys)} from {init_from}{at}'
-  return model, opt, None, 'initialised from scratch'
+    origin = f'initialised {"+".join(init_keys)} from {init_from}{at}'
+    record = {'init_from': init_from, 'checkpoint': os.fspath(source['checkpoint']),
+              'step': source['step']}
+  else:
+    origin = 'initialised from scratch'
+  workdir_lib.write_json(os.path.join(workdir, INIT_FILE), record)  # before any checkpoint
+  return model, opt, None, origin, record

@@ -40,6 +40,8 @@ class Start:
     variables, opt: the model variables and `{'step', 'opt_state'}`, replicated.
     data_state: the input iterator's saved state (None unless resumed).
     origin: which starting point applied, in words.
+    initialised_from: `{'init_from', 'checkpoint', 'step'}` of the run's first start,
+      the same after any resume (`checkpointing.recorded_init`); None from scratch.
     checkpointer: the run's checkpointer (the trainer closes it).
     tx: the optimiser.
     shardings: `{'model': ..., 'opt': ...}`, trees of the replicated sharding.
@@ -49,6 +51,7 @@ class Start:
   opt: Any
   data_state: bytes | None
   origin: str
+  initialised_from: dict[str, Any] | None
   checkpointer: checkpointing.Checkpointer
   tx: optax.GradientTransformation
   shardings: dict[str, Any]
@@ -148,7 +151,7 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
   checkpointer = checkpointing.Checkpointer(workdir, keep_last=config.keep_checkpoints,
                                             keep_every=config.keep_checkpoint_every_steps)
   abstract_model = with_sharding(abstract_variables, shardings['model'])
-  variables, opt, data_state, origin = checkpointing.restore_or_initialize(
+  variables, opt, data_state, origin, initialised_from = checkpointing.restore_or_initialize(
       checkpointer, init_fn=fresh, abstract_model=abstract_model,
       abstract_opt=with_sharding(abstract_opt, shardings['opt']), init_from=config.init_from,
       init_keys=init_keys, model_sharding=repl, finalize_opt=init_opt_jit,
@@ -165,5 +168,5 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
   if data is not None:
     workdir_lib.write_json(os.path.join(workdir, DATA_FILE), data)
   return Start(variables=variables, opt=opt, data_state=data_state, origin=origin,
-               checkpointer=checkpointer, tx=tx, shardings=shardings,
-               abstract_model=abstract_model)
+               initialised_from=initialised_from, checkpointer=checkpointer, tx=tx,
+               shardings=shardings, abstract_model=abstract_model)

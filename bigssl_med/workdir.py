@@ -2,6 +2,8 @@
 
 - `config.json`: the resolved config;
 - `data.json`: the build of the data set the run trains on (`train_state.start`);
+- `initialised_from.json`: the checkpoint and step the run started from (or null), at
+  its first start (`checkpointing.restore_or_initialize`);
 - `metrics.jsonl`: one JSON object per logged step and split (`step`, `split`, metrics);
 - TensorBoard events through clu's metric writer when TensorFlow is importable
   (clu's writers import it); otherwise a one-line notice, and everything else works;

@@ -7,6 +7,7 @@ checkpoint, `best.json` or results file is written after it, as after a SIGKILL.
 import fcntl
 import json
 import os
+import shutil
 
 import pytest
 
@@ -142,6 +143,49 @@ def test_a_pretraining_run_killed_before_results_json_logs_its_last_steps_once(
   assert without_timing(rerun['train']) == without_timing(clean['train'])
   assert rerun['validation'] == clean['validation']
   assert rerun['origin'].startswith('resumed from')
+
+
+def test_a_resumed_fine_tune_names_the_source_step_it_was_initialised_from(
+    small_ham10000, tmp_path, monkeypatch):
+  """The pretraining run goes on while the fine-tuning run it started is interrupted:
+  the resumed run's results still name the checkpoint and step it started from."""
+  data_dir, _ = small_ham10000
+  source = os.fspath(tmp_path / 'pretrained')
+  pretrain.train_and_evaluate(tiny_pretrain_config(data_dir, total_steps=2, probe=False),
+                              source)
+  config = tiny_config(data_dir, dataset='ham10000', init_from=source, total_steps=4,
+                       eval_every_steps=2, checkpoint_every_steps=2)
+  workdir = os.fspath(tmp_path / 'ft')
+  save = checkpointing.Checkpointer.save
+
+  def committed(self, *args, **kwargs):  # killed once the checkpoint at 2 is on disk
+    out = save(self, *args, **kwargs)
+    self._manager.wait_until_finished()  # pylint: disable=protected-access
+    return out
+  monkeypatch.setattr(checkpointing.Checkpointer, 'save', committed)
+  _kill_after_update_of(4, monkeypatch)
+  with pytest.raises(Killed):
+    finetune.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  used = {'init_from': source, 'checkpoint': os.path.join(source, 'checkpoints', '2'),
+          'step': 2}
+  assert workdir_lib.read_json(os.path.join(workdir, 'initialised_from.json')) == used
+  # A workdir written before the record existed: resumed, with the step unknown.
+  legacy = os.fspath(tmp_path / 'legacy')
+  shutil.copytree(workdir, legacy)
+  os.remove(os.path.join(legacy, 'initialised_from.json'))
+  # Meanwhile the pretraining run is continued to step 4.
+  continued = pretrain.train_and_evaluate(
+      tiny_pretrain_config(data_dir, total_steps=4, probe=False), source)
+  assert continued['step'] == 4 and continued['initialised_from'] is None
+  results = finetune.train_and_evaluate(config, workdir)
+  assert results['origin'].startswith('resumed from')
+  assert results['initialised_from'] == used
+  assert workdir_lib.read_json(os.path.join(workdir, 'results.json'))['initialised_from'] == used
+  assert finetune.train_and_evaluate(config, workdir)['initialised_from'] == used
+  old = finetune.train_and_evaluate(config, legacy)
+  assert old['origin'].startswith('resumed from')
+  assert old['initialised_from'] == {'init_from': source, 'checkpoint': None, 'step': None}
 
 
 def test_a_build_set_aside_by_a_killed_rebuild_is_put_back(colours):  # noqa: F811

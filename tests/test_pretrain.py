@@ -171,6 +171,7 @@ def test_the_probe_needs_labeled_images(tmp_path):
 def test_run_writes_the_workdir_contract(trained):
   workdir, results, _ = trained
   assert results['step'] == 4 and results['origin'] == 'initialised from scratch'
+  assert results['initialised_from'] is None
   assert set(results['validation']) >= {'contrastive_loss', 'contrastive_accuracy', 'probe_top1'}
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['step'] == 4
@@ -235,6 +236,8 @@ def test_init_from_loads_the_encoder_and_optionally_the_head(trained, tmp_path, 
   results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'cont'))
   assert results['origin'] == 'initialised ' + ('encoder+head' if init_head else 'encoder') + \
       f' from {source} (step 4)'
+  assert results['initialised_from'] == {
+      'init_from': source, 'checkpoint': os.path.join(source, 'checkpoints', '4'), 'step': 4}
   src, new = _params_at(source, 4), _params_at(os.fspath(tmp_path / 'cont'), 1)
   for a, b in zip(jax.tree.leaves(src['params']['encoder']),
                   jax.tree.leaves(new['params']['encoder'])):

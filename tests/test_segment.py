@@ -302,6 +302,9 @@ def test_segmentation_learns_the_discs(segmented):
   assert results['trainer'] == 'segment' and results['task'] == 'segmentation'
   assert results['primary_metric'] == 'dice' and results['init'] == 'micle'
   assert results['origin'].startswith('initialised encoder from')
+  assert results['initialised_from'] == {
+      'init_from': config.init_from, 'step': 2,
+      'checkpoint': os.path.join(config.init_from, 'checkpoints', '2')}
   assert results['step'] == 40 and results['total_steps'] == 40
   # Measured: 0.93 (validation) and 0.93 (test). Predicting every pixel as lesion
   # scores 0.30 and 0.26 on these splits, predicting none 0.

@@ -550,7 +550,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                            if config.init_from else 'scratch')
   results = {
       'trainer': config.trainer, 'dataset': config.dataset, 'init': init,
-      'init_from': config.init_from,
+      'init_from': config.init_from, 'initialised_from': run.initialised_from,
       'pretrain_seed': checkpointing.pretrain_seed(config.init_from) if config.init_from else None,
       'label_fraction': float(teacher_fraction if distill else fraction),
       'seed': int(config.seed),

@@ -240,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = {'step': step, 'total_steps': total_steps, 'origin': origin,
              'trainer': 'pretrain', 'dataset': config.dataset,
              'views': config.data.views or 'all',
+             'initialised_from': run.initialised_from,
              'train': last_metrics, config.data.eval_split or 'eval': eval_metrics,
              'eval_seconds': time.perf_counter() - t0}
   checkpointer.close()  # the last checkpoint is committed before the run reads as finished

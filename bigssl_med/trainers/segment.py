@@ -166,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'trainer': 'segment', 'dataset': config.dataset,
       'init': config.init or (checkpointing.init_name(config.init_from)
                               if config.init_from else 'scratch'),
-      'init_from': config.init_from,
+      'init_from': config.init_from, 'initialised_from': run.initialised_from,
       'pretrain_seed': (checkpointing.pretrain_seed(config.init_from) if config.init_from
                         else None),
       'label_fraction': float(config.data.label_fraction), 'seed': int(config.seed),
