@@ -166,8 +166,8 @@ def finetune() -> ml_collections.ConfigDict:
   c.task.primary_metric = ''      # '' : top1 (multi-class) or auc_mean (multi-label)
   c.task.eval_unit = 'image'      # what validation and test metrics count: 'image', 'study'
   #                                 (CheXpert, MIMIC-CXR) or 'case' (bigssl_med.eval_units)
-  c.task.eval_reduce = 'max'      # a study's or case's probabilities: 'max' or 'mean' of its
-  #                                 images'
+  c.task.eval_reduce = ''         # a study's or case's probabilities: 'max' (multi-label) or
+  #                                 'mean' of its images' ('' : max multi-label, mean multi-class)
   c.early_stopping_patience = 0   # evaluations without improvement before stopping (0: off)
   c.num_epochs = 30.0
   c.eval_every_steps = 100

@@ -4,9 +4,10 @@ A chest X-ray study holds one to a few images (frontal and lateral views) that s
 the study's labels; a lesion in HAM10000 has one to several images that share its
 diagnosis. With `eval_unit='study'` or `'case'`, the validation and test metrics count
 each study (or case) once: the model's probabilities for its images are combined
-(`task.eval_reduce`: `'max'`, the highest probability of each label or class among the
-images, or `'mean'`, their average) and compared with the unit's labels, which its
-images must agree on.
+(`task.eval_reduce`: `'max'`, the highest probability of each label among the images,
+for multi-label tasks; `'mean'`, their average, for either kind; '' picks `'max'` for a
+multi-label task and `'mean'` for a multi-class one) and compared with the unit's
+labels, which its images must agree on (checked before training).
 
 - `'study'`: CheXpert's study (the `study` folder within the patient, e.g.
   `patient00001/study1`) or MIMIC-CXR's `study_id`;
@@ -14,8 +15,8 @@ images must agree on.
 - `'image'`: every image on its own (the default).
 
 Combined probabilities are handed to the metrics as logits: for a multi-label task,
-the log-odds of the combined probability; for a multi-class one, the log of the combined
-probabilities (a softmax of which gives them back, renormalised after `'max'`).
+the log-odds of the combined probability; for a multi-class one, the log of the mean
+probabilities (a softmax of which gives them back).
 """
 
 from __future__ import annotations
@@ -58,15 +59,22 @@ def unit_features(unit: str, features: Mapping[str, Any], name: str) -> tuple[st
   return wanted
 
 
-def check_reduce(reduce: str) -> str:
-  """`reduce`, when it is one of `REDUCTIONS`.
+def check_reduce(reduce: str, kind: str = 'multilabel') -> str:
+  """The reduction `reduce` names for a task of `kind`: '' is 'max' for a multi-label
+  task and 'mean' for a multi-class one.
 
   Raises:
-    ConfigError: it is not.
+    ConfigError: it is not one of `REDUCTIONS` (or ''), or 'max' for a multi-class task.
   """
-  if reduce not in REDUCTIONS:
+  if reduce not in ('', *REDUCTIONS):
     raise ConfigError(f'config.task.eval_reduce={reduce!r} is not one of '
-                      f'{", ".join(repr(r) for r in REDUCTIONS)}')
+                      f"{', '.join(repr(r) for r in ('', *REDUCTIONS))}")
+  if not reduce:
+    return 'max' if kind == 'multilabel' else 'mean'
+  if reduce == 'max' and kind != 'multilabel':
+    raise ConfigError("config.task.eval_reduce='max' takes each label's highest probability "
+                      "(multi-label tasks); a multi-class task's images are combined by "
+                      "'mean'")
   return reduce
 
 
@@ -77,20 +85,61 @@ def split_indices(source: Sequence[Any], positions: np.ndarray) -> np.ndarray:
   return source.indices[positions] if isinstance(source, sources.Subset) else positions
 
 
-def unit_keys(name: str, split: str, data_dir: str, unit: str,
-              records: np.ndarray) -> np.ndarray:
-  """The unit of each of `split`'s records `records` (split indices), as text.
+def split_unit_keys(name: str, split: str, data_dir: str, unit: str) -> np.ndarray:
+  """The unit of every record of `split`, in record order, as text (`split_indices`
+  picks a source's records out of it).
 
   Raises:
     ConfigError: as `unit_features`. DataError: the data set or split is missing.
   """
-  records = np.asarray(records, np.int64)
   wanted = unit_features(unit, sources.dataset_info(name, data_dir).features, name)
   if not wanted:
-    return records.astype(str)
+    return np.arange(len(sources.open_split(name, split, data_dir))).astype(str)
   values = sources.record_features(name, split, data_dir, wanted)
-  columns = [np.asarray(values[key], dtype=object)[records] for key in wanted]
-  return np.asarray(['/'.join(parts) for parts in zip(*columns)], dtype=str)
+  return np.asarray(['/'.join(parts) for parts in zip(*(values[key] for key in wanted))],
+                    dtype=str)
+
+
+def read_labels(source: Sequence[Any], label_key: str, chunk: int = 512) -> np.ndarray:
+  """The `label_key` feature of every record of `source`, in order."""
+  labels = []
+  for start in range(0, len(source), chunk):
+    keys = list(range(start, min(start + chunk, len(source))))
+    labels += [np.asarray(record[label_key]) for record in source.__getitems__(keys)]
+  return np.stack(labels) if labels else np.zeros((0,))
+
+
+def check_labels(labels: np.ndarray, keys: np.ndarray, where: str) -> None:
+  """Fails where two images of one unit (`keys`) have different `labels`.
+
+  Raises:
+    DataError: naming the unit and both labels, in one line.
+  """
+  _group(labels, keys, where)
+
+
+def _group(labels: np.ndarray, keys: np.ndarray, where: str
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """`(units, inverse, labels)`: the units in order of first appearance, each image's
+  unit's position among them, and each unit's labels; checks that they agree."""
+  labels = np.asarray(labels)
+  keys = np.asarray(keys)
+  units, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+  order = np.argsort(first, kind='stable')  # units in order of first appearance
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  inverse = rank[inverse.reshape(-1)]
+  out_labels = labels[first[order]]
+  expected = out_labels[inverse]
+  same = (labels == expected) | (np.isnan(labels) & np.isnan(expected)
+                                 if labels.dtype.kind == 'f' else False)
+  if not np.all(same):
+    bad = int(np.flatnonzero(~same.reshape(len(keys), -1).all(axis=1))[0])
+    raise DataError(f'{where}: the images of {keys[bad]} have different labels '
+                    f'({_text(expected[bad])} and {_text(labels[bad])}); metrics per '
+                    'config.task.eval_unit need one label per unit (e.g. per study, or per '
+                    'case where each case has one diagnosis)')
+  return units[order], inverse, out_labels
 
 
 def combine(logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, *, kind: str,
@@ -111,26 +160,13 @@ def combine(logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, *, kind: s
     `(logits, labels, units)`, float64 logits, units in order of first appearance.
 
   Raises:
+    ConfigError: `reduce` is not one for `kind` (`check_reduce`).
     DataError: two images of one unit have different labels.
   """
-  check_reduce(reduce)
+  reduce = check_reduce(reduce, kind)
   logits = np.asarray(logits, np.float64)
-  labels = np.asarray(labels)
   keys = np.asarray(keys)
-  units, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-  order = np.argsort(first, kind='stable')  # units in order of first appearance
-  rank = np.empty_like(order)
-  rank[order] = np.arange(len(order))
-  inverse = rank[inverse.reshape(-1)]
-  out_labels = labels[first[order]]
-  expected = out_labels[inverse]
-  same = (labels == expected) | (np.isnan(labels) & np.isnan(expected)
-                                 if labels.dtype.kind == 'f' else False)
-  if not np.all(same):
-    bad = int(np.flatnonzero(~same.reshape(len(keys), -1).all(axis=1))[0])
-    raise DataError(f'{where}: the images of {keys[bad]} have different labels '
-                    f'({_text(expected[bad])} and {_text(labels[bad])}); metrics '
-                    'per unit need one label per unit')
+  units, inverse, out_labels = _group(labels, keys, where)
   if kind == 'multilabel':
     # log p and log(1 - p) of each output, combined in log space: exact and stable.
     log_p, log_q = -np.logaddexp(0.0, -logits), -np.logaddexp(0.0, logits)
@@ -151,13 +187,13 @@ def combine(logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, *, kind: s
     shifted = np.exp(values - np.repeat(top, counts[:, 0], axis=0))
     return np.log(np.add.reduceat(shifted, starts, axis=0) / counts) + top
 
-  if reduce == 'max':
-    # max p and min (1 - p) come from the same image: the log-odds of the largest p
-    combined = reduced(log_p, 'max') - (reduced(log_q, 'min') if log_q is not None else 0.0)
+  if reduce == 'max':  # multi-label: max p and min (1 - p) come from the same image
+    combined = reduced(log_p, 'max') - reduced(log_q, 'min')
   else:
     combined = reduced(log_p, 'mean') - (reduced(log_q, 'mean') if log_q is not None else 0.0)
-  return combined, out_labels, units[order]
+  return combined, out_labels, units
 
 
 def _text(labels: np.ndarray) -> str:
-  return np.array2string(np.asarray(labels), separator=',')
+  return np.array2string(np.asarray(labels), separator=',', max_line_width=np.inf,
+                         threshold=np.inf)

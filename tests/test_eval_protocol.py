@@ -27,11 +27,13 @@ from test_pretrain import tiny_config as tiny_pretrain_config
 SMALL = 'CheXpert-v1.0-small'
 
 
-def write_chexpert_studies(parent: Path, patients=(40, 12), seed: int = 0) -> list[dict]:
+def write_chexpert_studies(parent: Path, patients=(40, 12), seed: int = 0,
+                           lateral_in=('train', 'valid')) -> list[dict]:
   """A CheXpert-v1.0-small tree of `patients` (train, valid) patients, one or two studies
   each, every study a frontal image and, every other study, a lateral one; the labels
   are the study's (Cardiomegaly: a brighter image; Edema and Pleural Effusion drawn,
-  some uncertain; the rest blank). Returns the rows written."""
+  some uncertain; the rest blank); the split folders not in `lateral_in` have frontal
+  images only. Returns the rows written."""
   rng = np.random.default_rng(seed)
   root = parent / SMALL
   rows, lines = [], {'train': [HEADER], 'valid': [HEADER]}
@@ -44,7 +46,8 @@ def write_chexpert_studies(parent: Path, patients=(40, 12), seed: int = 0) -> li
         labels = {'Cardiomegaly': float(rng.integers(0, 2)),
                   'Edema': float(rng.choice([0, 1, -1])),
                   'Pleural Effusion': float(rng.integers(0, 2))}
-        views_of_study = ['frontal'] + (['lateral'] if (number + study) % 2 else [])
+        views_of_study = ['frontal'] + (
+            ['lateral'] if (number + study) % 2 and split_dir in lateral_in else [])
         for v, view in enumerate(views_of_study, 1):
           image_id = f'{split_dir}/{patient}/study{study}/view{v}_{view}.jpg'
           path = root / image_id
@@ -223,13 +226,17 @@ def test_combine_matches_a_float64_reference():
   classes = {k: int(rng.integers(0, 4)) for k in set(keys)}
   labels = np.asarray([classes[k] for k in keys])
   logits = rng.normal(0, 3, (40, 4))
-  for reduce, combine in (('max', np.max), ('mean', np.mean)):
+  for reduce in ('mean', ''):  # '' : a multi-class task's images are averaged
     got, got_labels, units = eval_units.combine(logits, labels, keys, kind='multiclass',
                                                 reduce=reduce)
     for row, unit in enumerate(units):
-      p = combine(scipy.special.softmax(logits[keys == unit], axis=1), axis=0)
-      np.testing.assert_allclose(scipy.special.softmax(got[row]), p / p.sum(), rtol=1e-12)
+      p = np.mean(scipy.special.softmax(logits[keys == unit], axis=1), axis=0)
+      np.testing.assert_allclose(np.exp(got[row]), p, rtol=1e-12)
       assert got_labels[row] == classes[unit]
+  # Per-class maxima are no distribution: refused for multi-class tasks.
+  with pytest.raises(ConfigError, match=r"eval_reduce='max' takes each label's highest"):
+    eval_units.combine(logits, labels, keys, kind='multiclass', reduce='max')
+  assert eval_units.check_reduce('', 'multilabel') == 'max'
 
 
 def test_a_confident_unit_keeps_its_rank():
@@ -246,6 +253,15 @@ def test_images_of_one_unit_with_different_labels_is_a_one_line_error():
     eval_units.combine(np.zeros((3, 2)), np.asarray([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]),
                        np.asarray(['p1/study1', 'p2/study1', 'p1/study1']), kind='multilabel',
                        reduce='max', where='chexpert/validation')
+
+
+def test_a_long_label_vector_stays_on_one_line():
+  labels = np.zeros((2, 30))
+  labels[1, 29] = 1.0
+  with pytest.raises(DataError) as excinfo:
+    eval_units.combine(np.zeros((2, 30)), labels, np.asarray(['s1', 's1']), kind='multilabel',
+                       reduce='max')
+  assert '\n' not in str(excinfo.value) and '0.,1.]' in str(excinfo.value)
 
 
 def test_unknown_units_and_reductions_are_one_line_errors():
@@ -335,3 +351,48 @@ def test_per_case_evaluation_on_one_image_per_case_is_per_image(colours, tmp_pat
   results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
   assert results['eval_unit'] == 'case' and results['test']['top1'] >= 0.0
   assert results['test']['num_examples'] == 16
+
+
+def test_per_study_test_on_the_split_that_holds_the_validation_cases(cxr, tmp_path):
+  """The held-out cases and the test split are two sources of one split: each gets the
+  units of its own records."""
+  rows, data_dir = cxr
+  results = finetune.train_and_evaluate(
+      cxr_config(data_dir, **{'data.test_split': 'train', 'task.eval_unit': 'study'}),
+      os.fspath(tmp_path / 'work'))
+  train = [r for r in rows if r['split'] == 'train']
+  assert results['test']['num_examples'] == len({(r['patient'], r['study']) for r in train})
+  held = {(r['patient'], r['study']) for r in train if fractions.is_held_out(r['patient'], 0.25)}
+  assert results['validation']['num_examples'] == len(held)
+
+
+def test_a_protocol_a_split_cannot_give_fails_before_training(cxr, tmp_path):
+  _, data_dir = cxr
+  # A patient's studies have different labels: no label per patient.
+  with pytest.raises(DataError, match=r'the images of patient\d+ have different labels'):
+    finetune.train_and_evaluate(cxr_config(data_dir, **{'task.eval_unit': 'case'}),
+                                os.fspath(tmp_path / 'case'))
+  assert not (tmp_path / 'case' / 'checkpoints').exists()
+  # The test split has no lateral image.
+  write_chexpert_studies(tmp_path / 'raw', patients=(12, 4), lateral_in=('train',))
+  build_data.build('chexpert', data_dir=os.fspath(tmp_path / 'data'),
+                   manual_dir=os.fspath(tmp_path / 'raw'))
+  with pytest.raises(ConfigError, match="config.data.views='lateral': no image of "
+                     'chexpert/validation is lateral'):
+    finetune.train_and_evaluate(cxr_config(tmp_path / 'data', **{'data.views': 'lateral'}),
+                                os.fspath(tmp_path / 'lateral'))
+  assert not (tmp_path / 'lateral' / 'checkpoints').exists()
+
+
+def test_a_shift_data_set_without_studies_is_evaluated_per_image(cxr, tmp_path, caplog):
+  _, data_dir = cxr
+  _write_colour_cases(tmp_path / 'raw', multi_label=True)
+  build_data.build('image_cases/multi', data_dir=data_dir, manual_dir=os.fspath(tmp_path / 'raw'))
+  cfg = cxr_config(data_dir, **{'task.eval_unit': 'study', 'shift.dataset': 'image_cases/multi',
+                                'shift.label_map': 'Cardiomegaly=red,Edema=green'})
+  with caplog.at_level(logging.WARNING):
+    results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'work'))
+  assert ("eval_unit='study': image_cases/multi (config.shift.dataset) has no such unit; it "
+          'is evaluated per image') in caplog.text
+  assert results['shift']['eval_unit'] == 'image' and results['shift']['images'] == 16
+  assert results['eval_unit'] == 'study'

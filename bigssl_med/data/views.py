@@ -10,7 +10,8 @@ reported on frontal images only. The view is read from the data set's features:
   under either setting.
 
 The values come from the build's `case_index.json` (`sources.record_features`), so
-selecting views reads no images.
+selecting views reads no images, unless the index predates them (or the split is
+sliced): the records are then scanned.
 """
 
 from __future__ import annotations

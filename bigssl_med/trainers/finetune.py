@@ -371,7 +371,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   views, unit = config.data.views, config.task.eval_unit
   views_lib.view_feature(views, info.features, config.dataset)
   eval_units.unit_features(unit, info.features, config.dataset)
-  eval_units.check_reduce(config.task.eval_reduce)
+  reduce = eval_units.check_reduce(config.task.eval_reduce,
+                                   task.kind if unit != 'image' else 'multilabel')
   teacher = _Teacher(config, task, dtype, repl) if distill else None
   # The shifted data set is checked before training, so that a bad mapping fails fast.
   shift = _ShiftedData(config, task) if config.shift.dataset else None
@@ -391,6 +392,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval_split = config.data.eval_split
     eval_name = f'{config.dataset}/{eval_split}'
     eval_source = views_lib.open_split(config.dataset, eval_split, data_dir, views)
+  test_split, test_source = config.data.test_split, None
+  if test_split and test_split in info.splits:
+    test_source = views_lib.open_split(config.dataset, test_split, data_dir, views)
+  elif test_split:
+    logging.warning('%s has no split %r: no test evaluation (splits: %s)', config.dataset,
+                    test_split, ', '.join(sorted(info.splits)))
   if fraction < 1.0:
     _warn_missing_classes(train_source, label_key, task, train_name)
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
@@ -403,6 +410,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info('%s: %d %s images (fraction %g), %s with %d outputs, %d steps', train_name,
                len(train_source), 'unlabelled' if distill else 'labelled', fraction,
                task.kind, task.num_outputs, total_steps)
+
+  split_units = {}  # (data set, split, data dir, unit) -> the unit of each of its records
+
+  def units_of(source, dataset: str, split: str, data_dir: str, unit: str,
+               records=None) -> np.ndarray:
+    """The unit of each of `source`'s records `records` (all by default)."""
+    key = (dataset, split, data_dir, unit)
+    if key not in split_units:
+      split_units[key] = eval_units.split_unit_keys(dataset, split, data_dir, unit)
+    positions = np.arange(len(source)) if records is None else records
+    return split_units[key][eval_units.split_indices(source, positions)]
+
+  # Metrics per unit need one label per unit: checked on every split they will be taken
+  # on before training, not at the first evaluation.
+  evaluated = [(eval_source, config.dataset, eval_split, data_dir, label_key, eval_name, unit)]
+  if test_source is not None:
+    evaluated.append((test_source, config.dataset, test_split, data_dir, label_key,
+                      f'{config.dataset}/{test_split}', unit))
+  if shift is not None:
+    evaluated.append((shift.source, shift.dataset, shift.split, shift.data_dir,
+                      shift.label_key, f'{shift.dataset}/{shift.split}', shift.unit))
+  for source, dataset, split, where_dir, key, where, by in evaluated:
+    if by != 'image':
+      eval_units.check_labels(eval_units.read_labels(source, key),
+                              units_of(source, dataset, split, where_dir, by), where)
 
   # ---------------------------------------------------------------- Model and optimiser.
   model = build_model(config, task.num_outputs, dtype)
@@ -470,20 +502,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return (np.concatenate(logits)[keep], np.concatenate(labels)[keep],
             np.concatenate(records)[keep])
 
-  units_of = {}  # (data set, split, data dir) -> the unit of each record of its source
-
-  def per_unit(predicted, source, dataset: str, split: str, where: str, data_dir=data_dir):
+  def per_unit(predicted, source, dataset: str, split: str, where: str, data_dir=data_dir,
+               unit=unit):
     """`predict`'s `(logits, labels, records)`, one row per unit of `task.eval_unit`
     (`eval_units.combine`; records are then the units' names)."""
     if unit == 'image':
       return predicted
     logits, labels, records = predicted
-    key = (dataset, split, data_dir)
-    if key not in units_of:
-      units_of[key] = eval_units.unit_keys(
-          dataset, split, data_dir, unit, eval_units.split_indices(source, np.arange(len(source))))
-    return eval_units.combine(logits, labels, units_of[key][records], kind=task.kind,
-                              reduce=config.task.eval_reduce, where=where)
+    keys = units_of(source, dataset, split, data_dir, unit, records)
+    return eval_units.combine(logits, labels, keys, kind=task.kind, reduce=reduce, where=where)
 
   def validate(variables, step: int) -> dict[str, Any]:
     """Validation metrics; with task.eval_uncertain='train_policy' the loss counts the
@@ -511,11 +538,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # ---------------------------------------------------------------- Test, once.
   best_variables = best.restore(run.abstract_model)
-  test_split = config.data.test_split
   ten_crop = config.data.test_ten_crop
   test: dict[str, Any] = {}
-  if test_split and test_split in info.splits:
-    test_source = views_lib.open_split(config.dataset, test_split, data_dir, views)
+  if test_source is not None:
     test_name = f'{config.dataset}/{test_split}'
     logits, labels, records = per_unit(
         predict(best_variables, test_source, test_name, spec, ten_crop=ten_crop), test_source,
@@ -528,16 +553,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
              _record_ids(test_source, records, info.features))
       _save_predictions(os.path.join(workdir, 'test_predictions.npz'), logits, labels, task,
                         ids=ids)
-  elif test_split:
-    logging.warning('%s has no split %r: no test evaluation (splits: %s)', config.dataset,
-                    test_split, ', '.join(sorted(info.splits)))
   shifted = None
   if shift is not None:
-    shift_source = views_lib.open_split(shift.dataset, shift.split, shift.data_dir, views)
     shift_name = f'{shift.dataset}/{shift.split}'
     logits, labels, _ = per_unit(
-        predict(best_variables, shift_source, shift_name, shift.spec(config), ten_crop=ten_crop),
-        shift_source, shift.dataset, shift.split, shift_name, data_dir=shift.data_dir)
+        predict(best_variables, shift.source, shift_name, shift.spec(config), ten_crop=ten_crop),
+        shift.source, shift.dataset, shift.split, shift_name, data_dir=shift.data_dir,
+        unit=shift.unit)
     shifted = shift.evaluate(logits, labels)
     writer.write(best.step, f'shift/{shift.dataset}/{shift.split}',
                  workdir_lib.scalars(shifted['metrics']))
@@ -561,7 +583,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'stopped_early': best.stopped_early, 'origin': origin,
       'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
       'views': views or 'all', 'eval_unit': unit,
-      'eval_reduce': config.task.eval_reduce if unit != 'image' else None,
+      'eval_reduce': reduce if unit != 'image' else None,
       'stored_images': stored_images(info),
       'validation_split': eval_name, 'validation': best.record['validation'],
       'test_split': f'{config.dataset}/{test_split}' if test else None, 'test': test,
@@ -619,8 +641,16 @@ class _ShiftedData:
                     (str(i) for i in range(self.num_labels)))
     else:
       names = tuple(feature.names)
-    views_lib.view_feature(config.data.views, info.features, c.dataset)
-    eval_units.unit_features(config.task.eval_unit, info.features, c.dataset)
+    where = f'{c.dataset} (config.shift.dataset)'
+    views_lib.view_feature(config.data.views, info.features, where)
+    self.source = views_lib.open_split(c.dataset, c.split, self.data_dir, config.data.views)
+    self.unit = config.task.eval_unit
+    try:
+      eval_units.unit_features(self.unit, info.features, where)
+    except ConfigError:
+      logging.warning('config.task.eval_unit=%r: %s has no such unit; it is evaluated per '
+                      'image (results.json shift.eval_unit)', self.unit, where)
+      self.unit = 'image'
     self.task = task
     self.label_map = label_mapping.resolve(c.label_map, task.names, names,
                                            multi_label=multi_label, target=repr(c.dataset))
@@ -634,7 +664,7 @@ class _ShiftedData:
     """Metrics on the shifted data and what was mapped; `label_names`: the shifted data
     set's labels (classes) the mapping reaches, in its order, which the metrics are over."""
     out = {'dataset': self.dataset, 'split': self.split, 'label_map': self.label_map.as_dict(),
-           'images': int(len(labels))}
+           'eval_unit': self.unit, 'images' if self.unit == 'image' else 'units': int(len(labels))}
     if self.task.kind == 'multiclass':
       log_probs, mapped, names, left_out = label_mapping.map_multiclass(
           logits, labels, self.label_map)
