@@ -223,13 +223,14 @@ def list_images(images: str, path_column: str = PATH_COLUMN,
   Raises:
     DataError: `images` does not exist or holds no image, is a CSV without
       `path_column` (naming the file and the columns it has) or with an empty path
-      (naming the line), or is a folder while `image_root` is given; `image_root` is
-      not a folder.
+      (naming the line), or is a folder while `image_root` or another `path_column`
+      is given; `image_root` is not a folder.
   """
   if os.path.isdir(images):
-    if image_root is not None:
-      raise DataError(f'--image_root applies to a CSV of images; --images {images} is a '
-                      'folder')
+    for flag, value, default in (('--image_root', image_root, None),
+                                 ('--path_column', path_column, PATH_COLUMN)):
+      if value != default:
+        raise DataError(f'{flag} applies to a CSV of images; --images {images} is a folder')
     return _folder_images(images), []
   if not os.path.isfile(images):
     raise DataError(f'--images {images} does not exist')

@@ -281,8 +281,10 @@ def _settings(path: str) -> dict[str, str] | None:
   if not isinstance(config, dict):
     logging.warning('%s: not a JSON object; its settings are not compared.', path)
     return None
-  return {key: json.dumps(value, sort_keys=True)
-          for key, value in config_schema.saved_settings(config).items()}
+  settings = config_schema.saved_settings(config)
+  if settings.get('task.eval_unit', 'image') == 'image':
+    settings.pop('task.eval_reduce', None)  # images are not combined: no setting of the run
+  return {key: json.dumps(value, sort_keys=True) for key, value in settings.items()}
 
 
 def _is_setting(key: str) -> bool:

@@ -396,3 +396,15 @@ def test_a_shift_data_set_without_studies_is_evaluated_per_image(cxr, tmp_path, 
           'is evaluated per image') in caplog.text
   assert results['shift']['eval_unit'] == 'image' and results['shift']['images'] == 16
   assert results['eval_unit'] == 'study'
+
+
+def test_a_student_on_other_views_than_its_teacher_is_warned(cxr, tmp_path, caplog):
+  _, data_dir = cxr
+  teacher = os.fspath(tmp_path / 'teacher')
+  finetune.train_and_evaluate(cxr_config(data_dir, **{'data.views': 'frontal'}), teacher)
+  cfg = cxr_config(data_dir, trainer='distill', teacher=teacher,
+                   **{'data.views': 'lateral', 'total_steps': 2, 'eval_every_steps': 2})
+  with caplog.at_level(logging.WARNING):
+    finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'student'))
+  assert ('was trained on frontal images only; here it labels lateral images only '
+          '(config.data.views)') in caplog.text

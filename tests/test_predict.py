@@ -357,6 +357,10 @@ def test_path_column_and_image_root_errors(run, tmp_path, capsys):
                        '--image_root', str(raw)]) == 2
   assert capsys.readouterr().err == (f'error: --image_root applies to a CSV of images; '
                                      f'--images {folder} is a folder\n')
+  assert predict.main(['--workdir', str(workdir), '--images', folder, '--out', str(out),
+                       '--path_column', 'Path']) == 2
+  assert capsys.readouterr().err == (f'error: --path_column applies to a CSV of images; '
+                                     f'--images {folder} is a folder\n')
   assert error('--path_column', 'Path', '--image_root', str(tmp_path / 'nowhere')) == (
       f'error: --image_root {tmp_path / "nowhere"} is not a folder\n')
   assert not out.exists()

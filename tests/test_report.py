@@ -294,6 +294,17 @@ def test_runs_of_another_evaluation_protocol_get_a_table_of_their_own(tmp_path):
   assert f'{tmp_path}/r_label_efficiency_chexpert_per_study_max_.png' in paths
 
 
+def test_eval_reduce_of_per_image_runs_is_no_setting(tmp_path):
+  """Images are not combined per image: task.eval_reduce does not tell runs apart."""
+  for seed, reduce in enumerate(('max', 'mean', '', 'max')):
+    workdir = tmp_path / str(seed)
+    write_run(workdir, 'chexpert', 'micle', 0.1, seed, 0.8, metric='auc_mean')
+    (workdir / 'config.json').write_text(json.dumps(
+        {'trainer': 'finetune', 'task': {'eval_unit': 'image', 'eval_reduce': reduce}}))
+  summary = report.summarize(report.collect([str(tmp_path)]))
+  assert [(c['row'], c['n']) for c in summary] == [('micle', 4)]
+
+
 def test_no_predictions_skips_roc(tmp_path, caplog):
   write_run(tmp_path / 'a', 'ham10000', 'micle', 1.0, 0, 0.8)
   with caplog.at_level('INFO'):

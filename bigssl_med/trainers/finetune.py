@@ -297,6 +297,11 @@ class _Teacher:
       logging.warning('config.teacher=%r was trained on %d-pixel images; here it scores the '
                       'student\'s %d-pixel views (config.data.image_size)', workdir, teacher_size,
                       config.data.image_size)
+    teacher_views = self.config.data.get('views', '')
+    if teacher_views != config.data.views:
+      logging.warning('config.teacher=%r was trained on %s; here it labels %s '
+                      '(config.data.views)', workdir, _views_text(teacher_views),
+                      _views_text(config.data.views))
     if self.config.dataset != config.dataset:
       raise ConfigError(f'config.teacher={workdir!r} was trained on {self.config.dataset!r}, '
                         f'not config.dataset={config.dataset!r}')
@@ -611,6 +616,10 @@ def _summary(results: dict[str, Any], selected_on: str) -> str:
   if test is None:
     return line + 'no test evaluation'
   return line + f"test {headline} {test:.6g} on {results['test_split']}"
+
+
+def _views_text(views: str) -> str:
+  return f'{views} images only' if views else 'images of every view'
 
 
 class _ShiftedData:
