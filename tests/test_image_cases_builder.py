@@ -12,6 +12,7 @@ import re
 import numpy as np
 from PIL import Image, ImageFile
 import pytest
+import tensorflow_datasets as tfds
 
 from bigssl_med import build_data
 from bigssl_med.data import sources
@@ -743,3 +744,211 @@ def test_a_case_split_by_hash_and_by_hand_two_ways_is_an_error(tmp_path):
     image_cases.read_cases(os.fspath(root))
   _assert_one_line_error(excinfo, f'case {case_id} is in two splits',
                          f'test ({path} line 2 by case hash)', f'train ({path} line 3)')
+
+
+# Masks (segmentation).
+
+
+def write_disc_cases(root: Path, num_cases: int = 9, *, size=(32, 24), seed: int = 0,
+                     split: bool = False) -> list[dict]:
+  """A segmentation set in a published-like layout: `images/ID.jpg`, a bright disc on noisy
+  skin, and `masks/ID_segmentation.png`, that disc (0 and 255); cases.csv lists them with
+  a class and an extra column, two images a case split by case hash, or with `split` one
+  a case in a `split` column (train, train, train, validation, test, over again)."""
+  rng = np.random.default_rng(seed)
+  (root / 'images').mkdir(parents=True, exist_ok=True)
+  (root / 'masks').mkdir(exist_ok=True)
+  yy, xx = np.mgrid[0:size[1], 0:size[0]]
+  rows = []
+  for i in range(num_cases):
+    image_id = f'IMG_{i:05d}'
+    cy, cx = rng.uniform(0.3, 0.7) * size[1], rng.uniform(0.25, 0.75) * size[0]
+    radius = rng.uniform(0.15, 0.3) * min(size)
+    disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    pixels = rng.normal([150, 100, 90], 20, (size[1], size[0], 3))
+    pixels[disc] = rng.normal([250, 230, 220], 10, (disc.sum(), 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        root / 'images' / f'{image_id}.jpg', format='JPEG', quality=95)
+    Image.fromarray(disc.astype(np.uint8) * 255).save(
+        root / 'masks' / f'{image_id}_segmentation.png', format='PNG')
+    row = {'path': f'images/{image_id}.jpg', 'case_id': f'lesion{i // 2:04d}',
+           'label': ('benign', 'malignant')[i % 2],
+           'mask': f'masks/{image_id}_segmentation.png', 'site': 'back'}
+    if split:
+      row.update(case_id=f'lesion{i:04d}',
+                 split=('train', 'train', 'train', 'validation', 'test')[i % 5])
+    rows.append(row)
+  write_cases(root, rows)
+  return rows
+
+
+def _mask_of(record) -> np.ndarray:
+  with Image.open(io.BytesIO(record['mask'])) as mask:
+    assert mask.format == 'PNG' and mask.mode == 'L'
+    return np.asarray(mask)
+
+
+def _size_of(data: bytes) -> tuple[int, int]:
+  with Image.open(io.BytesIO(data)) as image:
+    return image.size
+
+
+@pytest.mark.parametrize('name,max_side', [(NAME, None), (f'{NAME}/side16', None),
+                                           (f'{NAME}/seg', 16)])
+def test_masks_are_stored_binary_with_their_images(tmp_path, name, max_side):
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 6)
+  # Masks as users have them: 0/1, colour, 16-bit, palette, JPEG; any nonzero pixel counts.
+  disc = np.asarray(Image.open(root / rows[1]['mask'])) > 0
+  Image.fromarray(disc.astype(np.uint8)).save(root / rows[1]['mask'])
+  colour = np.zeros(disc.shape + (3,), np.uint8)
+  colour[disc] = (0, 0, 7)
+  Image.fromarray(colour).save(root / rows[2]['mask'])
+  Image.fromarray(disc.astype(np.uint16) * 3).save(root / rows[3]['mask'])
+  Image.fromarray(disc.astype(np.uint8) * 2).convert('P').save(root / rows[4]['mask'])
+  rows[5]['mask'] = rows[5]['mask'].replace('.png', '.jpg')
+  Image.fromarray(disc.astype(np.uint8) * 255).save(root / rows[5]['mask'], quality=90)
+  write_cases(root, rows)
+  config = image_cases.ImageCases.make_config(sources.split_name(name)[1], max_side=max_side,
+                                              manual_dir=os.fspath(root))
+  assert config.masks and 'with binary masks' in config.description
+  _build(root, data_dir, name=name, max_side=max_side)
+  info = sources.dataset_info(name, os.fspath(data_dir))
+  assert info.features['mask'].shape == (None, None, 1)
+  assert info.features['mask'].encoding_format == 'png'
+  records = {i: r for by_id in _records(data_dir, name).values() for i, r in by_id.items()}
+  assert len(records) == 6
+  for row in rows:
+    record = records[row['path']]
+    assert set(record) == {'image', 'image_id', 'case_id', 'label', 'mask'}
+    stored = _mask_of(record)
+    assert set(np.unique(stored)) <= {0, 255}
+    with Image.open(root / row['mask']) as published:
+      foreground = np.asarray(published.convert('RGB')).any(axis=-1)
+    width, height = _size_of(record['image'])
+    assert stored.shape == (height, width)
+    if name == NAME:  # as published
+      assert (width, height) == (32, 24)
+      np.testing.assert_array_equal(stored, foreground * 255)
+    else:  # downscaled with the image (longest side 16), nearest neighbour
+      assert (width, height) == (16, 12)
+      expected = Image.fromarray(foreground.astype(np.uint8) * 255).resize(
+          (16, 12), Image.Resampling.NEAREST)
+      np.testing.assert_array_equal(stored, np.asarray(expected))
+  if name == NAME:  # a 0/255 gray PNG of the stored size is stored as read
+    assert records[rows[0]['path']]['mask'] == (root / rows[0]['mask']).read_bytes()
+  assert np.any(_mask_of(records[rows[1]['path']]) == 255)  # 0/1: scaled, not lost
+
+
+def test_without_a_mask_column_there_is_no_mask_feature(tmp_path):
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 3)
+  write_cases(root, rows, columns=('path', 'case_id', 'label'))
+  assert not image_cases.ImageCases.make_config(manual_dir=os.fspath(root)).masks
+  _build(root, data_dir)
+  assert 'mask' not in sources.dataset_info(NAME, os.fspath(data_dir)).features
+
+
+def test_a_mask_of_another_size_is_an_error_naming_the_line_and_sizes(tmp_path):
+  root = tmp_path / 'mine'
+  rows = write_disc_cases(root, 4, split=True)
+  Image.new('L', (24, 32)).save(root / rows[2]['mask'])
+  cases = root / 'cases.csv'
+  for skip in (False, True):  # not a missing or undecodable file: never skipped
+    with pytest.raises(DataError) as excinfo:
+      _build(root, tmp_path / 'data', skip_bad_images=skip)
+    _assert_one_line_error(excinfo, f'{cases} line 4', root / rows[2]['mask'],
+                           'is 24x32 but its image is 32x24')
+
+
+def test_a_missing_or_undecodable_mask_is_an_error_or_skipped(tmp_path):
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 5, split=True)
+  os.remove(root / rows[1]['mask'])
+  (root / rows[2]['mask']).write_bytes(b'not an image')
+  cases = root / 'cases.csv'
+  with pytest.raises(DataError) as excinfo:
+    _build(root, data_dir)
+  _assert_one_line_error(excinfo, f'{cases} line 3', f'mask file {root / rows[1]["mask"]} '
+                         'not found')
+  _build(root, data_dir, skip_bad_images=True)
+  kept = {i for r in _records(data_dir).values() for i in r}
+  assert kept == {rows[i]['path'] for i in (0, 3, 4)}
+  metadata = sources.dataset_info(NAME, os.fspath(data_dir)).metadata
+  assert metadata['num_skipped_images'] == 2
+  skipped = {entry['where']: entry for entry in metadata['skipped_images']}
+  assert set(skipped) == {f'{cases} line 3', f'{cases} line 4'}
+  assert skipped[f'{cases} line 3']['path'] == os.fspath(root / rows[1]['mask'])
+  assert 'not found' in skipped[f'{cases} line 3']['reason']
+  assert 'cannot decode mask file' in skipped[f'{cases} line 4']['reason']
+
+
+def test_an_empty_mask_cell_on_a_labeled_row_is_an_error(tmp_path):
+  root = tmp_path / 'mine'
+  rows = write_disc_cases(root, 3)
+  rows[1]['mask'] = ''
+  path = write_cases(root, rows)
+  for skip in (False, True):
+    with pytest.raises(DataError) as excinfo:
+      _build(root, tmp_path / 'data', skip_bad_images=skip)
+    _assert_one_line_error(excinfo, f'{path} line 3', 'empty mask')
+
+
+def test_unlabeled_rows_have_no_mask_and_store_an_empty_one(tmp_path):
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 4, split=True)
+  rows[3].update(label='', split='unlabeled')
+  path = write_cases(root, rows)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, f'{path} line 5', f"mask {rows[3]['mask']!r} on a row of "
+                         'split unlabeled')
+  rows[3]['mask'] = ''
+  write_cases(root, rows)
+  _build(root, data_dir, max_side=16)
+  records = _records(data_dir, f'{NAME}/side16')
+  (record,) = records['unlabeled'].values()
+  assert record['label'] == -1
+  assert _mask_of(record).shape == (12, 16) and not _mask_of(record).any()
+  assert all(_mask_of(r).any() for r in records['train'].values())
+
+
+def test_mask_paths_follow_the_rules_of_image_paths(tmp_path, caplog):
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 3)
+  os.rename(root / rows[0]['mask'], root / 'masks' / 'IMG_00000_SEGMENTATION.PNG')
+  rows[1]['mask'] = rows[1]['mask'].replace('/', '\\')
+  elsewhere = tmp_path / 'elsewhere' / 'm.png'
+  elsewhere.parent.mkdir()
+  os.rename(root / rows[2]['mask'], elsewhere)
+  rows[2]['mask'] = os.fspath(elsewhere)
+  write_cases(root, rows)
+  with caplog.at_level('WARNING'):
+    _build(root, data_dir)
+  assert 'found only with letter case ignored' in caplog.text
+  assert 'IMG_00000_SEGMENTATION.PNG' in caplog.text
+  records = {i: r for by_id in _records(data_dir).values() for i, r in by_id.items()}
+  assert all(_mask_of(records[row['path']]).any() for row in rows)
+
+
+def test_a_build_without_masks_is_not_reused_once_cases_csv_has_them(tmp_path):
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 4)
+  write_cases(root, rows, columns=('path', 'case_id', 'label'))
+  _build(root, data_dir)
+  write_cases(root, rows)
+  with pytest.raises(DataError, match='was built from another version of .*cases.csv'):
+    _build(root, data_dir)
+  with pytest.raises(DataError, match='was built from another version'):
+    build_data.ensure_built(NAME, data_dir=os.fspath(data_dir), manual_dir=os.fspath(root))
+  _build(root, data_dir, overwrite=True)
+  assert 'mask' in sources.dataset_info(NAME, os.fspath(data_dir)).features
+  # A config made before the column was added does not build the new cases.csv.
+  write_cases(root, rows, columns=('path', 'case_id', 'label'))
+  config = image_cases.ImageCases.make_config('other', manual_dir=os.fspath(root))
+  write_cases(root, rows)
+  builder = image_cases.ImageCases(data_dir=os.fspath(tmp_path / 'other'), config=config,
+                                   file_format='array_record')
+  with pytest.raises(DataError, match='has changed since config other was made from it'):
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root)))

@@ -20,6 +20,7 @@ from bigssl_med.trainers import segment
 from bigssl_med.trainers import pretrain
 from conftest import override
 from test_finetune import _write_colour_cases
+from test_image_cases_builder import write_disc_cases
 from test_pretrain import tiny_config as tiny_pretrain_config
 from tfds_builders.ham10000 import ham10000
 
@@ -371,3 +372,20 @@ def test_a_data_set_without_masks_is_a_one_line_error(discs, tmp_path):
   with pytest.raises(DataError, match=r"^data set 'ham10000' has no mask feature 'lesion_mask' "):
     segment.train_and_evaluate(tiny_config(discs, **{'data.mask_key': 'lesion_mask'}),
                                os.fspath(tmp_path / 'work2'))
+
+
+def test_segment_trains_on_an_image_cases_build_with_masks(tmp_path):
+  # A user's own segmentation set: cases.csv with a mask column, built by image_cases.
+  rows = write_disc_cases(tmp_path / 'raw', 80, split=True)
+  build_data.build('image_cases/discs', data_dir=os.fspath(tmp_path / 'data'),
+                   manual_dir=os.fspath(tmp_path / 'raw'))
+  config = tiny_config(tmp_path / 'data', dataset='image_cases/discs', total_steps=40)
+  results = segment.train_and_evaluate(config, os.fspath(tmp_path / 'work'))
+  assert results['trainer'] == 'segment' and results['dataset'] == 'image_cases/discs'
+  assert results['init'] == 'scratch' and results['step'] == 40
+  assert results['labelled_images'] == sum(row['split'] == 'train' for row in rows) == 48
+  assert results['validation']['num_examples'] == results['test']['num_examples'] == 16
+  # Measured: 0.91 (validation) and 0.92 (test). Predicting every pixel as foreground
+  # scores 0.23 and 0.22 on these splits, predicting none 0.
+  assert results['validation']['dice'] >= 0.8, results['validation']
+  assert results['test']['dice'] >= 0.8, results['test']

@@ -14,6 +14,11 @@ Input: `manual_dir/cases.csv` (comma- or tab-separated) with the columns
 * optionally `split`: `train`, `validation` (or `val`, `valid`), `test` or
   `unlabeled` (or `unlabelled`), case-insensitive; empty: by case hash, as
   without the column.
+* optionally `mask`: a binary mask image of the row's image (for segmentation,
+  `trainer='segment'`), found as `path` is (relative to manual_dir or absolute,
+  `~`, `\\`, letter case); any format Pillow decodes; any nonzero pixel is
+  foreground (in any colour band; alpha is ignored). It must have its image's
+  size. With the column every labeled row names a mask; see Masks.
 
 Other columns are ignored. The class names are the distinct names in the
 file, sorted; they become `label` (`tfds.features.ClassLabel`) or `labels`
@@ -22,7 +27,7 @@ file, sorted; they become `label` (`tfds.features.ClassLabel`) or `labels`
 Because the features depend on the data, there is no predefined config:
 `ImageCases.make_config(NAME, manual_dir=DIR)` reads cases.csv and returns an
 `ImageCasesConfig` holding the class names, whether the data is multi-label,
-and the number of channels. NAME is any name matching `[A-Za-z0-9_.-]+`, so
+the number of channels and whether there are masks. NAME is any name matching `[A-Za-z0-9_.-]+`, so
 one data dir can hold several private sets (`image_cases/derm_2024`); without
 one it is `original`, or `side<N>` with `max_side=N`. `original` and
 `side<N>` imply their max_side; another name stores images as published
@@ -51,19 +56,36 @@ case is seen in pretraining; such images are listed in
 `metadata['num_unlabeled_images_left_out']`). An unlabeled image of a `train`
 case is kept: in `train+unlabeled`, MICLe pairs it with the case's training images.
 
+Masks. With a `mask` column the records gain a `mask` feature (without it the
+features, and so earlier builds and configs, are as before): a single-channel
+8-bit PNG of the stored image's size, 0 (background) or 255 (foreground), as
+`ham10000` stores its lesion masks: resized with the image (nearest neighbour,
+so it stays binary) when max_side downscales it; the file's bytes when it
+already is such a PNG. A missing or undecodable mask is an error, or its row is
+skipped with `skip_bad_images`, as for an image. A row of split `unlabeled` has
+no annotation: its mask cell must be empty, as its label cell is, and its
+record's mask is all 0 (a placeholder: training on masks and evaluation refuse
+the `unlabeled` split, so nothing reads it as a target). The config records
+whether the set has masks (`ImageCasesConfig.masks`), and a build is tied to its
+cases.csv (MD5 in `metadata.json`), so a build without masks is not reused for a
+cases.csv that has gained the column.
+
 Records: `image` (the file's bytes when it already is an 8-bit JPEG or PNG in
 the stored mode and within max_side, else converted and re-encoded: PNG stays
 PNG, anything else becomes JPEG; the feature's `encoding_format='jpeg'` is only
 what TFDS would use for arrays), `image_id` (the path as written in cases.csv,
-also the example key), `case_id`, and `label` or `labels`.
+also the example key), `case_id`, `label` or `labels`, and `mask` with a mask
+column.
 
 Errors are one-line `bigssl_med.errors.DataError`s naming cases.csv and the
 line: text that is not UTF-8, missing columns, both or neither of `label` and
 `labels`, an empty path, case_id or label, a label on an unlabeled row, an
 unknown split, a Windows drive path (`C:\\...`) on another system, a path listed
 twice (both lines named), a class name or case_id spelled two ways, no labeled
-row, a missing or undecodable image (skipped and listed in the metadata instead
-with `skip_bad_images`).
+row, an empty mask cell on a labeled row or a mask on an unlabeled one, a mask
+of another size than its image (both sizes named; with `skip_bad_images` too), a
+missing or undecodable image or mask (the row skipped and listed in the metadata
+instead with `skip_bad_images`).
 """
 
 from __future__ import annotations
@@ -101,15 +123,17 @@ CHANNEL_PROBES = 16
 _CONFIG_NAME_RE = re.compile(r'^[A-Za-z0-9_.-]+$')
 
 _DESCRIPTION = """\
-Images of the user's own data set, listed with their cases and class labels in
-cases.csv (see the `tfds_builders.image_cases` module docstring).
+Images of the user's own data set, listed with their cases, class labels and
+optionally binary masks in cases.csv (see the `tfds_builders.image_cases` module
+docstring).
 """
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Put a cases.csv in a directory and pass that directory as --manual_dir. Columns:
 path (relative to that directory, or absolute), case_id, and label (one class)
 or labels (|-separated classes); optionally split (train/validation/test, or
-unlabeled for images without a label).
+unlabeled for images without a label) and mask (a binary mask image of the row's
+image, for segmentation).
 """
 
 
@@ -121,10 +145,12 @@ class ImageCasesConfig(common.ImageConfig):
     class_names: the sorted class names found in cases.csv.
     multi_label: True for a `labels` column, False for `label`.
     channels: 1 or 3, the channels images are stored with.
+    masks: True for a `mask` column: records have a `mask` feature.
   """
   class_names: tuple[str, ...] = ()
   multi_label: bool = False
   channels: int = 3
+  masks: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +165,8 @@ class Case:
     labels: its class names (one for single-label data; none when unlabeled).
     split: 'train', 'validation', 'test' or 'unlabeled'.
     hashed: whether the split comes from the case hash (no split given).
+    mask_path: the mask path as written ('' for none).
+    mask_file: the mask path resolved as `file` is; None for none.
   """
   line: int
   path: str
@@ -147,6 +175,8 @@ class Case:
   labels: tuple[str, ...]
   split: str
   hashed: bool = False
+  mask_path: str = ''
+  mask_file: str | None = None
 
   @property
   def labeled(self) -> bool:
@@ -164,6 +194,7 @@ class CasesTable:
     multi_label: whether it has a `labels` column (else `label`).
     has_split: whether it has a `split` column.
     left_out: the unlabeled rows left out, their cases being in validation or test.
+    has_mask: whether it has a `mask` column.
   """
   path: str
   cases: list[Case]
@@ -171,6 +202,7 @@ class CasesTable:
   multi_label: bool
   has_split: bool
   left_out: list[Case] = dataclasses.field(default_factory=list)
+  has_mask: bool = False
 
 
 def read_cases(manual_dir: str) -> CasesTable:
@@ -181,8 +213,9 @@ def read_cases(manual_dir: str) -> CasesTable:
       misses `path` or `case_id`, has both or neither of `label` and `labels`; or
       a row has an empty path, case_id or label, a label though unlabeled, an
       unknown split, a Windows drive path (on another system) or a path listed
-      before, spells a class name or case_id another way, or puts a case in two
-      of train, validation and test. Messages name the file and line.
+      before, an empty mask cell though labeled or a mask though unlabeled (with a
+      `mask` column), spells a class name or case_id another way, or puts a case
+      in two of train, validation and test. Messages name the file and line.
   """
   path = os.path.join(manual_dir, CASES_FILE)
   if not os.path.isfile(path):
@@ -196,11 +229,11 @@ def read_cases(manual_dir: str) -> CasesTable:
     raise DataError(f'{path}: has {found} of the columns label and labels; give '
                     'exactly one: label (one class per image) or labels '
                     '(|-separated classes, multi-label)')
-  has_split = 'split' in columns
+  has_split, has_mask = 'split' in columns, 'mask' in columns
   cases, seen = [], {}
   for row in rows:
     case = _parse_row(row, path, manual_dir, multi_label=has_labels,
-                      has_split=has_split)
+                      has_split=has_split, has_mask=has_mask)
     earlier = seen.get(case.file)
     if earlier is not None:
       raise DataError(f'{row.where(path)}: image {case.path} is already listed on '
@@ -227,7 +260,8 @@ def read_cases(manual_dir: str) -> CasesTable:
   if left_out:
     cases = [c for c in cases if c.labeled or c.case_id not in held_out]
   return CasesTable(path=path, cases=cases, class_names=class_names,
-                    multi_label=has_labels, has_split=has_split, left_out=left_out)
+                    multi_label=has_labels, has_split=has_split, left_out=left_out,
+                    has_mask=has_mask)
 
 
 def _spelling_key(name: str) -> str:
@@ -303,11 +337,12 @@ def check_config_name(name: str) -> str:
 
 
 class ImageCases(common.ImageBuilder):
-  """A user's images with case ids and class labels, listed in cases.csv.
+  """A user's images with case ids, class labels and optionally masks, listed in cases.csv.
 
   Build with `python -m bigssl_med.build_data image_cases[/NAME] --manual_dir=DIR`
   (see the module docstring). Splits: the `split` column, else case-hash
-  80/10/10. Example keys are the image paths as written in cases.csv.
+  80/10/10. Example keys are the image paths as written in cases.csv. With a `mask`
+  column records have a binary `mask` (what `trainer='segment'` reads).
   """
 
   VERSION = tfds.core.Version('1.0.0')
@@ -363,11 +398,12 @@ class ImageCases(common.ImageBuilder):
     kind = 'multi-label' if table.multi_label else 'single-label'
     size = ('as published' if max_side is None else
             f'downscaled to a longest side of at most {max_side}')
+    masks = ', with binary masks' if table.has_mask else ''
     return ImageCasesConfig(
         name=name, max_side=max_side, class_names=table.class_names,
-        multi_label=table.multi_label, channels=channels,
+        multi_label=table.multi_label, channels=channels, masks=table.has_mask,
         description=(f'{len(table.cases)} images from {table.path}, {kind}, '
-                     f'{len(table.class_names)} classes, {channels} channel(s), '
+                     f'{len(table.class_names)} classes, {channels} channel(s){masks}, '
                      f'stored {size}.'))
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -398,6 +434,11 @@ class ImageCases(common.ImageBuilder):
       features['label'] = tfds.features.ClassLabel(
           names=config.class_names, doc='The class (cases.csv column label).')
       supervised_keys = ('image', 'label')
+    if config.masks:
+      features['mask'] = tfds.features.Image(
+          shape=(None, None, 1), encoding_format='png',
+          doc='Binary mask of the image, its size (0 background, 255 foreground); '
+              'all 0 on unlabeled rows, which have none.')
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict(features),
@@ -438,10 +479,10 @@ class ImageCases(common.ImageBuilder):
                       table.path, len(table.left_out), first.line, first.case_id)
     config = self.builder_config
     if (table.class_names != tuple(config.class_names) or
-        table.multi_label != config.multi_label):
+        table.multi_label != config.multi_label or table.has_mask != config.masks):
       raise DataError(f'{table.path} has changed since config {config.name} was '
-                      'made from it (class names or label column differ); make '
-                      'the config again')
+                      'made from it (class names, label column or mask column differ); '
+                      'make the config again')
     by_split = collections.defaultdict(list)
     for case in table.cases:
       by_split[case.split].append(case)
@@ -461,28 +502,43 @@ class ImageCases(common.ImageBuilder):
     config = self.builder_config
     index = {name: i for i, name in enumerate(config.class_names)}
     converted = self.info.metadata.get('gray_converted_images')
-    def load(case):  # on a worker thread: Failed, or (stored bytes, whether colour, file)
+    def load(case):  # on a worker thread: Failed, or (image, whether colour, file, mask, file)
       where, file = f'{cases_path} line {case.line}', files.find(case.file)
       if config.channels == 1:
         loaded = store.try_load_gray(file, where=where)
       else:
         loaded = store.try_load(file, where=where)
         loaded = loaded if isinstance(loaded, common.Failed) else (loaded, False)
-      return loaded if isinstance(loaded, common.Failed) else loaded + (file,)
+      if isinstance(loaded, common.Failed):
+        return loaded
+      mask, mask_file = None, None
+      if config.masks and case.mask_file is None:  # unlabeled: no annotation
+        mask = empty_mask(_image_size(loaded[0]))
+      elif config.masks:
+        mask_file = files.find(case.mask_file)
+        mask = _try_load_mask(mask_file, where, stored_size=_image_size(loaded[0]),
+                              image_size=_file_image_size(file, where))
+        if isinstance(mask, common.Failed):
+          return mask
+      return loaded + (file, mask, mask_file)
 
     other_case = []
-    for case, (image, colour, file) in store.each(cases, load, split=split,
-                                                  what=f'image_cases {split}'):
+    for case, (image, colour, file, mask, mask_file) in store.each(
+        cases, load, split=split, what=f'image_cases {split}'):
       where = f'{cases_path} line {case.line}'
       files.claim(file, case, where)
       if file != case.file:
         other_case.append((where, file))
+      if mask_file is not None and mask_file != case.mask_file:
+        other_case.append((where, mask_file))
       if colour:
         logging.warning('%s (%s) is a colour image; the set is stored gray (its first '
                         'images are), so it is stored as gray (luma)', case.file, where)
         converted.append({'split': split, 'path': case.path, 'where': where})
         self.info.metadata['num_gray_converted_images'] = len(converted)
       example = {'image': image, 'image_id': case.path, 'case_id': case.case_id}
+      if config.masks:
+        example['mask'] = mask
       if config.multi_label:
         labels = np.zeros(len(config.class_names), dtype=np.float32)
         if not case.labeled:
@@ -494,6 +550,112 @@ class ImageCases(common.ImageBuilder):
         example['label'] = case.labels[0] if case.labeled else -1
       yield case.path, example
     common.warn_found_ignoring_case(other_case, f'image_cases {split}', cases_path)
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+  """The (width, height) of encoded image bytes."""
+  with Image.open(io.BytesIO(data)) as image:
+    return image.size
+
+
+def _file_image_size(path: str, where: str) -> tuple[int, int]:
+  """The (width, height) of the image file `path`, read from its header."""
+  try:
+    with Image.open(path) as image:
+      return image.size
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    raise DataError(f'{where}: cannot read image file {path} ({common.one_line(exc)})') from exc
+
+
+def empty_mask(size: tuple[int, int]) -> bytes:
+  """A mask of `size` (width, height) that is 0 everywhere, as 8-bit PNG bytes."""
+  buffer = io.BytesIO()
+  Image.new('L', size, 0).save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _foreground(image: Image.Image) -> np.ndarray:
+  """bool [height, width]: the pixels of a decoded mask that are nonzero in any colour
+  band (alpha ignored; a palette image by its colours)."""
+  if image.mode == 'P':
+    image = image.convert('RGBA')
+  elif image.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV'):
+    image = image.convert('RGB')
+  array = np.asarray(image)
+  if array.ndim == 2:
+    return array != 0
+  colour = [i for i, band in enumerate(image.getbands()) if band != 'A']
+  return np.any(array[..., colour] != 0, axis=-1)
+
+
+class MaskSizeError(DataError):
+  """A mask whose size is not its image's: an error even with `skip_bad_images`, which
+  skips missing and undecodable files only."""
+
+
+def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
+              image_size: tuple[int, int]) -> bytes:
+  """Returns the stored mask of the mask file `path`: single-channel 8-bit PNG bytes.
+
+  Any nonzero pixel is foreground (255), the rest background (0). The file's bytes
+  are returned unchanged when it already is such a PNG (mode 'L', values 0 and 255)
+  of the stored image's size; otherwise the binary mask is resized to `stored_size`
+  with the nearest-neighbour filter (values stay 0 and 255) and encoded as PNG, as
+  `ham10000` stores its masks.
+
+  Args:
+    path: the mask file.
+    where: the cases.csv line naming it, for error messages.
+    stored_size: the (width, height) of the stored image.
+    image_size: the (width, height) of the image file; the mask must have it.
+
+  Raises:
+    DataError: the file is missing, unreadable or not a decodable image, or its size
+      differs from `image_size`.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise DataError(f'{where}: mask file {path} not found') from None
+  except OSError as exc:
+    raise DataError(f'{where}: cannot read mask file {path} ({common.one_line(exc)})') from exc
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      image.load()
+      size, foreground = image.size, _foreground(image)
+      # Already what is stored: an 8-bit gray PNG of 0 and 255 only.
+      binary = (image.format == 'PNG' and image.mode == 'L' and
+                np.isin(np.asarray(image), (0, 255)).all())
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    raise DataError(f'{where}: cannot decode mask file {path} '
+                    f'({common.one_line(exc)})') from exc
+  if size != image_size:
+    raise MaskSizeError(f'{where}: mask {path} is {size[0]}x{size[1]} but its image is '
+                        f'{image_size[0]}x{image_size[1]}')
+  if binary and size == stored_size:
+    return data
+  mask = Image.fromarray(foreground.astype(np.uint8) * 255, 'L')
+  if size != stored_size:
+    mask = mask.resize(stored_size, Image.Resampling.NEAREST)
+  buffer = io.BytesIO()
+  mask.save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _try_load_mask(path: str, where: str, *, stored_size: tuple[int, int],
+                   image_size: tuple[int, int]) -> bytes | common.Failed:
+  """`load_mask`, or the `Failed` record of a missing or undecodable mask (thread-safe).
+
+  Raises:
+    MaskSizeError: the mask's size is not its image's.
+  """
+  try:
+    return load_mask(path, where, stored_size=stored_size, image_size=image_size)
+  except MaskSizeError:
+    raise
+  except DataError as exc:
+    return common.Failed(path, where, exc)
 
 
 class _ListedFiles:
@@ -520,7 +682,7 @@ class _ListedFiles:
 
 
 def _parse_row(row: common.Row, path: str, manual_dir: str, *,
-               multi_label: bool, has_split: bool) -> Case:
+               multi_label: bool, has_split: bool, has_mask: bool = False) -> Case:
   """Checks one row of cases.csv."""
   where = row.where(path)
   image_path, case_id = row.get('path'), row.get('case_id')
@@ -552,6 +714,16 @@ def _parse_row(row: common.Row, path: str, manual_dir: str, *,
       raise DataError(f'{where}: empty label (an image without a label goes in split '
                       f'{UNLABELED})')
     labels = (text,)
+  mask_path = row.get('mask') if has_mask else ''
+  if has_mask and split == UNLABELED and mask_path:
+    raise DataError(f'{where}: mask {mask_path!r} on a row of split {UNLABELED}; an image '
+                    'without a label has no annotation (leave mask empty), or give the row '
+                    'another split')
+  if has_mask and split != UNLABELED and not mask_path:
+    raise DataError(f'{where}: empty mask; with a mask column every labeled row names its '
+                    f'mask image (only rows of split {UNLABELED} leave it empty)')
+  mask_file = common.listed_file(mask_path, manual_dir, where) if mask_path else None
   return Case(line=row.line, path=image_path,
               file=common.listed_file(image_path, manual_dir, where), case_id=case_id,
-              labels=labels, split=split, hashed=hashed)
+              labels=labels, split=split, hashed=hashed, mask_path=mask_path,
+              mask_file=mask_file)
