@@ -32,7 +32,8 @@ def test_config_validates(name):
 
 @pytest.mark.parametrize('key', ['log_every_steps', 'checkpoint_every_steps', 'batch_size',
                                  'data.image_size'])
-@pytest.mark.parametrize('name', ['micle_derm', 'finetune_derm', 'segment_ham10000'])
+@pytest.mark.parametrize('name', ['micle_derm', 'finetune_derm', 'segment_ham10000',
+                                  'segment_montgomery'])
 def test_steps_and_sizes_must_be_positive(name, key):
   config = load(name)
   *parents, leaf = key.split('.')
@@ -112,6 +113,16 @@ def test_benchmark_config_is_the_transfer_learning_benchmarks_protocol():
   assert demo.stages.micle.init_from == '@pretrain' and not demo.stages.scratch.init_from
   for name in demo.order:
     assert demo.stages[name].dataset == 'ham10000/side96'
+
+
+def test_segment_montgomery_config():
+  c = load('segment_montgomery')
+  assert (c.trainer, c.dataset, c.data.image_size, c.data.mask_key) == (
+      'segment', 'montgomery/side512', 224, 'mask')
+  assert c.optimizer.name == 'adamw' and c.optimizer.weight_decay == 0.0
+  assert c.optimizer.learning_rate * c.batch_size / 256 == pytest.approx(2e-4)
+  assert c.data.image_size % 32 == 0 and c.early_stopping_patience > 0
+  assert load('segment_montgomery', 'r18').model.depth == 18
 
 
 def test_setting_differences_leave_out_bookkeeping_and_compare_values():

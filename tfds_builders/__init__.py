@@ -9,6 +9,7 @@ from tfds_builders.ham10000 import Ham10000
 from tfds_builders.image_cases import ImageCases
 from tfds_builders.medmnist import Medmnist
 from tfds_builders.mimic_cxr_jpg import MimicCxrJpg
+from tfds_builders.montgomery import Montgomery
 from tfds_builders.nih_chest_xray14 import NihChestXray14
 
 BUILDERS = {
@@ -17,8 +18,9 @@ BUILDERS = {
     'image_cases': ImageCases,
     'medmnist': Medmnist,
     'mimic_cxr_jpg': MimicCxrJpg,
+    'montgomery': Montgomery,
     'nih_chest_xray14': NihChestXray14,
 }
 
 __all__ = ['BUILDERS', 'Chexpert', 'Ham10000', 'ImageCases', 'Medmnist',
-           'MimicCxrJpg', 'NihChestXray14']
+           'MimicCxrJpg', 'Montgomery', 'NihChestXray14']

@@ -1,0 +1,441 @@
+"""TFDS builder for the Montgomery County chest X-ray set: lungs, TB labels, readings.
+
+Input layout: the release (`NLM-MontgomeryCXRSet.zip`) unpacks to `MontgomerySet/`:
+
+* `CXR_png/MCUCXR_0001_0.png`, ...: 138 frontal chest X-rays; the digit after the
+  last underscore is the label (0 normal, 1 tuberculosis);
+* `ManualMask/leftMask/<name>.png` and `ManualMask/rightMask/<name>.png`: the
+  manual segmentation of each lung, of the image's size;
+* `ClinicalReadings/<stem>.txt`: `Patient's Sex: M`, `Patient's Age: 045Y` (the
+  DICOM age string), then the radiologist's reading as free text;
+* `NLM-MontgomeryCXRSet-ReadMe.pdf` (not read).
+
+`manual_dir` may be `MontgomerySet/` itself or any folder above it: the set's
+folder is the one holding `CXR_png/`, looked up directly in `manual_dir`, then
+the shallowest below it (between folders at the same depth, the first in sorted
+order). Files in `CXR_png/` other than `.png` are ignored (a warning counts them).
+
+Features. `image`: the X-ray, gray, one channel; `mask`: the union of the left-
+and right-lung masks (0 background, 255 lung; a mask pixel counts as lung when it
+is not 0); `label`: normal or tuberculosis, from the file name; `image_id`: the
+file stem; `case_id`: the same (one image per patient); `sex`, `age` (years) and
+`reading` from the clinical reading. An image without a clinical reading has
+`sex` empty, `age` NaN and `reading` empty; the build warns and lists such images
+in `metadata['images_without_reading']`.
+
+Splits. The release has no official split. Splits are case-disjoint and
+deterministic, derived from a hash of `case_id` (`common.hash_split`):
+
+    bucket = int(hashlib.sha256(case_id.encode()).hexdigest(), 16) % 100
+    bucket 0-79 -> 'train', 80-89 -> 'validation', 90-99 -> 'test'
+
+Configs (`tfds_builders.common.ImageConfig`): `side512` (the default, as the other
+chest X-ray builders) and any `side<N>` downscale each image (antialiased bicubic)
+and its mask (nearest neighbour, so it stays binary) to a longest side of N;
+`original` stores them at their published size.
+
+Bad input stops the build with a one-line `bigssl_med.errors.DataError` naming the
+file: no `CXR_png/` folder, an image name that does not end in `_0` or `_1`, an
+image without its left or right mask, a mask of another size than its image, an
+image or mask that cannot be decoded, a clinical reading whose age is not an age.
+With `skip_bad_images`, an image whose image or mask file is missing or
+undecodable is skipped instead, and listed in the data set's `metadata.json`.
+
+The set cannot be downloaded by the builder: download it from NLM's Tuberculosis
+Chest X-ray Image Data Sets page and pass it as `--manual_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import os
+import re
+
+from absl import logging
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from bigssl_med.data import host_ops
+from bigssl_med.errors import DataError
+from tfds_builders import common
+
+CLASS_NAMES = ('normal', 'tuberculosis')
+SPLIT_NAMES = ('train', 'validation', 'test')
+IMAGE_FOLDER = 'CXR_png'
+MASK_FOLDERS = {'left': os.path.join('ManualMask', 'leftMask'),
+                'right': os.path.join('ManualMask', 'rightMask')}
+READING_FOLDER = 'ClinicalReadings'
+
+_HOMEPAGE = ('https://lhncbc.nlm.nih.gov/LHC-publications/pubs/'
+             'TuberculosisChestXrayImageDataSets.html')
+_IMAGE_RE = re.compile(r'^(?P<id>.+)\.png$', re.IGNORECASE)
+_LABEL_RE = re.compile(r'_(?P<label>[01])$')
+# `Patient's Sex: M`, `Patient's Age: 045Y` (also written with `Patient Age`, `’`).
+_FIELD_RE = re.compile(r"^\s*patient(?:['\u2019]s|s)?\s+(?P<field>sex|age)\s*:(?P<value>.*)$",
+                       re.IGNORECASE)
+# The DICOM age string (`045Y`, `006M`, `003W`, `010D`), a number, or `45 years`.
+_AGE_RE = re.compile(r'^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[ymwd])?[a-z]*\.?$', re.IGNORECASE)
+_DAYS_PER_YEAR = 365.25
+_YEARS_PER_UNIT = {'y': 1.0, 'm': 1.0 / 12.0, 'w': 7.0 / _DAYS_PER_YEAR,
+                   'd': 1.0 / _DAYS_PER_YEAR}
+_MISSING_AGE = frozenset({'', 'na', 'n/a', 'nan', 'null', 'none', 'unknown', '?'})
+
+_DESCRIPTION = """\
+Montgomery County chest X-ray set (Jaeger et al., 2014; lung masks by Candemir et
+al., 2014): 138 frontal (posterior-anterior) chest radiographs from the
+tuberculosis control program of the Department of Health and Human Services of
+Montgomery County, Maryland, USA, 80 normal and 58 with manifestations of
+tuberculosis, released by the U.S. National Library of Medicine. Each image comes
+with manual segmentations of the left and right lung, stored here as their union
+(`mask`, 0 or 255), and a clinical reading: the patient's sex and age and the
+radiologist's reading (`reading`). One image per patient: `case_id` is the image id.
+
+Splits are not official: case-disjoint train/validation/test (80/10/10 by case)
+from a SHA-256 hash of the case id.
+"""
+
+_CITATION = """\
+@article{jaeger2014two,
+  title={Two public chest {X}-ray datasets for computer-aided screening of pulmonary
+         diseases},
+  author={Jaeger, Stefan and Candemir, Sema and Antani, Sameer and W{\\'a}ng,
+          Y{\\`i}-Xi{\\'a}ng J and Lu, Pu-Xuan and Thoma, George},
+  journal={Quantitative Imaging in Medicine and Surgery},
+  volume={4},
+  number={6},
+  pages={475--477},
+  year={2014},
+  doi={10.3978/j.issn.2223-4292.2014.11.20}
+}
+@article{candemir2014lung,
+  title={Lung segmentation in chest radiographs using anatomical atlases with nonrigid
+         registration},
+  author={Candemir, Sema and Jaeger, Stefan and Palaniappan, Kannappan and Musco,
+          Jonathan P and Singh, Rahul K and Xue, Zhiyun and Karargyris, Alexandros
+          and Antani, Sameer and Thoma, George and McDonald, Clement J},
+  journal={IEEE Transactions on Medical Imaging},
+  volume={33},
+  number={2},
+  pages={577--590},
+  year={2014},
+  doi={10.1109/TMI.2013.2290491}
+}
+"""
+
+_MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+The builder does not download the Montgomery County set. Download it from the U.S.
+National Library of Medicine's Tuberculosis Chest X-ray Image Data Sets page
+(NLM-MontgomeryCXRSet.zip), unzip it and pass the MontgomerySet folder (the one
+with CXR_png/, ManualMask/ and ClinicalReadings/) or any folder above it as
+--manual_dir.
+"""
+
+
+def split_for_case(case_id: str) -> str:
+  """Returns the split ('train', 'validation' or 'test') of a case id."""
+  return common.hash_split(case_id, validation=10, test=10)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """What a clinical reading file says: sex as written, age in years (NaN when
+  unknown) and the free text."""
+  sex: str = ''
+  age: float = math.nan
+  text: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One image of the set: its id, label, image file and the two mask files."""
+  image_id: str
+  label: str
+  image: str
+  masks: tuple[str, str]  # left, right
+
+
+def find_root(manual_dir: str) -> str:
+  """The set's folder: the one holding `CXR_png/` (see the module docstring).
+
+  Raises:
+    DataError: no `CXR_png` folder in or below `manual_dir`.
+  """
+  if os.path.isdir(os.path.join(manual_dir, IMAGE_FOLDER)):
+    return manual_dir
+  best = None
+  for dirpath, dirnames, _ in os.walk(manual_dir):
+    dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
+    if IMAGE_FOLDER in dirnames:
+      depth = os.path.relpath(dirpath, manual_dir).count(os.sep) + 1
+      if best is None or (depth, dirpath) < best:
+        best = (depth, dirpath)
+      dirnames.remove(IMAGE_FOLDER)  # images, not another copy of the set
+  if best is None:
+    raise DataError(f'no {IMAGE_FOLDER} folder in or below {manual_dir}: pass the '
+                    'MontgomerySet folder (CXR_png/, ManualMask/, ClinicalReadings/) '
+                    'or a folder above it as --manual_dir')
+  return best[1]
+
+
+def list_images(root: str) -> tuple[list[Entry], list[str]]:
+  """The images of `root/CXR_png` in name order, and the other files found there.
+
+  Raises:
+    DataError: a PNG whose name does not end in `_0` or `_1` (names the file).
+  """
+  folder = os.path.join(root, IMAGE_FOLDER)
+  entries, others = [], []
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if common.is_hidden(name) or not os.path.isfile(path):
+      continue
+    match = _IMAGE_RE.match(name)
+    if match is None:
+      others.append(path)
+      continue
+    image_id = match['id']
+    label = _LABEL_RE.search(image_id)
+    if label is None:
+      raise DataError(f'{path}: image name does not end in _0 (normal) or _1 '
+                      f'(tuberculosis), as MCUCXR_0001_0.png does')
+    entries.append(Entry(
+        image_id=image_id, label=CLASS_NAMES[int(label['label'])], image=path,
+        masks=tuple(os.path.join(root, MASK_FOLDERS[side], name)
+                    for side in ('left', 'right'))))
+  return entries, others
+
+
+def read_reading(path: str) -> Reading:
+  """Parses one clinical reading file (see the module docstring).
+
+  The `Patient's Sex` and `Patient's Age` lines give `sex` (as written) and `age`
+  (years; a DICOM age string `nnnY`, `nnnM`, `nnnW`, `nnnD`, or a number); the
+  other lines, stripped of blank lines at either end, are the text. Text that is
+  not UTF-8 is read as Latin-1.
+
+  Raises:
+    DataError: the file cannot be read, or its age is not an age (names the
+      file and line).
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as exc:
+    raise DataError(f'{path}: cannot read clinical reading ({common.one_line(exc)})') from exc
+  try:
+    text = data.decode('utf-8-sig')
+  except UnicodeDecodeError:
+    text = data.decode('latin-1')
+  sex, age, lines = '', math.nan, []
+  for number, line in enumerate(text.splitlines(), 1):
+    match = _FIELD_RE.match(line)
+    if match is None:
+      lines.append(line.rstrip())
+    elif match['field'].lower() == 'sex':
+      sex = match['value'].strip()
+    else:
+      age = parse_age(match['value'], where=f'{path} line {number}')
+  while lines and not lines[0].strip():
+    lines.pop(0)
+  while lines and not lines[-1].strip():
+    lines.pop()
+  return Reading(sex=sex, age=age, text='\n'.join(lines))
+
+
+def parse_age(text: str, *, where: str) -> float:
+  """Years from a DICOM age string (`045Y`, `006M`, ...), a number or `45 years`;
+  NaN when blank or marked unknown.
+
+  Raises:
+    DataError: any other text; names `where`.
+  """
+  text = text.strip()
+  if text.lower() in _MISSING_AGE:
+    return math.nan
+  match = _AGE_RE.match(text)
+  if match is None:
+    raise DataError(f"{where}: age {text!r} is not an age (expected e.g. 045Y, the "
+                    'DICOM age string, or a number of years)')
+  unit = (match['unit'] or 'y').lower()
+  return float(match['number']) * _YEARS_PER_UNIT[unit]
+
+
+def load_mask(path: str, where: str, original_size: tuple[int, int]) -> np.ndarray:
+  """The lung pixels (bool, height x width) of the mask file at `path`: those not 0.
+
+  Args:
+    path: the mask file (left or right lung).
+    where: which image it belongs to, for error messages.
+    original_size: the (width, height) of the image as published; the mask must
+      have this size.
+
+  Raises:
+    DataError: the file cannot be read or decoded, or its size differs from the
+      published image's (names the file).
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as exc:
+    raise DataError(f'{path}: cannot read mask ({common.one_line(exc)}); mask of '
+                    f'{where}') from exc
+  try:
+    mask, _ = host_ops.decode_pil(data, channels=1, name=path)
+  except DataError as exc:
+    reason = str(exc).split(f'{path}: ', 1)[-1]
+    raise DataError(f'{path}: cannot decode mask ({reason}); mask of {where}') from exc
+  if mask.size != original_size:
+    raise DataError(f'{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is '
+                    f'{original_size[0]}x{original_size[1]} ({where})')
+  return np.asarray(mask) > 0
+
+
+def encode_mask(lung: np.ndarray, size: tuple[int, int]) -> bytes:
+  """8-bit one-channel PNG bytes of `lung` (0 or 255), resized to `size` (width,
+  height) with the nearest-neighbour filter, so that it stays binary."""
+  mask = Image.fromarray(lung.astype(np.uint8) * 255)
+  if mask.size != size:
+    mask = mask.resize(size, Image.Resampling.NEAREST)
+  buffer = io.BytesIO()
+  mask.save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+  with Image.open(io.BytesIO(data)) as image:
+    return image.size
+
+
+class Montgomery(common.ImageBuilder):
+  """Montgomery County chest X-rays with lung masks, TB labels and clinical readings.
+
+  Splits (no official ones): case-disjoint, from
+  `int(hashlib.sha256(case_id.encode()).hexdigest(), 16) % 100`: buckets 0-79
+  `train`, 80-89 `validation`, 90-99 `test`. Example keys are image ids.
+  """
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Gray images, union lung masks, TB labels, sex, age and readings; '
+               'case-hash splits.',
+  }
+  BUILDER_CONFIGS = common.downscaled_configs(
+      512, 'Images and masks as published (about 4020x4892).')
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    metadata = self.new_metadata()
+    metadata['images_without_reading'] = []
+    return self.dataset_info_from_configs(
+        description=_DESCRIPTION,
+        features=tfds.features.FeaturesDict({
+            'image': tfds.features.Image(
+                shape=(None, None, 1), encoding_format='png',
+                doc='Frontal chest X-ray, 8-bit gray PNG (one channel).'),
+            'mask': tfds.features.Image(
+                shape=(None, None, 1), encoding_format='png',
+                doc='Union of the manual left- and right-lung masks (0 background, '
+                    '255 lung).'),
+            'label': tfds.features.ClassLabel(
+                names=CLASS_NAMES,
+                doc='From the file name: _0 normal, _1 tuberculosis.'),
+            'image_id': tfds.features.Text(doc='File stem, e.g. MCUCXR_0001_0.'),
+            'case_id': tfds.features.Text(
+                doc='The image id (one image per patient): the grouping unit.'),
+            'sex': tfds.features.Text(
+                doc="As written in the clinical reading (M, F); empty when unknown."),
+            'age': tfds.features.Scalar(
+                dtype=np.float32, doc='Age in years; NaN when unknown.'),
+            'reading': tfds.features.Text(
+                doc="The clinical reading's free text (empty when there is none)."),
+        }),
+        supervised_keys=('image', 'label'),
+        metadata=metadata,
+        homepage=_HOMEPAGE,
+        citation=_CITATION,
+        license='See NLM-MontgomeryCXRSet-ReadMe.pdf in the release for the terms of use.',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = common.manual_dir_or_none(dl_manager)
+    if manual_dir is None:
+      raise DataError('the Montgomery County set is not downloaded by the builder: '
+                      "download it from NLM's Tuberculosis Chest X-ray Image Data Sets "
+                      'page, unzip it and pass the MontgomerySet folder, or a folder '
+                      'above it, as --manual_dir (main.py: --config.data.manual_dir=DIR)')
+    root = find_root(manual_dir)
+    entries, others = list_images(root)
+    if not entries:
+      raise DataError(f'{os.path.join(root, IMAGE_FOLDER)}: no .png images')
+    if others:
+      logging.warning('Montgomery: %d file(s) in %s that are not .png ignored (first: %s)',
+                      len(others), os.path.join(root, IMAGE_FOLDER), others[0])
+    store = self.image_store(channels=1)
+    by_split = {split: [] for split in SPLIT_NAMES}
+    without_reading = []
+    for entry in entries:
+      where = f'image_id {entry.image_id}'
+      split = split_for_case(entry.image_id)
+      missing = next((path for path in entry.masks if not os.path.isfile(path)), None)
+      if missing is not None:
+        message = f'{missing}: mask file of {entry.image} not found'
+        if not store.skip_bad_images:
+          raise DataError(message)
+        store.skip(path=missing, where=where, split=split, reason=message)
+        continue
+      reading_path = os.path.join(root, READING_FOLDER, f'{entry.image_id}.txt')
+      if os.path.isfile(reading_path):
+        reading = read_reading(reading_path)
+      else:
+        reading = Reading()
+        without_reading.append(entry.image_id)
+      by_split[split].append((entry, reading, where))
+    if without_reading:
+      logging.warning('Montgomery: %d image(s) without a clinical reading in %s (first: %s): '
+                      'sex and reading empty, age NaN', len(without_reading),
+                      os.path.join(root, READING_FOLDER), without_reading[0])
+    self.info.metadata['images_without_reading'] = without_reading
+    store.check_no_split_emptied(by_split, 'montgomery')
+    empty = [split for split, items in by_split.items() if not items]
+    if empty:  # TFDS cannot write an empty split; only tiny inputs get here.
+      logging.warning('Montgomery from %s: no case hashes into split(s) %s; they are left '
+                      'out.', root, ', '.join(empty))
+    return {split: self._generate_examples(items, split, store)
+            for split, items in by_split.items() if items}
+
+  def _generate_examples(self, items, split, store):
+    def load(item):  # on a worker thread: the stored image and mask, or a Failed
+      entry, _, where = item
+      published = []  # the file's bytes, read once for the image and its size
+
+      def read():
+        published.append(common.read_image_file(entry.image, where))
+        return published[-1]
+
+      image = store.try_convert(read, path=entry.image, where=where)
+      if isinstance(image, common.Failed):
+        return image
+      lung = None
+      for path in entry.masks:  # the stored mask is the union of both lungs
+        try:
+          side = load_mask(path, where, _image_size(published[-1]))
+        except DataError as exc:
+          return common.Failed(path, where, exc)
+        lung = side if lung is None else lung | side
+      return image, encode_mask(lung, _image_size(image))
+
+    for (entry, reading, _), (image, mask) in store.each(items, load, split=split,
+                                                         what=f'montgomery {split}'):
+      yield entry.image_id, {
+          'image': image,
+          'mask': mask,
+          'label': entry.label,
+          'image_id': entry.image_id,
+          'case_id': entry.image_id,
+          'sex': reading.sex,
+          'age': np.float32(reading.age),
+          'reading': reading.text,
+      }
