@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import logging
 import io
 import os
 from pathlib import Path
@@ -798,7 +799,8 @@ def _size_of(data: bytes) -> tuple[int, int]:
 def test_masks_are_stored_binary_with_their_images(tmp_path, name, max_side):
   root, data_dir = tmp_path / 'mine', tmp_path / 'data'
   rows = write_disc_cases(root, 6)
-  # Masks as users have them: 0/1, colour, 16-bit, palette, JPEG; any nonzero pixel counts.
+  # Masks as users have them: 0/1, colour, 16-bit, palette, JPEG; any nonzero pixel counts
+  # (in a JPEG, 128 or more: compression leaves small values along the disc's edge).
   disc = np.asarray(Image.open(root / rows[1]['mask'])) > 0
   Image.fromarray(disc.astype(np.uint8)).save(root / rows[1]['mask'])
   colour = np.zeros(disc.shape + (3,), np.uint8)
@@ -825,6 +827,8 @@ def test_masks_are_stored_binary_with_their_images(tmp_path, name, max_side):
     assert set(np.unique(stored)) <= {0, 255}
     with Image.open(root / row['mask']) as published:
       foreground = np.asarray(published.convert('RGB')).any(axis=-1)
+    if row['mask'].endswith('.jpg'):
+      foreground = disc  # the disc as drawn, not the compression's halo around it
     width, height = _size_of(record['image'])
     assert stored.shape == (height, width)
     if name == NAME:  # as published
@@ -838,6 +842,38 @@ def test_masks_are_stored_binary_with_their_images(tmp_path, name, max_side):
   if name == NAME:  # a 0/255 gray PNG of the stored size is stored as read
     assert records[rows[0]['path']]['mask'] == (root / rows[0]['mask']).read_bytes()
   assert np.any(_mask_of(records[rows[1]['path']]) == 255)  # 0/1: scaled, not lost
+
+
+def test_a_jpeg_mask_is_read_without_its_compression_halo(tmp_path):
+  disc = np.zeros((24, 32), bool)
+  yy, xx = np.mgrid[:24, :32]
+  disc[(yy - 12) ** 2 + (xx - 15) ** 2 < 60] = True
+  Image.fromarray(disc.astype(np.uint8) * 255).save(tmp_path / 'm.jpg', quality=75)
+  assert (np.asarray(Image.open(tmp_path / 'm.jpg')) != 0).sum() > disc.sum()  # a halo
+  stored = image_cases.load_mask(os.fspath(tmp_path / 'm.jpg'), 'line 2', stored_size=(32, 24),
+                                 image_size=(32, 24))
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored))), disc * 255)
+
+
+def test_masks_of_images_with_an_exif_orientation(tmp_path, caplog):
+  """Builds keep an image's pixels as stored, whatever its EXIF orientation says: the mask
+  must match them; a mask of the displayed (turned) image is refused with a hint."""
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 4, split=True)
+  image = Image.open(root / rows[1]['path']).convert('RGB')
+  exif = Image.Exif()
+  exif[0x0112] = 6  # displayed turned by 90 degrees
+  rows[1]['path'] = rows[1]['path'].rsplit('.', 1)[0] + '_turned.jpg'
+  image.save(root / rows[1]['path'], exif=exif)
+  write_cases(root, rows)
+  with caplog.at_level(logging.WARNING):
+    _build(root, data_dir)
+  assert 'has EXIF orientation 6, which builds ignore' in caplog.text
+  Image.open(root / rows[1]['mask']).transpose(Image.Transpose.ROTATE_270).save(
+      root / rows[1]['mask'])
+  with pytest.raises(DataError, match='mask must match its pixels as stored, not as '
+                     'displayed'):
+    _build(root, tmp_path / 'data2')
 
 
 def test_without_a_mask_column_there_is_no_mask_feature(tmp_path):

@@ -17,8 +17,9 @@ Input: `manual_dir/cases.csv` (comma- or tab-separated) with the columns
 * optionally `mask`: a binary mask image of the row's image (for segmentation,
   `trainer='segment'`), found as `path` is (relative to manual_dir or absolute,
   `~`, `\\`, letter case); any format Pillow decodes; any nonzero pixel is
-  foreground (in any colour band; alpha is ignored). It must have its image's
-  size. With the column every labeled row names a mask; see Masks.
+  foreground (in any colour band; alpha is ignored; in a JPEG, 128 or more). It must
+  have its image's size, as stored in the file: builds ignore EXIF orientation.
+  With the column every labeled row names a mask; see Masks.
 
 Other columns are ignored. The class names are the distinct names in the
 file, sorted; they become `label` (`tfds.features.ClassLabel`) or `labels`
@@ -516,8 +517,9 @@ class ImageCases(common.ImageBuilder):
         mask = empty_mask(_image_size(loaded[0]))
       elif config.masks:
         mask_file = files.find(case.mask_file)
+        size, orientation = _file_image_info(file, where)
         mask = _try_load_mask(mask_file, where, stored_size=_image_size(loaded[0]),
-                              image_size=_file_image_size(file, where))
+                              image_size=size, orientation=orientation)
         if isinstance(mask, common.Failed):
           return mask
       return loaded + (file, mask, mask_file)
@@ -558,11 +560,11 @@ def _image_size(data: bytes) -> tuple[int, int]:
     return image.size
 
 
-def _file_image_size(path: str, where: str) -> tuple[int, int]:
-  """The (width, height) of the image file `path`, read from its header."""
+def _file_image_info(path: str, where: str) -> tuple[tuple[int, int], int]:
+  """The (width, height) and EXIF orientation (1 without) of the image file `path`."""
   try:
     with Image.open(path) as image:
-      return image.size
+      return image.size, int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
   except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
     raise DataError(f'{where}: cannot read image file {path} ({common.one_line(exc)})') from exc
 
@@ -574,18 +576,27 @@ def empty_mask(size: tuple[int, int]) -> bytes:
   return buffer.getvalue()
 
 
+# Lossy formats: compression leaves small nonzero values along every edge of a mask.
+LOSSY_FORMATS = ('JPEG', 'MPO')
+# EXIF orientations other than 1 (as stored) turn or mirror the displayed picture.
+_ORIENTATION_TAG = 0x0112
+
+
 def _foreground(image: Image.Image) -> np.ndarray:
   """bool [height, width]: the pixels of a decoded mask that are nonzero in any colour
-  band (alpha ignored; a palette image by its colours)."""
+  band (alpha ignored; a palette image by its colours); in a JPEG, at least 128 in any
+  colour band, since compression leaves small values along the mask's edges."""
+  lossy = image.format in LOSSY_FORMATS
   if image.mode == 'P':
     image = image.convert('RGBA')
   elif image.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV'):
     image = image.convert('RGB')
   array = np.asarray(image)
+  on = (lambda a: a >= 128) if lossy and array.dtype == np.uint8 else (lambda a: a != 0)
   if array.ndim == 2:
-    return array != 0
+    return on(array)
   colour = [i for i, band in enumerate(image.getbands()) if band != 'A']
-  return np.any(array[..., colour] != 0, axis=-1)
+  return np.any(on(array[..., colour]), axis=-1)
 
 
 class MaskSizeError(DataError):
@@ -594,10 +605,11 @@ class MaskSizeError(DataError):
 
 
 def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
-              image_size: tuple[int, int]) -> bytes:
+              image_size: tuple[int, int], orientation: int = 1) -> bytes:
   """Returns the stored mask of the mask file `path`: single-channel 8-bit PNG bytes.
 
-  Any nonzero pixel is foreground (255), the rest background (0). The file's bytes
+  Any nonzero pixel is foreground (255; in a JPEG mask, 128 or more), the rest
+  background (0). The file's bytes
   are returned unchanged when it already is such a PNG (mode 'L', values 0 and 255)
   of the stored image's size; otherwise the binary mask is resized to `stored_size`
   with the nearest-neighbour filter (values stay 0 and 255) and encoded as PNG, as
@@ -608,6 +620,10 @@ def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
     where: the cases.csv line naming it, for error messages.
     stored_size: the (width, height) of the stored image.
     image_size: the (width, height) of the image file; the mask must have it.
+    orientation: the image's EXIF orientation. Builds store pixels as they are in the
+      file, whatever it says, so the mask must match those: a warning where the image
+      would be displayed turned or mirrored, and a hint in the size error where the
+      mask has the turned image's size.
 
   Raises:
     DataError: the file is missing, unreadable or not a decodable image, or its size
@@ -630,9 +646,18 @@ def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
   except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
     raise DataError(f'{where}: cannot decode mask file {path} '
                     f'({common.one_line(exc)})') from exc
+  turned = orientation not in (None, 1)
   if size != image_size:
+    hint = ''
+    if turned and size == image_size[::-1]:
+      hint = (f'; the image has EXIF orientation {orientation}, which builds ignore: the '
+              'mask must match its pixels as stored, not as displayed')
     raise MaskSizeError(f'{where}: mask {path} is {size[0]}x{size[1]} but its image is '
-                        f'{image_size[0]}x{image_size[1]}')
+                        f'{image_size[0]}x{image_size[1]}{hint}')
+  if turned:
+    logging.warning('%s: the image has EXIF orientation %d, which builds ignore; its mask %s '
+                    'must match its pixels as stored, not as displayed', where, orientation,
+                    path)
   if binary and size == stored_size:
     return data
   mask = Image.fromarray(foreground.astype(np.uint8) * 255, 'L')
@@ -644,14 +669,15 @@ def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
 
 
 def _try_load_mask(path: str, where: str, *, stored_size: tuple[int, int],
-                   image_size: tuple[int, int]) -> bytes | common.Failed:
+                   image_size: tuple[int, int], orientation: int = 1) -> bytes | common.Failed:
   """`load_mask`, or the `Failed` record of a missing or undecodable mask (thread-safe).
 
   Raises:
     MaskSizeError: the mask's size is not its image's.
   """
   try:
-    return load_mask(path, where, stored_size=stored_size, image_size=image_size)
+    return load_mask(path, where, stored_size=stored_size, image_size=image_size,
+                     orientation=orientation)
   except MaskSizeError:
     raise
   except DataError as exc:
