@@ -61,27 +61,20 @@ import tensorflow_datasets as tfds
 from bigssl_med.data import host_ops
 from bigssl_med.errors import DataError
 from tfds_builders import common
+from tfds_builders import nlm_tb
 
-CLASS_NAMES = ('normal', 'tuberculosis')
+CLASS_NAMES = nlm_tb.CLASS_NAMES
 SPLIT_NAMES = ('train', 'validation', 'test')
-IMAGE_FOLDER = 'CXR_png'
+IMAGE_FOLDER = nlm_tb.IMAGE_FOLDER
 MASK_FOLDERS = {'left': os.path.join('ManualMask', 'leftMask'),
                 'right': os.path.join('ManualMask', 'rightMask')}
-READING_FOLDER = 'ClinicalReadings'
+READING_FOLDER = nlm_tb.READING_FOLDER
+Reading = nlm_tb.Reading
 
-_HOMEPAGE = ('https://lhncbc.nlm.nih.gov/LHC-publications/pubs/'
-             'TuberculosisChestXrayImageDataSets.html')
-_IMAGE_RE = re.compile(r'^(?P<id>.+)\.png$', re.IGNORECASE)
-_LABEL_RE = re.compile(r'_(?P<label>[01])$')
 # `Patient's Sex: M`, `Patient's Age: 045Y` (also written with `Patient Age`, `’`).
 _FIELD_RE = re.compile(r"^\s*patient(?:['\u2019]s|s)?\s+(?P<field>sex|age)\s*:(?P<value>.*)$",
                        re.IGNORECASE)
-# The DICOM age string (`045Y`, `006M`, `003W`, `010D`), a number, or `45 years`.
-_AGE_RE = re.compile(r'^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[ymwd])?[a-z]*\.?$', re.IGNORECASE)
-_DAYS_PER_YEAR = 365.25
-_YEARS_PER_UNIT = {'y': 1.0, 'm': 1.0 / 12.0, 'w': 7.0 / _DAYS_PER_YEAR,
-                   'd': 1.0 / _DAYS_PER_YEAR}
-_MISSING_AGE = frozenset({'', 'na', 'n/a', 'nan', 'null', 'none', 'unknown', '?'})
+_EXPECTED_AGE = '045Y, the DICOM age string, or a number of years'
 
 _DESCRIPTION = """\
 Montgomery County chest X-ray set (Jaeger et al., 2014; lung masks by Candemir et
@@ -140,15 +133,6 @@ def split_for_case(case_id: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class Reading:
-  """What a clinical reading file says: sex as written, age in years (NaN when
-  unknown) and the free text."""
-  sex: str = ''
-  age: float = math.nan
-  text: str = ''
-
-
-@dataclasses.dataclass(frozen=True)
 class Entry:
   """One image of the set: its id, label, image file and the two mask files."""
   image_id: str
@@ -163,21 +147,8 @@ def find_root(manual_dir: str) -> str:
   Raises:
     DataError: no `CXR_png` folder in or below `manual_dir`.
   """
-  if os.path.isdir(os.path.join(manual_dir, IMAGE_FOLDER)):
-    return manual_dir
-  best = None
-  for dirpath, dirnames, _ in os.walk(manual_dir):
-    dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
-    if IMAGE_FOLDER in dirnames:
-      depth = os.path.relpath(dirpath, manual_dir).count(os.sep) + 1
-      if best is None or (depth, dirpath) < best:
-        best = (depth, dirpath)
-      dirnames.remove(IMAGE_FOLDER)  # images, not another copy of the set
-  if best is None:
-    raise DataError(f'no {IMAGE_FOLDER} folder in or below {manual_dir}: pass the '
-                    'MontgomerySet folder (CXR_png/, ManualMask/, ClinicalReadings/) '
-                    'or a folder above it as --manual_dir')
-  return best[1]
+  return nlm_tb.find_root(manual_dir, what='the MontgomerySet folder (CXR_png/, ManualMask/, '
+                                           'ClinicalReadings/)')
 
 
 def list_images(root: str) -> tuple[list[Entry], list[str]]:
@@ -186,25 +157,11 @@ def list_images(root: str) -> tuple[list[Entry], list[str]]:
   Raises:
     DataError: a PNG whose name does not end in `_0` or `_1` (names the file).
   """
-  folder = os.path.join(root, IMAGE_FOLDER)
-  entries, others = [], []
-  for name in sorted(os.listdir(folder)):
-    path = os.path.join(folder, name)
-    if common.is_hidden(name) or not os.path.isfile(path):
-      continue
-    match = _IMAGE_RE.match(name)
-    if match is None:
-      others.append(path)
-      continue
-    image_id = match['id']
-    label = _LABEL_RE.search(image_id)
-    if label is None:
-      raise DataError(f'{path}: image name does not end in _0 (normal) or _1 '
-                      f'(tuberculosis), as MCUCXR_0001_0.png does')
-    entries.append(Entry(
-        image_id=image_id, label=CLASS_NAMES[int(label['label'])], image=path,
-        masks=tuple(os.path.join(root, MASK_FOLDERS[side], name)
-                    for side in ('left', 'right'))))
+  images, others = nlm_tb.list_images(root, example='MCUCXR_0001_0.png')
+  entries = [Entry(image_id=image.image_id, label=image.label, image=image.path,
+                   masks=tuple(os.path.join(root, MASK_FOLDERS[side], image.name)
+                               for side in ('left', 'right')))
+             for image in images]
   return entries, others
 
 
@@ -220,47 +177,26 @@ def read_reading(path: str) -> Reading:
     DataError: the file cannot be read, or its age is not an age (names the
       file and line).
   """
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as exc:
-    raise DataError(f'{path}: cannot read clinical reading ({common.one_line(exc)})') from exc
-  try:
-    text = data.decode('utf-8-sig')
-  except UnicodeDecodeError:
-    text = data.decode('latin-1')
   sex, age, lines = '', math.nan, []
-  for number, line in enumerate(text.splitlines(), 1):
+  for number, line in enumerate(nlm_tb.read_text(path).splitlines(), 1):
     match = _FIELD_RE.match(line)
     if match is None:
-      lines.append(line.rstrip())
+      lines.append(line)
     elif match['field'].lower() == 'sex':
       sex = match['value'].strip()
     else:
       age = parse_age(match['value'], where=f'{path} line {number}')
-  while lines and not lines[0].strip():
-    lines.pop(0)
-  while lines and not lines[-1].strip():
-    lines.pop()
-  return Reading(sex=sex, age=age, text='\n'.join(lines))
+  return Reading(sex=sex, age=age, text=nlm_tb.join_text(lines))
 
 
 def parse_age(text: str, *, where: str) -> float:
   """Years from a DICOM age string (`045Y`, `006M`, ...), a number or `45 years`;
-  NaN when blank or marked unknown.
+  NaN when blank or marked unknown (`nlm_tb.parse_age`).
 
   Raises:
     DataError: any other text; names `where`.
   """
-  text = text.strip()
-  if text.lower() in _MISSING_AGE:
-    return math.nan
-  match = _AGE_RE.match(text)
-  if match is None:
-    raise DataError(f"{where}: age {text!r} is not an age (expected e.g. 045Y, the "
-                    'DICOM age string, or a number of years)')
-  unit = (match['unit'] or 'y').lower()
-  return float(match['number']) * _YEARS_PER_UNIT[unit]
+  return nlm_tb.parse_age(text, where=where, expected=_EXPECTED_AGE)
 
 
 def load_mask(path: str, where: str, original_size: tuple[int, int]) -> np.ndarray:
@@ -354,7 +290,7 @@ class Montgomery(common.ImageBuilder):
         }),
         supervised_keys=('image', 'label'),
         metadata=metadata,
-        homepage=_HOMEPAGE,
+        homepage=nlm_tb.HOMEPAGE,
         citation=_CITATION,
         license='See NLM-MontgomeryCXRSet-ReadMe.pdf in the release for the terms of use.',
     )
@@ -386,17 +322,12 @@ class Montgomery(common.ImageBuilder):
           raise DataError(message)
         store.skip(path=missing, where=where, split=split, reason=message)
         continue
-      reading_path = os.path.join(root, READING_FOLDER, f'{entry.image_id}.txt')
-      if os.path.isfile(reading_path):
-        reading = read_reading(reading_path)
-      else:
+      reading = nlm_tb.reading_of(root, entry.image_id, read_reading)
+      if reading is None:
         reading = Reading()
         without_reading.append(entry.image_id)
       by_split[split].append((entry, reading, where))
-    if without_reading:
-      logging.warning('Montgomery: %d image(s) without a clinical reading in %s (first: %s): '
-                      'sex and reading empty, age NaN', len(without_reading),
-                      os.path.join(root, READING_FOLDER), without_reading[0])
+    nlm_tb.warn_without_reading('Montgomery', root, without_reading)
     self.info.metadata['images_without_reading'] = without_reading
     store.check_no_split_emptied(by_split, 'montgomery')
     empty = [split for split, items in by_split.items() if not items]

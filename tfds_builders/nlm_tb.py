@@ -1,0 +1,198 @@
+"""What the builders of NLM's tuberculosis chest X-ray sets (`montgomery`, `shenzhen`) share.
+
+Both releases of the U.S. National Library of Medicine's Tuberculosis Chest X-ray Image
+Data Sets unpack to a folder (`MontgomerySet/`, `ChinaSet_AllFiles/`) holding
+`CXR_png/<NAME>_<0|1>.png`, the digit after the last underscore being the label (0
+normal, 1 tuberculosis), and `ClinicalReadings/<stem>.txt`: the patient's sex and age,
+then the radiologist's reading as free text. Each set writes sex and age its own way;
+this module finds the set's folder, lists its images, reads reading files and ages.
+
+Errors are one-line `bigssl_med.errors.DataError`s that name the file (and line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Callable, Sequence
+
+from absl import logging
+
+from bigssl_med.errors import DataError
+from tfds_builders import common
+
+CLASS_NAMES = ('normal', 'tuberculosis')
+IMAGE_FOLDER = 'CXR_png'
+READING_FOLDER = 'ClinicalReadings'
+HOMEPAGE = ('https://lhncbc.nlm.nih.gov/LHC-publications/pubs/'
+            'TuberculosisChestXrayImageDataSets.html')
+
+_IMAGE_RE = re.compile(r'^(?P<id>.+)\.png$', re.IGNORECASE)
+_LABEL_RE = re.compile(r'_(?P<label>[01])$')
+# A number of years, or a number and its unit: `045Y` (the DICOM age string), `006M`,
+# `45yrs`, `45 yrs`, `45yr`, `52 years`, `3 months`, `10 days`.
+_AGE_RE = re.compile(r'^(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[a-z]*)\.?$', re.IGNORECASE)
+_DAYS_PER_YEAR = 365.25
+_YEARS_PER_UNIT = {}
+for _units, _years in ((('', 'y', 'yr', 'yrs', 'year', 'years'), 1.0),
+                       (('m', 'mo', 'mos', 'month', 'months'), 1.0 / 12.0),
+                       (('w', 'wk', 'wks', 'week', 'weeks'), 7.0 / _DAYS_PER_YEAR),
+                       (('d', 'day', 'days'), 1.0 / _DAYS_PER_YEAR)):
+  _YEARS_PER_UNIT.update(dict.fromkeys(_units, _years))
+MISSING_AGE = frozenset({'', 'na', 'n/a', 'nan', 'null', 'none', 'unknown', '?'})
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+  """What a clinical reading file says: sex, age in years (NaN when unknown) and the
+  free text."""
+  sex: str = ''
+  age: float = math.nan
+  text: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+  """One image of `CXR_png/`: its id (the file stem), label (from the name) and path."""
+  image_id: str
+  label: str
+  path: str
+
+  @property
+  def name(self) -> str:
+    """The file name, e.g. `CHNCXR_0001_0.png`."""
+    return os.path.basename(self.path)
+
+
+def find_root(manual_dir: str, *, what: str) -> str:
+  """The set's folder: the one holding `CXR_png/`, looked up in `manual_dir`, then the
+  shallowest below it (between folders at the same depth, the first in sorted order).
+
+  Args:
+    manual_dir: where to look.
+    what: the folder the user should pass, for the error message (e.g. 'the
+      MontgomerySet folder (CXR_png/, ManualMask/, ClinicalReadings/)').
+
+  Raises:
+    DataError: no `CXR_png` folder in or below `manual_dir`.
+  """
+  if os.path.isdir(os.path.join(manual_dir, IMAGE_FOLDER)):
+    return manual_dir
+  best = None
+  for dirpath, dirnames, _ in os.walk(manual_dir):
+    dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
+    if IMAGE_FOLDER in dirnames:
+      depth = os.path.relpath(dirpath, manual_dir).count(os.sep) + 1
+      if best is None or (depth, dirpath) < best:
+        best = (depth, dirpath)
+      dirnames.remove(IMAGE_FOLDER)  # images, not another copy of the set
+  if best is None:
+    raise DataError(f'no {IMAGE_FOLDER} folder in or below {manual_dir}: pass {what} or '
+                    'a folder above it as --manual_dir')
+  return best[1]
+
+
+def list_images(root: str, *, example: str) -> tuple[list[Listed], list[str]]:
+  """The PNG images of `root/CXR_png` in name order, and the other files found there
+  (hidden files and folders are passed over).
+
+  Args:
+    root: the set's folder (`find_root`).
+    example: a published file name, for the error message (`MCUCXR_0001_0.png`).
+
+  Raises:
+    DataError: a PNG whose name does not end in `_0` or `_1` (names the file).
+  """
+  folder = os.path.join(root, IMAGE_FOLDER)
+  images, others = [], []
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if common.is_hidden(name) or not os.path.isfile(path):
+      continue
+    match = _IMAGE_RE.match(name)
+    if match is None:
+      others.append(path)
+      continue
+    label = _LABEL_RE.search(match['id'])
+    if label is None:
+      raise DataError(f'{path}: image name does not end in _0 (normal) or _1 '
+                      f'(tuberculosis), as {example} does')
+    images.append(Listed(image_id=match['id'], label=CLASS_NAMES[int(label['label'])],
+                         path=path))
+  return images, others
+
+
+def read_text(path: str) -> str:
+  """The text of a clinical reading file: UTF-8 (a byte order mark is dropped), or
+  Latin-1 where it is not UTF-8.
+
+  Raises:
+    DataError: the file cannot be read (names it).
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as exc:
+    raise DataError(f'{path}: cannot read clinical reading ({common.one_line(exc)})') from exc
+  try:
+    return data.decode('utf-8-sig')
+  except UnicodeDecodeError:
+    return data.decode('latin-1')
+
+
+def join_text(lines: Sequence[str]) -> str:
+  """`lines`, each stripped at its end and blank lines at either end dropped, joined
+  with newlines: the free text of a reading."""
+  lines = [line.rstrip() for line in lines]
+  while lines and not lines[0]:
+    lines.pop(0)
+  while lines and not lines[-1]:
+    lines.pop()
+  return '\n'.join(lines)
+
+
+def is_age(text: str) -> bool:
+  """Whether `text` has the form of an age `parse_age` reads (not a missing one)."""
+  match = _AGE_RE.match(text.strip())
+  return match is not None and match['unit'].lower() in _YEARS_PER_UNIT
+
+
+def parse_age(text: str, *, where: str, expected: str) -> float:
+  """Years from a number and an optional unit: years (`45`, `045Y`, `45yrs`, `45 yrs`,
+  `45yr`, `45 years`), months (`006M`, `6 months`), weeks (`3W`) or days (`014D`,
+  `10 days`), in either letter case; NaN when blank or marked unknown (`unknown`, `?`,
+  `n/a`, ...).
+
+  Args:
+    text: the age as written.
+    where: the file and line, for the error message.
+    expected: the forms the set writes, for the error message (e.g. `045Y, the DICOM
+      age string, or a number of years`).
+
+  Raises:
+    DataError: any other text; names `where`.
+  """
+  text = text.strip()
+  if text.lower() in MISSING_AGE:
+    return math.nan
+  match = _AGE_RE.match(text)
+  years = None if match is None else _YEARS_PER_UNIT.get(match['unit'].lower())
+  if years is None:
+    raise DataError(f'{where}: age {text!r} is not an age (expected e.g. {expected})')
+  return float(match['number']) * years
+
+
+def reading_of(root: str, image_id: str, parse: Callable[[str], Reading]) -> Reading | None:
+  """`parse(path)` of the image's clinical reading file, or None when it has none."""
+  path = os.path.join(root, READING_FOLDER, f'{image_id}.txt')
+  return parse(path) if os.path.isfile(path) else None
+
+
+def warn_without_reading(what: str, root: str, image_ids: Sequence[str]) -> None:
+  """One warning for the images without a clinical reading (none: no warning)."""
+  if image_ids:
+    logging.warning('%s: %d image(s) without a clinical reading in %s (first: %s): sex and '
+                    'reading empty, age NaN', what, len(image_ids),
+                    os.path.join(root, READING_FOLDER), image_ids[0])
