@@ -3,10 +3,10 @@
   python main.py --config=configs/benchmark_cxr.py[:DATASET[,MODEL]] --workdir=... \
       --config.init_from=IMPORTED_OR_PRETRAINED_WORKDIR --config.init=NAME --config.seed=S
 
-DATASET is `nih14` (ChestX-ray14, the default) or `chexpert`; MODEL a variant of
-`config_schema.MODEL_VARIANTS` (`r50` by default). Every layer is trained from the
-encoder of `init_from` (an imported torchvision-layout model, or a pretraining run)
-under a new linear classifier, as the benchmark fine-tunes its initialisations:
+DATASET is `nih14` (ChestX-ray14, the default), `chexpert` or `shenzhen`; MODEL a
+variant of `config_schema.MODEL_VARIANTS` (`r50` by default). Every layer is trained
+from the encoder of `init_from` (an imported torchvision-layout model, or a pretraining
+run) under a new linear classifier, as the benchmark fine-tunes its initialisations:
 
 - Adam, no weight decay, learning rate 2e-4 at batch 32 (`adamw`, 1.6e-3 x 32/256);
 - the learning rate halved once the validation loss has not improved by more than
@@ -30,7 +30,16 @@ pathologies. As its code gives the validation set the training policy, the valid
 loss (which selects the model, halves the learning rate and stops the run) counts the
 uncertain labels with LSR-Ones' targets, drawn afresh at each evaluation from the seed
 and the step (`task.eval_uncertain='train_policy'`); the AUCs, and the test split (the
-official validation set, which has no uncertain labels), leave them out.
+official validation set, which has no uncertain labels), leave them out. Shenzhen
+(tuberculosis or normal): the benchmark's own train, validation and test lists
+(`shenzhen/benchmark_side512`; the builder reads `ShenzenCXR_{train,valid,test}_data.txt`
+from `data.manual_dir` with the set; `--config.dataset=shenzhen` splits by case hash
+instead). Its two classes make a two-class softmax task that logs `auc` (of
+tuberculosis) besides top-1; the benchmark trains one sigmoid output instead, the same
+model family (a softmax of two logits is the sigmoid of their difference). The
+validation loss selects the model, as for the other data sets; the benchmark's score is
+`test.auc` in results.json (the run's summary line leads with top-1, as for any
+multi-class task selected on a loss).
 
 The architecture is torchvision's, as the benchmark's initialisations are
 (`python -m bigssl_med.convert` imports them): its max-pooling windows
@@ -44,7 +53,7 @@ the key.
 
 from bigssl_med import config_schema
 
-_DATASETS = ('nih14', 'chexpert')
+_DATASETS = ('nih14', 'chexpert', 'shenzhen')
 
 
 def get_config(arg: str = 'nih14'):
@@ -87,6 +96,8 @@ def get_config(arg: str = 'nih14'):
     config.data.holdout = 0.1
     config.data.eval_split = ''
     config.data.test_split = 'validation'
+  elif dataset == 'shenzhen':
+    config.dataset = 'shenzhen/benchmark_side512'   # its lists; validation and test splits
   else:
     config.dataset = 'nih_chest_xray14'
   return config

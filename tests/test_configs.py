@@ -115,6 +115,22 @@ def test_benchmark_config_is_the_transfer_learning_benchmarks_protocol():
     assert demo.stages[name].dataset == 'ham10000/side96'
 
 
+def test_benchmark_config_on_shenzhen():
+  c, nih = load('benchmark_cxr', 'shenzhen'), load('benchmark_cxr')
+  config_schema.validate(c)
+  # The benchmark's split lists (the builder's benchmark config): validation and test.
+  assert c.dataset == 'shenzhen/benchmark_side512'
+  assert (c.data.eval_split, c.data.test_split, c.data.holdout) == ('validation', 'test', 0.0)
+  assert c.task.primary_metric == 'loss' and not c.task.mean_over
+  assert c.task.uncertain == nih.task.uncertain and c.task.eval_uncertain == 'ignore'
+  # Everything else is the protocol of the other data sets.
+  different = {key for key, *_ in config_schema.setting_differences(nih.to_dict(), c)}
+  assert different == {'dataset'}, different
+  x = load('benchmark_cxr', 'r18,shenzhen')
+  assert (x.dataset, x.model.depth, x.model.identity_shortcuts) == (
+      'shenzhen/benchmark_side512', 18, True)
+
+
 def test_segment_montgomery_config():
   c = load('segment_montgomery')
   assert (c.trainer, c.dataset, c.data.image_size, c.data.mask_key) == (

@@ -11,6 +11,7 @@ from tfds_builders.medmnist import Medmnist
 from tfds_builders.mimic_cxr_jpg import MimicCxrJpg
 from tfds_builders.montgomery import Montgomery
 from tfds_builders.nih_chest_xray14 import NihChestXray14
+from tfds_builders.shenzhen import Shenzhen
 
 BUILDERS = {
     'chexpert': Chexpert,
@@ -20,7 +21,8 @@ BUILDERS = {
     'mimic_cxr_jpg': MimicCxrJpg,
     'montgomery': Montgomery,
     'nih_chest_xray14': NihChestXray14,
+    'shenzhen': Shenzhen,
 }
 
 __all__ = ['BUILDERS', 'Chexpert', 'Ham10000', 'ImageCases', 'Medmnist',
-           'MimicCxrJpg', 'Montgomery', 'NihChestXray14']
+           'MimicCxrJpg', 'Montgomery', 'NihChestXray14', 'Shenzhen']
