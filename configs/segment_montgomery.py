@@ -12,10 +12,10 @@ weights when `init_from` is empty, the scratch baseline), 224 x 224 inputs (imag
 stored at a longest side of 512, the builder's default config), BCE + soft Dice loss
 (`loss.bce_weight=0`: the Dice loss alone, as the benchmark's code trains most of its
 tasks), Adam at 2e-4 (batch 16) with a cosine decay, evaluated on the validation
-split every 2 epochs (about 110 training images, 7 steps an epoch) with early
-stopping, and the best model tested once by the mean per-image Dice. The set has 138
-images and no official split: the builder's 80/10/10 case-hash split gives about 14
-validation and 14 test images, so a single run's Dice is noisy; compare seeds. The
+split every 2 epochs (104 training images, 6.5 steps an epoch) with early stopping,
+and the best model tested once by the mean per-image Dice. The set has 138 images
+and no official split: the builder's 80/10/10 case-hash split of the published file
+names gives 104 / 18 / 16 images, so a single run's Dice is noisy; compare seeds. The
 argument picks the encoder (`r50`, `r50x2`, ..., see `config_schema.MODEL_VARIANTS`).
 The set cannot be downloaded by the builder: `data.manual_dir` is the unzipped
 `MontgomerySet/` (or a folder above it) for the first run's build.

@@ -295,9 +295,37 @@ def test_an_image_without_one_of_its_masks(fake, tmp_path, side):
 def test_a_mask_of_another_size(fake, tmp_path):
   image_id = fake.image_id('test')
   Image.new('L', (7, 5)).save(fake.right[image_id])
-  with pytest.raises(DataError) as excinfo:
-    _build(fake, tmp_path / 'data')
-  _assert_one_line_error(excinfo, fake.right[image_id], 'mask is 7x5', image_id)
+  for skip in (False, True):  # a wrong pairing, not a bad file: never skipped
+    with pytest.raises(DataError) as excinfo:
+      _build(fake, tmp_path / 'data', skip_bad_images=skip)
+    _assert_one_line_error(excinfo, fake.right[image_id], 'mask is 7x5', image_id)
+
+
+@pytest.mark.parametrize('kind', ['uint16_0_1', 'dark_colour', 'jpeg'])
+def test_masks_count_their_own_nonzero_values(fake, tmp_path, kind):
+  """16-bit 0/1 and dark colour masks keep their lung; a JPEG's halo is not lung."""
+  image_id = fake.image_id('train')
+  path = fake.left[image_id]
+  lung = np.asarray(Image.open(path)) > 0
+  if kind == 'uint16_0_1':
+    Image.fromarray(lung.astype(np.uint16)).save(path)
+  elif kind == 'dark_colour':
+    colour = np.zeros(lung.shape + (3,), np.uint8)
+    colour[lung] = (0, 0, 1)
+    Image.fromarray(colour).save(path)
+  else:
+    Image.fromarray(lung.astype(np.uint8) * 255).save(path, format='JPEG', quality=75)
+  width, height = Image.open(fake.images[image_id]).size
+  got = montgomery.load_mask(os.fspath(path), image_id, (width, height))
+  np.testing.assert_array_equal(got, lung)
+
+
+def test_the_set_is_found_beside_the_other_nlm_set(fake, tmp_path):
+  """ChinaSet_AllFiles/CXR_png sorts first, but its images are not Montgomery's."""
+  china = fake.parent / 'ChinaSet_AllFiles' / 'CXR_png'
+  china.mkdir(parents=True)
+  Image.new('L', (8, 8)).save(china / 'CHNCXR_0001_0.png')
+  assert montgomery.find_root(os.fspath(fake.parent)) == os.fspath(fake.parent / 'MontgomerySet')
 
 
 def test_an_undecodable_image(fake, tmp_path):

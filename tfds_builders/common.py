@@ -16,6 +16,7 @@
   (`ImageBuilder(num_threads=...)`, all cores by default) and keeps the order, so a
   build's records do not depend on the number of threads.
 * `hash_split` and `check_case_disjoint`: case-disjoint splits.
+* `mask_foreground`, `MaskSizeError`: reading the binary masks of a segmentation set.
 * `with_progress`: progress lines while examples are generated.
 * `parse_label(s)`, `Item`, `check_unique_keys`, `generate_examples`: the
   CheXpert label encoding (1, 0, -1, blank -> NaN) and turning listed images
@@ -793,3 +794,31 @@ def manual_dir_or_none(dl_manager: tfds.download.DownloadManager) -> str | None:
   except AssertionError:  # TFDS: manual_dir not given, missing or empty.
     return None
   return None if manual_dir is None else os.fspath(manual_dir)
+
+
+# Lossy formats: compression leaves small nonzero values along every edge of a mask.
+LOSSY_FORMATS = ('JPEG', 'MPO')
+
+
+def mask_foreground(image: Image.Image) -> np.ndarray:
+  """bool [height, width]: the foreground of a decoded mask file, read from its own
+  values (before any conversion that would scale them): the pixels nonzero in any colour
+  band (alpha ignored; a palette image by its colours; 0/1, 16-bit and dark colours
+  alike); in a JPEG, those of 128 or more, since compression leaves small values along
+  the mask's edges."""
+  lossy = image.format in LOSSY_FORMATS
+  if image.mode == 'P':
+    image = image.convert('RGBA')
+  elif image.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV'):
+    image = image.convert('RGB')
+  array = np.asarray(image)
+  on = (lambda a: a >= 128) if lossy and array.dtype == np.uint8 else (lambda a: a != 0)
+  if array.ndim == 2:
+    return on(array)
+  colour = [i for i, band in enumerate(image.getbands()) if band != 'A']
+  return np.any(on(array[..., colour]), axis=-1)
+
+
+class MaskSizeError(DataError):
+  """A mask whose size is not its image's: an error even with `skip_bad_images`, which
+  skips missing and undecodable files only (the pairing is wrong, not a file)."""

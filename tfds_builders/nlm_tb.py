@@ -66,32 +66,42 @@ class Listed:
     return os.path.basename(self.path)
 
 
-def find_root(manual_dir: str, *, what: str) -> str:
+def find_root(manual_dir: str, *, what: str, prefix: str = '') -> str:
   """The set's folder: the one holding `CXR_png/`, looked up in `manual_dir`, then the
   shallowest below it (between folders at the same depth, the first in sorted order).
+  Folders whose `CXR_png/` holds images named `prefix...` come first, so that another
+  NLM set unpacked beside this one (`MontgomerySet/`, `ChinaSet_AllFiles/`) is not taken
+  for it.
 
   Args:
     manual_dir: where to look.
     what: the folder the user should pass, for the error message (e.g. 'the
       MontgomerySet folder (CXR_png/, ManualMask/, ClinicalReadings/)').
+    prefix: how the set's image names start (`MCUCXR_`, `CHNCXR_`).
 
   Raises:
     DataError: no `CXR_png` folder in or below `manual_dir`.
   """
-  if os.path.isdir(os.path.join(manual_dir, IMAGE_FOLDER)):
+  def ours(folder: str) -> bool:
+    try:
+      return any(name.startswith(prefix)
+                 for name in os.listdir(os.path.join(folder, IMAGE_FOLDER)))
+    except OSError:
+      return False
+
+  if os.path.isdir(os.path.join(manual_dir, IMAGE_FOLDER)) and ours(manual_dir):
     return manual_dir
-  best = None
+  found = []
   for dirpath, dirnames, _ in os.walk(manual_dir):
     dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
     if IMAGE_FOLDER in dirnames:
-      depth = os.path.relpath(dirpath, manual_dir).count(os.sep) + 1
-      if best is None or (depth, dirpath) < best:
-        best = (depth, dirpath)
+      depth = os.path.relpath(dirpath, manual_dir).count(os.sep) + (dirpath != manual_dir)
+      found.append((not ours(dirpath), depth, dirpath))
       dirnames.remove(IMAGE_FOLDER)  # images, not another copy of the set
-  if best is None:
+  if not found:
     raise DataError(f'no {IMAGE_FOLDER} folder in or below {manual_dir}: pass {what} or '
                     'a folder above it as --manual_dir')
-  return best[1]
+  return min(found)[2]
 
 
 def list_images(root: str, *, example: str) -> tuple[list[Listed], list[str]]:

@@ -576,32 +576,9 @@ def empty_mask(size: tuple[int, int]) -> bytes:
   return buffer.getvalue()
 
 
-# Lossy formats: compression leaves small nonzero values along every edge of a mask.
-LOSSY_FORMATS = ('JPEG', 'MPO')
 # EXIF orientations other than 1 (as stored) turn or mirror the displayed picture.
 _ORIENTATION_TAG = 0x0112
-
-
-def _foreground(image: Image.Image) -> np.ndarray:
-  """bool [height, width]: the pixels of a decoded mask that are nonzero in any colour
-  band (alpha ignored; a palette image by its colours); in a JPEG, at least 128 in any
-  colour band, since compression leaves small values along the mask's edges."""
-  lossy = image.format in LOSSY_FORMATS
-  if image.mode == 'P':
-    image = image.convert('RGBA')
-  elif image.mode in ('CMYK', 'YCbCr', 'LAB', 'HSV'):
-    image = image.convert('RGB')
-  array = np.asarray(image)
-  on = (lambda a: a >= 128) if lossy and array.dtype == np.uint8 else (lambda a: a != 0)
-  if array.ndim == 2:
-    return on(array)
-  colour = [i for i, band in enumerate(image.getbands()) if band != 'A']
-  return np.any(on(array[..., colour]), axis=-1)
-
-
-class MaskSizeError(DataError):
-  """A mask whose size is not its image's: an error even with `skip_bad_images`, which
-  skips missing and undecodable files only."""
+MaskSizeError = common.MaskSizeError
 
 
 def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
@@ -639,7 +616,7 @@ def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
   try:
     with Image.open(io.BytesIO(data)) as image:
       image.load()
-      size, foreground = image.size, _foreground(image)
+      size, foreground = image.size, common.mask_foreground(image)
       # Already what is stored: an 8-bit gray PNG of 0 and 255 only.
       binary = (image.format == 'PNG' and image.mode == 'L' and
                 np.isin(np.asarray(image), (0, 255)).all())

@@ -58,7 +58,6 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from bigssl_med.data import host_ops
 from bigssl_med.errors import DataError
 from tfds_builders import common
 from tfds_builders import nlm_tb
@@ -147,7 +146,8 @@ def find_root(manual_dir: str) -> str:
   Raises:
     DataError: no `CXR_png` folder in or below `manual_dir`.
   """
-  return nlm_tb.find_root(manual_dir, what='the MontgomerySet folder (CXR_png/, ManualMask/, '
+  return nlm_tb.find_root(manual_dir, prefix='MCUCXR_',
+                          what='the MontgomerySet folder (CXR_png/, ManualMask/, '
                                            'ClinicalReadings/)')
 
 
@@ -200,7 +200,9 @@ def parse_age(text: str, *, where: str) -> float:
 
 
 def load_mask(path: str, where: str, original_size: tuple[int, int]) -> np.ndarray:
-  """The lung pixels (bool, height x width) of the mask file at `path`: those not 0.
+  """The lung pixels (bool, height x width) of the mask file at `path`: those not 0
+  (`common.mask_foreground`, on the file's own values: 0/1, 16-bit and colour masks
+  alike).
 
   Args:
     path: the mask file (left or right lung).
@@ -209,8 +211,9 @@ def load_mask(path: str, where: str, original_size: tuple[int, int]) -> np.ndarr
       have this size.
 
   Raises:
-    DataError: the file cannot be read or decoded, or its size differs from the
-      published image's (names the file).
+    DataError: the file cannot be read or decoded (names the file).
+    common.MaskSizeError: its size differs from the published image's (names the file);
+      never skipped, since the pairing is wrong, not the file.
   """
   try:
     with open(path, 'rb') as f:
@@ -219,14 +222,16 @@ def load_mask(path: str, where: str, original_size: tuple[int, int]) -> np.ndarr
     raise DataError(f'{path}: cannot read mask ({common.one_line(exc)}); mask of '
                     f'{where}') from exc
   try:
-    mask, _ = host_ops.decode_pil(data, channels=1, name=path)
-  except DataError as exc:
-    reason = str(exc).split(f'{path}: ', 1)[-1]
-    raise DataError(f'{path}: cannot decode mask ({reason}); mask of {where}') from exc
-  if mask.size != original_size:
-    raise DataError(f'{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is '
-                    f'{original_size[0]}x{original_size[1]} ({where})')
-  return np.asarray(mask) > 0
+    with Image.open(io.BytesIO(data)) as mask:
+      mask.load()
+      size, lung = mask.size, common.mask_foreground(mask)
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    raise DataError(f'{path}: cannot decode mask ({common.one_line(exc)}); mask of '
+                    f'{where}') from exc
+  if size != original_size:
+    raise common.MaskSizeError(f'{path}: mask is {size[0]}x{size[1]} but its image is '
+                               f'{original_size[0]}x{original_size[1]} ({where})')
+  return lung
 
 
 def encode_mask(lung: np.ndarray, size: tuple[int, int]) -> bytes:
@@ -353,6 +358,8 @@ class Montgomery(common.ImageBuilder):
       for path in entry.masks:  # the stored mask is the union of both lungs
         try:
           side = load_mask(path, where, _image_size(published[-1]))
+        except common.MaskSizeError:
+          raise
         except DataError as exc:
           return common.Failed(path, where, exc)
         lung = side if lung is None else lung | side

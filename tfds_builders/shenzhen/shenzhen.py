@@ -348,8 +348,8 @@ class Shenzhen(common.ImageBuilder):
                       "NLM's Tuberculosis Chest X-ray Image Data Sets page, unzip it and pass "
                       'the ChinaSet_AllFiles folder, or a folder above it, as --manual_dir '
                       '(main.py: --config.data.manual_dir=DIR)')
-    root = nlm_tb.find_root(manual_dir, what='the ChinaSet_AllFiles folder (CXR_png/, '
-                                             'ClinicalReadings/)')
+    root = nlm_tb.find_root(manual_dir, prefix='CHNCXR_',
+                            what='the ChinaSet_AllFiles folder (CXR_png/, ClinicalReadings/)')
     images, others = nlm_tb.list_images(root, example='CHNCXR_0001_0.png')
     folder = os.path.join(root, nlm_tb.IMAGE_FOLDER)
     if not images:
