@@ -16,7 +16,8 @@
   (`ImageBuilder(num_threads=...)`, all cores by default) and keeps the order, so a
   build's records do not depend on the number of threads.
 * `hash_split` and `check_case_disjoint`: case-disjoint splits.
-* `mask_foreground`, `MaskSizeError`: reading the binary masks of a segmentation set.
+* `mask_foreground`, `encode_mask`, `MaskSizeError`: the binary masks of a
+  segmentation set, read and stored.
 * `with_progress`: progress lines while examples are generated.
 * `parse_label(s)`, `Item`, `check_unique_keys`, `generate_examples`: the
   CheXpert label encoding (1, 0, -1, blank -> NaN) and turning listed images
@@ -822,3 +823,20 @@ def mask_foreground(image: Image.Image) -> np.ndarray:
 class MaskSizeError(DataError):
   """A mask whose size is not its image's: an error even with `skip_bad_images`, which
   skips missing and undecodable files only (the pairing is wrong, not a file)."""
+
+
+def encode_mask(foreground: np.ndarray, size: tuple[int, int]) -> bytes:
+  """The stored form of a binary mask: 8-bit one-channel PNG bytes of 0 and 255, resized
+  to `size` (width, height) with the nearest-neighbour filter, so that it stays binary."""
+  mask = Image.fromarray(np.asarray(foreground, bool).astype(np.uint8) * 255, 'L')
+  if mask.size != size:
+    mask = mask.resize(size, Image.Resampling.NEAREST)
+  buffer = io.BytesIO()
+  mask.save(buffer, format='PNG')
+  return buffer.getvalue()
+
+
+def encoded_size(data: bytes) -> tuple[int, int]:
+  """The (width, height) of encoded image bytes, from their header."""
+  with Image.open(io.BytesIO(data)) as image:
+    return image.size

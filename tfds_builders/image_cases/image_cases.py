@@ -514,11 +514,11 @@ class ImageCases(common.ImageBuilder):
         return loaded
       mask, mask_file = None, None
       if config.masks and case.mask_file is None:  # unlabeled: no annotation
-        mask = empty_mask(_image_size(loaded[0]))
+        mask = empty_mask(common.encoded_size(loaded[0]))
       elif config.masks:
         mask_file = files.find(case.mask_file)
         size, orientation = _file_image_info(file, where)
-        mask = _try_load_mask(mask_file, where, stored_size=_image_size(loaded[0]),
+        mask = _try_load_mask(mask_file, where, stored_size=common.encoded_size(loaded[0]),
                               image_size=size, orientation=orientation)
         if isinstance(mask, common.Failed):
           return mask
@@ -552,12 +552,6 @@ class ImageCases(common.ImageBuilder):
         example['label'] = case.labels[0] if case.labeled else -1
       yield case.path, example
     common.warn_found_ignoring_case(other_case, f'image_cases {split}', cases_path)
-
-
-def _image_size(data: bytes) -> tuple[int, int]:
-  """The (width, height) of encoded image bytes."""
-  with Image.open(io.BytesIO(data)) as image:
-    return image.size
 
 
 def _file_image_info(path: str, where: str) -> tuple[tuple[int, int], int]:
@@ -637,12 +631,7 @@ def load_mask(path: str, where: str, *, stored_size: tuple[int, int],
                     path)
   if binary and size == stored_size:
     return data
-  mask = Image.fromarray(foreground.astype(np.uint8) * 255, 'L')
-  if size != stored_size:
-    mask = mask.resize(stored_size, Image.Resampling.NEAREST)
-  buffer = io.BytesIO()
-  mask.save(buffer, format='PNG')
-  return buffer.getvalue()
+  return common.encode_mask(foreground, stored_size)
 
 
 def _try_load_mask(path: str, where: str, *, stored_size: tuple[int, int],

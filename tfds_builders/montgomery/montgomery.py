@@ -234,22 +234,6 @@ def load_mask(path: str, where: str, original_size: tuple[int, int]) -> np.ndarr
   return lung
 
 
-def encode_mask(lung: np.ndarray, size: tuple[int, int]) -> bytes:
-  """8-bit one-channel PNG bytes of `lung` (0 or 255), resized to `size` (width,
-  height) with the nearest-neighbour filter, so that it stays binary."""
-  mask = Image.fromarray(lung.astype(np.uint8) * 255)
-  if mask.size != size:
-    mask = mask.resize(size, Image.Resampling.NEAREST)
-  buffer = io.BytesIO()
-  mask.save(buffer, format='PNG')
-  return buffer.getvalue()
-
-
-def _image_size(data: bytes) -> tuple[int, int]:
-  with Image.open(io.BytesIO(data)) as image:
-    return image.size
-
-
 class Montgomery(common.ImageBuilder):
   """Montgomery County chest X-rays with lung masks, TB labels and clinical readings.
 
@@ -357,13 +341,13 @@ class Montgomery(common.ImageBuilder):
       lung = None
       for path in entry.masks:  # the stored mask is the union of both lungs
         try:
-          side = load_mask(path, where, _image_size(published[-1]))
+          side = load_mask(path, where, common.encoded_size(published[-1]))
         except common.MaskSizeError:
           raise
         except DataError as exc:
           return common.Failed(path, where, exc)
         lung = side if lung is None else lung | side
-      return image, encode_mask(lung, _image_size(image))
+      return image, common.encode_mask(lung, common.encoded_size(image))
 
     for (entry, reading, _), (image, mask) in store.each(items, load, split=split,
                                                          what=f'montgomery {split}'):
