@@ -58,7 +58,10 @@ _DATASETS = ('nih14', 'chexpert', 'shenzhen')
 
 def get_config(arg: str = 'nih14'):
   parts = [p.strip() for p in arg.split(',') if p.strip()]
-  dataset = next((p for p in parts if p in _DATASETS), 'nih14')
+  named = [p for p in parts if p in _DATASETS]
+  if len(named) > 1:
+    raise ValueError(f'configs/benchmark_cxr.py takes one DATASET, got {arg!r}')
+  dataset = named[0] if named else 'nih14'
   variants = [p for p in parts if p not in _DATASETS]
   if len(variants) > 1:
     raise ValueError(f'configs/benchmark_cxr.py takes DATASET[,MODEL], got {arg!r}')

@@ -129,6 +129,8 @@ def test_benchmark_config_on_shenzhen():
   x = load('benchmark_cxr', 'r18,shenzhen')
   assert (x.dataset, x.model.depth, x.model.identity_shortcuts) == (
       'shenzhen/benchmark_side512', 18, True)
+  with pytest.raises(ValueError, match='takes one DATASET'):
+    load('benchmark_cxr', 'shenzhen,chexpert')
 
 
 def test_segment_montgomery_config():

@@ -242,6 +242,8 @@ def test_sex_age_and_reading(fake, tmp_path):
       assert record['age'] == pytest.approx(age), index
   metadata = sources.dataset_info(BUILD, os.fspath(data_dir)).metadata
   assert metadata['images_without_reading'] == [ids[-1]]
+  # 'normal' alone: no sex and age line; named, not silently empty.
+  assert metadata['readings_without_sex_age'] == [ids[7]]
 
 
 @pytest.mark.parametrize('text, expected', [
@@ -257,6 +259,17 @@ def test_sex_age_and_reading(fake, tmp_path):
     ('F/U: PTB\nleft upper field', ('', math.nan, 'F/U: PTB\nleft upper field')),
     ('male 45yrs', ('M', 45.0, '')),
     ('', ('', math.nan, '')),
+    # The reading may start on the first line, after the age and its punctuation.
+    ('male 45yrs PTB in the left\nupper field', ('M', 45.0, 'PTB in the left\nupper field')),
+    ('male 35 yrs PTB', ('M', 35.0, 'PTB')),
+    ('male 45yrs\tnormal', ('M', 45.0, 'normal')),
+    ('Female 35yrs,\nnormal', ('F', 35.0, 'normal')),
+    ('male\uff0c45yrs\nnormal', ('M', 45.0, 'normal')),
+    ('male 45 yrs\u3002\nnormal', ('M', 45.0, 'normal')),
+    ('male 16month\nnormal', ('M', 16 / 12, 'normal')),
+    # The release's misspellings of female.
+    ('femal 32yrs\nnormal', ('F', 32.0, 'normal')),
+    ('fmale 45yrs\nnormal', ('F', 45.0, 'normal')),
 ])
 def test_read_reading(tmp_path, text, expected):
   path = tmp_path / 'CHNCXR_0001_0.txt'
@@ -271,9 +284,13 @@ def test_a_reading_in_latin1_is_read(tmp_path):
   path = tmp_path / 'CHNCXR_0001_0.txt'
   path.write_bytes('male 35yrs\nnormal \xe9\n'.encode('latin-1'))
   assert shenzhen.read_reading(os.fspath(path)).text == 'normal \xe9'
+  # Byte 0x85 (U+0085 in Latin-1) is no line end: errors name the right line.
+  path.write_bytes(b' \x85\nmale old\nnormal\n')
+  with pytest.raises(DataError, match='line 2: age'):
+    shenzhen.read_reading(os.fspath(path))
 
 
-@pytest.mark.parametrize('header', ['male old', 'female 35hours', 'M 3x5', 'male 35 yrs PTB'])
+@pytest.mark.parametrize('header', ['male old', 'female 35hours', 'M 3x5', 'male PTB 35yrs'])
 def test_a_sex_without_an_age_after_it_is_a_one_line_error(tmp_path, header):
   path = tmp_path / 'CHNCXR_0001_0.txt'
   path.write_text(f'\n{header}\nnormal\n')
@@ -436,8 +453,23 @@ def test_a_missing_list(listed, tmp_path):
   os.remove(lists['test'])
   with pytest.raises(DataError) as excinfo:
     _build(fake, tmp_path / 'data', name=BENCHMARK)
-  _assert_one_line_error(excinfo, 'no benchmark test list', 'ShenzenCXR_test_data.txt',
-                         fake.parent)
+  _assert_one_line_error(excinfo, lists['test'], 'not found', 'read from one folder')
+
+
+def test_the_lists_are_read_from_one_folder(listed, tmp_path):
+  """A stray train list above the others is not mixed with them."""
+  fake, _, lists = listed
+  stray = fake.parent / 'stray'
+  stray.mkdir()
+  (stray / 'ShenzenCXR_train_data.txt').write_text(lists['train'].read_text())
+  moved = fake.parent / 'stray' / 'deeper'
+  moved.mkdir()
+  for path in lists.values():
+    os.replace(path, moved / path.name)
+  os.replace(stray / 'ShenzenCXR_train_data.txt', fake.parent / 'ShenzenCXR_train_data.txt')
+  with pytest.raises(DataError) as excinfo:
+    _build(fake, tmp_path / 'data', name=BENCHMARK)
+  _assert_one_line_error(excinfo, 'read from one folder', fake.parent)
 
 
 def test_an_empty_list(listed, tmp_path):

@@ -163,6 +163,30 @@ def join_text(lines: Sequence[str]) -> str:
   return '\n'.join(lines)
 
 
+def text_lines(text: str) -> list[str]:
+  """`text` split at line ends (`\n`, `\r\n`, `\r`) only: `str.splitlines` also splits
+  at characters a Latin-1 file may hold (U+0085, form feed), which would put an error on
+  the wrong line."""
+  return text.replace('\r\n', '\n').replace('\r', '\n').split('\n')
+
+
+# A leading age and where it ends: the number, then the longest unit that fits.
+_LEADING_AGE_RE = re.compile(
+    r'^(?P<age>\d+(?:\.\d+)?\s*(?:' +
+    '|'.join(sorted((re.escape(u) for u in _YEARS_PER_UNIT if u), key=len, reverse=True)) +
+    r')?(?![a-z0-9.])\.?)(?P<rest>.*)$', re.IGNORECASE | re.DOTALL)
+
+
+def leading_age(text: str) -> tuple[str, str] | None:
+  """`(age, rest)` where `text` starts with an age `parse_age` reads (`45yrs`, `6 month`,
+  `42`) followed by other text (`45yrs PTB in the left upper field`), the rest stripped
+  of the separators between them; None where it does not start with one."""
+  match = _LEADING_AGE_RE.match(text.strip())
+  if match is None or not is_age(match['age']):
+    return None
+  return match['age'].strip(), match['rest'].strip(' \t,;:.\u3000，；：。、')
+
+
 def is_age(text: str) -> bool:
   """Whether `text` has the form of an age `parse_age` reads (not a missing one)."""
   match = _AGE_RE.match(text.strip())

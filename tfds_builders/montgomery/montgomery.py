@@ -178,7 +178,7 @@ def read_reading(path: str) -> Reading:
       file and line).
   """
   sex, age, lines = '', math.nan, []
-  for number, line in enumerate(nlm_tb.read_text(path).splitlines(), 1):
+  for number, line in enumerate(nlm_tb.text_lines(nlm_tb.read_text(path)), 1):
     match = _FIELD_RE.match(line)
     if match is None:
       lines.append(line)

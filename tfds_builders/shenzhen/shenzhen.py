@@ -70,6 +70,7 @@ Chest X-ray Image Data Sets page and pass it as `--manual_dir`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 
@@ -90,10 +91,12 @@ SPLIT_LISTS = {'train': 'ShenzenCXR_train_data.txt',
                'test': 'ShenzenCXR_test_data.txt'}
 Reading = nlm_tb.Reading
 
-# The sex word first (`male`, `Female,`, `M`), then whatever follows: the age.
-_SEX_RE = re.compile(r'^(?P<sex>male|female|m|f)(?![a-z/\-])[\s,;:]*(?P<rest>.*)$',
-                     re.IGNORECASE)
-_SEX_CODES = {'male': 'M', 'm': 'M', 'female': 'F', 'f': 'F'}
+# The sex word first (`male`, `Female,`, `M`; the release's misspellings `femal`, `fmale`,
+# `famale` too), then whatever follows: the age, and perhaps the start of the reading.
+_SEX_RE = re.compile(r'^(?P<sex>female|femal|famale|fmale|male|m|f)(?![a-z/\-])'
+                     r'[\s,;:，；：\u3000]*(?P<rest>.*)$', re.IGNORECASE)
+_SEX_CODES = {'male': 'M', 'm': 'M', 'female': 'F', 'femal': 'F', 'famale': 'F',
+              'fmale': 'F', 'f': 'F'}
 _EXPECTED_AGE = "45yrs, as in 'male 45yrs'"
 
 _DESCRIPTION = """\
@@ -181,8 +184,15 @@ def find_split_lists(manual_dir: str) -> dict[str, str]:
   Raises:
     DataError: a list not found (names it and `manual_dir`).
   """
-  return {split: common.find_file(manual_dir, [name], f'benchmark {split} list')
-          for split, name in SPLIT_LISTS.items()}
+  train = common.find_file(manual_dir, [SPLIT_LISTS['train']], 'benchmark train list')
+  folder = os.path.dirname(train)
+  lists = {'train': train}
+  for split in ('validation', 'test'):
+    lists[split] = os.path.join(folder, SPLIT_LISTS[split])
+    if not os.path.isfile(lists[split]):
+      raise DataError(f'{lists[split]} not found: the benchmark lists are read from one '
+                      f'folder, the one of {train}')
+  return lists
 
 
 def read_split_lists(lists: dict[str, str], images: list[nlm_tb.Listed]
@@ -216,7 +226,7 @@ def read_split_lists(lists: dict[str, str], images: list[nlm_tb.Listed]
     except OSError as exc:
       raise DataError(f'{path}: cannot read split list ({common.one_line(exc)})') from exc
     listed[split] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(nlm_tb.text_lines(text), 1):
       if not line.strip():
         continue
       where = f'{path} line {number}'
@@ -247,21 +257,26 @@ def read_reading(path: str) -> Reading:
     DataError: the file cannot be read, or its first line names the sex but what
       follows is not an age (names the file and line).
   """
-  lines = nlm_tb.read_text(path).splitlines()
+  lines = nlm_tb.text_lines(nlm_tb.read_text(path))
   number = next((i for i, line in enumerate(lines) if line.strip()), None)
   if number is None:
     return Reading()
   header = lines[number].strip()
   where = f'{path} line {number + 1}'
   match = _SEX_RE.match(header)
+  following = lines[number + 1:]
   if match is not None:
-    sex = _SEX_CODES[match['sex'].lower()]
-    age = nlm_tb.parse_age(match['rest'], where=where, expected=_EXPECTED_AGE)
+    sex, rest = _SEX_CODES[match['sex'].lower()], match['rest']
+    found = nlm_tb.leading_age(rest)
+    if found is not None:  # `male 45yrs PTB in the left`: the reading starts on the line
+      rest, start = found
+      following = ([start] if start else []) + following
+    age = nlm_tb.parse_age(rest, where=where, expected=_EXPECTED_AGE)
   elif nlm_tb.is_age(header):
     sex, age = '', nlm_tb.parse_age(header, where=where, expected=_EXPECTED_AGE)
   else:  # no sex and age line: all of it is the reading
     return Reading(text=nlm_tb.join_text(lines))
-  return Reading(sex=sex, age=age, text=nlm_tb.join_text(lines[number + 1:]))
+  return Reading(sex=sex, age=age, text=nlm_tb.join_text(following))
 
 
 class Shenzhen(common.ImageBuilder):
@@ -313,6 +328,7 @@ class Shenzhen(common.ImageBuilder):
     metadata = self.new_metadata()
     metadata['split_lists'] = {}
     metadata['images_without_reading'] = []
+    metadata['readings_without_sex_age'] = []
     metadata['num_unlisted_images'] = 0
     metadata['unlisted_images'] = []
     return self.dataset_info_from_configs(
@@ -385,12 +401,14 @@ class Shenzhen(common.ImageBuilder):
       assignments = [(image, split_for_case(image.image_id), f'image_id {image.image_id}')
                      for image in images]
     by_split = {split: [] for split in SPLIT_NAMES}
-    without_reading = []
+    without_reading, without_sex_age = [], []
     for image, split, where in assignments:
       reading = nlm_tb.reading_of(root, image.image_id, read_reading)
       if reading is None:
         reading = Reading()
         without_reading.append(image.image_id)
+      elif not reading.sex and math.isnan(reading.age):
+        without_sex_age.append(image.image_id)
       by_split[split].append(common.Item(
           key=image.image_id, path=image.path, where=where, split=split,
           features={'label': image.label, 'image_id': image.image_id,
@@ -398,6 +416,12 @@ class Shenzhen(common.ImageBuilder):
                     'age': np.float32(reading.age), 'reading': reading.text}))
     nlm_tb.warn_without_reading('Shenzhen', root, without_reading)
     self.info.metadata['images_without_reading'] = sorted(without_reading)
+    if without_sex_age:
+      logging.warning('Shenzhen: %d clinical reading(s) do not start with the sex and age '
+                      "(e.g. 'male 45yrs'); their sex is empty and age NaN, and the whole "
+                      "text is the reading (metadata['readings_without_sex_age']): %s",
+                      len(without_sex_age), ', '.join(sorted(without_sex_age)[:10]))
+    self.info.metadata['readings_without_sex_age'] = sorted(without_sex_age)
     store.check_no_split_emptied(by_split, 'shenzhen')
     empty = [split for split, items in by_split.items() if not items]
     if empty:  # TFDS cannot write an empty split; only tiny inputs get here.
