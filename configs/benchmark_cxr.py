@@ -37,9 +37,9 @@ from `data.manual_dir` with the set; `--config.dataset=shenzhen` splits by case 
 instead). Its two classes make a two-class softmax task that logs `auc` (of
 tuberculosis) besides top-1; the benchmark trains one sigmoid output instead, the same
 model family (a softmax of two logits is the sigmoid of their difference). The
-validation loss selects the model, as for the other data sets; the benchmark's score is
-`test.auc` in results.json (the run's summary line leads with top-1, as for any
-multi-class task selected on a loss).
+validation loss selects the model, as for the other data sets; the benchmark's score,
+`auc`, is the run's headline (results.json `primary_metric`, the report's default
+column), as for any two-class task selected on a loss.
 
 The architecture is torchvision's, as the benchmark's initialisations are
 (`python -m bigssl_med.convert` imports them): its max-pooling windows

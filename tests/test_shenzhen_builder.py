@@ -589,6 +589,7 @@ def test_benchmark_protocol_fine_tunes_on_a_shenzhen_build(tmp_path):
   assert results['trainer'] == 'finetune' and results['dataset'] == config.dataset
   # Selected on the validation loss; a two-class task logs the AUC of its second class.
   assert results['task'] == 'multiclass' and results['selected_on'] == 'loss'
+  assert results['primary_metric'] == 'auc'  # a two-class task's headline
   assert results['validation']['num_examples'] == 8 and results['test']['num_examples'] == 8
   assert 'auc' in results['validation'] and 'auc' in results['test']
   assert results['step'] == 40

@@ -359,6 +359,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   primary = config.task.primary_metric or headline  # the metric that selects the model
   if not metrics_lib.lower_is_better(primary):
     headline = primary  # ... and the one results lead with, unless it is a loss
+  elif task.kind == 'multiclass' and task.num_outputs == 2:
+    headline = 'auc'  # a two-class task selected on a loss: its threshold-free score
 
   def evaluate(logits: np.ndarray, labels: np.ndarray, loss_targets=None) -> dict[str, Any]:
     """Metrics of `logits`; `loss_targets`: `(targets, mask)` of the loss (multi-label),
