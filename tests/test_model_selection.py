@@ -200,8 +200,9 @@ def test_finetune_with_the_plateau_schedule_and_loss_selection(colours, tmp_path
   best = json.loads((workdir / 'best.json').read_text())
   assert best['value'] == min(r['loss'] for r in validation)
   assert results['validation']['loss'] == best['value'] and 'loss' in results['test']
-  # The report leads with the task's metric, not the loss the model was selected on.
-  assert (results['primary_metric'], results['selected_on']) == ('top1', 'loss')
+  # The report leads with the task's metric, not the loss the model was selected on: for
+  # this two-class task, its AUC.
+  assert (results['primary_metric'], results['selected_on']) == ('auc', 'loss')
   # Each logged rate is the peak (20 x 16/256) times the scale of that step's update.
   scales = best['lr_scales']
   assert len(scales) > 1  # the loss stalled at least once, and the rate was lowered
