@@ -43,20 +43,26 @@ def unit_features(unit: str, features: Mapping[str, Any], name: str) -> tuple[st
   if unit not in UNITS:
     raise ConfigError(f'config.task.eval_unit={unit!r} is not one of '
                       f'{", ".join(repr(u) for u in UNITS)}')
-  if unit == 'image':
-    return ()
-  if unit == 'case':
-    wanted = ('case_id',)
-  elif 'study_id' in features:
-    wanted = ('study_id',)
-  else:
-    wanted = ('case_id', 'study')
+  wanted = _wanted(unit, features)
   missing = [key for key in wanted if key not in features]
   if missing:
     raise ConfigError(f'config.task.eval_unit={unit!r}: data set {name} has no '
                       f'{" or ".join(("study_id", "study") if unit == "study" else missing)} '
                       "feature; set it to 'image'")
   return wanted
+
+
+def has_unit(unit: str, features: Mapping[str, Any]) -> bool:
+  """Whether a data set with `features` has the units `unit` (one of `UNITS`) names."""
+  return all(key in features for key in _wanted(unit, features))
+
+
+def _wanted(unit: str, features: Mapping[str, Any]) -> tuple[str, ...]:
+  if unit == 'image':
+    return ()
+  if unit == 'case':
+    return ('case_id',)
+  return ('study_id',) if 'study_id' in features else ('case_id', 'study')
 
 
 def check_reduce(reduce: str, kind: str = 'multilabel') -> str:

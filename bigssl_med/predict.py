@@ -482,8 +482,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       'predictions to another file')
     items, columns = list_images(args.images, args.path_column, args.image_root)
     run = load_run(args.workdir)
-    output_columns(run.task, columns)  # a clash fails before the images are read
-    renamed = [c for c in columns if f'{c}{INPUT_SUFFIX}' in output_columns(run.task, columns)]
+    header = output_columns(run.task, columns)  # a clash fails before the images are read
+    renamed = [c for c, copied in zip(columns, header[1:]) if c != copied]
     if renamed:
       logging.info('Input column(s) %s named like output columns: copied as NAME%s.',
                    ', '.join(renamed), INPUT_SUFFIX)

@@ -204,3 +204,35 @@ def small_ham10000(tmp_path_factory):
   manual_dir = write_many_lesions(root / 'raw', 200)
   build_data.build('ham10000', data_dir=os.fspath(root / 'data'), manual_dir=os.fspath(manual_dir))
   return os.fspath(root / 'data'), os.fspath(manual_dir)
+
+
+def assert_one_line_error(excinfo, *parts) -> None:
+  """The error of `pytest.raises` is one line that names each of `parts`."""
+  message = str(excinfo.value)
+  assert '\n' not in message, message
+  for part in parts:
+    assert str(part) in message, (part, message)
+
+
+def records_by_split(data_dir, name: str) -> dict[str, dict[str, dict]]:
+  """split -> image_id -> record of a built data set, read through bigssl_med.data.sources."""
+  from bigssl_med.data import sources  # pylint: disable=g-import-not-at-top
+  info = sources.dataset_info(name, os.fspath(data_dir))
+  return {split: {r['image_id'].decode(): r
+                  for r in sources.open_split(name, split, os.fspath(data_dir))}
+          for split in info.splits}
+
+
+def nlm_image_ids(prefix: str, per_split: dict[str, int]) -> list[str]:
+  """Published-style ids of an NLM TB set (`PREFIX_nnnn_<label>`, e.g. MCUCXR_0001_1),
+  `per_split[split]` of them in each split of the sets' case hash, sorted."""
+  from tfds_builders import nlm_tb  # pylint: disable=g-import-not-at-top
+  found = {split: [] for split in per_split}
+  number = 1
+  while any(len(found[s]) < n for s, n in per_split.items()):
+    image_id = f'{prefix}_{number:04d}_{number % 2}'
+    split = nlm_tb.split_for_case(image_id)
+    if len(found[split]) < per_split[split]:
+      found[split].append(image_id)
+    number += 1
+  return sorted(i for ids in found.values() for i in ids)

@@ -19,6 +19,7 @@ from bigssl_med import build_data
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
 from bigssl_med.trainers import segment
+from conftest import assert_one_line_error, nlm_image_ids, records_by_split
 import tfds_builders
 from tfds_builders.montgomery import montgomery
 
@@ -41,16 +42,7 @@ class FakeMontgomery:
 
 
 def _image_ids(per_split: dict[str, int]) -> list[str]:
-  """Published-style ids (MCUCXR_nnnn_<label>) whose hash puts them in each split."""
-  found = {split: [] for split in per_split}
-  number = 1
-  while any(len(found[s]) < n for s, n in per_split.items()):
-    image_id = f'MCUCXR_{number:04d}_{number % 2}'
-    split = montgomery.split_for_case(image_id)
-    if len(found[split]) < per_split[split]:
-      found[split].append(image_id)
-    number += 1
-  return sorted(i for ids in found.values() for i in ids)
+  return nlm_image_ids('MCUCXR', per_split)
 
 
 def _reading(index: int) -> str:
@@ -119,11 +111,7 @@ def _build(fake, data_dir, name=BUILD, manual_dir=None, **kwargs) -> str:
 
 
 def _records(data_dir, name=BUILD) -> dict[str, dict[str, dict]]:
-  """split -> image_id -> record."""
-  info = sources.dataset_info(name, os.fspath(data_dir))
-  return {split: {r['image_id'].decode(): r
-                  for r in sources.open_split(name, split, os.fspath(data_dir))}
-          for split in info.splits}
+  return records_by_split(data_dir, name)
 
 
 def _decoded(data: bytes) -> tuple[str, str, np.ndarray]:
@@ -131,11 +119,7 @@ def _decoded(data: bytes) -> tuple[str, str, np.ndarray]:
     return image.format, image.mode, np.asarray(image)
 
 
-def _assert_one_line_error(excinfo, *parts):
-  message = str(excinfo.value)
-  assert '\n' not in message, message
-  for part in parts:
-    assert str(part) in message, (part, message)
+_assert_one_line_error = assert_one_line_error
 
 
 def test_registered_manual_only_with_side512_default():

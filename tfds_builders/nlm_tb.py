@@ -16,9 +16,11 @@ import dataclasses
 import math
 import os
 import re
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
 
 from bigssl_med.errors import DataError
 from tfds_builders import common
@@ -29,6 +31,21 @@ READING_FOLDER = 'ClinicalReadings'
 HOMEPAGE = ('https://lhncbc.nlm.nih.gov/LHC-publications/pubs/'
             'TuberculosisChestXrayImageDataSets.html')
 
+# The paper both NLM TB sets are published with.
+CITATION = """\
+@article{jaeger2014two,
+  title={Two public chest {X}-ray datasets for computer-aided screening of pulmonary
+         diseases},
+  author={Jaeger, Stefan and Candemir, Sema and Antani, Sameer and W{\\'a}ng,
+          Y{\\`i}-Xi{\\'a}ng J and Lu, Pu-Xuan and Thoma, George},
+  journal={Quantitative Imaging in Medicine and Surgery},
+  volume={4},
+  number={6},
+  pages={475--477},
+  year={2014},
+  doi={10.3978/j.issn.2223-4292.2014.11.20}
+}
+"""
 _IMAGE_RE = re.compile(r'^(?P<id>.+)\.png$', re.IGNORECASE)
 _LABEL_RE = re.compile(r'_(?P<label>[01])$')
 # A number of years, or a number and its unit: `045Y` (the DICOM age string), `006M`,
@@ -64,6 +81,74 @@ class Listed:
   def name(self) -> str:
     """The file name, e.g. `CHNCXR_0001_0.png`."""
     return os.path.basename(self.path)
+
+
+def split_for_case(case_id: str) -> str:
+  """The split ('train', 'validation' or 'test') of a case id: 80/10/10 by case hash."""
+  return common.hash_split(case_id, validation=10, test=10)
+
+
+def features(*, example_id: str, sex_doc: str, mask: bool = False) -> dict[str, Any]:
+  """The features of an NLM TB set's records: a gray image, the label of its file name,
+  `image_id` = `case_id` (one image per patient), `sex`, `age` and `reading`, and with
+  `mask` the lungs' mask. `example_id` is a published id (`MCUCXR_0001_0`)."""
+  found = {
+      'image': tfds.features.Image(
+          shape=(None, None, 1), encoding_format='png',
+          doc='Frontal chest X-ray, 8-bit gray PNG (one channel).'),
+      'label': tfds.features.ClassLabel(
+          names=CLASS_NAMES, doc='From the file name: _0 normal, _1 tuberculosis.'),
+      'image_id': tfds.features.Text(doc=f'File stem, e.g. {example_id}.'),
+      'case_id': tfds.features.Text(
+          doc='The image id (one image per patient): the grouping unit.'),
+      'sex': tfds.features.Text(doc=sex_doc),
+      'age': tfds.features.Scalar(dtype=np.float32, doc='Age in years; NaN when unknown.'),
+      'reading': tfds.features.Text(
+          doc="The clinical reading's free text (empty when there is none)."),
+  }
+  if mask:
+    found['mask'] = tfds.features.Image(
+        shape=(None, None, 1), encoding_format='png',
+        doc='Union of the manual left- and right-lung masks (0 background, 255 lung).')
+  return found
+
+
+def set_root(dl_manager: tfds.download.DownloadManager, *, name: str, folder: str,
+             contents: str, prefix: str) -> str:
+  """The set's folder under the manual dir (`find_root`).
+
+  Args:
+    dl_manager: the build's download manager (its manual dir).
+    name: the set, for messages ('Montgomery County').
+    folder: the folder its zip unpacks to ('MontgomerySet').
+    contents: what that folder holds, for messages ('CXR_png/, ClinicalReadings/').
+    prefix: how its image names start ('MCUCXR_').
+
+  Raises:
+    DataError: no manual dir (the builder does not download NLM's sets), or no
+      `CXR_png` folder in or below it.
+  """
+  manual_dir = common.manual_dir_or_none(dl_manager)
+  if manual_dir is None:
+    raise DataError(f'the {name} set is not downloaded by the builder: download it from '
+                    "NLM's Tuberculosis Chest X-ray Image Data Sets page, unzip it and pass "
+                    f'the {folder} folder, or a folder above it, as --manual_dir (main.py: '
+                    '--config.data.manual_dir=DIR)')
+  return find_root(manual_dir, prefix=prefix, what=f'the {folder} folder ({contents})')
+
+
+def check_images(images: Sequence[Any], others: Sequence[str], root: str, name: str) -> None:
+  """Fails when `root/CXR_png` has no image; warns about the other files there.
+
+  Raises:
+    DataError: no .png image (names the folder).
+  """
+  folder = os.path.join(root, IMAGE_FOLDER)
+  if not images:
+    raise DataError(f'{folder}: no .png images')
+  if others:
+    logging.warning('%s: %d file(s) in %s that are not .png ignored (first: %s)', name,
+                    len(others), folder, others[0])
 
 
 def find_root(manual_dir: str, *, what: str, prefix: str = '') -> str:

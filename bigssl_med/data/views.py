@@ -95,9 +95,7 @@ def keep_cases(cases: Mapping[str, np.ndarray], mask: np.ndarray | None
 
 def open_split(name: str, split: str, data_dir: str, views: str) -> Sequence[dict[str, Any]]:
   """`sources.open_split`, with only the records of `views` ('' : all of them)."""
-  source = sources.open_split(name, split, data_dir)
-  mask = keep(name, split, data_dir, views)
-  return source if mask is None else sources.Subset(source, np.flatnonzero(mask))
+  return open_cases(name, split, data_dir, views, by_case=False)[0]
 
 
 def open_cases(name: str, split: str, data_dir: str, views: str, *, by_case: bool

@@ -65,6 +65,7 @@ from tfds_builders import nlm_tb
 CLASS_NAMES = nlm_tb.CLASS_NAMES
 SPLIT_NAMES = ('train', 'validation', 'test')
 IMAGE_FOLDER = nlm_tb.IMAGE_FOLDER
+IMAGE_PREFIX = 'MCUCXR_'  # how the set's image names start
 MASK_FOLDERS = {'left': os.path.join('ManualMask', 'leftMask'),
                 'right': os.path.join('ManualMask', 'rightMask')}
 READING_FOLDER = nlm_tb.READING_FOLDER
@@ -89,19 +90,7 @@ Splits are not official: case-disjoint train/validation/test (80/10/10 by case)
 from a SHA-256 hash of the case id.
 """
 
-_CITATION = """\
-@article{jaeger2014two,
-  title={Two public chest {X}-ray datasets for computer-aided screening of pulmonary
-         diseases},
-  author={Jaeger, Stefan and Candemir, Sema and Antani, Sameer and W{\\'a}ng,
-          Y{\\`i}-Xi{\\'a}ng J and Lu, Pu-Xuan and Thoma, George},
-  journal={Quantitative Imaging in Medicine and Surgery},
-  volume={4},
-  number={6},
-  pages={475--477},
-  year={2014},
-  doi={10.3978/j.issn.2223-4292.2014.11.20}
-}
+_CITATION = nlm_tb.CITATION + """\
 @article{candemir2014lung,
   title={Lung segmentation in chest radiographs using anatomical atlases with nonrigid
          registration},
@@ -126,9 +115,7 @@ with CXR_png/, ManualMask/ and ClinicalReadings/) or any folder above it as
 """
 
 
-def split_for_case(case_id: str) -> str:
-  """Returns the split ('train', 'validation' or 'test') of a case id."""
-  return common.hash_split(case_id, validation=10, test=10)
+split_for_case = nlm_tb.split_for_case
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,9 +133,9 @@ def find_root(manual_dir: str) -> str:
   Raises:
     DataError: no `CXR_png` folder in or below `manual_dir`.
   """
-  return nlm_tb.find_root(manual_dir, prefix='MCUCXR_',
+  return nlm_tb.find_root(manual_dir, prefix=IMAGE_PREFIX,
                           what='the MontgomerySet folder (CXR_png/, ManualMask/, '
-                                           'ClinicalReadings/)')
+                               'ClinicalReadings/)')
 
 
 def list_images(root: str) -> tuple[list[Entry], list[str]]:
@@ -256,27 +243,9 @@ class Montgomery(common.ImageBuilder):
     metadata['images_without_reading'] = []
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png',
-                doc='Frontal chest X-ray, 8-bit gray PNG (one channel).'),
-            'mask': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png',
-                doc='Union of the manual left- and right-lung masks (0 background, '
-                    '255 lung).'),
-            'label': tfds.features.ClassLabel(
-                names=CLASS_NAMES,
-                doc='From the file name: _0 normal, _1 tuberculosis.'),
-            'image_id': tfds.features.Text(doc='File stem, e.g. MCUCXR_0001_0.'),
-            'case_id': tfds.features.Text(
-                doc='The image id (one image per patient): the grouping unit.'),
-            'sex': tfds.features.Text(
-                doc="As written in the clinical reading (M, F); empty when unknown."),
-            'age': tfds.features.Scalar(
-                dtype=np.float32, doc='Age in years; NaN when unknown.'),
-            'reading': tfds.features.Text(
-                doc="The clinical reading's free text (empty when there is none)."),
-        }),
+        features=tfds.features.FeaturesDict(nlm_tb.features(
+            example_id='MCUCXR_0001_0', mask=True,
+            sex_doc='As written in the clinical reading (M, F); empty when unknown.')),
         supervised_keys=('image', 'label'),
         metadata=metadata,
         homepage=nlm_tb.HOMEPAGE,
@@ -285,19 +254,11 @@ class Montgomery(common.ImageBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    manual_dir = common.manual_dir_or_none(dl_manager)
-    if manual_dir is None:
-      raise DataError('the Montgomery County set is not downloaded by the builder: '
-                      "download it from NLM's Tuberculosis Chest X-ray Image Data Sets "
-                      'page, unzip it and pass the MontgomerySet folder, or a folder '
-                      'above it, as --manual_dir (main.py: --config.data.manual_dir=DIR)')
-    root = find_root(manual_dir)
+    root = nlm_tb.set_root(dl_manager, name='Montgomery County', folder='MontgomerySet',
+                           contents='CXR_png/, ManualMask/, ClinicalReadings/',
+                           prefix=IMAGE_PREFIX)
     entries, others = list_images(root)
-    if not entries:
-      raise DataError(f'{os.path.join(root, IMAGE_FOLDER)}: no .png images')
-    if others:
-      logging.warning('Montgomery: %d file(s) in %s that are not .png ignored (first: %s)',
-                      len(others), os.path.join(root, IMAGE_FOLDER), others[0])
+    nlm_tb.check_images(entries, others, root, 'Montgomery')
     store = self.image_store(channels=1)
     by_split = {split: [] for split in SPLIT_NAMES}
     without_reading = []

@@ -112,20 +112,7 @@ Splits are not official. The default configs split case-disjoint train/validatio
 the transfer-learning benchmark's train, validation and test lists.
 """
 
-_CITATION = """\
-@article{jaeger2014two,
-  title={Two public chest {X}-ray datasets for computer-aided screening of pulmonary
-         diseases},
-  author={Jaeger, Stefan and Candemir, Sema and Antani, Sameer and W{\\'a}ng,
-          Y{\\`i}-Xi{\\'a}ng J and Lu, Pu-Xuan and Thoma, George},
-  journal={Quantitative Imaging in Medicine and Surgery},
-  volume={4},
-  number={6},
-  pages={475--477},
-  year={2014},
-  doi={10.3978/j.issn.2223-4292.2014.11.20}
-}
-"""
+_CITATION = nlm_tb.CITATION
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 The builder does not download the Shenzhen set. Download it from the U.S. National
@@ -138,9 +125,7 @@ or below that folder.
 """
 
 
-def split_for_case(case_id: str) -> str:
-  """The split ('train', 'validation' or 'test') of a case id in the default configs."""
-  return common.hash_split(case_id, validation=10, test=10)
+split_for_case = nlm_tb.split_for_case  # the default configs' splits
 
 
 @dataclasses.dataclass
@@ -333,23 +318,9 @@ class Shenzhen(common.ImageBuilder):
     metadata['unlisted_images'] = []
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png',
-                doc='Frontal chest X-ray, 8-bit gray PNG (one channel).'),
-            'label': tfds.features.ClassLabel(
-                names=CLASS_NAMES,
-                doc='From the file name: _0 normal, _1 tuberculosis.'),
-            'image_id': tfds.features.Text(doc='File stem, e.g. CHNCXR_0001_0.'),
-            'case_id': tfds.features.Text(
-                doc='The image id (one image per patient): the grouping unit.'),
-            'sex': tfds.features.Text(
-                doc='M or F, from the clinical reading; empty when unknown.'),
-            'age': tfds.features.Scalar(
-                dtype=np.float32, doc='Age in years; NaN when unknown.'),
-            'reading': tfds.features.Text(
-                doc="The clinical reading's free text (empty when there is none)."),
-        }),
+        features=tfds.features.FeaturesDict(nlm_tb.features(
+            example_id='CHNCXR_0001_0',
+            sex_doc='M or F, from the clinical reading; empty when unknown.')),
         supervised_keys=('image', 'label'),
         metadata=metadata,
         homepage=nlm_tb.HOMEPAGE,
@@ -358,21 +329,12 @@ class Shenzhen(common.ImageBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = nlm_tb.set_root(dl_manager, name='Shenzhen', folder='ChinaSet_AllFiles',
+                           contents='CXR_png/, ClinicalReadings/', prefix='CHNCXR_')
     manual_dir = common.manual_dir_or_none(dl_manager)
-    if manual_dir is None:
-      raise DataError('the Shenzhen set is not downloaded by the builder: download it from '
-                      "NLM's Tuberculosis Chest X-ray Image Data Sets page, unzip it and pass "
-                      'the ChinaSet_AllFiles folder, or a folder above it, as --manual_dir '
-                      '(main.py: --config.data.manual_dir=DIR)')
-    root = nlm_tb.find_root(manual_dir, prefix='CHNCXR_',
-                            what='the ChinaSet_AllFiles folder (CXR_png/, ClinicalReadings/)')
     images, others = nlm_tb.list_images(root, example='CHNCXR_0001_0.png')
+    nlm_tb.check_images(images, others, root, 'Shenzhen')
     folder = os.path.join(root, nlm_tb.IMAGE_FOLDER)
-    if not images:
-      raise DataError(f'{folder}: no .png images')
-    if others:
-      logging.warning('Shenzhen: %d file(s) in %s that are not .png ignored (first: %s)',
-                      len(others), folder, others[0])
     store = self.image_store(channels=1)
     by_name = {image.name: image for image in images}
     if self.builder_config.split_lists:
