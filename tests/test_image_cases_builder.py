@@ -988,3 +988,52 @@ def test_a_build_without_masks_is_not_reused_once_cases_csv_has_them(tmp_path):
   with pytest.raises(DataError, match='has changed since config other was made from it'):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(root)))
+
+
+MASKS_ONLY = ('path', 'case_id', 'split', 'mask')
+
+
+def test_a_set_of_masks_only_has_no_class_feature(tmp_path):
+  # Segmentation without classes: a mask column and neither label nor labels.
+  root, data_dir = tmp_path / 'mine', tmp_path / 'data'
+  rows = write_disc_cases(root, 6, split=True)
+  rows[5].update(split='unlabeled', mask='')  # an image for pretraining only
+  path = write_cases(root, rows, columns=MASKS_ONLY)
+  config = image_cases.ImageCases.make_config(manual_dir=os.fspath(root))
+  assert config.class_names == () and config.masks and not config.multi_label
+  assert not config.has_classes and 'masks only' in config.description
+  _build(root, data_dir)
+  info = sources.dataset_info(NAME, os.fspath(data_dir))
+  assert set(info.features) == {'image', 'image_id', 'case_id', 'mask'}
+  assert info.supervised_keys == ('image', 'mask')
+  assert 'label_names' not in info.metadata
+  records = _records(data_dir)
+  assert {split: len(r) for split, r in records.items()} == {
+      'train': 3, 'validation': 1, 'test': 1, 'unlabeled': 1}
+  for row in rows[:5]:
+    record = records[row['split']][row['path']]
+    with Image.open(root / row['mask']) as published:
+      np.testing.assert_array_equal(_mask_of(record), np.asarray(published))
+  assert not _mask_of(records['unlabeled'][rows[5]['path']]).any()
+  # Outside split unlabeled every row names its mask; a file of no annotated row fails.
+  rows[2]['mask'] = ''
+  write_cases(root, rows, columns=MASKS_ONLY)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, f'{path} line 4', 'empty mask')
+  for row in rows:
+    row.update(split='unlabeled', mask='')
+  write_cases(root, rows, columns=MASKS_ONLY)
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, path, 'every row is split unlabeled', 'images with masks')
+
+
+def test_neither_label_nor_mask_column_names_the_mask_column_as_an_option(tmp_path):
+  root = tmp_path / 'mine'
+  rows = write_disc_cases(root, 2)
+  path = write_cases(root, rows, columns=('path', 'case_id'))
+  with pytest.raises(DataError) as excinfo:
+    image_cases.read_cases(os.fspath(root))
+  _assert_one_line_error(excinfo, path, 'neither of the columns label and labels',
+                         'a mask column for a set of masks only')

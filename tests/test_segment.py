@@ -16,11 +16,11 @@ from bigssl_med import train_state
 from bigssl_med.data import segmentation_data, sources
 from bigssl_med.errors import ConfigError, DataError
 from bigssl_med.models import resnet
-from bigssl_med.trainers import segment
+from bigssl_med.trainers import finetune, segment
 from bigssl_med.trainers import pretrain
 from conftest import override
 from test_finetune import _write_colour_cases
-from test_image_cases_builder import write_disc_cases
+from test_image_cases_builder import write_cases, write_disc_cases
 from test_pretrain import tiny_config as tiny_pretrain_config
 from tfds_builders.ham10000 import ham10000
 
@@ -389,3 +389,20 @@ def test_segment_trains_on_an_image_cases_build_with_masks(tmp_path):
   # scores 0.23 and 0.22 on these splits, predicting none 0.
   assert results['validation']['dice'] >= 0.8, results['validation']
   assert results['test']['dice'] >= 0.8, results['test']
+
+
+def test_a_set_of_masks_only_trains_segmentation_and_fine_tuning_refuses_it(tmp_path):
+  # image_cases with a mask column and no class column: segmentation only.
+  rows = write_disc_cases(tmp_path / 'raw', 20, split=True)
+  write_cases(tmp_path / 'raw', rows, columns=('path', 'case_id', 'split', 'mask'))
+  build_data.build('image_cases/masks', data_dir=os.fspath(tmp_path / 'data'),
+                   manual_dir=os.fspath(tmp_path / 'raw'))
+  config = tiny_config(tmp_path / 'data', dataset='image_cases/masks', total_steps=4, batch_size=8,
+                       eval_every_steps=4, log_every_steps=4, checkpoint_every_steps=4)
+  results = segment.train_and_evaluate(config, os.fspath(tmp_path / 'seg'))
+  assert results['step'] == 4 and results['labelled_images'] == 12
+  assert results['test']['num_examples'] == 4 and 0 <= results['test']['dice'] <= 1
+  fine = config_schema.finetune()
+  fine.dataset, fine.data.data_dir = 'image_cases/masks', os.fspath(tmp_path / 'data')
+  with pytest.raises(ConfigError, match=r"^data set 'image_cases/masks' has no label feature"):
+    finetune.train_and_evaluate(fine, os.fspath(tmp_path / 'fine'))

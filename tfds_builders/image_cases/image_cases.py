@@ -10,7 +10,8 @@ Input: `manual_dir/cases.csv` (comma- or tab-separated) with the columns
 * `case_id`: what groups images (a patient, a lesion, a study): the unit that
   splits keep together and that MICLe draws positive pairs from.
 * exactly one of `label` (single-label: one class name per image) or `labels`
-  (multi-label: `|`-separated class names, empty for no positive class);
+  (multi-label: `|`-separated class names, empty for no positive class); or
+  neither, for a set of masks only (see Masks);
 * optionally `split`: `train`, `validation` (or `val`, `valid`), `test` or
   `unlabeled` (or `unlabelled`), case-insensitive; empty: by case hash, as
   without the column.
@@ -71,19 +72,25 @@ whether the set has masks (`ImageCasesConfig.masks`), and a build is tied to its
 cases.csv (MD5 in `metadata.json`), so a build without masks is not reused for a
 cases.csv that has gained the column.
 
+A set of masks only (segmentation without classes) has a `mask` column and neither
+`label` nor `labels`: every row outside split `unlabeled` names its mask, and the
+records have no class feature (`ImageCasesConfig.class_names` is empty;
+`supervised_keys` are image and mask). The segment trainer reads it; fine-tuning
+and linear evaluation refuse it, naming the missing label feature.
+
 Records: `image` (the file's bytes when it already is an 8-bit JPEG or PNG in
 the stored mode and within max_side, else converted and re-encoded: PNG stays
 PNG, anything else becomes JPEG; the feature's `encoding_format='jpeg'` is only
 what TFDS would use for arrays), `image_id` (the path as written in cases.csv,
-also the example key), `case_id`, `label` or `labels`, and `mask` with a mask
-column.
+also the example key), `case_id`, `label` or `labels` (unless masks only), and
+`mask` with a mask column.
 
 Errors are one-line `bigssl_med.errors.DataError`s naming cases.csv and the
-line: text that is not UTF-8, missing columns, both or neither of `label` and
-`labels`, an empty path, case_id or label, a label on an unlabeled row, an
+line: text that is not UTF-8, missing columns, both of `label` and `labels` (or
+neither, without a `mask` column), an empty path, case_id or label, a label on an unlabeled row, an
 unknown split, a Windows drive path (`C:\\...`) on another system, a path listed
 twice (both lines named), a class name or case_id spelled two ways, no labeled
-row, an empty mask cell on a labeled row or a mask on an unlabeled one, a mask
+(or annotated) row, an empty mask cell on a labeled row or a mask on an unlabeled one, a mask
 of another size than its image (both sizes named; with `skip_bad_images` too), a
 missing or undecodable image or mask (the row skipped and listed in the metadata
 instead with `skip_bad_images`).
@@ -134,7 +141,7 @@ Put a cases.csv in a directory and pass that directory as --manual_dir. Columns:
 path (relative to that directory, or absolute), case_id, and label (one class)
 or labels (|-separated classes); optionally split (train/validation/test, or
 unlabeled for images without a label) and mask (a binary mask image of the row's
-image, for segmentation).
+image, for segmentation; with a mask column, label and labels may both be left out).
 """
 
 
@@ -143,8 +150,9 @@ class ImageCasesConfig(common.ImageConfig):
   """Config of `ImageCases`, made from cases.csv by `ImageCases.make_config`.
 
   Attributes:
-    class_names: the sorted class names found in cases.csv.
-    multi_label: True for a `labels` column, False for `label`.
+    class_names: the sorted class names found in cases.csv; empty for a set of masks
+      only (no `label` or `labels` column).
+    multi_label: True for a `labels` column, False for `label` (or none).
     channels: 1 or 3, the channels images are stored with.
     masks: True for a `mask` column: records have a `mask` feature.
   """
@@ -152,6 +160,11 @@ class ImageCasesConfig(common.ImageConfig):
   multi_label: bool = False
   channels: int = 3
   masks: bool = False
+
+  @property
+  def has_classes(self) -> bool:
+    """Whether records have `label` or `labels` (False: masks only)."""
+    return bool(self.class_names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +176,8 @@ class Case:
     path: the image path as written.
     file: the image path resolved against manual_dir, normalised.
     case_id: the case.
-    labels: its class names (one for single-label data; none when unlabeled).
+    labels: its class names (one for single-label data; none when unlabeled or in a
+      set of masks only).
     split: 'train', 'validation', 'test' or 'unlabeled'.
     hashed: whether the split comes from the case hash (no split given).
     mask_path: the mask path as written ('' for none).
@@ -191,8 +205,8 @@ class CasesTable:
   Attributes:
     path: the file.
     cases: its rows to store, in order.
-    class_names: the sorted class names.
-    multi_label: whether it has a `labels` column (else `label`).
+    class_names: the sorted class names; empty for a set of masks only.
+    multi_label: whether it has a `labels` column (else `label`, or neither).
     has_split: whether it has a `split` column.
     left_out: the unlabeled rows left out, their cases being in validation or test.
     has_mask: whether it has a `mask` column.
@@ -211,7 +225,8 @@ def read_cases(manual_dir: str) -> CasesTable:
 
   Raises:
     DataError: the file is missing, is not UTF-8 or has no labeled rows; it
-      misses `path` or `case_id`, has both or neither of `label` and `labels`; or
+      misses `path` or `case_id`, has both of `label` and `labels` or neither
+      without a `mask` column; or
       a row has an empty path, case_id or label, a label though unlabeled, an
       unknown split, a Windows drive path (on another system) or a path listed
       before, an empty mask cell though labeled or a mask though unlabeled (with a
@@ -225,15 +240,20 @@ def read_cases(manual_dir: str) -> CasesTable:
                     'label or labels, optional split)')
   columns, rows = common.read_table(path, REQUIRED_COLUMNS)
   has_label, has_labels = 'label' in columns, 'labels' in columns
-  if has_label == has_labels:
-    found = 'both' if has_label else 'neither'
-    raise DataError(f'{path}: has {found} of the columns label and labels; give '
+  has_split, has_mask = 'split' in columns, 'mask' in columns
+  if has_label and has_labels:
+    raise DataError(f'{path}: has both of the columns label and labels; give '
                     'exactly one: label (one class per image) or labels '
                     '(|-separated classes, multi-label)')
-  has_split, has_mask = 'split' in columns, 'mask' in columns
+  if not (has_label or has_labels or has_mask):
+    raise DataError(f'{path}: has neither of the columns label and labels; give '
+                    'exactly one: label (one class per image) or labels '
+                    '(|-separated classes, multi-label), or a mask column for a set '
+                    'of masks only')
+  label_column = 'labels' if has_labels else 'label' if has_label else None
   cases, seen = [], {}
   for row in rows:
-    case = _parse_row(row, path, manual_dir, multi_label=has_labels,
+    case = _parse_row(row, path, manual_dir, label_column=label_column,
                       has_split=has_split, has_mask=has_mask)
     earlier = seen.get(case.file)
     if earlier is not None:
@@ -246,14 +266,15 @@ def read_cases(manual_dir: str) -> CasesTable:
   _check_one_spelling(cases, path, multi_label=has_labels)
   labeled = [c for c in cases if c.labeled]
   if not labeled:
-    raise DataError(f'{path}: every row is split {UNLABELED}; image_cases needs labeled '
-                    'images too (they make the class names)')
+    need = ('labeled images too (they make the class names)' if label_column else
+            'images with masks too')
+    raise DataError(f'{path}: every row is split {UNLABELED}; image_cases needs {need}')
   if has_split:
     common.check_case_disjoint(
         (c.case_id, c.split, f'{path} line {c.line}' + (' by case hash' if c.hashed else ''))
         for c in labeled)
   class_names = tuple(sorted({name for c in labeled for name in c.labels}))
-  if not class_names:
+  if label_column and not class_names:
     raise DataError(f'{path}: no class names in column labels (every row is '
                     'empty)')
   held_out = {c.case_id for c in labeled if c.split in HELD_OUT_SPLITS}
@@ -396,20 +417,22 @@ class ImageCases(common.ImageBuilder):
         max_side = super().make_config(None, max_side=max_side).max_side
     table = read_cases(os.fspath(manual_dir))
     channels = detect_channels(table.cases)
-    kind = 'multi-label' if table.multi_label else 'single-label'
+    kind = ('masks only' if not table.class_names else
+            'multi-label' if table.multi_label else 'single-label')
     size = ('as published' if max_side is None else
             f'downscaled to a longest side of at most {max_side}')
-    masks = ', with binary masks' if table.has_mask else ''
+    masks = ', with binary masks' if table.has_mask and table.class_names else ''
+    classes = f'{len(table.class_names)} classes, ' if table.class_names else ''
     return ImageCasesConfig(
         name=name, max_side=max_side, class_names=table.class_names,
         multi_label=table.multi_label, channels=channels, masks=table.has_mask,
         description=(f'{len(table.cases)} images from {table.path}, {kind}, '
-                     f'{len(table.class_names)} classes, {channels} channel(s){masks}, '
+                     f'{classes}{channels} channel(s){masks}, '
                      f'stored {size}.'))
 
   def _info(self) -> tfds.core.DatasetInfo:
     config = self.builder_config
-    if not isinstance(config, ImageCasesConfig) or not config.class_names:
+    if not isinstance(config, ImageCasesConfig) or not (config.has_classes or config.masks):
       raise DataError('image_cases has no predefined config: make one from the '
                       'data with ImageCases.make_config(NAME, manual_dir=DIR), '
                       'or build with python -m bigssl_med.build_data '
@@ -425,13 +448,14 @@ class ImageCases(common.ImageBuilder):
         'image_id': tfds.features.Text(doc='The path as written in cases.csv.'),
         'case_id': tfds.features.Text(doc='The case: the grouping unit.'),
     }
-    if config.multi_label:
+    supervised_keys = ('image', 'mask')  # a set of masks only
+    if config.has_classes and config.multi_label:
       metadata['label_names'] = list(config.class_names)
       features['labels'] = tfds.features.Tensor(
           shape=(len(config.class_names),), dtype=np.float32,
           doc="Multi-hot classes, in the order of metadata['label_names'].")
       supervised_keys = ('image', 'labels')
-    else:
+    elif config.has_classes:
       features['label'] = tfds.features.ClassLabel(
           names=config.class_names, doc='The class (cases.csv column label).')
       supervised_keys = ('image', 'label')
@@ -541,14 +565,14 @@ class ImageCases(common.ImageBuilder):
       example = {'image': image, 'image_id': case.path, 'case_id': case.case_id}
       if config.masks:
         example['mask'] = mask
-      if config.multi_label:
+      if config.has_classes and config.multi_label:
         labels = np.zeros(len(config.class_names), dtype=np.float32)
         if not case.labeled:
           labels[:] = np.nan
         for name in case.labels:
           labels[index[name]] = 1.0
         example['labels'] = labels
-      else:
+      elif config.has_classes:
         example['label'] = case.labels[0] if case.labeled else -1
       yield case.path, example
     common.warn_found_ignoring_case(other_case, f'image_cases {split}', cases_path)
@@ -673,9 +697,9 @@ class _ListedFiles:
                       'other letter case; list each image once')
 
 
-def _parse_row(row: common.Row, path: str, manual_dir: str, *,
-               multi_label: bool, has_split: bool, has_mask: bool = False) -> Case:
-  """Checks one row of cases.csv."""
+def _parse_row(row: common.Row, path: str, manual_dir: str, *, label_column: str | None,
+               has_split: bool, has_mask: bool = False) -> Case:
+  """Checks one row of cases.csv (`label_column`: label, labels, or None for masks only)."""
   where = row.where(path)
   image_path, case_id = row.get('path'), row.get('case_id')
   if not image_path:
@@ -688,15 +712,17 @@ def _parse_row(row: common.Row, path: str, manual_dir: str, *,
   if split is None:
     raise DataError(f'{where}: unknown split {text!r}; expected train, validation (or '
                     f'val, valid), test, {UNLABELED}, or empty (by case hash)')
-  column = 'labels' if multi_label else 'label'
-  text = row.get(column)
-  if split == UNLABELED:
+  column = label_column
+  text = row.get(column) if column else ''
+  if column is None:
+    labels = ()
+  elif split == UNLABELED:
     if text:
       raise DataError(f'{where}: {column} {text!r} on a row of split {UNLABELED}; leave '
                       f'{column} empty for an image without a label, or give the row '
                       'another split')
     labels = ()
-  elif multi_label:
+  elif column == 'labels':
     labels = tuple(name.strip() for name in text.split('|')) if text else ()
     if not all(labels):
       raise DataError(f'{where}: empty class name in labels {text!r}')
