@@ -376,9 +376,10 @@ def test_mask_size_differs_from_image(fake_ham10000, tmp_path):
   row = fake_ham10000.rows[0]
   path = fake_ham10000.masks[row['image_id']]
   Image.new('L', (7, 5)).save(path)
-  with pytest.raises(DataError) as excinfo:
-    _build(fake_ham10000, tmp_path / 'data')
-  _assert_one_line_error(excinfo, path, '7x5', 'line 2')
+  for skip in (False, True):  # a wrong pairing is not a bad file: never skipped
+    with pytest.raises(DataError) as excinfo:
+      _build(fake_ham10000, tmp_path / 'data', skip_bad_images=skip)
+    _assert_one_line_error(excinfo, path, '7x5', 'line 2')
 
 
 def test_unknown_dx_and_bad_age(fake_ham10000, tmp_path):

@@ -30,7 +30,8 @@ Every image and mask is decoded with PIL at build time; a file that cannot be
 decoded, a missing file or a malformed metadata row stops the build with a one-line
 `bigssl_med.errors.DataError` naming the file and the metadata line. With
 `skip_bad_images`, an image whose image or mask file is missing or undecodable
-is skipped instead, and listed in the data set's `metadata.json`.
+is skipped instead, and listed in the data set's `metadata.json`; a mask of another
+size than its image is an error either way (the pairing is wrong, not a file).
 """
 
 from __future__ import annotations
@@ -241,8 +242,9 @@ def load_mask(path: str, where: str, size: tuple[int, int],
       must have this size.
 
   Raises:
-    DataError: the file cannot be read or decoded, or its size differs from the
-      published image's.
+    DataError: the file cannot be read or decoded.
+    MaskSizeError: its size differs from the published image's (not skipped by
+      `skip_bad_images`: the pairing is wrong, not a file).
   """
   try:
     with open(path, 'rb') as f:
@@ -257,7 +259,7 @@ def load_mask(path: str, where: str, size: tuple[int, int],
     raise DataError(f'{path}: cannot decode mask ({reason}); referenced by '
                     f'{where}') from exc
   if mask.size != original_size:
-    raise DataError(
+    raise common.MaskSizeError(
         f'{path}: mask is {mask.size[0]}x{mask.size[1]} but its image is '
         f'{original_size[0]}x{original_size[1]} ({where})')
   with Image.open(io.BytesIO(data)) as published:
@@ -376,6 +378,8 @@ class Ham10000(common.ImageBuilder):
       try:
         return image, load_mask(mask_path, where, _image_size(image),
                                 _image_size(published[-1]))
+      except common.MaskSizeError:
+        raise
       except DataError as exc:
         return common.Failed(mask_path, where, exc)
 
