@@ -120,6 +120,8 @@ def pretrain() -> ml_collections.ConfigDict:
   c.probe = True                  # SimCLR's linear probe on frozen features (needs data.label_key)
   c.init_head = True              # with init_from: load the projection head too
   c.eval_batches = 0              # evaluation batches (0: one pass over data.eval_split)
+  c.eval_batch_size = 0           # contrastive evaluation batch (0: batch_size); its rows'
+  #                                 negatives, so a metric compares only at one size
   return c
 
 

@@ -39,5 +39,8 @@ def get_config(arg: str = 'r50'):
   config.checkpoint_every_steps = 1000
   config.eval_every_steps = 5000
   config.eval_batches = 20
+  # CheXpert's validation split has 200 patients (234 images), fewer than a batch of
+  # 1024: the contrastive metrics are evaluated on batches of 128 (254 negatives a row).
+  config.eval_batch_size = 128
   config.data.num_workers = 16
   return config

@@ -223,9 +223,19 @@ def test_an_eval_split_smaller_than_a_batch_is_said_at_the_start(trained, tmp_pa
   warned = [r for r in caplog.records if 'fewer than one batch of 48' in r.getMessage()]
   assert len(warned) == 1, caplog.text
   assert re.fullmatch(r'ham10000/validation has \d+ cases, fewer than one batch of 48: its '
-                      r'contrastive metrics \(whole batches only\) will not be evaluated',
+                      r'contrastive metrics \(whole batches only\) will not be evaluated'
+                      r'; a smaller config.eval_batch_size evaluates them',
                       warned[0].getMessage())
   assert results['validation'] == {}
+  # A smaller evaluation batch evaluates them; it splits over the devices as a batch does.
+  cfg = tiny_config(data_dir, batch_size=48, total_steps=1, probe=False, eval_batch_size=8)
+  results = pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'small_eval_batch'))
+  assert 0 <= results['validation']['contrastive_accuracy'] <= 1
+  assert np.isfinite(results['validation']['contrastive_loss'])
+  cfg = tiny_config(data_dir, batch_size=48, total_steps=1, probe=False, eval_batch_size=12)
+  with pytest.raises(ConfigError, match=r'^config.eval_batch_size=12 is not a positive '
+                     r'multiple of the 8 devices in use$'):
+    pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'odd_eval_batch'))
 
 
 @pytest.mark.parametrize('init_head', [True, False])

@@ -47,6 +47,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # ---------------------------------------------------------------- Mesh.
   mesh = parallel.data_mesh()
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
+  eval_batch = config.eval_batch_size or config.batch_size
+  if config.eval_batch_size:
+    parallel.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   host, hosts = jax.process_index(), jax.process_count()
   logging.info('%d devices on %d hosts; global batch %d, %d per host', mesh.devices.size,
                hosts, config.batch_size, local_batch)
@@ -130,11 +133,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config.dataset, config.data.eval_split, data_dir, config.data.views,
         by_case=config.micle)
     units = len(eval_source) if eval_groups is None else len(eval_groups)
-    if units < config.batch_size:
+    if units < eval_batch:
       logging.warning('%s/%s has %d %s, fewer than one batch of %d: its contrastive metrics '
-                      '(whole batches only) will not be evaluated%s', config.dataset,
+                      '(whole batches only) will not be evaluated%s; a smaller '
+                      'config.eval_batch_size evaluates them', config.dataset,
                       config.data.eval_split, units, 'cases' if config.micle else 'images',
-                      config.batch_size, '; the probe\'s top-1 will' if label_key else '')
+                      eval_batch, '; the probe\'s top-1 will' if label_key else '')
 
   def evaluate(variables) -> dict[str, float]:
     """Contrastive metrics on `eval_split` pairs and, with the probe, its top-1."""
@@ -143,7 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results = {}
     name = f'{config.dataset}/{config.data.eval_split}'
     pairs = pipeline.eval_pair_dataset(
-        eval_source, eval_groups, spec, global_batch=config.batch_size, host_index=host,
+        eval_source, eval_groups, spec, global_batch=eval_batch, host_index=host,
         host_count=hosts, seed=_EVAL_SEED, num_workers=config.data.num_workers, name=name,
         max_batches=config.eval_batches)
     if pairs is not None:  # else: too few units for a batch, as the start-up said
@@ -155,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       results.update({k: v / n for k, v in sums.items()})
     if label_key:
       images = pipeline.eval_image_dataset(
-          eval_source, spec, global_batch=config.batch_size, host_index=host, host_count=hosts,
+          eval_source, spec, global_batch=eval_batch, host_index=host, host_count=hosts,
           num_workers=config.data.num_workers, name=name)
       correct = count = 0.0
       for batch, _ in pipeline.device_prefetch(iter(images), to_device):
