@@ -5,6 +5,7 @@ TFDS's registry, so that which builder runs never depends on import side effects
 """
 
 from tfds_builders.chexpert import Chexpert
+from tfds_builders.drive import Drive
 from tfds_builders.ham10000 import Ham10000
 from tfds_builders.image_cases import ImageCases
 from tfds_builders.medmnist import Medmnist
@@ -15,6 +16,7 @@ from tfds_builders.shenzhen import Shenzhen
 
 BUILDERS = {
     'chexpert': Chexpert,
+    'drive': Drive,
     'ham10000': Ham10000,
     'image_cases': ImageCases,
     'medmnist': Medmnist,
@@ -24,5 +26,5 @@ BUILDERS = {
     'shenzhen': Shenzhen,
 }
 
-__all__ = ['BUILDERS', 'Chexpert', 'Ham10000', 'ImageCases', 'Medmnist',
+__all__ = ['BUILDERS', 'Chexpert', 'Drive', 'Ham10000', 'ImageCases', 'Medmnist',
            'MimicCxrJpg', 'Montgomery', 'NihChestXray14', 'Shenzhen']
