@@ -254,13 +254,16 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
   eval_every = config.eval_every_steps if eval_every is None else eval_every
 
   def select(step: int, variables) -> bool:
-    if best.done_at(step):
-      return False
+    if best.done_at(step):  # evaluated before a restart: its decision stands
+      return best.stopped_early and step == best.record['last_eval_step']
     found = evaluate(variables, step)
     writer.write(step, config.data.eval_split or 'holdout', workdir_lib.scalars(found))
     return best.update(step, variables, found)
 
-  running = start_step < total_steps and not best.stopped_early
+  # A run killed after deciding to stop early but before that step's checkpoint was
+  # committed trains on to that step again, stops there and saves it.
+  running = start_step < total_steps and not (
+      best.stopped_early and best.record['last_eval_step'] <= start_step)
   train_iter = (pipeline.resume_iterator(train_data, data_state, step=start_step,
                                          num_workers=config.data.num_workers)
                 if running else iter(()))

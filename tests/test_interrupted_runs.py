@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -220,3 +221,35 @@ def test_staging_left_by_a_dead_build_is_removed_and_a_live_one_kept(tmp_path):
     assert not dead.exists() and live.exists() and other_data_set.exists()
   assert sorted(p.name for p in data_dir.iterdir() if p.name.startswith('.build-')) == [
       '.build-ham10000-dead', '.build-image_cases-live']  # the build's own is gone
+
+
+def test_a_kill_between_an_early_stop_and_its_checkpoint_stops_at_that_step_again(
+    colours, tmp_path, monkeypatch):  # noqa: F811
+  settings = {'early_stopping_patience': 1, 'checkpoint_every_steps': 10, 'total_steps': 80}
+  uninterrupted = os.fspath(tmp_path / 'uninterrupted')
+  want = finetune.train_and_evaluate(tiny_config(colours, **settings), uninterrupted)
+  stop = want['step']
+  assert 10 < stop < 80, want  # stopped early, after its first checkpoint
+  workdir = os.fspath(tmp_path / 'run')
+  _kill_after_update_of(stop, monkeypatch)  # best.json says stopped; its checkpoint is not saved
+  with pytest.raises(Killed):
+    finetune.train_and_evaluate(tiny_config(colours, **settings), workdir)
+  assert json.load(open(os.path.join(workdir, 'best.json')))['stopped_early']
+  # The step before's checkpoint is there (its save may still be committing: wait).
+  deadline = time.monotonic() + 60
+  while _checkpoint_steps(workdir) != [stop - 10] and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert _checkpoint_steps(workdir) == [stop - 10]
+  monkeypatch.undo()
+  results = finetune.train_and_evaluate(tiny_config(colours, **settings), workdir)
+  assert results['step'] == stop and results['best_step'] == want['best_step']
+  assert results['test'] == want['test']
+  for split in ('train', 'validation', 'test'):
+    assert [r['step'] for r in _rows(workdir, split)] == [
+        r['step'] for r in _rows(uninterrupted, split)], split
+  assert _checkpoint_steps(workdir)[-1] == stop
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(name) for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if name.isdigit())
