@@ -454,10 +454,27 @@ def merge_pretrained(variables: dict[str, Any], loaded: dict[str, Any], *, keys:
       if key in partial:
         taken = _common_part(variables[collection][key], taken)
       check_same_structure(variables[collection][key], taken, f'{collection}/{key}',
-                           f'init_from={source!r}')
+                           f'init_from={source!r}',
+                           **({'why': _SHORTER_HEAD} if key == 'head' and _is_first_part(
+                               taken, variables[collection][key]) else {}))
       out[collection][key] = jax.tree.map(lambda new, old: new.astype(old.dtype),
                                           taken, variables[collection][key])
   return out
+
+
+_SHORTER_HEAD = ('its projection head has only the first layers of this model\'s (a '
+                 'fine-tuned model keeps config.head_layers_kept of them); start a fresh head '
+                 'with config.init_head=False (pretrain), or keep as many layers with '
+                 'config.head_layers_kept (finetune)')
+
+
+def _is_first_part(got: Any, expected: Any) -> bool:
+  """Whether the arrays of `got` are some of `expected`'s, in its shapes, and fewer."""
+  have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(got)[0]}
+  want = {jax.tree_util.keystr(p): x.shape
+          for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  return len(have) < len(want) and all(
+      name in want and tuple(want[name]) == tuple(shape) for name, shape in have.items())
 
 
 def _common_part(expected: Any, got: Any) -> Any:

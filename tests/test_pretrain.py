@@ -17,8 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from bigssl_med import (augment, build_data, config_schema, contrastive, models, optim, parallel,
-                        preemption)
+from bigssl_med import (augment, build_data, checkpointing, config_schema, contrastive, models,
+                        optim, parallel, preemption)
 from bigssl_med.data import sources
 from bigssl_med.errors import CheckpointError, ConfigError, DataError
 from bigssl_med.trainers import pretrain
@@ -570,3 +570,23 @@ def test_micle_on_real_chest_x_rays_as_a_users_collection(tmp_path, caplog):
   assert np.isfinite(results['unlabeled']['contrastive_loss'])
   assert np.isnan(results['unlabeled']['probe_top1'])
   assert 'image_cases/nih_sample/unlabeled has no labeled image: no probe top-1' in caplog.text
+
+
+def test_a_head_with_only_its_first_layers_is_refused_with_the_settings_that_help():
+  # A fine-tuned model keeps config.head_layers_kept of the projection head's layers.
+  def head(layers):
+    return {f'dense{i}': {'kernel': np.zeros((4, 4), np.float32)} for i in range(layers)}
+  model = {'params': {'encoder': {'w': np.zeros(2, np.float32)}, 'head': head(3)}}
+  fine_tuned = {'params': {'encoder': {'w': np.ones(2, np.float32)}, 'head': head(1)}}
+  with pytest.raises(CheckpointError) as e:
+    checkpointing.merge_pretrained(model, fine_tuned, keys=('encoder', 'head'), source='ft/best')
+  assert re.fullmatch(r"init_from='ft/best' lacks params/head\['dense1'\]\['kernel'\] that this "
+                      r"model has: its projection head has only the first layers of this "
+                      r"model's .*config.init_head=False \(pretrain\).*config.head_layers_kept "
+                      r"\(finetune\)", str(e.value)), str(e.value)
+  other = {'params': {'encoder': {'w': np.ones(2, np.float32)},
+                      'head': {'dense0': {'kernel': np.zeros((4, 8), np.float32)}}}}
+  with pytest.raises(CheckpointError, match=r'another architecture \(config.model\)$'):
+    checkpointing.merge_pretrained(model, other, keys=('encoder', 'head'), source='x')
+  merged = checkpointing.merge_pretrained(model, fine_tuned, keys=('encoder',), source='ft')
+  np.testing.assert_array_equal(merged['params']['encoder']['w'], np.ones(2))
