@@ -29,7 +29,37 @@ flags.mark_flags_as_required(['config', 'workdir'])
 _FLAG_ERRORS = (flags.Error, AttributeError, KeyError, OSError, TypeError, ValueError)
 
 
-def _flag_error(error: BaseException) -> str:
+def _override_naming(key: str, argv) -> str:
+  """The dotted path of the first `--config.PATH` override of `argv` that names `key`."""
+  for arg in argv:
+    if arg.startswith('--config.'):
+      path = arg[len('--config.'):].split('=', 1)[0]
+      if key in path.split('.'):
+        return path
+  return ''
+
+
+def _unknown_key(lines: list[str], argv) -> str:
+  """One line for ml_collections' unknown key: the override that named it, where the key
+  belongs when it is another trainer's, and ml_collections' suggestion."""
+  key = lines[0].strip('\'"')
+  path = _override_naming(key, argv)
+  named = f' in --config.{path}' if path and path != key else ''
+  others = ''
+  if path:
+    from bigssl_med import config_schema  # pylint: disable=g-import-not-at-top
+    owners = config_schema.trainers_with_key(path)
+    if len(owners) == 1:
+      others = f'; {path} is a key of the {owners[0]} trainer\'s config, not this one'
+    elif owners:
+      names = f'{", ".join(owners[:-1])} and {owners[-1]}'
+      others = f'; {path} is a key of the {names} trainers\' configs, not this one'
+  hint = f' ({" ".join(lines[1:])})' if lines[1:] else ''
+  return (f'no config key {lines[0]}{named}{hint}; the config is locked: keys cannot be '
+          f'added{others}')
+
+
+def _flag_error(error: BaseException, argv=()) -> str:
   """One line for an error of absl's or ml_collections' flag parsing or config loading."""
   while error.args and isinstance(error.args[0], BaseException):  # AttributeError(KeyError(..))
     error = error.args[0]
@@ -37,8 +67,7 @@ def _flag_error(error: BaseException) -> str:
   lines = [line.strip() for line in text.splitlines()
            if line.strip() and not line.strip().startswith('Pass --help')]
   if isinstance(error, KeyError):  # ml_collections: an unknown key, maybe a suggestion
-    return (f'no config key {lines[0]}{" (" + " ".join(lines[1:]) + ")" if lines[1:] else ""};'
-            ' the config is locked: keys cannot be added')
+    return _unknown_key(lines, argv)
   if any(line.startswith('Traceback') for line in lines):  # a config file's get_config failed
     return f'{lines[0].split("Traceback")[0].strip()} {lines[-1]}'
   errno = [line for line in lines if '[Errno' in line]
@@ -54,11 +83,11 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except _FLAG_ERRORS as e:
-    _exit_with_flag_error(e)
+    _exit_with_flag_error(e, argv)
 
 
-def _exit_with_flag_error(error: BaseException):
-  print(f'error: {_flag_error(error)}', file=sys.stderr)
+def _exit_with_flag_error(error: BaseException, argv=None):
+  print(f'error: {_flag_error(error, sys.argv if argv is None else argv)}', file=sys.stderr)
   sys.exit(2)
 
 

@@ -295,6 +295,17 @@ def defaults(trainer: str) -> ml_collections.ConfigDict:
   return _DEFAULTS[trainer]()
 
 
+def trainers_with_key(key: str) -> list[str]:
+  """The trainers whose default config has the dotted `key` (a value or a section)."""
+  def has(config, parts):
+    head, *rest = parts
+    if head not in config:
+      return False
+    return not rest or (isinstance(config[head], ml_collections.ConfigDict)
+                        and has(config[head], rest))
+  return sorted(name for name, make in _DEFAULTS.items() if has(make(), key.split('.')))
+
+
 def leaves(config, prefix=''):
   """`(dotted key, value)` of every leaf of a config (or of its `to_dict()`, or JSON)."""
   for key, value in config.items():

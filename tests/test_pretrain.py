@@ -341,6 +341,16 @@ def test_config_with_an_unused_key_is_rejected_by_name(small_ham10000, tmp_path)
     (['--config=configs/micle_derm.py', '--config.total_stepz=1'],
      """error: no config key 'total_stepz' (Did you mean "total_steps" instead of """
      '"total_stepz"?); the config is locked: keys cannot be added'),
+    (['--config=configs/segment_ham10000.py', '--config.model.head_out_dim=16'],
+     "error: no config key 'head_out_dim' in --config.model.head_out_dim; the config is "
+     'locked: keys cannot be added; model.head_out_dim is a key of the distill, finetune, '
+     "linear_eval and pretrain trainers' configs, not this one"),
+    (['--config=configs/finetune_derm.py', '--config.loss.bce_weight', '0'],
+     "error: no config key 'loss' in --config.loss.bce_weight; the config is locked: keys "
+     "cannot be added; loss.bce_weight is a key of the segment trainer's config, not this one"),
+    (['--config=configs/micle_derm.py', '--config.data.label_kee=x'],
+     "error: no config key 'label_kee' in --config.data.label_kee (Did you mean \"label_key\" "
+     'instead of "label_kee"?); the config is locked: keys cannot be added'),
     (['--config=configs/micle_derm.py', '--config.batch_size=big'],
      "error: flag --config.batch_size=big: invalid literal for int() with base 10: 'big'"),
     (['--config=configs/ham10000_small.py:foo'],
