@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bigssl_med import build_data, label_mapping, supervised
+from bigssl_med import metrics as metrics_lib
 from bigssl_med.data import fractions
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
@@ -381,3 +382,28 @@ def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path, capl
   other.teacher = os.fspath(tmp_path / 'nowhere')
   with pytest.raises(ConfigError, match='config.json: missing'):
     finetune.train_and_evaluate(other, os.fspath(tmp_path / 'other2'))
+
+
+@pytest.mark.parametrize('kind', ['multilabel', 'multiclass'])
+def test_saved_predictions_reproduce_the_metrics_auc(tmp_path, kind):
+  # Two float32 logits one ulp apart whose float32 probabilities are one value: the file
+  # must keep them apart, or an AUC computed from it scores a tie the metrics did not.
+  high = np.float32(5.0)
+  logits = np.array([[high], [np.nextafter(high, np.float32(10))], [-1.0], [6.0]], np.float32)
+  assert (1 / (1 + np.exp(-logits[0]))) == (1 / (1 + np.exp(-logits[1])))  # in float32
+  if kind == 'multilabel':
+    labels = np.array([[0.0], [1.0], [0.0], [1.0]], np.float32)
+    task = supervised.Task('multilabel', 1)
+    want = metrics_lib.multilabel_metrics(logits, labels)['auc_mean']
+  else:
+    logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
+    labels = np.array([0, 1, 0, 1])
+    task = supervised.Task('multiclass', 2)
+    want = metrics_lib.multiclass_metrics(logits, labels)['auc_per_class']['1']
+  path = os.fspath(tmp_path / 'test_predictions.npz')
+  finetune._save_predictions(path, logits, labels, task)  # pylint: disable=protected-access
+  saved = np.load(path)
+  assert saved['scores'].dtype == np.float64
+  positive = (saved['labels'][:, 0] if kind == 'multilabel' else saved['labels'] == 1) > 0
+  got = metrics_lib._auc(positive, saved['scores'][:, -1])  # pylint: disable=protected-access
+  assert got == want == 1.0

@@ -713,6 +713,9 @@ def _save_predictions(path: str, logits: np.ndarray, labels: np.ndarray,
   """Test-set probabilities and labels for reports (ROC curves); `ids` (`_record_ids`):
   each row's `image_id` and `case_id`, where the data set has them."""
   ids = ids or {}
+  # In float64, as the metrics are taken: probabilities of distinct float32 logits can
+  # round to one float32 value, and a tie there changes an AUC computed from the file.
+  logits = np.asarray(logits, np.float64)
   for key, values in ids.items():
     if len(values) != len(logits):
       raise ValueError(f'{len(values)} {key} values for {len(logits)} rows of predictions')
