@@ -261,8 +261,17 @@ def find_model_item(path: str, name: str | None = None) -> epath.Path:
   """
   name = name or f'init_from={path!r}'
   p = epath.Path(absolute(path))
+  convert = (f'import it with python -m bigssl_med.convert --checkpoint={path} '
+             '--workdir=DIR, then name DIR')
   if not p.exists():
+    if epath.Path(absolute(path) + '.index').is_file():
+      raise CheckpointError(f'{name} is a TensorFlow checkpoint, not a run of this project: '
+                            f'{convert}')
     raise CheckpointError(f'{name}: no such file or directory')
+  if not p.is_dir():
+    raise CheckpointError(f'{name} is a file, not a run of this project (a workdir, its '
+                          f'checkpoints or a step folder): to start from published weights, '
+                          f'{convert}')
   if (p / 'model').is_dir():
     return p / 'model'
   if p.name == 'best' and (p.parent / 'best.json').is_file():

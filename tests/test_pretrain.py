@@ -282,6 +282,18 @@ def test_init_from_another_architecture_is_a_one_line_error(trained, tmp_path):
   with pytest.raises(CheckpointError, match='no such file'):
     pretrain.train_and_evaluate(tiny_config(data_dir, init_from='/no/such/run'),
                                 os.fspath(tmp_path / 'y'))
+  # Published weights named directly, before bigssl_med.convert imported them.
+  weights = REPO / 'tests' / 'data' / 'torchvision_r18_w32.pth'
+  (tmp_path / 'tf').mkdir()
+  (tmp_path / 'tf' / 'model.ckpt-1.index').write_bytes(b'')
+  for path, what in ((weights, 'is a file, not a run of this project'),
+                     (tmp_path / 'tf' / 'model.ckpt-1', 'is a TensorFlow checkpoint')):
+    with pytest.raises(CheckpointError) as e:
+      pretrain.train_and_evaluate(tiny_config(data_dir, init_from=os.fspath(path)),
+                                  os.fspath(tmp_path / 'z'))
+    assert re.fullmatch(rf"init_from='{re.escape(os.fspath(path))}' {what}.*import it with "
+                        rf"python -m bigssl_med.convert --checkpoint={re.escape(os.fspath(path))}"
+                        r" --workdir=DIR, then name DIR", str(e.value)), str(e.value)
 
 
 # --------------------------------------------------------------------------- bad input
