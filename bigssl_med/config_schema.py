@@ -416,6 +416,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if value is not None and value <= 0:
       raise ConfigError(f'config.{name} must be positive, got {value!r}')
   _check_unlabeled_splits(config.trainer, values)
+  _check_torchvision_layout(values)
+
+
+def _check_torchvision_layout(values: Mapping[str, Any]) -> None:
+  """Fails on a ResNet-18/34 in torchvision's layout with a projection in its first block.
+
+  torchvision's have none, and a benchmark config picks `identity_shortcuts` from the
+  depth it was given: a depth set afterwards (`--config.model.depth=18` over an r50
+  config) would silently train another architecture from scratch than the imported
+  models it is compared with. With `init_from`, the encoder check names the key.
+  """
+  depth = values.get('model.depth')
+  if (values.get('model.stem_pool_padding') == 'symmetric' and isinstance(depth, int)
+      and depth < 50 and values.get('model.identity_shortcuts') is False
+      and not values.get('init_from')):
+    raise ConfigError(
+        f'config.model.depth={depth} in torchvision\'s layout (model.stem_pool_padding='
+        '\'symmetric\') has no projection in its first block: set '
+        '--config.model.identity_shortcuts=True (configs/benchmark_cxr.py:DATASET,r18 sets '
+        'both), or model.stem_pool_padding=\'same\' for SimCLR\'s ResNet')
 
 
 def _check_unlabeled_splits(trainer: str, values: Mapping[str, Any]) -> None:

@@ -45,7 +45,9 @@ The architecture is torchvision's, as the benchmark's initialisations are
 (`python -m bigssl_med.convert` imports them): its max-pooling windows
 (`model.stem_pool_padding='symmetric'`), ImageNet standardisation of the input
 (`model.input_normalization='imagenet'`) and, for ResNet-18/34, no projection in the
-first block (`model.identity_shortcuts=True`). From a SimCLR or MICLe run of this
+first block (`model.identity_shortcuts=True`, set from MODEL: pick the depth there, as
+`:nih14,r18`; a depth set with `--config.model.depth` alone is refused from scratch,
+and named by the encoder check with `init_from`). From a SimCLR or MICLe run of this
 project, pass that run's settings instead (`--config.model.stem_pool_padding=same
 --config.model.input_normalization=none`); a mismatch is a one-line error naming
 the key.

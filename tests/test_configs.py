@@ -192,3 +192,20 @@ def test_setting_differences_compare_run_folders_as_paths(tmp_path, monkeypatch)
   assert config_schema.setting_differences(saved, config) == []
   saved['init_from'] = str(tmp_path / 'runs' / 'simclr')
   assert [d[0] for d in config_schema.setting_differences(saved, config)] == ['init_from']
+
+
+def test_a_depth_set_over_the_benchmark_config_is_refused_unless_the_layout_follows():
+  # configs/benchmark_cxr.py picks torchvision's shortcuts from its MODEL argument; a
+  # depth set afterwards must not silently train SimCLR's ResNet-18 in torchvision's stem.
+  c = load('benchmark_cxr')
+  c.model.depth = 18
+  with pytest.raises(ConfigError, match=r"^config.model.depth=18 in torchvision's layout "
+                     r".*--config.model.identity_shortcuts=True"):
+    config_schema.validate(c)
+  c.model.identity_shortcuts = True
+  config_schema.validate(c)
+  c.model.identity_shortcuts, c.model.stem_pool_padding = False, 'same'  # SimCLR's ResNet-18
+  config_schema.validate(c)
+  c.model.stem_pool_padding, c.init_from = 'symmetric', '/imported/r18'  # its own check
+  config_schema.validate(c)
+  config_schema.validate(load('benchmark_cxr', 'chexpert,r18'))
