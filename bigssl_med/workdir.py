@@ -50,7 +50,8 @@ def locked(workdir: str) -> Iterator[None]:
   hosts only process 0 locks (the workdir is shared); where the file system has no
   locks, or for a URL (which `start` refuses), the run goes on unlocked, said once on
   the log. The runs a run makes inside its workdir (the stages of `trainer='stages'`)
-  take no lock of their own: this one covers them.
+  each lock their own folder too, so that a run started on one of those directly is
+  refused while its stage runs (and a stage, while such a run holds its folder).
 
   Raises:
     WorkdirInUse: another process holds the lock; nothing has been written.

@@ -10,7 +10,7 @@ import pytest
 
 from bigssl_med import config_schema, preemption
 from bigssl_med import workdir as workdir_lib
-from bigssl_med.errors import ConfigError
+from bigssl_med.errors import ConfigError, WorkdirInUse
 from bigssl_med.trainers import stages
 from conftest import REAL_HAM10000_BUILD
 from test_finetune import _write_colour_cases, colours, tiny_config  # noqa: F401
@@ -165,3 +165,31 @@ def test_demo_runs_every_stage_on_the_real_ham10000(ham10000_data_dir, tmp_path_
   again = stages.train_and_evaluate(config, os.fspath(workdir))
   assert again['stages'] == json.loads(json.dumps(results['stages']))
   assert (workdir / 'micle' / 'metrics.jsonl').read_text() == metrics
+
+
+def test_a_stage_holds_its_folders_lock_and_the_report_path_is_absolute(
+    colours, tmp_path, monkeypatch):  # noqa: F811
+  from bigssl_med import trainers  # pylint: disable=g-import-not-at-top
+  finetune_run = trainers.TRAINERS['finetune']
+  refused = []
+
+  def micle_while_someone_tries_its_folder(config, workdir):
+    with pytest.raises(WorkdirInUse, match=f'another run is using {workdir} '):
+      with workdir_lib.locked(workdir):  # a run started on the stage folder directly
+        pass
+    refused.append(workdir)
+    return finetune_run(config, workdir)
+  monkeypatch.setitem(trainers.TRAINERS, 'finetune', micle_while_someone_tries_its_folder)
+  monkeypatch.chdir(tmp_path)
+  config = _tiny_stages(colours)
+  config.report = True
+  results = stages.train_and_evaluate(config, 'w')  # relative, as on a command line
+  assert refused == ['w/micle']
+  assert results['report'] == os.fspath(tmp_path / 'w' / 'report.md')
+  assert workdir_lib.read_json(tmp_path / 'w' / 'stages.json')['report'] == results['report']
+  # A stage whose folder another run holds is refused, nothing of it written.
+  shutil.rmtree(tmp_path / 'w' / 'micle')
+  with workdir_lib.locked(os.fspath(tmp_path / 'w' / 'micle')):
+    with pytest.raises(WorkdirInUse):
+      stages.train_and_evaluate(_tiny_stages(colours), 'w')
+  assert os.listdir(tmp_path / 'w' / 'micle') == ['.lock']

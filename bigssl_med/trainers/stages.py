@@ -168,14 +168,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   for name, stage in stages.items():
     stage_dir = os.path.join(workdir, name)
     logging.info('Stage %s (%s) in %s', name, stage.trainer, stage_dir)
-    if name in refs:
-      check_inputs(name, stage, stage_dir, refs[name], results['stages'], workdir)
-    results['stages'][name] = trainers.TRAINERS[stage.trainer](stage, stage_dir)
+    with workdir_lib.locked(stage_dir):  # a run on the stage folder itself is refused
+      if name in refs:
+        check_inputs(name, stage, stage_dir, refs[name], results['stages'], workdir)
+      results['stages'][name] = trainers.TRAINERS[stage.trainer](stage, stage_dir)
   workdir_lib.write_config(workdir, config)  # every stage accepted this config
   reported = [os.path.join(workdir, name) for name, stage in stages.items()
               if stage.trainer in REPORTED_TRAINERS]
   if config.report and reported:
-    out = os.path.join(workdir, 'report.md')
+    out = os.path.join(os.path.abspath(workdir), 'report.md')
     # Process 0 writes the report; every host learns whether it succeeded.
     primary = jax.process_index() == 0
     status = parallel.primary_value(report_lib.main(reported + ['--out', out]) if primary else 0)
