@@ -13,8 +13,13 @@ as the rest of its files are.
 
 import contextlib
 import os
+import re
 import tempfile
 from typing import Iterator
+
+# The temporary files `written_whole` makes: `.NAME.` + mkstemp's 8 characters + `.tmp` +
+# NAME's extension.
+_TEMPORARY = re.compile(r'^\..+\.[a-z0-9_]{8}\.tmp(\.[^.]+)?$')
 
 
 @contextlib.contextmanager
@@ -53,6 +58,22 @@ def written_whole(path: str) -> Iterator[str]:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+  """Removes the temporary files of `written_whole` in `folder` (not below it) that a
+  process killed mid-write left; returns their names. Only for a folder no other
+  process writes meanwhile (a workdir whose lock this run holds)."""
+  try:
+    names = sorted(name for name in os.listdir(folder) if _TEMPORARY.match(name))
+  except OSError:
+    return []
+  removed = []
+  for name in names:
+    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+      os.remove(os.path.join(folder, name))
+      removed.append(name)
+  return removed
 
 
 def sync_tree(folder: str) -> None:

@@ -98,6 +98,9 @@ def _holder(path: str) -> str:
 def start(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates `workdir`, and its `config.json` if it has none; a URL (gs://...) is an error.
 
+  Files half-written by an attempt killed while writing them (`files.written_whole`'s
+  temporaries) are removed.
+
   An existing `config.json` describes the run the workdir holds; a trainer replaces
   it (`write_config`) only once this run has been found consistent with that one
   (its checkpoint restored), so a rerun rejected for a changed model leaves it be.
@@ -108,6 +111,11 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'workdir {workdir!r} is a URL: pass a path of the file system, e.g. '
                       'the bucket mounted with gcsfuse on every host')
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    removed = files.remove_stale_temporaries(workdir)
+    if removed:
+      logging.info('%s: removed %d file(s) half-written by a killed attempt (%s)', workdir,
+                   len(removed), ', '.join(removed))
   if not os.path.exists(os.path.join(workdir, 'config.json')):
     write_config(workdir, config)
 

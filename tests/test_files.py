@@ -78,3 +78,25 @@ def test_the_bytes_and_the_rename_are_synced_to_disk(tmp_path, monkeypatch):
     with open(tmp, 'w') as f:
       f.write('{}')
   assert synced == [tmp, os.fspath(tmp_path)]
+
+
+def test_temporaries_left_by_a_killed_write_are_removed_at_the_next_start(tmp_path):
+  from bigssl_med import config_schema  # pylint: disable=g-import-not-at-top
+  from bigssl_med import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  left = []
+  for name in ('data.json', 'report.md', 'LICENSE'):  # what a kill mid-write leaves
+    with pytest.raises(KeyboardInterrupt):
+      with files.written_whole(os.fspath(tmp_path / name)) as tmp:
+        left.append(os.path.basename(tmp))
+        os.link(tmp, tmp + '.kept')  # the kill: `finally` never runs in a killed process
+        raise KeyboardInterrupt
+  for name in left:
+    os.rename(tmp_path / (name + '.kept'), tmp_path / name)
+  kept = ['.data.json.notes', 'data.json', '.lock', 'x.tmp.json', '.a.b.tmp.json']
+  for name in kept:
+    (tmp_path / name).write_text('mine')
+  (tmp_path / 'checkpoints' / '.x.abcdefgh.tmp.json').parent.mkdir()
+  (tmp_path / 'checkpoints' / '.x.abcdefgh.tmp.json').write_text('below: not touched')
+  workdir_lib.start(os.fspath(tmp_path), config_schema.finetune())
+  assert sorted(os.listdir(tmp_path)) == sorted(kept + ['checkpoints', 'config.json'])
+  assert os.listdir(tmp_path / 'checkpoints') == ['.x.abcdefgh.tmp.json']
