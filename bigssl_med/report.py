@@ -111,7 +111,9 @@ NOT_SETTINGS = frozenset(('seed', 'init', 'init_from', 'teacher', 'data.label_fr
                           'data.fraction_seed'))
 ABSENT_SETTING = '(absent)'
 REQUIRED_KEYS = ('dataset', 'init', 'label_fraction', 'seed', 'primary_metric')
-SKIPPED_TRAINERS = ('pretrain',)
+# Workdirs without results of a labelled task: pretraining runs, and models imported by
+# `bigssl_med.convert` (kept beside the runs they start).
+SKIPPED_TRAINERS = ('pretrain', 'imported')
 # Rows come in this order, then any other initialisation alphabetically.
 INIT_ORDER = ('scratch', 'supervised', 'simclr', 'micle')
 ALPHA = 0.05
@@ -1148,7 +1150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('dirs', nargs='+', metavar='DIR',
                       help='run workdirs, or folders searched recursively for '
                            f'{RESULTS_FILE}')
-  parser.add_argument('--out', default='report.md',
+  parser.add_argument('--out', type=_markdown_path, default='report.md',
                       help='Markdown report to write; the .csv and .png files get its '
                            'stem (default: report.md)')
   parser.add_argument('--metric', default=None,
@@ -1183,6 +1185,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   for path in paths:
     print(path)
   return 0
+
+
+def _markdown_path(text: str) -> str:
+  """`--out`: a `.md` file, so that neither the report's own CSV (its stem + `.csv`) nor
+  a run's results.json or config.json can be the file it replaces."""
+  if not text.endswith('.md'):
+    raise argparse.ArgumentTypeError(f'{text!r} does not end in .md (the Markdown report; '
+                                     'the .csv and .png files get its stem)')
+  return text
 
 
 def _digits(text: str) -> int:

@@ -510,6 +510,8 @@ def test_unfinished_runs_are_named_in_a_warning(tmp_path, caplog):
   (tmp_path / 'seed=2' / 'results.json').unlink()  # crashed before it finished
   (tmp_path / 'pretrain').mkdir()
   (tmp_path / 'pretrain' / 'config.json').write_text('{"trainer": "pretrain"}')
+  (tmp_path / 'imported').mkdir()  # bigssl_med.convert's workdir, beside the runs it starts
+  (tmp_path / 'imported' / 'config.json').write_text('{"trainer": "imported"}')
   with caplog.at_level('WARNING'):
     runs = report.collect([str(tmp_path)])
   assert len(runs) == 2
@@ -970,3 +972,15 @@ def test_old_results_and_bad_new_keys(tmp_path):
   with pytest.raises(DataError, match=r"c/results.json: key 'shift.metrics.top1' is not a "
                                       'number'):
     report.summarize(report.collect([str(tmp_path / 'c')]))
+
+
+@pytest.mark.parametrize('out', ['results.json', 'report.csv', 'report'])
+def test_out_must_be_a_markdown_file_so_nothing_else_is_replaced(tmp_path, capsys, out):
+  write_run(tmp_path / 'run', 'ham10000', 'micle', 1.0, 0, 0.8)
+  results = (tmp_path / 'run' / 'results.json').read_text()
+  with pytest.raises(SystemExit) as e:
+    report.main([str(tmp_path), '--out', str(tmp_path / 'run' / out)])
+  assert e.value.code == 2
+  assert "does not end in .md" in capsys.readouterr().err
+  assert (tmp_path / 'run' / 'results.json').read_text() == results
+  assert sorted(os.listdir(tmp_path / 'run')) == ['results.json']
