@@ -67,6 +67,11 @@ def get_config(arg: str = 'nih14'):
   variants = [p for p in parts if p not in _DATASETS]
   if len(variants) > 1:
     raise ValueError(f'configs/benchmark_cxr.py takes DATASET[,MODEL], got {arg!r}')
+  unknown = [v for v in variants if v not in config_schema.MODEL_VARIANTS]
+  if unknown:
+    raise ValueError(f'configs/benchmark_cxr.py: {unknown[0]!r} is neither a DATASET '
+                     f'({", ".join(_DATASETS)}) nor a MODEL '
+                     f'({", ".join(sorted(config_schema.MODEL_VARIANTS))})')
   config = config_schema.finetune()
   config_schema.set_model_variant(config, variants[0] if variants else 'r50')
   config.model.stem_pool_padding = 'symmetric'

@@ -131,6 +131,9 @@ def test_benchmark_config_on_shenzhen():
       'shenzhen/benchmark_side512', 18, True)
   with pytest.raises(ValueError, match='takes one DATASET'):
     load('benchmark_cxr', 'shenzhen,chexpert')
+  with pytest.raises(ValueError, match=r"^configs/benchmark_cxr.py: 'nih41' is neither a "
+                     r'DATASET \(nih14, chexpert, shenzhen\) nor a MODEL \(r101, '):
+    load('benchmark_cxr', 'nih41')
 
 
 def test_segment_montgomery_config():
