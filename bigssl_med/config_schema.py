@@ -10,6 +10,7 @@ log_every_steps, checkpoint_every_steps.
 This module imports nothing heavy, so configs load fast.
 """
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -417,6 +418,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{name} must be positive, got {value!r}')
   _check_unlabeled_splits(config.trainer, values)
   _check_torchvision_layout(values)
+  init = values.get('init')
+  if (config.trainer != 'distill' and init and init.lower() not in ('scratch', 'random')
+      and 'init_from' in values and not values['init_from']):
+    logging.warning('config.init=%r names an initialisation, but config.init_from is empty: '
+                    'this run starts from random weights, and reports list it as %r', init,
+                    init)
 
 
 def _check_torchvision_layout(values: Mapping[str, Any]) -> None:

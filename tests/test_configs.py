@@ -212,3 +212,18 @@ def test_a_depth_set_over_the_benchmark_config_is_refused_unless_the_layout_foll
   c.model.stem_pool_padding, c.init_from = 'symmetric', '/imported/r18'  # its own check
   config_schema.validate(c)
   config_schema.validate(load('benchmark_cxr', 'chexpert,r18'))
+
+
+def test_an_initialisation_named_without_init_from_is_a_warning(caplog):
+  c = load('benchmark_cxr')
+  c.init = 'imagenet_supervised'
+  with caplog.at_level('WARNING'):
+    config_schema.validate(c)
+  assert ("config.init='imagenet_supervised' names an initialisation, but config.init_from "
+          'is empty: this run starts from random weights') in caplog.text
+  caplog.clear()
+  for init, init_from in (('scratch', ''), ('imagenet_supervised', '/imported/r50'), ('', '')):
+    c.init, c.init_from = init, init_from
+    with caplog.at_level('WARNING'):
+      config_schema.validate(c)
+  assert 'names an initialisation' not in caplog.text
