@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import scipy.special
 
+from bigssl_med import metrics as metrics_lib
 from bigssl_med.data import sources
 from bigssl_med.errors import ConfigError, DataError
 
@@ -177,7 +177,7 @@ def combine(logits: np.ndarray, labels: np.ndarray, keys: np.ndarray, *, kind: s
     # log p and log(1 - p) of each output, combined in log space: exact and stable.
     log_p, log_q = -np.logaddexp(0.0, -logits), -np.logaddexp(0.0, logits)
   else:
-    log_p, log_q = scipy.special.log_softmax(logits, axis=1), None
+    log_p, log_q = metrics_lib.log_softmax(logits), None  # no ties where p rounds to 1
   by_unit = np.argsort(inverse, kind='stable')
   starts = np.searchsorted(inverse[by_unit], np.arange(len(units)))
   counts = np.diff(np.append(starts, len(keys)))[:, None]

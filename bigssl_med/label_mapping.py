@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from bigssl_med import metrics as metrics_lib
 from bigssl_med.errors import ConfigError
 
 
@@ -108,18 +109,18 @@ def map_multiclass(logits: np.ndarray, labels: np.ndarray, label_map: LabelMap
     the J mapped classes; `left_out` = N - M.
   """
   logits = np.asarray(logits, np.float64)
-  shifted = logits - logits.max(axis=1, keepdims=True)
-  probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
   classes = label_map.target_classes
   column = {j: c for c, j in enumerate(classes)}
-  mapped = np.zeros((len(logits), len(classes)))
+  # Each target class's log-sum-exp of the model logits mapped to it; their log-softmax
+  # is the log of the summed probabilities, renormalised, without rounding the dominant
+  # class's probability to 1 (metrics.log_softmax).
+  grouped = np.full((len(logits), len(classes)), -np.inf)
   for i, j in label_map.pairs:
-    mapped[:, column[j]] += probs[:, i]
-  mapped /= np.maximum(mapped.sum(axis=1, keepdims=True), np.finfo(np.float64).tiny)
+    grouped[:, column[j]] = np.logaddexp(grouped[:, column[j]], logits[:, i])
   labels = np.asarray(labels).astype(np.int64)
   keep = np.isin(labels, classes)
   new_labels = np.array([column[int(j)] for j in labels[keep]], np.int64)
-  log_probs = np.log(np.maximum(mapped[keep], np.finfo(np.float64).tiny))
+  log_probs = metrics_lib.log_softmax(grouped[keep]) if keep.any() else grouped[keep]
   names = tuple(label_map.target_names[j] for j in classes)
   return log_probs, new_labels, names, int((~keep).sum())
 

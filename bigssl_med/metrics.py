@@ -68,7 +68,7 @@ def multiclass_metrics(logits, labels, class_names: Sequence[str] | None = None
     raise ValueError(f'logits need K >= 2 classes, got shape {logits.shape}')
   labels = _class_labels(labels, num_examples, num_classes)
   names = _names(class_names, num_classes, 'class_names')
-  probs = _softmax(logits)
+  log_probs = log_softmax(logits)  # what each class's AUC ranks: no ties where p nears 1
   ranking = np.argsort(-logits, axis=1, kind='stable')
   results: dict[str, Any] = {'top1': _top_k(ranking, labels, 1)}
   if num_classes >= 3:
@@ -78,7 +78,7 @@ def multiclass_metrics(logits, labels, class_names: Sequence[str] | None = None
     warnings.simplefilter('ignore')
     results['balanced_accuracy'] = float(
         sk_metrics.balanced_accuracy_score(labels, ranking[:, 0]))
-  per_class = {name: _auc(labels == k, probs[:, k]) for k, name in enumerate(names)}
+  per_class = {name: _auc(labels == k, log_probs[:, k]) for k, name in enumerate(names)}
   results['auc_macro'] = _nanmean(per_class.values())
   results['auc_macro_classes'] = sum(not math.isnan(v) for v in per_class.values())
   results['auc_macro_of_classes'] = num_classes
@@ -319,9 +319,24 @@ def _names(names, count: int, arg: str) -> tuple[str, ...]:
   return names
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-  return shifted / shifted.sum(axis=1, keepdims=True)
+def log_softmax(logits) -> np.ndarray:
+  """float64 log-probabilities of `[N, K]` logits that keep their order near p = 1.
+
+  The usual `l_k - logsumexp(l)` is 0 for every class whose probability is within 1e-16
+  of 1: over-confident rows tie, and a class's one-vs-rest AUC loses their ranking. For
+  the largest logit of a row it is computed as `-log1p(sum_{j != k} exp(l_j - l_k))`
+  instead (exact for margins up to about 700); for the others, as usual (their
+  probability is at most 1/2).
+  """
+  logits = np.asarray(logits, np.float64)
+  top = logits.max(axis=1, keepdims=True)
+  log_probs = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
+  best = np.argmax(logits, axis=1)
+  rows = np.arange(len(logits))
+  rest = np.exp(logits - logits[rows, best][:, None])
+  rest[rows, best] = 0.0
+  log_probs[rows, best] = -np.log1p(rest.sum(axis=1))
+  return log_probs
 
 
 def _top_k(ranking: np.ndarray, labels: np.ndarray, k: int) -> float:

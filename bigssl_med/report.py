@@ -20,7 +20,8 @@ optional; `shift.label_names` lists the shifted data set's labels its metrics ar
 the ones the label mapping reaches, and older files without it are read through
 `shift.label_map`). Files without `trainer`, or from the `pretrain` trainer, are
 skipped. Beside it, `test_predictions.npz` (`<split>_predictions.npz`) may hold `scores` `[N, K]`
-probabilities, `labels` (`[N]` classes or `[N, K]` multi-label targets), optionally
+probabilities (and `log_scores`, their logarithms, which the curves then rank), `labels`
+(`[N]` classes or `[N, K]` multi-label targets), optionally
 `mask` `[N, K]` and `class_names`, for ROC curves, and `image_id` and `case_id` `[N]`
 (strings naming each row's record; files written before them lack them, and the
 report does not need them), or `unit_id` for rows of studies or cases.
@@ -1091,7 +1092,9 @@ def roc_curves(path: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
   for key in ('scores', 'labels'):
     if key not in arrays:
       raise DataError(f"{path}: missing key '{key}'")
-  scores = arrays['scores'].astype(np.float64)
+  # Log-probabilities, where the file has them, rank as the probabilities do without
+  # rounding those near 1 to ties (a curve and its AUC as the run's metrics rank).
+  scores = arrays.get('log_scores', arrays['scores']).astype(np.float64)
   labels = arrays['labels']
   names = [str(n) for n in arrays['class_names']] if 'class_names' in arrays else None
   num_columns = scores.shape[1] if scores.ndim == 2 else 1

@@ -148,6 +148,14 @@ def test_many_to_one_multiclass_mapping_adds_probabilities():
   np.testing.assert_array_equal(mapped, [0, 1])
   # benign = nv; malignant = mel + bcc; renormalised over the two (bkl dropped).
   np.testing.assert_allclose(np.exp(log_probs), [[0.4 / 0.7, 0.3 / 0.7], [0.1 / 0.9, 0.8 / 0.9]])
+  # An over-confident model: p(malignant) ~ 1e-20 on every image. The two target classes'
+  # AUCs must agree (p(benign) = 1 - p(malignant)): the benign ranking is no tie.
+  confident = np.array([[-50.0, 0.0, -48.0, -60.0], [-47.0, 0.0, -49.0, -60.0],
+                        [-46.0, 0.0, -52.0, -60.0], [-44.0, 0.0, -45.0, -60.0]])
+  log_probs, mapped, _, _ = label_mapping.map_multiclass(confident, np.array([0, 1, 0, 1]),
+                                                         label_map)
+  auc = metrics_lib.multiclass_metrics(log_probs, mapped, ('benign', 'malignant'))
+  assert auc['auc_per_class']['benign'] == auc['auc_per_class']['malignant'] == 0.75
 
 
 def test_multilabel_mapping_pairs_columns_in_target_order():
@@ -403,7 +411,8 @@ def test_saved_predictions_reproduce_the_metrics_auc(tmp_path, kind):
   path = os.fspath(tmp_path / 'test_predictions.npz')
   finetune._save_predictions(path, logits, labels, task)  # pylint: disable=protected-access
   saved = np.load(path)
-  assert saved['scores'].dtype == np.float64
+  assert saved['scores'].dtype == saved['log_scores'].dtype == np.float64
+  np.testing.assert_allclose(np.exp(saved['log_scores']), saved['scores'], rtol=1e-12)
   positive = (saved['labels'][:, 0] if kind == 'multilabel' else saved['labels'] == 1) > 0
   got = metrics_lib._auc(positive, saved['scores'][:, -1])  # pylint: disable=protected-access
   assert got == want == 1.0

@@ -255,3 +255,21 @@ def test_lower_is_better_reads_the_metrics_own_name():
   assert metrics.lower_is_better('error_rate')
   assert not metrics.lower_is_better('auc_mean')
   assert not metrics.lower_is_better('auc_per_class/error_of_refraction')
+
+
+def test_log_softmax_matches_float64_and_keeps_the_order_of_probabilities_near_one():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0, 3, (50, 5))
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  reference = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  np.testing.assert_allclose(metrics.log_softmax(logits), reference, rtol=1e-12, atol=1e-14)
+  # Margins of 40 and 41: both probabilities are 1.0 in float64, their logs are not.
+  confident = np.array([[0.0, 40.0], [0.0, 41.0], [0.0, -5.0], [3.0, 0.0]])
+  log_probs = metrics.log_softmax(confident)
+  assert log_probs[0, 1] < log_probs[1, 1] < 0.0
+  np.testing.assert_allclose(log_probs[:2, 1], -np.exp([-40.0, -41.0]), rtol=1e-12)
+  assert np.all(np.isfinite(log_probs)) and np.all(log_probs <= 0)
+  # So a class's one-vs-rest AUC ranks them, and both AUCs of two classes agree.
+  labels = np.array([0, 1, 0, 0])
+  result = metrics.multiclass_metrics(confident, labels)
+  assert result['auc_per_class'] == {'0': 1.0, '1': 1.0}

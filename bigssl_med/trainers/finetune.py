@@ -719,12 +719,13 @@ def _save_predictions(path: str, logits: np.ndarray, labels: np.ndarray,
   for key, values in ids.items():
     if len(values) != len(logits):
       raise ValueError(f'{len(values)} {key} values for {len(logits)} rows of predictions')
+  # `log_scores` keep the order of probabilities that round to 1 (what the AUCs rank).
   if task.kind == 'multiclass':
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    scores = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-    np.savez(path, scores=scores, labels=labels.astype(np.int64),
-             class_names=np.asarray(task.names), **ids)
+    log_scores = metrics_lib.log_softmax(logits)
+    np.savez(path, scores=np.exp(log_scores), log_scores=log_scores,
+             labels=labels.astype(np.int64), class_names=np.asarray(task.names), **ids)
   else:
     targets, mask = supervised.eval_targets(labels, task.blank)
-    np.savez(path, scores=1.0 / (1.0 + np.exp(-logits)), labels=targets, mask=mask,
-             class_names=np.asarray(task.names), **ids)
+    log_scores = -np.logaddexp(0.0, -logits)  # log sigmoid
+    np.savez(path, scores=np.exp(log_scores), log_scores=log_scores, labels=targets,
+             mask=mask, class_names=np.asarray(task.names), **ids)
