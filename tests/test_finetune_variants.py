@@ -154,6 +154,7 @@ def test_many_to_one_multiclass_mapping_adds_probabilities():
                         [-46.0, 0.0, -52.0, -60.0], [-44.0, 0.0, -45.0, -60.0]])
   log_probs, mapped, _, _ = label_mapping.map_multiclass(confident, np.array([0, 1, 0, 1]),
                                                          label_map)
+  assert len(set(log_probs[:, 0])) == 4 and np.all(log_probs[:, 0] < 0)  # not rounded to 0
   auc = metrics_lib.multiclass_metrics(log_probs, mapped, ('benign', 'malignant'))
   assert auc['auc_per_class']['benign'] == auc['auc_per_class']['malignant'] == 0.75
 
