@@ -377,6 +377,16 @@ def pretrain_seed(init_from: str) -> int | None:
   return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
+def recorded_pretrain_seed(initialised_from: dict[str, Any] | None, init_from: str
+                           ) -> int | None:
+  """The pretraining seed of a run's source as recorded at its first start (`INIT_FILE`),
+  so that moving or reusing the source later changes nothing; for a record written
+  before the seed was kept, read from `init_from` now."""
+  if isinstance(initialised_from, dict) and 'pretrain_seed' in initialised_from:
+    return initialised_from['pretrain_seed']
+  return pretrain_seed(init_from) if init_from else None
+
+
 def check_encoder_architecture(init_from: str, model_config: Any) -> None:
   """Fails when the run at `init_from` had an encoder other than `model_config` describes.
 
@@ -583,7 +593,7 @@ def restore_or_initialize(checkpointer: Checkpointer, *, init_fn: Callable[[], t
     logging.info('Initialised %s from %s%s', '+'.join(init_keys), init_from, at)
     origin = f'initialised {"+".join(init_keys)} from {init_from}{at}'
     record = {'init_from': init_from, 'checkpoint': os.fspath(source['checkpoint']),
-              'step': source['step']}
+              'step': source['step'], 'pretrain_seed': pretrain_seed(init_from)}
   else:
     origin = 'initialised from scratch'
   workdir_lib.write_json(os.path.join(workdir, INIT_FILE), record)  # before any checkpoint

@@ -336,7 +336,8 @@ def test_init_from_a_run_trained_on_labels_names_its_model(teacher, colours, tmp
   assert results['origin'] == (f'initialised encoder from {teacher_dir}/best '
                                f'(step {teacher_results["best_step"]})')
   assert results['initialised_from'] == {'init_from': cfg.init_from, 'checkpoint': cfg.init_from,
-                                         'step': teacher_results['best_step']}
+                                         'step': teacher_results['best_step'],
+                                         'pretrain_seed': None}  # a fine-tuned model
 
 
 def test_init_from_an_unfinished_pretraining_run_warns(colours, tmp_path, caplog):

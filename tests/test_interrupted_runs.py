@@ -169,7 +169,7 @@ def test_a_resumed_fine_tune_names_the_source_step_it_was_initialised_from(
     finetune.train_and_evaluate(config, workdir)
   monkeypatch.undo()
   used = {'init_from': source, 'checkpoint': os.path.join(source, 'checkpoints', '2'),
-          'step': 2}
+          'step': 2, 'pretrain_seed': 0}
   assert workdir_lib.read_json(os.path.join(workdir, 'initialised_from.json')) == used
   # A workdir written before the record existed: resumed, with the step unknown.
   legacy = os.fspath(tmp_path / 'legacy')
@@ -179,14 +179,18 @@ def test_a_resumed_fine_tune_names_the_source_step_it_was_initialised_from(
   continued = pretrain.train_and_evaluate(
       tiny_pretrain_config(data_dir, total_steps=4, probe=False), source)
   assert continued['step'] == 4 and continued['initialised_from'] is None
+  # ... and its workdir is then reused by a pretraining run of another seed.
+  source_config = workdir_lib.read_json(os.path.join(source, 'config.json'))
+  workdir_lib.write_json(os.path.join(source, 'config.json'), {**source_config, 'seed': 7})
   results = finetune.train_and_evaluate(config, workdir)
   assert results['origin'].startswith('resumed from')
-  assert results['initialised_from'] == used
+  assert results['initialised_from'] == used and results['pretrain_seed'] == 0
   assert workdir_lib.read_json(os.path.join(workdir, 'results.json'))['initialised_from'] == used
   assert finetune.train_and_evaluate(config, workdir)['initialised_from'] == used
   old = finetune.train_and_evaluate(config, legacy)
   assert old['origin'].startswith('resumed from')
   assert old['initialised_from'] == {'init_from': source, 'checkpoint': None, 'step': None}
+  assert old['pretrain_seed'] == 7  # not recorded then: read from the source as it is now
 
 
 def test_a_build_set_aside_by_a_killed_rebuild_is_put_back(colours):  # noqa: F811

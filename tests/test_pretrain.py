@@ -247,7 +247,8 @@ def test_init_from_loads_the_encoder_and_optionally_the_head(trained, tmp_path, 
   assert results['origin'] == 'initialised ' + ('encoder+head' if init_head else 'encoder') + \
       f' from {source} (step 4)'
   assert results['initialised_from'] == {
-      'init_from': source, 'checkpoint': os.path.join(source, 'checkpoints', '4'), 'step': 4}
+      'init_from': source, 'checkpoint': os.path.join(source, 'checkpoints', '4'), 'step': 4,
+      'pretrain_seed': 0}
   src, new = _params_at(source, 4), _params_at(os.fspath(tmp_path / 'cont'), 1)
   for a, b in zip(jax.tree.leaves(src['params']['encoder']),
                   jax.tree.leaves(new['params']['encoder'])):

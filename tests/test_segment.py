@@ -304,7 +304,7 @@ def test_segmentation_learns_the_discs(segmented):
   assert results['primary_metric'] == 'dice' and results['init'] == 'micle'
   assert results['origin'].startswith('initialised encoder from')
   assert results['initialised_from'] == {
-      'init_from': config.init_from, 'step': 2,
+      'init_from': config.init_from, 'step': 2, 'pretrain_seed': 0,
       'checkpoint': os.path.join(config.init_from, 'checkpoints', '2')}
   assert results['step'] == 40 and results['total_steps'] == 40
   # Measured: 0.93 (validation) and 0.93 (test). Predicting every pixel as lesion

@@ -580,7 +580,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   results = {
       'trainer': config.trainer, 'dataset': config.dataset, 'init': init,
       'init_from': config.init_from, 'initialised_from': run.initialised_from,
-      'pretrain_seed': checkpointing.pretrain_seed(config.init_from) if config.init_from else None,
+      'pretrain_seed': checkpointing.recorded_pretrain_seed(run.initialised_from,
+                                                            config.init_from),
       'label_fraction': float(teacher_fraction if distill else fraction),
       'seed': int(config.seed),
       'fraction_seed': int(teacher.results.get('fraction_seed', 0) if distill else fraction_seed),

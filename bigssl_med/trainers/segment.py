@@ -167,8 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'init': config.init or (checkpointing.init_name(config.init_from)
                               if config.init_from else 'scratch'),
       'init_from': config.init_from, 'initialised_from': run.initialised_from,
-      'pretrain_seed': (checkpointing.pretrain_seed(config.init_from) if config.init_from
-                        else None),
+      'pretrain_seed': checkpointing.recorded_pretrain_seed(run.initialised_from,
+                                                            config.init_from),
       'label_fraction': float(config.data.label_fraction), 'seed': int(config.seed),
       'fraction_seed': int(config.data.fraction_seed), 'primary_metric': PRIMARY_METRIC,
       'task': 'segmentation', 'step': step, 'total_steps': total_steps,
