@@ -80,6 +80,15 @@ def _check_resumed_settings(workdir: str, config) -> None:
                       'was to resume, or use a new workdir')
 
 
+def check_not_past(workdir: str, step: int, total_steps: int) -> None:
+  """Fails when the checkpoint a run resumes from is past the run's length: a run may be
+  continued for longer, not shortened (its results would mix the two lengths)."""
+  if step > total_steps:
+    raise ConfigError(f'{workdir} holds a run trained to step {step}, past this config\'s '
+                      f'{total_steps} steps (config.total_steps / num_epochs): a run can be '
+                      'continued for longer, not shortened; use a new workdir')
+
+
 DATA_FILE = 'data.json'
 
 

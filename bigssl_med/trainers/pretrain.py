@@ -108,6 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model_shardings, state_shardings = run.shardings['model'], run.shardings
   repl = parallel.replicated(mesh)
   start_step = int(opt['step'])
+  train_state.check_not_past(workdir, start_step, total_steps)
   logging.info('Start at step %d: %s', start_step, origin)
 
   # ---------------------------------------------------------------- Steps.
