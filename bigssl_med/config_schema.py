@@ -416,6 +416,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     value = values.get(name)
     if value is not None and value <= 0:
       raise ConfigError(f'config.{name} must be positive, got {value!r}')
+  if config.trainer == 'pretrain' and values['batch_size'] < 2:
+    raise ConfigError(f'config.batch_size={values["batch_size"]} gives the contrastive loss no '
+                      'negatives (each pair\'s are the other pairs of its batch): use 2 or more')
   _check_unlabeled_splits(config.trainer, values)
   _check_torchvision_layout(values)
   init = values.get('init')
@@ -473,7 +476,8 @@ def _check_unlabeled_splits(trainer: str, values: Mapping[str, Any]) -> None:
 
 
 # Keys that divide a step count or size an image: 0 or less is never meant.
-_POSITIVE = ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'data.image_size')
+_POSITIVE = ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'data.image_size',
+             'temperature', 'distill_temperature')
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:

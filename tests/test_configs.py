@@ -227,3 +227,19 @@ def test_an_initialisation_named_without_init_from_is_a_warning(caplog):
     with caplog.at_level('WARNING'):
       config_schema.validate(c)
   assert 'names an initialisation' not in caplog.text
+
+
+def test_a_contrastive_run_needs_a_positive_temperature_and_negatives():
+  c = config_schema.pretrain()
+  c.temperature = 0.0
+  with pytest.raises(ConfigError, match=r'^config.temperature must be positive, got 0.0$'):
+    config_schema.validate(c)
+  c.temperature, c.batch_size = 0.1, 1
+  with pytest.raises(ConfigError, match=r'^config.batch_size=1 gives the contrastive loss no '
+                     'negatives'):
+    config_schema.validate(c)
+  c.batch_size = 2
+  config_schema.validate(c)
+  f = config_schema.finetune()
+  f.batch_size = 1  # a supervised batch of one is a batch
+  config_schema.validate(f)
