@@ -475,7 +475,7 @@ def _check_unlabeled_splits(trainer: str, values: Mapping[str, Any]) -> None:
                         'labeled splits (unlabeled images serve pretraining and distillation)')
 
 
-# Keys that divide a step count or size an image: 0 or less is never meant.
+# Keys that divide a step count, size an image or divide logits: 0 or less is never meant.
 _POSITIVE = ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'data.image_size',
              'temperature', 'distill_temperature')
 
