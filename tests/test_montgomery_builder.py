@@ -21,6 +21,7 @@ from bigssl_med.errors import DataError
 from bigssl_med.trainers import segment
 from conftest import assert_one_line_error, nlm_image_ids, records_by_split
 import tfds_builders
+from tfds_builders import common
 from tfds_builders.montgomery import montgomery
 
 NAME = 'montgomery'
@@ -300,7 +301,7 @@ def test_masks_count_their_own_nonzero_values(fake, tmp_path, kind):
   else:
     Image.fromarray(lung.astype(np.uint8) * 255).save(path, format='JPEG', quality=75)
   width, height = Image.open(fake.images[image_id]).size
-  got = montgomery.load_mask(os.fspath(path), image_id, (width, height))
+  got = common.load_mask_foreground(os.fspath(path), image_id, (width, height))
   np.testing.assert_array_equal(got, lung)
 
 

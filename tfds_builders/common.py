@@ -825,6 +825,42 @@ class MaskSizeError(DataError):
   skips missing and undecodable files only (the pairing is wrong, not a file)."""
 
 
+def load_mask_foreground(path: str, where: str, original_size: tuple[int, int], *,
+                         what: str = 'mask') -> np.ndarray:
+  """The foreground pixels (bool, height x width) of the mask file at `path`: those not 0
+  in the file's own values (`mask_foreground`: 0/1, 16-bit, palette and colour masks
+  alike).
+
+  Args:
+    path: the mask file.
+    where: which image it belongs to, for error messages.
+    original_size: the (width, height) of the image as published; the mask must have it.
+    what: what the mask is, for error messages ('mask', 'manual annotation').
+
+  Raises:
+    DataError: the file cannot be read or decoded (names the file).
+    MaskSizeError: its size differs from the published image's (names the file); never
+      skipped, since the pairing is wrong, not the file.
+  """
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError as exc:
+    raise DataError(f'{path}: cannot read {what} ({one_line(exc)}); {what} of '
+                    f'{where}') from exc
+  try:
+    with Image.open(io.BytesIO(data)) as mask:
+      mask.load()
+      size, foreground = mask.size, mask_foreground(mask)
+  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    raise DataError(f'{path}: cannot decode {what} ({one_line(exc)}); {what} of '
+                    f'{where}') from exc
+  if size != original_size:
+    raise MaskSizeError(f'{path}: {what} is {size[0]}x{size[1]} but its image is '
+                        f'{original_size[0]}x{original_size[1]} ({where})')
+  return foreground
+
+
 def encode_mask(foreground: np.ndarray, size: tuple[int, int]) -> bytes:
   """The stored form of a binary mask: 8-bit one-channel PNG bytes of 0 and 255, resized
   to `size` (width, height) with the nearest-neighbour filter, so that it stays binary."""

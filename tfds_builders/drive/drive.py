@@ -71,8 +71,6 @@ import os
 import re
 
 from absl import logging
-import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from bigssl_med.data import host_ops
@@ -251,39 +249,6 @@ def to_png(data: bytes, name: str) -> tuple[bytes, tuple[int, int]]:
   return buffer.getvalue(), image.size
 
 
-def load_mask(path: str, what: str, where: str, original_size: tuple[int, int]) -> np.ndarray:
-  """The foreground pixels (bool, height x width) of the mask file at `path`: those not
-  0 in the file's own values (`common.mask_foreground`).
-
-  Args:
-    path: the mask file.
-    what: which mask it is, for error messages ('manual annotation').
-    where: which image it belongs to, for error messages.
-    original_size: the (width, height) of the image as published; the mask must
-      have this size.
-
-  Raises:
-    DataError: the file cannot be read or decoded (names the file).
-    common.MaskSizeError: its size differs from the published image's (names the
-      file); never skipped, since the pairing is wrong, not the file.
-  """
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as exc:
-    raise DataError(f'{path}: cannot read {what} ({common.one_line(exc)}); {what} of '
-                    f'{where}') from exc
-  try:
-    with Image.open(io.BytesIO(data)) as mask:
-      mask.load()
-      size, foreground = mask.size, common.mask_foreground(mask)
-  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-    raise DataError(f'{path}: cannot decode {what} ({common.one_line(exc)}); {what} of '
-                    f'{where}') from exc
-  if size != original_size:
-    raise common.MaskSizeError(f'{path}: {what} is {size[0]}x{size[1]} but its image is '
-                               f'{original_size[0]}x{original_size[1]} ({where})')
-  return foreground
 
 
 class Drive(common.ImageBuilder):
@@ -381,7 +346,7 @@ class Drive(common.ImageBuilder):
       masks = []
       for path, what in ((entry.manual, 'manual annotation'), (entry.fov, 'field-of-view mask')):
         try:
-          masks.append(load_mask(path, what, where, published[-1]))
+          masks.append(common.load_mask_foreground(path, where, published[-1], what=what))
         except common.MaskSizeError:
           raise
         except DataError as exc:

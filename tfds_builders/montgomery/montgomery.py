@@ -48,14 +48,12 @@ Chest X-ray Image Data Sets page and pass it as `--manual_dir`.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 import os
 import re
 
 from absl import logging
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
 
 from bigssl_med.errors import DataError
@@ -186,39 +184,6 @@ def parse_age(text: str, *, where: str) -> float:
   return nlm_tb.parse_age(text, where=where, expected=_EXPECTED_AGE)
 
 
-def load_mask(path: str, where: str, original_size: tuple[int, int]) -> np.ndarray:
-  """The lung pixels (bool, height x width) of the mask file at `path`: those not 0
-  (`common.mask_foreground`, on the file's own values: 0/1, 16-bit and colour masks
-  alike).
-
-  Args:
-    path: the mask file (left or right lung).
-    where: which image it belongs to, for error messages.
-    original_size: the (width, height) of the image as published; the mask must
-      have this size.
-
-  Raises:
-    DataError: the file cannot be read or decoded (names the file).
-    common.MaskSizeError: its size differs from the published image's (names the file);
-      never skipped, since the pairing is wrong, not the file.
-  """
-  try:
-    with open(path, 'rb') as f:
-      data = f.read()
-  except OSError as exc:
-    raise DataError(f'{path}: cannot read mask ({common.one_line(exc)}); mask of '
-                    f'{where}') from exc
-  try:
-    with Image.open(io.BytesIO(data)) as mask:
-      mask.load()
-      size, lung = mask.size, common.mask_foreground(mask)
-  except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-    raise DataError(f'{path}: cannot decode mask ({common.one_line(exc)}); mask of '
-                    f'{where}') from exc
-  if size != original_size:
-    raise common.MaskSizeError(f'{path}: mask is {size[0]}x{size[1]} but its image is '
-                               f'{original_size[0]}x{original_size[1]} ({where})')
-  return lung
 
 
 class Montgomery(common.ImageBuilder):
@@ -302,7 +267,8 @@ class Montgomery(common.ImageBuilder):
       lung = None
       for path in entry.masks:  # the stored mask is the union of both lungs
         try:
-          side = load_mask(path, where, common.encoded_size(published[-1]))
+          side = common.load_mask_foreground(path, where,
+                                                 common.encoded_size(published[-1]))
         except common.MaskSizeError:
           raise
         except DataError as exc:
