@@ -236,3 +236,23 @@ def nlm_image_ids(prefix: str, per_split: dict[str, int]) -> list[str]:
       found[split].append(image_id)
     number += 1
   return sorted(i for ids in found.values() for i in ids)
+
+
+def assert_manual_only(name: str, builder_class, tmp_path, *instructions: str) -> None:
+  """A manual-only builder without a manual dir: `ensure_built` and the builder itself
+  stop with one-line errors; the builder's names where to get the set (`instructions`)."""
+  from bigssl_med import build_data  # pylint: disable=g-import-not-at-top
+  from bigssl_med.errors import DataError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DataError) as excinfo:
+    build_data.ensure_built(name, data_dir=os.fspath(tmp_path / 'data'), build_if_missing=True)
+  assert_one_line_error(excinfo, f'{name} cannot be downloaded', 'config.data.manual_dir')
+
+  class _NoManualDir:
+    @property
+    def manual_dir(self):
+      raise AssertionError('Manual directory not enabled.')
+
+  builder = builder_class(data_dir=os.fspath(tmp_path / 'tfds'))
+  with pytest.raises(DataError) as excinfo:
+    builder._split_generators(_NoManualDir())  # pylint: disable=protected-access
+  assert_one_line_error(excinfo, *instructions, '--manual_dir')

@@ -19,7 +19,7 @@ from bigssl_med import build_data
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
 from bigssl_med.trainers import segment
-from conftest import assert_one_line_error, records_by_split
+from conftest import assert_manual_only, assert_one_line_error, records_by_split
 import tfds_builders
 from tfds_builders.drive import drive
 
@@ -331,19 +331,7 @@ def test_skip_bad_images_lists_them_in_metadata(fake, tmp_path):
 
 
 def test_without_manual_dir_it_says_where_to_get_the_set(tmp_path):
-  with pytest.raises(DataError) as excinfo:
-    build_data.ensure_built(NAME, data_dir=os.fspath(tmp_path / 'data'), build_if_missing=True)
-  assert_one_line_error(excinfo, 'drive cannot be downloaded', 'config.data.manual_dir')
-
-  class _NoManualDir:
-    @property
-    def manual_dir(self):
-      raise AssertionError('Manual directory not enabled.')
-
-  builder = tfds_builders.Drive(data_dir=os.fspath(tmp_path / 'tfds'))
-  with pytest.raises(DataError) as excinfo:
-    builder._split_generators(_NoManualDir())  # pylint: disable=protected-access
-  assert_one_line_error(excinfo, 'drive.grand-challenge.org', '--manual_dir')
+  assert_manual_only(NAME, tfds_builders.Drive, tmp_path, 'drive.grand-challenge.org')
   assert 'drive.grand-challenge.org' in tfds_builders.Drive.MANUAL_DOWNLOAD_INSTRUCTIONS
 
 

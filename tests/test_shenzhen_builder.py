@@ -20,7 +20,7 @@ from bigssl_med.data import sources
 from bigssl_med.errors import DataError
 from bigssl_med.trainers import finetune
 from conftest import override
-from conftest import assert_one_line_error, nlm_image_ids, records_by_split
+from conftest import assert_manual_only, assert_one_line_error, nlm_image_ids, records_by_split
 import tfds_builders
 from tfds_builders import nlm_tb
 from tfds_builders.shenzhen import shenzhen
@@ -536,19 +536,8 @@ def test_other_files_in_cxr_png_are_ignored(fake, tmp_path):
 
 
 def test_without_manual_dir_it_says_where_to_get_the_set(tmp_path):
-  with pytest.raises(DataError) as excinfo:
-    build_data.ensure_built(NAME, data_dir=os.fspath(tmp_path / 'data'), build_if_missing=True)
-  _assert_one_line_error(excinfo, 'shenzhen cannot be downloaded', 'config.data.manual_dir')
-
-  class _NoManualDir:
-    @property
-    def manual_dir(self):
-      raise AssertionError('Manual directory not enabled.')
-
-  builder = tfds_builders.Shenzhen(data_dir=os.fspath(tmp_path / 'tfds'))
-  with pytest.raises(DataError) as excinfo:
-    builder._split_generators(_NoManualDir())  # pylint: disable=protected-access
-  _assert_one_line_error(excinfo, 'Tuberculosis Chest X-ray Image Data Sets', '--manual_dir')
+  assert_manual_only(NAME, tfds_builders.Shenzhen, tmp_path,
+                     'Tuberculosis Chest X-ray Image Data Sets')
 
 
 # The benchmark config's protocol, shrunk, on a build.
