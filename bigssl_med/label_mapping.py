@@ -120,7 +120,7 @@ def map_multiclass(logits: np.ndarray, labels: np.ndarray, label_map: LabelMap
   labels = np.asarray(labels).astype(np.int64)
   keep = np.isin(labels, classes)
   new_labels = np.array([column[int(j)] for j in labels[keep]], np.int64)
-  log_probs = metrics_lib.log_softmax(grouped[keep]) if keep.any() else grouped[keep]
+  log_probs = metrics_lib.log_softmax(grouped[keep])
   names = tuple(label_map.target_names[j] for j in classes)
   return log_probs, new_labels, names, int((~keep).sum())
 

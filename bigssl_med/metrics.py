@@ -329,13 +329,12 @@ def log_softmax(logits) -> np.ndarray:
   probability is at most 1/2).
   """
   logits = np.asarray(logits, np.float64)
-  top = logits.max(axis=1, keepdims=True)
-  log_probs = logits - (top + np.log(np.exp(logits - top).sum(axis=1, keepdims=True)))
-  best = np.argmax(logits, axis=1)
-  rows = np.arange(len(logits))
-  rest = np.exp(logits - logits[rows, best][:, None])
-  rest[rows, best] = 0.0
-  log_probs[rows, best] = -np.log1p(rest.sum(axis=1))
+  shifted = logits - logits.max(axis=1, keepdims=True)
+  relative = np.exp(shifted)  # exp(l_j - l_top): 1 at each row's top class
+  log_probs = shifted - np.log(relative.sum(axis=1, keepdims=True))
+  rows, best = np.arange(len(logits)), np.argmax(logits, axis=1)
+  relative[rows, best] = 0.0
+  log_probs[rows, best] = -np.log1p(relative.sum(axis=1))
   return log_probs
 
 
