@@ -116,7 +116,7 @@ def _check_resumed_data(workdir: str, data: dict[str, Any]) -> None:
 def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
           mesh: jax.sharding.Mesh, make_tx: Callable[[Any], optax.GradientTransformation],
           init_keys: tuple[str, ...], partial_keys: tuple[str, ...] = (),
-          data: dict[str, Any] | None = None) -> Start:
+          data: dict[str, Any] | None = None, total_steps: int | None = None) -> Start:
   """Builds or restores the state of a run of `model` in `workdir`.
 
   Args:
@@ -130,6 +130,8 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
       written to `workdir/data.json`; a resumed run must read the build it was
       trained on. None: neither checked nor written (a finished run, returning its
       results).
+    total_steps: the run's length; a checkpoint past it is refused (`check_not_past`)
+      before anything is written.
   """
   size = config.data.image_size
 
@@ -168,6 +170,8 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
   if origin.startswith('resumed'):
     try:
       _check_resumed_settings(workdir, config)
+      if total_steps is not None:
+        check_not_past(workdir, int(opt['step']), total_steps)
       if data is not None:
         _check_resumed_data(workdir, data)
     except ConfigError:

@@ -618,9 +618,9 @@ def test_a_head_with_only_its_first_layers_is_refused_with_the_settings_that_hel
 def test_a_finished_run_cannot_be_shortened_on_its_workdir(trained, tmp_path):
   source, results, data_dir = trained
   workdir = shutil.copytree(source, tmp_path / 'copy')
-  before = (workdir / 'results.json').read_text()
+  before = {name: (workdir / name).read_text() for name in ('results.json', 'config.json')}
   with pytest.raises(ConfigError, match=r'holds a run trained to step 4, past this '
                      r"config's 2 steps .*continued for longer, not shortened"):
     pretrain.train_and_evaluate(tiny_config(data_dir, total_steps=2), os.fspath(workdir))
-  assert (workdir / 'results.json').read_text() == before
+  assert {name: (workdir / name).read_text() for name in before} == before  # nothing written
   assert results['step'] == 4

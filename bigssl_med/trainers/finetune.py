@@ -457,10 +457,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = train_state.start(
       model, config=config, workdir=workdir, mesh=mesh, make_tx=make_tx,
       init_keys=('encoder', 'head') if config.head_layers_kept else ('encoder',),
-      partial_keys=('head',), data=train_state.data_fingerprint(config, data_dir))
+      partial_keys=('head',), data=train_state.data_fingerprint(config, data_dir),
+      total_steps=total_steps)
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, model_shardings = run.checkpointer, run.shardings['model']
-  train_state.check_not_past(workdir, int(opt['step']), total_steps)
   logging.info('Start at step %d: %s', int(opt['step']), origin)
 
   # ---------------------------------------------------------------- Steps.

@@ -102,13 +102,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
       init_keys=('encoder', 'head') if config.init_head else ('encoder',),
       # A finished run returns its results, whatever the data is now.
-      data=None if finished else train_state.data_fingerprint(config, data_dir))
+      data=None if finished else train_state.data_fingerprint(config, data_dir),
+      total_steps=total_steps)
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, tx = run.checkpointer, run.tx
   model_shardings, state_shardings = run.shardings['model'], run.shardings
   repl = parallel.replicated(mesh)
   start_step = int(opt['step'])
-  train_state.check_not_past(workdir, start_step, total_steps)
   logging.info('Start at step %d: %s', start_step, origin)
 
   # ---------------------------------------------------------------- Steps.

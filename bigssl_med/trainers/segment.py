@@ -105,10 +105,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run = train_state.start(
       model, config=config, workdir=workdir, mesh=mesh,
       make_tx=lambda params: optim.build_optimizer(config.optimizer, schedule, params),
-      init_keys=('encoder',), data=train_state.data_fingerprint(config, data_dir))
+      init_keys=('encoder',), data=train_state.data_fingerprint(config, data_dir),
+      total_steps=total_steps)
   variables, opt, data_state, origin = run.variables, run.opt, run.data_state, run.origin
   checkpointer, model_shardings = run.checkpointer, run.shardings['model']
-  train_state.check_not_past(workdir, int(opt['step']), total_steps)
   logging.info('Start at step %d: %s', int(opt['step']), origin)
 
   # ---------------------------------------------------------------- Steps.
