@@ -38,15 +38,21 @@ the runs of one label fraction; seeds, paths and logging keys aside) get a row e
 `init (key=value, ...)`. A run is identified by data set, trainer, initialisation,
 those settings, label fraction, seed, fraction_seed and pretrain_seed: fine-tuning
 seed k from pretraining runs 0, 1 and 2 of one initialisation are three runs, pooled
-in one cell (n counts all of them; their seeds read `p0/sk`, `p1/sk`, `p2/sk`).
+in one cell (n, the mean and the std are over all of them; their seeds read `p0/sk`,
+`p1/sk`, `p2/sk`). Such runs are not independent: the t-test of a cell with runs from
+two or more pretraining runs takes the per-pretraining-run means (each over its
+fine-tuning seeds) as its units, shown as `(n=9 from 3 pretraining runs)`; a cell from
+one pretraining run, or from none (scratch), takes its runs, so the comparison of a
+cell from one pretrained model is conditional on that model.
 With `--by_pretraining`, each pretraining run gets its own row, `init (pretraining
 seed S)` (runs without a pretraining seed, such as scratch, keep one row).
 
 Written next to `--out`:
 - `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
-  a table of initialisations x label fractions; a cell is mean ± std over seeds, the
-  column's best in bold, the others with Welch's t-test p-value against it (`--test
-  student`: Student's two-sample t-test, pooled variance) and `≈` when p > 0.05 (not
+  a table of initialisations x label fractions; a cell is mean ± std over runs, the
+  column's best in bold, the others with Welch's t-test p-value against it, over the
+  units above (`--test student`: Student's two-sample t-test, pooled variance) and
+  `≈` when p > 0.05 (not
   significantly different; no claim of equivalence). Null values
   (an undefined AUC) are left out of the statistics and counted in the cell; `†`
   marks a mean over fewer classes than asked (`<metric>_classes` <
@@ -64,7 +70,8 @@ Written next to `--out`:
 - `report.csv`: one row per data set, metric, row, label fraction and evaluation
   (`evaluated_on`: the data set the metric was measured on, with `split`; a shifted
   evaluation has `shifted` True and in `shift_labels` the labels its metric is over,
-  `;`-separated);
+  `;`-separated; `n_units` and `unit`, `run` or `pretraining run`: what the p-value
+  compares);
 - `report_pretraining_spread.csv`: that section's rows, when it is written;
 - `report_label_efficiency_<dataset>.png`: the metric against the label fraction
   (shifted evaluations dashed);
@@ -485,10 +492,12 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     (in seed order, NaN for a null value), `n` (the values that are defined),
     `num_undefined` (the NaN ones, left out of every statistic), `num_fewer_classes`
     (runs whose mean over classes is over fewer than asked), `mean`, `std` (ddof=1;
-    None when n < 2), `is_best` (the column's best mean: highest, or lowest for losses
-    and errors), `p_value_vs_best` (`test`'s t-test, see `p_value`, against the
-    column's first best row; None for the best rows and when either side has fewer
-    than 2 defined values)
+    None when n < 2; mean and std are over every run), `units`, `n_units` and `unit`
+    (the values the t-test compares, their number, and `run` or `pretraining run`:
+    see `replication_units`), `is_best` (the column's best mean: highest, or lowest
+    for losses and errors), `p_value_vs_best` (`test`'s t-test, see `p_value`, of the
+    cell's units against those of the column's first best row; None for the best rows
+    and when either side has fewer than 2 units)
     and `equivalent_to_best` (p > ALPHA: not significantly different).
 
   Raises:
@@ -528,6 +537,7 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     _, seeds, pretrain_seeds, values, fewer = zip(*sorted(cells[key], key=lambda c: c[0]))
     values = np.asarray(values, dtype=np.float64)
     defined = values[np.isfinite(values)]
+    units, unit = replication_units(pretrain_seeds, values)
     summary.append({
         'dataset': dataset, 'metric': name, 'split': on_split, 'evaluated_on': evaluated_on,
         'shifted': shifted, 'shift_labels': list(labels), 'row': row, 'pooled_row': pooled,
@@ -538,7 +548,8 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
         'num_fewer_classes': sum(fewer),
         'mean': float(np.mean(defined)) if len(defined) else math.nan,
         'std': float(np.std(defined, ddof=1)) if len(defined) > 1 else None,
-        'is_best': False, 'p_value_vs_best': None, 'equivalent_to_best': False})
+        'is_best': False, 'p_value_vs_best': None, 'equivalent_to_best': False,
+        'units': units, 'n_units': len(units), 'unit': unit})
 
   columns = collections.defaultdict(list)
   for cell in summary:
@@ -553,15 +564,43 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     for cell in column:
       # Means of one set of scores summed in another order differ in the last bits.
       cell['is_best'] = math.isclose(cell['mean'], best_mean, rel_tol=1e-9, abs_tol=1e-12)
-      if cell['is_best'] or cell['n'] < 2 or best['n'] < 2:
+      if cell['is_best'] or cell['n_units'] < 2 or best['n_units'] < 2:
         continue
-      cell['p_value_vs_best'] = p_value(_defined(cell), _defined(best), test)
+      cell['p_value_vs_best'] = p_value(cell['units'], best['units'], test)
       cell['equivalent_to_best'] = cell['p_value_vs_best'] > ALPHA
   return summary
 
 
-def _defined(cell: dict[str, Any]) -> list[float]:
-  return [v for v in cell['values'] if math.isfinite(v)]
+UNIT_RUN = 'run'
+UNIT_PRETRAINING = 'pretraining run'
+
+
+def replication_units(pretrain_seeds: Sequence[int | None], values: Sequence[float]
+                      ) -> tuple[list[float], str]:
+  """The values a cell's t-test compares, and what each stands for.
+
+  Fine-tuning runs of one pretraining run are not independent of each other: where a
+  cell holds runs from two or more pretraining runs (`pretrain_seeds`), its units are
+  the pretraining runs, each the mean of its runs' defined values (a run without a
+  pretraining seed is a unit of its own), and the unit is `UNIT_PRETRAINING`. A cell
+  from one pretraining run, or from none (scratch), has its runs' defined values as
+  units (`UNIT_RUN`): a comparison of such a cell is conditional on its pretrained
+  model. NaN values are left out; a pretraining run without a defined value gives no
+  unit.
+
+  Returns:
+    (units, unit): the unit values in order of first appearance, and `UNIT_RUN` or
+    `UNIT_PRETRAINING`.
+  """
+  distinct = {p for p in pretrain_seeds if p is not None}
+  if len(distinct) < 2:
+    return [float(v) for v in values if math.isfinite(v)], UNIT_RUN
+  groups = collections.defaultdict(list)
+  for k, (pretrain_seed, value) in enumerate(zip(pretrain_seeds, values)):
+    if math.isfinite(value):
+      groups[('pretrain', pretrain_seed) if pretrain_seed is not None else ('run', k)].append(
+          float(value))
+  return [float(np.mean(group)) for group in groups.values()], UNIT_PRETRAINING
 
 
 def _fewer_classes(values: dict[str, Any], metric: str) -> bool:
@@ -794,12 +833,12 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
     for row in rows:
       texts = [format_cell(by_place.get((row,) + c), digits) for c in columns]
       lines.append(f'| {_escape(row)} | ' + ' | '.join(texts) + ' |')
-    lines += ['', f'Mean ± std over seeds (n = number of seeds; std with ddof=1) of '
+    lines += ['', f'Mean ± std over runs (n = number of runs; std with ddof=1) of '
               f'{name} on {split}. **Bold**: the best mean of the column ({direction} '
               f"is better). p: {TESTS[test]} "
               f"against the column's best; {EQUIVALENT}: p > {ALPHA}, not significantly "
               'different from the best (which does not show that they are equivalent); '
-              'n/a: fewer than 2 seeds on one side, or both constant; '
+              'n/a: fewer than 2 units on one side, or both constant; '
               f'{MISSING}: no runs.' + _table_notes(cells), '']
   if spread:
     lines += spread_markdown(spread, digits)
@@ -860,9 +899,30 @@ def _table_notes(cells: Sequence[dict[str, Any]]) -> str:
               'their fine-tuning seeds.')
   elif any(len(cell['pretrain_seeds']) > 1 for cell in cells):
     notes += (' Runs fine-tuned from different pretraining runs of an initialisation are '
-              'pooled: n counts all of them (--by_pretraining gives a row per pretraining '
-              'run).')
+              'pooled: n, the mean and the std are over all of them (--by_pretraining gives '
+              'a row per pretraining run).')
+  notes += _unit_note(cells)
   return notes
+
+
+def _unit_note(cells: Sequence[dict[str, Any]]) -> str:
+  """What the p-values of a table take as their independent units (`replication_units`)."""
+  nested = any(cell.get('unit') == UNIT_PRETRAINING for cell in cells)
+  one_model = any(len(cell['pretrain_seeds']) == 1 for cell in cells)
+  note = ''
+  if nested:
+    note += (' Units of the p-values: in a cell with runs from two or more pretraining runs '
+             '("n=9 from 3 pretraining runs"), the per-pretraining-run means (each over its '
+             'fine-tuning seeds; a run without a pretraining seed counts as one), since '
+             'fine-tuning seeds of one pretraining run are not independent; elsewhere the '
+             'runs.')
+  else:
+    note += ' Units of the p-values: the runs.'
+  if one_model:
+    note += (' A cell whose runs come from a single pretraining run takes its fine-tuning '
+             'seeds as units: its p-value is conditional on that pretrained model (the '
+             'protocol of the papers), not a comparison of pretraining methods.')
+  return note
 
 
 def spread_markdown(spread: Sequence[dict[str, Any]], digits: int = 3) -> list[str]:
@@ -902,14 +962,22 @@ def spread_markdown(spread: Sequence[dict[str, Any]], digits: int = 3) -> list[s
 
 
 def format_cell(cell: dict[str, Any] | None, digits: int = 3) -> str:
-  """A table cell: `mean ± std (n=3)`, bold when best, else with p and `≈`."""
+  """A table cell: `mean ± std (n=3)`, bold when best, else with p and `≈`.
+
+  `(n=9 from 3 pretraining runs)` where the cell's p-values take its pretraining runs
+  as units (`replication_units`).
+  """
   if cell is None:
     return MISSING
   text = f"{cell['mean']:.{digits}f}"
   if cell['std'] is not None:
     text += f" ± {cell['std']:.{digits}f}"
+  count = f"n={cell['n']}"
+  n_units = cell.get('n_units', cell['n'])
+  if n_units != cell['n']:
+    count += f" from {n_units} pretraining run{'' if n_units == 1 else 's'}"
   undefined = cell.get('num_undefined', 0)
-  text += f" (n={cell['n']}, {undefined} NaN)" if undefined else f" (n={cell['n']})"
+  text += f' ({count}, {undefined} NaN)' if undefined else f' ({count})'
   if cell.get('num_fewer_classes', 0):
     text += FEWER_CLASSES
   if cell['is_best']:
@@ -942,7 +1010,7 @@ def _escape(text: str) -> str:
 CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'shift_labels', 'init',
                'trainer', 'variant', 'pretrain_seed', 'label_fraction', 'mean', 'std', 'n',
                'num_undefined', 'num_fewer_classes', 'p_value_vs_best', 'is_best',
-               'equivalent_to_best', 'seeds', 'values')
+               'equivalent_to_best', 'seeds', 'values', 'n_units', 'unit')
 SPREAD_CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'shift_labels',
                       'init', 'trainer', 'variant', 'label_fraction', 'pretrain_seeds',
                       'pretraining_means', 'pretraining_std', 'mean', 'n', 'best_row',

@@ -759,14 +759,77 @@ def test_pretraining_runs_are_distinct_runs_pooled_in_one_cell(pretrained_root, 
   assert simclr['mean'] == pytest.approx(np.mean(pooled))
   assert simclr['std'] == pytest.approx(np.std(pooled, ddof=1))
   assert micle['is_best']
+  # The t-test's units are the pretraining runs: their means, not the 6 runs.
+  assert (simclr['n_units'], simclr['unit']) == (3, 'pretraining run')
   assert simclr['p_value_vs_best'] == pytest.approx(stats.ttest_ind(
-      pooled, micle['values'], equal_var=False).pvalue)
+      [0.60, 0.70, 0.80], [0.72, 0.74, 0.76], equal_var=False).pvalue)
   # The same fine-tuning seed from the same pretraining run twice is a duplicate.
   write_run(tmp_path / 'again', 'ham10000', 'simclr', 0.1, 1, 0.7, pretrain_seed=2)
   with pytest.raises(DataError, match=r'are the same run \(.*pretrain_seed = ham10000, '
                                       r'finetune, simclr, 0.1, 1, None, 2, and the same '
                                       r'settings\)'):
     report.collect([str(pretrained_root), str(tmp_path / 'again')])
+
+
+def _welch_p(a, b):
+  """Two-sided p of Welch's t-test, written out in float64."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+  t = (a.mean() - b.mean()) / np.sqrt(va + vb)
+  dof = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+  return 2 * stats.t.sf(abs(t), dof)
+
+
+def test_nested_runs_are_tested_by_their_pretraining_runs(pretrained_root, tmp_path):
+  """Fine-tuning seeds of one pretraining run are not independent: the pretraining run is
+  the unit of a cell with several, a run the unit of a scratch cell or of one model."""
+  # A null value leaves its pretraining run's mean over the other seed; a run without a
+  # pretraining seed among micle's is a unit of its own.
+  write_run(pretrained_root / 'simclr' / 'p2' / 's2', 'ham10000', 'simclr', 0.1, 2, 0.0,
+            pretrain_seed=2, test={'top1': None})
+  write_run(pretrained_root / 'micle' / 'old', 'ham10000', 'micle', 0.1, 9, 0.78)
+  # One pretraining run at 100%: its fine-tuning seeds are its units.
+  for init, values in (('micle', [0.80, 0.84, 0.83]), ('scratch', [0.70, 0.73, 0.71])):
+    for seed, value in enumerate(values):
+      write_run(pretrained_root / f'{init}_full' / str(seed), 'ham10000', init, 1.0, seed,
+                value, pretrain_seed=0 if init == 'micle' else None)
+  runs = report.collect([str(pretrained_root)])
+  cells = {(c['row'], c['label_fraction']): c for c in report.summarize(runs)}
+  simclr, micle, scratch = (cells[(i, 0.1)] for i in ('simclr', 'micle', 'scratch'))
+  micle_units = [0.72, 0.74, 0.76, 0.78]  # by hand: pretraining runs 0, 1, 2 and the old run
+  assert micle['unit'] == 'pretraining run'
+  assert sorted(micle['units']) == pytest.approx(micle_units)
+  assert micle['n'] == 7 and micle['n_units'] == 4 and micle['is_best']
+  # Mean and std stay over every run.
+  assert micle['mean'] == pytest.approx(np.mean([0.71, 0.73, 0.73, 0.75, 0.75, 0.77, 0.78]))
+  assert simclr['units'] == pytest.approx([0.60, 0.70, 0.80])
+  assert (simclr['n'], simclr['num_undefined'], simclr['n_units']) == (6, 1, 3)
+  assert simclr['p_value_vs_best'] == pytest.approx(
+      _welch_p([0.60, 0.70, 0.80], micle_units), rel=1e-9)
+  assert scratch['unit'] == 'run' and scratch['n_units'] == 2
+  assert scratch['p_value_vs_best'] == pytest.approx(_welch_p(SCRATCH, micle_units), rel=1e-9)
+  full = cells[('scratch', 1.0)]
+  assert cells[('micle', 1.0)]['unit'] == 'run' and cells[('micle', 1.0)]['n_units'] == 3
+  assert full['p_value_vs_best'] == pytest.approx(
+      _welch_p([0.70, 0.73, 0.71], [0.80, 0.84, 0.83]), rel=1e-9)
+
+  out = tmp_path / 'r.md'
+  report.write_report(runs, str(out))
+  text = out.read_text()
+  _, rows = _table_rows(text, 'ham10000: top1')
+  assert rows['micle'][0] == '**0.746 ± 0.024 (n=7 from 4 pretraining runs)**'
+  assert rows['simclr'][0].startswith('0.700 ± 0.090 (n=6 from 3 pretraining runs, 1 NaN), p=')
+  assert rows['scratch'][0].startswith('0.510 ± 0.014 (n=2), p')
+  assert rows['micle'][1] == '**0.823 ± 0.021 (n=3)**'
+  assert 'Units of the p-values: in a cell with runs from two or more pretraining runs' in text
+  assert 'its p-value is conditional on that pretrained model' in text
+  with open(tmp_path / 'r.csv', newline='') as f:
+    found = list(csv.DictReader(f))
+  assert list(found[0])[-2:] == ['n_units', 'unit']
+  assert [(r['init'], r['label_fraction'], r['n_units'], r['unit']) for r in found] == [
+      ('scratch', '0.1', '2', 'run'), ('scratch', '1.0', '3', 'run'),
+      ('simclr', '0.1', '3', 'pretraining run'), ('micle', '0.1', '4', 'pretraining run'),
+      ('micle', '1.0', '3', 'run')]
 
 
 def test_by_pretraining_gives_a_row_per_pretraining_run(pretrained_root, tmp_path):
