@@ -1,7 +1,7 @@
 """Report of fine-tuning runs: label efficiency of each initialisation, over seeds.
 
     python -m bigssl_med.report DIR [DIR ...] --out report.md [--metric NAME] [--split test] \
-        [--by_pretraining] [--test welch|student]
+        [--by_pretraining] [--test welch|student] [--reference ROW]
 
 Each DIR is a run's workdir, a folder searched recursively for `results.json`, or a
 `results.json` itself. A run's `results.json` holds
@@ -51,9 +51,13 @@ Written next to `--out`:
 - `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
   a table of initialisations x label fractions; a cell is mean ± std over runs, the
   column's best in bold, the others with Welch's t-test p-value against it, over the
-  units above (`--test student`: Student's two-sample t-test, pooled variance) and
-  `≈` when p > 0.05 (not
-  significantly different; no claim of equivalence). Null values
+  units above (`--test student`: Student's two-sample t-test, pooled variance). The
+  best is chosen after seeing the data, so where a column makes two or more such
+  comparisons each also gets its p adjusted by Holm's step-down method over them
+  (`p=0.028, Holm p=0.056`), and `≈` marks an adjusted p > 0.05 (not significantly
+  different; no claim of equivalence). `--reference ROW` (`scratch`) compares every
+  row with that row instead, in the columns that have it (the others: with the best,
+  said in the legend); the best stays bold. Null values
   (an undefined AUC) are left out of the statistics and counted in the cell; `†`
   marks a mean over fewer classes than asked (`<metric>_classes` <
   `<metric>_of_classes`). Runs with `shift` add, right after the column of each label
@@ -71,7 +75,8 @@ Written next to `--out`:
   (`evaluated_on`: the data set the metric was measured on, with `split`; a shifted
   evaluation has `shifted` True and in `shift_labels` the labels its metric is over,
   `;`-separated; `n_units` and `unit`, `run` or `pretraining run`: what the p-value
-  compares);
+  compares; `p_value_vs_best`, the raw p, and `p_holm`, the adjusted one, against the
+  row `compared_with`; `equivalent_to_best` by `p_holm`);
 - `report_pretraining_spread.csv`: that section's rows, when it is written;
 - `report_label_efficiency_<dataset>.png`: the metric against the label fraction
   (shifted evaluations dashed);
@@ -462,7 +467,7 @@ def _number(value: Any, path: str, key: str) -> float:
 
 def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
               split: str = 'test', *, by_pretraining: bool = False,
-              test: str = 'welch') -> list[dict[str, Any]]:
+              test: str = 'welch', reference: str | None = None) -> list[dict[str, Any]]:
   """Statistics over seeds of each data set, metric, row, label fraction and evaluation.
 
   A run whose `split` metrics are an empty dict (a data set without that split, such as
@@ -476,6 +481,8 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     by_pretraining: a row per pretraining run (`pretrain_seed`) of an initialisation
       instead of one pooling them.
     test: 'welch' or 'student', the t-test of `p_value_vs_best` (`p_value`).
+    reference: the row every other row of a column is compared with, where the column
+      has it; None (or a column without it): the column's best.
 
   Returns:
     One dict per cell, ordered by data set, metric, row, label fraction and evaluation:
@@ -495,10 +502,15 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     None when n < 2; mean and std are over every run), `units`, `n_units` and `unit`
     (the values the t-test compares, their number, and `run` or `pretraining run`:
     see `replication_units`), `is_best` (the column's best mean: highest, or lowest
-    for losses and errors), `p_value_vs_best` (`test`'s t-test, see `p_value`, of the
-    cell's units against those of the column's first best row; None for the best rows
-    and when either side has fewer than 2 units)
-    and `equivalent_to_best` (p > ALPHA: not significantly different).
+    for losses and errors), `compared_with` (the row the column's p-values compare
+    with: `reference`, or the column's first best row), `is_reference` (that row, and
+    rows tied with the best when it is the best), `reference_missing` (the column lacks
+    `reference`), `p_value_vs_best` (`test`'s t-test, see `p_value`, of the cell's
+    units against those of `compared_with`; None for the reference and when either
+    side has fewer than 2 units), `p_holm` (Holm's adjustment, `holm`, over the
+    column's defined p-values; the raw p when it is the only one),
+    `num_comparisons` (how many that is) and `equivalent_to_best` (`p_holm` > ALPHA:
+    not significantly different).
 
   Raises:
     DataError: when a run lacks the split or the metric, or no run has `split` metrics.
@@ -549,7 +561,9 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
         'mean': float(np.mean(defined)) if len(defined) else math.nan,
         'std': float(np.std(defined, ddof=1)) if len(defined) > 1 else None,
         'is_best': False, 'p_value_vs_best': None, 'equivalent_to_best': False,
-        'units': units, 'n_units': len(units), 'unit': unit})
+        'units': units, 'n_units': len(units), 'unit': unit, 'p_holm': None,
+        'num_comparisons': 0, 'compared_with': None, 'is_reference': False,
+        'reference_missing': False})
 
   columns = collections.defaultdict(list)
   for cell in summary:
@@ -561,14 +575,47 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     pick = min if metrics_lib.lower_is_better(column[0]['metric']) else max
     best_mean = pick(cell['mean'] for cell in finite)
     best = next(cell for cell in finite if cell['mean'] == best_mean)
+    named = None
+    if reference is not None:
+      named = next((cell for cell in finite if cell['row'] == reference), None)
     for cell in column:
       # Means of one set of scores summed in another order differ in the last bits.
       cell['is_best'] = math.isclose(cell['mean'], best_mean, rel_tol=1e-9, abs_tol=1e-12)
-      if cell['is_best'] or cell['n_units'] < 2 or best['n_units'] < 2:
+    against = named or best
+    for cell in column:
+      cell['compared_with'] = against['row']
+      cell['reference_missing'] = reference is not None and named is None
+      # Against the best, rows tied with it are the best too: no comparison.
+      cell['is_reference'] = cell is against or (named is None and cell['is_best'])
+      if cell['is_reference'] or cell['n_units'] < 2 or against['n_units'] < 2:
         continue
-      cell['p_value_vs_best'] = p_value(cell['units'], best['units'], test)
-      cell['equivalent_to_best'] = cell['p_value_vs_best'] > ALPHA
+      cell['p_value_vs_best'] = p_value(cell['units'], against['units'], test)
+    family = [cell for cell in column if cell['p_value_vs_best'] is not None
+              and not math.isnan(cell['p_value_vs_best'])]
+    for cell, adjusted in zip(family, holm([cell['p_value_vs_best'] for cell in family])):
+      cell['p_holm'] = adjusted
+      cell['num_comparisons'] = len(family)
+      cell['equivalent_to_best'] = adjusted > ALPHA
+    for cell in column:
+      if cell['p_value_vs_best'] is not None and cell['p_holm'] is None:
+        cell['p_holm'] = cell['p_value_vs_best']  # NaN: two constant samples
   return summary
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+  """Holm's step-down adjustment of `p_values`, in their order.
+
+  The i-th smallest of m p-values becomes the largest of (m - j + 1) * p_(j) over j <= i
+  (so the adjusted values keep the order of the raw ones), capped at 1. One p-value is
+  its own adjustment.
+  """
+  m = len(p_values)
+  adjusted = [0.0] * m
+  running = 0.0
+  for rank, i in enumerate(sorted(range(m), key=lambda k: p_values[k])):
+    running = max(running, min(1.0, (m - rank) * p_values[i]))
+    adjusted[i] = running
+  return adjusted
 
 
 UNIT_RUN = 'run'
@@ -763,7 +810,8 @@ def _seed_label(run: dict[str, Any]):
 
 def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
                  metric: str | None = None, split: str = 'test', digits: int = 3,
-                 by_pretraining: bool = False, test: str = 'welch') -> list[str]:
+                 by_pretraining: bool = False, test: str = 'welch',
+                 reference: str | None = None) -> list[str]:
   """Writes the Markdown report, its CSVs and PNG plots; returns the paths written.
 
   Args:
@@ -772,19 +820,20 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
     metric: see `summarize`.
     split: see `summarize`; ROC curves read `<split>_predictions.npz`.
     digits: decimals of means and standard deviations in the tables.
-    by_pretraining, test: see `summarize`.
+    by_pretraining, test, reference: see `summarize`.
   """
   if not runs:
     raise DataError('no fine-tuning runs to report')
   runs = with_metrics(runs, split)  # warns once about runs left out
-  summary = summarize(runs, metric, split, by_pretraining=by_pretraining, test=test)
+  summary = summarize(runs, metric, split, by_pretraining=by_pretraining, test=test,
+                      reference=reference)
   spread = pretraining_spread(runs, metric, split)
   stem = os.path.splitext(out_path)[0]
   with files.written_whole(out_path) as tmp, open(tmp, 'w') as f:
     f.write(markdown(summary, split=split, digits=digits,
                      num_runs=sum(cell['n'] + cell['num_undefined'] for cell in summary
                                   if not cell['shifted']),
-                     spread=spread, test=test))
+                     spread=spread, test=test, reference=reference))
   paths = [out_path, f'{stem}.csv']
   write_csv(summary, paths[1])
   if spread:
@@ -803,11 +852,12 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
 
 def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: int = 3,
              num_runs: int | None = None,
-             spread: Sequence[dict[str, Any]] = (), test: str = 'welch') -> str:
+             spread: Sequence[dict[str, Any]] = (), test: str = 'welch',
+             reference: str | None = None) -> str:
   """The Markdown tables of `summarize`'s cells, one per data set and metric.
 
   `spread` (from `pretraining_spread`) adds the section "Spread between pretraining
-  runs" after the tables.
+  runs" after the tables; `reference`: the one given to `summarize`, for the legends.
   """
   lines = [f'# Fine-tuning results ({split} split)', '']
   if num_runs is not None:
@@ -835,14 +885,32 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
       lines.append(f'| {_escape(row)} | ' + ' | '.join(texts) + ' |')
     lines += ['', f'Mean ± std over runs (n = number of runs; std with ddof=1) of '
               f'{name} on {split}. **Bold**: the best mean of the column ({direction} '
-              f"is better). p: {TESTS[test]} "
-              f"against the column's best; {EQUIVALENT}: p > {ALPHA}, not significantly "
-              'different from the best (which does not show that they are equivalent); '
-              'n/a: fewer than 2 units on one side, or both constant; '
-              f'{MISSING}: no runs.' + _table_notes(cells), '']
+              f'is better). p: {TESTS[test]} against ' + _reference_text(cells, reference)
+              + '; Holm p: p adjusted by Holm\'s step-down method over the k−1 '
+              "comparisons of a column of k rows with a p-value, shown when there are two "
+              f'or more; {EQUIVALENT}: adjusted p > {ALPHA}, not significantly different '
+              f'from {"the reference" if reference else "the best"} (which does not show '
+              'that they are equivalent); n/a: fewer than 2 units on one side, or both '
+              f'constant; {MISSING}: no runs.' + _table_notes(cells), '']
   if spread:
     lines += spread_markdown(spread, digits)
   return '\n'.join(lines)
+
+
+def _reference_text(cells: Sequence[dict[str, Any]], reference: str | None) -> str:
+  """What a table's p-values compare with, for its legend."""
+  post_hoc = ("the column's best, chosen after seeing the data (a post hoc comparison, "
+              'which the Holm adjustment does not make a pre-planned one)')
+  if reference is None:
+    return post_hoc
+  text = (f'{_escape(reference)}, the reference row named before the analysis '
+          '(--reference; the best, in bold, is chosen after seeing the data)')
+  missing = sorted({_column_title(*_place(cell)) for cell in cells
+                    if cell['reference_missing']})
+  if missing:
+    text += (f"; in {', '.join(missing)}, which {'has' if len(missing) == 1 else 'have'} no "
+             f'{_escape(reference)} row, against {post_hoc}')
+  return text
 
 
 def _place(cell: dict[str, Any]) -> tuple:
@@ -962,7 +1030,8 @@ def spread_markdown(spread: Sequence[dict[str, Any]], digits: int = 3) -> list[s
 
 
 def format_cell(cell: dict[str, Any] | None, digits: int = 3) -> str:
-  """A table cell: `mean ± std (n=3)`, bold when best, else with p and `≈`.
+  """A table cell: `mean ± std (n=3)`, bold when best; unless it is the column's
+  reference, with p, the Holm-adjusted p (two or more comparisons) and `≈`.
 
   `(n=9 from 3 pretraining runs)` where the cell's p-values take its pretraining runs
   as units (`replication_units`).
@@ -981,9 +1050,13 @@ def format_cell(cell: dict[str, Any] | None, digits: int = 3) -> str:
   if cell.get('num_fewer_classes', 0):
     text += FEWER_CLASSES
   if cell['is_best']:
-    return f'**{text}**'
+    text = f'**{text}**'
+  if cell.get('is_reference', cell['is_best']):
+    return text
   p = cell['p_value_vs_best']
   text += f', {format_p(p)}'
+  if cell.get('num_comparisons', 0) >= 2:
+    text += f", Holm {format_p(cell['p_holm'])}"
   if cell['equivalent_to_best']:
     text += f' {EQUIVALENT}'
   return text
@@ -1010,7 +1083,8 @@ def _escape(text: str) -> str:
 CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'shift_labels', 'init',
                'trainer', 'variant', 'pretrain_seed', 'label_fraction', 'mean', 'std', 'n',
                'num_undefined', 'num_fewer_classes', 'p_value_vs_best', 'is_best',
-               'equivalent_to_best', 'seeds', 'values', 'n_units', 'unit')
+               'equivalent_to_best', 'seeds', 'values', 'n_units', 'unit', 'p_holm',
+               'compared_with')
 SPREAD_CSV_COLUMNS = ('dataset', 'metric', 'split', 'evaluated_on', 'shifted', 'shift_labels',
                       'init', 'trainer', 'variant', 'label_fraction', 'pretrain_seeds',
                       'pretraining_means', 'pretraining_std', 'mean', 'n', 'best_row',
@@ -1236,6 +1310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--by_pretraining', action='store_true',
                       help='a row per pretraining run (pretrain_seed) of each '
                            'initialisation instead of one pooling them')
+  parser.add_argument('--reference', default=None, metavar='ROW',
+                      help="the row (its label in the tables, such as scratch) every other "
+                           "row is compared with, in the columns that have it (default: "
+                           "each column's best)")
   args = parser.parse_args(argv)
   cli.log_info_to_stderr()
   try:
@@ -1245,7 +1323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f'{", ".join(args.dirs)}')
     paths = write_report(runs, args.out, metric=args.metric, split=args.split,
                          digits=args.digits, by_pretraining=args.by_pretraining,
-                         test=args.test)
+                         test=args.test, reference=args.reference)
   except UserError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

@@ -104,6 +104,27 @@ def expected_cells(table, lower_is_better=False):
   return out
 
 
+def holm_by_hand(p_values):
+  """Holm's adjustment as its definition reads: the i-th smallest of m p-values becomes
+  max over j <= i of min(1, (m - j + 1) p_(j))."""
+  order = np.argsort(p_values, kind='stable')
+  m = len(p_values)
+  scaled = np.minimum(1.0, (m - np.arange(m)) * np.asarray(p_values, np.float64)[order])
+  out = np.empty(m)
+  out[order] = np.maximum.accumulate(scaled)
+  return list(out)
+
+
+def expected_holm(expected):
+  """{(init, fraction): (Holm p, comparisons)} of `expected_cells`'s p-values."""
+  out = {}
+  for fraction in {f for _, f in expected}:
+    keys = [k for k in expected if k[1] == fraction and expected[k][3] is not None]
+    for key, adjusted in zip(keys, holm_by_hand([expected[k][3] for k in keys])):
+      out[key] = (adjusted, len(keys))
+  return out
+
+
 def test_collect(runs_root):
   runs = report.collect([str(runs_root)])
   assert len(runs) == 18 + 10
@@ -117,6 +138,7 @@ def test_summary_matches_numpy_and_scipy(runs_root):
   summary = report.summarize(report.collect([str(runs_root)]))
   for dataset, table in (('ham10000', HAM), ('chexpert', CXR)):
     expected = expected_cells(table)
+    adjusted = expected_holm(expected)
     cells = [c for c in summary if c['dataset'] == dataset]
     assert len(cells) == len(table)
     for cell in cells:
@@ -135,11 +157,112 @@ def test_summary_matches_numpy_and_scipy(runs_root):
         assert not cell['equivalent_to_best']
       else:
         assert cell['p_value_vs_best'] == pytest.approx(p, rel=1e-12)
-        assert cell['equivalent_to_best'] == (p > 0.05)
+        p_holm, m = adjusted[(cell['init'], cell['label_fraction'])]
+        assert cell['p_holm'] == pytest.approx(p_holm, rel=1e-12)
+        assert cell['num_comparisons'] == m
+        assert cell['equivalent_to_best'] == (p_holm > 0.05)
   # The case this data was built for: one cell equivalent to the best, some not.
   assert sum(c['equivalent_to_best'] for c in summary) >= 1
   assert sum(c['p_value_vs_best'] is not None and not c['equivalent_to_best']
              for c in summary) >= 1
+
+
+def test_holm_against_values_by_hand():
+  # Sorted 0.01, 0.03, 0.04: 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04).
+  assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+  assert report.holm([0.5, 0.6]) == [1.0, 1.0]  # 2 * 0.5 = 1, capped; then monotone
+  assert report.holm([0.01, 0.01]) == pytest.approx([0.02, 0.02])
+  assert report.holm([0.2, 0.01, 0.04, 0.03]) == pytest.approx([0.2, 0.04, 0.09, 0.09])
+  assert report.holm([0.02]) == [0.02] and report.holm([]) == []
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    p = list(rng.random(int(rng.integers(1, 7))) ** 3)
+    assert report.holm(p) == pytest.approx(holm_by_hand(p), rel=1e-15)
+
+
+# top1: at 10% micle is best, simclr is below it at raw p = 0.032 (Holm p = 0.064 over
+# two comparisons), scratch close to it; at 100% there is no scratch row.
+MULTIPLE = {
+    ('scratch', 0.1): [0.79, 0.81, 0.80],
+    ('simclr', 0.1): [0.76, 0.79, 0.77],
+    ('micle', 0.1): [0.80, 0.82, 0.81],
+    ('simclr', 1.0): [0.85, 0.86],
+    ('micle', 1.0): [0.90, 0.91],
+}
+
+
+def _write_table(root, table):
+  for (init, fraction), values in table.items():
+    for seed, value in enumerate(values):
+      write_run(root / f'{init}_{fraction}_{seed}', 'ham10000', init, fraction, seed, value)
+
+
+def test_p_values_against_the_best_are_holm_adjusted(tmp_path):
+  _write_table(tmp_path / 'runs', MULTIPLE)
+  runs = report.collect([str(tmp_path / 'runs')])
+  cells = {(c['init'], c['label_fraction']): c for c in report.summarize(runs)}
+  best = MULTIPLE[('micle', 0.1)]
+  p_simclr = stats.ttest_ind(MULTIPLE[('simclr', 0.1)], best, equal_var=False).pvalue
+  p_scratch = stats.ttest_ind(MULTIPLE[('scratch', 0.1)], best, equal_var=False).pvalue
+  assert p_simclr < 0.05 < 2 * p_simclr < p_scratch
+  simclr, scratch = cells[('simclr', 0.1)], cells[('scratch', 0.1)]
+  assert simclr['p_value_vs_best'] == pytest.approx(p_simclr, rel=1e-12)
+  assert simclr['p_holm'] == pytest.approx(2 * p_simclr, rel=1e-12)
+  assert scratch['p_holm'] == pytest.approx(p_scratch, rel=1e-12)
+  assert simclr['num_comparisons'] == 2 and simclr['compared_with'] == 'micle'
+  assert simclr['equivalent_to_best']  # by the adjusted p, not the raw one
+  # One comparison: Holm's p is the raw one, and the table shows the raw p only.
+  one = cells[('simclr', 1.0)]
+  assert one['num_comparisons'] == 1 and one['p_holm'] == one['p_value_vs_best']
+  report.write_report(runs, str(tmp_path / 'r.md'))
+  text = (tmp_path / 'r.md').read_text()
+  _, rows = _table_rows(text, 'ham10000: top1')
+  assert rows['simclr'][0] == (f'0.773 ± 0.015 (n=3), p={p_simclr:.3f}, '
+                               f'Holm p={2 * p_simclr:.3f} ≈')
+  assert rows['simclr'][1] == f"0.855 ± 0.007 (n=2), {report.format_p(one['p_value_vs_best'])}"
+  assert 'Holm p: p adjusted by Holm' in text
+  assert "the column's best, chosen after seeing the data (a post hoc comparison" in text
+  with open(tmp_path / 'r.csv', newline='') as f:
+    found = {(r['init'], r['label_fraction']): r for r in csv.DictReader(f)}
+  assert float(found[('simclr', '0.1')]['p_holm']) == pytest.approx(2 * p_simclr, rel=1e-12)
+  assert found[('simclr', '0.1')]['equivalent_to_best'] == 'True'
+  assert found[('micle', '0.1')]['p_holm'] == ''
+
+
+def test_a_reference_row_named_in_advance(tmp_path, capsys):
+  _write_table(tmp_path / 'runs', MULTIPLE)
+  runs = report.collect([str(tmp_path / 'runs')])
+  cells = {(c['init'], c['label_fraction']): c
+           for c in report.summarize(runs, reference='scratch')}
+  scratch = MULTIPLE[('scratch', 0.1)]
+  p = {init: stats.ttest_ind(MULTIPLE[(init, 0.1)], scratch, equal_var=False).pvalue
+       for init in ('simclr', 'micle')}
+  micle, simclr = cells[('micle', 0.1)], cells[('simclr', 0.1)]
+  assert micle['is_best'] and cells[('scratch', 0.1)]['is_reference']
+  assert cells[('scratch', 0.1)]['p_value_vs_best'] is None
+  assert micle['p_value_vs_best'] == pytest.approx(p['micle'], rel=1e-12)
+  assert simclr['p_value_vs_best'] == pytest.approx(p['simclr'], rel=1e-12)
+  assert [micle['p_holm'], simclr['p_holm']] == pytest.approx(
+      holm_by_hand([p['micle'], p['simclr']]), rel=1e-12)
+  assert micle['compared_with'] == 'scratch' and not micle['reference_missing']
+  # 100% has no scratch row: against its best, said in the legend.
+  full = cells[('simclr', 1.0)]
+  assert full['compared_with'] == 'micle' and full['reference_missing']
+  assert full['p_value_vs_best'] == pytest.approx(stats.ttest_ind(
+      MULTIPLE[('simclr', 1.0)], MULTIPLE[('micle', 1.0)], equal_var=False).pvalue)
+  out = tmp_path / 'r.md'
+  assert report.main([str(tmp_path / 'runs'), '--out', str(out), '--reference', 'scratch']) == 0
+  text = out.read_text()
+  _, rows = _table_rows(text, 'ham10000: top1')
+  assert rows['scratch'][0] == '0.800 ± 0.010 (n=3)'
+  assert rows['micle'][0].startswith('**0.810 ± 0.010 (n=3)**, p=')
+  assert ', Holm p=' in rows['micle'][0]
+  assert ('against scratch, the reference row named before the analysis (--reference; the '
+          'best, in bold, is chosen after seeing the data); in 100%, which has no scratch '
+          "row, against the column's best") in text
+  assert 'not significantly different from the reference' in text
+  with open(tmp_path / 'r.csv', newline='') as f:
+    assert {r['compared_with'] for r in csv.DictReader(f)} == {'scratch', 'micle'}
 
 
 def _student_p(a, b):
@@ -216,16 +339,22 @@ def test_markdown_tables(runs_root, tmp_path):
     inits = [i for i in ('scratch', 'supervised', 'simclr', 'micle')
              if any(k[0] == i for k in table)]
     assert list(rows) == inits
-    for (init, fraction), (mean, std, is_best, p) in expected_cells(table).items():
+    expected = expected_cells(table)
+    adjusted = expected_holm(expected)
+    for (init, fraction), (mean, std, is_best, p) in expected.items():
       cell = rows[init][fractions.index(fraction)]
       body = f'{mean:.3f}' + (f' ± {std:.3f}' if std is not None else '')
       body += f' (n={len(table[(init, fraction)])})'
       if is_best:
         assert cell == f'**{body}**'
         continue
-      p_text = 'p=n/a' if p is None else ('p<0.001' if p < 0.001 else f'p={p:.3f}')
-      assert cell == f'{body}, {p_text}' + (' ≈' if p is not None and p > 0.05 else '')
-  assert 'ham10000: top1' in text and 'Welch' in text and '≈: p > 0.05' in text
+      p_text = report.format_p(p)
+      p_holm, m = adjusted.get((init, fraction), (p, 1))
+      if m >= 2:
+        p_text += f', Holm {report.format_p(p_holm)}'
+      assert cell == f'{body}, {p_text}' + (' ≈' if p is not None and p_holm > 0.05 else '')
+  assert 'ham10000: top1' in text and 'Welch' in text and '≈: adjusted p > 0.05' in text
+  assert "against the column's best, chosen after seeing the data" in text
   assert 'Spread between pretraining runs' not in text and '→' not in text
   assert text.count('| **') == 2 * 2  # One best per column, 2 columns per table.
   stem = str(tmp_path / 'out' / 'report')
@@ -262,7 +391,11 @@ def test_csv_rows(runs_root, tmp_path):
     assert row['p_value_vs_best'] == ('' if p is None else row['p_value_vs_best'])
     if p is not None:
       assert float(row['p_value_vs_best']) == pytest.approx(p, rel=1e-12)
-    assert row['equivalent_to_best'] == str(p is not None and p > 0.05)
+    p_holm = expected_holm(expected_cells(table)).get((row['init'], fraction), (p, 1))[0]
+    assert row['p_holm'] == ('' if p is None else row['p_holm'])
+    if p is not None:
+      assert float(row['p_holm']) == pytest.approx(p_holm, rel=1e-12)
+    assert row['equivalent_to_best'] == str(p is not None and p_holm > 0.05)
     assert row['split'] == 'test' and row['trainer'] == 'finetune'
 
 
@@ -825,7 +958,7 @@ def test_nested_runs_are_tested_by_their_pretraining_runs(pretrained_root, tmp_p
   assert 'its p-value is conditional on that pretrained model' in text
   with open(tmp_path / 'r.csv', newline='') as f:
     found = list(csv.DictReader(f))
-  assert list(found[0])[-2:] == ['n_units', 'unit']
+  assert list(found[0])[21:23] == ['n_units', 'unit']  # after the columns from before
   assert [(r['init'], r['label_fraction'], r['n_units'], r['unit']) for r in found] == [
       ('scratch', '0.1', '2', 'run'), ('scratch', '1.0', '3', 'run'),
       ('simclr', '0.1', '3', 'pretraining run'), ('micle', '0.1', '4', 'pretraining run'),
