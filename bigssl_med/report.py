@@ -83,8 +83,12 @@ Written next to `--out`:
 - `report_roc_<dataset>.png`: ROC curves of each initialisation's first seed at its
   largest label fraction with predictions.
 A data set with runs of several trainers gets rows `init (trainer)`. Runs whose split
-metrics are `{}` (the data set has no such split), and workdirs with a config.json
-but no results.json (unfinished or failed runs), are left out with a warning. Bad
+metrics are `{}` (the data set has no such split) are left out with a warning.
+Workdirs with a config.json but no results.json (unfinished or failed runs) are left
+out too: the header of report.md counts them (`12 finished runs; 7 left out ...`), and
+its last section lists each with its trainer, data set, init, label fraction and seed
+from its config.json, and names the columns that have left-out runs but no finished
+one. Bad
 input (no runs, a malformed results.json) is a one-line `error: ...` and exit status 2.
 """
 
@@ -140,11 +144,15 @@ MICRO_AVERAGED = 'micro-averaged one-vs-rest'  # the ROC panel of a multi-class 
 # ------------------------------------------------------------------------- Collecting.
 
 
-def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
+def collect(dirs: Iterable[str], left_out: list[dict[str, Any]] | None = None
+            ) -> list[dict[str, Any]]:
   """The fine-tuning runs whose `results.json` lie in or under `dirs`.
 
   Args:
     dirs: run workdirs, folders to search recursively, or `results.json` files.
+    left_out: where given, gets a `left_out_run` dict for each workdir found with a
+      config.json of a labelled task but no results.json (an unfinished or failed run),
+      each once.
 
   Returns:
     One dict per run, in path order: `path` (of results.json), `workdir`, `trainer`,
@@ -161,9 +169,10 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
       initialisation, label fraction, seed, fraction_seed, pretrain_seed and variant).
   """
   runs, seen, by_key = [], set(), {}
+  unfinished = []
   for top in dirs:
     found = skipped = 0
-    for path in _results_files(top):
+    for path in _results_files(top, unfinished):
       real = os.path.realpath(path)
       if real in seen:
         continue
@@ -178,6 +187,12 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
       logging.warning('%s: holds only results the report leaves out (pretraining runs, or '
                       'files without a trainer); it compares fine-tuning, linear evaluation, '
                       'distillation and segmentation runs', top)
+  if left_out is not None:
+    known = {os.path.realpath(entry['workdir']) for entry in left_out}
+    for workdir in unfinished:
+      if os.path.realpath(workdir) not in known:
+        known.add(os.path.realpath(workdir))
+        left_out.append(left_out_run(workdir))
   _mark_variants(runs)
   for run in runs:
     key = (run['dataset'], run['trainer'], run['init'], run['label_fraction'],
@@ -190,23 +205,47 @@ def collect(dirs: Iterable[str]) -> list[dict[str, Any]]:
   return runs
 
 
-def _results_files(top: str) -> list[str]:
+def _results_files(top: str, unfinished: list[str]) -> list[str]:
+  """The results.json files in or under `top`; adds the workdirs with a config.json of a
+  labelled task but no results.json to `unfinished`."""
   if os.path.isfile(top):
     return [top]
   if not os.path.isdir(top):
     raise DataError(f'{top} does not exist')
-  found, unfinished = [], []
+  found, here = [], []
   for root, subdirs, names in os.walk(top):
     subdirs.sort()
     if RESULTS_FILE in names:
       found.append(os.path.join(root, RESULTS_FILE))
     elif CONFIG_FILE in names and _trainer_of(os.path.join(root, CONFIG_FILE)) not in (
         None, *SKIPPED_TRAINERS, 'stages'):
-      unfinished.append(root)
-  if unfinished:
+      here.append(root)
+  if here:
     logging.warning('Left out, with a config.json but no %s (unfinished or failed '
-                    'runs): %s', RESULTS_FILE, ', '.join(unfinished))
+                    'runs): %s', RESULTS_FILE, ', '.join(here))
+  unfinished.extend(here)
   return found
+
+
+# What the report's list of left-out runs gives of each one's config.json.
+LEFT_OUT_KEYS = ('trainer', 'dataset', 'init', 'init_from', 'data.label_fraction', 'seed')
+
+
+def left_out_run(workdir: str) -> dict[str, Any]:
+  """A workdir without results.json: `workdir` and `config` (`{key: value}` of the
+  LEFT_OUT_KEYS its config.json has, `init` where it is set, else `init_from`; None
+  when it cannot be read)."""
+  try:
+    with open(os.path.join(workdir, CONFIG_FILE)) as f:
+      saved = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError):
+    return {'workdir': workdir, 'config': None}
+  if not isinstance(saved, dict):
+    return {'workdir': workdir, 'config': None}
+  found = dict(config_schema.leaves(saved))
+  config = {key: found[key] for key in LEFT_OUT_KEYS if key in found}
+  config.pop('init_from' if config.get('init') else 'init', None)
+  return {'workdir': workdir, 'config': config}
 
 
 def _trainer_of(path: str) -> str | None:
@@ -811,7 +850,8 @@ def _seed_label(run: dict[str, Any]):
 def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
                  metric: str | None = None, split: str = 'test', digits: int = 3,
                  by_pretraining: bool = False, test: str = 'welch',
-                 reference: str | None = None) -> list[str]:
+                 reference: str | None = None,
+                 left_out: Sequence[dict[str, Any]] = ()) -> list[str]:
   """Writes the Markdown report, its CSVs and PNG plots; returns the paths written.
 
   Args:
@@ -821,6 +861,8 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
     split: see `summarize`; ROC curves read `<split>_predictions.npz`.
     digits: decimals of means and standard deviations in the tables.
     by_pretraining, test, reference: see `summarize`.
+    left_out: `collect`'s left-out workdirs, counted in the header and listed in a
+      final section.
   """
   if not runs:
     raise DataError('no fine-tuning runs to report')
@@ -833,7 +875,8 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
     f.write(markdown(summary, split=split, digits=digits,
                      num_runs=sum(cell['n'] + cell['num_undefined'] for cell in summary
                                   if not cell['shifted']),
-                     spread=spread, test=test, reference=reference))
+                     spread=spread, test=test, reference=reference, left_out=left_out,
+                     finished=runs))
   paths = [out_path, f'{stem}.csv']
   write_csv(summary, paths[1])
   if spread:
@@ -853,14 +896,20 @@ def write_report(runs: Sequence[dict[str, Any]], out_path: str, *,
 def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: int = 3,
              num_runs: int | None = None,
              spread: Sequence[dict[str, Any]] = (), test: str = 'welch',
-             reference: str | None = None) -> str:
+             reference: str | None = None, left_out: Sequence[dict[str, Any]] = (),
+             finished: Sequence[dict[str, Any]] = ()) -> str:
   """The Markdown tables of `summarize`'s cells, one per data set and metric.
 
   `spread` (from `pretraining_spread`) adds the section "Spread between pretraining
-  runs" after the tables; `reference`: the one given to `summarize`, for the legends.
+  runs" after the tables; `reference`: the one given to `summarize`, for the legends;
+  `left_out` (`collect`'s) adds a final section listing them, and the columns that
+  have left-out runs but no finished one among the runs `finished` (`collect`'s).
   """
   lines = [f'# Fine-tuning results ({split} split)', '']
-  if num_runs is not None:
+  if num_runs is not None and left_out:
+    lines += [f'{num_runs} finished runs; {len(left_out)} left out (no {RESULTS_FILE}: '
+              'unfinished or failed), listed at the end.', '']
+  elif num_runs is not None:
     lines += [f'{num_runs} runs.', '']
   tables = collections.defaultdict(list)
   for cell in summary:
@@ -894,7 +943,40 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
               f'constant; {MISSING}: no runs.' + _table_notes(cells), '']
   if spread:
     lines += spread_markdown(spread, digits)
+  if left_out:
+    lines += left_out_markdown(left_out, finished)
   return '\n'.join(lines)
+
+
+def left_out_markdown(left_out: Sequence[dict[str, Any]],
+                      finished: Sequence[dict[str, Any]] = ()) -> list[str]:
+  """The lines of the section that lists the runs left out (`collect`'s `left_out`)."""
+  lines = [f'## Left out: no {RESULTS_FILE} (unfinished or failed runs)', '']
+  have = {(run['results']['dataset'], run['label_fraction']) for run in finished}
+  empty = collections.Counter()
+  for entry in left_out:
+    config = entry['config'] or {}
+    fraction = config.get('data.label_fraction')
+    dataset = config.get('dataset')
+    if (isinstance(dataset, str) and isinstance(fraction, (int, float))
+        and not isinstance(fraction, bool) and (dataset, float(fraction)) not in have):
+      empty[(dataset, float(fraction))] += 1
+  if empty:
+    lines += ['Columns with left-out runs and no finished run, so missing from the tables: '
+              + '; '.join(f'{_escape(dataset)} {percent(fraction)} ({count} left out)'
+                          for (dataset, fraction), count in sorted(empty.items())) + '.', '']
+  for entry in left_out:
+    config = entry['config']
+    if config is None:
+      what = f'its {CONFIG_FILE} cannot be read'
+    else:
+      what = ', '.join(
+          f'{key}={_setting_text(json.dumps(value))}' if value != '' else
+          f"{key}=''" + (' (random weights)' if key == 'init_from' else '')
+          for key, value in config.items()) or f'nothing of it in {CONFIG_FILE}'
+    lines.append(f"- `{entry['workdir']}`: {_escape(what)}")
+  lines.append('')
+  return lines
 
 
 def _reference_text(cells: Sequence[dict[str, Any]], reference: str | None) -> str:
@@ -1316,14 +1398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "each column's best)")
   args = parser.parse_args(argv)
   cli.log_info_to_stderr()
+  left_out = []
   try:
-    runs = collect(args.dirs)
+    runs = collect(args.dirs, left_out)
     if not runs:
       raise DataError(f'no {RESULTS_FILE} of a fine-tuning run under '
                       f'{", ".join(args.dirs)}')
     paths = write_report(runs, args.out, metric=args.metric, split=args.split,
                          digits=args.digits, by_pretraining=args.by_pretraining,
-                         test=args.test, reference=args.reference)
+                         test=args.test, reference=args.reference, left_out=left_out)
   except UserError as exc:
     print(f'error: {exc}', file=sys.stderr)
     return 2

@@ -33,7 +33,9 @@ of stages has its keys under `stages.NAME.`).
 
 `--launcher=local` (the default) runs the points one after another; a SIGTERM or
 SIGINT to the sweep goes to the running main.py (which saves a checkpoint on SIGTERM),
-and the sweep waits for it and stops with status 143 or 130.
+and the sweep waits for it and stops with status 143 or 130. When points fail, the
+sweep goes on with the others, then lists the failed ones (workdir and exit status) on
+stderr and exits 1.
 `--launcher=slurm` submits each run with `sbatch launch/slurm.sbatch` and keeps the job's
 id in `WORKDIR/slurm_job_id`; a rerun of the sweep leaves out a run whose job `squeue`
 still lists (pending or running), so two jobs never train one workdir; when squeue
@@ -240,9 +242,10 @@ def submit(workdir, cmd):
   return True
 
 
-def run_local(cmds):
-  """Runs `cmds` one after another; a SIGTERM or SIGINT goes to the running one, and the
-  sweep waits for it and stops. Returns 128 + the signal's number, or 1 if one failed."""
+def run_local(points):
+  """Runs the `(workdir, cmd)` points one after another; a SIGTERM or SIGINT goes to the
+  running one, and the sweep waits for it and stops. Returns 128 + the signal's number,
+  or 1 if one failed, after listing the failed points (workdir and exit status)."""
   got, child = [], None
 
   def forward(signum, _):
@@ -251,21 +254,39 @@ def run_local(cmds):
       child.send_signal(signum)
 
   previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-  failed = 0
+  failed, count = [], 0
   try:
-    for cmd in cmds:
+    for workdir, cmd in points:
       if got:
         break
       print(f"==> {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
       child = subprocess.Popen(cmd)  # pylint: disable=consider-using-with
-      failed += child.wait() != 0
+      count += 1
+      status = child.wait()
+      if status != 0:
+        failed.append((workdir, status))
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
   if got:
     print(f'stopped by {signal.Signals(got[0]).name}', file=sys.stderr, flush=True)
     return 128 + got[0]
+  if failed:
+    print(f'{len(failed)} of {count} points failed:', file=sys.stderr)
+    for workdir, status in failed:
+      print(f'  {workdir}: {exit_text(status)}', file=sys.stderr)
+    sys.stderr.flush()
   return 1 if failed else 0
+
+
+def exit_text(status):
+  """`exit status 1`, or `killed by SIGKILL` for a negative status."""
+  if status < 0:
+    try:
+      return f'killed by {signal.Signals(-status).name}'
+    except ValueError:
+      pass
+  return f'exit status {status}'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -298,7 +319,7 @@ def main(argv=None):
     return 0
   if launcher == 'slurm':
     return 1 if sum(not submit(workdir, cmd) for workdir, cmd in runs) else 0
-  return run_local(cmd for _, cmd in runs)
+  return run_local(runs)
 
 
 if __name__ == '__main__':

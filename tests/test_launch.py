@@ -279,6 +279,17 @@ def test_a_signal_to_the_local_sweep_stops_its_run(tmp_path, signum, status):
   assert err.strip() == f'stopped by {signal.Signals(signum).name}'
 
 
+def test_a_local_sweep_lists_its_failed_points(tmp_path, monkeypatch, capsys):
+  (tmp_path / 'main.py').write_text(
+      'import sys\n'
+      "sys.exit(3 if '--config.seed=1' in sys.argv else 0)\n")
+  monkeypatch.setattr(sweep, 'REPO', str(tmp_path))
+  assert sweep.main([f'--config={CONFIG}', f'--root={tmp_path}/r', '--set', 'seed=0,1,2']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ['1 of 3 points failed:', f'  {tmp_path}/r/seed=1: exit status 3']
+  assert sweep.exit_text(-9) == 'killed by SIGKILL' and sweep.exit_text(2) == 'exit status 2'
+
+
 def test_tpu_vm_quotes_the_repo_for_the_remote_shell(tmp_path):
   bin_dir = tmp_path / 'bin'
   bin_dir.mkdir()

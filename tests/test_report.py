@@ -652,6 +652,48 @@ def test_unfinished_runs_are_named_in_a_warning(tmp_path, caplog):
           f'{tmp_path / "seed=2"}\n') in caplog.text
 
 
+def test_left_out_runs_are_listed_in_the_report(tmp_path):
+  for fraction in (0.1, 1.0):
+    for seed in range(3):
+      workdir = tmp_path / f'{fraction}' / f'seed={seed}'
+      write_run(workdir, 'ham10000', 'micle', fraction, seed, 0.8 + seed / 100)
+      _write_config(workdir, seed=seed, dataset='ham10000', init='micle',
+                    data__label_fraction=fraction)
+  (tmp_path / '0.1' / 'seed=2' / 'results.json').unlink()  # stopped before it finished
+  for seed in range(2):  # a whole column failed
+    workdir = tmp_path / '0.01' / f'seed={seed}'
+    workdir.mkdir(parents=True)
+    _write_config(workdir, seed=seed, dataset='ham10000', init='', init_from='',
+                  data__label_fraction=0.01)
+  (tmp_path / 'bare').mkdir()  # a config.json with little in it
+  (tmp_path / 'bare' / 'config.json').write_text('{"trainer": "finetune"}')
+  left_out = []
+  runs = report.collect([str(tmp_path), str(tmp_path / '0.01')], left_out)
+  assert len(runs) == 5
+  assert [e['workdir'] for e in left_out] == [
+      str(tmp_path / '0.01' / 'seed=0'), str(tmp_path / '0.01' / 'seed=1'),
+      str(tmp_path / '0.1' / 'seed=2'), str(tmp_path / 'bare')]
+  assert left_out[2]['config'] == {'trainer': 'finetune', 'dataset': 'ham10000',
+                                   'init': 'micle', 'data.label_fraction': 0.1, 'seed': 2}
+  assert left_out[3]['config'] == {'trainer': 'finetune'}
+  out = tmp_path / 'r.md'
+  assert report.main([str(tmp_path), '--out', str(out)]) == 0
+  text = out.read_text()
+  assert ('\n5 finished runs; 4 left out (no results.json: unfinished or failed), listed at '
+          'the end.\n') in text
+  section = text[text.index('## Left out: no results.json (unfinished or failed runs)'):]
+  assert ('Columns with left-out runs and no finished run, so missing from the tables: '
+          'ham10000 1% (2 left out).') in section
+  assert (f"- `{tmp_path / '0.01' / 'seed=1'}`: trainer=finetune, dataset=ham10000, "
+          "init_from='' (random weights), data.label_fraction=0.01, seed=1\n") in section
+  assert (f"- `{tmp_path / '0.1' / 'seed=2'}`: trainer=finetune, dataset=ham10000, "
+          'init=micle, data.label_fraction=0.1, seed=2\n') in section
+  assert f"- `{tmp_path / 'bare'}`: trainer=finetune\n" in section
+  # Nothing left out: the count as before, and no section.
+  assert report.main([str(tmp_path / '1.0'), '--out', str(out)]) == 0
+  assert '\n3 runs.\n' in out.read_text() and 'Left out' not in out.read_text()
+
+
 def test_same_settings_are_still_the_same_run(tmp_path):
   for name in ('a', 'b'):
     write_run(tmp_path / name, 'ham10000', 'micle', 0.1, 0, 0.8)
