@@ -46,6 +46,12 @@ one pretraining run, or from none (scratch), takes its runs, so the comparison o
 cell from one pretrained model is conditional on that model.
 With `--by_pretraining`, each pretraining run gets its own row, `init (pretraining
 seed S)` (runs without a pretraining seed, such as scratch, keep one row).
+Settings that differ from one label fraction to another within a row, or between the
+rows of a table (besides the initialisation and the settings in the row labels), are
+not refused: notes under the table name them with their values, e.g. `scratch:
+model.depth 18 (10%), 34 (100%)` and `model.depth: scratch 34; pre_nih 18`, the run
+length and evaluation schedule (epochs, steps, warm-up, evaluation intervals) grouped
+apart, as they usually change with the label fraction on purpose.
 
 Written next to `--out`:
 - `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
@@ -301,7 +307,7 @@ def _load_run(path: str) -> dict[str, Any] | None:
           'pretrain_seed': results.get('pretrain_seed'),
           'primary_metric': results['primary_metric'], 'results': results,
           'settings': _settings(os.path.join(os.path.dirname(path), CONFIG_FILE)),
-          'variant': ''}
+          'variant': '', 'studied': []}
 
 
 def protocol(results: dict[str, Any]) -> str:
@@ -380,6 +386,7 @@ def _mark_variants(runs: Sequence[dict[str, Any]]) -> None:
     studied = sorted(key for key, by_fraction in values.items()
                      if any(len(v) > 1 for v in by_fraction.values()))
     for run in group:
+      run['studied'] = studied
       run['variant'] = ', '.join(
           f"{key}={_setting_text(run['settings'].get(key, ABSENT_SETTING))}"
           for key in studied)
@@ -569,11 +576,11 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     entry = (_run_order(run), _seed_label(run), run['pretrain_seed'])
     cells[where + (False, run['dataset'], split, ())].append(
         entry + (metric_value(run, name, split),
-                 _fewer_classes(run['results'][split], name)))
+                 _fewer_classes(run['results'][split], name), run))
     shifted = shift_value(run, name) if split == 'test' else None
     if shifted is not None:
       cells[where + (True, shifted[0], shifted[1], shifted[3])].append(
-          entry + (shifted[2], _fewer_classes(run['results']['shift']['metrics'], name)))
+          entry + (shifted[2], _fewer_classes(run['results']['shift']['metrics'], name), run))
 
   def order(key):
     (dataset, name, _, pooled, init, _, _, group, fraction, shifted, evaluated_on, on_split,
@@ -585,7 +592,8 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
   for key in sorted(cells, key=order):
     (dataset, name, row, pooled, init, trainer, variant, group, fraction, shifted,
      evaluated_on, on_split, labels) = key
-    _, seeds, pretrain_seeds, values, fewer = zip(*sorted(cells[key], key=lambda c: c[0]))
+    _, seeds, pretrain_seeds, values, fewer, members = zip(
+        *sorted(cells[key], key=lambda c: c[0]))
     values = np.asarray(values, dtype=np.float64)
     defined = values[np.isfinite(values)]
     units, unit = replication_units(pretrain_seeds, values)
@@ -602,7 +610,9 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
         'is_best': False, 'p_value_vs_best': None, 'equivalent_to_best': False,
         'units': units, 'n_units': len(units), 'unit': unit, 'p_holm': None,
         'num_comparisons': 0, 'compared_with': None, 'is_reference': False,
-        'reference_missing': False})
+        'reference_missing': False,
+        'settings': [run['settings'] for run in members],
+        'studied': sorted({key for run in members for key in run['studied']})})
 
   columns = collections.defaultdict(list)
   for cell in summary:
@@ -941,6 +951,7 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
               f'from {"the reference" if reference else "the best"} (which does not show '
               'that they are equivalent); n/a: fewer than 2 units on one side, or both '
               f'constant; {MISSING}: no runs.' + _table_notes(cells), '']
+    lines += settings_notes(cells)
   if spread:
     lines += spread_markdown(spread, digits)
   if left_out:
@@ -976,6 +987,97 @@ def left_out_markdown(left_out: Sequence[dict[str, Any]],
           for key, value in config.items()) or f'nothing of it in {CONFIG_FILE}'
     lines.append(f"- `{entry['workdir']}`: {_escape(what)}")
   lines.append('')
+  return lines
+
+
+# Config keys (last part) that set a run's length and its evaluation schedule: they
+# usually change with the label fraction on purpose (epochs of a smaller set).
+RUN_LENGTH_KEYS = re.compile(
+    r'(num_epochs|total_steps|eval_every_\w+|checkpoint_every_\w+|warmup_\w+)')
+
+
+def _is_run_length(key: str) -> bool:
+  return RUN_LENGTH_KEYS.fullmatch(key.rsplit('.', 1)[-1]) is not None
+
+
+def _cell_settings(cell: dict[str, Any]) -> dict[str, set[str]] | None:
+  """`{setting key: its values}` among a cell's runs with a readable config.json."""
+  known = [settings for settings in cell['settings'] if settings is not None]
+  if not known:
+    return None
+  keys = {key for settings in known for key in settings if _is_setting(key)}
+  return {key: {settings.get(key, ABSENT_SETTING) for settings in known} for key in keys}
+
+
+def _values_text(values: Iterable[str]) -> str:
+  return '/'.join(str(_setting_text(v)) for v in sorted(values))
+
+
+def settings_notes(cells: Sequence[dict[str, Any]]) -> list[str]:
+  """Lines under a table naming the settings (config.json keys, as `_mark_variants`
+  compares them) that differ between the columns of a row, and between its rows.
+
+  Along a row: keys whose values differ between its label fractions, with the values
+  per column; those of the run's length and evaluation schedule (`RUN_LENGTH_KEYS`)
+  grouped apart, as they usually change with the label fraction on purpose. Between
+  rows (of one trainer): keys whose values differ between rows within a column,
+  besides the initialisation (NOT_SETTINGS) and the settings rows are split by
+  (`variant`), with each row's values. [] when there is none.
+  """
+  found = collections.defaultdict(dict)  # row -> {fraction: {key: values}}
+  studied = collections.defaultdict(set)
+  trainer = {}
+  for cell in cells:
+    settings = None if cell['shifted'] else _cell_settings(cell)
+    if settings is not None:
+      found[cell['row']][cell['label_fraction']] = settings
+      studied[cell['row']].update(cell['studied'])
+      trainer[cell['row']] = cell['trainer']
+  along, schedule = [], []
+  for row, by_fraction in found.items():
+    fractions = sorted(by_fraction)
+    if len(fractions) < 2:
+      continue
+    parts = {False: [], True: []}
+    for key in sorted(set().union(*by_fraction.values())):
+      seen = [by_fraction[f].get(key, {ABSENT_SETTING}) for f in fractions]
+      if any(values != seen[0] for values in seen):
+        parts[_is_run_length(key)].append(
+            f'{key} ' + ', '.join(f'{_values_text(values)} ({percent(f)})'
+                                  for f, values in zip(fractions, seen)))
+    if parts[False]:
+      along.append(f'- {_escape(row)}: ' + '; '.join(_escape(p) for p in parts[False]))
+    if parts[True]:
+      schedule.append(f'- {_escape(row)}: ' + '; '.join(_escape(p) for p in parts[True]))
+  between = []
+  for name in sorted(set(trainer.values())):
+    rows = [row for row in found if trainer[row] == name]
+    keys = set()
+    for fraction in {f for row in rows for f in found[row]}:
+      here = [row for row in rows if fraction in found[row]]
+      for key in set().union(*(found[row][fraction] for row in here)):
+        if any(key in studied[row] for row in here):
+          continue
+        seen = [found[row][fraction].get(key, {ABSENT_SETTING}) for row in here]
+        if any(values != seen[0] for values in seen):
+          keys.add(key)
+    for key in sorted(keys):
+      per_row = []
+      for row in rows:
+        values = set().union(*(by_key.get(key, {ABSENT_SETTING})
+                               for by_key in found[row].values()))
+        per_row.append(f'{row} {_values_text(values)}')
+      between.append(f'- {_escape(key)}: ' + '; '.join(_escape(p) for p in per_row))
+  lines = []
+  if along:
+    lines += ['Settings that differ between the columns of a row (config.json; the row, '
+              'and its line in the plot, joins runs of these settings):', ''] + along + ['']
+  if schedule:
+    lines += ['Run length and evaluation schedule that differ between the columns of a row '
+              '(usually set per label fraction on purpose):', ''] + schedule + ['']
+  if between:
+    lines += ['Settings that differ between rows, besides the initialisation (init, '
+              'init_from, teacher) and the settings in the row labels:', ''] + between + ['']
   return lines
 
 

@@ -694,6 +694,43 @@ def test_left_out_runs_are_listed_in_the_report(tmp_path):
   assert '\n3 runs.\n' in out.read_text() and 'Left out' not in out.read_text()
 
 
+def test_settings_that_differ_along_a_row_or_between_rows_are_noted(tmp_path):
+  depth = {('scratch', 0.1): 18, ('scratch', 1.0): 34, ('micle', 0.1): 18, ('micle', 1.0): 18}
+  for (init, fraction), value in depth.items():
+    for seed in range(2):
+      workdir = tmp_path / init / f'{fraction}' / str(seed)
+      write_run(workdir, 'ham10000', init, fraction, seed, 0.7 + seed / 100)
+      _write_config(workdir, seed=seed, model__depth=value, num_epochs=3.0 / fraction,
+                    init_from='' if init == 'scratch' else '/runs/micle',
+                    data__label_fraction=fraction)
+  runs = report.collect([str(tmp_path)])
+  cells = report.summarize(runs)
+  assert [c['row'] for c in cells] == ['scratch', 'scratch', 'micle', 'micle']  # no refusal
+  notes = '\n'.join(report.settings_notes(cells))
+  assert ('Settings that differ between the columns of a row (config.json; the row, and its '
+          'line in the plot, joins runs of these settings):\n\n'
+          '- scratch: model.depth 18 (10%), 34 (100%)\n') in notes
+  assert '- micle: model.depth' not in notes
+  assert ('(usually set per label fraction on purpose):\n\n'
+          '- scratch: num_epochs 30.0 (10%), 3.0 (100%)\n'
+          '- micle: num_epochs 30.0 (10%), 3.0 (100%)\n') in notes
+  # Between rows: the depth at 100%, not init_from, nor the epochs (alike in each column).
+  assert ('Settings that differ between rows, besides the initialisation (init, init_from, '
+          'teacher) and the settings in the row labels:\n\n'
+          '- model.depth: scratch 18/34; micle 18\n') in notes
+  assert 'init_from' not in notes.split('row labels:')[1] and notes.count('- ') == 4
+  report.write_report(runs, str(tmp_path / 'r.md'))
+  assert '- scratch: model.depth 18 (10%), 34 (100%)' in (tmp_path / 'r.md').read_text()
+  # A setting the rows are split by is in their labels, not in the notes.
+  for lr in (0.1, 0.3):
+    for seed in range(2):
+      workdir = tmp_path / 'lr' / str(lr) / str(seed)
+      write_run(workdir, 'chexpert', 'micle', 1.0, seed, 0.8, metric='auc_mean')
+      _write_config(workdir, seed=seed, optimizer__learning_rate=lr)
+  cells = report.summarize(report.collect([str(tmp_path / 'lr')]))
+  assert len(cells) == 2 and report.settings_notes(cells) == []
+
+
 def test_same_settings_are_still_the_same_run(tmp_path):
   for name in ('a', 'b'):
     write_run(tmp_path / name, 'ham10000', 'micle', 0.1, 0, 0.8)
