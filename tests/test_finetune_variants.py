@@ -14,7 +14,7 @@ import pytest
 
 from bigssl_med import build_data, label_mapping, supervised
 from bigssl_med import metrics as metrics_lib
-from bigssl_med.data import fractions
+from bigssl_med.data import fractions, sources
 from bigssl_med.errors import CheckpointError, ConfigError
 from bigssl_med.trainers import finetune, pretrain
 from test_finetune import _write_colour_cases, tiny_config
@@ -287,6 +287,9 @@ def test_holdout_validates_on_training_cases_and_tests_on_the_validation_split(
   held = fractions.open_holdout('image_cases/colours', 'train', os.fspath(colours), 0.25)
   assert 0 < len(held) < 64
   assert results['labelled_images'] == 64 - len(held)
+  cases = sources.cases('image_cases/colours', 'train', os.fspath(colours))
+  assert results['labelled_cases'] == sum(not fractions.is_held_out(c, 0.25) for c in cases)
+  assert 0 < results['labelled_cases'] < len(cases)
   assert results['validation']['num_examples'] == len(held)
   assert results['validation_split'] == 'image_cases/colours/train (held-out 0.25 of its cases)'
   assert results['test']['num_examples'] == 16  # the validation split, tested once
@@ -371,7 +374,7 @@ def test_distillation_from_a_fine_tuned_teacher(teacher, colours, tmp_path, capl
   results = finetune.train_and_evaluate(cfg, os.fspath(tmp_path / 'student'))
   assert results['trainer'] == 'distill' and results['init'] == 'distilled from scratch'
   assert results['teacher']['workdir'] == os.fspath(teacher_dir)  # findable from anywhere
-  assert results['labelled_images'] == 0
+  assert results['labelled_images'] == results['labelled_cases'] == 0
   assert results['teacher']['test'] == teacher_results['test']
   assert results['test']['top1'] >= 0.8
   logged = [json.loads(line) for line in

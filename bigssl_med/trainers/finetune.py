@@ -388,8 +388,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   fraction_seed = 0 if distill else config.data.fraction_seed
   train_name = f'{config.dataset}/{config.data.train_split}'
   holdout = _check_validation_split(config)
-  train_source, _ = fractions.open_fraction(config.dataset, config.data.train_split, data_dir,
-                                            fraction, fraction_seed, holdout, views)
+  train_source, train_cases = fractions.open_fraction(
+      config.dataset, config.data.train_split, data_dir, fraction, fraction_seed, holdout, views)
   if holdout:
     eval_name = f'{train_name} (held-out {holdout:g} of its cases)'
     eval_split = config.data.train_split
@@ -590,7 +590,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'label_names': list(task.names),
       'step': step, 'total_steps': total_steps, 'best_step': best.step,
       'stopped_early': best.stopped_early, 'origin': origin,
-      'labelled_images': 0 if distill else len(train_source), 'ten_crop': bool(ten_crop),
+      'labelled_images': 0 if distill else len(train_source),
+      'labelled_cases': 0 if distill else len(train_cases), 'ten_crop': bool(ten_crop),
       'views': views or 'all', 'eval_unit': unit,
       'eval_reduce': reduce if unit != 'image' else None,
       'stored_images': stored_images(info),
