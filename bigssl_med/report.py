@@ -54,7 +54,9 @@ length and evaluation schedule (epochs, steps, warm-up, evaluation intervals) gr
 apart, as they usually change with the label fraction on purpose.
 
 Written next to `--out`:
-- `report.md`: per data set and metric (`--metric`, or each run's `primary_metric`),
+- `report.md`, titled by the trainer of its runs (`Fine-tuning results`, `Linear
+  evaluation results`, `Distillation results`, `Segmentation results`; `Results` when
+  mixed): per data set and metric (`--metric`, or each run's `primary_metric`),
   a table of initialisations x label fractions; a cell is mean ± std over runs, the
   column's best in bold, the others with Welch's t-test p-value against it, over the
   units above (`--test student`: Student's two-sample t-test, pooled variance). The
@@ -63,8 +65,8 @@ Written next to `--out`:
   (`p=0.028, Holm p=0.056`), and `≈` marks an adjusted p > 0.05 (not significantly
   different; no claim of equivalence). `--reference ROW` (`scratch`) compares every
   row with that row instead, in the columns that have it (the others: with the best,
-  said in the legend); the best stays bold. Null values
-  (an undefined AUC) are left out of the statistics and counted in the cell; `†`
+  said in the legend); the best stays bold. Null values (an undefined AUC) are left
+  out of the statistics and counted in the cell; `†`
   marks a mean over fewer classes than asked (`<metric>_classes` <
   `<metric>_of_classes`). Runs with `shift` add, right after the column of each label
   fraction, a column `FRACTION → SHIFT_DATASET` (`/SPLIT` unless the split is `test`)
@@ -76,7 +78,12 @@ Written next to `--out`:
   between pretraining runs" puts, per column, the std of the per-pretraining-run
   means next to each initialisation's pooled mean minus the column's best, so a
   difference between methods can be set against the spread between pretraining
-  runs of one;
+  runs of one. A column header gives the labelled cases and images the runs trained
+  on, `10% (22 cases, 47 images)`, where every run's results.json records them
+  (`labelled_cases`, `labelled_images`) and they agree. The notes under a table say
+  that linear evaluation's `scratch` is a frozen random encoder, and, where the runs
+  of a cell below 100% share one `fraction_seed`, that its std covers training seeds
+  on one draw of the labelled cases;
 - `report.csv`: one row per data set, metric, row, label fraction and evaluation
   (`evaluated_on`: the data set the metric was measured on, with `split`; a shifted
   evaluation has `shifted` True and in `shift_labels` the labels its metric is over,
@@ -85,7 +92,8 @@ Written next to `--out`:
   row `compared_with`; `equivalent_to_best` by `p_holm`);
 - `report_pretraining_spread.csv`: that section's rows, when it is written;
 - `report_label_efficiency_<dataset>.png`: the metric against the label fraction
-  (shifted evaluations dashed);
+  (shifted evaluations dashed), mean ± SD over runs, each point with its n (a cell of
+  one run hollow, without a bar);
 - `report_roc_<dataset>.png`: ROC curves of each initialisation's first seed at its
   largest label fraction with predictions.
 A data set with runs of several trainers gets rows `init (trainer)`. Runs whose split
@@ -612,6 +620,9 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
         'num_comparisons': 0, 'compared_with': None, 'is_reference': False,
         'reference_missing': False,
         'settings': [run['settings'] for run in members],
+        'fraction_seeds': [run['fraction_seed'] for run in members],
+        'labelled': [(_count(run['results'].get('labelled_cases')),
+                      _count(run['results'].get('labelled_images'))) for run in members],
         'studied': sorted({key for run in members for key in run['studied']})})
 
   columns = collections.defaultdict(list)
@@ -649,6 +660,11 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
       if cell['p_value_vs_best'] is not None and cell['p_holm'] is None:
         cell['p_holm'] = cell['p_value_vs_best']  # NaN: two constant samples
   return summary
+
+
+def _count(value: Any) -> int | None:
+  """A count from results.json, or None where it is missing or not a whole number."""
+  return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -915,7 +931,7 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
   `left_out` (`collect`'s) adds a final section listing them, and the columns that
   have left-out runs but no finished one among the runs `finished` (`collect`'s).
   """
-  lines = [f'# Fine-tuning results ({split} split)', '']
+  lines = [f'# {title(summary)} ({split} split)', '']
   if num_runs is not None and left_out:
     lines += [f'{num_runs} finished runs; {len(left_out)} left out (no {RESULTS_FILE}: '
               'unfinished or failed), listed at the end.', '']
@@ -936,8 +952,13 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
     rows = list(dict.fromkeys(cell['row'] for cell in cells))
     by_place = {(cell['row'],) + _place(cell): cell for cell in cells}
     direction = 'lower' if metrics_lib.lower_is_better(name) else 'higher'
+    labelled = {fraction: _labelled_text(c for c in cells if c['label_fraction'] == fraction
+                                         and not c['shifted'])
+                for fraction in fractions}
     lines += [f'## {dataset}: {name}', '',
-              '| initialisation | ' + ' | '.join(_column_title(*c) for c in columns) + ' |',
+              '| initialisation | ' + ' | '.join(
+                  _column_title(*c) + ('' if c[1] else labelled[c[0]]) for c in columns)
+              + ' |',
               '|---|' + '---|' * len(columns)]
     for row in rows:
       texts = [format_cell(by_place.get((row,) + c), digits) for c in columns]
@@ -957,6 +978,18 @@ def markdown(summary: Sequence[dict[str, Any]], *, split: str = 'test', digits: 
   if left_out:
     lines += left_out_markdown(left_out, finished)
   return '\n'.join(lines)
+
+
+# The report's title by the trainer of its runs.
+TITLES = {'finetune': 'Fine-tuning results', 'linear_eval': 'Linear evaluation results',
+          'distill': 'Distillation results', 'segment': 'Segmentation results'}
+
+
+def title(summary: Sequence[dict[str, Any]]) -> str:
+  """`Fine-tuning results` and the like when every cell is of one trainer of TITLES,
+  `Results` otherwise."""
+  trainers = {cell['trainer'] for cell in summary}
+  return TITLES.get(trainers.pop(), 'Results') if len(trainers) == 1 else 'Results'
 
 
 def left_out_markdown(left_out: Sequence[dict[str, Any]],
@@ -1081,6 +1114,19 @@ def settings_notes(cells: Sequence[dict[str, Any]]) -> list[str]:
   return lines
 
 
+def _labelled_text(cells: Iterable[dict[str, Any]]) -> str:
+  """` (22 cases, 47 images)`: what the runs of a column trained on (results.json
+  `labelled_cases`, `labelled_images`), each where every run records it and they agree;
+  '' when neither does."""
+  counts = [pair for cell in cells for pair in cell.get('labelled', ())]
+  parts = []
+  for k, noun in enumerate(('cases', 'images')):
+    found = {pair[k] for pair in counts}
+    if len(found) == 1 and None not in found and 0 not in found:  # 0: a distilled student
+      parts.append(f'{found.pop()} {noun}')
+  return f" ({', '.join(parts)})" if parts else ''
+
+
 def _reference_text(cells: Sequence[dict[str, Any]], reference: str | None) -> str:
   """What a table's p-values compare with, for its legend."""
   post_hoc = ("the column's best, chosen after seeing the data (a post hoc comparison, "
@@ -1154,7 +1200,32 @@ def _table_notes(cells: Sequence[dict[str, Any]]) -> str:
               'pooled: n, the mean and the std are over all of them (--by_pretraining gives '
               'a row per pretraining run).')
   notes += _unit_note(cells)
+  if any(cell['trainer'] == 'linear_eval' and cell['init'] == 'scratch' for cell in cells):
+    notes += (' scratch (linear evaluation): a frozen, randomly initialised encoder under a '
+              'trained linear layer (a random-features baseline), not a network trained '
+              'from scratch.')
+  notes += _fraction_seed_note(cells)
   return notes
+
+
+def _fraction_seed_note(cells: Sequence[dict[str, Any]]) -> str:
+  """Where every run of a cell below 100% shares one fraction_seed: that its std is over
+  training seeds on one draw of the labelled cases."""
+  one_draw = collections.defaultdict(set)
+  for cell in cells:
+    seeds = set(cell.get('fraction_seeds', ()))
+    if (cell['label_fraction'] < 1.0 and not cell['shifted'] and len(seeds) == 1
+        and None not in seeds and len(cell['values']) > 1):
+      one_draw[cell['label_fraction']].update(seeds)
+  if not one_draw:
+    return ''
+  where = ', '.join(f"{percent(f)} (fraction_seed {', '.join(map(str, sorted(s)))})"
+                    for f, s in sorted(one_draw.items()))
+  return (f' In the columns {where}, the runs of a cell share one draw of the labelled '
+          'cases: the std and p cover the training seeds on that draw, not the choice of '
+          'labelled cases; '
+          'to cover it, link the draw to the seed (`launch/sweep.py --set '
+          'seed+data.fraction_seed=0,1,2`).')
 
 
 def _unit_note(cells: Sequence[dict[str, Any]]) -> str:
@@ -1314,8 +1385,10 @@ def _figure(num_panels: int):
 def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
   """The metric against the label fraction (log axis), one line per row, std bars.
 
-  `cells` are `summarize`'s of one data set; each metric gets its own panel. Shifted
-  evaluations are dashed lines `row → DATASET (over LABELS)`.
+  `cells` are `summarize`'s of one data set; each metric gets its own panel. Each point
+  is a cell's mean over runs with ± SD bars, annotated with its n; a cell of one run
+  is a hollow marker without a bar. Shifted evaluations are dashed lines `row →
+  DATASET (over LABELS)`.
   """
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   names = list(dict.fromkeys(cell['metric'] for cell in cells))
@@ -1335,11 +1408,22 @@ def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
         label += f' → {evaluated_on}' + ('' if split == 'test' else f'/{split}')
         if labels:
           label += f' ({over_labels(labels)})'
-      drawn = ax.errorbar([c['label_fraction'] for c in line], [c['mean'] for c in line],
-                          yerr=[c['std'] or 0.0 for c in line], marker='o', capsize=3,
-                          label=label, linestyle='--' if shifted else '-',
-                          color=colours.get(row) if shifted else None)
-      colours.setdefault(row, drawn.lines[0].get_color())
+      (drawn,) = ax.plot([c['label_fraction'] for c in line], [c['mean'] for c in line],
+                         label=label, linestyle='--' if shifted else '-',
+                         color=colours.get(row) if shifted else None)
+      colour = colours.setdefault(row, drawn.get_color())
+      spread = [c for c in line if c['std'] is not None]
+      if spread:
+        ax.errorbar([c['label_fraction'] for c in spread], [c['mean'] for c in spread],
+                    yerr=[c['std'] for c in spread], fmt='o', capsize=3, color=colour)
+      single = [c for c in line if c['std'] is None]  # one run: no spread to draw
+      if single:
+        ax.plot([c['label_fraction'] for c in single], [c['mean'] for c in single], 'o',
+                markerfacecolor='none', color=colour)
+      for cell in line:
+        ax.annotate(f"n={cell['n']}", (cell['label_fraction'], cell['mean']),
+                    textcoords='offset points', xytext=(4, 4), fontsize='x-small',
+                    color=colour)
     fractions = sorted({cell['label_fraction'] for cell in mine})
     ax.set_xscale('log')
     ax.xaxis.set_major_locator(ticker.FixedLocator(fractions))
@@ -1348,10 +1432,12 @@ def plot_label_efficiency(cells: Sequence[dict[str, Any]], path: str) -> None:
     if len(fractions) == 1:
       ax.set_xlim(fractions[0] / 2, fractions[0] * 2)
     ax.set_xlabel('label fraction')
-    ax.set_ylabel(f"{name} ({next(c for c in mine if not c['shifted'])['split']})")
+    ax.set_ylabel(f"{name} ({next(c for c in mine if not c['shifted'])['split']}), "
+                  'mean ± SD over runs')
     ax.set_title(f"{mine[0]['dataset']}: {name}")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize='small')
+    ax.legend(fontsize='small', title='bars: ± SD (ddof=1); hollow: n=1',
+              title_fontsize='x-small')
   with files.written_whole(path) as tmp:
     fig.savefig(tmp, dpi=100)
 

@@ -475,6 +475,79 @@ def test_multiclass_roc_legend_says_micro_auc(tmp_path, monkeypatch):
       'micro-AUC ']
 
 
+def test_label_efficiency_plot_says_what_its_bars_are_and_shows_n(runs_root, tmp_path,
+                                                                   monkeypatch):
+  figures = []
+  figure = report._figure  # pylint: disable=protected-access
+  monkeypatch.setattr(report, '_figure', lambda n: figures.append(figure(n)) or figures[-1])
+  cells = report.summarize(report.collect([str(runs_root / 'cxr')]))
+  report.plot_label_efficiency(cells, str(tmp_path / 'p.png'))
+  (ax,) = figures[-1][1]
+  assert ax.get_ylabel() == 'auc_mean (test), mean ± SD over runs'
+  assert sorted(t.get_text() for t in ax.texts) == ['n=1', 'n=3', 'n=3', 'n=3']
+  # supervised at 1% has one run: a hollow marker, and no error bar there.
+  hollow = [line for line in ax.lines if line.get_markerfacecolor() == 'none']
+  assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [0.01]
+  assert list(hollow[0].get_ydata()) == [0.70]
+  bars = [c for c in ax.containers if hasattr(c, 'has_yerr') and c.has_yerr]
+  assert sorted(len(c.lines[2][0].get_segments()) for c in bars) == [1, 2]
+  assert 'hollow: n=1' in ax.get_legend().get_title().get_text()
+
+
+def test_title_names_the_trainer_and_linear_evaluation_says_what_scratch_is(tmp_path):
+  for trainer in ('linear_eval', 'segment'):
+    for init in ('scratch', 'micle'):
+      for seed in range(2):
+        write_run(tmp_path / trainer / init / str(seed), 'pneumoniamnist', init, 1.0, seed,
+                  0.8 + seed / 100, trainer=trainer)
+  titles = {}
+  for case in ('linear_eval', 'segment', ''):
+    out = tmp_path / f'{case or "mixed"}.md'
+    report.write_report(report.collect([str(tmp_path / case)]), str(out))
+    titles[case] = out.read_text()
+  assert titles['linear_eval'].startswith('# Linear evaluation results (test split)\n')
+  assert titles['segment'].startswith('# Segmentation results (test split)\n')
+  assert titles[''].startswith('# Results (test split)\n')
+  assert ('scratch (linear evaluation): a frozen, randomly initialised encoder under a '
+          'trained linear layer') in titles['linear_eval']
+  assert 'frozen, randomly initialised' not in titles['segment']
+  assert report.title([{'trainer': 'finetune'}]) == 'Fine-tuning results'
+  assert report.title([{'trainer': 'distill'}]) == 'Distillation results'
+  assert report.title([{'trainer': 'other'}]) == 'Results'
+
+
+def test_column_headers_give_the_labelled_cases_and_images(tmp_path):
+  counts = {0.1: [{'labelled_cases': 22, 'labelled_images': 47}] * 2,
+            0.5: [{'labelled_images': 400}, {'labelled_images': 400}],  # older: images only
+            0.25: [{'labelled_cases': 50, 'labelled_images': 100},
+                   {'labelled_cases': 50, 'labelled_images': 101}],  # runs that disagree
+            1.0: [{}, {}]}
+  for fraction, extras in counts.items():
+    for seed, extra in enumerate(extras):
+      write_run(tmp_path / f'{fraction}' / str(seed), 'nih', 'micle', fraction, seed, 0.5,
+                **extra)
+  report.write_report(report.collect([str(tmp_path)]), str(tmp_path / 'r.md'))
+  header, _ = _table_rows((tmp_path / 'r.md').read_text(), 'nih: top1')
+  assert header == ('| initialisation | 10% (22 cases, 47 images) | 25% (50 cases) | '
+                    '50% (400 images) | 100% |')
+
+
+def test_cells_on_one_draw_of_the_labelled_cases_say_so(tmp_path):
+  for fraction in (0.1, 1.0):
+    for seed in range(3):
+      write_run(tmp_path / 'one' / f'{fraction}' / str(seed), 'ham10000', 'micle', fraction,
+                seed, 0.8 + seed / 100, fraction_seed=0)
+      write_run(tmp_path / 'linked' / f'{fraction}' / str(seed), 'ham10000', 'micle',
+                fraction, seed, 0.8 + seed / 100, fraction_seed=seed)
+  report.write_report(report.collect([str(tmp_path / 'one')]), str(tmp_path / 'one.md'))
+  text = (tmp_path / 'one.md').read_text()
+  assert ('In the columns 10% (fraction_seed 0), the runs of a cell share one draw of the '
+          'labelled cases: the std and p cover the training seeds on that draw') in text
+  assert '`launch/sweep.py --set seed+data.fraction_seed=0,1,2`' in text
+  report.write_report(report.collect([str(tmp_path / 'linked')]), str(tmp_path / 'l.md'))
+  assert 'one draw of the labelled cases' not in (tmp_path / 'l.md').read_text()
+
+
 def test_main_exit_0(runs_root, tmp_path, capsys):
   out = tmp_path / 'cli' / 'summary.md'
   assert report.main([str(runs_root / 'ham'), str(runs_root / 'cxr'), '--out', str(out),
