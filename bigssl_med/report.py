@@ -212,10 +212,15 @@ def collect(dirs: Iterable[str], left_out: list[dict[str, Any]] | None = None
     key = (run['dataset'], run['trainer'], run['init'], run['label_fraction'],
            run['seed'], run['fraction_seed'], run['pretrain_seed'])
     if key + (run['variant'],) in by_key:
-      raise DataError(f"{run['path']} and {by_key[key + (run['variant'],)]} are the same "
-                      'run (dataset, trainer, init, label_fraction, seed, fraction_seed, '
-                      f'pretrain_seed = {", ".join(map(str, key))}, and the same settings)')
-    by_key[key + (run['variant'],)] = run['path']
+      other = by_key[key + (run['variant'],)]
+      unreadable = [r['workdir'] for r in (run, other) if r['settings'] is None]
+      same = ('and settings that cannot be compared: no readable '
+              f'{CONFIG_FILE} in {" and ".join(unreadable)}' if unreadable
+              else 'and the same settings')
+      raise DataError(f"{run['path']} and {other['path']} are the same run (dataset, "
+                      'trainer, init, label_fraction, seed, fraction_seed, pretrain_seed = '
+                      f'{", ".join(map(str, key))}, {same})')
+    by_key[key + (run['variant'],)] = run
   return runs
 
 

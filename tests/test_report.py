@@ -812,6 +812,16 @@ def test_same_settings_are_still_the_same_run(tmp_path):
     report.collect([str(tmp_path)])
 
 
+def test_same_run_with_an_unreadable_config_says_so(tmp_path):
+  for name in ('a', 'b'):
+    write_run(tmp_path / name, 'ham10000', 'micle', 0.1, 0, 0.8)
+    _write_config(tmp_path / name, total_steps=20 if name == 'a' else 40)
+  (tmp_path / 'a' / 'config.json').write_text('{"trainer": "fine')
+  with pytest.raises(DataError, match=r'are the same run .* settings that cannot be compared: '
+                     rf'no readable config.json in {tmp_path / "a"}\)$'):
+    report.collect([str(tmp_path)])
+
+
 def test_undefined_values_are_left_out_and_counted(tmp_path):
   for seed, value in enumerate([0.8, None, 0.7]):
     write_run(tmp_path / 'micle' / str(seed), 'ham10000', 'micle', 1.0, seed, 0.0)
@@ -1051,8 +1061,8 @@ def test_pretraining_runs_are_distinct_runs_pooled_in_one_cell(pretrained_root, 
   # The same fine-tuning seed from the same pretraining run twice is a duplicate.
   write_run(tmp_path / 'again', 'ham10000', 'simclr', 0.1, 1, 0.7, pretrain_seed=2)
   with pytest.raises(DataError, match=r'are the same run \(.*pretrain_seed = ham10000, '
-                                      r'finetune, simclr, 0.1, 1, None, 2, and the same '
-                                      r'settings\)'):
+                                      r'finetune, simclr, 0.1, 1, None, 2, and settings '
+                                      r'that cannot be compared: no readable config.json'):
     report.collect([str(pretrained_root), str(tmp_path / 'again')])
 
 
