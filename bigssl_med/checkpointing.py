@@ -533,10 +533,13 @@ def recorded_init(workdir: str, init_from: str) -> dict[str, Any] | None:
   `{'init_from': config.init_from as given, 'checkpoint': the step folder or `best/`
   loaded, 'step': its step}`, or None for random weights. In a workdir written before
   the record existed, a run with `init_from` gets its checkpoint and step as None
-  (unknown), with a warning.
+  (unknown), with a warning; so does one whose record was deleted. A record that
+  cannot be read is a `WorkdirError` (`workdir.read_record`).
   """
-  recorded = workdir_lib.read_json(os.path.join(workdir, INIT_FILE))
-  if isinstance(recorded, dict):
+  recorded = workdir_lib.read_record(
+      os.path.join(workdir, INIT_FILE), 'restore it, or delete it to go on with the '
+      'checkpoint and step this run started from recorded as unknown', null_ok=True)
+  if recorded is not None:
     return recorded
   if not init_from:
     return None

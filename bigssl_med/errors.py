@@ -21,5 +21,9 @@ class CheckpointError(UserError):
   """A checkpoint that is missing or does not match the model it should initialise."""
 
 
+class WorkdirError(UserError):
+  """A workdir that cannot be used, or a record a run keeps there that cannot be read."""
+
+
 class WorkdirInUse(UserError):
   """Another run holds the workdir's lock."""

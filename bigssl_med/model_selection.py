@@ -68,6 +68,11 @@ def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float
                       float(o.plateau_threshold))
 
 
+# What every `best.json` holds (the others are filled in for a file of an older version).
+_RECORD_KEYS = ('step', 'value', 'validation', 'last_eval_step', 'evals_since_best',
+                'stopped_early')
+
+
 class BestModel:
   """The best evaluation so far by `metric`, persisted in `workdir`.
 
@@ -94,9 +99,12 @@ class BestModel:
     self.dir = checkpointing.absolute(os.path.join(workdir, 'best'))
     if fresh:
       self._forget()
-    self.record = workdir_lib.read_json(self.path) or {
-        'step': -1, 'value': None, 'validation': {}, 'last_eval_step': 0,
-        'evals_since_best': 0, 'stopped_early': False}
+    self.record = workdir_lib.read_record(
+        self.path, f'restore it, or delete it and {self.dir} to select among the '
+        'evaluations after the checkpoint this run resumes from only (or rerun in a new '
+        'workdir)', keys=_RECORD_KEYS) or {
+            'step': -1, 'value': None, 'validation': {}, 'last_eval_step': 0,
+            'evals_since_best': 0, 'stopped_early': False}
     self.record.setdefault('lr_scales', [[0, 1.0]])
     self.record.setdefault('evals_since_reduction', 0)
     self.record.setdefault('plateau_best', self.record['value'])  # older best.json

@@ -19,7 +19,7 @@ from bigssl_med import checkpointing, config_schema
 from bigssl_med import parallel
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import sources
-from bigssl_med.errors import ConfigError
+from bigssl_med.errors import ConfigError, UserError
 
 COMPUTE_DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 
@@ -69,8 +69,8 @@ def _check_resumed_settings(workdir: str, config) -> None:
   else (MICLe, temperature, label fraction, learning rate, ...) would make one run
   of two settings, recorded under the last one.
   """
-  saved = workdir_lib.read_json(os.path.join(workdir, 'config.json'))
-  if not isinstance(saved, dict):
+  saved = workdir_lib.read_config(workdir)  # a damaged one is an error, not "no record"
+  if saved is None:
     return
   differences = [d for d in config_schema.setting_differences(saved, config.to_dict())
                  if d[0] not in RESUMABLE_KEYS]
@@ -103,10 +103,14 @@ def _check_resumed_data(workdir: str, data: dict[str, Any]) -> None:
   """Fails when a resumed run reads another build of its data set than it was trained on.
 
   The checkpoint's input position points into the records as built then; a run
-  whose workdir has no `data.json` (written by an earlier version) is not checked.
+  whose workdir has no `data.json` (written by an earlier version, or deleted to
+  accept the data as it is now) is not checked; a damaged one is an error.
   """
   path = os.path.join(workdir, DATA_FILE)
-  differs = sources.fingerprint_differences(workdir_lib.read_json(path), data)
+  recorded = workdir_lib.read_record(
+      path, 'restore it, or delete it to go on with the data as it is now',
+      keys=('dataset', 'splits'))
+  differs = sources.fingerprint_differences(recorded, data)
   if differs:
     raise ConfigError(f'{workdir} holds a run stopped before its end on another build of its '
                       f'data: {differs}; rebuild the data set as it was to resume, use a new '
@@ -174,7 +178,7 @@ def start(model: nn.Module, *, config: ml_collections.ConfigDict, workdir: str,
         check_not_past(workdir, int(opt['step']), total_steps)
       if data is not None:
         _check_resumed_data(workdir, data)
-    except ConfigError:
+    except UserError:
       checkpointer.close()  # nothing more is read or written here
       raise
   workdir_lib.write_config(workdir, config)  # this run goes on here: its config is the one

@@ -33,10 +33,11 @@ from bigssl_med import config_schema
 from bigssl_med import files
 from bigssl_med import parallel
 from bigssl_med import staging
-from bigssl_med.errors import ConfigError, WorkdirInUse
+from bigssl_med.errors import ConfigError, WorkdirError, WorkdirInUse
 
 
 _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
+CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 LOCK_FILE = '.lock'
 
@@ -106,6 +107,10 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
   (its checkpoint restored), so a rerun rejected for a changed model leaves it be.
   A workdir is written through the file system of each host: on a Cloud TPU VM, a
   bucket mounted with gcsfuse on every host, or a shared disk.
+
+  Raises:
+    WorkdirError: its `config.json` cannot be read (`read_config`); nothing is
+      written then.
   """
   if _URL.match(os.fspath(workdir)):
     raise ConfigError(f'workdir {workdir!r} is a URL: pass a path of the file system, e.g. '
@@ -116,8 +121,39 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
     if removed:
       logging.info('%s: removed %d file(s) half-written by a killed attempt (%s)', workdir,
                    len(removed), ', '.join(removed))
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
+  if read_config(workdir) is None:
     write_config(workdir, config)
+
+
+def held_run(workdir: str) -> str:
+  """What in `workdir` a run left that a rerun would return or resume (`results.json`,
+  a checkpoint's step folder), in words; '' when nothing."""
+  if os.path.exists(os.path.join(workdir, 'results.json')):
+    return 'results.json'
+  try:
+    steps = [name for name in os.listdir(os.path.join(workdir, 'checkpoints'))
+             if name.isdigit()]
+  except OSError:
+    steps = []
+  return f'checkpoints/{max(steps, key=int)}' if steps else ''
+
+
+def read_config(workdir: str) -> dict[str, Any] | None:
+  """The settings in `workdir/config.json`; None when there is no such file.
+
+  Raises:
+    WorkdirError: the file cannot be read or holds no JSON object (`read_record`),
+      saying how to go on; it is left as it is.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  held = held_run(workdir)
+  if held:
+    recover = (f'the settings of the run {workdir} holds ({held}) are unknown: restore the '
+               f'file, or move {workdir} aside and rerun in a new workdir')
+  else:
+    recover = (f'restore it, or delete it ({workdir} holds no results.json or checkpoint, '
+               'so this run writes its own)')
+  return read_record(path, recover)
 
 
 def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
@@ -127,14 +163,15 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict[st
     ConfigError: when the finished run's `config.json` differs from `config` in a
       setting (`config_schema.setting_differences`: bookkeeping such as paths and
       logging aside), naming the first key: its results answer another question.
+    WorkdirError: `config.json` cannot be read (`read_config`).
   """
   path = os.path.join(workdir, 'results.json')
   results = read_json(path)
   if not (isinstance(results, dict) and results.get('test') is not None
           and results.get('trainer') == config.trainer):
     return None
-  saved = read_json(os.path.join(workdir, 'config.json'))
-  if isinstance(saved, dict):
+  saved = read_config(workdir)
+  if saved is not None:
     differences = config_schema.setting_differences(saved, config.to_dict())
     if differences:
       raise ConfigError(f'{workdir} holds a finished run with other settings: '
@@ -146,7 +183,7 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict[st
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes `workdir/config.json`, the config of the run going on there."""
-  write_json(os.path.join(workdir, 'config.json'), config.to_dict())
+  write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -166,12 +203,63 @@ def digest(obj: Any) -> str:
 
 
 def read_json(path: str) -> Any:
-  """The parsed JSON file at `path`, or None when it is missing or not valid JSON."""
+  """The parsed JSON file at `path`, or None when it is missing or not valid JSON.
+
+  For files whose damage their reader handles (a `results.json` cut short is written
+  again); the records that guard a rerun are read with `read_record`.
+  """
   try:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
+
+
+def read_record(path: str, recover: str, *, keys: tuple[str, ...] = (),
+                null_ok: bool = False) -> Any:
+  """The JSON object in the file at `path`; None when there is no such file.
+
+  The records a run keeps in its workdir (`config.json`, `data.json`, `best.json`, ...)
+  are written whole (`write_json`), so one that cannot be parsed was damaged from
+  outside (a disk error, a bad copy, a hand edit): reading it as absent would skip the
+  checks it feeds, and the file would then be written over.
+
+  Args:
+    path: the file.
+    recover: what to do about a damaged file, for the error.
+    keys: keys the object must have.
+    null_ok: a file holding `null` reads as None too (a record of "nothing").
+
+  Raises:
+    WorkdirError: the file cannot be read, is not valid JSON, or holds no JSON object
+      or one without `keys`: one line naming it and `recover`; the file is left as it is.
+  """
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return None
+  except OSError as e:
+    raise WorkdirError(f'{path}: cannot be read ({e.strerror or e}); {recover}') from None
+  try:
+    found = json.loads(text)
+  except ValueError as e:
+    problem = 'empty' if not text.strip() else f'not valid JSON ({_first_line(e)})'
+    raise WorkdirError(f'{path}: {problem}, damaged or cut short; {recover}') from None
+  if found is None and null_ok:
+    return None
+  if not isinstance(found, dict):
+    raise WorkdirError(f'{path}: holds {type(found).__name__} {_first_line(found, 40)}, not '
+                       f'a JSON object (damaged?); {recover}')
+  missing = [key for key in keys if key not in found]
+  if missing:
+    raise WorkdirError(f'{path}: lacks the key {missing[0]!r} (damaged?); {recover}')
+  return found
+
+
+def _first_line(x: Any, limit: int = 200) -> str:
+  lines = str(x).strip().splitlines() or ['']
+  return lines[0] if len(lines[0]) <= limit else lines[0][:limit - 3] + '...'
 
 
 def _read_rows(path: str) -> tuple[int, list[tuple[str, dict[str, Any]]]]:

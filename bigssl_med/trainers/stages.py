@@ -96,9 +96,9 @@ def _follow_move(stage_dir: str, stage: ml_collections.ConfigDict, refs: dict[st
   """Rewrites the `@NAME` paths in `stage_dir/config.json` that name the earlier stages
   under the workdir's old location (it was moved or copied) to their folders now, so
   the run there compares as the same run. Other values are left to the trainer."""
-  path = os.path.join(stage_dir, 'config.json')
-  saved = workdir_lib.read_json(path)
-  if not isinstance(saved, dict):
+  path = os.path.join(stage_dir, workdir_lib.CONFIG_FILE)
+  saved = workdir_lib.read_config(stage_dir)
+  if saved is None:  # the stage's trainer says what that means
     return
   moved = {}
   for key, target in refs.items():
@@ -128,10 +128,14 @@ def check_inputs(name: str, stage: ml_collections.ConfigDict, stage_dir: str,
   Raises:
     ConfigError: the stage has started (`_started`) from an earlier stage whose results
       differ from those recorded; nothing is written then.
+    WorkdirError: `INPUTS_FILE` cannot be read (`workdir.read_record`); nothing is
+      written then.
   """
   path = os.path.join(stage_dir, INPUTS_FILE)
-  record = workdir_lib.read_json(path)
-  record = record if isinstance(record, dict) else {}
+  record = workdir_lib.read_record(
+      path, f'restore it, delete it to accept stage {name}\'s results as they are, from '
+      f'the earlier stages as they are now, or remove {stage_dir} to redo stage {name}',
+      keys=('inputs',)) or {}
   was = record.get('inputs') if isinstance(record.get('inputs'), dict) else {}
   now = {key: {'stage': target, 'results_sha256': workdir_lib.digest(results[target])}
          for key, target in refs.items()}

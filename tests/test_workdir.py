@@ -1,0 +1,107 @@
+"""A workdir's records that are missing or damaged: one-line errors that name the
+file, and nothing already written is changed."""
+
+import os
+import shutil
+
+import pytest
+
+from bigssl_med import workdir as workdir_lib
+from bigssl_med.errors import WorkdirError
+from bigssl_med.trainers import finetune, pretrain, stages
+from conftest import assert_one_line_error
+from test_finetune import _write_colour_cases, colours, tiny_config  # noqa: F401
+from test_pretrain import tiny_config as tiny_pretrain_config
+
+
+@pytest.fixture(scope='module')
+def finished(colours, tmp_path_factory):  # noqa: F811
+  """A finished fine-tuning run: checkpoints at 20 and 40, `best/`, results."""
+  workdir = tmp_path_factory.mktemp('finished') / 'run'
+  results = finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
+  return workdir, results
+
+
+def _copy(finished, tmp_path, unfinish=False):
+  """A copy of the finished run; `unfinish`: as a kill after step 40's checkpoint leaves it,
+  before the test (no results.json, no test predictions)."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(finished[0], workdir)
+  if unfinish:
+    for name in ('results.json', 'test_predictions.npz'):
+      (workdir / name).unlink(missing_ok=True)
+  return workdir
+
+
+def _files(folder):
+  """Every file under `folder` with its bytes, but the lock (`locked` rewrites it)."""
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob('*'))
+          if p.is_file() and p.name != workdir_lib.LOCK_FILE}
+
+
+_DAMAGED = '{"trainer": "finetune", "tem'
+
+
+@pytest.mark.parametrize('unfinish', [False, True])
+def test_a_damaged_config_json_is_an_error_and_left_as_it_is(
+    colours, finished, tmp_path, unfinish):  # noqa: F811
+  workdir = _copy(finished, tmp_path, unfinish)
+  (workdir / 'config.json').write_text(_DAMAGED)
+  before = _files(workdir)
+  other = tiny_config(colours, **{'data.label_fraction': 0.5})
+  with pytest.raises(WorkdirError) as excinfo:
+    finetune.train_and_evaluate(other, os.fspath(workdir))
+  assert_one_line_error(excinfo, f'{workdir}/config.json: not valid JSON', 'cut short',
+                        'are unknown', f'move {workdir} aside')
+  assert _files(workdir) == before
+
+
+def test_a_damaged_pretraining_config_json_stops_the_resumed_run(
+    small_ham10000, tmp_path):
+  data_dir, _ = small_ham10000
+  workdir = tmp_path / 'pre'
+  pretrain.train_and_evaluate(tiny_pretrain_config(data_dir), os.fspath(workdir))
+  shutil.rmtree(workdir / 'checkpoints' / '4')
+  (workdir / 'results.json').unlink()
+  (workdir / 'config.json').write_text('[1, 2]')
+  before = _files(workdir)
+  other = tiny_pretrain_config(data_dir, micle=False, temperature=0.5)
+  with pytest.raises(WorkdirError) as excinfo:
+    pretrain.train_and_evaluate(other, os.fspath(workdir))
+  assert_one_line_error(excinfo, f'{workdir}/config.json: holds list', 'not a JSON object',
+                        '(checkpoints/2) are unknown')
+  assert _files(workdir) == before
+
+
+@pytest.mark.parametrize('name, text, recover', [
+    ('data.json', '{"dataset": "ima', 'delete it to go on with the data as it is now'),
+    ('data.json', '{"dataset": "image_cases/colours"}', 'delete it to go on with the data'),
+    ('best.json', '{"step": 10, "val', 'delete it and {workdir}/best to select among the '
+     'evaluations after the checkpoint this run resumes from only'),
+    ('best.json', '', 'restore it'),
+    ('initialised_from.json', '{"init_from": "/tm', 'delete it to go on with the checkpoint '
+     'and step this run started from recorded as unknown'),
+])
+def test_a_damaged_record_of_a_resumed_run_is_an_error_and_left_as_it_is(
+    colours, finished, tmp_path, name, text, recover):  # noqa: F811
+  workdir = _copy(finished, tmp_path, unfinish=True)
+  shutil.rmtree(workdir / 'checkpoints' / '40')  # resumes from step 20
+  (workdir / name).write_text(text)
+  before = _files(workdir)
+  with pytest.raises(WorkdirError) as excinfo:
+    finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
+  assert_one_line_error(excinfo, f'{workdir}/{name}: ', recover.format(workdir=workdir))
+  assert _files(workdir) == before
+
+
+def test_a_damaged_stage_inputs_record_is_an_error_and_left_as_it_is(tmp_path):
+  stage_dir = tmp_path / 'micle'
+  (stage_dir / 'checkpoints' / '2').mkdir(parents=True)
+  record = stage_dir / stages.INPUTS_FILE
+  record.write_text('{"inputs": {')
+  with pytest.raises(WorkdirError) as excinfo:
+    stages.check_inputs('micle', None, os.fspath(stage_dir), {'init_from': 'pretrain'},
+                        {'pretrain': {'step': 4}}, os.fspath(tmp_path))
+  assert_one_line_error(excinfo, f'{record}: not valid JSON', 'delete it to accept stage '
+                        'micle\'s results as they are', f'or remove {stage_dir} to redo')
+  assert record.read_text() == '{"inputs": {'
