@@ -109,8 +109,9 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
   bucket mounted with gcsfuse on every host, or a shared disk.
 
   Raises:
-    WorkdirError: its `config.json` cannot be read (`read_config`); nothing is
-      written then.
+    WorkdirError: its `config.json` cannot be read (`read_config`), or it holds a run
+      (`held_run`) but no `config.json`, so the settings that run had are unknown:
+      nothing is written then.
   """
   if _URL.match(os.fspath(workdir)):
     raise ConfigError(f'workdir {workdir!r} is a URL: pass a path of the file system, e.g. '
@@ -121,7 +122,14 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
     if removed:
       logging.info('%s: removed %d file(s) half-written by a killed attempt (%s)', workdir,
                    len(removed), ', '.join(removed))
-  if read_config(workdir) is None:
+  saved = read_config(workdir)
+  held = held_run(workdir)
+  if saved is None and held:
+    path = os.path.join(workdir, CONFIG_FILE)
+    raise WorkdirError(f'{workdir} holds a run ({held}) but no {CONFIG_FILE}: the settings '
+                       f'it ran with are unknown; restore {path}, or move {workdir} aside '
+                       'and rerun in a new workdir')
+  if saved is None:
     write_config(workdir, config)
 
 

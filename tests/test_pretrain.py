@@ -200,6 +200,7 @@ def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(trained, tmp_p
   resumed = os.fspath(tmp_path / 'resumed')
   shutil.copytree(os.path.join(workdir, 'checkpoints', '2'),
                   os.path.join(resumed, 'checkpoints', '2'))
+  shutil.copy(os.path.join(workdir, 'config.json'), resumed)  # the settings it ran with
   # The metrics of a run that went on past its step-2 checkpoint, then crashed mid-line.
   Path(resumed, 'metrics.jsonl').write_text(
       Path(workdir, 'metrics.jsonl').read_text() + '{"step": 5, "spl')
@@ -546,6 +547,7 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(trained, tmp_path, d
   workdir, _, data_dir = trained
   copy = tmp_path / 'copy'
   shutil.copytree(os.path.join(workdir, 'checkpoints'), copy / 'checkpoints')
+  shutil.copy(os.path.join(workdir, 'config.json'), copy)  # the settings it ran with
   damage(copy / 'checkpoints' / '4')
   with pytest.raises(CheckpointError, match=message) as e:
     pretrain.train_and_evaluate(tiny_config(data_dir, total_steps=6), os.fspath(copy))

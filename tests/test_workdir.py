@@ -39,6 +39,26 @@ def _files(folder):
           if p.is_file() and p.name != workdir_lib.LOCK_FILE}
 
 
+@pytest.mark.parametrize('unfinish', [False, True])
+def test_a_run_without_config_json_is_refused_and_none_is_written(
+    colours, finished, tmp_path, unfinish):  # noqa: F811
+  workdir = _copy(finished, tmp_path, unfinish)
+  (workdir / 'config.json').unlink()
+  before = _files(workdir)
+  other = tiny_config(colours, **{'optimizer.learning_rate': 0.9})
+  with pytest.raises(WorkdirError) as excinfo:
+    finetune.train_and_evaluate(other, os.fspath(workdir))
+  held = 'checkpoints/40' if unfinish else 'results.json'
+  assert_one_line_error(excinfo, f'{workdir} holds a run ({held}) but no config.json',
+                        'settings it ran with are unknown', f'restore {workdir}/config.json')
+  assert _files(workdir) == before
+  # A workdir holding no run of its own gets one: a `stages` run's, its stages below.
+  top = tmp_path / 'stages'
+  (top / 'pretrain' / 'checkpoints' / '2').mkdir(parents=True)
+  workdir_lib.start(os.fspath(top), other)
+  assert workdir_lib.read_json(os.fspath(top / 'config.json'))['trainer'] == 'finetune'
+
+
 _DAMAGED = '{"trainer": "finetune", "tem'
 
 
