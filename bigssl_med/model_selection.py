@@ -27,7 +27,7 @@ from bigssl_med import parallel
 from bigssl_med import preemption as preemption_lib
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.data import pipeline
-from bigssl_med.errors import ConfigError
+from bigssl_med.errors import CheckpointError, ConfigError
 
 
 def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float,
@@ -209,7 +209,24 @@ class BestModel:
     parallel.sync(f'best {step} moved')
 
   def restore(self, abstract_model: Any) -> Any:
-    return self._saver.restore(self.dir, abstract_model)
+    """The selected model's variables, from `best/`, onto `abstract_model`.
+
+    Raises:
+      CheckpointError: `best/` is missing or cannot be read; one line naming it.
+    """
+    instead = ('to select the final checkpoint\'s model (evaluated again) instead, or rerun '
+               'in a new workdir to select among every evaluation')
+    if not os.path.isdir(self.dir):
+      raise CheckpointError(f'{self.dir}: the selected model (step {self.step}, as '
+                            f'{self.path} says) is missing; delete {self.path} {instead}')
+    recover = f'delete it and {self.path} {instead}'
+    try:
+      with checkpointing.quiet_failed_reads():
+        return self._saver.restore(self.dir, abstract_model)
+    except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
+      raise CheckpointError(f'{self.dir}: the selected model (step {self.step}) cannot be '
+                            f'read, damaged or cut short ({checkpointing.first_line(e)}); '
+                            f'{recover}') from e
 
 
 def start_logs(workdir: str, config: ml_collections.ConfigDict, *, metric: str,

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from bigssl_med import workdir as workdir_lib
-from bigssl_med.errors import WorkdirError
+from bigssl_med.errors import CheckpointError, WorkdirError
 from bigssl_med.trainers import finetune, pretrain, stages
 from conftest import assert_one_line_error
 from test_finetune import _write_colour_cases, colours, tiny_config  # noqa: F401
@@ -125,3 +125,20 @@ def test_a_damaged_stage_inputs_record_is_an_error_and_left_as_it_is(tmp_path):
   assert_one_line_error(excinfo, f'{record}: not valid JSON', 'delete it to accept stage '
                         'micle\'s results as they are', f'or remove {stage_dir} to redo')
   assert record.read_text() == '{"inputs": {'
+
+
+@pytest.mark.parametrize('damage', ['missing', 'cut short'])
+def test_a_missing_or_damaged_best_model_is_a_one_line_error(
+    colours, finished, tmp_path, damage, capfd):  # noqa: F811
+  workdir = _copy(finished, tmp_path, unfinish=True)
+  best = workdir / 'best'
+  if damage == 'missing':
+    shutil.rmtree(best)
+  else:
+    for array in (p for p in best.rglob('*') if p.is_file() and '/d/' in os.fspath(p)):
+      os.truncate(array, 10)
+  with pytest.raises(CheckpointError) as excinfo:
+    finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
+  assert_one_line_error(excinfo, f'{best}: the selected model (step ', damage,
+                        f'{workdir}/best.json to select the final checkpoint')
+  assert 'Event loop is closed' not in capfd.readouterr().err
