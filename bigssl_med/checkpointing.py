@@ -108,9 +108,10 @@ class Checkpointer:
     """Restores `step` onto the abstract targets; returns (model, opt, data_state).
 
     Raises:
-      CheckpointError: the step's folder lacks an item, its files cannot be read, or
-        it does not fit `model`/`opt`; one line naming the folder and, for a damaged
-        one, the earlier step the run would resume from without it.
+      CheckpointError: the step's folder lacks an item, its files cannot be read or
+        decoded (a metadata file that is not JSON), or it does not fit `model`/`opt`;
+        one line naming the folder and, for a damaged one, the earlier step the run
+        would resume from without it.
     """
     folder = self.directory / str(step)
     earlier = [s for s in self._manager.all_steps() if s < step]
@@ -128,8 +129,8 @@ class Checkpointer:
       with quiet_failed_reads():
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore errors)
-      if isinstance(e, (ValueError, KeyError, TypeError)) and not _READ_ERROR.match(
-          first_line(e)):
+      if isinstance(e, (ValueError, KeyError, TypeError)) and not (
+          _READ_ERROR.match(first_line(e)) or _undecodable(e)):
         raise CheckpointError(
             f'checkpoint {folder} does not match this run\'s model or optimiser (was the '
             f'config changed since it was written?): {first_line(e)}') from e
@@ -156,6 +157,18 @@ class Checkpointer:
 # tensorstore's status codes for files it cannot read (a config change gives none of them).
 _READ_ERROR = re.compile(r'^(DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|UNKNOWN|INTERNAL|'
                          r'FAILED_PRECONDITION|UNAVAILABLE): ')
+
+
+def _undecodable(e: BaseException) -> bool:
+  """Whether `e` or an exception it came from is a file that does not decode (a metadata
+  file such as `model/_METADATA` that is not JSON): damage, not a config change."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError)):
+      return True
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def _damaged(e: Exception) -> str:

@@ -142,3 +142,13 @@ def test_a_missing_or_damaged_best_model_is_a_one_line_error(
   assert_one_line_error(excinfo, f'{best}: the selected model (step ', damage,
                         f'{workdir}/best.json to select the final checkpoint')
   assert 'Event loop is closed' not in capfd.readouterr().err
+
+
+def test_a_damaged_checkpoint_metadata_is_damage_not_a_config_change(
+    colours, finished, tmp_path):  # noqa: F811
+  workdir = _copy(finished, tmp_path, unfinish=True)
+  (workdir / 'checkpoints' / '40' / 'model' / '_METADATA').write_text('{x')
+  with pytest.raises(CheckpointError) as excinfo:
+    finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
+  assert_one_line_error(excinfo, f'checkpoint {workdir}/checkpoints/40 cannot be read, damaged',
+                        'delete it to resume from step 20')
