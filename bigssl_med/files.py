@@ -70,7 +70,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     return []
   removed = []
   for name in names:
-    with contextlib.suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+    with contextlib.suppress(OSError):  # gone, a folder, or a read-only workdir
       os.remove(os.path.join(folder, name))
       removed.append(name)
   return removed

@@ -15,6 +15,7 @@ Only the primary host writes.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -40,6 +41,26 @@ _URL = re.compile(r'^[A-Za-z][A-Za-z0-9+.-]*://')
 CONFIG_FILE = 'config.json'
 METRICS_FILE = 'metrics.jsonl'
 LOCK_FILE = '.lock'
+# Why a lock file cannot be opened on a workdir that can still be read: a finished run
+# there returns its results unlocked; anything else stops where it first writes.
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def make_workdir(workdir: str) -> None:
+  """Creates `workdir` (and its parents) where missing.
+
+  Raises:
+    WorkdirError: `workdir` is a file, lies under a file, or cannot be created (a
+      read-only file system, no permission); one line naming it.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise WorkdirError(f'workdir {workdir} is a file, not a folder: name a folder (made '
+                         'if missing)') from None
+    raise WorkdirError(f'workdir {workdir}: cannot create it ({e.strerror or e}'
+                       f'{": " + os.fspath(e.filename) if e.filename else ""})') from None
 
 
 @contextlib.contextmanager
@@ -50,18 +71,22 @@ def locked(workdir: str) -> Iterator[None]:
   without waiting; the file holds the holder's process id and host. With several
   hosts only process 0 locks (the workdir is shared); where the file system has no
   locks, or for a URL (which `start` refuses), the run goes on unlocked, said once on
-  the log. The runs a run makes inside its workdir (the stages of `trainer='stages'`)
-  each lock their own folder too, so that a run started on one of those directly is
-  refused while its stage runs (and a stage, while such a run holds its folder).
+  the log; so it does where the lock file cannot be written (a read-only file system),
+  for a finished run to return its results (a run that has to write stops at
+  `check_writable`). The runs a run makes inside its workdir (the stages of
+  `trainer='stages'`) each lock their own folder too, so that a run started on one of
+  those directly is refused while its stage runs (and a stage, while such a run holds
+  its folder).
 
   Raises:
     WorkdirInUse: another process holds the lock; nothing has been written.
+    WorkdirError: `workdir` is a file, lies under one, or cannot be created or opened.
   """
   handle, busy = None, ''
   if jax.process_index() == 0 and not _URL.match(os.fspath(workdir)):
     path = os.path.join(workdir, LOCK_FILE)
+    make_workdir(workdir)
     try:
-      os.makedirs(workdir, exist_ok=True)
       handle = staging.try_lock(path)
       if handle is None:
         logging.warning('%s: this file system has no locks; going on without one (make sure '
@@ -69,7 +94,12 @@ def locked(workdir: str) -> Iterator[None]:
     except BlockingIOError:
       busy = _holder(path)
     except OSError as e:
-      logging.warning('%s: cannot lock it (%s); going on without a lock', path, e)
+      if e.errno not in _READ_ONLY:
+        raise WorkdirError(f'workdir {workdir}: cannot open its lock file {path} '
+                           f'({e.strerror or e})') from None
+      logging.warning('%s: cannot write it (%s); going on without a lock: a finished run '
+                      'there can return its results, a run that has to write stops before '
+                      'it writes', path, e.strerror or e)
   if handle is not None:
     os.ftruncate(handle.fileno(), 0)
     handle.write(f'{os.getpid()} {socket.gethostname()}\n')
@@ -109,14 +139,15 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
   bucket mounted with gcsfuse on every host, or a shared disk.
 
   Raises:
-    WorkdirError: its `config.json` cannot be read (`read_config`), or it holds a run
-      (`held_run`) but no `config.json`, so the settings that run had are unknown:
-      nothing is written then.
+    WorkdirError: `workdir` is a file or cannot be created; its `config.json` cannot be
+      read (`read_config`); it holds a run (`held_run`) but no `config.json`, so the
+      settings that run had are unknown; or it holds no `results.json` and cannot be
+      written (`check_writable`). Nothing is written then.
   """
   if _URL.match(os.fspath(workdir)):
     raise ConfigError(f'workdir {workdir!r} is a URL: pass a path of the file system, e.g. '
                       'the bucket mounted with gcsfuse on every host')
-  os.makedirs(workdir, exist_ok=True)
+  make_workdir(workdir)
   if jax.process_index() == 0:
     removed = files.remove_stale_temporaries(workdir)
     if removed:
@@ -129,8 +160,28 @@ def start(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise WorkdirError(f'{workdir} holds a run ({held}) but no {CONFIG_FILE}: the settings '
                        f'it ran with are unknown; restore {path}, or move {workdir} aside '
                        'and rerun in a new workdir')
+  if held != 'results.json':
+    check_writable(workdir)  # else `finished_results` checks, if the run is not finished
   if saved is None:
     write_config(workdir, config)
+
+
+def check_writable(workdir: str) -> None:
+  """Fails unless this process can write in `workdir`: a run that trains or tests there.
+
+  Raises:
+    WorkdirError: one line naming `workdir` and why (a read-only file system, or no
+      permission), before anything else is written.
+  """
+  if os.access(workdir, os.W_OK):  # every host: each writes its part of a checkpoint
+    return
+  try:
+    read_only = bool(os.statvfs(workdir).f_flag & os.ST_RDONLY)
+  except OSError:
+    read_only = False
+  why = 'on a read-only file system' if read_only else 'no permission to write there'
+  raise WorkdirError(f'workdir {workdir}: cannot write in it ({why}): this run needs to '
+                     'write there; use a workdir it can write')
 
 
 def held_run(workdir: str) -> str:
@@ -171,12 +222,14 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict[st
     ConfigError: when the finished run's `config.json` differs from `config` in a
       setting (`config_schema.setting_differences`: bookkeeping such as paths and
       logging aside), naming the first key: its results answer another question.
-    WorkdirError: `config.json` cannot be read (`read_config`).
+    WorkdirError: `config.json` cannot be read (`read_config`); or the run is not
+      finished and `workdir` cannot be written (`check_writable`).
   """
   path = os.path.join(workdir, 'results.json')
   results = read_json(path)
   if not (isinstance(results, dict) and results.get('test') is not None
           and results.get('trainer') == config.trainer):
+    check_writable(workdir)  # the run trains or tests
     return None
   saved = read_config(workdir)
   if saved is not None:
@@ -190,8 +243,17 @@ def finished_results(workdir: str, config: ml_collections.ConfigDict) -> dict[st
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes `workdir/config.json`, the config of the run going on there."""
-  write_json(os.path.join(workdir, CONFIG_FILE), config.to_dict())
+  """Writes `workdir/config.json`, the config of the run going on there.
+
+  Raises:
+    WorkdirError: the file cannot be written (a read-only file system, say).
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    write_json(path, config.to_dict())
+  except OSError as e:
+    raise WorkdirError(f'{path}: cannot write it ({e.strerror or e}): this run needs a '
+                       'workdir it can write') from None
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -1,17 +1,24 @@
-"""A workdir's records that are missing or damaged: one-line errors that name the
-file, and nothing already written is changed."""
+"""A workdir's records that are missing, damaged or cannot be written: one-line errors
+that name the file, and nothing already written is changed."""
 
+import errno
 import os
+from pathlib import Path
 import shutil
+import subprocess
+import sys
 
 import pytest
 
+from bigssl_med import staging
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, WorkdirError
 from bigssl_med.trainers import finetune, pretrain, stages
 from conftest import assert_one_line_error
 from test_finetune import _write_colour_cases, colours, tiny_config  # noqa: F401
 from test_pretrain import tiny_config as tiny_pretrain_config
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -152,3 +159,65 @@ def test_a_damaged_checkpoint_metadata_is_damage_not_a_config_change(
     finetune.train_and_evaluate(tiny_config(colours), os.fspath(workdir))
   assert_one_line_error(excinfo, f'checkpoint {workdir}/checkpoints/40 cannot be read, damaged',
                         'delete it to resume from step 20')
+
+
+def test_a_workdir_that_is_a_file_or_under_one_is_a_one_line_error(tmp_path):
+  a_file = tmp_path / 'file'
+  a_file.write_text('x')
+  for workdir in (a_file, a_file / 'sub'):
+    with pytest.raises(WorkdirError) as excinfo:
+      with workdir_lib.locked(os.fspath(workdir)):
+        pass
+    assert_one_line_error(excinfo, f'workdir {workdir}')
+  assert 'is a file, not a folder' in str(excinfo.value) or 'Not a directory' in str(
+      excinfo.value)
+  result = subprocess.run([sys.executable, 'main.py', '--config=configs/demo.py',
+                           f'--workdir={a_file}'], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: workdir {a_file} is a file, not a folder: name a folder (made if missing)')
+  assert 'going on without a lock' not in result.stderr
+  assert a_file.read_text() == 'x'
+
+
+def _run(config, workdir):
+  """As `main.run`: the trainer, holding the workdir's lock."""
+  with workdir_lib.locked(workdir):
+    return finetune.train_and_evaluate(config, workdir)
+
+
+def _read_only(monkeypatch, workdir):
+  """`workdir` as on a read-only file system: its lock file cannot be opened, and
+  `os.access` says it cannot be written (the tests run as root, for whom a mode does not)."""
+  def try_lock(path):
+    raise OSError(errno.EROFS, 'Read-only file system', path)
+  access = os.access
+
+  def no_writes(path, mode, **kwargs):
+    if mode & os.W_OK and os.fspath(path).startswith(os.fspath(workdir)):
+      return False
+    return access(path, mode, **kwargs)
+  monkeypatch.setattr(staging, 'try_lock', try_lock)
+  monkeypatch.setattr(os, 'access', no_writes)
+
+
+def test_a_read_only_workdir_returns_finished_results_and_stops_an_unfinished_run(
+    colours, finished, tmp_path, monkeypatch):  # noqa: F811
+  done = _copy(finished, tmp_path)
+  unfinished = tmp_path / 'unfinished'
+  shutil.copytree(done, unfinished)
+  (unfinished / 'results.json').unlink()
+  before = {w: _files(w) for w in (done, unfinished)}
+  _read_only(monkeypatch, tmp_path)
+  results = _run(tiny_config(colours), os.fspath(done))
+  assert results['test'] == finished[1]['test']
+  with pytest.raises(WorkdirError) as excinfo:
+    _run(tiny_config(colours), os.fspath(unfinished))
+  assert_one_line_error(excinfo, f'workdir {unfinished}: cannot write in it')
+  new = tmp_path / 'new'
+  new.mkdir()
+  with pytest.raises(WorkdirError):
+    _run(tiny_config(colours), os.fspath(new))
+  assert {w: _files(w) for w in (done, unfinished)} == before
+  assert not list(new.iterdir())

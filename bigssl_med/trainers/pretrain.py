@@ -42,6 +42,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Runs (or resumes) pretraining in `workdir`; returns the final evaluation."""
   config_schema.validate(config)
   workdir_lib.start(workdir, config)
+  workdir_lib.check_writable(workdir)  # a finished run writes its metrics file too
   dtype = train_state.compute_dtype(config)
 
   # ---------------------------------------------------------------- Mesh.
