@@ -17,7 +17,9 @@ apache-beam is needed.
 
 A build is staged in a temporary directory inside DATA_DIR and moved into place only
 once complete, so a failed build (or a failed --overwrite rebuild) never touches an
-earlier complete build. Without --overwrite, an existing complete build is kept. A
+earlier complete build. Without --overwrite, an existing complete build is kept, and
+one found damaged (a shard missing or truncated, an unreadable dataset_info.json) is a
+one-line error that names the file and says to rebuild with --overwrite. A
 build killed outright leaves nothing that counts: its staging directory (locked while
 the build runs) is removed by the next build of that data set, and an earlier build
 set aside by a rebuild killed before the new one took its place is put back.
@@ -39,7 +41,7 @@ from bigssl_med import cli
 from bigssl_med import files
 from bigssl_med import staging as staging_lib
 from bigssl_med.data import sources
-from bigssl_med.errors import DataError
+from bigssl_med.errors import DamagedBuild, DataError
 import tfds_builders
 from tfds_builders import common
 
@@ -68,7 +70,9 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
     The built data set's version directory, `data_dir/NAME/CONFIG/VERSION`.
 
   Raises:
-    DataError: unknown name or config, bad manual_dir, or bad raw data (one line).
+    DataError: unknown name or config, bad manual_dir, or bad raw data (one line);
+      `DamagedBuild` for an earlier build with a file missing or damaged, which only
+      `overwrite` replaces.
   """
   base, config_name = sources.split_name(name)
   builder_cls = tfds_builders.BUILDERS.get(base)
@@ -87,7 +91,8 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
   try:
     staging_lib.remove_dead(data_dir, f'.build-{base}-', 'a build')
     sources.restore_set_aside_build(version_dir)
-    if sources.is_complete_build(version_dir) and not overwrite:
+    if sources.has_info(version_dir) and not overwrite:
+      sources.check_build(version_dir, full_name, data_dir)
       _check_unchanged(builder_cls, version_dir, manual_dir)
       if not sources.index_is_current(version_dir):
         logging.info('Writing %s of %s (it lacks the features this version indexes).',
@@ -150,12 +155,15 @@ def ensure_built(name: str, *, data_dir: str = '', manual_dir: str | None = None
 
   Raises:
     DataError: not built and `build_if_missing` is False, or not built and its
-      builder needs a manual_dir that was not given, or the build failed.
+      builder needs a manual_dir that was not given, or the build failed;
+      `DamagedBuild` for a build with a file missing or damaged (never rebuilt here).
   """
   import jax  # pylint: disable=g-import-not-at-top  (the CLI itself needs no JAX)
   data_dir = os.fspath(data_dir) or default_data_dir()
   try:
     version_dir = sources.find_version_dir(name, data_dir)
+  except DamagedBuild:
+    raise
   except DataError:
     if not build_if_missing:
       raise

@@ -13,6 +13,11 @@ class DataError(UserError):
   """A data set, data directory, CSV row or image that cannot be used."""
 
 
+class DamagedBuild(DataError):
+  """A built data set with a file missing or damaged; the message names the file and the
+  command that rebuilds it."""
+
+
 class ConfigError(UserError):
   """A config key that is unknown, unused or has an invalid value."""
 

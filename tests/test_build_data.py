@@ -88,6 +88,32 @@ def test_an_interrupted_build_is_one_line_and_leaves_nothing(tmp_path, capsys, m
   assert not [p for p in os.listdir(data_dir) if p.startswith('.build-')]
 
 
+@pytest.mark.parametrize('damage', ['truncated shard', 'missing shard', 'dataset_info.json'])
+def test_a_damaged_build_is_a_one_line_error_until_overwritten(tmp_path, capsys, damage):
+  raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
+  version_dir = Path(_build(raw, data_dir))
+  shard = version_dir / 'image_cases-train.array_record-00000-of-00001'
+  if damage == 'truncated shard':
+    with open(shard, 'r+b') as f:
+      f.truncate(shard.stat().st_size // 2)
+    culprit = f'{shard}: damaged'
+  elif damage == 'missing shard':
+    shard.unlink()
+    culprit = f'{shard}: missing'
+  else:
+    info = version_dir / 'dataset_info.json'
+    info.write_text(info.read_text()[:100])
+    culprit = f'{info}: unreadable'
+  argv = [NAME, f'--manual_dir={raw}', f'--data_dir={data_dir}']
+  status, last = _run_main(argv, capsys)
+  assert status == 2
+  assert last.startswith(f'error: {culprit}') and last.endswith(' --overwrite'), last
+  assert not sources.is_complete_build(os.fspath(version_dir))
+  status, _ = _run_main([*argv, '--overwrite'], capsys)
+  assert status == 0
+  assert sources.is_complete_build(os.fspath(version_dir)) and _num_records(data_dir) == 4
+
+
 def test_a_dead_builds_staging_is_removed_even_when_nothing_is_rebuilt(tmp_path):
   raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
   _build(raw, data_dir)

@@ -11,10 +11,11 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from bigssl_med import build_data
 from bigssl_med.data import sources
-from bigssl_med.errors import DataError
+from bigssl_med.errors import DamagedBuild, DataError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NAME = 'ham10000'
@@ -200,3 +201,108 @@ def test_no_tensorflow_grain_or_jax_imported(built):
                           capture_output=True, text=True, timeout=120,
                           check=False)
   assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _shard(data_dir: str, split: str) -> Path:
+  version_dir = Path(sources.find_version_dir(NAME, data_dir))
+  return version_dir / f'ham10000-{split}.array_record-00000-of-00001'
+
+
+def _assert_rebuild_error(excinfo, data_dir: str, *parts) -> None:
+  message = str(excinfo.value)
+  assert '\n' not in message, message
+  assert isinstance(excinfo.value, DamagedBuild), message
+  command = f'python -m bigssl_med.build_data {NAME} --manual_dir=... --data_dir={data_dir}'
+  assert f'rebuild with: {command} --overwrite' in message, message
+  for part in parts:
+    assert str(part) in message, (part, message)
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'missing'])
+def test_a_truncated_or_missing_shard_is_a_one_line_error_naming_it(built, damage):
+  data_dir, _ = built
+  shard = _shard(data_dir, 'validation')
+  version_dir = os.fspath(shard.parent)
+  assert sources.is_complete_build(version_dir)
+  if damage == 'truncated':
+    with open(shard, 'r+b') as f:
+      f.truncate(shard.stat().st_size - 100)
+  else:
+    shard.unlink()
+  assert not sources.is_complete_build(version_dir)
+  for call in (lambda: sources.dataset_info(NAME, data_dir),
+               lambda: sources.open_split(NAME, 'train', data_dir),
+               lambda: sources.find_version_dir(NAME, data_dir)):
+    with pytest.raises(DataError) as excinfo:
+      call()
+    _assert_rebuild_error(excinfo, data_dir,
+                          f'{shard}: {"missing" if damage == "missing" else "damaged"}')
+
+
+@pytest.mark.parametrize('damaged', ['dataset_info.json', 'features.json'])
+def test_a_damaged_dataset_info_is_a_one_line_error_naming_it(built, damaged):
+  data_dir, _ = built
+  path = Path(sources.find_version_dir(NAME, data_dir)) / damaged
+  path.write_text(path.read_text()[:200])
+  assert not sources.is_complete_build(os.fspath(path.parent))
+  for call in (lambda: sources.dataset_info(NAME, data_dir),
+               lambda: sources.case_index(NAME, 'train', data_dir)):
+    with pytest.raises(DataError) as excinfo:
+      call()
+    _assert_rebuild_error(excinfo, data_dir, f'{path}: unreadable')
+
+
+def _damage_a_record(data_dir: str, split: str) -> int:
+  """Flips bytes among the records of `split`'s shard (they come first; the index, at the
+  end, is left whole); returns the first record that no longer reads."""
+  shard = _shard(data_dir, split)
+  with open(shard, 'r+b') as f:
+    f.seek(2000)
+    flipped = bytes(255 - b for b in f.read(8))
+    f.seek(2000)
+    f.write(flipped)
+  source = tfds.builder_from_directory(os.fspath(shard.parent)).as_data_source(
+      split, decoders={'image': tfds.decode.SkipDecoding(), 'mask': tfds.decode.SkipDecoding()})
+  for record in range(len(source)):
+    try:
+      source[record]
+    except RuntimeError:
+      return record
+  raise AssertionError('no record damaged')
+
+
+def test_a_damaged_record_is_a_one_line_error_naming_the_shard_and_record(built):
+  data_dir, _ = built
+  record = _damage_a_record(data_dir, 'train')
+  source = sources.open_split(NAME, 'train', data_dir)  # the shard's index still reads
+  with pytest.raises(DataError) as excinfo:
+    source[record]
+  _assert_rebuild_error(excinfo, data_dir, f'{_shard(data_dir, "train")}: damaged',
+                        f'record {record} of {NAME} split train', 'RuntimeError')
+  with pytest.raises(DataError) as excinfo:
+    source.__getitems__([0, record])
+  _assert_rebuild_error(excinfo, data_dir, f'record {record} of {NAME} split train')
+  # A sum of splits names the shard the record lies in.
+  both = sources.open_split(NAME, 'validation+train', data_dir)
+  with pytest.raises(DataError) as excinfo:
+    both[len(sources.open_split(NAME, 'validation', data_dir)) + record]
+  _assert_rebuild_error(excinfo, data_dir, f'{_shard(data_dir, "train")}: damaged')
+
+
+@pytest.mark.parametrize('num_workers', [0, 1])
+def test_a_damaged_record_read_in_the_input_pipeline_is_the_same_error(built, num_workers):
+  from bigssl_med.data import pipeline  # pylint: disable=g-import-not-at-top
+  data_dir, _ = built
+  record = _damage_a_record(data_dir, 'train')
+  source = sources.open_split(NAME, 'train', data_dir)
+  batches = pipeline.eval_image_dataset(
+      source, pipeline.ViewSpec(image_size=8), global_batch=len(source), host_index=0,
+      host_count=1, num_workers=num_workers, name=f'{NAME}/train')
+  iterator = iter(batches)
+  try:
+    with pytest.raises(DataError) as excinfo:
+      next(iterator)
+  finally:
+    iterator.close()
+  _assert_rebuild_error(excinfo, data_dir, f'{_shard(data_dir, "train")}: damaged',
+                        f'record {record} of {NAME} split train')

@@ -27,16 +27,18 @@ import os
 from typing import Any, Sequence
 
 from absl import logging
+from google.protobuf import message as protobuf_message
 import numpy as np
 import tensorflow_datasets as tfds
 
 from bigssl_med import files
 from bigssl_med import staging
 from bigssl_med.data import splits
-from bigssl_med.errors import DataError
+from bigssl_med.errors import DamagedBuild, DataError
 import tfds_builders
 
 CASE_INDEX_FILE = 'case_index.json'
+DATASET_INFO_FILE = 'dataset_info.json'
 CASE_INDEX_FORMAT_VERSION = 1
 _SCAN_CHUNK = 1024
 # Per-record features `case_index.json` keeps beside `case_id`, where a data set has
@@ -59,9 +61,85 @@ def build_command(name: str, data_dir: str) -> str:
           f'--data_dir={data_dir}')
 
 
+def rebuild_hint(name: str, data_dir: str) -> str:
+  """`rebuild with: COMMAND --overwrite`, the end of a damaged build's errors."""
+  return f'rebuild with: {build_command(name, os.path.abspath(data_dir))} --overwrite'
+
+
+def has_info(version_dir: str) -> bool:
+  """Whether `version_dir` holds a `dataset_info.json`: a build was put there (complete,
+  or damaged since: `build_damage` tells)."""
+  return os.path.isfile(os.path.join(version_dir, DATASET_INFO_FILE))
+
+
 def is_complete_build(version_dir: str) -> bool:
-  """Whether `version_dir` holds a finished TFDS build (has dataset_info.json)."""
-  return os.path.isfile(os.path.join(version_dir, 'dataset_info.json'))
+  """Whether `version_dir` holds a finished TFDS build whose files are all in place:
+  a `dataset_info.json` and nothing `build_damage` finds wrong."""
+  return has_info(version_dir) and not build_damage(version_dir)
+
+
+def build_damage(version_dir: str) -> str:
+  """What cheap checks find wrong with the build in `version_dir`: '' when nothing,
+  otherwise one line that starts with the file at fault (`PATH: missing`).
+
+  `dataset_info.json` and `features.json` must load, every shard file they list must
+  exist, and an array_record shard's index (at its end, so a truncated file fails)
+  must read and count the records `dataset_info.json` says. No record is read, and a
+  shard found sound is not read again in this process while it is the same file
+  (inode, size and modification time).
+  """
+  try:
+    builder = _open_builder(version_dir)
+  except DataError as exc:
+    return str(exc)
+  array_record = builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+  for split, info in builder.info.splits.items():
+    for instruction in info.file_instructions:
+      path = os.fspath(instruction.filename)
+      try:
+        stat = os.stat(path)
+      except OSError:
+        return f'{path}: missing (a shard of split {split} in {DATASET_INFO_FILE})'
+      key = (path, stat.st_ino, stat.st_size, stat.st_mtime_ns, instruction.examples_in_shard)
+      if array_record and key not in _SOUND_SHARDS:
+        problem = _array_record_damage(path, instruction.examples_in_shard)
+        if problem:
+          return f'{path}: {problem}'
+        _SOUND_SHARDS.add(key)
+  return ''
+
+
+# (path, inode, size, modification time, records) of the shards found sound.
+_SOUND_SHARDS: set[tuple[str, int, int, int, int]] = set()
+
+
+def _array_record_damage(path: str, num_records: int) -> str:
+  """'' when the array_record file's index reads and counts `num_records` records."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  try:
+    reader = array_record_module.ArrayRecordReader(path, options='readahead_buffer_size:0')
+    ok, found = reader.ok(), reader.num_records()
+    reader.close()  # raises the reader's error, if it had one
+  except (OSError, RuntimeError, ValueError) as exc:
+    return f'damaged ({_detail(exc)})'
+  if not ok:
+    return 'damaged (its index cannot be read)'
+  if found != num_records:
+    return f'damaged (holds {found} records, {DATASET_INFO_FILE} says {num_records})'
+  return ''
+
+
+def _detail(exc: BaseException) -> str:
+  """`Type: message`, on one line."""
+  return f'{type(exc).__name__}: {" ".join(str(exc).split())}'
+
+
+def check_build(version_dir: str, name: str, data_dir: str) -> None:
+  """Raises a one-line DamagedBuild naming the file at fault and the rebuild command when
+  `build_damage` finds the build in `version_dir` damaged."""
+  damage = build_damage(version_dir)
+  if damage:
+    raise DamagedBuild(f'{damage}; {rebuild_hint(name, data_dir)}')
 
 
 def set_aside_path(version_dir: str) -> str:
@@ -82,7 +160,7 @@ def restore_set_aside_build(version_dir: str | None, *, lock: bool = True) -> No
   if version_dir is None or os.path.exists(version_dir):
     return
   old = set_aside_path(version_dir)
-  if not is_complete_build(old):
+  if not has_info(old):
     return
   if lock:
     with staging.exclusive(os.path.dirname(version_dir)):
@@ -121,9 +199,9 @@ def version_dir_of(name: str, data_dir: str) -> str | None:
 
 
 def built_configs(name: str, data_dir: str) -> list[str]:
-  """`NAME/CONFIG` of each complete build of data set `name`'s builder (any config, the
-  builder's version) under `data_dir`, sorted; [] for a name that is not one of the
-  project's builders or a builder without configs."""
+  """`NAME/CONFIG` of each build of data set `name`'s builder (any config, the builder's
+  version; a `dataset_info.json` there) under `data_dir`, sorted; [] for a name that is
+  not one of the project's builders or a builder without configs."""
   base, _ = split_name(name)
   builder_cls = tfds_builders.BUILDERS.get(base)
   if builder_cls is None or not builder_cls.BUILDER_CONFIGS:
@@ -134,7 +212,7 @@ def built_configs(name: str, data_dir: str) -> list[str]:
   except OSError:
     return []
   return [f'{base}/{entry}' for entry in entries if not entry.startswith('.')
-          and is_complete_build(os.path.join(root, entry, str(builder_cls.VERSION)))]
+          and has_info(os.path.join(root, entry, str(builder_cls.VERSION)))]
 
 
 def built_here(name: str, data_dir: str, prefix: str = ' ') -> str:
@@ -154,7 +232,8 @@ def find_version_dir(name: str, data_dir: str) -> str:
   Raises:
     DataError: the data dir or a complete build is missing; the message says
       where it looked, the command that builds the data set and the configs of
-      its builder that are built there (`built_configs`).
+      its builder that are built there (`built_configs`). Or the build is damaged
+      (`build_damage`): the message names the file and the command that rebuilds it.
   """
   data_dir = os.path.abspath(os.fspath(data_dir))
   how = f'build it with: {build_command(name, data_dir)}'
@@ -164,16 +243,17 @@ def find_version_dir(name: str, data_dir: str) -> str:
   version_dir = version_dir_of(name, data_dir)
   if version_dir is not None:
     restore_set_aside_build(version_dir)
-    if is_complete_build(version_dir):
+    if has_info(version_dir):
+      check_build(version_dir, name, data_dir)
       return version_dir
     raise DataError(f'data set {name} is not built in {data_dir} (no '
-                    f'{os.path.join(version_dir, "dataset_info.json")}); {how}'
+                    f'{os.path.join(version_dir, DATASET_INFO_FILE)}); {how}'
                     f'{built_here(name, data_dir, "; ")}')
   dataset_dir = os.path.join(data_dir, name)
   versions = []
   if os.path.isdir(dataset_dir):
     for entry in os.listdir(dataset_dir):
-      if is_complete_build(os.path.join(dataset_dir, entry)):
+      if has_info(os.path.join(dataset_dir, entry)):
         try:
           versions.append((tfds.core.Version(entry), entry))
         except ValueError:  # Not a version directory, e.g. incomplete.*.
@@ -181,7 +261,9 @@ def find_version_dir(name: str, data_dir: str) -> str:
   if not versions:
     raise DataError(f'data set {name} is not built in {data_dir} (no complete '
                     f'version under {dataset_dir}); {how}')
-  return os.path.join(dataset_dir, max(versions)[1])
+  version_dir = os.path.join(dataset_dir, max(versions)[1])
+  check_build(version_dir, name, data_dir)
+  return version_dir
 
 
 def dataset_info(name: str, data_dir: str) -> tfds.core.DatasetInfo:
@@ -207,7 +289,7 @@ def open_split(name: str, split: str, data_dir: str) -> Sequence[dict[str, Any]]
   """
   builder = _builder(name, data_dir)
   _check_split(builder.info, name, split)
-  return builder.as_data_source(split, decoders=_skip_image_decoders(builder.info))
+  return _data_source(builder, name, split, data_dir)
 
 
 def case_index(name: str, split: str, data_dir: str) -> list[np.ndarray]:
@@ -243,7 +325,7 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   _check_split(builder.info, name, split)
   version_dir = os.fspath(builder.data_dir)
   if not has_cases(builder.info):
-    num_records = len(builder.as_data_source(split, decoders=_skip_image_decoders(builder.info)))
+    num_records = len(_data_source(builder, name, split, data_dir))
     logging.info('Notice: data set %s has no case_id feature: each of the %d records of split '
                  '%s is a case of its own.', name, num_records, split)
     return {str(i): np.asarray([i], np.int64) for i in range(num_records)}
@@ -256,9 +338,7 @@ def cases(name: str, split: str, data_dir: str) -> dict[str, np.ndarray]:
   else:
     logging.info('Notice: no %s for %s split %s in %s; scanning the case_id of '
                  'every record.', CASE_INDEX_FILE, name, split, version_dir)
-    source = builder.as_data_source(
-        split, decoders=_skip_image_decoders(builder.info))
-    case_ids = scan_case_ids(source)
+    case_ids = scan_case_ids(_data_source(builder, name, split, data_dir))
   return group_cases(case_ids)
 
 
@@ -297,8 +377,7 @@ def record_features(name: str, split: str, data_dir: str,
   logging.info('Notice: %s of %s split %s not in its %s; scanning every record (`python -m '
                'bigssl_med.build_data %s --data_dir=%s` adds them to the index).',
                ', '.join(keys), name, split, CASE_INDEX_FILE, name, os.path.abspath(data_dir))
-  source = builder.as_data_source(split, decoders=_skip_image_decoders(builder.info))
-  return scan_features(source, keys)
+  return scan_features(_data_source(builder, name, split, data_dir), keys)
 
 
 def index_is_current(version_dir: str) -> bool:
@@ -308,7 +387,7 @@ def index_is_current(version_dir: str) -> bool:
   if not os.path.exists(path):
     return False
   try:
-    info = tfds.builder_from_directory(version_dir).info
+    info = _open_builder(version_dir).info
     wanted = [key for key in INDEX_FEATURES if key in info.features]
     with open(path) as f:
       entries = json.load(f)['splits']
@@ -456,7 +535,92 @@ def write_case_index(version_dir: str) -> str:
 
 
 def _builder(name: str, data_dir: str) -> tfds.core.DatasetBuilder:
-  return tfds.builder_from_directory(find_version_dir(name, data_dir))
+  return _open_builder(find_version_dir(name, data_dir), rebuild_hint(name, data_dir))
+
+
+def _open_builder(version_dir: str, rebuild: str = '') -> tfds.core.DatasetBuilder:
+  """`tfds.builder_from_directory`, with an unreadable `dataset_info.json` or
+  `features.json` a one-line DamagedBuild error naming the file (and ending `; {rebuild}`)."""
+  try:
+    return tfds.builder_from_directory(version_dir)
+  except Exception as exc:  # pylint: disable=broad-except  (TFDS's errors have no common type)
+    culprit = version_dir
+    for file_name in (DATASET_INFO_FILE, 'features.json'):
+      path = os.path.join(version_dir, file_name)
+      try:
+        with open(path) as f:
+          json.load(f)
+      except (OSError, ValueError):
+        culprit = path
+        break
+    hint = f'; {rebuild}' if rebuild else ''
+    raise DamagedBuild(f'{culprit}: unreadable ({_detail(exc)}){hint}') from exc
+
+
+def _data_source(builder: tfds.core.DatasetBuilder, name: str, split: str,
+                 data_dir: str) -> CheckedSource:
+  """A split's data source with images left encoded, its read errors one line."""
+  source = builder.as_data_source(split, decoders=_skip_image_decoders(builder.info))
+  shards = [(os.fspath(f.filename), int(f.skip), int(f.take))
+            for f in builder.info.splits[split].file_instructions]
+  return CheckedSource(source, shards, f'{name} split {split}', rebuild_hint(name, data_dir))
+
+
+_READ_ERRORS = (OSError, RuntimeError, protobuf_message.Error)
+
+
+class CheckedSource(collections.abc.Sequence):
+  """A TFDS data source whose read errors (a missing, truncated or damaged shard) are
+  one-line DamagedBuild errors naming the shard file, the record and the rebuild command.
+
+  Picklable, as grain's worker processes need.
+  """
+
+  def __init__(self, source: Sequence[dict[str, Any]], shards: Sequence[tuple[str, int, int]],
+               where: str, rebuild: str):
+    """`shards`: `(file, first record read, records read)` of each, in the source's order."""
+    self._source = source
+    self._shards = tuple(shards)
+    self._where = where
+    self._rebuild = rebuild
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, key):
+    if isinstance(key, slice):
+      raise TypeError('CheckedSource takes integer keys')
+    try:
+      return self._source[key]
+    except _READ_ERRORS as exc:
+      raise self._error(int(key), exc) from exc
+
+  def __getitems__(self, keys: Sequence[int]) -> list[dict[str, Any]]:
+    try:
+      return list(self._source.__getitems__(keys))
+    except _READ_ERRORS as exc:
+      for key in keys:  # the record at fault, for the message
+        self[key]
+      raise self._error(int(keys[0]), exc) from exc
+
+  def __iter__(self):
+    for i in range(len(self)):
+      yield self[i]
+
+  def __repr__(self) -> str:
+    return f'CheckedSource({self._where}, {len(self)} records)'
+
+  def _error(self, key: int, exc: BaseException) -> DamagedBuild:
+    """The error for record `key`, naming the shard it lies in."""
+    path, before = self._where, 0
+    for shard, _, take in self._shards:
+      if key < before + take:
+        path = shard
+        break
+      before += take
+    state = 'missing' if path != self._where and not os.path.exists(path) else 'damaged'
+    return DamagedBuild(f'{path}: {state} (reading record {key} of {self._where}: '
+                        f'{_detail(exc)}); {self._rebuild}')
 
 
 def _check_split(info: tfds.core.DatasetInfo, name: str, split: str) -> None:
@@ -478,8 +642,7 @@ def _read_index(path: str, name: str, split: str, num_records: int,
                 data_dir: str) -> dict[str, Any]:
   """Reads and checks the `split` entry of a case_index.json: `case_ids` (text) and
   `features` (`{feature: values}`, absent or partial in an older index)."""
-  rebuild = (f'rebuild with: {build_command(name, os.path.abspath(data_dir))} '
-             f'--overwrite')
+  rebuild = rebuild_hint(name, data_dir)
   try:
     with open(path) as f:
       entry = json.load(f)['splits'][split]
@@ -487,9 +650,8 @@ def _read_index(path: str, name: str, split: str, num_records: int,
     recorded = int(entry['num_records'])
     features = dict(entry.get('features') or {})
   except (OSError, ValueError, KeyError, TypeError) as exc:
-    detail = ' '.join(str(exc).split())
     raise DataError(f'{path}: unreadable case index for split {split} '
-                    f'({type(exc).__name__}: {detail}); {rebuild}') from exc
+                    f'({_detail(exc)}); {rebuild}') from exc
   if recorded != num_records or len(case_ids) != num_records:
     raise DataError(f'{path}: case index lists {len(case_ids)} records for split '
                     f'{split} but the split has {num_records}; {rebuild}')
