@@ -76,6 +76,21 @@ def remove_stale_temporaries(folder: str) -> list[str]:
   return removed
 
 
+def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+  """`os.walk(top)` (top-down) that follows links to folders, as raw data linked into
+  place needs, and visits each real folder once: a link loop, or a second link to a
+  folder already walked, is not walked again. As with `os.walk`, a caller may prune
+  the folder names it is given, in place."""
+  seen = set()
+  for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+    real = os.path.realpath(dirpath)
+    if real in seen:
+      dirnames[:] = []
+      continue
+    seen.add(real)
+    yield dirpath, dirnames, filenames
+
+
 def sync_tree(folder: str) -> None:
   """fsync of every file and folder under `folder` (and of `folder`), before it is
   renamed into place: a power cut after the rename cannot leave it holding files

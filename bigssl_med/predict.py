@@ -242,7 +242,7 @@ def list_images(images: str, path_column: str = PATH_COLUMN,
 
 def _folder_images(folder: str) -> list[Item]:
   found, passed_over = [], collections.Counter()
-  for root, subdirs, names in os.walk(folder):
+  for root, subdirs, names in files.walk(folder):
     subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
     for name in names:
       if name.startswith('.'):

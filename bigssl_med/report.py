@@ -232,7 +232,7 @@ def _results_files(top: str, unfinished: list[str]) -> list[str]:
   if not os.path.isdir(top):
     raise DataError(f'{top} does not exist')
   found, here = [], []
-  for root, subdirs, names in os.walk(top):
+  for root, subdirs, names in files.walk(top):
     subdirs.sort()
     if RESULTS_FILE in names:
       found.append(os.path.join(root, RESULTS_FILE))

@@ -100,3 +100,32 @@ def test_temporaries_left_by_a_killed_write_are_removed_at_the_next_start(tmp_pa
   workdir_lib.start(os.fspath(tmp_path), config_schema.finetune())
   assert sorted(os.listdir(tmp_path)) == sorted(kept + ['checkpoints', 'config.json'])
   assert os.listdir(tmp_path / 'checkpoints') == ['.x.abcdefgh.tmp.json']
+
+
+def test_walk_follows_links_to_folders_and_walks_each_real_folder_once(tmp_path):
+  outside = tmp_path / 'outside'
+  (outside / 'sub').mkdir(parents=True)
+  (outside / 'sub' / 'a.txt').write_text('a')
+  top = tmp_path / 'top'
+  top.mkdir()
+  (top / 'b.txt').write_text('b')
+  (top / 'linked').symlink_to(outside)  # raw data linked into place
+  (top / 'again').symlink_to(outside / 'sub')  # a second way to a folder already walked
+  (outside / 'sub' / 'loop').symlink_to(top)  # a loop back to the top
+  walked = [(os.path.relpath(d, top), sorted(f)) for d, _, f in files.walk(os.fspath(top))]
+  found = sorted(os.path.join(d, name) for d, names in walked for name in names)
+  assert found == ['./b.txt', 'again/a.txt'] or found == ['./b.txt', 'linked/sub/a.txt']
+  real = [os.path.realpath(os.path.join(top, d)) for d, _ in walked]
+  assert len(real) == len(set(real)) == 3  # top, outside, outside/sub
+
+
+def test_walk_lets_the_caller_prune(tmp_path):
+  (tmp_path / 'skip').mkdir()
+  (tmp_path / 'skip' / 'x.txt').write_text('x')
+  (tmp_path / 'keep').mkdir()
+  (tmp_path / 'keep' / 'y.txt').write_text('y')
+  found = []
+  for dirpath, dirnames, names in files.walk(os.fspath(tmp_path)):
+    dirnames[:] = [d for d in dirnames if d != 'skip']
+    found += names
+  assert found == ['y.txt']

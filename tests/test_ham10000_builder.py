@@ -51,6 +51,20 @@ def _assert_one_line_error(excinfo, *parts):
     assert str(part) in message, (part, message)
 
 
+def test_image_and_mask_folders_may_be_links(fake_ham10000, tmp_path):
+  # Raw data linked into place: images/ and masks/ are links to folders elsewhere, and a
+  # link loop inside images/ does not make the walk go round.
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  for folder in ('images', 'masks'):
+    (fake_ham10000.root / folder).rename(elsewhere / folder)
+    (fake_ham10000.root / folder).symlink_to(elsewhere / folder)
+  (elsewhere / 'images' / 'loop').symlink_to(fake_ham10000.root)
+  _build(fake_ham10000, tmp_path / 'data')
+  records = _records(tmp_path / 'data')
+  assert sum(len(r) for r in records.values()) == len(fake_ham10000.rows) == 12
+
+
 def test_builders_dict_and_version():
   assert tfds_builders.BUILDERS['ham10000'] is tfds_builders.Ham10000
   assert str(tfds_builders.Ham10000.VERSION) == '1.1.0'

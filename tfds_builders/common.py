@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from bigssl_med import files
 from bigssl_med.data import host_ops
 from bigssl_med.errors import DataError
 
@@ -324,7 +325,7 @@ def find_file(root: str, names: Sequence[str], what: str) -> str:
   """
   preference = {name: i for i, name in enumerate(names)}
   best = None
-  for dirpath, dirnames, filenames in os.walk(root):
+  for dirpath, dirnames, filenames in files.walk(root):
     dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
     depth = 0 if dirpath == root else os.path.relpath(dirpath, root).count(os.sep) + 1
     for name in filenames:

@@ -22,6 +22,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bigssl_med import files
 from bigssl_med.errors import DataError
 from tfds_builders import common
 
@@ -177,7 +178,7 @@ def find_root(manual_dir: str, *, what: str, prefix: str = '') -> str:
   if os.path.isdir(os.path.join(manual_dir, IMAGE_FOLDER)) and ours(manual_dir):
     return manual_dir
   found = []
-  for dirpath, dirnames, _ in os.walk(manual_dir):
+  for dirpath, dirnames, _ in files.walk(manual_dir):
     dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
     if IMAGE_FOLDER in dirnames:
       depth = os.path.relpath(dirpath, manual_dir).count(os.sep) + (dirpath != manual_dir)

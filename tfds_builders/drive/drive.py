@@ -73,6 +73,7 @@ import re
 from absl import logging
 import tensorflow_datasets as tfds
 
+from bigssl_med import files
 from bigssl_med.data import host_ops
 from bigssl_med.errors import DataError
 from tfds_builders import common
@@ -163,7 +164,7 @@ def find_root(manual_dir: str) -> str:
   if os.path.isdir(images(manual_dir)) and ours(manual_dir):
     return manual_dir
   found = []
-  for dirpath, dirnames, _ in os.walk(manual_dir):
+  for dirpath, dirnames, _ in files.walk(manual_dir):
     dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
     if os.path.isdir(images(dirpath)):
       depth = os.path.relpath(dirpath, manual_dir).count(os.sep) + (dirpath != manual_dir)

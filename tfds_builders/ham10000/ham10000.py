@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from bigssl_med import files
 from bigssl_med.data import host_ops
 from bigssl_med.errors import DataError
 from tfds_builders import common
@@ -174,7 +175,7 @@ def index_files(roots: Sequence[str]) -> FileIndex:
   """
   images, masks = {}, {}
   for root in roots:
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in files.walk(root):
       dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
       for name in sorted(filenames):
         if common.is_hidden(name):

@@ -61,6 +61,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from bigssl_med import files
 from bigssl_med.errors import DataError
 from tfds_builders import common
 
@@ -790,7 +791,7 @@ def config_of_file(name: str) -> str | None:
 
 def _npz_files(root: str, limit: int = 10) -> list[str]:
   found = []
-  for dirpath, dirnames, filenames in os.walk(root):
+  for dirpath, dirnames, filenames in files.walk(root):
     dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
     for name in sorted(filenames):
       if name.endswith('.npz') and not common.is_hidden(name):

@@ -57,6 +57,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bigssl_med import files
 from bigssl_med.errors import DataError
 from tfds_builders import common
 
@@ -249,7 +250,7 @@ def index_images(roots: Sequence[str]) -> dict[str, str]:
   """PNG file name -> path, for every `*.png` under `roots` (sorted walk)."""
   images: dict[str, str] = {}
   for root in roots:
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in files.walk(root):
       dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
       for name in sorted(filenames):
         if _PNG_RE.search(name) and not common.is_hidden(name):
