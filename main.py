@@ -4,9 +4,12 @@ Parses flags, starts multi-host JAX when several hosts run, and hands the config
 the trainer that `config.trainer` names. A workdir that holds a checkpoint resumes.
 One run at a time uses a workdir: a second one ends with a one-line error at once.
 Bad input (a data set, a config key, a checkpoint) ends with a one-line error and
-exit status 2; a SIGTERM saves a checkpoint and exits with status 143.
+exit status 2; a SIGTERM saves a checkpoint and exits with status 143; a Ctrl-C
+(SIGINT) stops at once with a one-line error naming the step reached and the
+checkpoint a rerun resumes from, and exit status 130.
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -136,7 +139,28 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     cli.silence_after_error()
     sys.exit(2)
+  except KeyboardInterrupt as e:
+    print(f'error: {_interrupted(e)}', file=sys.stderr)
+    cli.silence_after_error()
+    sys.exit(130)
   logging.info('Results: %s', results)
+
+
+def _interrupted(error: KeyboardInterrupt) -> str:
+  """One line for a Ctrl-C: the step reached and the checkpoint a rerun resumes from,
+  once the checkpoint saves in flight have completed (`checkpointing.finish_saves`)."""
+  from bigssl_med import checkpointing  # pylint: disable=g-import-not-at-top
+  std_logging.disable(std_logging.CRITICAL)  # orbax's log of a save a second Ctrl-C stops
+  saved = checkpointing.finish_saves()
+  step = getattr(error, 'step', None)
+  where = f'interrupted at step {step}' if step is not None else 'interrupted'
+  if not saved:
+    return f'{where}; rerun the command to resume from its last checkpoint, if any'
+  folder, last = saved[-1]
+  if last is None:
+    return f'{where}; no checkpoint in {folder} yet: rerun the command to start again'
+  return (f'{where}; rerun the command to resume from the last checkpoint (step {last}, '
+          f'in {folder})')
 
 
 if __name__ == '__main__':

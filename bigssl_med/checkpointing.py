@@ -34,10 +34,12 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import threading
 import time
 from typing import Any, Callable
+import weakref
 
 import grain
 import jax
@@ -88,21 +90,28 @@ class Checkpointer:
     policies = [ocp.checkpoint_managers.LatestN(max(1, keep_last))]
     if keep_every > 0:
       policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
+    # cleanup_tmp_directories: a save cut off (a kill, a second Ctrl-C) left its
+    # `N.orbax-checkpoint-tmp` folder, which is no checkpoint; the run that owns the
+    # workdir (holding its lock) removes it as it starts.
     options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=async_save,
+        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_handlers())
+    _OPEN.add(self)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, *, model: Any, opt: Any, data_state: bytes | None,
            force: bool = False) -> bool:
+    """Starts saving `step` (in the background when async); a Ctrl-C meanwhile waits for
+    the save to be under way (`sigint_held`)."""
     items = {'model': ocp.args.StandardSave(model), 'opt': ocp.args.StandardSave(opt)}
     if data_state is not None:
       items['data'] = grain.checkpoint.CheckpointSave(_DataState(data_state))
-    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with sigint_held():
+      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, *, model: Any, opt: Any) -> tuple[Any, Any, bytes | None]:
     """Restores `step` onto the abstract targets; returns (model, opt, data_state).
@@ -150,8 +159,71 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the save in flight, then closes; a Ctrl-C meanwhile waits for it."""
+    with sigint_held():
+      self._manager.wait_until_finished()
+      self._manager.close()
+    _OPEN.discard(self)
+
+  def saved_steps(self) -> list[int]:
+    """The steps whose checkpoint is complete on disk (a save still in flight, or one
+    abandoned, is a `N.orbax-checkpoint-tmp...` folder until it completes)."""
+    try:
+      return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+    except OSError:
+      return []
+
+
+# The Checkpointers not closed yet, for `finish_saves`.
+_OPEN: 'weakref.WeakSet[Checkpointer]' = weakref.WeakSet()
+
+
+def finish_saves() -> list[tuple[str, int | None]]:
+  """For a run stopped by Ctrl-C: waits for the checkpoint saves still in flight, so
+  that each completes; returns `(checkpoints folder, newest complete step or None)` of
+  each Checkpointer not closed.
+
+  A save that fails, or a second Ctrl-C while waiting, abandons it: its
+  `N.orbax-checkpoint-tmp` folder is not a checkpoint, and the next run removes it.
+  """
+  done = []
+  for checkpointer in list(_OPEN):
+    try:
+      checkpointer._manager.wait_until_finished()  # pylint: disable=protected-access
+    except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except  (abandoned)
+      pass
+    steps = checkpointer.saved_steps()
+    done.append((os.fspath(checkpointer.directory), steps[-1] if steps else None))
+  return done
+
+
+@contextlib.contextmanager
+def sigint_held():
+  """Holds a SIGINT (Ctrl-C) that comes while the block runs until it ends, then raises
+  KeyboardInterrupt: a checkpoint save is not cut off half-way, with orbax's error and
+  traceback for it. A second SIGINT meanwhile raises at once. Only in the main thread,
+  and only where Python's own SIGINT handler is in place; elsewhere a plain block.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+    yield
+    return
+  received = []
+
+  def hold(signum, frame):
+    del frame
+    if received:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    received.append(signum)
+
+  signal.signal(signal.SIGINT, hold)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
 
 
 # tensorstore's status codes for files it cannot read (a config change gives none of them).

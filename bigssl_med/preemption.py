@@ -11,6 +11,10 @@ for it in the next step's collectives, so the decision is JAX's preemption servi
 (started by `jax.distributed.initialize`): it catches SIGTERM on any host and names
 one step at which `reached_sync_point(step)` is true on every host. No Python handler
 is installed then, as it would hide the signal from that service.
+
+A Ctrl-C (SIGINT) stops at once, with no checkpoint of its own: it leaves the loop as
+`Interrupted`, which names the last step done, and `main.py` reports it in one line
+with the checkpoint a rerun resumes from (exit status 130).
 """
 
 import logging
@@ -30,6 +34,7 @@ class Preemption:
     self._several_hosts = jax.process_count() > 1
     self._requested = False
     self._previous = None
+    self.step = None  # the last step `should_stop` was asked about
 
   def __enter__(self):
     if self._several_hosts:
@@ -47,13 +52,25 @@ class Preemption:
 
   def should_stop(self, step: int) -> bool:
     """Whether to save a checkpoint at `step` and stop (the same answer on every host)."""
+    self.step = step
     if self._several_hosts:
       return self._reached_sync_point(step)
     return self._requested
 
-  def __exit__(self, *exc):
+  def __exit__(self, exc_type, exc, traceback):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+    if (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        and not isinstance(exc, Interrupted)):
+      raise Interrupted(self.step) from exc
+
+
+class Interrupted(KeyboardInterrupt):
+  """A Ctrl-C (SIGINT) in the training loop; `step`: the last step done (None: none)."""
+
+  def __init__(self, step: int | None):
+    super().__init__(f'interrupted at step {step}')
+    self.step = step
 
 
 class Preempted(Exception):

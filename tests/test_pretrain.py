@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from bigssl_med import (augment, build_data, checkpointing, config_schema, contrastive, models,
@@ -422,6 +423,92 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(small_ham10000, tmp_path
   assert result.returncode == 0, result.stderr[-2000:]
   with open(workdir / 'results.json') as f:
     assert json.load(f)['origin'].startswith('resumed from')
+
+
+def test_ctrl_c_is_one_line_and_a_rerun_resumes_from_the_checkpoint_it_names(small_ham10000,
+                                                                             tmp_path):
+  cfg = _config_file(tmp_path, small_ham10000[0], total_steps=10_000, checkpoint_every_steps=1,
+                     **{'data.num_workers': 1})
+  workdir = tmp_path / 'w'
+  # As a terminal's Ctrl-C: SIGINT to every process of the group, grain's worker too.
+  proc = subprocess.Popen([sys.executable, 'main.py', f'--config={cfg}', f'--workdir={workdir}'],
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 240
+  while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 3):
+    time.sleep(0.2)
+  os.killpg(proc.pid, signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert 'Traceback' not in err, err[-3000:]
+  # (grain's workers leave the batches they made ahead in shared memory, which Python's
+  # resource tracker reports, in a process of its own, at exit.)
+  errors = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, err[-3000:]
+  match = re.fullmatch(r'error: interrupted at step (\d+); rerun the command to resume from the '
+                       rf'last checkpoint \(step (\d+), in {re.escape(str(workdir))}/checkpoints\)',
+                       errors[0])
+  assert match, errors[0]
+  steps = sorted(int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit())
+  assert int(match[2]) == steps[-1] and steps[-1] in (int(match[1]) - 1, int(match[1]))
+  cfg2 = _config_file(tmp_path, small_ham10000[0], total_steps=steps[-1] + 1)
+  result = subprocess.run([sys.executable, 'main.py', f'--config={cfg2}', f'--workdir={workdir}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  with open(workdir / 'results.json') as f:
+    assert json.load(f)['origin'] == f'resumed from {workdir}/checkpoints/{steps[-1]}'
+
+
+def test_a_ctrl_c_during_a_checkpoint_save_lets_the_save_complete(tmp_path, monkeypatch):
+  checkpointer = checkpointing.Checkpointer(os.fspath(tmp_path))
+  real = ocp.CheckpointManager.save
+
+  def save(self, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the save starts
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', save)
+  with pytest.raises(KeyboardInterrupt):
+    checkpointer.save(1, model={'w': jnp.ones(3)}, opt={'step': jnp.int32(1)}, data_state=None)
+  assert (os.fspath(tmp_path / 'checkpoints'), 1) in checkpointing.finish_saves()
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  checkpointer.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_save_cut_off_is_removed_when_the_next_run_starts(tmp_path):
+  checkpointer = checkpointing.Checkpointer(os.fspath(tmp_path))
+  checkpointer.save(1, model={'w': jnp.ones(3)}, opt={'step': jnp.int32(1)}, data_state=None)
+  checkpointer.close()
+  folder = tmp_path / 'checkpoints'
+  shutil.copytree(folder / '1', folder / '2.orbax-checkpoint-tmp')  # as a kill leaves it
+  checkpointer = checkpointing.Checkpointer(os.fspath(tmp_path))  # removes it in the background
+  deadline = time.time() + 30
+  while time.time() < deadline and len(os.listdir(folder)) > 1:
+    time.sleep(0.05)
+  assert os.listdir(folder) == ['1']
+  assert checkpointer.saved_steps() == [1]
+  checkpointer.close()
+
+
+def test_a_second_ctrl_c_is_not_held():
+  with pytest.raises(KeyboardInterrupt):
+    with checkpointing.sigint_held():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)  # held
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)
+      raise AssertionError('the second SIGINT was held')
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_in_the_training_loop_names_the_last_step():
+  with pytest.raises(preemption.Interrupted) as excinfo:
+    with preemption.Preemption(lambda step: False) as stopping:
+      stopping.should_stop(7)
+      raise KeyboardInterrupt
+  assert excinfo.value.step == 7
 
 
 def test_a_sigterm_at_an_evaluation_step_keeps_the_evaluation(small_ham10000, tmp_path,

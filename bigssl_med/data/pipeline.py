@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 from typing import Any, Callable, Iterator, Sequence
@@ -107,7 +108,15 @@ def batched(ds: grain.MapDataset, batch_size: int, num_workers: int) -> grain.It
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain script has none
     flags.FLAGS.mark_as_parsed()
   return ds.to_iter_dataset(read).mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=num_workers))
+      grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=ignore_sigint)
+
+
+def ignore_sigint(worker_index: int, worker_count: int) -> None:
+  """In each grain worker process: a Ctrl-C, which reaches every process of the
+  terminal's process group, is the main process's to handle (it shuts the workers
+  down), not a traceback from each worker."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 _CACHED_EPOCHS = 4
