@@ -120,8 +120,17 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
       logging.info('%s was built in %s by another build meanwhile; keeping it '
                    '(--overwrite replaces it).', full_name, version_dir)
       return version_dir
-  except OSError as exc:
-    raise DataError(f'building {full_name} in {data_dir}: {common.one_line(exc)}') from exc
+  except DataError:
+    raise
+  except (OSError, RuntimeError, ValueError) as exc:
+    # TFDS's writers report a full disk as a RuntimeError, tensorstore's as a ValueError.
+    reason = files.write_failure(exc)
+    if reason is None and not isinstance(exc, OSError):
+      raise
+    detail = common.one_line(exc) if isinstance(exc, OSError) else reason
+    earlier = ('an earlier complete build is kept' if sources.has_info(version_dir)
+               else 'its partial files are removed')
+    raise DataError(f'building {full_name} in {data_dir}: {detail}; {earlier}') from exc
   finally:
     shutil.rmtree(staging, ignore_errors=True)
     if lock is not None:

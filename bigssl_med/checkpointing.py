@@ -46,6 +46,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bigssl_med import files
 from bigssl_med import models
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError
@@ -98,6 +99,8 @@ class Checkpointer:
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=_handlers())
+    self._async = async_save
+    self._in_flight: tuple[int, _SaveOutput] | None = None  # an async save not waited for
     _OPEN.add(self)
 
   def latest_step(self) -> int | None:
@@ -105,13 +108,58 @@ class Checkpointer:
 
   def save(self, step: int, *, model: Any, opt: Any, data_state: bytes | None,
            force: bool = False) -> bool:
-    """Starts saving `step` (in the background when async); a Ctrl-C meanwhile waits for
-    the save to be under way (`sigint_held`)."""
+    """Starts saving `step` (in the background when async), once the save before it
+    has completed; a Ctrl-C meanwhile waits for the save to be under way (`sigint_held`).
+
+    Raises:
+      CheckpointError: this save or the one before it could not be written (a full
+        disk, a read-only folder): one line naming the folder, the reason and the
+        checkpoint a rerun resumes from. What orbax's threads print about it is dropped.
+    """
     items = {'model': ocp.args.StandardSave(model), 'opt': ocp.args.StandardSave(opt)}
     if data_state is not None:
       items['data'] = grain.checkpoint.CheckpointSave(_DataState(data_state))
     with sigint_held():
-      return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+      self._finish_save()
+      output = _SaveOutput()
+      try:
+        saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+      except Exception as e:  # pylint: disable=broad-except  (re-raised, or said in one line)
+        raise self._save_failed(step, output, e) from e
+      if saved and self._async:
+        self._in_flight = (step, output)
+      else:
+        output.end(None)
+      return saved
+
+  def _finish_save(self) -> None:
+    """Waits for the save in flight (`save`'s errors)."""
+    step, output = self._in_flight or (None, None)
+    self._in_flight = None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  (re-raised, or said in one line)
+      raise self._save_failed(step, output, e) from e
+    if output is not None:
+      output.end(None)
+
+  def _save_failed(self, step: int | None, output: '_SaveOutput | None',
+                   error: Exception) -> Exception:
+    """The error to raise for a failed save: a one-line CheckpointError for a write
+    that failed (`files.write_failure`), dropping what orbax's threads printed about it;
+    `error` itself, with that output let through, for any other failure."""
+    reason = files.write_failure(error)
+    if output is not None:
+      output.end(None if reason is None else error)
+    if reason is None:
+      return error
+    kept = [s for s in self.saved_steps() if step is None or s < step]
+    what = f'checkpoint {step}' if step is not None else 'a checkpoint'
+    after = (f'the earlier checkpoints are kept: rerun the command once it can be written to '
+             f'resume from step {kept[-1]}' if kept else
+             'no earlier checkpoint: rerun the command once it can be written to start again')
+    return CheckpointError(f'{self.directory}: {what} could not be written ({reason}); '
+                           f'{after}')
 
   def restore(self, step: int, *, model: Any, opt: Any) -> tuple[Any, Any, bytes | None]:
     """Restores `step` onto the abstract targets; returns (model, opt, data_state).
@@ -161,7 +209,7 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for the save in flight, then closes; a Ctrl-C meanwhile waits for it."""
     with sigint_held():
-      self._manager.wait_until_finished()
+      self._finish_save()
       self._manager.close()
     _OPEN.discard(self)
 
@@ -189,12 +237,58 @@ def finish_saves() -> list[tuple[str, int | None]]:
   done = []
   for checkpointer in list(_OPEN):
     try:
-      checkpointer._manager.wait_until_finished()  # pylint: disable=protected-access
+      checkpointer._finish_save()  # pylint: disable=protected-access
     except (Exception, KeyboardInterrupt):  # pylint: disable=broad-except  (abandoned)
       pass
     steps = checkpointer.saved_steps()
     done.append((os.fspath(checkpointer.directory), steps[-1] if steps else None))
   return done
+
+
+class _HeldOrbaxErrors(logging.Filter):
+  """Holds orbax's error records (each with a traceback) instead of logging them."""
+
+  def __init__(self):
+    super().__init__()
+    self.held: list[logging.LogRecord] = []
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname:
+      self.held.append(record)
+      return False
+    return True
+
+
+class _SaveOutput:
+  """What a save's threads print while it runs, held until its outcome is known.
+
+  A save that fails to write (a full disk) fails in each of orbax's threads and in
+  each of tensorstore's writes, and each prints its traceback, most of them while the
+  training goes on, long before the error reaches `Checkpointer.save`: orbax's error
+  records and what threads Python did not start write to stderr (`quiet_failed_reads`)
+  are held from the save's start. `end(None)` lets them through; `end(error)` drops
+  them, once the writes still in flight have failed in turn.
+  """
+
+  def __init__(self):
+    self._stderr = quiet_failed_reads()
+    self._stderr.__enter__()  # pylint: disable=unnecessary-dunder-call
+    self._records = _HeldOrbaxErrors()
+    logging.getLogger('absl').addFilter(self._records)
+    self._ended = False
+
+  def end(self, error: BaseException | None) -> None:
+    if self._ended:
+      return
+    self._ended = True
+    if error is None:
+      logging.getLogger('absl').removeFilter(self._records)
+      self._stderr.__exit__(None, None, None)
+      for record in self._records.held:
+        logging.getLogger('absl').handle(record)
+    else:  # waits for the writes in flight, holding what they print, then drops it
+      self._stderr.__exit__(type(error), error, error.__traceback__)
+      logging.getLogger('absl').removeFilter(self._records)
 
 
 @contextlib.contextmanager

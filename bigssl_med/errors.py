@@ -23,7 +23,8 @@ class ConfigError(UserError):
 
 
 class CheckpointError(UserError):
-  """A checkpoint that is missing or does not match the model it should initialise."""
+  """A checkpoint that is missing, cannot be written or does not match the model it should
+  initialise."""
 
 
 class WorkdirError(UserError):

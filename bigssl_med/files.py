@@ -76,6 +76,33 @@ def remove_stale_temporaries(folder: str) -> list[str]:
   return removed
 
 
+# What the OS says when a write fails for want of room or rights, as errors of other
+# kinds (orbax's ValueError, tensorstore's and TFDS's RuntimeError) quote it.
+_WRITE_FAILURES = ('No space left on device', 'Disk quota exceeded', 'File too large',
+                   'Read-only file system', 'Permission denied', 'Input/output error')
+
+
+def write_failure(error: BaseException) -> str | None:
+  """Why a write failed, in a few words (`RESOURCE_EXHAUSTED: No space left on device`),
+  when `error` or an error it was raised from is a failed write; None otherwise.
+
+  An OSError is one; so is an error of another type whose message quotes the OS's
+  reason (a full disk, a quota, a read-only or unwritable folder, an I/O error), with
+  tensorstore's status code where it starts the message.
+  """
+  seen, cause = 0, error
+  while cause is not None and seen < 8:
+    text = str(cause)
+    for reason in _WRITE_FAILURES:
+      if reason in text:
+        status = re.match(r'([A-Z][A-Z_]+): ', text)
+        return f'{status[1]}: {reason}' if status else reason
+    seen, cause = seen + 1, cause.__cause__ or cause.__context__
+  if isinstance(error, OSError):
+    return error.strerror or ' '.join(str(error).split()) or type(error).__name__
+  return None
+
+
 def walk(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
   """`os.walk(top)` (top-down) that follows links to folders, as raw data linked into
   place needs, and visits each real folder once: a link loop, or a second link to a

@@ -114,6 +114,32 @@ def test_a_damaged_build_is_a_one_line_error_until_overwritten(tmp_path, capsys,
   assert sources.is_complete_build(os.fspath(version_dir)) and _num_records(data_dir) == 4
 
 
+@pytest.mark.parametrize('earlier', [True, False])
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_build(tmp_path, capsys, monkeypatch,
+                                                             earlier):
+  raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
+  if earlier:
+    _build(raw, data_dir)
+  real = build_data.tfds_builders.BUILDERS['image_cases']
+
+  class DiskFull(real):  # pylint: disable=abstract-method
+
+    def download_and_prepare(self, *args, **kwargs):  # as TFDS's array_record writer says it
+      raise RuntimeError('Failed to finalize writing of split "train": write() failed: No '
+                         f'space left on device; writing {self.data_dir}/image_cases-train.'
+                         'array_record-00000-of-00001')
+
+  monkeypatch.setitem(build_data.tfds_builders.BUILDERS, 'image_cases', DiskFull)
+  status, last = _run_main([NAME, '--overwrite', f'--manual_dir={raw}',
+                            f'--data_dir={data_dir}'], capsys)
+  assert status == 2
+  kept = 'an earlier complete build is kept' if earlier else 'its partial files are removed'
+  assert last == (f'error: building {NAME} in {data_dir}: No space left on device; {kept}')
+  if earlier:
+    assert _num_records(data_dir) == 4
+  assert not [p for p in os.listdir(data_dir) if p.startswith('.build-')]
+
+
 def test_a_dead_builds_staging_is_removed_even_when_nothing_is_rebuilt(tmp_path):
   raw, data_dir = _raw(tmp_path / 'raw'), tmp_path / 'data'
   _build(raw, data_dir)

@@ -18,8 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigssl_med import (augment, build_data, checkpointing, config_schema, contrastive, models,
-                        optim, parallel, preemption)
+from bigssl_med import (augment, build_data, checkpointing, config_schema, contrastive, files,
+                        models, optim, parallel, preemption)
 from bigssl_med.data import sources
 from bigssl_med.errors import CheckpointError, ConfigError, DataError
 from bigssl_med.trainers import pretrain
@@ -490,6 +490,67 @@ def test_a_save_cut_off_is_removed_when_the_next_run_starts(tmp_path):
   assert os.listdir(folder) == ['1']
   assert checkpointer.saved_steps() == [1]
   checkpointer.close()
+
+
+_FULL_DISK = ('RESOURCE_EXHAUSTED: Error writing "opt_state.0/0" in OCDBT database at local file '
+              '"{folder}/2.orbax-checkpoint-tmp/opt.orbax-checkpoint-tmp/ocdbt.process_0/": '
+              'Failed writing: "{folder}/2.orbax-checkpoint-tmp/opt.orbax-checkpoint-tmp/'
+              'ocdbt.process_0/d/882d": Failed to write 60033 bytes to file 59: No space left on '
+              "device [os_error_code='28']")
+
+
+def _orbax_thread_error():
+  """An error record as orbax's save threads log one, with its traceback."""
+  return logging.LogRecord('absl', logging.ERROR, '/venv/site-packages/orbax/checkpoint/future.py',
+                           387, '_SignalingThread.run() raised an exception', None, None)
+
+
+def test_a_save_that_cannot_be_written_is_one_line_naming_the_folder(tmp_path, monkeypatch,
+                                                                     caplog):
+  checkpointer = checkpointing.Checkpointer(os.fspath(tmp_path))
+  folder = tmp_path / 'checkpoints'
+  variables = {'model': {'w': jnp.ones(3)}, 'opt': {'step': jnp.int32(1)}, 'data_state': None}
+  manager = checkpointer._manager  # pylint: disable=protected-access
+  real_wait = manager.wait_until_finished
+
+  def failing_with(error):
+    def wait_until_finished():
+      real_wait()
+      logging.getLogger('absl').handle(_orbax_thread_error())  # what orbax's threads log
+      raise error
+    return wait_until_finished
+
+  checkpointer.save(1, **variables)
+  # An error that is no failed write is raised as it is.
+  monkeypatch.setattr(manager, 'wait_until_finished', failing_with(ValueError('not a write')))
+  with pytest.raises(ValueError, match='^not a write$'):
+    checkpointer.save(2, **variables)
+  assert '_SignalingThread' in caplog.text  # let through
+  monkeypatch.undo()
+  checkpointer.save(2, **variables)  # in flight: the disk fills up while it writes
+  monkeypatch.setattr(manager, 'wait_until_finished',
+                      failing_with(ValueError(_FULL_DISK.format(folder=folder))))
+  caplog.clear()
+  with pytest.raises(CheckpointError) as excinfo:
+    checkpointer.save(3, **variables)
+  assert str(excinfo.value) == (
+      f'{folder}: checkpoint 2 could not be written (RESOURCE_EXHAUSTED: No space left on '
+      'device); the earlier checkpoints are kept: rerun the command once it can be written '
+      'to resume from step 1')
+  assert '_SignalingThread' not in caplog.text  # dropped with the save
+  monkeypatch.undo()
+  checkpointer.close()
+
+
+@pytest.mark.parametrize('error, reason', [
+    (ValueError(_FULL_DISK), 'RESOURCE_EXHAUSTED: No space left on device'),
+    (RuntimeError('Failed to finalize writing of split "train": write() failed: No space left '
+                  'on device; writing /d/x.array_record'), 'No space left on device'),
+    (OSError(30, 'Read-only file system', '/d/x'), 'Read-only file system'),
+    (ValueError('bad shape'), None),
+])
+def test_write_failure_says_why_a_write_failed(error, reason):
+  assert files.write_failure(error) == reason
 
 
 def test_a_second_ctrl_c_is_not_held():
