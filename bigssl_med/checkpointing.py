@@ -722,8 +722,9 @@ def recorded_init(workdir: str, init_from: str) -> dict[str, Any] | None:
     return recorded
   if not init_from:
     return None
-  logging.warning('%s: no %s (written by an earlier version): the checkpoint and step of '
-                  'init_from=%r this run started from are unknown', workdir, INIT_FILE, init_from)
+  logging.warning('%s: no %s (deleted, or the run was started by an earlier version): the '
+                  'checkpoint and step of init_from=%r this run started from are unknown',
+                  workdir, INIT_FILE, init_from)
   return {'init_from': init_from, 'checkpoint': None, 'step': None}
 
 

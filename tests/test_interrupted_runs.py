@@ -6,6 +6,7 @@ checkpoint, `best.json` or results file is written after it, as after a SIGKILL.
 
 import fcntl
 import json
+import logging
 import os
 import shutil
 import time
@@ -147,7 +148,7 @@ def test_a_pretraining_run_killed_before_results_json_logs_its_last_steps_once(
 
 
 def test_a_resumed_fine_tune_names_the_source_step_it_was_initialised_from(
-    small_ham10000, tmp_path, monkeypatch):
+    small_ham10000, tmp_path, monkeypatch, caplog):
   """The pretraining run goes on while the fine-tuning run it started is interrupted:
   the resumed run's results still name the checkpoint and step it started from."""
   data_dir, _ = small_ham10000
@@ -187,7 +188,9 @@ def test_a_resumed_fine_tune_names_the_source_step_it_was_initialised_from(
   assert results['initialised_from'] == used and results['pretrain_seed'] == 0
   assert workdir_lib.read_json(os.path.join(workdir, 'results.json'))['initialised_from'] == used
   assert finetune.train_and_evaluate(config, workdir)['initialised_from'] == used
-  old = finetune.train_and_evaluate(config, legacy)
+  with caplog.at_level(logging.WARNING):
+    old = finetune.train_and_evaluate(config, legacy)
+  assert 'no initialised_from.json (deleted, or the run was started by an' in caplog.text
   assert old['origin'].startswith('resumed from')
   assert old['initialised_from'] == {'init_from': source, 'checkpoint': None, 'step': None}
   assert old['pretrain_seed'] == 7  # not recorded then: read from the source as it is now
