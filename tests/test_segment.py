@@ -13,7 +13,7 @@ import pytest
 
 from bigssl_med import build_data, checkpointing, config_schema, models, parallel, segmentation
 from bigssl_med import train_state
-from bigssl_med.data import segmentation_data, sources
+from bigssl_med.data import fractions, segmentation_data, sources
 from bigssl_med.errors import ConfigError, DataError
 from bigssl_med.models import resnet
 from bigssl_med.trainers import finetune, segment
@@ -315,6 +315,8 @@ def test_segmentation_learns_the_discs(segmented):
   assert json.loads((workdir / 'data.json').read_text()) == sources.fingerprint(
       config.dataset, config.data.data_dir, ('train', 'validation'))
   assert results['label_fraction'] == 0.5 and results['labelled_images'] == 39  # of 77
+  chosen, _ = fractions.open_fraction(config.dataset, 'train', config.data.data_dir, 0.5, 0)
+  assert results['labelled_cases'] == len(set(sources.scan_case_ids(chosen)))
   # The report pools runs from several pretraining runs by these.
   assert results['init_from'] == config.init_from and results['pretrain_seed'] == 0
   best = json.loads((workdir / 'best.json').read_text())

@@ -84,8 +84,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   info = sources.dataset_info(config.dataset, data_dir)
   segmentation_data.check_mask_feature(info, config.dataset, config.data.mask_key)
   train_name = f'{config.dataset}/{config.data.train_split}'
-  train_source, _ = fractions.open_fraction(config.dataset, config.data.train_split, data_dir,
-                                            config.data.label_fraction, config.data.fraction_seed)
+  train_source, train_cases = fractions.open_fraction(
+      config.dataset, config.data.train_split, data_dir, config.data.label_fraction,
+      config.data.fraction_seed)
   spec = segmentation_data.MaskSpec(config.data.image_size, config.data.crop_area_min,
                                     config.data.mask_key)
   steps_per_epoch, total_steps, warmup_steps = optim.run_length(
@@ -175,6 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'task': 'segmentation', 'step': step, 'total_steps': total_steps,
       'best_step': best.step, 'stopped_early': best.stopped_early,
       'origin': origin, 'labelled_images': len(train_source),
+      'labelled_cases': len(train_cases),
       'validation': best.record['validation'],
       'test': test,
   }
