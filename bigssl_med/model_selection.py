@@ -302,6 +302,7 @@ def train_loop(*, config: ml_collections.ConfigDict, state: dict[str, Any],
       batch, last_data_state = next(batches)
       state, train_metrics = train_step(state, batch, rng, np.float32(best.lr_scale_at(step)))
       step += 1
+      preemption.step_done(step)
       if step == start_step + 1:
         jax.block_until_ready(train_metrics)
         writer.start_clock(step)

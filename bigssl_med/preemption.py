@@ -34,7 +34,7 @@ class Preemption:
     self._several_hosts = jax.process_count() > 1
     self._requested = False
     self._previous = None
-    self.step = None  # the last step `should_stop` was asked about
+    self.step = None  # the last step trained (`step_done`, `should_stop`)
 
   def __enter__(self):
     if self._several_hosts:
@@ -49,6 +49,11 @@ class Preemption:
     del signum, frame
     logging.warning('SIGTERM received: saving a checkpoint, then stopping.')
     self._requested = True
+
+  def step_done(self, step: int) -> None:
+    """Records that `step` has trained, for the message of a Ctrl-C that comes before
+    `should_stop` is asked about it (during that step's evaluation, say)."""
+    self.step = step
 
   def should_stop(self, step: int) -> bool:
     """Whether to save a checkpoint at `step` and stop (the same answer on every host)."""

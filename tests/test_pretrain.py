@@ -572,6 +572,20 @@ def test_a_ctrl_c_in_the_training_loop_names_the_last_step():
   assert excinfo.value.step == 7
 
 
+def test_a_ctrl_c_during_an_evaluation_names_the_step_just_trained(small_ham10000, tmp_path,
+                                                                   monkeypatch):
+  cfg = tiny_config(small_ham10000[0], eval_every_steps=2, checkpoint_every_steps=100,
+                    total_steps=4, probe=False)
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(pretrain.pipeline, 'eval_pair_dataset', interrupted)
+  with pytest.raises(preemption.Interrupted) as excinfo:
+    pretrain.train_and_evaluate(cfg, os.fspath(tmp_path / 'w'))
+  assert excinfo.value.step == 2
+
+
 def test_a_sigterm_at_an_evaluation_step_keeps_the_evaluation(small_ham10000, tmp_path,
                                                                monkeypatch):
   cfg = tiny_config(small_ham10000[0], eval_every_steps=1, checkpoint_every_steps=100,

@@ -209,6 +209,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batch, last_data_state = next(batches)
       state, metrics = train_step(state, batch, rng)
       step += 1
+      preemption.step_done(step)
       if step == start_step + 1:  # rates start after the compilation
         jax.block_until_ready(metrics)
         writer.start_clock(step)
