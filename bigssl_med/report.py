@@ -65,8 +65,8 @@ Written next to `--out`:
   (`p=0.028, Holm p=0.056`), and `≈` marks an adjusted p > 0.05 (not significantly
   different; no claim of equivalence). `--reference ROW` (`scratch`) compares every
   row with that row instead, in the columns that have it (the others: with the best,
-  said in the legend); the best stays bold. Null values (an undefined AUC) are left
-  out of the statistics and counted in the cell; `†`
+  said in the legend; a ROW in no table is an error); the best stays bold. Null
+  values (an undefined AUC) are left out of the statistics and counted in the cell; `†`
   marks a mean over fewer classes than asked (`<metric>_classes` <
   `<metric>_of_classes`). Runs with `shift` add, right after the column of each label
   fraction, a column `FRACTION → SHIFT_DATASET` (`/SPLIT` unless the split is `test`)
@@ -572,7 +572,8 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
     not significantly different).
 
   Raises:
-    DataError: when a run lacks the split or the metric, or no run has `split` metrics.
+    DataError: when a run lacks the split or the metric, no run has `split` metrics,
+      or `reference` names no row of any table.
   """
   runs = with_metrics(runs, split)
   trainers = collections.defaultdict(set)
@@ -630,6 +631,10 @@ def summarize(runs: Sequence[dict[str, Any]], metric: str | None = None,
                       _count(run['results'].get('labelled_images'))) for run in members],
         'studied': sorted({key for run in members for key in run['studied']})})
 
+  rows = sorted({cell['row'] for cell in summary})
+  if reference is not None and reference not in rows:
+    raise DataError(f'--reference {reference!r} names no row; the rows are: '
+                    + ', '.join(repr(row) for row in rows))
   columns = collections.defaultdict(list)
   for cell in summary:
     columns[_column(cell)].append(cell)

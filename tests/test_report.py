@@ -263,6 +263,10 @@ def test_a_reference_row_named_in_advance(tmp_path, capsys):
   assert 'not significantly different from the reference' in text
   with open(tmp_path / 'r.csv', newline='') as f:
     assert {r['compared_with'] for r in csv.DictReader(f)} == {'scratch', 'micle'}
+  # A reference that names no row (a typo) is an error, not a silent comparison with the best.
+  assert report.main([str(tmp_path / 'runs'), '--out', str(out), '--reference', 'scrach']) == 2
+  assert capsys.readouterr().err.strip().endswith(
+      "--reference 'scrach' names no row; the rows are: 'micle', 'scratch', 'simclr'")
 
 
 def _student_p(a, b):
