@@ -204,14 +204,15 @@ def read_config(workdir: str) -> dict[str, Any] | None:
     WorkdirError: the file cannot be read or holds no JSON object (`read_record`),
       saying how to go on; it is left as it is.
   """
+  def recover() -> str:  # only for a damaged file: it lists the checkpoints
+    held = held_run(workdir)
+    if held:
+      return (f'the settings of the run {workdir} holds ({held}) are unknown: restore the '
+              f'file, or move {workdir} aside and rerun in a new workdir')
+    return (f'restore it, or delete it ({workdir} holds no results.json or checkpoint, so '
+            'this run writes its own)')
+
   path = os.path.join(workdir, CONFIG_FILE)
-  held = held_run(workdir)
-  if held:
-    recover = (f'the settings of the run {workdir} holds ({held}) are unknown: restore the '
-               f'file, or move {workdir} aside and rerun in a new workdir')
-  else:
-    recover = (f'restore it, or delete it ({workdir} holds no results.json or checkpoint, '
-               'so this run writes its own)')
   return read_record(path, recover)
 
 
@@ -285,8 +286,8 @@ def read_json(path: str) -> Any:
     return None
 
 
-def read_record(path: str, recover: str, *, keys: tuple[str, ...] = (),
-                null_ok: bool = False) -> Any:
+def read_record(path: str, recover: str | Callable[[], str], *,
+                keys: tuple[str, ...] = (), null_ok: bool = False) -> Any:
   """The JSON object in the file at `path`; None when there is no such file.
 
   The records a run keeps in its workdir (`config.json`, `data.json`, `best.json`, ...)
@@ -296,7 +297,8 @@ def read_record(path: str, recover: str, *, keys: tuple[str, ...] = (),
 
   Args:
     path: the file.
-    recover: what to do about a damaged file, for the error.
+    recover: what to do about a damaged file, for the error (or a function that says
+      it, called only then).
     keys: keys the object must have.
     null_ok: a file holding `null` reads as None too (a record of "nothing").
 
@@ -304,26 +306,29 @@ def read_record(path: str, recover: str, *, keys: tuple[str, ...] = (),
     WorkdirError: the file cannot be read, is not valid JSON, or holds no JSON object
       or one without `keys`: one line naming it and `recover`; the file is left as it is.
   """
+  def damaged(problem: str) -> WorkdirError:
+    return WorkdirError(f'{path}: {problem}; {recover() if callable(recover) else recover}')
+
   try:
     with open(path) as f:
       text = f.read()
   except FileNotFoundError:
     return None
   except OSError as e:
-    raise WorkdirError(f'{path}: cannot be read ({e.strerror or e}); {recover}') from None
+    raise damaged(f'cannot be read ({e.strerror or e})') from None
   try:
     found = json.loads(text)
   except ValueError as e:
     problem = 'empty' if not text.strip() else f'not valid JSON ({_first_line(e)})'
-    raise WorkdirError(f'{path}: {problem}, damaged or cut short; {recover}') from None
+    raise damaged(f'{problem}, damaged or cut short') from None
   if found is None and null_ok:
     return None
   if not isinstance(found, dict):
-    raise WorkdirError(f'{path}: holds {type(found).__name__} {_first_line(found, 40)}, not '
-                       f'a JSON object (damaged?); {recover}')
+    raise damaged(f'holds {type(found).__name__} {_first_line(found, 40)}, not a JSON '
+                  'object (damaged?)')
   missing = [key for key in keys if key not in found]
   if missing:
-    raise WorkdirError(f'{path}: lacks the key {missing[0]!r} (damaged?); {recover}')
+    raise damaged(f'lacks the key {missing[0]!r} (damaged?)')
   return found
 
 
