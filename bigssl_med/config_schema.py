@@ -154,6 +154,8 @@ def finetune() -> ml_collections.ConfigDict:
   c.augment.blur_p = 0.0
   c.model = _model()
   c.head_layers_kept = 1          # projection-head layers kept from init_from (SimCLRv2: 1)
+  c.classifier_init = 'zeros'     # the linear classifier's start: 'zeros' (SimCLR's
+  #                                 zero_init_logits_layer) or 'normal' (kernel ~ N(0, 0.01))
   c.optimizer = _optimizer()
   c.optimizer.name = 'momentum'
   c.optimizer.learning_rate = 0.1
@@ -194,6 +196,8 @@ def linear_eval() -> ml_collections.ConfigDict:
   c.trainer = 'linear_eval'
   del c.augment                   # SimCLR's linear evaluation: crops and flips
   c.head_layers_kept = 0          # SimCLR evaluates the encoder's output
+  c.feature_bn = False            # True: standardise the frozen features by a BatchNorm
+  #                                 without scale or offset before the classifier
   c.num_epochs = 90.0
   return c
 
@@ -296,6 +300,27 @@ def defaults(trainer: str) -> ml_collections.ConfigDict:
   return _DEFAULTS[trainer]()
 
 
+# How a run whose config.json lacks a key ran, where that is not the key's default
+# (the default changed when the key was added): `{trainer: {dotted key: value}}`.
+ABSENT_MEANS = {
+    'finetune': {'classifier_init': 'normal'},
+    'linear_eval': {'classifier_init': 'normal', 'feature_bn': True},
+    'distill': {'classifier_init': 'normal'},
+}
+
+
+def saved_defaults(trainer: str) -> ml_collections.ConfigDict:
+  """`defaults(trainer)` as a config.json that lacks a key ran: with `ABSENT_MEANS`."""
+  config = defaults(trainer)
+  for key, value in ABSENT_MEANS.get(trainer, {}).items():
+    *parents, leaf = key.split('.')
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 def trainers_with_key(key: str) -> list[str]:
   """The trainers whose default config has the dotted `key` (a value or a section)."""
   def has(config, parts):
@@ -335,14 +360,14 @@ def is_bookkeeping(key: str) -> bool:
 def saved_settings(saved) -> dict[str, Any]:
   """`leaves(saved)` of a `config.json`, completed with its trainer's defaults.
 
-  A config written before a key existed ran as the key's default says (every key is
-  added with the default that keeps the earlier behaviour), so the missing key takes
-  that value; keys of the saved trainer's schema only.
+  A config written before a key existed ran as the key's default says, or as
+  `ABSENT_MEANS` says where the default changed when the key was added, so the
+  missing key takes that value; keys of the saved trainer's schema only.
   """
   found = dict(leaves(saved))
   trainer = saved.get('trainer') if isinstance(saved, Mapping) else None
   if trainer in _DEFAULTS and trainer != 'stages':
-    for key, value in leaves(_DEFAULTS[trainer]().to_dict()):
+    for key, value in leaves(saved_defaults(trainer).to_dict()):
       found.setdefault(key, value)
   return found
 

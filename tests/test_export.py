@@ -158,7 +158,7 @@ def test_linear_classifier_becomes_fc_with_feature_standardisation_folded(tmp_pa
   want = torch_features @ exported['fc.weight'].T.astype(np.float64) + exported['fc.bias']
   config = _config(model_config)
   model = models.classifier(config, dtype=jnp.float32, num_outputs=classes, head_layers_kept=0,
-                            freeze_encoder=True)
+                            freeze_encoder=True, feature_bn=True)
   with jax.default_matmul_precision('highest'):
     got = model.apply({'params': {'encoder': variables['params']['encoder'],
                                   'classifier': classifier},

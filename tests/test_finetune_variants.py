@@ -12,7 +12,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from bigssl_med import build_data, label_mapping, supervised
+from bigssl_med import build_data, config_schema, label_mapping, supervised
 from bigssl_med import metrics as metrics_lib
 from bigssl_med.data import fractions, sources
 from bigssl_med.errors import CheckpointError, ConfigError
@@ -322,7 +322,43 @@ def test_linear_eval_trains_only_the_classifier(colours, tmp_path):
                               pretrained[collection]['encoder'])
     assert all(jax.tree.leaves(chex_equal)), collection
   assert set(best['params']) == {'encoder', 'classifier'}
-  assert 'feature_bn' in best['batch_stats']
+  assert set(best['batch_stats']) == {'encoder'}  # SimCLR's linear layer on the raw features
+
+
+@pytest.mark.parametrize('trainer', ['finetune', 'linear_eval', 'distill'])
+def test_classifier_starts_at_zero_and_reads_raw_features_by_default(trainer):
+  config = config_schema.defaults(trainer)
+  config.model.depth, config.model.width_multiplier, config.model.cifar_stem = 18, 0.125, True
+  x = jnp.ones((2, 8, 8, 3))
+
+  def initial(**changes):
+    c = config.copy_and_resolve_references()
+    for key, value in changes.items():
+      c[key] = value
+    return finetune.build_model(c, 5).init(jax.random.key(0), x, train=False)
+
+  variables = initial()
+  np.testing.assert_array_equal(variables['params']['classifier']['kernel'], 0)
+  np.testing.assert_array_equal(variables['params']['classifier']['bias'], 0)
+  assert 'feature_bn' not in variables['batch_stats']
+  kernel = initial(classifier_init='normal')['params']['classifier']['kernel']
+  assert 0.005 < np.std(kernel) < 0.02
+  if trainer == 'linear_eval':
+    assert 'feature_bn' in initial(feature_bn=True)['batch_stats']
+  with pytest.raises(ConfigError, match=r"config.classifier_init='uniform' is not one of "):
+    initial(classifier_init='uniform')
+
+
+def test_a_run_config_without_the_newer_keys_reads_as_it_ran(tmp_path):
+  saved = config_schema.defaults('linear_eval').to_dict()
+  del saved['classifier_init'], saved['feature_bn']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config = finetune.read_run_config(os.fspath(tmp_path))
+  assert (config.classifier_init, config.feature_bn) == ('normal', True)
+  settings = config_schema.saved_settings(saved)
+  assert (settings['classifier_init'], settings['feature_bn']) == ('normal', True)
+  differences = config_schema.setting_differences(saved, config_schema.defaults('linear_eval'))
+  assert [d[0] for d in differences] == ['classifier_init', 'feature_bn']
 
 
 def test_init_from_a_run_trained_on_labels_names_its_model(teacher, colours, tmp_path):

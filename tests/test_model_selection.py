@@ -191,7 +191,7 @@ def test_finetune_with_the_plateau_schedule_and_loss_selection(colours, tmp_path
                     eval_every_epochs=1.0,
                     **{'optimizer.name': 'adamw', 'optimizer.schedule': 'plateau',
                        'optimizer.plateau_patience': 0, 'optimizer.learning_rate': 20.0,
-                       'task.primary_metric': 'loss'})
+                       'task.primary_metric': 'loss', 'classifier_init': 'normal'})
   workdir = tmp_path / 'plateau'
   results = finetune.train_and_evaluate(cfg, os.fspath(workdir))
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]

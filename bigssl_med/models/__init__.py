@@ -50,14 +50,16 @@ def contrastive_model(model_config, *, dtype, probe_classes: int = 0) -> Contras
 
 
 def classifier(model_config, *, dtype, num_outputs: int, head_layers_kept: int,
-               freeze_encoder: bool = False) -> Classifier:
+               freeze_encoder: bool = False, feature_bn: bool = False,
+               zero_init: bool = True) -> Classifier:
   """The encoder + first `head_layers_kept` head layers + classifier of `config.model`."""
   return Classifier(
       encoder=encoder(model_config, dtype=dtype),
       head=ProjectionHead(num_layers=model_config.head_layers, out_dim=model_config.head_out_dim,
                           hidden_dim=model_config.head_hidden_dim, dtype=dtype,
                           keep_layers=head_layers_kept),
-      num_outputs=num_outputs, freeze_encoder=freeze_encoder)
+      num_outputs=num_outputs, freeze_encoder=freeze_encoder, feature_bn=feature_bn,
+      zero_init=zero_init)
 
 
 def unet_model(model_config, *, dtype, decoder_channels=(256, 128, 64, 32, 16),

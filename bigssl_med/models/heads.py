@@ -96,22 +96,31 @@ class Classifier(nn.Module):
 
   With `freeze_encoder` (linear evaluation) the encoder and the kept head layers run
   in inference mode (BatchNorm with its stored statistics, as SimCLR's frozen
-  blocks do), their output is a stop-gradient, and it is standardised by a
-  BatchNorm without scale or offset (`feature_bn`, as the pretraining probe) before
-  the linear layer; the trainer keeps the frozen parameters fixed.
+  blocks do) and their output is a stop-gradient; the trainer keeps the frozen
+  parameters fixed. SimCLR's linear layer reads those features as they are; with
+  `feature_bn` they are first standardised by a BatchNorm without scale or offset
+  (as the pretraining probe's).
+
+  `zero_init` starts the classifier at zero (SimCLR's `zero_init_logits_layer`,
+  which its fine-tuning and linear-evaluation commands set); otherwise its kernel
+  is drawn from N(0, 0.01) and its bias is zero.
   """
   encoder: ResNet
   head: ProjectionHead
   num_outputs: int
   freeze_encoder: bool = False
+  feature_bn: bool = False
+  zero_init: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     if self.freeze_encoder:
       features = jax.lax.stop_gradient(self.head(self.encoder(x, False), False)[-1])
+    else:
+      features = self.head(self.encoder(x, train), train)[-1]
+    if self.feature_bn:
       features = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
                               epsilon=BN_EPSILON, use_scale=False, use_bias=False,
                               name='feature_bn')(features)
-    else:
-      features = self.head(self.encoder(x, train), train)[-1]
-    return nn.Dense(self.num_outputs, kernel_init=dense_init, name='classifier')(features)
+    kernel_init = nn.initializers.zeros if self.zero_init else dense_init
+    return nn.Dense(self.num_outputs, kernel_init=kernel_init, name='classifier')(features)

@@ -201,6 +201,7 @@ def _read(source, records, chunk: int = 512):
 
 
 TRAINER_NAMES = ('finetune', 'linear_eval', 'distill')
+CLASSIFIER_INITS = ('zeros', 'normal')
 
 
 def build_model(config: ml_collections.ConfigDict, num_outputs: int, dtype=jnp.float32):
@@ -208,9 +209,14 @@ def build_model(config: ml_collections.ConfigDict, num_outputs: int, dtype=jnp.f
   if not 0 <= config.head_layers_kept <= config.model.head_layers:
     raise ConfigError(f'config.head_layers_kept={config.head_layers_kept} must be in '
                       f'[0, config.model.head_layers={config.model.head_layers}]')
+  if config.classifier_init not in CLASSIFIER_INITS:
+    raise ConfigError(f'config.classifier_init={config.classifier_init!r} is not one of '
+                      f'{CLASSIFIER_INITS}')
   return models.classifier(config.model, dtype=dtype, num_outputs=num_outputs,
                            head_layers_kept=config.head_layers_kept,
-                           freeze_encoder=config.trainer == 'linear_eval')
+                           freeze_encoder=config.trainer == 'linear_eval',
+                           feature_bn=config.get('feature_bn', False),
+                           zero_init=config.classifier_init == 'zeros')
 
 
 def stored_images(info) -> dict[str, int | None]:
@@ -229,7 +235,8 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a finished run in `workdir` was trained with (its config.json).
 
   Read over its trainer's defaults: a key the file lacks (written by another version)
-  takes its default, and one the trainer no longer has is left out.
+  takes the value that run had (`config_schema.saved_defaults`), and one the trainer
+  no longer has is left out.
 
   Raises:
     ConfigError: naming the file, when it is missing, not a run's config, or holds a
@@ -243,7 +250,7 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
   if found['trainer'] == 'stages':  # a config of configs: the file as it is
     return ml_collections.ConfigDict(found)
   try:
-    config = config_schema.defaults(found['trainer'])
+    config = config_schema.saved_defaults(found['trainer'])
   except ConfigError:  # a trainer without a schema ('imported'): the file as it is
     return ml_collections.ConfigDict(found)
   known = dict(config_schema.leaves(config))
