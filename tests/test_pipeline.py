@@ -77,6 +77,29 @@ def test_micle_batches_hold_each_case_once_and_pair_distinct_images():
   assert len(seen_cases) == 20
 
 
+def test_case_groups_are_the_groups_in_one_flat_array():
+  _, groups = _source_and_groups(CASE_SIZES)
+  compact = pipeline.CaseGroups(groups)
+  assert len(compact) == len(groups)
+  for unit, group in enumerate(groups):
+    np.testing.assert_array_equal(compact[unit], group)
+  np.testing.assert_array_equal(compact[-1], groups[-1])
+  with pytest.raises(IndexError):
+    compact[len(groups)]  # pylint: disable=pointless-statement
+  restored = pickle.loads(pickle.dumps(compact))
+  assert all(np.array_equal(restored[u], g) for u, g in enumerate(groups))
+  # Two arrays, not one object per case: the pickle is about the size of the indices.
+  assert len(pickle.dumps(compact)) < 8 * (sum(CASE_SIZES) + len(groups) + 1) + 400
+  assert len(pipeline.CaseGroups([])) == 0
+  # The pairs drawn from either form are the same.
+  source, _ = _source_and_groups(CASE_SIZES)
+  batches = [_batches(pipeline.pair_dataset(source, g, SPEC, global_batch=8, host_index=0,
+                                            host_count=1, seed=0, num_workers=0), 3)
+             for g in (groups, compact)]
+  for a, b in zip(*batches):
+    np.testing.assert_array_equal(a['views'], b['views'])
+
+
 def test_each_epoch_is_a_new_permutation_without_repeats():
   source, groups = _source_and_groups(CASE_SIZES)
   case_of = {int(r): c for c, g in enumerate(groups) for r in g}
