@@ -38,7 +38,8 @@ def make_train_step(model, tx, schedule, *, augment_views, temperature: float,
       z = z.reshape(b, 2, -1)
       loss, logits_ab = losses.nt_xent(z[:, 0], z[:, 1], temperature, return_logits=True)
       metrics = {'contrastive_loss': loss,
-                 'contrastive_accuracy': losses.contrastive_accuracy(logits_ab)}
+                 'contrastive_accuracy': losses.contrastive_accuracy(logits_ab),
+                 'contrastive_entropy': losses.contrastive_entropy(logits_ab)}
       total = loss
       if logits is not None:
         labels = batch['label'].reshape(2 * b)
@@ -68,7 +69,8 @@ def make_eval_steps(model, *, augment_views, temperature: float):
     z = z.reshape(b, 2, -1)
     loss, logits_ab = losses.nt_xent(z[:, 0], z[:, 1], temperature, return_logits=True)
     return {'contrastive_loss': loss,
-            'contrastive_accuracy': losses.contrastive_accuracy(logits_ab)}
+            'contrastive_accuracy': losses.contrastive_accuracy(logits_ab),
+            'contrastive_entropy': losses.contrastive_entropy(logits_ab)}
 
   def images_step(variables, batch):
     _, _, logits = model.apply(variables, augment.to_float(batch['image']), train=False)

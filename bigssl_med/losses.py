@@ -51,6 +51,14 @@ def contrastive_accuracy(logits_ab: jax.Array) -> jax.Array:
   return jnp.mean(jnp.argmax(logits_ab, axis=1) == jnp.arange(logits_ab.shape[0]))
 
 
+def contrastive_entropy(logits_ab: jax.Array) -> jax.Array:
+  """Mean entropy (nats) of each row's softmax over `logits_ab`, as SimCLR logs it
+  (`contrast_entropy`, with 1e-8 added inside the log): log B for a representation
+  that tells nothing apart, towards 0 as each row picks one candidate."""
+  p = jax.nn.softmax(logits_ab.astype(jnp.float32), axis=1)
+  return -jnp.mean(jnp.sum(p * jnp.log(p + 1e-8), axis=1))
+
+
 def _l2_normalize(x, eps=1e-12):
   # As tf.math.l2_normalize: x / sqrt(max(sum(x²), eps)).
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))

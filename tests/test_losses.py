@@ -64,6 +64,23 @@ def test_perfect_pairs_and_accuracy():
   assert float(losses.contrastive_accuracy(logits)) == 0.0
 
 
+def test_contrastive_entropy_is_the_mean_row_entropy_of_logits_ab():
+  rng = np.random.default_rng(4)
+  z1, z2 = rng.normal(size=(2, 12, 6)).astype(np.float32)
+  _, logits = losses.nt_xent(z1, z2, 0.1, return_logits=True)
+  a = z1.astype(np.float64) / np.linalg.norm(z1.astype(np.float64), axis=1, keepdims=True)
+  b = z2.astype(np.float64) / np.linalg.norm(z2.astype(np.float64), axis=1, keepdims=True)
+  x = a @ b.T / 0.1
+  p = np.exp(x - x.max(axis=1, keepdims=True))
+  p /= p.sum(axis=1, keepdims=True)
+  want = -np.mean(np.sum(p * np.log(p + 1e-8), axis=1))
+  np.testing.assert_allclose(float(losses.contrastive_entropy(logits)), want, rtol=1e-5)
+  # Uniform rows: log B; one candidate per row: 0.
+  np.testing.assert_allclose(float(losses.contrastive_entropy(np.zeros((12, 12)))),
+                             np.log(12), rtol=1e-6)
+  assert float(losses.contrastive_entropy(1e4 * np.eye(12))) < 1e-6
+
+
 def test_sharded_over_8_devices_gives_the_unsharded_value():
   assert jax.device_count() == 8, 'tests run with 8 fake CPU devices (see conftest.py)'
   mesh = parallel.data_mesh()

@@ -173,15 +173,16 @@ def test_run_writes_the_workdir_contract(trained):
   workdir, results, _ = trained
   assert results['step'] == 4 and results['origin'] == 'initialised from scratch'
   assert results['initialised_from'] is None
-  assert set(results['validation']) >= {'contrastive_loss', 'contrastive_accuracy', 'probe_top1'}
+  assert set(results['validation']) >= {'contrastive_loss', 'contrastive_accuracy',
+                                        'contrastive_entropy', 'probe_top1'}
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['step'] == 4
   with open(os.path.join(workdir, 'config.json')) as f:
     assert json.load(f)['micle'] is True
   train = [m for m in _read_metrics(workdir) if m['split'] == 'train']
   assert [m['step'] for m in train] == [1, 2, 3, 4]
-  for key in ('loss', 'contrastive_loss', 'contrastive_accuracy', 'learning_rate',
-              'probe_accuracy'):
+  for key in ('loss', 'contrastive_loss', 'contrastive_accuracy', 'contrastive_entropy',
+              'learning_rate', 'probe_accuracy'):
     assert all(np.isfinite(m[key]) for m in train), key
   assert all('images_per_sec' in m for m in train[1:])
   assert train[0]['learning_rate'] == 0.0  # linear warm-up from 0 (step 0's rate)
