@@ -136,6 +136,11 @@ def build(name: str, *, data_dir: str, manual_dir: str | None = None,
     if lock is not None:
       lock.close()
   logging.info('Built %s in %s', full_name, version_dir)
+  skipped = (builder.info.metadata or {}).get('num_skipped_images')
+  if skipped:
+    logging.warning('%s: %d image(s) skipped as missing or undecodable; %s lists each '
+                    '(metadata skipped_images)', full_name, skipped,
+                    os.path.join(version_dir, 'metadata.json'))
   return version_dir
 
 

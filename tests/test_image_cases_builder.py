@@ -412,7 +412,7 @@ def test_empty_values(tmp_path, column, message):
   _assert_one_line_error(excinfo, path, 'line 3', message)
 
 
-def test_bad_images_error_or_skip(tmp_path):
+def test_bad_images_error_or_skip(tmp_path, caplog):
   root = tmp_path / 'mine'
   rows = _single_label_tree(root)
   missing, broken = rows[4], rows[7]
@@ -427,7 +427,10 @@ def test_bad_images_error_or_skip(tmp_path):
                          root / rows[first]['path'])
 
   data_dir = tmp_path / 'data'
-  _build(root, data_dir, skip_bad_images=True)
+  with caplog.at_level('WARNING'):
+    _build(root, data_dir, skip_bad_images=True)
+  assert re.search(r'2 image\(s\) skipped as missing or undecodable; .*metadata.json lists each',
+                   caplog.text)
   kept = {i for r in _records(data_dir).values() for i in r}
   assert kept == {r['path'] for r in rows} - {missing['path'], broken['path']}
   metadata = sources.dataset_info(NAME, os.fspath(data_dir)).metadata
@@ -440,6 +443,22 @@ def test_bad_images_error_or_skip(tmp_path):
   assert 'not found' in entry['reason']
   assert 'cannot decode' in skipped[f'{cases} line {rows.index(broken) + 2}'][
       'reason']
+
+
+def test_skipped_images_are_logged_one_by_one_up_to_a_limit_and_all_listed(caplog):
+  metadata = {}
+  store = common.ImageStore(max_side=None, channels=3, skip_bad_images=True,
+                            metadata=metadata)
+  total = common.LOGGED_SKIPS + 30
+  with caplog.at_level('WARNING'):
+    for i in range(total):
+      store.skip(path=f'img{i}.jpg', where=f'cases.csv line {i + 2}', split='train',
+                 reason='not found')
+  logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith('Skipping')]
+  assert len(logged) == common.LOGGED_SKIPS + 1
+  assert 'further skipped images are not logged one by one' in logged[-1]
+  assert metadata['num_skipped_images'] == total
+  assert [e['path'] for e in metadata['skipped_images']] == [f'img{i}.jpg' for i in range(total)]
 
 
 def test_skipping_every_image_of_a_split_is_an_error(tmp_path):

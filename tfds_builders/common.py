@@ -419,12 +419,18 @@ class Failed:
   error: DataError
 
 
+# Skipped images logged one by one; the metadata lists them all.
+LOGGED_SKIPS = 20
+
+
 class ImageStore:
   """Reads image files into stored bytes; skips bad ones when asked to.
 
   A skipped image is appended to `metadata['skipped_images']` as
   `{'split', 'path', 'where', 'reason'}` and counted in
-  `metadata['num_skipped_images']`; the build logs a warning for each.
+  `metadata['num_skipped_images']`; the build logs a warning for each of the first
+  `LOGGED_SKIPS` (a partial download can miss hundreds of thousands) and then one
+  line saying the rest are in the metadata only.
 
   `try_load` / `try_convert` do the work and may run on `threads` threads
   (`each`, through `in_order`); `keep` then decides, in the builder's thread and
@@ -478,7 +484,13 @@ class ImageStore:
 
   def skip(self, *, path: str, where: str, split: str, reason: str) -> None:
     """Records a skipped image."""
-    logging.warning('Skipping %s (%s): %s', path, where, reason)
+    count = len(self._metadata['skipped_images'])
+    if count < LOGGED_SKIPS:
+      logging.warning('Skipping %s (%s): %s', path, where, reason)
+    elif count == LOGGED_SKIPS:
+      logging.warning('Skipping %s (%s): %s; further skipped images are not logged one by '
+                      'one: the build\'s metadata lists every one (skipped_images)', path,
+                      where, reason)
     self._metadata['skipped_images'].append(
         {'split': split, 'path': path, 'where': where, 'reason': reason})
     self._metadata['num_skipped_images'] = len(self._metadata['skipped_images'])
