@@ -106,13 +106,13 @@ def split_unit_keys(name: str, split: str, data_dir: str, unit: str) -> np.ndarr
                     dtype=str)
 
 
-def read_labels(source: Sequence[Any], label_key: str, chunk: int = 512) -> np.ndarray:
-  """The `label_key` feature of every record of `source`, in order."""
-  labels = []
-  for start in range(0, len(source), chunk):
-    keys = list(range(start, min(start + chunk, len(source))))
-    labels += [np.asarray(record[label_key]) for record in source.__getitems__(keys)]
-  return np.stack(labels) if labels else np.zeros((0,))
+def source_labels(source: Sequence[Any], name: str, split: str, data_dir: str,
+                  label_key: str) -> np.ndarray:
+  """The `label_key` feature of every record of `source` (split `split` of data set
+  `name`, or a `sources.Subset` of it), in order, from the build's label index
+  (`sources.record_labels`): no image is read."""
+  labels = sources.record_labels(name, split, data_dir, label_key)
+  return labels[split_indices(source, np.arange(len(source)))]
 
 
 def check_labels(labels: np.ndarray, keys: np.ndarray, where: str) -> None:

@@ -123,15 +123,101 @@ def test_an_index_without_the_features_is_scanned_then_completed_by_build_data(
   for entry in content['splits'].values():
     del entry['features']  # as an index written before the features were kept
   index.write_text(json.dumps(content))
+  label_index = Path(version_dir) / sources.LABEL_INDEX_FILE
+  label_index.unlink()  # and before the labels were
   assert not sources.index_is_current(version_dir)
   with caplog.at_level(logging.INFO):
     values = sources.record_features('chexpert', 'train', os.fspath(copy), ('study',))
   assert 'scanning every record' in caplog.text
   assert values == sources.record_features('chexpert', 'train', data_dir, ('study',))
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    labels = sources.record_labels('chexpert', 'train', os.fspath(copy), 'labels')
+  assert f'not in its {sources.LABEL_INDEX_FILE}; scanning every record' in caplog.text
+  expected = sources.record_labels('chexpert', 'train', data_dir, 'labels')
+  np.testing.assert_array_equal(labels, expected)
   build_data.build('chexpert', data_dir=os.fspath(copy))  # built: only the index is written
   assert sources.index_is_current(version_dir)
   assert json.loads(index.read_text())['splits']['train']['features']['study'] == (
       values['study'])
+  with np.load(label_index) as npz:
+    np.testing.assert_array_equal(npz['train.labels'], expected)
+
+
+def _scanned_labels(source) -> np.ndarray:
+  return np.stack([np.asarray(source[i]['labels']) for i in range(len(source))])
+
+
+def test_build_indexes_the_labels_of_every_record(cxr):
+  rows, data_dir = cxr
+  for split in ('train', 'validation'):
+    labels = sources.record_labels('chexpert', split, data_dir, 'labels')
+    source = sources.open_split('chexpert', split, data_dir)
+    assert labels.dtype == np.float32 and labels.shape == (len(source), len(LABELS))
+    np.testing.assert_array_equal(labels, _scanned_labels(source))  # NaN (blank) equal
+  edema = LABELS.index('Edema')
+  train = sources.record_labels('chexpert', 'train', data_dir, 'labels')
+  assert set(np.unique(train[:, edema])) == {-1.0, 0.0, 1.0} and np.isnan(train).any()
+  both = sources.record_labels('chexpert', 'train+validation', data_dir, 'labels')
+  np.testing.assert_array_equal(
+      both, np.concatenate([train, sources.record_labels('chexpert', 'validation', data_dir,
+                                                         'labels')]))
+  held = fractions.open_holdout('chexpert', 'train', data_dir, 0.25)
+  np.testing.assert_array_equal(
+      eval_units.source_labels(held, 'chexpert', 'train', data_dir, 'labels'),
+      _scanned_labels(held))
+
+
+def test_labels_of_a_sliced_split_are_scanned(cxr, caplog):
+  _, data_dir = cxr
+  with caplog.at_level(logging.INFO):
+    labels = sources.record_labels('chexpert', 'train[:5]', data_dir, 'labels')
+  assert 'scanning every record' in caplog.text
+  np.testing.assert_array_equal(
+      labels, sources.record_labels('chexpert', 'train', data_dir, 'labels')[:5])
+
+
+def test_starting_a_fine_tuning_reads_no_record(cxr, tmp_path, monkeypatch):
+  """A label fraction's classes and the per-study validation labels come from the
+  indexes: up to the training loop no record (each holds its image) is read."""
+  _, data_dir = cxr
+
+  def read(*args, **kwargs):
+    raise AssertionError('read a record before training')
+
+  class Started(Exception):
+    pass
+
+  def train_loop(**kwargs):
+    raise Started
+
+  monkeypatch.setattr(sources.CheckedSource, '__getitem__', read)
+  monkeypatch.setattr(sources.CheckedSource, '__getitems__', read)
+  monkeypatch.setattr(finetune.model_selection, 'train_loop', train_loop)
+  with pytest.raises(Started):
+    finetune.train_and_evaluate(
+        cxr_config(data_dir, **{'data.label_fraction': 0.5, 'task.eval_unit': 'study'}),
+        os.fspath(tmp_path / 'work'))
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'short'])
+def test_a_damaged_label_index_is_a_one_line_error_naming_it(cxr, tmp_path, damage):
+  _, data_dir = cxr
+  copy = tmp_path / 'data'
+  shutil.copytree(data_dir, copy)
+  path = Path(sources.find_version_dir('chexpert', os.fspath(copy))) / sources.LABEL_INDEX_FILE
+  if damage == 'truncated':
+    path.write_bytes(path.read_bytes()[:100])
+  else:
+    with np.load(path) as npz:
+      arrays = {name: npz[name] for name in npz.files}
+    arrays['train.labels'] = arrays['train.labels'][:-1]
+    with open(path, 'wb') as f:
+      np.savez(f, **arrays)
+  with pytest.raises(DataError) as excinfo:
+    sources.record_labels('chexpert', 'train', os.fspath(copy), 'labels')
+  message = str(excinfo.value)
+  assert '\n' not in message and str(path) in message and '--overwrite' in message
 
 
 @pytest.mark.parametrize('feature,value,view', [

@@ -228,13 +228,20 @@ def test_a_label_without_a_positive_training_example_is_a_warning(multi_colours,
 def test_uncertain_labels_count_as_positive_where_the_policy_makes_them_so(caplog, policy,
                                                                          missing):
   """'green' is only ever uncertain; 'round' never positive (blank or 0)."""
-  source = [{'labels': np.array([-1.0, 1.0, np.nan], np.float32)},
-            {'labels': np.array([-1.0, 0.0, 0.0], np.float32)}]
+  labels = np.array([[-1.0, 1.0, np.nan], [-1.0, 0.0, 0.0]], np.float32)
   task = supervised.Task('multilabel', 3, ('green', 'red', 'round'), uncertain=policy)
   with caplog.at_level('WARNING'):
-    finetune._warn_missing_classes(source, 'labels', task, 'data/train')
+    finetune._warn_missing_classes(labels, task, 'data/train')
   assert [r.getMessage().split(' (')[0] for r in caplog.records] == [
       f'data/train: no positive training example of label(s) {missing}']
+
+
+def test_a_class_without_a_training_example_is_a_warning(caplog):
+  task = supervised.Task('multiclass', 4, ('a', 'b', 'c', 'd'))
+  with caplog.at_level('WARNING'):
+    finetune._warn_missing_classes(np.array([0, 2, 2, 0]), task, 'data/train')
+  assert [r.getMessage().split(';')[0] for r in caplog.records] == [
+      'data/train: no training example of class(es) b, d']
 
 
 class _WithUncertain:

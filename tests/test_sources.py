@@ -81,8 +81,27 @@ def test_case_index_has_the_mode_of_the_builds_other_files(built):
   data_dir, _ = built
   version_dir = sources.find_version_dir(NAME, data_dir)
   mode = os.stat(os.path.join(version_dir, 'dataset_info.json')).st_mode & 0o777
-  assert os.stat(os.path.join(version_dir, sources.CASE_INDEX_FILE)).st_mode & 0o777 == mode
+  for index in (sources.CASE_INDEX_FILE, sources.LABEL_INDEX_FILE):
+    assert os.stat(os.path.join(version_dir, index)).st_mode & 0o777 == mode
   assert mode & 0o044  # readable by the group and others (umask 022 or looser)
+
+
+def test_label_index_holds_each_records_class(built):
+  data_dir, fake = built
+  names = sources.dataset_info(NAME, data_dir).features['label'].names
+  dx_of = {row['image_id']: row['dx'] for row in fake.rows}
+  for split in ('train', 'validation', 'test'):
+    labels = sources.record_labels(NAME, split, data_dir, 'label')
+    source = sources.open_split(NAME, split, data_dir)
+    assert labels.dtype == np.int64 and labels.shape == (len(source),)
+    assert [names[k] for k in labels] == [dx_of[source[i]['image_id'].decode()]
+                                          for i in range(len(source))]
+
+
+def test_labels_of_a_feature_that_is_not_there_is_a_one_line_error(built):
+  data_dir, _ = built
+  with pytest.raises(DataError, match=r'data set ham10000 has no feature labels; its features: '):
+    sources.record_labels(NAME, 'train', data_dir, 'labels')
 
 
 def test_case_index_scans_when_sidecar_missing(built, caplog):

@@ -14,9 +14,15 @@ and group predictions by study (`bigssl_med.eval_units`):
      "splits": {"train": {"num_records": N, "case_ids": ["HAM_...", ...],
                           "features": {"study": ["study1", ...], ...}}, ...}}
 
-An index written before `features` existed lacks them: they are then read by a scan
-of the records, and `python -m bigssl_med.build_data NAME --data_dir=...` on the
-finished build adds them to the index without rebuilding.
+`label_index.npz`, written beside it, holds the label features of `LABEL_FEATURES`
+(a class index `label`, or a vector of per-label values `labels`) of every record as
+one array per split and feature, member `SPLIT.FEATURE`, in record order, so that
+counting a label fraction's classes or checking the labels of a validation split
+reads no image (`record_labels`).
+
+An index written before `features` or `label_index.npz` existed lacks them: they are
+then read by a scan of the records, and `python -m bigssl_med.build_data NAME
+--data_dir=...` on the finished build adds them to the index without rebuilding.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import collections.abc
 import json
 import os
 from typing import Any, Sequence
+import zipfile
 
 from absl import logging
 from google.protobuf import message as protobuf_message
@@ -38,6 +45,7 @@ from bigssl_med.errors import DamagedBuild, DataError
 import tfds_builders
 
 CASE_INDEX_FILE = 'case_index.json'
+LABEL_INDEX_FILE = 'label_index.npz'
 DATASET_INFO_FILE = 'dataset_info.json'
 CASE_INDEX_FORMAT_VERSION = 1
 _SCAN_CHUNK = 1024
@@ -46,6 +54,9 @@ _SCAN_CHUNK = 1024
 # ChestX-ray14's `view_position`) and its study (CheXpert's `study` within the patient,
 # MIMIC-CXR's `study_id`).
 INDEX_FEATURES = ('frontal_lateral', 'view_position', 'study', 'study_id')
+# Label features `label_index.npz` keeps as arrays, where a data set has them: a class
+# index, or a vector of per-label values (CheXpert's 1, 0, -1 and NaN for blank).
+LABEL_FEATURES = ('label', 'labels')
 
 
 def build_command(name: str, data_dir: str) -> str:
@@ -380,9 +391,43 @@ def record_features(name: str, split: str, data_dir: str,
   return scan_features(_data_source(builder, name, split, data_dir), keys)
 
 
+def record_labels(name: str, split: str, data_dir: str, key: str) -> np.ndarray:
+  """The label feature `key` of every record of `split`, in record order, stacked:
+  shape `(records, *feature shape)`, the feature's dtype.
+
+  Read from `label_index.npz` where the build recorded it (`LABEL_FEATURES`); otherwise
+  (a build indexed before labels were kept, a sliced split, another feature) by
+  scanning the records, with a logged notice. A sum of splits gives the values of each
+  in turn.
+
+  Raises:
+    DataError: the data set, the split or the feature is missing, or a
+      `label_index.npz` that is unreadable or does not match the split (says to rebuild).
+  """
+  builder = _builder(name, data_dir)
+  _check_split(builder.info, name, split)
+  if key not in builder.info.features:
+    raise DataError(f'data set {name} has no feature {key}; its features: '
+                    f'{", ".join(sorted(builder.info.features))}')
+  feature = builder.info.features[key]
+  shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
+  path = os.path.join(os.fspath(builder.data_dir), LABEL_INDEX_FILE)
+  if '[' not in split and key in LABEL_FEATURES and os.path.exists(path):
+    parts = [_read_label_index(path, name, part, key, builder.info.splits[part].num_examples,
+                               shape, data_dir) for part in splits.parts(split)]
+    if all(part is not None for part in parts):
+      return np.concatenate(parts).astype(dtype, copy=False)
+  logging.info('Notice: %s of %s split %s not in its %s; scanning every record (`python -m '
+               'bigssl_med.build_data %s --data_dir=%s` adds it to the index).',
+               key, name, split, LABEL_INDEX_FILE, name, os.path.abspath(data_dir))
+  return _scan(_data_source(builder, name, split, data_dir), (),
+               {key: (shape, dtype)})[1][key]
+
+
 def index_is_current(version_dir: str) -> bool:
   """Whether the build in `version_dir` has a `case_index.json` that holds every
-  `INDEX_FEATURES` feature the data set has (False when unreadable)."""
+  `INDEX_FEATURES` feature the data set has, and a `label_index.npz` that holds every
+  `LABEL_FEATURES` one, for each split (False when unreadable)."""
   path = os.path.join(version_dir, CASE_INDEX_FILE)
   if not os.path.exists(path):
     return False
@@ -391,9 +436,16 @@ def index_is_current(version_dir: str) -> bool:
     wanted = [key for key in INDEX_FEATURES if key in info.features]
     with open(path) as f:
       entries = json.load(f)['splits']
-    return all(key in (entries[split].get('features') or {})
-               for split in info.splits for key in wanted)
-  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    if not all(key in (entries[split].get('features') or {})
+               for split in info.splits for key in wanted):
+      return False
+    labels = [key for key in LABEL_FEATURES if key in info.features]
+    if not labels:
+      return True
+    with np.load(os.path.join(version_dir, LABEL_INDEX_FILE), allow_pickle=False) as npz:
+      members = set(npz.files)
+    return all(_label_member(split, key) in members for split in info.splits for key in labels)
+  except (OSError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile):
     return False
 
 
@@ -494,34 +546,56 @@ def scan_case_ids(source: Sequence[dict[str, Any]]) -> list[str]:
 def scan_features(source: Sequence[dict[str, Any]],
                   keys: Sequence[str]) -> dict[str, list[str]]:
   """Reads the features `keys` of every record of a data source as text, in record order."""
-  values = {key: [] for key in keys}
+  return _scan(source, keys, {})[0]
+
+
+def _scan(source: Sequence[dict[str, Any]], text_keys: Sequence[str],
+          array_keys: dict[str, tuple[tuple[int, ...], np.dtype]]
+          ) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
+  """One pass over the records of a data source: the features `text_keys` as text and
+  the features `array_keys` (`{key: (shape, dtype)}`) stacked, each in record order."""
+  text = {key: [] for key in text_keys}
+  arrays = {key: [] for key in array_keys}
   for start in range(0, len(source), _SCAN_CHUNK):
     indices = list(range(start, min(start + _SCAN_CHUNK, len(source))))
     for record in source.__getitems__(indices):
-      for key in keys:
+      for key in text_keys:
         value = record[key]
-        values[key].append(value.decode('utf-8') if isinstance(value, bytes) else str(value))
-  return values
+        text[key].append(value.decode('utf-8') if isinstance(value, bytes) else str(value))
+      for key in array_keys:
+        arrays[key].append(record[key])
+  stacked = {key: np.asarray(arrays[key], dtype=dtype).reshape((-1, *shape))
+             for key, (shape, dtype) in array_keys.items()}
+  return text, stacked
 
 
 def write_case_index(version_dir: str) -> str:
-  """Scans each split of the build in `version_dir`, writes `case_index.json`.
+  """Scans each split of the build in `version_dir` once, writes `label_index.npz` (where
+  the data set has `LABEL_FEATURES`), then `case_index.json`.
 
-  The file is written atomically (temporary file, then rename).
+  Each file is written atomically (temporary file, then rename).
 
   Returns:
-    The path of the written file.
+    The path of the written `case_index.json`.
   """
   version_dir = os.fspath(version_dir)
   builder = tfds.builder_from_directory(version_dir)
-  indexed = [key for key in INDEX_FEATURES if key in builder.info.features]
-  splits = {}
+  features = builder.info.features
+  indexed = [key for key in INDEX_FEATURES if key in features]
+  labelled = {key: (tuple(features[key].shape), np.dtype(features[key].np_dtype))
+              for key in LABEL_FEATURES if key in features}
+  splits, labels = {}, {}
   for split in sorted(builder.info.splits):
     source = builder.as_data_source(
         split, decoders=_skip_image_decoders(builder.info))
-    values = scan_features(source, ('case_id', *indexed))
+    values, arrays = _scan(source, ('case_id', *indexed), labelled)
     case_ids = values.pop('case_id')
     splits[split] = {'num_records': len(case_ids), 'case_ids': case_ids, 'features': values}
+    labels.update({_label_member(split, key): array for key, array in arrays.items()})
+  if labels:
+    with files.written_whole(os.path.join(version_dir, LABEL_INDEX_FILE)) as tmp, \
+        open(tmp, 'wb') as f:
+      np.savez(f, **labels)
   content = {
       'format_version': CASE_INDEX_FORMAT_VERSION,
       'dataset': builder.info.name,
@@ -636,6 +710,30 @@ def _skip_image_decoders(info: tfds.core.DatasetInfo) -> dict[str, Any]:
   return {key: tfds.decode.SkipDecoding()
           for key, feature in info.features.items()
           if isinstance(feature, tfds.features.Image)}
+
+
+def _label_member(split: str, key: str) -> str:
+  """The member of `label_index.npz` that holds feature `key` of `split`."""
+  return f'{split}.{key}'
+
+
+def _read_label_index(path: str, name: str, split: str, key: str, num_records: int,
+                      shape: tuple[int, ...], data_dir: str) -> np.ndarray | None:
+  """Feature `key` of `split` from a label_index.npz (None when the file lacks it),
+  checked against the split's record count and the feature's shape."""
+  rebuild = rebuild_hint(name, data_dir)
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      member = _label_member(split, key)
+      if member not in npz.files:
+        return None
+      values = npz[member]
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    raise DataError(f'{path}: unreadable label index ({_detail(exc)}); {rebuild}') from exc
+  if values.shape != (num_records, *shape):
+    raise DataError(f'{path}: label index {member} has shape {values.shape}, split {split} '
+                    f'needs {(num_records, *shape)}; {rebuild}')
+  return values
 
 
 def _read_index(path: str, name: str, split: str, num_records: int,

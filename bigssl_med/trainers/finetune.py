@@ -35,7 +35,6 @@ softmax cross-entropy; top-1, top-3, balanced accuracy, AUCs) or a float vector
 mean AUC). A second run on a finished workdir returns its results.
 """
 
-import collections
 import functools
 import logging
 import os
@@ -157,21 +156,21 @@ def _check_validation_split(config: ml_collections.ConfigDict) -> float:
   return holdout
 
 
-def _warn_missing_classes(source, key: str, task: supervised.Task, where: str) -> None:
+def _warn_missing_classes(labels: np.ndarray, task: supervised.Task, where: str) -> None:
   """Warns when a class has no training example, or (multi-label) a label no positive
-  one (a label fraction too small).
+  one (a label fraction too small); `labels`: the training images' labels.
 
   A multi-label entry is positive when the task's training targets make it one: 1, and
   uncertain (-1) under the `ones` and `lsr_ones` policies (`supervised.policy_targets`).
   """
   if task.kind == 'multiclass':
-    counts = collections.Counter(int(r[key]) for r in _iterate(source))
+    counts = np.bincount(np.asarray(labels, np.int64).reshape(-1), minlength=task.num_outputs)
     missing = [task.names[i] for i in range(task.num_outputs) if not counts[i]]
     if missing:
       logging.warning('%s: no training example of class(es) %s; the classifier cannot learn '
                       'them (raise config.data.label_fraction)', where, ', '.join(missing))
     return
-  labels = np.asarray([r[key] for r in _iterate(source)], np.float32)
+  labels = np.asarray(labels, np.float32)
   if not len(labels):
     return
   targets, mask = supervised.policy_targets(labels.reshape(len(labels), -1), task, seed=0,
@@ -183,10 +182,6 @@ def _warn_missing_classes(source, key: str, task: supervised.Task, where: str) -
                     "counted as task.uncertain='%s' makes them); the classifier cannot learn "
                     'them (raise config.data.label_fraction)', where, ', '.join(missing),
                     task.uncertain)
-
-
-def _iterate(source, chunk: int = 512):
-  yield from _read(source, range(len(source)), chunk)
 
 
 def _read(source, records, chunk: int = 512):
@@ -413,7 +408,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.warning('%s has no split %r: no test evaluation (splits: %s)', config.dataset,
                     test_split, ', '.join(sorted(info.splits)))
   if fraction < 1.0:
-    _warn_missing_classes(train_source, label_key, task, train_name)
+    _warn_missing_classes(
+        eval_units.source_labels(train_source, config.dataset, config.data.train_split,
+                                 data_dir, label_key), task, train_name)
   label_shape = () if task.kind == 'multiclass' else (task.num_outputs,)
   spec = pipeline.ViewSpec(config.data.image_size, config.data.crop_area_min, label_key,
                            label_shape, eval_resize=config.data.eval_resize)
@@ -447,8 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       shift.label_key, f'{shift.dataset}/{shift.split}', shift.unit))
   for source, dataset, split, where_dir, key, where, by in evaluated:
     if by != 'image':
-      eval_units.check_labels(eval_units.read_labels(source, key),
-                              units_of(source, dataset, split, where_dir, by), where)
+      labels = eval_units.source_labels(source, dataset, split, where_dir, key)
+      eval_units.check_labels(labels, units_of(source, dataset, split, where_dir, by), where)
 
   # ---------------------------------------------------------------- Model and optimiser.
   model = build_model(config, task.num_outputs, dtype)
