@@ -68,6 +68,30 @@ def selection_settings(config: ml_collections.ConfigDict, steps_per_epoch: float
                       float(o.plateau_threshold))
 
 
+# Validation images per training image between evaluations above which a run is warned:
+# a forward pass costs about a third of a training step's, so from here on the
+# evaluations take about as long as the training between them, or longer.
+COSTLY_VALIDATION = 3.0
+
+
+def warn_costly_validation(config: ml_collections.ConfigDict, eval_every: int,
+                           total_steps: int, eval_images: int, where: str) -> None:
+  """Warns when each validation of `eval_images` images (of `where`) reads more than
+  `COSTLY_VALIDATION` times the images trained on between two (a small label fraction
+  validated every epoch on a large set), saying how often it evaluates and how to change it."""
+  if not 0 < eval_every < total_steps:
+    return
+  trained = eval_every * config.batch_size
+  ratio = eval_images / trained
+  if ratio <= COSTLY_VALIDATION:
+    return
+  key = 'eval_every_epochs' if config.get('eval_every_epochs') else 'eval_every_steps'
+  logging.warning('validation on %s reads %d images every %d steps of %d training images '
+                  '(%.1fx): the %d evaluations may take longer than the training; a larger '
+                  'config.%s evaluates less often', where, eval_images, eval_every, trained,
+                  ratio, total_steps // eval_every, key)
+
+
 # What every `best.json` holds (the others are filled in for a file of an older version).
 _RECORD_KEYS = ('step', 'value', 'validation', 'last_eval_step', 'evals_since_best',
                 'stopped_early')

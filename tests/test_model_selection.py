@@ -227,3 +227,23 @@ def test_an_unknown_primary_metric_fails_before_training_naming_the_metrics(
   message = str(excinfo.value)
   assert "primary_metric='auc_mean'" in message and "'top1'" in message and '\n' not in message
   assert not (workdir / 'checkpoints').exists() and not (workdir / 'metrics.jsonl').exists()
+
+
+@pytest.mark.parametrize('eval_images, eval_every, warned', [
+    (100, 2, True),  # 100 validation images every 16 training images: 6.25x
+    (48, 2, False),  # 3x: as long as the training between evaluations, no more
+    (100, 0, False),  # evaluated at the end only
+    (100, 10, False),  # once, at the end
+])
+def test_validation_much_larger_than_the_training_between_evaluations_is_a_warning(
+    caplog, eval_images, eval_every, warned):
+  config = ml_collections.ConfigDict({'batch_size': 8, 'eval_every_epochs': 1.0})
+  with caplog.at_level(logging.WARNING):
+    model_selection.warn_costly_validation(config, eval_every, 10, eval_images, 'data/valid')
+  messages = [r.getMessage() for r in caplog.records]
+  if warned:
+    assert messages == ['validation on data/valid reads 100 images every 2 steps of 16 training '
+                        'images (6.2x): the 5 evaluations may take longer than the training; a '
+                        'larger config.eval_every_epochs evaluates less often']
+  else:
+    assert not messages

@@ -418,6 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       config, len(train_source), f'labelled images of {train_name} (label_fraction {fraction:g})')
   eval_every, plateau = model_selection.selection_settings(config, steps_per_epoch,
                                                           total_steps)
+  model_selection.warn_costly_validation(config, eval_every, total_steps, len(eval_source),
+                                         eval_name)
   logging.info('%s: %d %s images (fraction %g), %s with %d outputs, %d steps', train_name,
                len(train_source), 'unlabelled' if distill else 'labelled', fraction,
                task.kind, task.num_outputs, total_steps)
