@@ -312,12 +312,7 @@ ABSENT_MEANS = {
 def saved_defaults(trainer: str) -> ml_collections.ConfigDict:
   """`defaults(trainer)` as a config.json that lacks a key ran: with `ABSENT_MEANS`."""
   config = defaults(trainer)
-  for key, value in ABSENT_MEANS.get(trainer, {}).items():
-    *parents, leaf = key.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.update_from_flattened_dict(ABSENT_MEANS.get(trainer, {}))
   return config
 
 

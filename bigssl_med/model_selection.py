@@ -85,7 +85,7 @@ def warn_costly_validation(config: ml_collections.ConfigDict, eval_every: int,
   ratio = eval_images / trained
   if ratio <= COSTLY_VALIDATION:
     return
-  key = 'eval_every_epochs' if config.get('eval_every_epochs') else 'eval_every_steps'
+  key = 'eval_every_epochs' if config.eval_every_epochs else 'eval_every_steps'
   logging.warning('validation on %s reads %d images every %d steps of %d training images '
                   '(%.1fx): the %d evaluations may take longer than the training; a larger '
                   'config.%s evaluates less often', where, eval_images, eval_every, trained,

@@ -369,10 +369,7 @@ def record_features(name: str, split: str, data_dir: str,
   """
   builder = _builder(name, data_dir)
   _check_split(builder.info, name, split)
-  missing = [key for key in keys if key not in builder.info.features]
-  if missing:
-    raise DataError(f'data set {name} has no feature {", ".join(missing)}; its features: '
-                    f'{", ".join(sorted(builder.info.features))}')
+  _check_features(builder.info, name, keys)
   path = os.path.join(os.fspath(builder.data_dir), CASE_INDEX_FILE)
   values = {key: [] for key in keys}
   if '[' not in split and os.path.exists(path):
@@ -406,22 +403,18 @@ def record_labels(name: str, split: str, data_dir: str, key: str) -> np.ndarray:
   """
   builder = _builder(name, data_dir)
   _check_split(builder.info, name, split)
-  if key not in builder.info.features:
-    raise DataError(f'data set {name} has no feature {key}; its features: '
-                    f'{", ".join(sorted(builder.info.features))}')
-  feature = builder.info.features[key]
-  shape, dtype = tuple(feature.shape), np.dtype(feature.np_dtype)
+  _check_features(builder.info, name, (key,))
+  spec = _array_spec(builder.info.features[key])
   path = os.path.join(os.fspath(builder.data_dir), LABEL_INDEX_FILE)
   if '[' not in split and key in LABEL_FEATURES and os.path.exists(path):
     parts = [_read_label_index(path, name, part, key, builder.info.splits[part].num_examples,
-                               shape, data_dir) for part in splits.parts(split)]
+                               spec[0], data_dir) for part in splits.parts(split)]
     if all(part is not None for part in parts):
-      return np.concatenate(parts).astype(dtype, copy=False)
+      return np.concatenate(parts).astype(spec[1], copy=False)
   logging.info('Notice: %s of %s split %s not in its %s; scanning every record (`python -m '
                'bigssl_med.build_data %s --data_dir=%s` adds it to the index).',
                key, name, split, LABEL_INDEX_FILE, name, os.path.abspath(data_dir))
-  return _scan(_data_source(builder, name, split, data_dir), (),
-               {key: (shape, dtype)})[1][key]
+  return _scan(_data_source(builder, name, split, data_dir), (), {key: spec})[1][key]
 
 
 def index_is_current(version_dir: str) -> bool:
@@ -582,8 +575,7 @@ def write_case_index(version_dir: str) -> str:
   builder = tfds.builder_from_directory(version_dir)
   features = builder.info.features
   indexed = [key for key in INDEX_FEATURES if key in features]
-  labelled = {key: (tuple(features[key].shape), np.dtype(features[key].np_dtype))
-              for key in LABEL_FEATURES if key in features}
+  labelled = {key: _array_spec(features[key]) for key in LABEL_FEATURES if key in features}
   splits, labels = {}, {}
   for split in sorted(builder.info.splits):
     source = builder.as_data_source(
@@ -710,6 +702,18 @@ def _skip_image_decoders(info: tfds.core.DatasetInfo) -> dict[str, Any]:
   return {key: tfds.decode.SkipDecoding()
           for key, feature in info.features.items()
           if isinstance(feature, tfds.features.Image)}
+
+
+def _check_features(info: tfds.core.DatasetInfo, name: str, keys: Sequence[str]) -> None:
+  missing = [key for key in keys if key not in info.features]
+  if missing:
+    raise DataError(f'data set {name} has no feature {", ".join(missing)}; its features: '
+                    f'{", ".join(sorted(info.features))}')
+
+
+def _array_spec(feature: tfds.features.FeatureConnector) -> tuple[tuple[int, ...], np.dtype]:
+  """`(shape, dtype)` of one record's value of `feature`."""
+  return tuple(feature.shape), np.dtype(feature.np_dtype)
 
 
 def _label_member(split: str, key: str) -> str:
