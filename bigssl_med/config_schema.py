@@ -77,6 +77,7 @@ def _model() -> ml_collections.ConfigDict:
   m.stem_pool_padding = 'same'    # 'symmetric' for models imported from torchvision's layout
   m.identity_shortcuts = False    # True: torchvision's shortcuts (ResNet-18/34 imports)
   m.input_normalization = 'none'  # 'imagenet': (x - mean) / std, as torchvision-layout models
+  m.conv_padding = 'fixed'        # 'same': TF SAME padding of strided convs (BYOL imports)
   m.head_layers = 3
   m.head_hidden_dim = 0           # 0: the encoder's feature width
   m.head_out_dim = 128

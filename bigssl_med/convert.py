@@ -33,6 +33,15 @@ Formats (`--format`; found from the file when left out):
   project's ResNets, whose layers run in the same order. A SimCLRv2 projection head
   (`head_contrastive/nl_J/...`) comes along when present. Needs TensorFlow (part of
   the normal install).
+- `byol`: BYOL's checkpoints (`pretrain_res50x1.pkl`, `pretrain_res200x2.pkl`): a pickle
+  of `{'experiment_state': (online_params, target_params, online_state, target_state,
+  opt_state), ...}` holding Haiku's ResNet (`res_net50/~/block_group_0/~/block_0/~/
+  conv_0`, ...). The online network's encoder is imported (`--ema`: the target
+  network's); the projector, predictor and classifier are left out. Read without
+  Haiku, dill or BYOL's code, and without running any code from the file: NumPy
+  rebuilds the arrays, Haiku's mappings become dicts and every other object a stand-in.
+  Haiku pads strided convolutions as TF's SAME, so the imported model has
+  `conv_padding='same'`, and `input_normalization='imagenet'` as BYOL trained.
 
 Writes `WORKDIR/checkpoints/0/model` (orbax; `{'params', 'batch_stats'}` with
 `encoder` and, when imported, `head`: the layout of a pretraining checkpoint) and
@@ -61,13 +70,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from bigssl_med import checkpointing, cli, config_schema, files, models
+from bigssl_med import checkpointing, cli, config_schema, files, haiku_pickle, models
 from bigssl_med import staging as staging_lib
 from bigssl_med import workdir as workdir_lib
 from bigssl_med.errors import CheckpointError, UserError
 from bigssl_med.models import heads, resnet
 
-FORMATS = ('torchvision', 'simclr_tf1')
+FORMATS = ('torchvision', 'simclr_tf1', 'byol')
 EXPORT_FORMAT = 'torchvision_resnet'  # the metadata `format` of bigssl_med.export's files
 
 # ------------------------------------------------------------------ PyTorch files.
@@ -250,8 +259,9 @@ def is_safetensors_file(path: str) -> bool:
 
 
 def exported_architecture(path: str) -> dict[str, Any]:
-  """`input_normalization`, `stem_pool_padding` and `width_multiplier` of a file
-  `bigssl_med.export` wrote.
+  """`input_normalization`, `stem_pool_padding`, `conv_padding` and `width_multiplier`
+  of a file `bigssl_med.export` wrote (`conv_padding` 'fixed' where an older export's
+  metadata lacks it).
 
   Empty for other files. Export records them in the file's metadata (`format:
   torchvision_resnet`) because torchvision's layout cannot show them, and a model
@@ -267,8 +277,9 @@ def exported_architecture(path: str) -> dict[str, Any]:
     return {}
   found = {}
   for key, allowed in (('input_normalization', tuple(resnet.INPUT_NORMALIZATIONS)),
-                       ('stem_pool_padding', resnet.STEM_POOL_PADDINGS)):
-    value = metadata.get(key)
+                       ('stem_pool_padding', resnet.STEM_POOL_PADDINGS),
+                       ('conv_padding', resnet.CONV_PADDINGS)):
+    value = metadata.get(key, 'fixed' if key == 'conv_padding' else None)  # older exports
     if value not in allowed:
       raise CheckpointError(f'{path}: metadata {key}={value!r} is not one of {allowed}')
     found[key] = value
@@ -392,6 +403,7 @@ _TORCHVISION_MODULES = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.', 'laye
 def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *,
                        input_normalization: str = 'imagenet',
                        stem_pool_padding: str = 'symmetric',
+                       conv_padding: str = 'fixed',
                        width_multiplier: float | None = None
                        ) -> tuple[dict[str, Any], dict[str, Any]]:
   """`({'params': {'encoder': ...}, 'batch_stats': {...}}, model config)` of a state dict.
@@ -404,7 +416,9 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *
   `input_normalization` is what the model expects of its input (see
   `resnet.INPUT_NORMALIZATIONS`): ImageNet's standardisation unless it was trained on
   [0, 1] images. `stem_pool_padding`: torchvision's max-pooling ('symmetric') unless
-  the file says otherwise (`exported_architecture`). `width_multiplier`: found from
+  the file says otherwise (`exported_architecture`); `conv_padding` likewise
+  (torchvision's, 'fixed', unless an export of a model with TF's SAME padding).
+  `width_multiplier`: found from
   the stem unless given (an export's metadata).
   """
   depth, width = _torchvision_layout(sd, path, width_multiplier)
@@ -452,6 +466,7 @@ def import_torchvision(sd: Mapping[str, np.ndarray], path: str = 'state dict', *
   # Only the first block of ResNet-18/34 can go without a projection (64 -> 64, stride 1);
   # where one is missing elsewhere, the check against the model names it.
   model = _model_config(depth=depth, width_multiplier=width, stem_pool_padding=stem_pool_padding,
+                        conv_padding=conv_padding,
                         identity_shortcuts='layer1.0.downsample.0.weight' not in sd,
                         input_normalization=input_normalization, head_layers=0)
   variables = {'params': {'encoder': params}, 'batch_stats': {'encoder': stats}}
@@ -703,6 +718,152 @@ def _simclr_head(variables, prefix: str, path: str):
   return params, stats, config
 
 
+# --------------------------------------------------------- BYOL's Haiku pickles.
+
+_BYOL_STATE_FIELDS = ('online_params', 'target_params', 'online_state', 'target_state',
+                      'opt_state')  # BYOL's experiment state, a named tuple in this order
+
+
+def byol_network(checkpoint: Any, path: str, target: bool = False
+                 ) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+  """(params, state) of the online network (the target network's with `target`) in a
+  BYOL checkpoint: `{'experiment_state': (online_params, target_params, online_state,
+  target_state, opt_state), 'step', 'rng'}`."""
+  if not isinstance(checkpoint, Mapping) or 'experiment_state' not in checkpoint:
+    have = sorted(map(str, checkpoint))[:6] if isinstance(checkpoint, Mapping) else [
+        type(checkpoint).__name__]
+    raise CheckpointError(f'{path}: no experiment_state (it holds {", ".join(have)}); is it '
+                          'a checkpoint of BYOL\'s pretraining (pretrain_res50x1.pkl)?')
+  state = checkpoint['experiment_state']
+  if isinstance(state, haiku_pickle.Kept) and len(state.args) == len(_BYOL_STATE_FIELDS):
+    state = dict(zip(_BYOL_STATE_FIELDS, state.args))
+  which = 'target' if target else 'online'
+  if not isinstance(state, Mapping) or f'{which}_params' not in state:
+    raise CheckpointError(f'{path}: experiment_state is not BYOL\'s (online_params, '
+                          'target_params, online_state, target_state, opt_state)')
+  params, net_state = state[f'{which}_params'], state[f'{which}_state']
+  for name, value in ((f'{which}_params', params), (f'{which}_state', net_state)):
+    if not isinstance(value, Mapping):
+      raise CheckpointError(f'{path}: experiment_state.{name} is a {type(value).__name__}, '
+                            'not a mapping of Haiku modules')
+  return params, net_state
+
+
+def import_byol(params: Mapping[str, Any], state: Mapping[str, Any], path: str = 'checkpoint'
+                ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """`({'params', 'batch_stats'}, model config)` of BYOL's Haiku ResNet (`ResNetTorso`).
+
+  Module names: `ROOT/~/initial_conv`, `ROOT/~/initial_batchnorm`,
+  `ROOT/~/block_group_G/~/block_B/~/{conv_K, batchnorm_K, shortcut_conv,
+  shortcut_batchnorm}` (ROOT `res_net50`, `res_net200`, ...), kernels HWIO; a
+  BatchNorm's moving statistics are the zero-debiased `average` of its state
+  `.../~/mean_ema` and `.../~/var_ema`. The projector, predictor and classifier
+  beside the encoder are left out, and the log says so. Haiku pads every convolution
+  and the max-pooling as TF's SAME: the model has `conv_padding='same'` (and SimCLR's
+  max-pooling, also SAME); BYOL standardises its [0, 1] input with ImageNet's mean
+  and std: `input_normalization='imagenet'`.
+  """
+  roots = sorted({k[:-len('/~/initial_conv')] for k in params
+                  if isinstance(k, str) and k.endswith('/~/initial_conv')})
+  if len(roots) != 1:
+    raise CheckpointError(f'{path}: ' + ('no Haiku ResNet in it (a module ROOT/~/initial_conv)'
+                                         if not roots else
+                                         f'several Haiku ResNets in it: {", ".join(roots)}'))
+  root = roots[0]
+  used = set()
+
+  def module(name, tree, where):
+    if name not in tree or not isinstance(tree[name], Mapping):
+      raise CheckpointError(f'{path}: lacks the {where} {name!r}, which BYOL\'s ResNet has')
+    return tree[name]
+
+  def array(name, tree, key, where='module'):
+    values = module(name, tree, where)
+    if key not in values:
+      raise CheckpointError(f'{path}: {name} lacks {key!r}')
+    value = values[key]
+    if not isinstance(value, np.ndarray) or value.dtype.kind != 'f':
+      raise CheckpointError(f'{path}: {name}/{key} is a {type(value).__name__}, not an array '
+                            'of floats')
+    return np.asarray(value, np.float32)
+
+  def conv(name):
+    used.add(name)
+    kernel = array(name, params, 'w')
+    if kernel.ndim != 4:
+      raise CheckpointError(f'{path}: {name}/w has shape {kernel.shape}, not a 2D convolution\'s')
+    return kernel
+
+  def bn(name):
+    used.add(name)
+    stats = {}
+    for ema, ours in (('mean_ema', 'mean'), ('var_ema', 'var')):
+      stats[ours] = array(f'{name}/~/{ema}', state, 'average', 'state').reshape(-1)
+    return ({'scale': array(name, params, 'scale').reshape(-1),
+             'bias': array(name, params, 'offset').reshape(-1)}, stats)
+
+  block_names = {}
+  for key in params:
+    m = re.match(rf'^{re.escape(root)}/~/block_group_(\d+)/~/block_(\d+)/~/', str(key))
+    if m:
+      block_names.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+  counts = []
+  for g in range(4):
+    blocks = block_names.get(g, set())
+    if not blocks or blocks != set(range(len(blocks))):
+      raise CheckpointError(f'{path}: {root}/~/block_group_{g} has blocks {sorted(blocks)}, '
+                            'not 0..N-1')
+    counts.append(len(blocks))
+  if len(block_names) != 4:
+    raise CheckpointError(f'{path}: {root} has block groups {sorted(block_names)}, not 0..3')
+  first = f'{root}/~/block_group_0/~/block_0/~/'
+  kind = 'bottleneck' if f'{first}conv_2' in params else 'basic'
+  depths = [d for d in resnet.DEPTHS if resnet.layout(d) == (kind, tuple(counts))]
+  if not depths:
+    raise CheckpointError(f'{path}: {kind} blocks {tuple(counts)} per group match no ResNet '
+                          f'depth of {resnet.DEPTHS}')
+  depth = depths[0]
+  ours, stats = {}, {}
+  stem = conv(f'{root}/~/initial_conv')
+  if stem.shape[:3] != (7, 7, 3):
+    raise CheckpointError(f'{path}: {root}/~/initial_conv/w has shape {stem.shape}; BYOL\'s '
+                          'ResNets have a 7x7 stem on RGB images, (7, 7, 3, 64 x width)')
+  ours['stem_conv'] = {'conv': {'kernel': stem}}
+  ours['stem_bn'], stats['stem_bn'] = ({'bn': p} for p in bn(f'{root}/~/initial_batchnorm'))
+  convs = 3 if kind == 'bottleneck' else 2
+  for g, blocks in enumerate(counts):
+    for b in range(blocks):
+      theirs = f'{root}/~/block_group_{g}/~/block_{b}/~/'
+      block, block_stats = {}, {}
+      for k in range(convs):
+        block[f'conv{k + 1}'] = {'conv': {'kernel': conv(f'{theirs}conv_{k}')}}
+        block[f'bn{k + 1}'], block_stats[f'bn{k + 1}'] = (
+            {'bn': p} for p in bn(f'{theirs}batchnorm_{k}'))
+      if b == 0:
+        scale_bias, shortcut_stats = bn(f'{theirs}shortcut_batchnorm')
+        block['shortcut'] = {'proj': {'conv': {'kernel': conv(f'{theirs}shortcut_conv')}},
+                             'proj_bn': {'bn': scale_bias}}
+        block_stats['shortcut'] = {'proj_bn': {'bn': shortcut_stats}}
+      ours[f'group{g + 1}_block{b}'], stats[f'group{g + 1}_block{b}'] = block, block_stats
+  under = sorted(str(k) for k in params if str(k).startswith(f'{root}/'))
+  unused = [k for k in under if k not in used]
+  if unused:
+    raise CheckpointError(f'{path}: has {unused[0]}, which BYOL\'s ResNet-{depth} lacks '
+                          f'({len(unused)} such modules)')
+  left_out = sorted(str(k) for k in params if not str(k).startswith(f'{root}/'))
+  if left_out:  # the projector, predictor and classifier
+    scopes = collections.Counter(k.split('/')[0] for k in left_out)
+    logging.info('%s: left out %d modules beside the ResNet: %s', path, len(left_out),
+                 ', '.join(f'{scope} ({n})' for scope, n in sorted(scopes.items())))
+  width = stem.shape[3] / 64
+  model = _model_config(depth=depth, width_multiplier=width, conv_padding='same',
+                        stem_pool_padding='same', identity_shortcuts=False,
+                        input_normalization='imagenet', head_layers=0)
+  variables = {'params': {'encoder': ours}, 'batch_stats': {'encoder': stats}}
+  _check_against_model(variables, model, path)
+  return variables, model
+
+
 # ------------------------------------------------------------------- Both formats.
 
 
@@ -743,12 +904,12 @@ def tf_checkpoint_prefix(path: str) -> str:
 
 
 def detect_format(path: str) -> str:
-  """'torchvision' for a PyTorch file, 'simclr_tf1' for a TF checkpoint (prefix, its
-  `.index` or `.data-*` file, or a folder)."""
+  """'simclr_tf1' for a TF checkpoint (prefix, its `.index` or `.data-*` file, or a
+  folder), 'byol' for a pickle that is not a PyTorch file, else 'torchvision'."""
   if os.path.isdir(path) or os.path.exists(f'{tf_checkpoint_prefix(path)}.index'):
     return 'simclr_tf1'
   if os.path.isfile(path):
-    return 'torchvision'
+    return 'byol' if haiku_pickle.is_plain_pickle(path) else 'torchvision'
   raise CheckpointError(f'{path}: no such file, TF checkpoint prefix ({path}.index) or folder')
 
 
@@ -758,9 +919,9 @@ def load(path: str, kind: str | None = None, *, prefix: str | None = None, ema: 
   """`(variables, model config)` of the published model at `path`.
 
   `kind` is one of `FORMATS` (see the module doc), found from `path` when None.
-  `input_normalization` overrides the format's ('imagenet' for torchvision's layout,
-  'none' for SimCLR's [0, 1] inputs, what the metadata says for a file of
-  `bigssl_med.export`).
+  `input_normalization` overrides the format's ('imagenet' for torchvision's layout and
+  BYOL, 'none' for SimCLR's [0, 1] inputs, what the metadata says for a file of
+  `bigssl_med.export`). `ema`: SimCLR's moving averages, or BYOL's target network.
   """
   kind = kind or detect_format(path)
   if input_normalization is not None and input_normalization not in resnet.INPUT_NORMALIZATIONS:
@@ -777,11 +938,17 @@ def load(path: str, kind: str | None = None, *, prefix: str | None = None, ema: 
         input_normalization=(input_normalization or exported.get('input_normalization')
                              or 'imagenet'),
         stem_pool_padding=exported.get('stem_pool_padding', 'symmetric'),
+        conv_padding=exported.get('conv_padding', 'fixed'),
         width_multiplier=exported.get('width_multiplier'))
   if kind == 'simclr_tf1':
     variables, model_config = import_simclr_tf1(read_tf_checkpoint(path), path, ema=ema,
                                                 sk_ratio=sk_ratio)
     model_config['input_normalization'] = input_normalization or 'none'
+    return variables, model_config
+  if kind == 'byol':
+    variables, model_config = import_byol(
+        *byol_network(haiku_pickle.read(path), path, target=ema), path)
+    model_config['input_normalization'] = input_normalization or 'imagenet'
     return variables, model_config
   raise UserError(f'format {kind!r} is not one of {FORMATS}')
 
@@ -866,23 +1033,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point; returns the process exit status."""
   parser = argparse.ArgumentParser(
       prog='python -m bigssl_med.convert',
-      description='Imports a published ImageNet ResNet (torchvision layout or SimCLR TF1) as '
-                  'a workdir that --config.init_from accepts.')
+      description='Imports a published ImageNet ResNet (torchvision layout, SimCLR TF1 or '
+                  'BYOL) as a workdir that --config.init_from accepts.')
   parser.add_argument('--checkpoint', required=True,
-                      help='a PyTorch or .safetensors file, or a TF checkpoint prefix '
-                           '(model.ckpt-N) or folder')
+                      help='a PyTorch or .safetensors file, a BYOL .pkl file, or a TF '
+                           'checkpoint prefix (model.ckpt-N) or folder')
   parser.add_argument('--workdir', required=True, help='new folder to write the model into')
   parser.add_argument('--format', choices=FORMATS, default=None,
-                      help='default: torchvision for a file, simclr_tf1 for a TF checkpoint')
+                      help='default: simclr_tf1 for a TF checkpoint, byol for a pickle, '
+                           'torchvision for other files')
   parser.add_argument('--prefix', default=None,
                       help="torchvision: the state dict's key prefix, where the file holds "
                            "several networks (e.g. 'module.encoder_q.')")
   parser.add_argument('--ema', action='store_true',
-                      help='simclr_tf1: the moving-average weights (ema_model/)')
+                      help='simclr_tf1: the moving-average weights (ema_model/); byol: the '
+                           'target network (the online network\'s moving average) instead of '
+                           'the online network')
   parser.add_argument('--input_normalization', choices=tuple(resnet.INPUT_NORMALIZATIONS),
                       default=None,
                       help="how the model's input was standardised (default: 'imagenet' for "
-                           "torchvision's layout, 'none' for SimCLR's [0, 1] images)")
+                           "torchvision's layout and BYOL, 'none' for SimCLR's [0, 1] images)")
   parser.add_argument('--sk_ratio', type=float, default=0.0625,
                       help='simclr_tf1: the selective-kernel ratio, where there are SK layers '
                            '(default: SimCLRv2\'s 0.0625)')

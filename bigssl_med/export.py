@@ -18,8 +18,11 @@ a PyTorch user must match:
   are (no ImageNet mean/std standardisation); 'imagenet' means it expects it.
 - `stem_pool_padding`: 'same' means the model was trained with SimCLR's max-pooling
   windows, one pixel off torchvision's; in torchvision it computes a different
-  function (the log says so). `bigssl_med.convert` reads both back from the
-  metadata, so importing the file gives back the same network.
+  function (the log says so).
+- `conv_padding`: 'same' means the strided convolutions pad as TF's SAME (a model
+  imported from BYOL), not as torchvision's; the log says so too.
+`bigssl_med.convert` reads all three back from the metadata, so importing the file
+gives back the same network.
 
 Architectures torchvision's ResNet cannot express are refused with a one-line error:
 selective kernels, the CIFAR stem, and SimCLR's projection in the first block of a
@@ -181,10 +184,16 @@ def export(workdir: str, out: str, checkpoint: str = 'auto',
                     'torchvision\'s sit one pixel off, so in torchvision this network computes '
                     'a different function (bigssl_med.convert reads the file back as it is)',
                     workdir, model['stem_pool_padding'])
+  if model['conv_padding'] != 'fixed':
+    logging.warning('%s: its strided convolutions pad as TF\'s SAME (conv_padding=%r), one '
+                    'pixel off torchvision\'s, so in torchvision this network computes a '
+                    'different function (bigssl_med.convert reads the file back as it is)',
+                    workdir, model['conv_padding'])
   metadata = {'format': 'torchvision_resnet', 'source': source,
               'depth': str(model['depth']), 'width_multiplier': str(model['width_multiplier']),
               'input_normalization': model['input_normalization'],
               'stem_pool_padding': model['stem_pool_padding'],
+              'conv_padding': model['conv_padding'],
               'fc': str('fc.weight' in tensors).lower()}
   # safetensors writes an array's buffer as it lies in memory: transposed views must be copied.
   tensors = {k: np.array(v, order='C') for k, v in tensors.items()}  # 0-d stays 0-d

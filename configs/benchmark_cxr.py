@@ -49,8 +49,9 @@ first block (`model.identity_shortcuts=True`, set from MODEL: pick the depth the
 `:nih14,r18`; a depth set with `--config.model.depth` alone is refused from scratch,
 and named by the encoder check with `init_from`). From a SimCLR or MICLe run of this
 project, pass that run's settings instead (`--config.model.stem_pool_padding=same
---config.model.input_normalization=none`); a mismatch is a one-line error naming
-the key.
+--config.model.input_normalization=none`); from BYOL's checkpoint, which pads as
+Haiku does, `--config.model.stem_pool_padding=same --config.model.conv_padding=same`.
+A mismatch is a one-line error naming the key.
 """
 
 from bigssl_med import config_schema

@@ -1,6 +1,6 @@
 """Independent float64 NumPy reference forwards of published ImageNet ResNets.
 
-Two source layouts are covered, each written from the original library's model
+Three source layouts are covered, each written from the original library's model
 definition and not from this project's Flax models, so that tests of the weight
 importer compare against something built separately:
 
@@ -10,6 +10,10 @@ importer compare against something built separately:
   (`conv2d_7/kernel`, `batch_normalization_3/gamma`, ...), HWIO kernels, optional
   selective-kernel (SK) convolutions with a ResNet-D stem and shortcuts, and the
   SimCLRv2 projection head under `head_contrastive/`.
+* BYOL's Haiku ResNet: module names `res_net50/~/block_group_0/~/block_0/~/conv_0`,
+  HWIO kernels, TF 'SAME' padding of every convolution (strided ones too) and of the
+  max-pooling, BatchNorm statistics in Haiku's moving averages, ImageNet input
+  standardisation.
 
 Images are NHWC float64 arrays (N, H, W, 3). Random weight generators return float32
 arrays, as real checkpoints hold; the forwards compute in float64. Widths follow
@@ -555,3 +559,109 @@ def simclr_tf1_variables(depth, width_multiplier=1.0, sk_ratio=0.0, *, seed=0,
       variables[f'{name}/Momentum'] = rng.normal(
           0.0, 0.01, variables[name].shape).astype(np.float32)
   return variables
+
+
+# ----------------------------------------------------------------------------------
+# BYOL's Haiku layout (`byol/utils/networks.py` ResNetTorso, Haiku's BlockV1).
+
+
+def byol_network(depth, width_multiplier=1.0, *, seed=0, root=None, projector=True):
+  """Random (params, state) named as BYOL's Haiku network names them.
+
+  `params`: module name -> {param: array}: the encoder `ROOT/~/initial_conv` ('w',
+  HWIO), `ROOT/~/initial_batchnorm` ('scale', 'offset', each (1, 1, 1, C)),
+  `ROOT/~/block_group_G/~/block_B/~/conv_K`, `batchnorm_K` and, in each group's first
+  block, `shortcut_conv` / `shortcut_batchnorm`; with `projector`, BYOL's projector,
+  predictor and classifier beside it. `state`: `BN/~/mean_ema` and `BN/~/var_ema` ->
+  {'counter', 'hidden', 'average'} (Haiku's zero-debiased moving average; only
+  'average' is what evaluation reads, so 'hidden' is made to differ from it).
+  ROOT defaults to Haiku's name for the class, `res_net{depth}`.
+  """
+  kind, blocks = _arch(depth)
+  widths = group_widths(width_multiplier)
+  root = root or f'res_net{depth}'
+  rng = np.random.default_rng(seed)
+  params, state = {}, {}
+
+  def conv(name, size, in_ch, out_ch):
+    params[name] = {'w': _kaiming(rng, (size, size, in_ch, out_ch), size * size * in_ch)}
+    return out_ch
+
+  def bn(name, channels):
+    scale, offset, mean, var = _bn_stats(rng, channels)
+    params[name] = {'scale': scale.reshape(1, 1, 1, -1), 'offset': offset.reshape(1, 1, 1, -1)}
+    for ema, value in (('mean_ema', mean), ('var_ema', var)):
+      state[f'{name}/~/{ema}'] = {'counter': np.array(1000, np.int32),
+                                  'hidden': (0.5 * value).reshape(1, 1, 1, -1),
+                                  'average': value.reshape(1, 1, 1, -1)}
+
+  ch = conv(f'{root}/~/initial_conv', 7, 3, widths[0])
+  bn(f'{root}/~/initial_batchnorm', ch)
+  for g, (planes, count) in enumerate(zip(widths, blocks)):
+    out_ch = planes if kind == 'basic' else 4 * planes
+    for i in range(count):
+      p = f'{root}/~/block_group_{g}/~/block_{i}/~/'
+      if i == 0:  # BYOL's ResNets project in every group's first block
+        bn(p + 'shortcut_batchnorm', conv(p + 'shortcut_conv', 1, ch, out_ch))
+      if kind == 'basic':
+        bn(p + 'batchnorm_0', conv(p + 'conv_0', 3, ch, planes))
+        bn(p + 'batchnorm_1', conv(p + 'conv_1', 3, planes, planes))
+      else:
+        bn(p + 'batchnorm_0', conv(p + 'conv_0', 1, ch, planes))
+        bn(p + 'batchnorm_1', conv(p + 'conv_1', 3, planes, planes))
+        bn(p + 'batchnorm_2', conv(p + 'conv_2', 1, planes, out_ch))
+      ch = out_ch
+  if projector:
+    for mlp, size in (('projector', ch), ('predictor', 8)):
+      params[f'{mlp}/~/linear'] = {'w': _kaiming(rng, (size, 16), size),
+                                   'b': np.zeros(16, np.float32)}
+      bn(f'{mlp}/~/batch_norm', 16)
+      params[f'{mlp}/~/linear_1'] = {'w': _kaiming(rng, (16, 8), 16)}
+    params['classifier'] = {'w': _kaiming(rng, (ch, 10), ch), 'b': np.zeros(10, np.float32)}
+  return params, state
+
+
+def byol_features(params, state, images, depth, *, root=None):
+  """BYOL's encoder in evaluation mode, up to the global average pool.
+
+  Haiku's `Conv2D` pads every convolution as TF's 'SAME' (strided ones included) and
+  `max_pool` too; BatchNorm reads the moving averages' 'average'; the [0, 1] input is
+  standardised with ImageNet's mean and std first (`byol/utils/dataset.py`).
+
+  Returns:
+    (N, C) float64 pooled features.
+  """
+  kind, blocks = _arch(depth)
+  root = root or f'res_net{depth}'
+  mean = np.array([0.485, 0.456, 0.406])
+  std = np.array([0.229, 0.224, 0.225])
+  x = (_images(images) - mean) / std
+
+  def conv(name, x, stride):
+    kernel = np.asarray(params[name]['w'], np.float64)
+    pads = tuple(_tf_same_pads(x.shape[a], kernel.shape[0], stride) for a in (1, 2))
+    return _conv2d(x, kernel, stride, pads)
+
+  def bn(name, x):
+    return _batch_norm(x, state[f'{name}/~/mean_ema']['average'].reshape(-1),
+                       state[f'{name}/~/var_ema']['average'].reshape(-1),
+                       params[name]['scale'].reshape(-1), params[name]['offset'].reshape(-1))
+
+  x = _relu(bn(f'{root}/~/initial_batchnorm', conv(f'{root}/~/initial_conv', x, 2)))
+  x = _tf_max_pool_same(x, 3, 2)
+  for g, count in enumerate(blocks):
+    for i in range(count):
+      p = f'{root}/~/block_group_{g}/~/block_{i}/~/'
+      stride = _GROUP_STRIDES[g] if i == 0 else 1
+      shortcut = x
+      if i == 0:
+        shortcut = bn(p + 'shortcut_batchnorm', conv(p + 'shortcut_conv', x, stride))
+      if kind == 'basic':  # Haiku's BlockV1: the stride on the first 3x3
+        out = _relu(bn(p + 'batchnorm_0', conv(p + 'conv_0', x, stride)))
+        out = bn(p + 'batchnorm_1', conv(p + 'conv_1', out, 1))
+      else:  # the stride on the 3x3 (v1.5)
+        out = _relu(bn(p + 'batchnorm_0', conv(p + 'conv_0', x, 1)))
+        out = _relu(bn(p + 'batchnorm_1', conv(p + 'conv_1', out, stride)))
+        out = bn(p + 'batchnorm_2', conv(p + 'conv_2', out, 1))
+      x = _relu(out + shortcut)
+  return x.mean(axis=(1, 2))

@@ -38,7 +38,8 @@ def _encoder_features(variables, model_config, images, train=False, **overrides)
                 sk_ratio=model_config['sk_ratio'], cifar_stem=model_config['cifar_stem'],
                 stem_pool_padding=model_config['stem_pool_padding'],
                 identity_shortcuts=model_config['identity_shortcuts'],
-                input_normalization=model_config['input_normalization'])
+                input_normalization=model_config['input_normalization'],
+                conv_padding=model_config['conv_padding'])
   kwargs.update(overrides)
   encoder = models.ResNet(**kwargs)
   with jax.default_matmul_precision('highest'):
@@ -577,4 +578,194 @@ def test_fine_tuning_starts_from_an_imported_torchvision_model(colours, tmp_path
                                 os.fspath(tmp_path / 'with_head'))
   results = finetune.train_and_evaluate(tiny_config(colours, **overrides),
                                         os.fspath(tmp_path / 'finetuned'))
+  assert results['init'] == 'imported' and results['test']['num_examples'] == 16
+
+
+# -------------------------------------------------------------------- BYOL's pickles.
+
+
+def _byol_classes():
+  """Classes as BYOL's pickles name them: its experiment state (a named tuple in
+  `byol.byol_experiment`) and Haiku's `frozendict`, which pickles as itself called with
+  a dict. Defined here, never imported by the reader."""
+  state = collections.namedtuple('_ByolExperimentState', convert._BYOL_STATE_FIELDS)
+  state.__module__, state.__qualname__ = 'byol.byol_experiment', '_ByolExperimentState'
+
+  class frozendict(dict):  # noqa: N801  pylint: disable=invalid-name
+    def __reduce__(self):
+      return type(self), (dict(self),)
+
+  frozendict.__module__ = 'haiku._src.data_structures'
+  frozendict.__qualname__ = 'frozendict'
+
+  lars_state = collections.namedtuple('LarsState', ['trace'])
+  lars_state.__module__ = 'byol.utils.optimizers'
+  return state, frozendict, lars_state
+
+
+def _write_byol_pickle(path, params, state, *, target_params=None, monkeypatch):
+  """A BYOL checkpoint: `{'experiment_state', 'step', 'rng'}` pickled with protocol 2
+  (as `dill.dump(..., protocol=2)` writes these types), Haiku mappings as frozendicts."""
+  experiment_state, frozendict, lars_state = _byol_classes()
+  modules = {name: type(sys)(name) for name in (
+      'byol', 'byol.byol_experiment', 'byol.utils', 'byol.utils.optimizers', 'haiku',
+      'haiku._src', 'haiku._src.data_structures')}
+  modules['byol.byol_experiment']._ByolExperimentState = experiment_state
+  modules['haiku._src.data_structures'].frozendict = frozendict
+  modules['byol.utils.optimizers'].LarsState = lars_state
+  for name, module in modules.items():  # pickle checks a class is where it says
+    monkeypatch.setitem(sys.modules, name, module)
+
+  def frozen(tree):
+    return frozendict({k: frozendict(v) for k, v in tree.items()})
+
+  target = target_params if target_params is not None else jax.tree.map(np.zeros_like, params)
+  checkpoint = {'experiment_state': experiment_state(
+      frozen(params), frozen(target), frozen(state), frozen(state),
+      lars_state(trace=frozen(jax.tree.map(np.zeros_like, params)))),
+      'step': 1000, 'rng': np.array([0, 42], np.uint32)}
+  with open(path, 'wb') as f:
+    pickle.dump(checkpoint, f, protocol=2)
+  for name in modules:
+    monkeypatch.delitem(sys.modules, name)  # the reader must not need them
+
+
+@pytest.mark.parametrize('depth', [18, 50])
+def test_byol_import_computes_byols_features(tmp_path, monkeypatch, depth):
+  params, state = ref.byol_network(depth, WIDTH, seed=depth)
+  path = os.fspath(tmp_path / 'pretrain_res50x1.pkl')
+  _write_byol_pickle(path, params, state, monkeypatch=monkeypatch)
+  assert convert.detect_format(path) == 'byol'
+  variables, model_config = convert.load(path)
+  assert (model_config['depth'], model_config['width_multiplier']) == (depth, WIDTH)
+  assert model_config['conv_padding'] == 'same' and model_config['stem_pool_padding'] == 'same'
+  assert model_config['input_normalization'] == 'imagenet' and model_config['head_layers'] == 0
+  assert not model_config['identity_shortcuts']
+  images, _ = _rgb()
+  want = ref.byol_features(params, state, images, depth)
+  assert _relative_error(_encoder_features(variables, model_config, images), want) < 1e-5
+  # Haiku pads strided convolutions as TF's SAME; SimCLR's fixed padding is another function.
+  fixed = _encoder_features(variables, model_config, images, conv_padding='fixed')
+  assert _relative_error(fixed, want) > 1e-2
+
+
+def test_byol_import_takes_the_online_network_or_with_ema_the_target(tmp_path, monkeypatch):
+  params, state = ref.byol_network(18, WIDTH, seed=1)
+  target, _ = ref.byol_network(18, WIDTH, seed=2, projector=False)
+  path = os.fspath(tmp_path / 'byol.pkl')
+  _write_byol_pickle(path, params, state, target_params=target, monkeypatch=monkeypatch)
+  online, _ = convert.load(path)
+  np.testing.assert_array_equal(online['params']['encoder']['stem_conv']['conv']['kernel'],
+                                params['res_net18/~/initial_conv']['w'])
+  ema, _ = convert.load(path, ema=True)
+  np.testing.assert_array_equal(ema['params']['encoder']['stem_conv']['conv']['kernel'],
+                                target['res_net18/~/initial_conv']['w'])
+  # The moving statistics are Haiku's zero-debiased 'average', not its 'hidden' value.
+  np.testing.assert_array_equal(
+      online['batch_stats']['encoder']['stem_bn']['bn']['var'],
+      state['res_net18/~/initial_batchnorm/~/var_ema']['average'].reshape(-1))
+
+
+def test_byol_import_logs_what_it_leaves_out(tmp_path, monkeypatch, caplog):
+  params, state = ref.byol_network(18, WIDTH)
+  path = os.fspath(tmp_path / 'byol.pkl')
+  _write_byol_pickle(path, params, state, monkeypatch=monkeypatch)
+  with caplog.at_level(logging.INFO):
+    convert.load(path)
+  assert ('left out 7 modules beside the ResNet: classifier (1), predictor (3), projector (3)'
+          in caplog.text)
+
+
+def test_byol_pickles_run_no_code(tmp_path):
+  path = tmp_path / 'evil.pkl'
+  with open(path, 'wb') as f:
+    pickle.dump({'experiment_state': _MakesAFolder(os.fspath(tmp_path / 'made'))}, f,
+                protocol=2)
+  with pytest.raises(CheckpointError, match='experiment_state is not BYOL'):
+    convert.load(os.fspath(path))
+  assert not (tmp_path / 'made').exists()
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda p, s: p.pop('res_net18/~/block_group_1/~/block_1/~/conv_1'),
+     r"lacks the module 'res_net18/~/block_group_1/~/block_1/~/conv_1'"),
+    (lambda p, s: p.update({'res_net18/~/extra_conv': {'w': np.zeros((1, 1, 2, 2), 'f4')}}),
+     r'has res_net18/~/extra_conv, which BYOL\'s ResNet-18 lacks'),
+    (lambda p, s: s.pop('res_net18/~/initial_batchnorm/~/mean_ema'),
+     r"lacks the state 'res_net18/~/initial_batchnorm/~/mean_ema'"),
+    (lambda p, s: p['res_net18/~/initial_conv'].update(w=np.zeros((7, 7, 3, 5), 'f4')),
+     r'has shape \(2,\), this model expects \(5,\): the file is not in the layout'),
+    (lambda p, s: p.update({'res_net9/~/initial_conv': p['res_net18/~/initial_conv']}),
+     'several Haiku ResNets in it: res_net18, res_net9'),
+])
+def test_byol_import_names_what_does_not_fit(tmp_path, monkeypatch, edit, message):
+  params, state = ref.byol_network(18, WIDTH)
+  edit(params, state)
+  path = os.fspath(tmp_path / 'byol.pkl')
+  _write_byol_pickle(path, params, state, monkeypatch=monkeypatch)
+  with pytest.raises(CheckpointError, match=message):
+    convert.load(path)
+
+
+def test_damaged_and_other_pickles_are_one_line_errors(tmp_path, monkeypatch):
+  params, state = ref.byol_network(18, WIDTH)
+  path = tmp_path / 'byol.pkl'
+  _write_byol_pickle(os.fspath(path), params, state, monkeypatch=monkeypatch)
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])
+  with pytest.raises(CheckpointError, match=r'byol\.pkl: not a readable pickle \(damaged or '):
+    convert.load(os.fspath(path))
+  path.write_bytes(pickle.dumps({'state_dict': {}}, protocol=2))
+  with pytest.raises(CheckpointError, match=r'no experiment_state \(it holds state_dict\)'):
+    convert.load(os.fspath(path))
+  # A PyTorch file from before 1.6 starts with its magic number: not taken for BYOL's.
+  path.write_bytes(b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.')
+  assert convert.detect_format(os.fspath(path)) == 'torchvision'
+
+
+def test_the_command_imports_byol_and_gives_the_flags(tmp_path, monkeypatch, capsys):
+  params, state = ref.byol_network(18, WIDTH)
+  path = os.fspath(tmp_path / 'pretrain_res50x1.pkl')
+  _write_byol_pickle(path, params, state, monkeypatch=monkeypatch)
+  workdir = os.fspath(tmp_path / 'byol_r18')
+  assert convert.main(['--checkpoint', path, '--workdir', workdir]) == 0
+  out = capsys.readouterr().out
+  assert '--config.model.conv_padding=same' in out
+  assert '--config.model.input_normalization=imagenet' in out
+  config = json.loads((tmp_path / 'byol_r18' / 'config.json').read_text())
+  assert config['source']['format'] == 'byol' and config['model']['conv_padding'] == 'same'
+
+
+def test_byol_pickles_written_by_numpy_1_are_read(tmp_path, monkeypatch):
+  # NumPy 1 (which BYOL's checkpoints were written with) names its array rebuild
+  # numpy.core.multiarray._reconstruct; NumPy 2 names it numpy._core.multiarray.
+  params, state = ref.byol_network(18, WIDTH)
+  path = tmp_path / 'byol.pkl'
+  _write_byol_pickle(os.fspath(path), params, state, monkeypatch=monkeypatch)
+  data = path.read_bytes()
+  old = data.replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n')
+  assert old != data or b'cnumpy.core.multiarray\n' in data
+  path.write_bytes(old)
+  variables, _ = convert.load(os.fspath(path))
+  np.testing.assert_array_equal(variables['params']['encoder']['stem_conv']['conv']['kernel'],
+                                params['res_net18/~/initial_conv']['w'])
+
+
+def test_fine_tuning_starts_from_an_imported_byol_model(colours, tmp_path,  # noqa: F811
+                                                         monkeypatch):
+  params, state = ref.byol_network(18, WIDTH)
+  path = os.fspath(tmp_path / 'pretrain_res18.pkl')
+  _write_byol_pickle(path, params, state, monkeypatch=monkeypatch)
+  imported = tmp_path / 'imported'
+  assert convert.main(['--checkpoint', path, '--workdir', os.fspath(imported)]) == 0
+  overrides = {'init_from': os.fspath(imported), 'total_steps': 2, 'eval_every_steps': 2,
+               'model.cifar_stem': False, 'model.width_multiplier': WIDTH,
+               'model.input_normalization': 'imagenet', 'head_layers_kept': 0}
+  # Without Haiku's padding the run would compute another function than the import's.
+  with pytest.raises(CheckpointError, match=r'config.model.conv_padding=\'same\'.*'
+                                            r'set --config.model.conv_padding=same$'):
+    finetune.train_and_evaluate(tiny_config(colours, **overrides), os.fspath(tmp_path / 'x'))
+  results = finetune.train_and_evaluate(
+      tiny_config(colours, **overrides, **{'model.conv_padding': 'same'}),
+      os.fspath(tmp_path / 'finetuned'))
   assert results['init'] == 'imported' and results['test']['num_examples'] == 16

@@ -231,3 +231,23 @@ def test_stem_pool_padding_is_read_from_the_config_and_checked():
   assert encoder.stem_pool_padding == 'symmetric'
   with pytest.raises(ConfigError, match=r"stem_pool_padding='torch' is not one of"):
     models.encoder(_model_config(stem_pool_padding='torch'), dtype=jnp.float32)
+
+
+def test_conv_padding_same_pads_strided_convolutions_as_tf_same():
+  assert models.encoder(_model_config(), dtype=jnp.float32).conv_padding == 'fixed'
+  with pytest.raises(ConfigError, match=r"conv_padding='valid' is not one of"):
+    models.encoder(_model_config(conv_padding='valid'), dtype=jnp.float32)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 8, 8, 2)), jnp.float32)
+  kernel = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 2, 4)), jnp.float32)
+  variables = {'params': {'conv': {'kernel': kernel}}}
+  for size, stride, pads in ((3, 2, ((0, 1), (0, 1))), (3, 1, ((1, 1), (1, 1)))):
+    same = resnet.ConvFixedPadding(4, size, stride, padding='same').apply(variables, x)
+    want = jax.lax.conv_general_dilated(x, kernel, (stride, stride), pads,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        precision='highest')
+    np.testing.assert_allclose(same, want, rtol=1e-5, atol=1e-5)  # TF SAME: the odd pixel after
+  fixed = resnet.ConvFixedPadding(4, 3, 2).apply(variables, x)
+  want = jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                      precision='highest')
+  np.testing.assert_allclose(fixed, want, rtol=1e-5, atol=1e-5)  # SimCLR's: one each side

@@ -267,7 +267,8 @@ def test_init_from_another_architecture_is_a_one_line_error(trained, tmp_path):
   for key, value, theirs, flag in (('width_multiplier', 0.25, '0.125', '0.125'),
                                    ('stem_pool_padding', 'symmetric', "'same'", 'same'),
                                    ('identity_shortcuts', True, 'False', 'False'),
-                                   ('input_normalization', 'imagenet', "'none'", 'none')):
+                                   ('input_normalization', 'imagenet', "'none'", 'none'),
+                                   ('conv_padding', 'same', "'fixed'", 'fixed')):
     cfg = tiny_config(data_dir, init_from=source, **{f'model.{key}': value})
     with pytest.raises(CheckpointError, match=(
         rf'has an encoder with config.model.{key}={theirs} .*config.json\), this run has '

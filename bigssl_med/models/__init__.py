@@ -2,8 +2,8 @@
 
 from bigssl_med.errors import ConfigError
 from bigssl_med.models.heads import Classifier, ContrastiveModel, ProjectionHead
-from bigssl_med.models.resnet import (DEPTHS, INPUT_NORMALIZATIONS, STEM_POOL_PADDINGS, ResNet,
-                                      feature_dim)
+from bigssl_med.models.resnet import (CONV_PADDINGS, DEPTHS, INPUT_NORMALIZATIONS,
+                                      STEM_POOL_PADDINGS, ResNet, feature_dim)
 from bigssl_med.models.unet import UNet
 
 __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet', 'classifier',
@@ -15,9 +15,9 @@ __all__ = ['Classifier', 'ContrastiveModel', 'DEPTHS', 'ProjectionHead', 'ResNet
 # The config.model keys that make the encoder's function, and the value each of the later
 # ones takes in a run config (`config.json`) written before it existed.
 ARCHITECTURE_KEYS = ('depth', 'width_multiplier', 'sk_ratio', 'cifar_stem', 'stem_pool_padding',
-                     'identity_shortcuts', 'input_normalization')
+                     'identity_shortcuts', 'input_normalization', 'conv_padding')
 _ABSENT_MEANS = {'stem_pool_padding': 'same', 'identity_shortcuts': False,
-                 'input_normalization': 'none'}
+                 'input_normalization': 'none', 'conv_padding': 'fixed'}
 
 
 def encoder_architecture(model_config) -> dict:
@@ -33,7 +33,7 @@ def encoder(model_config, *, dtype) -> ResNet:
   written before they existed.
   """
   architecture = encoder_architecture(model_config)
-  for key, allowed in (('stem_pool_padding', STEM_POOL_PADDINGS),
+  for key, allowed in (('stem_pool_padding', STEM_POOL_PADDINGS), ('conv_padding', CONV_PADDINGS),
                        ('input_normalization', tuple(INPUT_NORMALIZATIONS))):
     if architecture[key] not in allowed:
       raise ConfigError(f'config.model.{key}={architecture[key]!r} is not one of {allowed}')

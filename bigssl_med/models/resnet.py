@@ -68,6 +68,12 @@ def channels(base: int, width_multiplier: float) -> int:
 
 
 STEM_POOL_PADDINGS = ('same', 'symmetric')
+# How a strided convolution pads: 'fixed' (SimCLR's `conv2d_fixed_padding`, and
+# torchvision's: (k - 1) // 2 before, the rest after, whatever the input's size) or 'same'
+# (TensorFlow's and Haiku's SAME, BYOL's: as much as the input's size needs for
+# ceil(n / stride) outputs, the odd pixel after). Unstrided convolutions pad the same
+# either way.
+CONV_PADDINGS = ('fixed', 'same')
 
 # Per-channel (mean, std) the encoder standardises its [0, 1] RGB input with. SimCLR feeds
 # [0, 1] as is; torchvision's ResNets (and most models published in their layout) were
@@ -137,15 +143,19 @@ max_pool_3x3_s2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class ConvFixedPadding(nn.Module):
-  """Bias-free convolution with TF's fixed padding when strided (SAME otherwise)."""
+  """Bias-free convolution with TF's fixed padding when strided (SAME otherwise).
+
+  `padding='same'` pads strided convolutions as TF's SAME does too (see CONV_PADDINGS).
+  """
   features: int
   kernel_size: int
   strides: int = 1
   dtype: Any = jnp.float32
+  padding: str = 'fixed'
 
   @nn.compact
   def __call__(self, x):
-    if self.strides > 1:
+    if self.strides > 1 and self.padding == 'fixed':
       total = self.kernel_size - 1
       padding = [(total // 2, total - total // 2)] * 2
     else:
@@ -190,10 +200,12 @@ class SelectiveKernel(nn.Module):
   min_dim: int = 32
   dtype: Any = jnp.float32
   fused_bn: bool = False
+  conv_padding: str = 'fixed'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = ConvFixedPadding(2 * self.features, 3, self.strides, self.dtype, name='conv')(x)
+    x = ConvFixedPadding(2 * self.features, 3, self.strides, self.dtype, self.conv_padding,
+                         name='conv')(x)
     x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn')(x, train)
     streams = jnp.stack(jnp.split(x, 2, axis=-1))  # [2, N, H, W, C]
     pooled = jnp.mean(streams.sum(axis=0), axis=(1, 2), keepdims=True)
@@ -239,6 +251,7 @@ class BottleneckBlock(nn.Module):
   sk_ratio: float = 0.0
   dtype: Any = jnp.float32
   fused_bn: bool = False
+  conv_padding: str = 'fixed'
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -250,9 +263,11 @@ class BottleneckBlock(nn.Module):
     y = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn1')(y, train)
     if self.sk_ratio > 0:
       y = SelectiveKernel(self.features, self.strides, self.sk_ratio, dtype=self.dtype,
-                          fused_bn=self.fused_bn, name='sk')(y, train)
+                          fused_bn=self.fused_bn, conv_padding=self.conv_padding,
+                          name='sk')(y, train)
     else:
-      y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, name='conv2')(y)
+      y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, self.conv_padding,
+                           name='conv2')(y)
       y = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn2')(y, train)
     y = ConvFixedPadding(4 * self.features, 1, 1, self.dtype, name='conv3')(y)
     y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, fused=self.fused_bn,
@@ -268,6 +283,7 @@ class BasicBlock(nn.Module):
   sk_ratio: float = 0.0
   dtype: Any = jnp.float32
   fused_bn: bool = False
+  conv_padding: str = 'fixed'
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -275,7 +291,8 @@ class BasicBlock(nn.Module):
     if self.projection:
       shortcut = Shortcut(self.features, self.strides, self.sk_ratio > 0, self.dtype,
                           self.fused_bn, name='shortcut')(x, train)
-    y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, name='conv1')(x)
+    y = ConvFixedPadding(self.features, 3, self.strides, self.dtype, self.conv_padding,
+                         name='conv1')(x)
     y = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='bn1')(y, train)
     y = ConvFixedPadding(self.features, 3, 1, self.dtype, name='conv2')(y)
     y = BatchNormRelu(relu=False, init_zero=True, dtype=self.dtype, fused=self.fused_bn,
@@ -311,6 +328,9 @@ class ResNet(nn.Module):
       output shapes differ (torchvision's rule) instead of the first block of every
       group (SimCLR's). This removes the projection of ResNet-18/34's first block
       (64 -> 64 channels, stride 1); deeper ResNets have the same blocks either way.
+    conv_padding: 'fixed' (SimCLR's and torchvision's padding of strided
+      convolutions) or 'same' (TF's and Haiku's SAME: BYOL's models, which
+      `bigssl_med.convert` imports); see `CONV_PADDINGS`. No parameter differs.
     input_normalization: 'none' (SimCLR: the [0, 1] images as they come) or
       'imagenet' (`(x - mean) / std` with ImageNet's RGB statistics, in float32,
       before the stem: what torchvision-layout models were trained on; see
@@ -325,6 +345,7 @@ class ResNet(nn.Module):
   stem_pool_padding: str = 'same'
   identity_shortcuts: bool = False
   input_normalization: str = 'none'
+  conv_padding: str = 'fixed'
 
   @nn.compact
   def __call__(self, x, train: bool = True, return_maps: bool = False):
@@ -332,6 +353,8 @@ class ResNet(nn.Module):
     if self.stem_pool_padding not in STEM_POOL_PADDINGS:
       raise ValueError(f'stem_pool_padding={self.stem_pool_padding!r} is not one of '
                        f'{STEM_POOL_PADDINGS}')
+    if self.conv_padding not in CONV_PADDINGS:
+      raise ValueError(f'conv_padding={self.conv_padding!r} is not one of {CONV_PADDINGS}')
     if self.input_normalization not in INPUT_NORMALIZATIONS:
       raise ValueError(f'input_normalization={self.input_normalization!r} is not one of '
                        f'{tuple(INPUT_NORMALIZATIONS)}')
@@ -353,13 +376,14 @@ class ResNet(nn.Module):
       maps = [x]
     else:
       if self.sk_ratio > 0:  # ResNet-D stem
-        x = ConvFixedPadding(width // 2, 3, 2, self.dtype, name='stem_conv1')(x)
+        x = ConvFixedPadding(width // 2, 3, 2, self.dtype, self.conv_padding,
+                             name='stem_conv1')(x)
         x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn1')(x, train)
         x = ConvFixedPadding(width // 2, 3, 1, self.dtype, name='stem_conv2')(x)
         x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn2')(x, train)
         x = ConvFixedPadding(width, 3, 1, self.dtype, name='stem_conv')(x)
       else:
-        x = ConvFixedPadding(width, 7, 2, self.dtype, name='stem_conv')(x)
+        x = ConvFixedPadding(width, 7, 2, self.dtype, self.conv_padding, name='stem_conv')(x)
       x = BatchNormRelu(dtype=self.dtype, fused=self.fused_bn, name='stem_bn')(x, train)
       maps = [x]
       x = max_pool_3x3_s2(x, self.stem_pool_padding)
@@ -371,7 +395,7 @@ class ResNet(nn.Module):
         reshapes = strides > 1 or x.shape[-1] != expansion * features
         projection = b == 0 and (reshapes or not self.identity_shortcuts)
         x = block(features, strides=strides, projection=projection, sk_ratio=self.sk_ratio,
-                  dtype=self.dtype, fused_bn=self.fused_bn,
+                  dtype=self.dtype, fused_bn=self.fused_bn, conv_padding=self.conv_padding,
                   name=f'group{g + 1}_block{b}')(x, train)
       maps.append(x)
     if return_maps:
