@@ -584,10 +584,11 @@ def test_fine_tuning_starts_from_an_imported_torchvision_model(colours, tmp_path
 # -------------------------------------------------------------------- BYOL's pickles.
 
 
-def _byol_classes():
+def _byol_classes(mapping='frozendict'):
   """Classes as BYOL's pickles name them: its experiment state (a named tuple in
-  `byol.byol_experiment`) and Haiku's `frozendict`, which pickles as itself called with
-  a dict. Defined here, never imported by the reader."""
+  `byol.byol_experiment`) and Haiku's immutable mapping, which pickles as its class
+  called with a dict (`frozendict`; later Haiku versions' `FlatMapping`). Defined here,
+  never imported by the reader."""
   state = collections.namedtuple('_ByolExperimentState', convert._BYOL_STATE_FIELDS)
   state.__module__, state.__qualname__ = 'byol.byol_experiment', '_ByolExperimentState'
 
@@ -596,22 +597,23 @@ def _byol_classes():
       return type(self), (dict(self),)
 
   frozendict.__module__ = 'haiku._src.data_structures'
-  frozendict.__qualname__ = 'frozendict'
+  frozendict.__qualname__ = frozendict.__name__ = mapping
 
   lars_state = collections.namedtuple('LarsState', ['trace'])
   lars_state.__module__ = 'byol.utils.optimizers'
   return state, frozendict, lars_state
 
 
-def _write_byol_pickle(path, params, state, *, target_params=None, monkeypatch):
+def _write_byol_pickle(path, params, state, *, target_params=None, monkeypatch,
+                       mapping='frozendict'):
   """A BYOL checkpoint: `{'experiment_state', 'step', 'rng'}` pickled with protocol 2
   (as `dill.dump(..., protocol=2)` writes these types), Haiku mappings as frozendicts."""
-  experiment_state, frozendict, lars_state = _byol_classes()
+  experiment_state, frozendict, lars_state = _byol_classes(mapping)
   modules = {name: type(sys)(name) for name in (
       'byol', 'byol.byol_experiment', 'byol.utils', 'byol.utils.optimizers', 'haiku',
       'haiku._src', 'haiku._src.data_structures')}
   modules['byol.byol_experiment']._ByolExperimentState = experiment_state
-  modules['haiku._src.data_structures'].frozendict = frozendict
+  setattr(modules['haiku._src.data_structures'], mapping, frozendict)
   modules['byol.utils.optimizers'].LarsState = lars_state
   for name, module in modules.items():  # pickle checks a class is where it says
     monkeypatch.setitem(sys.modules, name, module)
@@ -630,11 +632,11 @@ def _write_byol_pickle(path, params, state, *, target_params=None, monkeypatch):
     monkeypatch.delitem(sys.modules, name)  # the reader must not need them
 
 
-@pytest.mark.parametrize('depth', [18, 50])
-def test_byol_import_computes_byols_features(tmp_path, monkeypatch, depth):
+@pytest.mark.parametrize('depth, mapping', [(18, 'frozendict'), (50, 'FlatMapping')])
+def test_byol_import_computes_byols_features(tmp_path, monkeypatch, depth, mapping):
   params, state = ref.byol_network(depth, WIDTH, seed=depth)
   path = os.fspath(tmp_path / 'pretrain_res50x1.pkl')
-  _write_byol_pickle(path, params, state, monkeypatch=monkeypatch)
+  _write_byol_pickle(path, params, state, monkeypatch=monkeypatch, mapping=mapping)
   assert convert.detect_format(path) == 'byol'
   variables, model_config = convert.load(path)
   assert (model_config['depth'], model_config['width_multiplier']) == (depth, WIDTH)
@@ -769,3 +771,35 @@ def test_fine_tuning_starts_from_an_imported_byol_model(colours, tmp_path,  # no
       tiny_config(colours, **overrides, **{'model.conv_padding': 'same'}),
       os.fspath(tmp_path / 'finetuned'))
   assert results['init'] == 'imported' and results['test']['num_examples'] == 16
+
+
+def test_the_pickle_reader_rebuilds_dills_arrays_and_numpy_scalars(tmp_path, monkeypatch):
+  from bigssl_med import haiku_pickle  # pylint: disable=g-import-not-at-top
+  array = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+  def _create_array(f, args, state, npdict=None):  # dill's, for ndarray subclasses
+    del npdict
+    out = f(*args)
+    out.__setstate__(state)
+    return out
+
+  _create_array.__module__, _create_array.__qualname__ = 'dill._dill', '_create_array'
+  dill = type(sys)('dill._dill')
+  dill._create_array = _create_array
+  monkeypatch.setitem(sys.modules, 'dill', type(sys)('dill'))
+  monkeypatch.setitem(sys.modules, 'dill._dill', dill)
+
+  class AsDill:
+    def __reduce__(self):
+      reconstruct, args, state = array.__reduce__()
+      return _create_array, (reconstruct, args, state, None)
+
+  path = tmp_path / 'dill.pkl'
+  path.write_bytes(pickle.dumps({'a': AsDill(), 'step': np.int64(7), 'x': np.float32(2.5)},
+                                protocol=2))
+  monkeypatch.delitem(sys.modules, 'dill._dill')
+  monkeypatch.delitem(sys.modules, 'dill')
+  assert haiku_pickle.is_plain_pickle(os.fspath(path))
+  got = haiku_pickle.read(os.fspath(path))
+  np.testing.assert_array_equal(got['a'], array)
+  assert got['a'].dtype == np.float32 and got['step'] == 7 and got['x'] == np.float32(2.5)
