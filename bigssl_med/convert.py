@@ -909,6 +909,8 @@ def detect_format(path: str) -> str:
   if os.path.isdir(path) or os.path.exists(f'{tf_checkpoint_prefix(path)}.index'):
     return 'simclr_tf1'
   if os.path.isfile(path):
+    if is_safetensors_file(path):  # its header's length may start like a pickle
+      return 'torchvision'
     return 'byol' if haiku_pickle.is_plain_pickle(path) else 'torchvision'
   raise CheckpointError(f'{path}: no such file, TF checkpoint prefix ({path}.index) or folder')
 

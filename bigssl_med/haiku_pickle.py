@@ -158,4 +158,5 @@ def is_plain_pickle(path: str) -> bool:
       start = f.read(4)
   except OSError:
     return False
-  return start[:1] == b'\x80' and start[2:4] != b'\x8a\x0a'
+  return (len(start) == 4 and start[0] == 0x80 and 2 <= start[1] <= 5
+          and start[2:4] != b'\x8a\x0a')

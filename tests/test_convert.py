@@ -723,6 +723,9 @@ def test_damaged_and_other_pickles_are_one_line_errors(tmp_path, monkeypatch):
   # A PyTorch file from before 1.6 starts with its magic number: not taken for BYOL's.
   path.write_bytes(b'\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19.')
   assert convert.detect_format(os.fspath(path)) == 'torchvision'
+  # Nor is a safetensors file whose header's length (640: 80 02 00 ...) opens as a pickle.
+  path.write_bytes(struct.pack('<Q', 640) + b'{' + b' ' * 638 + b'}')
+  assert convert.detect_format(os.fspath(path)) == 'torchvision'
 
 
 def test_the_command_imports_byol_and_gives_the_flags(tmp_path, monkeypatch, capsys):
