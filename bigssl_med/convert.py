@@ -376,18 +376,31 @@ def _torchvision_layout(sd: Mapping[str, np.ndarray], path: str,
   if width_multiplier is not None and resnet.channels(64, width_multiplier) != stem.shape[0]:
     raise CheckpointError(f'{path}: width_multiplier={width_multiplier:g} in the metadata, but '
                           f'conv1.weight has {stem.shape[0]} channels')
-  counts = []
-  for g in range(1, 5):
-    blocks = {int(m.group(1)) for k in sd for m in [re.match(rf'layer{g}\.(\d+)\.', k)] if m}
-    if not blocks or blocks != set(range(len(blocks))):
-      raise CheckpointError(f'{path}: layer{g} has blocks {sorted(blocks)}, not 0..N-1')
-    counts.append(len(blocks))
   kind = 'bottleneck' if 'layer1.0.conv3.weight' in sd else 'basic'
+  depth = _depth_from_blocks(
+      sd, lambda g: (f'layer{g + 1}', rf'layer{g + 1}\.(\d+)\.'), kind, path, 'layer')
+  return depth, (stem.shape[0] / 64 if width_multiplier is None else width_multiplier)
+
+
+def _depth_from_blocks(names, group, kind: str, path: str, unit: str) -> int:
+  """The ResNet depth of `kind` blocks whose numbers `names` hold, group by group.
+
+  `group(g)` gives block group g's name (for errors) and a regex whose one group
+  captures a block's number in a name of that group; each group's blocks must be
+  numbered 0..N-1.
+  """
+  counts = []
+  for g in range(4):
+    label, pattern = group(g)
+    blocks = {int(m.group(1)) for k in names for m in [re.match(pattern, str(k))] if m}
+    if not blocks or blocks != set(range(len(blocks))):
+      raise CheckpointError(f'{path}: {label} has blocks {sorted(blocks)}, not 0..N-1')
+    counts.append(len(blocks))
   depths = [d for d in resnet.DEPTHS if resnet.layout(d) == (kind, tuple(counts))]
   if not depths:
-    raise CheckpointError(f'{path}: {kind} blocks {tuple(counts)} per layer match no ResNet '
+    raise CheckpointError(f'{path}: {kind} blocks {tuple(counts)} per {unit} match no ResNet '
                           f'depth of {resnet.DEPTHS}')
-  return depths[0], (stem.shape[0] / 64 if width_multiplier is None else width_multiplier)
+  return depths[0]
 
 
 def _put(tree: dict, path: Sequence[str], value: np.ndarray) -> None:
@@ -795,55 +808,40 @@ def import_byol(params: Mapping[str, Any], state: Mapping[str, Any], path: str =
     return kernel
 
   def bn(name):
+    """(params, batch_stats) of our `bn` module from Haiku's BatchNorm `name`."""
     used.add(name)
-    stats = {}
-    for ema, ours in (('mean_ema', 'mean'), ('var_ema', 'var')):
-      stats[ours] = array(f'{name}/~/{ema}', state, 'average', 'state').reshape(-1)
-    return ({'scale': array(name, params, 'scale').reshape(-1),
-             'bias': array(name, params, 'offset').reshape(-1)}, stats)
+    stats = {ours: array(f'{name}/~/{ema}', state, 'average', 'state').reshape(-1)
+             for ema, ours in (('mean_ema', 'mean'), ('var_ema', 'var'))}
+    return ({'bn': {'scale': array(name, params, 'scale').reshape(-1),
+                    'bias': array(name, params, 'offset').reshape(-1)}}, {'bn': stats})
 
-  block_names = {}
-  for key in params:
-    m = re.match(rf'^{re.escape(root)}/~/block_group_(\d+)/~/block_(\d+)/~/', str(key))
-    if m:
-      block_names.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-  counts = []
-  for g in range(4):
-    blocks = block_names.get(g, set())
-    if not blocks or blocks != set(range(len(blocks))):
-      raise CheckpointError(f'{path}: {root}/~/block_group_{g} has blocks {sorted(blocks)}, '
-                            'not 0..N-1')
-    counts.append(len(blocks))
-  if len(block_names) != 4:
-    raise CheckpointError(f'{path}: {root} has block groups {sorted(block_names)}, not 0..3')
-  first = f'{root}/~/block_group_0/~/block_0/~/'
-  kind = 'bottleneck' if f'{first}conv_2' in params else 'basic'
-  depths = [d for d in resnet.DEPTHS if resnet.layout(d) == (kind, tuple(counts))]
-  if not depths:
-    raise CheckpointError(f'{path}: {kind} blocks {tuple(counts)} per group match no ResNet '
-                          f'depth of {resnet.DEPTHS}')
-  depth = depths[0]
+  kind = ('bottleneck' if f'{root}/~/block_group_0/~/block_0/~/conv_2' in params
+          else 'basic')
+  # A block group past the fourth is named below, as a module the ResNet lacks.
+  depth = _depth_from_blocks(
+      params, lambda g: (f'{root}/~/block_group_{g}',
+                         rf'{re.escape(root)}/~/block_group_{g}/~/block_(\d+)/~/'),
+      kind, path, 'group')
   ours, stats = {}, {}
   stem = conv(f'{root}/~/initial_conv')
   if stem.shape[:3] != (7, 7, 3):
     raise CheckpointError(f'{path}: {root}/~/initial_conv/w has shape {stem.shape}; BYOL\'s '
                           'ResNets have a 7x7 stem on RGB images, (7, 7, 3, 64 x width)')
   ours['stem_conv'] = {'conv': {'kernel': stem}}
-  ours['stem_bn'], stats['stem_bn'] = ({'bn': p} for p in bn(f'{root}/~/initial_batchnorm'))
+  ours['stem_bn'], stats['stem_bn'] = bn(f'{root}/~/initial_batchnorm')
   convs = 3 if kind == 'bottleneck' else 2
-  for g, blocks in enumerate(counts):
+  for g, blocks in enumerate(resnet.layout(depth)[1]):
     for b in range(blocks):
       theirs = f'{root}/~/block_group_{g}/~/block_{b}/~/'
       block, block_stats = {}, {}
       for k in range(convs):
         block[f'conv{k + 1}'] = {'conv': {'kernel': conv(f'{theirs}conv_{k}')}}
-        block[f'bn{k + 1}'], block_stats[f'bn{k + 1}'] = (
-            {'bn': p} for p in bn(f'{theirs}batchnorm_{k}'))
+        block[f'bn{k + 1}'], block_stats[f'bn{k + 1}'] = bn(f'{theirs}batchnorm_{k}')
       if b == 0:
-        scale_bias, shortcut_stats = bn(f'{theirs}shortcut_batchnorm')
+        proj_bn, proj_bn_stats = bn(f'{theirs}shortcut_batchnorm')
         block['shortcut'] = {'proj': {'conv': {'kernel': conv(f'{theirs}shortcut_conv')}},
-                             'proj_bn': {'bn': scale_bias}}
-        block_stats['shortcut'] = {'proj_bn': {'bn': shortcut_stats}}
+                             'proj_bn': proj_bn}
+        block_stats['shortcut'] = {'proj_bn': proj_bn_stats}
       ours[f'group{g + 1}_block{b}'], stats[f'group{g + 1}_block{b}'] = block, block_stats
   under = sorted(str(k) for k in params if str(k).startswith(f'{root}/'))
   unused = [k for k in under if k not in used]

@@ -79,7 +79,7 @@ class Kept:
 
 
 def _kept_class(module: str, name: str) -> type:
-  return type(f'{module}.{name}', (Kept,), {'module': module, 'name': name})
+  return type(f'{module}.{name}', (Kept,), {})
 
 
 class _HaikuMapping(dict):
@@ -102,7 +102,7 @@ class _HaikuMapping(dict):
   def __setstate__(self, state):
     if isinstance(state, tuple):  # (dict state, slots state)
       state = next((part for part in reversed(state) if isinstance(part, Mapping)), {})
-    for slot in ('_storage', '_mapping', '_dict'):
+    for slot in ('_storage', '_mapping'):
       if isinstance(state, Mapping) and isinstance(state.get(slot), Mapping):
         self.update(state[slot])
         return

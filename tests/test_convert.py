@@ -806,3 +806,28 @@ def test_the_pickle_reader_rebuilds_dills_arrays_and_numpy_scalars(tmp_path, mon
   got = haiku_pickle.read(os.fspath(path))
   np.testing.assert_array_equal(got['a'], array)
   assert got['a'].dtype == np.float32 and got['step'] == 7 and got['x'] == np.float32(2.5)
+
+
+def test_a_haiku_mapping_pickled_by_its_slots_is_read_as_a_dict(tmp_path, monkeypatch):
+  from bigssl_med import haiku_pickle  # pylint: disable=g-import-not-at-top
+
+  class frozendict:  # noqa: N801  pylint: disable=invalid-name
+    __slots__ = ('_storage', '_keys')  # no __reduce__: protocol 2 writes the slots' state
+
+    def __init__(self, storage):
+      self._storage, self._keys = storage, tuple(storage)
+
+  frozendict.__module__ = 'haiku._src.data_structures'
+  frozendict.__qualname__ = 'frozendict'
+  module = type(sys)('haiku._src.data_structures')
+  module.frozendict = frozendict
+  for name in ('haiku', 'haiku._src'):
+    monkeypatch.setitem(sys.modules, name, type(sys)(name))
+  monkeypatch.setitem(sys.modules, 'haiku._src.data_structures', module)
+  path = tmp_path / 'slots.pkl'
+  path.write_bytes(pickle.dumps(frozendict({'w': np.ones(2, np.float32)}), protocol=2))
+  for name in ('haiku', 'haiku._src', 'haiku._src.data_structures'):
+    monkeypatch.delitem(sys.modules, name)
+  got = haiku_pickle.read(os.fspath(path))
+  assert isinstance(got, dict) and list(got) == ['w']
+  np.testing.assert_array_equal(got['w'], np.ones(2))
