@@ -29,6 +29,7 @@ setuptools.setup(
         'matplotlib>=3.8',
         'absl-py>=2.0',
         'safetensors>=0.4',             # published weights in .safetensors (bigssl_med.convert)
+        'pydicom>=2.4',                 # DICOM images (tfds_builders.dicom: siim_acr_pneumothorax)
         # TensorBoard events through clu's writer; imported lazily (see ARCHITECTURE.md).
         'tensorboard>=2.16',
         'tensorflow-cpu>=2.16; platform_system == "Linux" and platform_machine == "x86_64"',

@@ -33,7 +33,7 @@ def test_config_validates(name):
 @pytest.mark.parametrize('key', ['log_every_steps', 'checkpoint_every_steps', 'batch_size',
                                  'data.image_size'])
 @pytest.mark.parametrize('name', ['micle_derm', 'finetune_derm', 'segment_ham10000',
-                                  'segment_montgomery', 'segment_drive'])
+                                  'segment_montgomery', 'segment_drive', 'segment_siim_acr'])
 def test_steps_and_sizes_must_be_positive(name, key):
   config = load(name)
   *parents, leaf = key.split('.')
@@ -157,6 +157,18 @@ def test_segment_drive_config():
   assert c.data.image_size % 32 == 0 and c.early_stopping_patience > 0
   assert c.eval_every_epochs > 0 and c.eval_every_steps == 0
   assert load('segment_drive', 'r18').model.depth == 18
+
+
+def test_segment_siim_acr_config():
+  c = load('segment_siim_acr')
+  assert (c.trainer, c.dataset, c.data.image_size, c.data.mask_key) == (
+      'segment', 'siim_acr_pneumothorax/side512', 224, 'mask')
+  assert (c.data.eval_split, c.data.test_split) == ('validation', 'test')
+  assert c.optimizer.name == 'adamw' and c.optimizer.weight_decay == 0.0
+  assert c.optimizer.lr_scaling == 'linear' and c.batch_size == 32
+  assert c.optimizer.learning_rate * c.batch_size / 256 == pytest.approx(2e-4)
+  assert c.eval_every_epochs == 2.0 and c.early_stopping_patience == 25
+  assert load('segment_siim_acr', 'r18').model.depth == 18
 
 
 def test_setting_differences_leave_out_bookkeeping_and_compare_values():

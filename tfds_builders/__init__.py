@@ -13,6 +13,7 @@ from tfds_builders.mimic_cxr_jpg import MimicCxrJpg
 from tfds_builders.montgomery import Montgomery
 from tfds_builders.nih_chest_xray14 import NihChestXray14
 from tfds_builders.shenzhen import Shenzhen
+from tfds_builders.siim_acr_pneumothorax import SiimAcrPneumothorax
 
 BUILDERS = {
     'chexpert': Chexpert,
@@ -24,7 +25,9 @@ BUILDERS = {
     'montgomery': Montgomery,
     'nih_chest_xray14': NihChestXray14,
     'shenzhen': Shenzhen,
+    'siim_acr_pneumothorax': SiimAcrPneumothorax,
 }
 
 __all__ = ['BUILDERS', 'Chexpert', 'Drive', 'Ham10000', 'ImageCases', 'Medmnist',
-           'MimicCxrJpg', 'Montgomery', 'NihChestXray14', 'Shenzhen']
+           'MimicCxrJpg', 'Montgomery', 'NihChestXray14', 'Shenzhen',
+           'SiimAcrPneumothorax']

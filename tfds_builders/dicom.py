@@ -1,0 +1,149 @@
+"""DICOM radiographs for the builders: the header fields they store and the pixels as PNG.
+
+`read_header` reads the header only (no pixel data): the patient, study and view and
+the image's size. `read_png` decodes the pixel data (uncompressed or compressed as far
+as pydicom and Pillow decode it: JPEG baseline, the transfer syntax of SIIM-ACR's files,
+among them) and returns it as lossless PNG bytes that the builders' `ImageStore`
+stores like any other image file:
+
+* 8-bit gray stays 8-bit gray; MONOCHROME1 (white is 0) is inverted so that, as in
+  every other stored X-ray, bone is bright;
+* gray of more than 8 bits becomes a 16-bit PNG with its values scaled from
+  `BitsStored` bits to the full 16-bit range (a 12-bit X-ray's 4095 becomes 65535), so
+  that the store's 16-to-8-bit conversion keeps its contrast;
+* signed values are shifted up by half their range; colour (three samples) becomes RGB.
+
+No modality or VOI LUT is applied: the stored image is the pixel data's own values, as
+`pixel_array` gives them. pydicom is imported on first use, so that the other builders,
+and machines without pydicom, never need it.
+
+Errors are one-line `bigssl_med.errors.DataError`s naming the file and `where` (the row
+or image that named it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from bigssl_med.errors import DataError
+from tfds_builders import common
+
+# What reading or decoding a damaged or unsupported file raises in pydicom 2.4 to 3.x
+# (besides its InvalidDicomError, a ValueError).
+_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, AttributeError, TypeError,
+                IndexError, NotImplementedError, RuntimeError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+  """The header fields the builders store; '' where the file does not have one."""
+  patient_id: str
+  study_id: str
+  sex: str
+  age: str  # as written: a DICOM age string (`045Y`) or, in some sets, a number
+  view: str
+  rows: int
+  columns: int
+
+
+def _text(dataset: Any, keyword: str) -> str:
+  value = dataset.get(keyword, '')
+  return '' if value is None else str(value).strip()
+
+
+def _dataset(path: str, where: str, *, pixels: bool) -> Any:
+  """The `pydicom.Dataset` of the file at `path`."""
+  try:
+    import pydicom  # pylint: disable=g-import-not-at-top
+    from pydicom import errors as pydicom_errors  # pylint: disable=g-import-not-at-top
+  except ImportError as exc:
+    raise DataError(f'{path}: reading DICOM files needs pydicom (pip install '
+                    f'"pydicom>=2.4"); {where}') from exc
+  try:
+    return pydicom.dcmread(path, stop_before_pixels=not pixels)
+  except pydicom_errors.InvalidDicomError as exc:
+    raise DataError(f'{path}: not a DICOM file ({common.one_line(exc)}); {where}') from exc
+  except _READ_ERRORS as exc:
+    raise DataError(f'{path}: cannot read DICOM file ({common.one_line(exc)}); '
+                    f'{where}') from exc
+
+
+def read_header(path: str, where: str) -> Header:
+  """The header of the DICOM file at `path`, without its pixel data.
+
+  Raises:
+    DataError: not a readable DICOM file, or without `Rows` and `Columns` (names the
+      file and `where`).
+  """
+  dataset = _dataset(path, where, pixels=False)
+  try:
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+  except (AttributeError, TypeError, ValueError) as exc:
+    raise DataError(f'{path}: DICOM file without Rows and Columns (no image); '
+                    f'{where}') from exc
+  return Header(patient_id=_text(dataset, 'PatientID'),
+                study_id=_text(dataset, 'StudyInstanceUID'),
+                sex=_text(dataset, 'PatientSex'), age=_text(dataset, 'PatientAge'),
+                view=_text(dataset, 'ViewPosition'), rows=rows, columns=columns)
+
+
+def read_png(path: str, where: str) -> bytes:
+  """The image of the DICOM file at `path` as lossless PNG bytes (see the module
+  docstring for the conversion).
+
+  Raises:
+    DataError: not a readable DICOM file, pixel data that cannot be decoded (a
+      compression neither pydicom nor Pillow decodes, damaged data), several frames, or
+      samples of another shape than gray or RGB (names the file and `where`).
+  """
+  dataset = _dataset(path, where, pixels=True)
+  try:
+    pixels = np.asarray(dataset.pixel_array)
+  except _READ_ERRORS as exc:
+    raise DataError(f'{path}: cannot decode DICOM pixel data ({common.one_line(exc)}); '
+                    f'{where}') from exc
+  frames = int(dataset.get('NumberOfFrames', 1) or 1)
+  if frames != 1:
+    raise DataError(f'{path}: DICOM file holds {frames} frames; expected one image '
+                    f'({where})')
+  if pixels.ndim == 3 and pixels.shape[-1] == 3:
+    return _png(Image.fromarray(_to_8bit(pixels, dataset)))
+  if pixels.ndim != 2:
+    raise DataError(f'{path}: DICOM pixel data of shape {pixels.shape}; expected one gray '
+                    f'or RGB image ({where})')
+  bits = int(dataset.get('BitsStored', 0) or pixels.dtype.itemsize * 8)
+  values = _unsigned(pixels, dataset, bits)
+  if _text(dataset, 'PhotometricInterpretation').upper() == 'MONOCHROME1':
+    values = (1 << bits) - 1 - values
+  if bits <= 8:
+    return _png(Image.fromarray(values.astype(np.uint8)))
+  wide = (values << (16 - bits)) if bits < 16 else values
+  return _png(Image.fromarray(wide.astype(np.uint16)))
+
+
+def _unsigned(pixels: np.ndarray, dataset: Any, bits: int) -> np.ndarray:
+  """int64 values in [0, 2**bits): signed data shifted up by half its range."""
+  values = pixels.astype(np.int64)
+  if int(dataset.get('PixelRepresentation', 0) or 0) == 1:
+    values = values + (1 << (bits - 1))
+  return np.clip(values, 0, (1 << bits) - 1)
+
+
+def _to_8bit(pixels: np.ndarray, dataset: Any) -> np.ndarray:
+  bits = int(dataset.get('BitsStored', 8) or 8)
+  values = _unsigned(pixels, dataset, bits)
+  if bits > 8:
+    values = values >> (bits - 8)
+  return values.astype(np.uint8)
+
+
+def _png(image: Image.Image) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG')
+  return buffer.getvalue()
