@@ -16,12 +16,21 @@ first count, and whether the records equal the first build's.
   python benchmarks/build_data.py --source ../shared/data/ham10000/images \
       --size 600x450 --mode RGB --format JPEG --images 1000 --max_side 256 --threads 1,2
                                                    # HAM10000 as published
+  python benchmarks/build_data.py --source ../shared/data/nih_chestxray14_sample \
+      --size 1024x1024 --mode L --format DICOM --images 400 --max_side 512 --threads 1,2
+                                                   # SIIM-ACR's DICOM files
+
+`--format DICOM` writes the files as SIIM-ACR publishes them instead (JPEG baseline
+DICOM, 8-bit gray, in `dicom-images-train/<study>/<series>/`, with a `train-rle.csv`
+giving every other image a region) and builds `siim_acr_pneumothorax`: pydicom reads
+each header, then the pixels, and the mask is decoded from its runs.
 
 The whole build is timed, TFDS's writing and shuffling included, in a fresh data dir
 each time; the files are written once, before the first build.
 """
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -37,8 +46,10 @@ import tensorflow_datasets as tfds
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bigssl_med import build_data  # noqa: E402  pylint: disable=g-import-not-at-top
 from bigssl_med.data import sources  # noqa: E402  pylint: disable=g-import-not-at-top
+from tfds_builders.common import config_name  # noqa: E402  pylint: disable=g-import-not-at-top
 
 NAME = 'image_cases/benchmark'
+DICOM_NAME = 'siim_acr_pneumothorax'
 
 
 def source_files(root: str) -> list[str]:
@@ -81,11 +92,59 @@ def write_collection(root: str, sources_: list[str], count: int, size: tuple[int
   return total
 
 
-def records(data_dir: str) -> dict:
+def write_dicom_collection(root: str, sources_: list[str], count: int, size: tuple[int, int],
+                           noise: float) -> int:
+  """Writes `count` enlarged gray images as SIIM-ACR's JPEG baseline DICOM files, and
+  its `train-rle.csv` (stage 1's relative runs; every other image one rectangular
+  region, the rest -1); total bytes of the DICOM files."""
+  import pydicom  # pylint: disable=g-import-not-at-top
+  from pydicom import encaps, uid  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  total, lines = 0, ['ImageId, EncodedPixels']
+  width, height = size
+  for i in range(count):
+    with Image.open(sources_[i % len(sources_)]) as image:
+      pixels = np.asarray(image.convert('L').resize(size, Image.Resampling.BICUBIC),
+                          np.float32)
+    pixels = np.clip(np.rint(pixels + rng.normal(0.0, noise, pixels.shape)), 0, 255)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format='JPEG', quality=95)
+    image_id = f'1.2.276.0.7230010.3.1.4.8323329.{i}.1517875166.{i}'
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = uid.SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = image_id
+    meta.TransferSyntaxUID = uid.JPEGBaseline8Bit
+    ds = pydicom.dataset.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = uid.SecondaryCaptureImageStorage, image_id
+    ds.PatientID, ds.StudyInstanceUID = f'patient-{i // 2}', f'1.2.3.{i}'
+    ds.PatientSex, ds.PatientAge, ds.ViewPosition = 'MF'[i % 2], f'{30 + i % 50:03d}Y', 'PA'
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = height, width, 1
+    ds.PhotometricInterpretation = 'MONOCHROME2'
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encaps.encapsulate([buffer.getvalue()])
+    ds['PixelData'].VR = 'OB'
+    path = os.path.join(root, 'dicom-images-train', ds.StudyInstanceUID, f'1.2.4.{i}',
+                        f'{image_id}.dcm')
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    total += os.path.getsize(path)
+    if i % 2:  # a region of height/4 rows in each of width/4 columns: relative runs
+      runs = [height * (width // 2) + height // 2, height // 4]
+      runs += [height - height // 4, height // 4] * (width // 4 - 1)
+      lines.append(f'{image_id}, {" ".join(map(str, runs))}')
+    else:
+      lines.append(f'{image_id}, -1')
+  with open(os.path.join(root, 'train-rle.csv'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  return total
+
+
+def records(name: str, data_dir: str) -> dict:
   """split -> list of records (values as bytes), to compare two builds."""
-  info = sources.dataset_info(NAME, data_dir)
+  info = sources.dataset_info(name, data_dir)
   return {split: [{k: np.asarray(v).tobytes() for k, v in r.items()}
-                  for r in sources.open_split(NAME, split, data_dir)]
+                  for r in sources.open_split(name, split, data_dir)]
           for split in info.splits}
 
 
@@ -95,7 +154,8 @@ def main(argv=None):
   p.add_argument('--size', default='2320x2828', help='WIDTHxHEIGHT of the files written')
   p.add_argument('--mode', choices=['L', 'RGB', 'RGB_GRAY'], default='L',
                  help='RGB_GRAY: gray images written as RGB files (stored gray)')
-  p.add_argument('--format', choices=['JPEG', 'PNG'], default='JPEG')
+  p.add_argument('--format', choices=['JPEG', 'PNG', 'DICOM'], default='JPEG',
+                 help='DICOM: SIIM-ACR\'s files and table, built by siim_acr_pneumothorax')
   p.add_argument('--noise', type=float, default=3.0, help='Gaussian noise sigma, 0-255 scale')
   p.add_argument('--images', type=int, default=200)
   p.add_argument('--max_side', type=int, default=512)
@@ -113,8 +173,15 @@ def main(argv=None):
   with tempfile.TemporaryDirectory(dir=args.work_dir or None) as work:
     manual_dir = os.path.join(work, 'raw')
     t = time.perf_counter()
-    written = write_collection(manual_dir, source_files(args.source), args.images, size,
-                               args.mode, args.format, args.noise)
+    if args.format == 'DICOM':
+      name = DICOM_NAME
+      os.makedirs(manual_dir)
+      written = write_dicom_collection(manual_dir, source_files(args.source), args.images,
+                                       size, args.noise)
+    else:
+      name = NAME
+      written = write_collection(manual_dir, source_files(args.source), args.images, size,
+                                 args.mode, args.format, args.noise)
     print(f'wrote {args.images} {args.format} files of {size[0]}x{size[1]} {args.mode}, '
           f'{written / args.images / 1e3:.0f} kB each, in {time.perf_counter() - t:.1f} s',
           flush=True)
@@ -122,10 +189,11 @@ def main(argv=None):
     for threads in thread_counts:
       data_dir = os.path.join(work, f'data_threads{threads}')
       t = time.perf_counter()
-      build_data.build(f'{NAME}', data_dir=data_dir, manual_dir=manual_dir,
+      build_data.build(name, data_dir=data_dir, manual_dir=manual_dir,
                        max_side=args.max_side, num_threads=threads)
       seconds = time.perf_counter() - t
-      built = records(data_dir)
+      built = records(f'{name}/{config_name(args.max_side)}' if name == DICOM_NAME else name,
+                      data_dir)
       if first is None:
         first = (seconds, built)
       result = {

@@ -428,8 +428,11 @@ class SiimAcrPneumothorax(common.ImageBuilder):
 
   def _generate_examples(self, entries, split, encoding, store):
     def load(entry):  # on a worker thread: the stored image and mask, or a Failed
-      image = store.try_convert(lambda: dicom.read_png(entry.path, entry.where),
-                                path=entry.path, where=entry.where)
+      size = max(entry.header.rows, entry.header.columns)
+      level = 0 if store.max_side is not None and size > store.max_side else 6  # re-encoded?
+      image = store.try_convert(
+          lambda: dicom.read_png(entry.path, entry.where, compress_level=level),
+          path=entry.path, where=entry.where)
       if isinstance(image, common.Failed):
         return image
       mask = decode_mask(entry.annotation.regions, encoding, height=entry.header.rows,
