@@ -63,18 +63,25 @@ class FakeHam10000:
   masks: dict[str, Path]
 
 
-def _fake_lesion_ids() -> dict[str, list[str]]:
-  """Lesion ids, in order, whose hash puts them in each split."""
-  wanted = {split: len(counts) for split, counts in _FAKE_LESIONS.items()}
-  found = {split: [] for split in wanted}
-  number = 0
-  while any(len(found[s]) < n for s, n in wanted.items()):
-    lesion_id = f'HAM_{number:07d}'
-    split = ham10000.split_for_case(lesion_id)
-    if len(found[split]) < wanted[split]:
-      found[split].append(lesion_id)
+def ids_per_split(make_id, split_of, per_split: dict[str, int], *,
+                  start: int = 0) -> dict[str, list[str]]:
+  """split -> the first `per_split[split]` of `make_id(start), make_id(start + 1), ...`
+  that `split_of` (a builder's case hash) puts in that split, in order."""
+  found = {split: [] for split in per_split}
+  number = start
+  while any(len(found[s]) < n for s, n in per_split.items()):
+    case_id = make_id(number)
+    split = split_of(case_id)
+    if len(found[split]) < per_split[split]:
+      found[split].append(case_id)
     number += 1
   return found
+
+
+def _fake_lesion_ids() -> dict[str, list[str]]:
+  """Lesion ids, in order, whose hash puts them in each split."""
+  return ids_per_split(lambda number: f'HAM_{number:07d}', ham10000.split_for_case,
+                       {split: len(counts) for split, counts in _FAKE_LESIONS.items()})
 
 
 def write_fake_ham10000(root: Path, layout: str = 'published',
@@ -233,14 +240,8 @@ def nlm_image_ids(prefix: str, per_split: dict[str, int]) -> list[str]:
   """Published-style ids of an NLM TB set (`PREFIX_nnnn_<label>`, e.g. MCUCXR_0001_1),
   `per_split[split]` of them in each split of the sets' case hash, sorted."""
   from tfds_builders import nlm_tb  # pylint: disable=g-import-not-at-top
-  found = {split: [] for split in per_split}
-  number = 1
-  while any(len(found[s]) < n for s, n in per_split.items()):
-    image_id = f'{prefix}_{number:04d}_{number % 2}'
-    split = nlm_tb.split_for_case(image_id)
-    if len(found[split]) < per_split[split]:
-      found[split].append(image_id)
-    number += 1
+  found = ids_per_split(lambda number: f'{prefix}_{number:04d}_{number % 2}',
+                        nlm_tb.split_for_case, per_split, start=1)
   return sorted(i for ids in found.values() for i in ids)
 
 

@@ -22,7 +22,7 @@ import pytest
 from bigssl_med import build_data
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
-from conftest import assert_manual_only, assert_one_line_error, records_by_split
+from conftest import assert_manual_only, assert_one_line_error, ids_per_split, records_by_split
 import tfds_builders
 from tfds_builders import dicom
 from tfds_builders.siim_acr_pneumothorax import siim_acr_pneumothorax as siim
@@ -145,14 +145,8 @@ class FakeSiim:
 
 def _patients(per_split: dict[str, int]) -> list[str]:
   """Patient ids of the competition's form (UUIDs), `per_split[split]` in each split."""
-  found = {split: [] for split in per_split}
-  number = 0
-  while any(len(found[s]) < n for s, n in per_split.items()):
-    patient = f'{number:08x}-a0d2-4901-b33a-63906aa48d9f'
-    split = siim.split_for_case(patient)
-    if len(found[split]) < per_split[split]:
-      found[split].append(patient)
-    number += 1
+  found = ids_per_split(lambda number: f'{number:08x}-a0d2-4901-b33a-63906aa48d9f',
+                        siim.split_for_case, per_split)
   return [p for split in per_split for p in found[split]]
 
 
