@@ -1,10 +1,11 @@
-"""DICOM radiographs for the builders: the header fields they store and the pixels as PNG.
+"""DICOM radiographs for the builders: the files, the header fields stored, the pixels.
 
-`read_header` reads the header only (no pixel data): the patient, study and view and
-the image's size. `read_png` decodes the pixel data (uncompressed or compressed as far
-as pydicom and Pillow decode it: JPEG baseline, the transfer syntax of SIIM-ACR's files,
-among them) and returns it as lossless PNG bytes that the builders' `ImageStore`
-stores like any other image file:
+`find_files` lists a release's `.dcm` files by stem (its image ids). `read_header` reads
+the header only (no pixel data): the patient, study and view and the image's size.
+`read_png` decodes the pixel data (uncompressed or compressed as far as pydicom and
+Pillow decode it: JPEG baseline, the transfer syntax of SIIM-ACR's files, among them)
+and returns it as lossless PNG bytes that the builders' `ImageStore` stores like any
+other image file:
 
 * 8-bit gray stays 8-bit gray; MONOCHROME1 (white is 0) is inverted so that, as in
   every other stored X-ray, bone is bright;
@@ -25,12 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
+from bigssl_med import files
 from bigssl_med.errors import DataError
 from tfds_builders import common
 
@@ -50,6 +53,79 @@ class Header:
   view: str
   rows: int
   columns: int
+
+
+def find_files(manual_dir: str) -> dict[str, str]:
+  """File stem (a data set's image id) -> path of every `.dcm` file below `manual_dir`
+  (hidden files and folders passed over; the extension in any letter case).
+
+  Raises:
+    DataError: two files of one stem (names both).
+  """
+  found: dict[str, str] = {}
+  for dirpath, dirnames, filenames in files.walk(manual_dir):
+    dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
+    for name in sorted(filenames):
+      stem, extension = os.path.splitext(name)
+      if extension.lower() != '.dcm' or common.is_hidden(name):
+        continue
+      path = os.path.join(dirpath, name)
+      if stem in found:
+        raise DataError(f'two DICOM files of image {stem}: {found[stem]} and {path}')
+      found[stem] = path
+  return found
+
+
+def listed_headers(listed: Sequence[tuple[str, str]], found: Mapping[str, str],
+                   store: 'common.ImageStore', split_of: Callable[[str], str]
+                   ) -> Iterator[tuple[str, str, Header]]:
+  """`(image_id, path, header)` for each listed image whose file is found and readable,
+  in list order; headers read on the store's threads.
+
+  Args:
+    listed: `(image_id, where)` pairs: the images a table names, and the row naming each.
+    found: image id -> DICOM file (`find_files`).
+    store: the build's store: a missing or unreadable file is skipped (listed in the
+      metadata) when it skips bad images, else raised.
+    split_of: the split a skipped image is listed under, from its id (its case is
+      unknown without its file).
+
+  Raises:
+    DataError: an image without its file (names the row) or an unreadable file (names
+      the file), unless the store skips bad images.
+  """
+  present = []
+  for image_id, where in listed:
+    path = found.get(image_id)
+    if path is not None:
+      present.append((image_id, path))
+      continue
+    message = f'{where}: no DICOM file {image_id}.dcm found under the manual dir'
+    if not store.skip_bad_images:
+      raise DataError(message)
+    store.skip(path=f'{image_id}.dcm', where=where, split=split_of(image_id), reason=message)
+
+  def read(item):  # on a worker thread
+    image_id, path = item
+    try:
+      return read_header(path, f'image_id {image_id}')
+    except DataError as exc:
+      return common.Failed(path, f'image_id {image_id}', exc)
+
+  for (image_id, path), header in common.in_order(read, present, threads=store.threads):
+    if store.keep(header, split=split_of(image_id)):  # raises unless skipping
+      yield image_id, path, header
+
+
+def try_store(store: 'common.ImageStore', path: str, where: str,
+              header: Header) -> 'bytes | common.Failed':
+  """The stored bytes of the DICOM file's image (`read_png` through the store), or its
+  `Failed` record. The PNG handed to the store is uncompressed when the store will
+  downscale it (and so decode it again at once): a fifth of the time for 1024 x 1024."""
+  downscaled = store.max_side is not None and max(header.rows, header.columns) > store.max_side
+  return store.try_convert(
+      lambda: read_png(path, where, compress_level=0 if downscaled else 6),
+      path=path, where=where)
 
 
 def _text(dataset: Any, keyword: str) -> str:

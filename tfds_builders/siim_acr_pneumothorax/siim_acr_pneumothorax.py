@@ -75,7 +75,6 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from bigssl_med import files
 from bigssl_med.errors import DataError
 from tfds_builders import common
 from tfds_builders import dicom
@@ -260,26 +259,6 @@ def decode_mask(regions: Sequence[Sequence[int]], encoding: str, *, height: int,
   return flat.reshape(width, height).T
 
 
-def find_images(manual_dir: str) -> dict[str, str]:
-  """ImageId -> path of every `.dcm` file below `manual_dir` (hidden folders passed over).
-
-  Raises:
-    DataError: two files of one ImageId (names both).
-  """
-  found: dict[str, str] = {}
-  for dirpath, dirnames, filenames in files.walk(manual_dir):
-    dirnames[:] = sorted(d for d in dirnames if not common.is_hidden(d))
-    for name in sorted(filenames):
-      stem, extension = os.path.splitext(name)
-      if extension.lower() != '.dcm' or common.is_hidden(name):
-        continue
-      path = os.path.join(dirpath, name)
-      if stem in found:
-        raise DataError(f'two DICOM files of image {stem}: {found[stem]} and {path}')
-      found[stem] = path
-  return found
-
-
 def parse_age(text: str, *, where: str) -> float:
   """Years from `PatientAge` (`38`, `038Y`, `006M`, ...); NaN when blank.
 
@@ -363,7 +342,7 @@ class SiimAcrPneumothorax(common.ImageBuilder):
     encoding = rle_encoding(annotations)
     logging.info('SIIM-ACR: %d annotated images in %s, runs read as %s', len(annotations),
                  table, encoding)
-    images = find_images(manual_dir)
+    images = dicom.find_files(manual_dir)
     annotated = {a.image_id for a in annotations}
     unannotated = [i for i in images if i not in annotated]
     if unannotated:
@@ -388,32 +367,11 @@ class SiimAcrPneumothorax(common.ImageBuilder):
   def _entries(self, annotations, images, encoding, store) -> list[Entry]:
     """The annotated images with their headers, runs checked; missing or unreadable
     files skipped (when asked) or raised, in table order."""
-    found = []
-    for annotation in annotations:
-      path = images.get(annotation.image_id)
-      if path is None:
-        message = (f'{annotation.where}: no DICOM file {annotation.image_id}.dcm found under '
-                   'the manual dir')
-        split = split_for_case(annotation.image_id)  # the case is unknown without the file
-        if not store.skip_bad_images:
-          raise DataError(message)
-        store.skip(path=f'{annotation.image_id}.dcm', where=annotation.where, split=split,
-                   reason=message)
-        continue
-      found.append((annotation, path))
-
-    def header(item):  # on a worker thread
-      annotation, path = item
-      try:
-        return dicom.read_header(path, f'image_id {annotation.image_id}')
-      except DataError as exc:
-        return common.Failed(path, f'image_id {annotation.image_id}', exc)
-
+    by_id = {annotation.image_id: annotation for annotation in annotations}
     entries, without_patient = [], 0
-    for (annotation, path), read in common.in_order(header, found, threads=store.threads):
-      if isinstance(read, common.Failed):
-        store.keep(read, split=split_for_case(annotation.image_id))  # raises unless skipping
-        continue
+    for image_id, path, read in dicom.listed_headers(
+        [(a.image_id, a.where) for a in annotations], images, store, split_for_case):
+      annotation = by_id[image_id]
       check_runs(annotation, encoding, height=read.rows, width=read.columns, path=path)
       case_id = read.patient_id or annotation.image_id
       without_patient += not read.patient_id
@@ -428,11 +386,7 @@ class SiimAcrPneumothorax(common.ImageBuilder):
 
   def _generate_examples(self, entries, split, encoding, store):
     def load(entry):  # on a worker thread: the stored image and mask, or a Failed
-      size = max(entry.header.rows, entry.header.columns)
-      level = 0 if store.max_side is not None and size > store.max_side else 6  # re-encoded?
-      image = store.try_convert(
-          lambda: dicom.read_png(entry.path, entry.where, compress_level=level),
-          path=entry.path, where=entry.where)
+      image = dicom.try_store(store, entry.path, entry.where, entry.header)
       if isinstance(image, common.Failed):
         return image
       mask = decode_mask(entry.annotation.regions, encoding, height=entry.header.rows,
