@@ -3,7 +3,7 @@
   python main.py --config=configs/benchmark_cxr.py[:DATASET[,MODEL]] --workdir=... \
       --config.init_from=IMPORTED_OR_PRETRAINED_WORKDIR --config.init=NAME --config.seed=S
 
-DATASET is `nih14` (ChestX-ray14, the default), `chexpert` or `shenzhen`; MODEL a
+DATASET is `nih14` (ChestX-ray14, the default), `chexpert`, `shenzhen` or `rsna`; MODEL a
 variant of `config_schema.MODEL_VARIANTS` (`r50` by default). Every layer is trained
 from the encoder of `init_from` (an imported torchvision-layout model, or a pretraining
 run) under a new linear classifier, as the benchmark fine-tunes its initialisations:
@@ -39,7 +39,10 @@ tuberculosis) besides top-1; the benchmark trains one sigmoid output instead, th
 model family (a softmax of two logits is the sigmoid of their difference). The
 validation loss selects the model, as for the other data sets; the benchmark's score,
 `auc`, is the run's headline (results.json `primary_metric`, the report's default
-column), as for any two-class task selected on a loss.
+column), as for any two-class task selected on a loss. RSNA Pneumonia: the
+`rsna_pneumonia` builder's three classes (normal, no lung opacity but not normal, lung
+opacity) as a three-class softmax task scored by top-1 accuracy, on its 80/10/10 split by
+patient (the challenge's test labels were not published).
 
 The architecture is torchvision's, as the benchmark's initialisations are
 (`python -m bigssl_med.convert` imports them): its max-pooling windows
@@ -56,7 +59,7 @@ A mismatch is a one-line error naming the key.
 
 from bigssl_med import config_schema
 
-_DATASETS = ('nih14', 'chexpert', 'shenzhen')
+_DATASETS = ('nih14', 'chexpert', 'shenzhen', 'rsna')
 
 
 def get_config(arg: str = 'nih14'):
@@ -109,6 +112,8 @@ def get_config(arg: str = 'nih14'):
     config.data.test_split = 'validation'
   elif dataset == 'shenzhen':
     config.dataset = 'shenzhen/benchmark_side512'   # its lists; validation and test splits
+  elif dataset == 'rsna':
+    config.dataset = 'rsna_pneumonia'
   else:
     config.dataset = 'nih_chest_xray14'
   return config

@@ -132,7 +132,7 @@ def test_benchmark_config_on_shenzhen():
   with pytest.raises(ValueError, match='takes one DATASET'):
     load('benchmark_cxr', 'shenzhen,chexpert')
   with pytest.raises(ValueError, match=r"^configs/benchmark_cxr.py: 'nih41' is neither a "
-                     r'DATASET \(nih14, chexpert, shenzhen\) nor a MODEL \(r101, '):
+                     r'DATASET \(nih14, chexpert, shenzhen, rsna\) nor a MODEL \(r101, '):
     load('benchmark_cxr', 'nih41')
 
 
@@ -157,6 +157,17 @@ def test_segment_drive_config():
   assert c.data.image_size % 32 == 0 and c.early_stopping_patience > 0
   assert c.eval_every_epochs > 0 and c.eval_every_steps == 0
   assert load('segment_drive', 'r18').model.depth == 18
+
+
+def test_benchmark_cxr_rsna_config():
+  c = load('benchmark_cxr', 'rsna')
+  assert (c.trainer, c.dataset, c.data.image_size) == ('finetune', 'rsna_pneumonia', 224)
+  config_schema.validate(c)
+  # Everything but the data set is the protocol of the other data sets.
+  different = {key for key, *_ in config_schema.setting_differences(
+      load('benchmark_cxr').to_dict(), c)}
+  assert different == {'dataset'}, different
+  assert load('benchmark_cxr', 'rsna,r18').model.depth == 18
 
 
 def test_segment_siim_acr_config():

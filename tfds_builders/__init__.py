@@ -12,6 +12,7 @@ from tfds_builders.medmnist import Medmnist
 from tfds_builders.mimic_cxr_jpg import MimicCxrJpg
 from tfds_builders.montgomery import Montgomery
 from tfds_builders.nih_chest_xray14 import NihChestXray14
+from tfds_builders.rsna_pneumonia import RsnaPneumonia
 from tfds_builders.shenzhen import Shenzhen
 from tfds_builders.siim_acr_pneumothorax import SiimAcrPneumothorax
 
@@ -24,10 +25,11 @@ BUILDERS = {
     'mimic_cxr_jpg': MimicCxrJpg,
     'montgomery': Montgomery,
     'nih_chest_xray14': NihChestXray14,
+    'rsna_pneumonia': RsnaPneumonia,
     'shenzhen': Shenzhen,
     'siim_acr_pneumothorax': SiimAcrPneumothorax,
 }
 
 __all__ = ['BUILDERS', 'Chexpert', 'Drive', 'Ham10000', 'ImageCases', 'Medmnist',
-           'MimicCxrJpg', 'Montgomery', 'NihChestXray14', 'Shenzhen',
-           'SiimAcrPneumothorax']
+           'MimicCxrJpg', 'Montgomery', 'NihChestXray14', 'RsnaPneumonia',
+           'Shenzhen', 'SiimAcrPneumothorax']
