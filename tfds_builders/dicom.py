@@ -28,10 +28,12 @@ import dataclasses
 import io
 import os
 
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from absl import logging
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
 
 from bigssl_med import files
 from bigssl_med.errors import DataError
@@ -74,6 +76,32 @@ def find_files(manual_dir: str) -> dict[str, str]:
         raise DataError(f'two DICOM files of image {stem}: {found[stem]} and {path}')
       found[stem] = path
   return found
+
+
+def features() -> dict[str, Any]:
+  """The features every DICOM builder stores: the gray image and the header's sex, age
+  and view position (`view_position`, which `config.data.views` selects by)."""
+  return {
+      'image': tfds.features.Image(
+          shape=(None, None, 1), encoding_format='png',
+          doc='Frontal chest X-ray from the DICOM pixel data, 8-bit gray (one channel).'),
+      'sex': tfds.features.Text(doc='DICOM PatientSex (M, F); empty when blank.'),
+      'age': tfds.features.Scalar(
+          dtype=np.float32, doc='Age in years from DICOM PatientAge; NaN when blank.'),
+      'view_position': tfds.features.Text(doc='DICOM ViewPosition (PA, AP); empty when blank.'),
+  }
+
+
+def count_unlisted(found: Mapping[str, str], listed: Iterable[str], *, what: str,
+                   manual_dir: str, table: str) -> int:
+  """How many found files the table does not name (a release's test images, whose labels
+  were not published); one warning names the first. They are not stored."""
+  unlisted = sorted(set(found) - set(listed))
+  if unlisted:
+    logging.warning('%s: %d .dcm file(s) under %s that %s does not list are not stored '
+                    '(first: %s)', what, len(unlisted), manual_dir, os.path.basename(table),
+                    found[unlisted[0]])
+  return len(unlisted)
 
 
 def listed_headers(listed: Sequence[tuple[str, str]], found: Mapping[str, str],

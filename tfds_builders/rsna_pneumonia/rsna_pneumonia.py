@@ -275,10 +275,7 @@ class RsnaPneumonia(common.ImageBuilder):
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png',
-                doc='Frontal chest X-ray from the DICOM pixel data, 8-bit gray (one '
-                    'channel).'),
+            **dicom.features(),
             'label': tfds.features.ClassLabel(
                 names=CLASS_NAMES,
                 doc='The class table\'s Normal, No Lung Opacity / Not Normal, Lung Opacity.'),
@@ -291,11 +288,6 @@ class RsnaPneumonia(common.ImageBuilder):
                 doc='Union of the boxes (0 background, 255 inside a box).'),
             'image_id': tfds.features.Text(doc='patientId (the file stem).'),
             'case_id': tfds.features.Text(doc='patientId (one image per patient).'),
-            'sex': tfds.features.Text(doc='DICOM PatientSex (M, F); empty when blank.'),
-            'age': tfds.features.Scalar(
-                dtype=np.float32, doc='Age in years from DICOM PatientAge; NaN when blank.'),
-            'view_position': tfds.features.Text(
-                doc='DICOM ViewPosition (PA, AP); empty when blank.'),
         }),
         supervised_keys=('image', 'label'),
         metadata=metadata,
@@ -322,14 +314,11 @@ class RsnaPneumonia(common.ImageBuilder):
     if not listed:
       raise DataError(f'{labels_path}: no patient')
     images = dicom.find_files(manual_dir)
-    names = {item.patient_id for item in listed}
-    unlisted = [i for i in images if i not in names]
-    if unlisted:
-      logging.warning('RSNA Pneumonia: %d .dcm file(s) under %s that %s does not list are '
-                      'not stored (first: %s)', len(unlisted), manual_dir,
-                      os.path.basename(labels_path), images[unlisted[0]])
+    unlisted = dicom.count_unlisted(images, (item.patient_id for item in listed),
+                                    what='RSNA Pneumonia', manual_dir=manual_dir,
+                                    table=labels_path)
     self.info.metadata.update(labels_file=os.path.basename(labels_path),
-                              num_unlisted_images=len(unlisted))
+                              num_unlisted_images=unlisted)
     store = self.image_store(channels=1)
     by_id = {item.patient_id: item for item in listed}
     by_split = {split: [] for split in SPLIT_NAMES}

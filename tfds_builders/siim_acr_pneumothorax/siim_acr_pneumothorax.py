@@ -297,10 +297,7 @@ class SiimAcrPneumothorax(common.ImageBuilder):
     return self.dataset_info_from_configs(
         description=_DESCRIPTION,
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(
-                shape=(None, None, 1), encoding_format='png',
-                doc='Frontal chest X-ray from the DICOM pixel data, 8-bit gray (one '
-                    'channel).'),
+            **dicom.features(),
             'mask': tfds.features.Image(
                 shape=(None, None, 1), encoding_format='png',
                 doc='Union of the annotated pneumothorax regions (0 background, 255 '
@@ -314,11 +311,6 @@ class SiimAcrPneumothorax(common.ImageBuilder):
             'case_id': tfds.features.Text(
                 doc='DICOM PatientID (the image id where blank): the grouping unit.'),
             'study_id': tfds.features.Text(doc='DICOM StudyInstanceUID.'),
-            'sex': tfds.features.Text(doc='DICOM PatientSex (M, F); empty when blank.'),
-            'age': tfds.features.Scalar(
-                dtype=np.float32, doc='Age in years from DICOM PatientAge; NaN when blank.'),
-            'view_position': tfds.features.Text(
-                doc='DICOM ViewPosition (PA, AP); empty when blank.'),
         }),
         supervised_keys=('image', 'label'),
         metadata=metadata,
@@ -343,14 +335,10 @@ class SiimAcrPneumothorax(common.ImageBuilder):
     logging.info('SIIM-ACR: %d annotated images in %s, runs read as %s', len(annotations),
                  table, encoding)
     images = dicom.find_files(manual_dir)
-    annotated = {a.image_id for a in annotations}
-    unannotated = [i for i in images if i not in annotated]
-    if unannotated:
-      logging.warning('SIIM-ACR: %d .dcm file(s) under %s that %s does not annotate are not '
-                      'stored (first: %s)', len(unannotated), manual_dir,
-                      os.path.basename(table), images[unannotated[0]])
+    unannotated = dicom.count_unlisted(images, (a.image_id for a in annotations),
+                                       what='SIIM-ACR', manual_dir=manual_dir, table=table)
     self.info.metadata.update(annotation_file=os.path.basename(table), rle_encoding=encoding,
-                              num_unannotated_images=len(unannotated))
+                              num_unannotated_images=unannotated)
     store = self.image_store(channels=1)
     entries = self._entries(annotations, images, encoding, store)
     by_split = {split: [] for split in SPLIT_NAMES}
