@@ -188,6 +188,17 @@ def override(config, overrides):
   return config
 
 
+def shrunk(config, data_dir):
+  """A real config (a benchmark protocol) shrunk to a 40-step CPU run on a tiny model,
+  reading the builds in `data_dir`."""
+  return override(config, {
+      'data.data_dir': os.fspath(data_dir), 'data.build_if_missing': False,
+      'data.image_size': 16, 'data.num_workers': 0, 'model.width_multiplier': 0.125,
+      'model.cifar_stem': True, 'compute_dtype': 'float32', 'batch_size': 16,
+      'num_epochs': 0.0, 'total_steps': 40, 'log_every_steps': 10,
+      'checkpoint_every_steps': 20, 'tensorboard': False})
+
+
 def write_many_lesions(root: Path, num_lesions: int, seed: int = 0) -> Path:
   """A HAM10000-layout tree with `num_lesions` lesions of 1-3 small images each."""
   rng = np.random.default_rng(seed)

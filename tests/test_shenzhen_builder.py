@@ -19,7 +19,7 @@ from bigssl_med import build_data, config_schema
 from bigssl_med.data import sources
 from bigssl_med.errors import DataError
 from bigssl_med.trainers import finetune
-from conftest import override
+from conftest import shrunk
 from conftest import assert_manual_only, assert_one_line_error, nlm_image_ids, records_by_split
 import tfds_builders
 from tfds_builders import nlm_tb
@@ -551,12 +551,7 @@ def test_benchmark_protocol_fine_tunes_on_a_shenzhen_build(tmp_path):
   config = load('benchmark_cxr', 'shenzhen,r18')
   data_dir = tmp_path / 'data'
   _build(fake, data_dir, name=config.dataset)  # shenzhen/benchmark_side512
-  override(config, {
-      'data.data_dir': os.fspath(data_dir), 'data.build_if_missing': False,
-      'data.image_size': 16, 'data.num_workers': 0, 'model.width_multiplier': 0.125,
-      'model.cifar_stem': True, 'compute_dtype': 'float32', 'batch_size': 16,
-      'num_epochs': 0.0, 'total_steps': 40, 'log_every_steps': 10,
-      'checkpoint_every_steps': 20, 'tensorboard': False})
+  shrunk(config, data_dir)
   config_schema.validate(config)
   results = finetune.train_and_evaluate(config, os.fspath(tmp_path / 'work'))
   assert results['trainer'] == 'finetune' and results['dataset'] == config.dataset
