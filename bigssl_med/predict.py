@@ -10,8 +10,9 @@ label names, and `best/` holds the weights of the model selected on validation.
 
 `--images` is either
 
-* a folder, searched recursively for `.jpg`, `.jpeg`, `.png`, `.bmp`, `.tif` and
-  `.tiff` files (any case; hidden files and folders are skipped), in sorted order, or
+* a folder, searched recursively for `.jpg`, `.jpeg`, `.png`, `.bmp`, `.tif`, `.tiff`
+  and DICOM `.dcm` files (any case; hidden files and folders are skipped), in sorted
+  order, or
 * a CSV (or tab-separated) file with a column of image paths, `path` or the one
   `--path_column` names; relative paths are relative to `--image_root` (by default the
   CSV's folder), absolute ones are used as they are, and every other column is copied
@@ -77,9 +78,10 @@ from bigssl_med.data import pipeline
 from bigssl_med.errors import CheckpointError, ConfigError, DataError, UserError
 from bigssl_med.trainers import finetune
 from tfds_builders import common
+from tfds_builders import dicom
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.bmp', '.tif', '.tiff',
-                    '.webp', '.gif')
+                    '.webp', '.gif', '.dcm')
 PATH_COLUMN = 'path'
 PREDICTED_COLUMN = 'predicted'
 DEFAULT_BATCH_SIZE = 64
@@ -310,6 +312,8 @@ def load_image(item: Item, side: int, proportion: float,
   except OSError as e:
     raise DataError(f'{prefix}cannot read image {item.file}: {e.strerror or e}') from None
   try:
+    if dicom.is_dicom(data):  # its pixels, as an image_cases build of it stores them
+      data = dicom.read_png(item.file, 'image to score', data=data)
     if stored:
       data = common.encode_image(data, name=item.file, max_side=stored.get('max_side'),
                                  channels=stored.get('channels'))

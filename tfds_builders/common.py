@@ -643,14 +643,18 @@ def warn_found_ignoring_case(found: Sequence[tuple[str, str]], what: str, listin
 
 
 def read_image_file(path: str, where: str) -> bytes:
-  """The bytes of an image file; DataError naming the file and `where` if unreadable."""
+  """The encoded bytes of an image file: the file's own, or for a DICOM file its pixels
+  as PNG (`tfds_builders.dicom.read_png`); DataError naming the file and `where` if it
+  is unreadable (or a DICOM file undecodable)."""
   try:
     with open(path, 'rb') as f:
-      return f.read()
+      data = f.read()
   except FileNotFoundError:
     raise DataError(f'{where}: image file {path} not found') from None
   except OSError as exc:
     raise DataError(f'{where}: cannot read image file {path} ({one_line(exc)})') from exc
+  from tfds_builders import dicom  # pylint: disable=g-import-not-at-top  (dicom imports common)
+  return dicom.read_png(path, where, data=data) if dicom.is_dicom(data) else data
 
 
 # ----------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """DICOM radiographs for the builders: the files, the header fields stored, the pixels.
 
-`find_files` lists a release's `.dcm` files by stem (its image ids). `read_header` reads
+`is_dicom` tells a DICOM file from its bytes, so that `common.read_image_file` (and with
+it `image_cases` and `bigssl_med.predict`) reads DICOM files wherever an image file may
+be. `find_files` lists a release's `.dcm` files by stem (its image ids). `read_header` reads
 the header only (no pixel data): the patient, study and view and the image's size.
 `read_png` decodes the pixel data (uncompressed or compressed as far as pydicom and
 Pillow decode it: JPEG baseline, the transfer syntax of SIIM-ACR's files, among them)
@@ -161,8 +163,14 @@ def _text(dataset: Any, keyword: str) -> str:
   return '' if value is None else str(value).strip()
 
 
-def _dataset(path: str, where: str, *, pixels: bool) -> Any:
-  """The `pydicom.Dataset` of the file at `path`."""
+def is_dicom(data: bytes) -> bool:
+  """Whether `data` (a file's bytes, or its first 132) is a DICOM file: `DICM` after the
+  128-byte preamble, as every DICOM Part 10 file has."""
+  return data[128:132] == b'DICM'
+
+
+def _dataset(path: str, where: str, *, pixels: bool, data: bytes | None = None) -> Any:
+  """The `pydicom.Dataset` of the file at `path` (read from `data` when given)."""
   try:
     import pydicom  # pylint: disable=g-import-not-at-top
     from pydicom import errors as pydicom_errors  # pylint: disable=g-import-not-at-top
@@ -170,7 +178,8 @@ def _dataset(path: str, where: str, *, pixels: bool) -> Any:
     raise DataError(f'{path}: reading DICOM files needs pydicom (pip install '
                     f'"pydicom>=2.4"); {where}') from exc
   try:
-    return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    return pydicom.dcmread(path if data is None else io.BytesIO(data),
+                           stop_before_pixels=not pixels)
   except pydicom_errors.InvalidDicomError as exc:
     raise DataError(f'{path}: not a DICOM file ({common.one_line(exc)}); {where}') from exc
   except _READ_ERRORS as exc:
@@ -197,7 +206,8 @@ def read_header(path: str, where: str) -> Header:
                 view=_text(dataset, 'ViewPosition'), rows=rows, columns=columns)
 
 
-def read_png(path: str, where: str, *, compress_level: int = 6) -> bytes:
+def read_png(path: str, where: str, *, compress_level: int = 6,
+             data: bytes | None = None) -> bytes:
   """The image of the DICOM file at `path` as lossless PNG bytes (see the module
   docstring for the conversion).
 
@@ -207,13 +217,14 @@ def read_png(path: str, where: str, *, compress_level: int = 6) -> bytes:
     compress_level: zlib's level for the PNG: 6 (Pillow's default) for bytes that are
       stored as they are, 0 for bytes that are decoded again at once (a build that
       downscales), which writes a 1024 x 1024 image in a fifth of the time.
+    data: the file's bytes, when they have been read already.
 
   Raises:
     DataError: not a readable DICOM file, pixel data that cannot be decoded (a
       compression neither pydicom nor Pillow decodes, damaged data), several frames, or
       samples of another shape than gray or RGB (names the file and `where`).
   """
-  dataset = _dataset(path, where, pixels=True)
+  dataset = _dataset(path, where, pixels=True, data=data)
   try:
     pixels = np.asarray(dataset.pixel_array)
   except _READ_ERRORS as exc:

@@ -3,7 +3,9 @@
 Input: `manual_dir/cases.csv` (comma- or tab-separated) with the columns
 
 * `path`: the image file, relative to manual_dir or absolute; images may lie
-  anywhere. Any format Pillow decodes (JPEG, PNG, BMP, TIFF, ...). `~` is the
+  anywhere. Any format Pillow decodes (JPEG, PNG, BMP, TIFF, ...), or DICOM (a Part 10
+  file, `DICM` after its preamble, whatever its name; read as `tfds_builders.dicom`
+  reads it: the pixel data, MONOCHROME1 inverted, more than 8 bits scaled). `~` is the
   home directory; on Linux and macOS, `\\` separates folders as `/` does (a list
   made on Windows), and a file whose name matches only when letter case is
   ignored (`a.jpg` listed, `A.JPG` on disk) is read, with a warning.
@@ -114,6 +116,7 @@ import tensorflow_datasets as tfds
 from bigssl_med.data import splits
 from bigssl_med.errors import DataError
 from tfds_builders import common
+from tfds_builders import dicom
 
 CASES_FILE = 'cases.csv'
 REQUIRED_COLUMNS = ('path', 'case_id')
@@ -332,12 +335,11 @@ def detect_channels(cases: Sequence[Case], probes: int = CHANNEL_PROBES) -> int:
     if looked == probes:
       break
     try:
-      with open(finder.find(case.file), 'rb') as f:
-        data = f.read()
+      data = common.read_image_file(finder.find(case.file), '')  # DICOM: as PNG
       with Image.open(io.BytesIO(data)) as image:
         image.load()
         gray = common.is_grayscale(image)
-    except (OSError, ValueError, SyntaxError, EOFError,
+    except (DataError, OSError, ValueError, SyntaxError, EOFError,
             Image.DecompressionBombError):
       continue
     if not gray:
@@ -579,8 +581,13 @@ class ImageCases(common.ImageBuilder):
 
 
 def _file_image_info(path: str, where: str) -> tuple[tuple[int, int], int]:
-  """The (width, height) and EXIF orientation (1 without) of the image file `path`."""
+  """The (width, height) and EXIF orientation (1 without) of the image file `path` (a
+  DICOM file's from its header)."""
   try:
+    with open(path, 'rb') as f:
+      if dicom.is_dicom(f.read(132)):
+        header = dicom.read_header(path, where)
+        return (header.columns, header.rows), 1
     with Image.open(path) as image:
       return image.size, int(image.getexif().get(_ORIENTATION_TAG, 1) or 1)
   except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
