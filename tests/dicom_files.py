@@ -22,7 +22,7 @@ def write_dicom(path: Path, pixels: np.ndarray, *, jpeg: bool = True, bits_store
   Returns the JPEG bytes it encapsulated (None when uncompressed). The SOP instance UID
   is the file stem where that is a UID (SIIM-ACR's names), else made up."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  is_uid = all(part.isdigit() for part in path.stem.split('.'))
+  is_uid = '.' in path.stem and all(part.isdigit() for part in path.stem.split('.'))
   sop = header.pop('SOPInstanceUID', path.stem if is_uid else '1.2.3')
   meta = FileMetaDataset()
   meta.MediaStorageSOPClassUID = uid.SecondaryCaptureImageStorage
