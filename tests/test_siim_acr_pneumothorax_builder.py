@@ -387,6 +387,18 @@ def test_pydicom_is_needed_only_to_read_dicom(tmp_path, monkeypatch):
   assert_one_line_error(excinfo, tmp_path / 'a.dcm', 'needs pydicom', 'image_id a')
 
 
+def test_read_png_names_a_compression_it_cannot_decode(tmp_path):
+  """JPEG-LS needs a decoder plugin neither pydicom nor Pillow brings: a one-line error."""
+  path = tmp_path / 'jls.dcm'
+  write_dicom(path, np.zeros((HEIGHT, WIDTH), np.uint8))
+  dataset = pydicom.dcmread(path)
+  dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLSLossless
+  dataset.save_as(path)
+  with pytest.raises(DataError) as excinfo:
+    dicom.read_png(os.fspath(path), 'image_id jls')
+  assert_one_line_error(excinfo, path, 'cannot decode DICOM pixel data', 'image_id jls')
+
+
 # ----------------------------------------------------------------------------
 # Bad input: one-line errors naming the file (and row); skips where asked.
 # ----------------------------------------------------------------------------

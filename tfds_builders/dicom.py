@@ -42,9 +42,10 @@ from bigssl_med.errors import DataError
 from tfds_builders import common
 
 # What reading or decoding a damaged or unsupported file raises in pydicom 2.4 to 3.x
-# (besides its InvalidDicomError, a ValueError).
+# (besides its InvalidDicomError, a ValueError); an unsupported transfer syntax raises a
+# RuntimeError or one of its subclasses.
 _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, AttributeError, TypeError,
-                IndexError, NotImplementedError, RuntimeError)
+                IndexError, RuntimeError)
 
 
 @dataclasses.dataclass(frozen=True)
