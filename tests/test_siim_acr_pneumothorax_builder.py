@@ -387,6 +387,18 @@ def test_pydicom_is_needed_only_to_read_dicom(tmp_path, monkeypatch):
   assert_one_line_error(excinfo, tmp_path / 'a.dcm', 'needs pydicom', 'image_id a')
 
 
+def test_read_png_compresses_only_what_may_be_stored_as_it_is(tmp_path):
+  """An image longer than the build's max_side is re-encoded at once: its PNG is written
+  uncompressed; one that fits may be stored as it is: compressed."""
+  pixels = np.tile(np.arange(WIDTH, dtype=np.uint8), (HEIGHT, 1))
+  write_dicom(tmp_path / 'a.dcm', pixels, jpeg=False)
+  fits, longer = (dicom.read_png(os.fspath(tmp_path / 'a.dcm'), 'w', max_side=side)
+                  for side in (WIDTH, WIDTH - 1))
+  assert len(fits) < len(longer) and len(longer) > HEIGHT * WIDTH
+  assert dicom.read_png(os.fspath(tmp_path / 'a.dcm'), 'w') == fits
+  np.testing.assert_array_equal(_png(fits)[1], _png(longer)[1])
+
+
 def test_read_png_names_a_compression_it_cannot_decode(tmp_path):
   """JPEG-LS needs a decoder plugin neither pydicom nor Pillow brings: a one-line error."""
   path = tmp_path / 'jls.dcm'

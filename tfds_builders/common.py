@@ -450,13 +450,15 @@ class ImageStore:
 
   def try_load(self, path: str, *, where: str) -> bytes | Failed:
     """The stored bytes of the image file `path`, or its `Failed` record (thread-safe)."""
-    return self.try_convert(lambda: read_image_file(path, where), path=path, where=where)
+    return self.try_convert(lambda: read_image_file(path, where, max_side=self.max_side),
+                            path=path, where=where)
 
   def try_load_gray(self, path: str, *, where: str) -> tuple[bytes, bool] | Failed:
     """The stored one-channel bytes of `path` and whether the file had colour, or its
     `Failed` record (thread-safe; one decode)."""
     try:
-      return encode_gray_image(read_image_file(path, where), name=f'{path} ({where})',
+      return encode_gray_image(read_image_file(path, where, max_side=self.max_side),
+                               name=f'{path} ({where})',
                                max_side=self.max_side)
     except DataError as exc:
       return Failed(path, where, exc)
@@ -642,10 +644,11 @@ def warn_found_ignoring_case(found: Sequence[tuple[str, str]], what: str, listin
                     listing)
 
 
-def read_image_file(path: str, where: str) -> bytes:
+def read_image_file(path: str, where: str, *, max_side: int | None = None) -> bytes:
   """The encoded bytes of an image file: the file's own, or for a DICOM file its pixels
-  as PNG (`tfds_builders.dicom.read_png`); DataError naming the file and `where` if it
-  is unreadable (or a DICOM file undecodable)."""
+  as PNG (`tfds_builders.dicom.read_png`, which writes it uncompressed when it is
+  longer than `max_side`, the build's, and so re-encoded at once); DataError naming the
+  file and `where` if it is unreadable (or a DICOM file undecodable)."""
   try:
     with open(path, 'rb') as f:
       data = f.read()
@@ -654,7 +657,8 @@ def read_image_file(path: str, where: str) -> bytes:
   except OSError as exc:
     raise DataError(f'{where}: cannot read image file {path} ({one_line(exc)})') from exc
   from tfds_builders import dicom  # pylint: disable=g-import-not-at-top  (dicom imports common)
-  return dicom.read_png(path, where, data=data) if dicom.is_dicom(data) else data
+  return dicom.read_png(path, where, max_side=max_side, data=data) if dicom.is_dicom(data) \
+      else data
 
 
 # ----------------------------------------------------------------------------

@@ -148,17 +148,6 @@ def listed_headers(listed: Sequence[tuple[str, str]], found: Mapping[str, str],
       yield image_id, path, header
 
 
-def try_store(store: 'common.ImageStore', path: str, where: str,
-              header: Header) -> 'bytes | common.Failed':
-  """The stored bytes of the DICOM file's image (`read_png` through the store), or its
-  `Failed` record. The PNG handed to the store is uncompressed when the store will
-  downscale it (and so decode it again at once): a fifth of the time for 1024 x 1024."""
-  downscaled = store.max_side is not None and max(header.rows, header.columns) > store.max_side
-  return store.try_convert(
-      lambda: read_png(path, where, compress_level=0 if downscaled else 6),
-      path=path, where=where)
-
-
 def _text(dataset: Any, keyword: str) -> str:
   value = dataset.get(keyword, '')
   return '' if value is None else str(value).strip()
@@ -207,7 +196,7 @@ def read_header(path: str, where: str) -> Header:
                 view=_text(dataset, 'ViewPosition'), rows=rows, columns=columns)
 
 
-def read_png(path: str, where: str, *, compress_level: int = 6,
+def read_png(path: str, where: str, *, max_side: int | None = None,
              data: bytes | None = None) -> bytes:
   """The image of the DICOM file at `path` as lossless PNG bytes (see the module
   docstring for the conversion).
@@ -215,9 +204,10 @@ def read_png(path: str, where: str, *, compress_level: int = 6,
   Args:
     path: the file.
     where: the row or image that names it, for error messages.
-    compress_level: zlib's level for the PNG: 6 (Pillow's default) for bytes that are
-      stored as they are, 0 for bytes that are decoded again at once (a build that
-      downscales), which writes a 1024 x 1024 image in a fifth of the time.
+    max_side: the longest side a build stores. An image longer than that is downscaled
+      and re-encoded by the build at once, so its PNG is written uncompressed (a fifth
+      of the time for 1024 x 1024); otherwise it is compressed as Pillow does by
+      default, since those bytes may be stored as they are.
     data: the file's bytes, when they have been read already.
 
   Raises:
@@ -231,12 +221,13 @@ def read_png(path: str, where: str, *, compress_level: int = 6,
   except _READ_ERRORS as exc:
     raise DataError(f'{path}: cannot decode DICOM pixel data ({common.one_line(exc)}); '
                     f'{where}') from exc
+  level = 0 if max_side is not None and max(pixels.shape[:2]) > max_side else 6
   frames = int(dataset.get('NumberOfFrames', 1) or 1)
   if frames != 1:
     raise DataError(f'{path}: DICOM file holds {frames} frames; expected one image '
                     f'({where})')
   if pixels.ndim == 3 and pixels.shape[-1] == 3:
-    return _png(Image.fromarray(_to_8bit(pixels, dataset)), compress_level)
+    return _png(Image.fromarray(_to_8bit(pixels, dataset)), level)
   if pixels.ndim != 2:
     raise DataError(f'{path}: DICOM pixel data of shape {pixels.shape}; expected one gray '
                     f'or RGB image ({where})')
@@ -245,9 +236,9 @@ def read_png(path: str, where: str, *, compress_level: int = 6,
   if _text(dataset, 'PhotometricInterpretation').upper() == 'MONOCHROME1':
     values = (1 << bits) - 1 - values
   if bits <= 8:
-    return _png(Image.fromarray(values.astype(np.uint8)), compress_level)
+    return _png(Image.fromarray(values.astype(np.uint8)), level)
   wide = (values << (16 - bits)) if bits < 16 else values
-  return _png(Image.fromarray(wide.astype(np.uint16)), compress_level)
+  return _png(Image.fromarray(wide.astype(np.uint16)), level)
 
 
 def _unsigned(pixels: np.ndarray, dataset: Any, bits: int) -> np.ndarray:

@@ -348,7 +348,7 @@ class RsnaPneumonia(common.ImageBuilder):
 
   def _generate_examples(self, entries, split, store):
     def load(entry):  # on a worker thread: the stored image and mask, or a Failed
-      image = dicom.try_store(store, entry.path, entry.where, entry.header)
+      image = store.try_load(entry.path, where=entry.where)  # DICOM: read_image_file
       if isinstance(image, common.Failed):
         return image
       mask = box_mask(entry.listed.boxes, height=entry.header.rows,
