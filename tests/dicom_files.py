@@ -55,5 +55,9 @@ def write_dicom(path: Path, pixels: np.ndarray, *, jpeg: bool = True, bits_store
   else:
     data = np.concatenate([pixels.ravel()] * frames)
     ds.PixelData = data.astype(pixels.dtype.newbyteorder('<')).tobytes()
-  ds.save_as(path, enforce_file_format=True)
+  if int(pydicom.__version__.split('.')[0]) >= 3:
+    ds.save_as(path, enforce_file_format=True)
+  else:  # pydicom 2.x (setup.py's minimum is 2.4): the encoding is set on the dataset
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    ds.save_as(path, write_like_original=False)
   return buffer.getvalue() if jpeg else None
