@@ -8,7 +8,8 @@ that kind from the real images of `--source` (enlarged with bicubic resampling, 
 mild Gaussian noise, sigma `--noise`, so that they compress like scans rather than
 like smooth upscales), then builds it at `--max_side` with each of `--threads` and
 prints, per thread count, one JSON line: build seconds, images/s, speed-up over the
-first count, and whether the records equal the first build's.
+first count, the stored images' mean size, and whether the records equal the first
+build's.
 
   python benchmarks/build_data.py --source ../shared/data/nih_chestxray14_sample \
       --size 2320x2828 --mode L --format JPEG --images 200 --max_side 512 --threads 1,2
@@ -148,6 +149,12 @@ def records(name: str, data_dir: str) -> dict:
           for split in info.splits}
 
 
+def stored_kb_mean(built: dict) -> float:
+  """Mean size of the stored images (their encoded bytes) in kB."""
+  sizes = [len(r['image']) for split in built.values() for r in split]
+  return sum(sizes) / max(len(sizes), 1) / 1e3
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--source', required=True, help='folder of real images to enlarge')
@@ -201,6 +208,7 @@ def main(argv=None):
           'file_size': list(size), 'mode': args.mode, 'format': args.format,
           'file_kb_mean': written / args.images / 1e3, 'max_side': args.max_side,
           'seconds': seconds, 'images_per_sec': args.images / seconds,
+          'stored_kb_mean': stored_kb_mean(built),
           'speedup': first[0] / seconds, 'records_equal_first': built == first[1],
           'cores': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
                    else os.cpu_count(),

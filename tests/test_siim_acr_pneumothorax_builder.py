@@ -21,6 +21,7 @@ from bigssl_med.data import sources
 from bigssl_med.errors import DataError
 from conftest import assert_manual_only, assert_one_line_error, ids_per_split, records_by_split
 import tfds_builders
+from tfds_builders import common
 from tfds_builders import dicom
 from tfds_builders.siim_acr_pneumothorax import siim_acr_pneumothorax as siim
 
@@ -387,16 +388,31 @@ def test_pydicom_is_needed_only_to_read_dicom(tmp_path, monkeypatch):
   assert_one_line_error(excinfo, tmp_path / 'a.dcm', 'needs pydicom', 'image_id a')
 
 
-def test_read_png_compresses_only_what_may_be_stored_as_it_is(tmp_path):
-  """An image longer than the build's max_side is re-encoded at once: its PNG is written
-  uncompressed; one that fits may be stored as it is: compressed."""
-  pixels = np.tile(np.arange(WIDTH, dtype=np.uint8), (HEIGHT, 1))
-  write_dicom(tmp_path / 'a.dcm', pixels, jpeg=False)
-  fits, longer = (dicom.read_png(os.fspath(tmp_path / 'a.dcm'), 'w', max_side=side)
-                  for side in (WIDTH, WIDTH - 1))
-  assert len(fits) < len(longer) and len(longer) > HEIGHT * WIDTH
-  assert dicom.read_png(os.fspath(tmp_path / 'a.dcm'), 'w') == fits
-  np.testing.assert_array_equal(_png(fits)[1], _png(longer)[1])
+def test_the_store_takes_the_decoded_pixels_as_it_would_their_png(tmp_path):
+  """`ImageStore` gets a DICOM file's pixels as a decoded image (`common.read_image`),
+  never encoded to PNG only to be decoded again: what it stores is what it would store
+  from the PNG (8-bit, 12-bit and RGB; kept in size or downscaled; each channels)."""
+  rng = np.random.default_rng(1)
+  write_dicom(tmp_path / 'gray.dcm', rng.integers(0, 256, (HEIGHT, WIDTH), dtype=np.uint8),
+              jpeg=False)
+  write_dicom(tmp_path / 'wide.dcm', rng.integers(0, 4096, (HEIGHT, WIDTH), dtype=np.uint16),
+              jpeg=False, bits_stored=12)
+  write_dicom(tmp_path / 'rgb.dcm', rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8),
+              jpeg=False)
+  write_dicom(tmp_path / 'jpeg.dcm', rng.integers(0, 256, (HEIGHT, WIDTH), dtype=np.uint8))
+  for name, mode in (('gray', 'L'), ('wide', 'I;16'), ('rgb', 'RGB'), ('jpeg', 'L')):
+    path = os.fspath(tmp_path / f'{name}.dcm')
+    image = common.read_image(path, 'w')
+    assert isinstance(image, Image.Image) and image.mode == mode, name
+    png = dicom.read_png(path, 'w')
+    assert common.read_image_file(path, 'w') == png
+    for max_side in (None, WIDTH, WIDTH - 3):
+      for channels in (None, 1, 3):
+        assert common.encode_image(image, name=name, max_side=max_side, channels=channels) \
+            == common.encode_image(png, name=name, max_side=max_side, channels=channels), \
+            (name, max_side, channels)
+      assert common.encode_gray_image(image, name=name, max_side=max_side) == \
+          common.encode_gray_image(png, name=name, max_side=max_side), (name, max_side)
 
 
 def test_read_png_names_a_compression_it_cannot_decode(tmp_path):

@@ -56,6 +56,10 @@ ORIGINAL = 'original'
 _SIDE_RE = re.compile(r'^side(?P<side>[1-9][0-9]*)$')
 _WINDOWS_DRIVE_RE = re.compile(r'^[A-Za-z]:[\\/]')
 _JPEG_QUALITY = 95
+# zlib level of the PNGs a build writes (downscaled or converted lossless images; DICOM
+# pixels). Pillow's default, 6, took three times as long as 4 on 512 x 512 X-rays for
+# files no smaller, and decoding takes the same time (README: Data, Threads).
+PNG_COMPRESS_LEVEL = 4
 _MIN_SIDE = 8
 
 
@@ -352,7 +356,7 @@ def md5_file(path: str) -> str:
 # ----------------------------------------------------------------------------
 
 
-def encode_image(data: bytes, *, name: str, max_side: int | None = None,
+def encode_image(data: bytes | Image.Image, *, name: str, max_side: int | None = None,
                  channels: int | None = None) -> bytes:
   """Checks one encoded image and returns the bytes to store.
 
@@ -362,12 +366,13 @@ def encode_image(data: bytes, *, name: str, max_side: int | None = None,
   gray and makes the rest RGB; 16-bit gray is scaled to 8 bits), downscaled with
   Pillow's antialiased bicubic filter so that its longest side is `max_side`, and
   re-encoded: as PNG when it was a PNG (lossless stays lossless), else as JPEG
-  (quality 95).
+  (quality 95). `data` may also be a decoded Pillow image (a DICOM file's pixels,
+  `read_image`), converted and downscaled alike and stored as PNG.
 
   Raises:
     DataError: the bytes are not a decodable image (names `name`).
   """
-  image, image_format = host_ops.decode_pil(data, channels=channels, name=name)
+  image, image_format = _decoded(data, channels, name)
   return _stored_bytes(data, image, image_format, max_side)
 
 
@@ -383,31 +388,39 @@ def is_grayscale(image: Image.Image) -> bool:
               np.array_equal(rgb[..., 1], rgb[..., 2]))
 
 
-def encode_gray_image(data: bytes, *, name: str,
+def encode_gray_image(data: bytes | Image.Image, *, name: str,
                       max_side: int | None = None) -> tuple[bytes, bool]:
   """`encode_image(channels=1)`, and whether the image had colour (`is_grayscale`
   false), from one decode."""
-  image, image_format = host_ops.decode_pil(data, name=name)  # 'L', or else 'RGB'
+  image, image_format = _decoded(data, None, name)  # 'L', or else 'RGB'
   colour = not is_grayscale(image)
   if image.mode != 'L':
     image = image.convert('L')
   return _stored_bytes(data, image, image_format, max_side), colour
 
 
-def _stored_bytes(data: bytes, image: Image.Image, image_format: str,
+def _decoded(data: bytes | Image.Image, channels: int | None,
+             name: str) -> tuple[Image.Image, str]:
+  """`data` decoded to 8 bits (`host_ops.decode_pil`) and its format; a decoded image
+  counts as PNG (it is stored losslessly)."""
+  if isinstance(data, Image.Image):
+    return host_ops.as_8bit(data, channels=channels, name=name), 'PNG'
+  return host_ops.decode_pil(data, channels=channels, name=name)
+
+
+def _stored_bytes(data: bytes | Image.Image, image: Image.Image, image_format: str,
                   max_side: int | None) -> bytes:
   """What `encode_image` stores for `data`, decoded as `image` in the mode to store."""
-  with Image.open(io.BytesIO(data)) as original:
-    unchanged_mode = original.mode == image.mode
   if max_side is not None and max(image.size) > max_side:
     image = host_ops.downscale(image, max_side)
-  elif unchanged_mode and image_format in ('JPEG', 'PNG'):
-    return bytes(data)
-  buffer = io.BytesIO()
+  elif not isinstance(data, Image.Image) and image_format in ('JPEG', 'PNG'):
+    with Image.open(io.BytesIO(data)) as original:
+      if original.mode == image.mode:
+        return bytes(data)
   if image_format == 'PNG':
-    image.save(buffer, format='PNG')
-  else:
-    image.save(buffer, format='JPEG', quality=_JPEG_QUALITY)
+    return png_bytes(image)
+  buffer = io.BytesIO()
+  image.save(buffer, format='JPEG', quality=_JPEG_QUALITY)
   return buffer.getvalue()
 
 
@@ -450,21 +463,21 @@ class ImageStore:
 
   def try_load(self, path: str, *, where: str) -> bytes | Failed:
     """The stored bytes of the image file `path`, or its `Failed` record (thread-safe)."""
-    return self.try_convert(lambda: read_image_file(path, where, max_side=self.max_side),
-                            path=path, where=where)
+    return self.try_convert(lambda: read_image(path, where), path=path, where=where)
 
   def try_load_gray(self, path: str, *, where: str) -> tuple[bytes, bool] | Failed:
     """The stored one-channel bytes of `path` and whether the file had colour, or its
     `Failed` record (thread-safe; one decode)."""
     try:
-      return encode_gray_image(read_image_file(path, where, max_side=self.max_side),
-                               name=f'{path} ({where})',
+      return encode_gray_image(read_image(path, where), name=f'{path} ({where})',
                                max_side=self.max_side)
     except DataError as exc:
       return Failed(path, where, exc)
 
-  def try_convert(self, read: Callable[[], bytes], *, path: str, where: str) -> bytes | Failed:
-    """Like `try_load`, with `read()` giving the encoded bytes (e.g. from an archive)."""
+  def try_convert(self, read: Callable[[], bytes | Image.Image], *, path: str,
+                  where: str) -> bytes | Failed:
+    """Like `try_load`, with `read()` giving the encoded bytes (e.g. from an archive), or
+    a decoded image (`read_image`)."""
     try:
       return encode_image(read(), name=f'{path} ({where})', max_side=self.max_side,
                           channels=self.channels)
@@ -644,11 +657,11 @@ def warn_found_ignoring_case(found: Sequence[tuple[str, str]], what: str, listin
                     listing)
 
 
-def read_image_file(path: str, where: str, *, max_side: int | None = None) -> bytes:
-  """The encoded bytes of an image file: the file's own, or for a DICOM file its pixels
-  as PNG (`tfds_builders.dicom.read_png`, which writes it uncompressed when it is
-  longer than `max_side`, the build's, and so re-encoded at once); DataError naming the
-  file and `where` if it is unreadable (or a DICOM file undecodable)."""
+def read_image(path: str, where: str) -> bytes | Image.Image:
+  """An image file as the store takes it (`encode_image`): the file's own bytes, or for
+  a DICOM file its decoded pixels (`tfds_builders.dicom.read_image`, a Pillow image, so
+  that they are not encoded only to be decoded again); DataError naming the file and
+  `where` if it is unreadable (or a DICOM file undecodable)."""
   try:
     with open(path, 'rb') as f:
       data = f.read()
@@ -657,8 +670,21 @@ def read_image_file(path: str, where: str, *, max_side: int | None = None) -> by
   except OSError as exc:
     raise DataError(f'{where}: cannot read image file {path} ({one_line(exc)})') from exc
   from tfds_builders import dicom  # pylint: disable=g-import-not-at-top  (dicom imports common)
-  return dicom.read_png(path, where, max_side=max_side, data=data) if dicom.is_dicom(data) \
-      else data
+  return dicom.read_image(path, where, data=data) if dicom.is_dicom(data) else data
+
+
+def read_image_file(path: str, where: str) -> bytes:
+  """The encoded bytes of an image file: the file's own, or for a DICOM file its pixels
+  as PNG (`tfds_builders.dicom.read_png`); DataError as `read_image`."""
+  image = read_image(path, where)
+  return png_bytes(image) if isinstance(image, Image.Image) else image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+  """`image` as PNG, at the builds' compression level (`PNG_COMPRESS_LEVEL`)."""
+  buffer = io.BytesIO()
+  image.save(buffer, format='PNG', compress_level=PNG_COMPRESS_LEVEL)
+  return buffer.getvalue()
 
 
 # ----------------------------------------------------------------------------

@@ -4,10 +4,11 @@
 it `image_cases` and `bigssl_med.predict`) reads DICOM files wherever an image file may
 be. `find_files` lists a release's `.dcm` files by stem (its image ids). `read_header` reads
 the header only (no pixel data): the patient, study and view and the image's size.
-`read_png` decodes the pixel data (uncompressed or compressed as far as pydicom and
+`read_image` decodes the pixel data (uncompressed or compressed as far as pydicom and
 Pillow decode it: JPEG baseline, the transfer syntax of SIIM-ACR's files, among them)
-and returns it as lossless PNG bytes that the builders' `ImageStore` stores like any
-other image file:
+to a Pillow image that the builders' `ImageStore` downscales and encodes like any other
+decoded image file (`read_png`: the same image as lossless PNG bytes, where bytes are
+wanted):
 
 * 8-bit gray stays 8-bit gray; MONOCHROME1 (white is 0) is inverted so that, as in
   every other stored X-ray, bone is bright;
@@ -196,18 +197,13 @@ def read_header(path: str, where: str) -> Header:
                 view=_text(dataset, 'ViewPosition'), rows=rows, columns=columns)
 
 
-def read_png(path: str, where: str, *, max_side: int | None = None,
-             data: bytes | None = None) -> bytes:
-  """The image of the DICOM file at `path` as lossless PNG bytes (see the module
-  docstring for the conversion).
+def read_image(path: str, where: str, *, data: bytes | None = None) -> Image.Image:
+  """The image of the DICOM file at `path` as a Pillow image: mode 'L' (8-bit gray),
+  'I;16' (wider gray, scaled to 16 bits) or 'RGB' (see the module docstring).
 
   Args:
     path: the file.
     where: the row or image that names it, for error messages.
-    max_side: the longest side a build stores. An image longer than that is downscaled
-      and re-encoded by the build at once, so its PNG is written uncompressed (a fifth
-      of the time for 1024 x 1024); otherwise it is compressed as Pillow does by
-      default, since those bytes may be stored as they are.
     data: the file's bytes, when they have been read already.
 
   Raises:
@@ -221,24 +217,35 @@ def read_png(path: str, where: str, *, max_side: int | None = None,
   except _READ_ERRORS as exc:
     raise DataError(f'{path}: cannot decode DICOM pixel data ({common.one_line(exc)}); '
                     f'{where}') from exc
-  level = 0 if max_side is not None and max(pixels.shape[:2]) > max_side else 6
   frames = int(dataset.get('NumberOfFrames', 1) or 1)
   if frames != 1:
     raise DataError(f'{path}: DICOM file holds {frames} frames; expected one image '
                     f'({where})')
   if pixels.ndim == 3 and pixels.shape[-1] == 3:
-    return _png(Image.fromarray(_to_8bit(pixels, dataset)), level)
+    return Image.fromarray(_to_8bit(pixels, dataset))
   if pixels.ndim != 2:
     raise DataError(f'{path}: DICOM pixel data of shape {pixels.shape}; expected one gray '
                     f'or RGB image ({where})')
   bits = int(dataset.get('BitsStored', 0) or pixels.dtype.itemsize * 8)
+  inverted = _text(dataset, 'PhotometricInterpretation').upper() == 'MONOCHROME1'
+  if pixels.dtype == np.uint8 and bits == 8 and not inverted:
+    return Image.fromarray(pixels)  # as decoded: the common case, without copies
   values = _unsigned(pixels, dataset, bits)
-  if _text(dataset, 'PhotometricInterpretation').upper() == 'MONOCHROME1':
+  if inverted:
     values = (1 << bits) - 1 - values
   if bits <= 8:
-    return _png(Image.fromarray(values.astype(np.uint8)), level)
+    return Image.fromarray(values.astype(np.uint8))
   wide = (values << (16 - bits)) if bits < 16 else values
-  return _png(Image.fromarray(wide.astype(np.uint16)), level)
+  return Image.fromarray(wide.astype(np.uint16))
+
+
+def read_png(path: str, where: str, *, data: bytes | None = None) -> bytes:
+  """`read_image` as lossless PNG bytes (compressed as the store compresses PNG).
+
+  Raises:
+    DataError: as `read_image`.
+  """
+  return common.png_bytes(read_image(path, where, data=data))
 
 
 def _unsigned(pixels: np.ndarray, dataset: Any, bits: int) -> np.ndarray:
@@ -255,9 +262,3 @@ def _to_8bit(pixels: np.ndarray, dataset: Any) -> np.ndarray:
   if bits > 8:
     values = values >> (bits - 8)
   return values.astype(np.uint8)
-
-
-def _png(image: Image.Image, compress_level: int) -> bytes:
-  buffer = io.BytesIO()
-  image.save(buffer, format='PNG', compress_level=compress_level)
-  return buffer.getvalue()

@@ -90,10 +90,22 @@ def decode_pil(data, *, channels=None, name=''):
     image = _open(data)
     image_format = image.format
     image.load()
+  return as_8bit(image, channels=channels, name=name), image_format
+
+
+def as_8bit(image, *, channels=None, name=''):
+  """A decoded Pillow image in 8 bits, as `decode_pil` returns it: mode 'L' or 'RGB'.
+
+  Raises:
+    bigssl_med.errors.DataError: a floating-point image (no 8-bit range); names `name`.
+  """
+  if channels is not None:
+    _check_channels(channels)
+  with _decoding(name):
     image = _as_8bit(image, channels or 3, name)
-    if channels == 3 and image.mode != 'RGB':
-      image = image.convert('RGB')
-  return image, image_format
+  if channels == 3 and image.mode != 'RGB':
+    image = image.convert('RGB')
+  return image
 
 
 # ----------------------------------------------------------------------------
