@@ -26,6 +26,8 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import dataclasses
 from pathlib import Path
+import signal
+import threading
 import time
 
 import numpy as np
@@ -35,6 +37,13 @@ import pytest
 from tfds_builders.ham10000 import ham10000
 
 def pytest_configure(config):
+  # A runner that starts the suite in the background (`cmd &` in a script) hands it
+  # SIGINT ignored, which Python then leaves ignored, as do the commands the tests start:
+  # the Ctrl-C tests would test nothing and hang. They get Python's own handler.
+  if threading.current_thread() is threading.main_thread():
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
   # The tests that damage a checkpoint leave orbax's failed reads behind; they report
   # when the garbage collector gets to them, in whichever test runs then. The commands
   # keep them off stderr (bigssl_med.cli.silence_after_error); here they are expected.
@@ -44,6 +53,25 @@ def pytest_configure(config):
                             f'ignore:{message}:pytest.PytestUnraisableExceptionWarning')
   config.addinivalue_line('filterwarnings', "ignore:coroutine '_read_array_index_and_device_put'"
                                             ' was never awaited:RuntimeWarning')
+
+
+@pytest.fixture(autouse=True)
+def _sigint_left_as_python_sets_it():
+  """Fails a test that leaves SIGINT (Ctrl-C) ignored, handled by another handler or
+  blocked in the main thread, and restores it: otherwise the Ctrl-C tests that run later
+  in the same process, and the commands they start (which inherit it), fail or hang."""
+  yield
+  if threading.current_thread() is not threading.main_thread():
+    return
+  handler = signal.getsignal(signal.SIGINT)
+  blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+  if handler is signal.default_int_handler and not blocked:
+    return
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # a pending SIGINT is dropped, not raised
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  pytest.fail(f'the test left SIGINT {"blocked" if blocked else "handled by"}'
+              f'{"" if blocked else f" {handler!r}"} in the main thread')
 
 
 REAL_HAM10000 = (Path(__file__).resolve().parents[1].parent / 'shared' / 'data' /

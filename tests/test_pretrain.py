@@ -405,6 +405,22 @@ def test_main_prints_one_line_errors(small_ham10000, tmp_path):
       'error: config.batch_size=12 is not a positive multiple of the 8 devices in use')
 
 
+def _communicate_or_kill(proc: subprocess.Popen, *, group: bool = False,
+                         timeout: float = 120) -> str:
+  """The stderr of `proc` once it has exited; if it has not within `timeout`, it (with
+  its process group) is killed, so that it does not outlive the test, and the test fails."""
+  try:
+    return proc.communicate(timeout=timeout)[1]
+  except subprocess.TimeoutExpired:
+    if group:
+      os.killpg(proc.pid, signal.SIGKILL)
+    else:
+      proc.kill()
+    err = proc.communicate()[1]
+    pytest.fail(f'the run did not stop within {timeout:.0f} s of the signal; stderr: '
+                f'{err[-2000:]}')
+
+
 def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(small_ham10000, tmp_path):
   cfg = _config_file(tmp_path, small_ham10000[0], total_steps=10_000, checkpoint_every_steps=10_000)
   workdir = tmp_path / 'w'
@@ -415,7 +431,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(small_ham10000, tmp_path
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 2):
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=120)
+  err = _communicate_or_kill(proc)
   assert proc.returncode == 143, err[-2000:]
   steps = [int(s) for s in os.listdir(workdir / 'checkpoints') if s.isdigit()]
   assert len(steps) == 1 and 2 <= steps[0] < 10_000
@@ -441,7 +457,7 @@ def test_ctrl_c_is_one_line_and_a_rerun_resumes_from_the_checkpoint_it_names(sma
   while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('\n') >= 3):
     time.sleep(0.2)
   os.killpg(proc.pid, signal.SIGINT)
-  _, err = proc.communicate(timeout=120)
+  err = _communicate_or_kill(proc, group=True)
   assert proc.returncode == 130, err[-3000:]
   assert 'Traceback' not in err, err[-3000:]
   # (grain's workers leave the batches they made ahead in shared memory, which Python's
