@@ -312,8 +312,8 @@ def load_image(item: Item, side: int, proportion: float,
   except OSError as e:
     raise DataError(f'{prefix}cannot read image {item.file}: {e.strerror or e}') from None
   try:
-    if dicom.is_dicom(data):  # its pixels, as an image_cases build of it stores them
-      data = dicom.read_png(item.file, 'image to score', data=data)
+    if dicom.is_dicom(data):  # its pixels (decoded), as an image_cases build takes them
+      data = dicom.read_image(item.file, 'image to score', data=data)
     if stored:
       data = common.encode_image(data, name=item.file, max_side=stored.get('max_side'),
                                  channels=stored.get('channels'))

@@ -115,5 +115,10 @@ def test_predict_scores_dicom_files_as_their_build_stores_them(tmp_path):
     got = predict.load_image(item, 8, 0.875, {'max_side': 16, 'channels': 1})
     want = host_ops.center_crop(source[i]['image'], 8, 0.875, channels=3)
     np.testing.assert_array_equal(got, want, err_msg=name)
+    # Unbuilt, the decoded pixels give the view their PNG gives.
+    png = dicom.read_png(item.file, name)
+    for resize, view in (('square', host_ops.center_crop), ('squash', host_ops.squash_crop)):
+      np.testing.assert_array_equal(predict.load_image(item, 8, 0.875, resize=resize),
+                                    view(png, 8, 0.875, channels=3), err_msg=name)
   listed = predict._folder_images(os.fspath(tmp_path / 'raw' / 'scans'))  # pylint: disable=protected-access
   assert [Path(item.file).suffix for item in listed] == ['.dcm'] * 12
