@@ -263,3 +263,44 @@ def test_random_flip_probability_and_result():
       np.testing.assert_array_equal(out, image[:, ::-1])
       flips += 1
   assert abs(flips / 4000 - 0.5) < 0.03
+
+
+def _scan(height, width):
+  """A gray picture with edges everywhere and a bright band along the right border."""
+  y, x = np.mgrid[0:height, 0:width]
+  pixels = 128 + 60 * np.sin(x / 23.0) * np.cos(y / 17.0) + 40 * ((x // 50 + y // 50) % 2)
+  pixels[:, -40:] = 250
+  return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_load_for_side_decodes_a_long_jpeg_at_reduced_scale_to_the_same_picture(mode):
+  """A JPEG four times longer than its stored side is decoded at 1/4 scale (a width not
+  divisible by 4 included); downscaled through the box it returns, it is the picture the
+  full decode gives, at the same size."""
+  gray = _scan(803, 1001)
+  array = gray if mode == 'L' else np.stack([gray, gray // 2, 255 - gray], -1)
+  data = _encode(array, 'JPEG', quality=95)
+  image, image_format, size, box = host_ops.load_for_side(data, 200)
+  assert image_format == 'JPEG' and image.mode == mode
+  assert image.size == (251, 201) and size == (200, 160)
+  assert box == (0.0, 0.0, 1001 / 4, 803 / 4)
+  reduced = np.asarray(image.resize(size, Image.Resampling.BICUBIC, box=box), np.float64)
+  with Image.open(io.BytesIO(data)) as full:
+    want = np.asarray(host_ops.downscale(full.convert(mode), 200), np.float64)
+  assert reduced.shape == want.shape
+  # (Through the whole image instead of the box: 3.3 and 86, the picture stretched.)
+  assert np.abs(reduced - want).mean() < 1.5
+  assert np.abs(reduced - want).max() < 20
+
+
+def test_load_for_side_decodes_fully_what_it_need_not_reduce():
+  png = _encode(_scan(803, 1001))
+  jpeg = _encode(_scan(803, 1001), 'JPEG')
+  for data, max_side, size in ((png, 200, (200, 160)), (jpeg, 600, (600, 481)),
+                               (jpeg, None, None), (jpeg, 1001, None)):
+    image, _, got_size, box = host_ops.load_for_side(data, max_side)
+    assert image.size == (1001, 803) and got_size == size and box is None
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(data))))
+  with pytest.raises(errors.DataError, match='^cannot decode image x.jpg: '):
+    host_ops.load_for_side(jpeg[:100], 200, name='x.jpg')

@@ -360,10 +360,11 @@ def encode_image(data: bytes | Image.Image, *, name: str, max_side: int | None =
                  channels: int | None = None) -> bytes:
   """Checks one encoded image and returns the bytes to store.
 
-  The image is decoded fully. The bytes are returned unchanged when the image is
-  an 8-bit JPEG or PNG already in the wanted mode and within `max_side`;
-  otherwise it is converted (`channels`: 1 -> 'L', 3 -> 'RGB', None keeps gray
-  gray and makes the rest RGB; 16-bit gray is scaled to 8 bits), downscaled with
+  The image is decoded fully (a JPEG at least twice as long as its stored size at
+  1/2, 1/4 or 1/8 scale: `host_ops.load_for_side`). The bytes are returned unchanged
+  when the image is an 8-bit JPEG or PNG already in the wanted mode and within
+  `max_side`; otherwise it is converted (`channels`: 1 -> 'L', 3 -> 'RGB', None keeps
+  gray gray and makes the rest RGB; 16-bit gray is scaled to 8 bits), downscaled with
   Pillow's antialiased bicubic filter so that its longest side is `max_side`, and
   re-encoded: as PNG when it was a PNG (lossless stays lossless), else as JPEG
   (quality 95). `data` may also be a decoded Pillow image (a DICOM file's pixels,
@@ -372,8 +373,9 @@ def encode_image(data: bytes | Image.Image, *, name: str, max_side: int | None =
   Raises:
     DataError: the bytes are not a decodable image (names `name`).
   """
-  image, image_format = _decoded(data, channels, name)
-  return _stored_bytes(data, image, image_format, max_side)
+  decoded = _decoded(data, max_side, name)
+  return _stored_bytes(data, decoded, host_ops.as_8bit(decoded.image, channels=channels,
+                                                      name=name))
 
 
 _GRAY_MODES = ('1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16B', 'I;16L', 'I;16N', 'F')
@@ -392,32 +394,39 @@ def encode_gray_image(data: bytes | Image.Image, *, name: str,
                       max_side: int | None = None) -> tuple[bytes, bool]:
   """`encode_image(channels=1)`, and whether the image had colour (`is_grayscale`
   false), from one decode."""
-  image, image_format = _decoded(data, None, name)  # 'L', or else 'RGB'
+  decoded = _decoded(data, max_side, name)
+  image = host_ops.as_8bit(decoded.image, name=name)  # 'L', or else 'RGB'
   colour = not is_grayscale(image)
   if image.mode != 'L':
     image = image.convert('L')
-  return _stored_bytes(data, image, image_format, max_side), colour
+  return _stored_bytes(data, decoded, image), colour
 
 
-def _decoded(data: bytes | Image.Image, channels: int | None,
-             name: str) -> tuple[Image.Image, str]:
-  """`data` decoded to 8 bits (`host_ops.decode_pil`) and its format; a decoded image
-  counts as PNG (it is stored losslessly)."""
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+  """An image decoded for storing (`host_ops.load_for_side`): `image` in its file's mode,
+  `image_format` (a decoded image given as such counts as PNG: it is stored losslessly),
+  `size` to store it at (None: as it is) and the `box` of `image` to resize."""
+  image: Image.Image
+  image_format: str
+  size: tuple[int, int] | None
+  box: tuple[float, ...] | None
+
+
+def _decoded(data: bytes | Image.Image, max_side: int | None, name: str) -> _Decoded:
   if isinstance(data, Image.Image):
-    return host_ops.as_8bit(data, channels=channels, name=name), 'PNG'
-  return host_ops.decode_pil(data, channels=channels, name=name)
+    return _Decoded(data, 'PNG', host_ops.stored_size(data.size, max_side), None)
+  return _Decoded(*host_ops.load_for_side(data, max_side, name=name))
 
 
-def _stored_bytes(data: bytes | Image.Image, image: Image.Image, image_format: str,
-                  max_side: int | None) -> bytes:
+def _stored_bytes(data: bytes | Image.Image, decoded: _Decoded, image: Image.Image) -> bytes:
   """What `encode_image` stores for `data`, decoded as `image` in the mode to store."""
-  if max_side is not None and max(image.size) > max_side:
-    image = host_ops.downscale(image, max_side)
-  elif not isinstance(data, Image.Image) and image_format in ('JPEG', 'PNG'):
-    with Image.open(io.BytesIO(data)) as original:
-      if original.mode == image.mode:
-        return bytes(data)
-  if image_format == 'PNG':
+  if decoded.size is not None:
+    image = image.resize(decoded.size, Image.Resampling.BICUBIC, box=decoded.box)
+  elif not isinstance(data, Image.Image) and decoded.image_format in ('JPEG', 'PNG') and \
+      decoded.image.mode == image.mode:
+    return bytes(data)
+  if decoded.image_format == 'PNG':
     return png_bytes(image)
   buffer = io.BytesIO()
   image.save(buffer, format='JPEG', quality=_JPEG_QUALITY)

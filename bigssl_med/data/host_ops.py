@@ -235,17 +235,59 @@ def random_resized_crop(rng, data_or_pil, size, *, channels=3, name='',
                             draft=not isinstance(data_or_pil, Image.Image))
 
 
+def stored_size(size, max_side):
+  """The `(width, height)` an image of `size` is stored at, its longest side `max_side`
+  (`downscale`); None when it fits (or `max_side` is None)."""
+  if max_side is None or max(size) <= max_side:
+    return None
+  scale = max_side / max(size)
+  return tuple(max(1, round(s * scale)) for s in size)
+
+
 def downscale(image, max_side):
   """`image` (Pillow) with its longest side at most `max_side`: antialiased bicubic.
 
   How data sets are stored (`tfds_builders.common.encode_image`); an image within
   `max_side`, or `max_side` None, is returned as it is.
   """
-  if max_side is None or max(image.size) <= max_side:
-    return image
-  scale = max_side / max(image.size)
-  size = tuple(max(1, round(s * scale)) for s in image.size)
-  return image.resize(size, Image.Resampling.BICUBIC)
+  size = stored_size(image.size, max_side)
+  return image if size is None else image.resize(size, Image.Resampling.BICUBIC)
+
+
+def load_for_side(data, max_side, *, name=''):
+  """Decodes encoded image bytes for storing at a longest side of `max_side`.
+
+  A JPEG at least twice as long as its stored size is decoded at the largest of 1/2,
+  1/4 or 1/8 scale that keeps it at least that size (libjpeg's DCT scaling,
+  `Image.draft`, as `random_resized_crop` does): most of the decoding time of a
+  full-size X-ray saved. Other formats, and images that fit, are decoded fully.
+
+  Args:
+    data: the encoded bytes.
+    max_side: the longest side stored (None: the image as it is).
+    name: the file or record name, for error messages.
+
+  Returns:
+    `(image, image_format, size, box)`: the loaded Pillow image (in the file's mode), the
+    format Pillow detected, the size to store it at (`stored_size` of the full-size
+    image; None when it fits) and the box of `image` that is the whole picture, for
+    `image.resize(size, box=box)` (None when decoded fully).
+
+  Raises:
+    bigssl_med.errors.DataError: the bytes are not a decodable image.
+  """
+  with _decoding(name):
+    image = _open(data)
+    image_format = image.format
+    size = stored_size(image.size, max_side)
+    box = None
+    if size is not None and image_format == 'JPEG':
+      full = image.size
+      drafted = image.draft(None, size)  # (mode, the full image's box at the new scale)
+      if drafted is not None and image.size != full:
+        box = tuple(float(c) for c in drafted[1])
+    image.load()
+  return image, image_format, size, box
 
 
 def center_crop(data_or_pil, size, crop_proportion=0.875, *, channels=3,
