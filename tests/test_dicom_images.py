@@ -10,6 +10,8 @@ from pathlib import Path
 from dicom_files import write_dicom
 import numpy as np
 from PIL import Image
+import pydicom
+from pydicom import encaps
 import pytest
 
 from bigssl_med import build_data
@@ -122,3 +124,25 @@ def test_predict_scores_dicom_files_as_their_build_stores_them(tmp_path):
                                     view(png, 8, 0.875, channels=3), err_msg=name)
   listed = predict._folder_images(os.fspath(tmp_path / 'raw' / 'scans'))  # pylint: disable=protected-access
   assert [Path(item.file).suffix for item in listed] == ['.dcm'] * 12
+
+
+@pytest.mark.parametrize('bits', [8, 12])
+def test_jpeg_2000_lossless_decodes_exactly_without_plugins(tmp_path, bits):
+  """JPEG 2000, as many archives store X-rays, decodes through Pillow's OpenJPEG: no
+  pydicom plugin needed (JPEG Lossless and JPEG-LS do need one; pydicom's error, inside
+  ours, names it)."""
+  values = np.arange(64 * 48).reshape(48, 64) % (1 << bits)
+  pixels = values.astype(np.uint8 if bits == 8 else np.uint16)
+  path = tmp_path / 'j2k.dcm'
+  write_dicom(path, pixels, jpeg=False, bits_stored=bits)
+  codestream = io.BytesIO()
+  Image.fromarray(pixels).save(codestream, format='JPEG2000', no_jp2=True, irreversible=False)
+  dataset = pydicom.dcmread(path)
+  dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+  dataset.PixelData = encaps.encapsulate([codestream.getvalue()])
+  dataset['PixelData'].VR = 'OB'
+  dataset.save_as(path)
+  image = dicom.read_image(os.fspath(path), 'row 2')
+  want = values if bits == 8 else values << (16 - bits)
+  assert image.mode == ('L' if bits == 8 else 'I;16')
+  np.testing.assert_array_equal(np.asarray(image), want)

@@ -5,7 +5,8 @@ it `image_cases` and `bigssl_med.predict`) reads DICOM files wherever an image f
 be. `find_files` lists a release's `.dcm` files by stem (its image ids). `read_header` reads
 the header only (no pixel data): the patient, study and view and the image's size.
 `read_image` decodes the pixel data (uncompressed or compressed as far as pydicom and
-Pillow decode it: JPEG baseline, the transfer syntax of SIIM-ACR's files, among them)
+Pillow decode it: JPEG baseline, the transfer syntax of SIIM-ACR's files, and JPEG 2000
+among them; JPEG Lossless and JPEG-LS need pydicom's plugins)
 to a Pillow image that the builders' `ImageStore` downscales and encodes like any other
 decoded image file (`read_png`: the same image as lossless PNG bytes, where bytes are
 wanted):
