@@ -71,6 +71,13 @@ def test_decode_16_bit_png_is_scaled_to_8_bits():
   np.testing.assert_array_equal(out[..., 0], [[0, 1, 255, 128]])
 
 
+def test_every_16_bit_value_becomes_its_nearest_8_bit_value():
+  """All 65536 values, against float64 rounding of value * 255 / 65535 (no ties occur)."""
+  wide = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+  out = host_ops.decode_image(_encode(wide), channels=1)[..., 0]
+  np.testing.assert_array_equal(out, np.round(wide.astype(np.float64) * 255 / 65535))
+
+
 def test_a_16_bit_image_of_12_bit_values_is_a_warning(caplog):
   raw = np.array([[0, 1000, 4095, 2048]], dtype=np.uint16)  # raw DICOM values
   with caplog.at_level('WARNING'):

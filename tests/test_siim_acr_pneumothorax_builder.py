@@ -346,6 +346,26 @@ def test_read_png_scales_12_bit_to_16_and_shifts_signed(tmp_path):
   np.testing.assert_array_equal(got, [[0, 2047 * 16, 2048 * 16, 4095 * 16]])
 
 
+@pytest.mark.parametrize('bits', [10, 12, 14, 16])
+@pytest.mark.parametrize('photometric', ['MONOCHROME2', 'MONOCHROME1'])
+def test_wide_gray_is_scaled_to_16_bits_as_the_definition_says(tmp_path, bits, photometric):
+  """Every stored value, and values with bits above BitsStored set (not part of the value:
+  masked, as pydicom 3 itself does and 2.x does not), against the definition in int64:
+  the low `bits` bits, inverted for MONOCHROME1, scaled by 2^(16 - bits)."""
+  top = (1 << bits) - 1
+  values = np.concatenate([np.arange(top + 1), [top + 1, 65535, (top + 1) | 7]])
+  side = math.ceil(math.sqrt(values.size))
+  pixels = np.resize(values, side * side).reshape(side, side).astype(np.uint16)
+  write_dicom(tmp_path / 'w.dcm', pixels, jpeg=False, bits_stored=bits,
+              photometric=photometric)
+  image = dicom.read_image(os.fspath(tmp_path / 'w.dcm'), 'w')
+  want = pixels.astype(np.int64) % (top + 1)
+  if photometric == 'MONOCHROME1':
+    want = top - want
+  assert image.mode == 'I;16'
+  np.testing.assert_array_equal(np.asarray(image), want << (16 - bits))
+
+
 def test_read_png_keeps_rgb_and_the_header(tmp_path):
   pixels = np.random.default_rng(0).integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)
   write_dicom(tmp_path / 'c.dcm', pixels, jpeg=False, PatientID='p', PatientAge='045Y',

@@ -13,9 +13,10 @@ wanted):
 
 * 8-bit gray stays 8-bit gray; MONOCHROME1 (white is 0) is inverted so that, as in
   every other stored X-ray, bone is bright;
-* gray of more than 8 bits becomes a 16-bit PNG with its values scaled from
+* gray of more than 8 bits becomes a 16-bit image with its values scaled from
   `BitsStored` bits to the full 16-bit range (a 12-bit X-ray's 4095 becomes 65535), so
-  that the store's 16-to-8-bit conversion keeps its contrast;
+  that the store's 16-to-8-bit conversion keeps its contrast; bits above `BitsStored`
+  are no part of the value and are masked off (pydicom 3 does so itself, 2.x does not);
 * signed values are shifted up by half their range; colour (three samples) becomes RGB.
 
 No modality or VOI LUT is applied: the stored image is the pixel data's own values, as
@@ -231,6 +232,13 @@ def read_image(path: str, where: str, *, data: bytes | None = None) -> Image.Ima
   inverted = _text(dataset, 'PhotometricInterpretation').upper() == 'MONOCHROME1'
   if pixels.dtype == np.uint8 and bits == 8 and not inverted:
     return Image.fromarray(pixels)  # as decoded: the common case, without copies
+  if pixels.dtype == np.uint16 and 8 < bits <= 16:  # unsigned wide gray: in 16 bits
+    top = (1 << bits) - 1
+    values = np.bitwise_and(pixels, top)  # bits above BitsStored are no part of the value
+    if inverted:
+      np.subtract(top, values, out=values)
+    values <<= 16 - bits
+    return Image.fromarray(values)
   values = _unsigned(pixels, dataset, bits)
   if inverted:
     values = (1 << bits) - 1 - values

@@ -36,6 +36,10 @@ _WIDE_GRAY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
 _GRAY_MODES = ('1', 'L', 'LA', 'La') + _WIDE_GRAY_MODES
 # Wide images whose values stay below this hold raw 12-bit (or narrower) data.
 _TWELVE_BITS = 4096
+# 16-bit value -> 8 bits, rounded as TensorFlow's decode_png(dtype=uint8): a table
+# lookup, a quarter of the time of the arithmetic on a 2048 x 2048 X-ray.
+_SIXTEEN_TO_EIGHT_BITS = ((np.arange(65536, dtype=np.int64) * 255 + 32767) //
+                          65535).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------
@@ -438,7 +442,9 @@ def _as_8bit(image, channels, name=''):
     raise ValueError('a 32-bit floating-point image has no defined 8-bit range; store it '
                      'as 8- or 16-bit')
   if image.mode in _WIDE_GRAY_MODES:
-    wide = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
+    wide = np.asarray(image)
+    if wide.dtype != np.uint16:  # mode 'I': int32, perhaps outside the 16-bit range
+      wide = np.clip(wide.astype(np.int64), 0, 65535).astype(np.uint16)
     top = int(wide.max(initial=0))
     if 0 < top < _TWELVE_BITS:
       logging.log_first_n(
@@ -446,7 +452,7 @@ def _as_8bit(image, channels, name=''):
           'fewer) is scaled by 65535, as 16-bit PNG defines, and comes out nearly black; '
           'if it holds raw DICOM values, scale them to the 16-bit range first', 5,
           name or 'an image', top)
-    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
+    return Image.fromarray(_SIXTEEN_TO_EIGHT_BITS[wide])
   if image.mode == 'L':
     return image
   if channels == 1 or image.mode in _GRAY_MODES:
