@@ -20,10 +20,14 @@ build's.
   python benchmarks/build_data.py --source ../shared/data/nih_chestxray14_sample \
       --size 1024x1024 --mode L --format DICOM --images 400 --max_side 512 --threads 1,2
                                                    # SIIM-ACR's DICOM files
+  python benchmarks/build_data.py --source ../shared/data/nih_chestxray14_sample \
+      --size 2048x2048 --mode L --format DICOM --bits 12 --images 100 --max_side 512
+                                                   # 12-bit uncompressed radiographs
 
 `--format DICOM` writes the files as SIIM-ACR publishes them instead (JPEG baseline
-DICOM, 8-bit gray, in `dicom-images-train/<study>/<series>/`, with a `train-rle.csv`
-giving every other image a region) and builds `siim_acr_pneumothorax`: pydicom reads
+DICOM, 8-bit gray; with `--bits 12`, say, uncompressed 12-bit values in 16-bit samples,
+as many archives hold radiographs), in `dicom-images-train/<study>/<series>/`, with a
+`train-rle.csv` giving every other image a region) and builds `siim_acr_pneumothorax`: pydicom reads
 each header, then the pixels, and the mask is decoded from its runs.
 
 The whole build is timed, TFDS's writing and shuffling included, in a fresh data dir
@@ -94,9 +98,10 @@ def write_collection(root: str, sources_: list[str], count: int, size: tuple[int
 
 
 def write_dicom_collection(root: str, sources_: list[str], count: int, size: tuple[int, int],
-                           noise: float) -> int:
-  """Writes `count` enlarged gray images as SIIM-ACR's JPEG baseline DICOM files, and
-  its `train-rle.csv` (stage 1's relative runs; every other image one rectangular
+                           noise: float, bits: int = 8) -> int:
+  """Writes `count` enlarged gray images as SIIM-ACR's JPEG baseline DICOM files (with
+  `bits` > 8: uncompressed, `bits` bits stored in 16, as many archives' radiographs),
+  and its `train-rle.csv` (stage 1's relative runs; every other image one rectangular
   region, the rest -1); total bytes of the DICOM files."""
   import pydicom  # pylint: disable=g-import-not-at-top
   from pydicom import encaps, uid  # pylint: disable=g-import-not-at-top
@@ -107,14 +112,15 @@ def write_dicom_collection(root: str, sources_: list[str], count: int, size: tup
     with Image.open(sources_[i % len(sources_)]) as image:
       pixels = np.asarray(image.convert('L').resize(size, Image.Resampling.BICUBIC),
                           np.float32)
-    pixels = np.clip(np.rint(pixels + rng.normal(0.0, noise, pixels.shape)), 0, 255)
+    pixels = np.clip(pixels + rng.normal(0.0, noise, pixels.shape), 0, 255)
+    wide = np.rint(pixels * ((1 << bits) - 1) / 255).astype(np.uint16)
     buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format='JPEG', quality=95)
+    Image.fromarray(np.rint(pixels).astype(np.uint8)).save(buffer, format='JPEG', quality=95)
     image_id = f'1.2.276.0.7230010.3.1.4.8323329.{i}.1517875166.{i}'
     meta = pydicom.dataset.FileMetaDataset()
     meta.MediaStorageSOPClassUID = uid.SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = image_id
-    meta.TransferSyntaxUID = uid.JPEGBaseline8Bit
+    meta.TransferSyntaxUID = uid.JPEGBaseline8Bit if bits == 8 else uid.ExplicitVRLittleEndian
     ds = pydicom.dataset.Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = uid.SecondaryCaptureImageStorage, image_id
@@ -122,9 +128,13 @@ def write_dicom_collection(root: str, sources_: list[str], count: int, size: tup
     ds.PatientSex, ds.PatientAge, ds.ViewPosition = 'MF'[i % 2], f'{30 + i % 50:03d}Y', 'PA'
     ds.Rows, ds.Columns, ds.SamplesPerPixel = height, width, 1
     ds.PhotometricInterpretation = 'MONOCHROME2'
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = encaps.encapsulate([buffer.getvalue()])
-    ds['PixelData'].VR = 'OB'
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+        8 if bits == 8 else 16, bits, bits - 1, 0)
+    if bits == 8:
+      ds.PixelData = encaps.encapsulate([buffer.getvalue()])
+      ds['PixelData'].VR = 'OB'
+    else:
+      ds.PixelData = wide.astype('<u2').tobytes()
     path = os.path.join(root, 'dicom-images-train', ds.StudyInstanceUID, f'1.2.4.{i}',
                         f'{image_id}.dcm')
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -164,6 +174,8 @@ def main(argv=None):
   p.add_argument('--format', choices=['JPEG', 'PNG', 'DICOM'], default='JPEG',
                  help='DICOM: SIIM-ACR\'s files and table, built by siim_acr_pneumothorax')
   p.add_argument('--noise', type=float, default=3.0, help='Gaussian noise sigma, 0-255 scale')
+  p.add_argument('--bits', type=int, default=8, choices=range(8, 17), metavar='8..16',
+                 help='DICOM: bits stored; above 8, uncompressed 16-bit pixel data')
   p.add_argument('--images', type=int, default=200)
   p.add_argument('--max_side', type=int, default=512)
   p.add_argument('--threads', default='1,2', help='comma-separated thread counts')
@@ -184,7 +196,7 @@ def main(argv=None):
       name = DICOM_NAME
       os.makedirs(manual_dir)
       written = write_dicom_collection(manual_dir, source_files(args.source), args.images,
-                                       size, args.noise)
+                                       size, args.noise, args.bits)
     else:
       name = NAME
       written = write_collection(manual_dir, source_files(args.source), args.images, size,
@@ -206,6 +218,7 @@ def main(argv=None):
       result = {
           'benchmark': 'build_data', 'threads': threads, 'images': args.images,
           'file_size': list(size), 'mode': args.mode, 'format': args.format,
+          'bits': args.bits if args.format == 'DICOM' else 8,
           'file_kb_mean': written / args.images / 1e3, 'max_side': args.max_side,
           'seconds': seconds, 'images_per_sec': args.images / seconds,
           'stored_kb_mean': stored_kb_mean(built),
