@@ -285,11 +285,11 @@ def load_for_side(data, max_side, *, name=''):
     image_format = image.format
     size = stored_size(image.size, max_side)
     box = None
-    if size is not None and image_format == 'JPEG':
-      full = image.size
-      drafted = image.draft(None, size)  # (mode, the full image's box at the new scale)
-      if drafted is not None and image.size != full:
-        box = tuple(float(c) for c in drafted[1])
+    if size is not None:
+      whole = (0, 0) + image.size
+      scale = _draft(image, whole, size, channels=None)  # colour kept, for the gray check
+      if scale != 1.0:
+        box = tuple(c / scale for c in whole)
     image.load()
   return image, image_format, size, box
 
@@ -406,13 +406,15 @@ def _crop_and_resize(image, box, size, channels, *, draft):
 def _draft(image, box, size, channels):
   """Asks a not-yet-decoded JPEG for a reduced-scale decode; returns the scale.
 
-  The request keeps the crop at least `size` pixels on each side. Other
-  formats (and images already decoded) ignore drafts: scale 1.
+  The request keeps the crop `box` at least `size` pixels (an int: a square; or
+  `(width, height)`) on each side. Other formats (and images already decoded) ignore
+  drafts: scale 1.
   """
   width, height = image.size
   left, top, right, bottom = box
-  request = (math.ceil(width * size / max(right - left, 1)),
-             math.ceil(height * size / max(bottom - top, 1)))
+  out_width, out_height = (size, size) if isinstance(size, int) else size
+  request = (math.ceil(width * out_width / max(right - left, 1)),
+             math.ceil(height * out_height / max(bottom - top, 1)))
   result = image.draft('L' if channels == 1 else None, request)
   if result is None:
     return 1.0
