@@ -143,6 +143,9 @@ def main(argv):
     print(f'error: {_interrupted(e)}', file=sys.stderr)
     cli.silence_after_error()
     sys.exit(130)
+  finally:  # before any exit, so that Python's resource tracker has nothing to report
+    from bigssl_med.data import pipeline  # pylint: disable=g-import-not-at-top
+    pipeline.finish_shared_memory_releases()
   logging.info('Results: %s', results)
 
 

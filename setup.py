@@ -16,7 +16,7 @@ setuptools.setup(
         'flax>=0.12.0',
         'optax>=0.2.5',
         'orbax-checkpoint>=0.11.0',
-        'grain>=0.2.12',
+        'grain>=0.2.16',                # close() on iterators, the worker state saved_workers reads
         'tensorflow-datasets>=4.9.9',
         'importlib_resources>=6.0',  # needed by tensorflow-datasets 4.9.x without TensorFlow
         'array-record>=0.7.0',

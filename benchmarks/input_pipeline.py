@@ -293,6 +293,7 @@ def main(argv=None):
         f"({100 * result['real_over_synthetic']:.1f}%)")
   record(complete=True)
   print(json.dumps(result))
+  pipeline.finish_shared_memory_releases()
   return result
 
 

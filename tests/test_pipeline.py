@@ -8,6 +8,7 @@ import pickle
 import sys
 import threading
 import time
+from multiprocessing import shared_memory
 
 import grain
 import numpy as np
@@ -371,6 +372,65 @@ def test_workers_make_a_bounded_number_of_batches_ahead():
     iterator.close()
   assert held <= workers * 8, held
   assert pipeline.read_options(2).prefetch_buffer_size <= 2
+
+
+@pytest.mark.skipif(not os.path.isdir('/dev/shm'), reason='needs /dev/shm (Linux)')
+def test_closing_a_stream_frees_the_batches_its_workers_made_ahead():
+  shape, batch, workers = (1, 100_019), 4, 2  # a size of its own in /dev/shm
+  iterator = iter(pipeline.batched(grain.MapDataset.range(10**9).map(_Filled(shape)), batch,
+                                   workers))
+  try:
+    for _ in range(3):
+      next(iterator)
+    time.sleep(3)  # the workers make their batches ahead
+    assert _our_shared_memory(batch * shape[1]) >= workers
+  finally:
+    iterator.close()
+  del iterator
+  deadline = time.monotonic() + 10  # the worker processes have exited: close joins them
+  while _our_shared_memory(batch * shape[1]) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert _our_shared_memory(batch * shape[1]) == 0
+
+
+def test_unsent_batches_unlinks_what_was_made_and_not_handed_over():
+  ds = grain.MapDataset.range(6).map(lambda i: {'a': np.full(3, i), 'b': [np.full(2, i)]})
+  ds = ds.batch(2)
+  if not hasattr(ds, 'enable_shared_memory_output'):
+    pytest.skip('this grain batches in worker memory only, and copies to shared memory itself')
+  ds.enable_shared_memory_output()
+  first, second = ds[0], ds[1]
+  names = [[leaf.shm.name for leaf in (batch['a'], batch['b'][0])] for batch in (first, second)]
+  unsent = pickle.loads(pickle.dumps(pipeline.UnsentBatches()))  # as a worker receives it
+  try:
+    assert unsent.made(first) is first and unsent.made(second) is second
+    assert unsent.handed_over(first) is first
+    assert unsent.unlink() == 2
+    for name in names[1]:
+      with pytest.raises(FileNotFoundError):
+        shared_memory.SharedMemory(name)
+    assert unsent.unlink() == 0
+  finally:
+    for name in names[0]:
+      block = shared_memory.SharedMemory(name)
+      block.close()
+      block.unlink()
+
+
+def test_finish_shared_memory_releases_waits_for_grain_s_queued_unlinks():
+  shared_memory_array = pytest.importorskip('grain._src.python.ipc.shared_memory_array')
+  arrays = shared_memory_array.SharedMemoryArray
+  arrays.enable_async_del(1)  # as grain's worker streams do in this process
+  arrays._del_thread_pool.apply_async(time.sleep, (1.0,))  # the pool is busy for a second
+  array = arrays((3,), np.uint8)
+  array.unlink_on_del()
+  name = array.shm.name
+  del array  # its unlink is queued behind the sleep
+  shared_memory.SharedMemory(name).close()  # still there
+  pipeline.finish_shared_memory_releases()
+  with pytest.raises(FileNotFoundError):
+    shared_memory.SharedMemory(name)
+  pipeline.finish_shared_memory_releases()  # nothing queued: returns at once
 
 
 def test_batch_larger_than_the_data_is_a_config_error():

@@ -17,6 +17,7 @@ The host only decodes, crops to a fixed size and flips; colour jitter, grayscale
 blur run on the accelerator inside the jitted step (`bigssl_med.augment`).
 """
 
+import atexit
 import dataclasses
 import json
 import os
@@ -24,6 +25,7 @@ import queue
 import signal
 import sys
 import threading
+from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -107,8 +109,89 @@ def batched(ds: grain.MapDataset, batch_size: int, num_workers: int) -> grain.It
     ds.enable_shared_memory_output()
   if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; a plain script has none
     flags.FLAGS.mark_as_parsed()
-  return ds.to_iter_dataset(read).mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=num_workers), worker_init_fn=ignore_sigint)
+  unsent = UnsentBatches()
+  ds = ds.map(unsent.made).to_iter_dataset(read).map(unsent.handed_over)
+  return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                        worker_init_fn=ignore_sigint)
+
+
+def _shared_memory_blocks(tree) -> Iterator[shared_memory.SharedMemory]:
+  """The shared memory blocks under the arrays of a batch (a dict, list or tuple of them)."""
+  if isinstance(tree, dict):
+    tree = tree.values()
+  elif not isinstance(tree, (list, tuple)):
+    block = getattr(tree, 'shm', None)
+    if isinstance(block, shared_memory.SharedMemory):
+      yield block
+    return
+  for leaf in tree:
+    yield from _shared_memory_blocks(leaf)
+
+
+class UnsentBatches:
+  """The shared memory of the batches a grain worker process made but never handed over.
+
+  A worker makes up to `read_options`'s two batches ahead in shared memory; grain frees a
+  batch once the main process has read it, or when it is in the queue between the two
+  processes as the stream stops, but not the ones still ahead in the worker, which stayed
+  in /dev/shm until the main process exited (the resource tracker then removed them, with
+  a "leaked shared_memory objects" warning): two batches of each worker at every stream
+  closed, a training run's or an unfinished evaluation's. `made` (after the batching,
+  in the worker's read-ahead thread) notes each batch's blocks, `handed_over` (after the
+  read-ahead, as the worker gives the batch to grain) forgets them, and whatever is
+  left when the worker process exits is unlinked then.
+  """
+
+  def __init__(self):
+    self._names: set[str] = set()
+    self._pid = 0
+
+  def made(self, batch):
+    if self._pid != os.getpid():  # the first batch of this (worker) process
+      self._pid, self._names = os.getpid(), set()
+      atexit.register(self.unlink)
+    self._names.update(block.name for block in _shared_memory_blocks(batch))
+    return batch
+
+  def handed_over(self, batch):
+    self._names.difference_update(block.name for block in _shared_memory_blocks(batch))
+    return batch
+
+  def unlink(self) -> int:
+    """Unlinks the blocks of the batches made and not handed over; returns their number."""
+    count = 0
+    while self._names:
+      name = self._names.pop()
+      try:
+        block = shared_memory.SharedMemory(name)
+      except FileNotFoundError:
+        continue
+      block.close()
+      block.unlink()
+      count += 1
+    return count
+
+
+def finish_shared_memory_releases() -> None:
+  """Waits until the shared memory of the batches this process has dropped is unlinked.
+
+  grain unlinks a batch's blocks in a thread pool of its own once the batch is deleted.
+  A process that exits just after a stream stops (a Ctrl-C, a SIGTERM, an error) would
+  drop the unlinks still queued, and the resource tracker would report those blocks as
+  leaked at exit. grain has no public call for this: its pool (a private class
+  attribute) is taken out of use, so later deletions unlink at once, closed and joined.
+  """
+  try:
+    from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  except ImportError:  # another grain layout: nothing to wait for that is known here
+    return
+  arrays = shared_memory_array.SharedMemoryArray
+  thread_pool = getattr(arrays, '_del_thread_pool', None)
+  if thread_pool is None:
+    return
+  arrays._del_thread_pool = None  # pylint: disable=protected-access
+  thread_pool.close()
+  thread_pool.join()
 
 
 def ignore_sigint(worker_index: int, worker_count: int) -> None:
@@ -435,9 +518,8 @@ def eval_pair_dataset(source, groups: Sequence[np.ndarray] | None, spec: ViewSpe
 
   Only whole global batches are used, so the metrics are comparable with training;
   None when the split has fewer units than one global batch. `max_batches` (> 0): the
-  first that many batches only, so that the caller reads the stream to its end (a
-  stream left unfinished leaves the batches its workers made ahead in shared memory
-  until the process exits).
+  first that many batches only: the caller reads the stream to its end, and no worker
+  makes batches past the last one read.
   """
   num_units = _num_units(source, groups)
   if num_units < global_batch:
