@@ -10,7 +10,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['bigssl_med', 'bigssl_med.*',
                                                'tfds_builders', 'tfds_builders.*']),
     package_data={'tfds_builders': ['*/*.tsv', '*/*.txt']},
-    python_requires='>=3.10',
+    python_requires='>=3.11',  # jax>=0.10 has no wheels for 3.10
     install_requires=[
         'jax>=0.10.0',
         'flax>=0.12.0',
