@@ -157,9 +157,15 @@ def _rgb_to_hsv_planes(rgb):
   saturation = jnp.where(value > 0, chroma / jnp.where(value > 0, value, 1.0),
                          0.0)
   safe_chroma = jnp.where(chroma > 0, chroma, 1.0)
+  # The channel that is the maximum by comparisons of the channels, not `value == r`:
+  # XLA may compute a channel twice, once contracted into a fused multiply-add and once
+  # not (newer XLA:CPU does, after a contrast or saturation step), and then no channel
+  # equals the maximum, which put the pixel in the blue sextant. Ties pick red, then
+  # green, as TensorFlow's kernel does; hue is continuous across sextant borders.
+  red_is_max = (r >= g) & (r >= b)
   hue6 = jnp.where(
-      value == r, (g - b) / safe_chroma,
-      jnp.where(value == g, (b - r) / safe_chroma + 2.0,
+      red_is_max, (g - b) / safe_chroma,
+      jnp.where(g >= b, (b - r) / safe_chroma + 2.0,
                 (r - g) / safe_chroma + 4.0))
   hue = jnp.where(chroma > 0, hue6 / 6.0, 0.0)
   hue = jnp.where(hue < 0, hue + 1.0, hue)
