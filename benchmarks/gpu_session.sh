@@ -15,6 +15,11 @@
 #       the default step and the step with both switches, each under XLA's cuDNN convolution
 #       fusions (--xla_gpu_experimental_enable_conv_fusion: a convolution with its element-wise
 #       users and one reduction in one cuDNN graph); each JSON line counts the cuDNN fusions.
+#   bash benchmarks/gpu_session.sh checks [OUT [ARGS...]]
+#       the numerics tests (augmentation, loss, BatchNorm, models, optimiser) on the GPU: its
+#       own lowerings (the fused colour jitter, cuDNN convolutions, GPU arithmetic) against the
+#       float64 NumPy references, matmuls at full float32 precision; the 8-device sharding
+#       tests are left out (one GPU). About a minute; ARGS go to pytest.
 #   bash benchmarks/gpu_session.sh loop [OUT [ARGS...]]
 #       benchmarks/input_pipeline.py on the HAM10000 subset: the whole loop (grain decode +
 #       crop, device augmentation, step) against the same step on synthetic batches.
@@ -23,7 +28,7 @@
 # step /tmp/b --depth 18 --width 0.25 --image_size 32 --batch 16 --steps 3). PYTHON picks the
 # interpreter (default python3).
 set -euo pipefail
-part=${1:?usage: gpu_session.sh prepare [IMAGES] | step|flags|loop [OUT [ARGS...]]}
+part=${1:?usage: gpu_session.sh prepare [IMAGES] | step|flags|checks|loop [OUT [ARGS...]]}
 subset=.bench/ham10000_subset
 py=${PYTHON:-python3}
 
@@ -71,6 +76,9 @@ case "$part" in
     images=${2:-2500}
     [ -d ../shared/data/ham10000 ] || { echo "../shared/data/ham10000 not found"; exit 1; }
     compgen -G '.whl/*.whl' > /dev/null || bash ../shared/tools/device-wheels.sh .whl
+    compgen -G '.whl/pytest-*.whl' > /dev/null || "$py" -m pip download -q --no-deps \
+      --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux2014_x86_64 -d .whl pytest pluggy iniconfig packaging
     rm -rf "$subset" && mkdir -p "$subset/images" "$subset/masks"
     "$py" - "$images" "$subset" <<'EOF'
 import csv, os, shutil, sys
@@ -118,6 +126,17 @@ EOF
     variants=('' '--fused_bn --lars_batched_norms')
     step_variants 570 "$out" "$@"
     ;;
+  checks)
+    out=${2:-${OUT:-/tmp/bigssl_med_bench}}
+    shift $(( $# > 1 ? 2 : 1 ))
+    mkdir -p "$out"
+    install_wheels
+    "$py" -c 'import jax; print("tests on", jax.default_backend(), jax.devices())'
+    JAX_DEFAULT_MATMUL_PRECISION=highest timeout 540 "$py" -m pytest -q -p no:cacheprovider \
+      tests/test_augment.py tests/test_losses.py tests/test_batch_norm.py tests/test_models.py \
+      tests/test_optim.py -k 'not sharded and not sharding' --junitxml "$out/gpu_checks.xml" \
+      "$@" 2>&1 | tail -60 || true
+    ;;
   loop)
     out=${2:-${OUT:-/tmp/bigssl_med_bench}}
     shift $(( $# > 1 ? 2 : 1 ))
@@ -129,5 +148,5 @@ EOF
       --out "$out/input_pipeline.jsonl"
     ;;
   *)
-    echo "unknown part '$part': prepare, step, flags or loop"; exit 2 ;;
+    echo "unknown part '$part': prepare, step, flags, checks or loop"; exit 2 ;;
 esac
