@@ -76,9 +76,9 @@ case "$part" in
     images=${2:-2500}
     [ -d ../shared/data/ham10000 ] || { echo "../shared/data/ham10000 not found"; exit 1; }
     compgen -G '.whl/*.whl' > /dev/null || bash ../shared/tools/device-wheels.sh .whl
-    compgen -G '.whl/pytest-*.whl' > /dev/null || "$py" -m pip download -q --no-deps \
+    compgen -G '.whl/pygments-*.whl' > /dev/null || "$py" -m pip download -q --no-deps \
       --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux2014_x86_64 -d .whl pytest pluggy iniconfig packaging
+      --platform manylinux2014_x86_64 -d .whl pytest pluggy iniconfig packaging pygments
     rm -rf "$subset" && mkdir -p "$subset/images" "$subset/masks"
     "$py" - "$images" "$subset" <<'EOF'
 import csv, os, shutil, sys
