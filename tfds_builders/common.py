@@ -683,8 +683,8 @@ def read_image(path: str, where: str) -> bytes | Image.Image:
 
 
 def read_image_file(path: str, where: str) -> bytes:
-  """The encoded bytes of an image file: the file's own, or for a DICOM file its pixels
-  as PNG (`tfds_builders.dicom.read_png`); DataError as `read_image`."""
+  """The encoded bytes of an image file: the file's own, or for a DICOM file its decoded
+  pixels as PNG (`png_bytes`); DataError as `read_image`."""
   image = read_image(path, where)
   return png_bytes(image) if isinstance(image, Image.Image) else image
 

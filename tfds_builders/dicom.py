@@ -249,7 +249,8 @@ def read_image(path: str, where: str, *, data: bytes | None = None) -> Image.Ima
 
 
 def read_png(path: str, where: str, *, data: bytes | None = None) -> bytes:
-  """`read_image` as lossless PNG bytes (compressed as the store compresses PNG).
+  """`read_image` as lossless PNG bytes (`common.png_bytes`, as `common.read_image_file`
+  gives a DICOM file).
 
   Raises:
     DataError: as `read_image`.

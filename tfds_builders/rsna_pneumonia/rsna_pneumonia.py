@@ -348,7 +348,7 @@ class RsnaPneumonia(common.ImageBuilder):
 
   def _generate_examples(self, entries, split, store):
     def load(entry):  # on a worker thread: the stored image and mask, or a Failed
-      image = store.try_load(entry.path, where=entry.where)  # DICOM: read_image_file
+      image = store.try_load(entry.path, where=entry.where)  # DICOM: common.read_image
       if isinstance(image, common.Failed):
         return image
       mask = box_mask(entry.listed.boxes, height=entry.header.rows,

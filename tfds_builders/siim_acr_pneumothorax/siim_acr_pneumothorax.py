@@ -374,7 +374,7 @@ class SiimAcrPneumothorax(common.ImageBuilder):
 
   def _generate_examples(self, entries, split, encoding, store):
     def load(entry):  # on a worker thread: the stored image and mask, or a Failed
-      image = store.try_load(entry.path, where=entry.where)  # DICOM: read_image_file
+      image = store.try_load(entry.path, where=entry.where)  # DICOM: common.read_image
       if isinstance(image, common.Failed):
         return image
       mask = decode_mask(entry.annotation.regions, encoding, height=entry.header.rows,
